@@ -1,0 +1,173 @@
+"""The Aurora adapter: kernels E, block list, parameter groups, normalisation, checkpoints."""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+
+import pytest
+import torch
+from aurora import Aurora, AuroraSmallPretrained, Batch, Metadata
+from aurora.model.swin3d import WindowAttention
+from safetensors.torch import save_file
+
+from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone, load_weights
+from wpeft.backbones.configs import CONFIGS, BackboneConfig, get_config
+from wpeft.errors import CheckpointError, ConfigError
+
+LEVELS = (850, 500, 250)
+
+
+def random_batch(cfg: BackboneConfig, B: int = 2, T: int = 2, H: int = 32, W: int = 64) -> Batch:
+    g = torch.Generator().manual_seed(1)
+    return Batch(
+        surf_vars={k: torch.randn(B, T, H, W, generator=g) for k in cfg.surf_vars},
+        static_vars={k: torch.randn(H, W, generator=g) for k in cfg.static_vars},
+        atmos_vars={k: torch.randn(B, T, len(LEVELS), H, W, generator=g) for k in cfg.atmos_vars},
+        metadata=Metadata(
+            lat=torch.linspace(87.1875, -87.1875, H),
+            lon=torch.arange(W) * (360 / W),
+            time=(datetime.datetime(2000, 1, 1),) * B,
+            atmos_levels=LEVELS,
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny() -> WpeftAurora:
+    return build_backbone("tiny", seed=0)
+
+
+def test_kernels_shape_and_order(tiny: WpeftAurora) -> None:
+    cfg = tiny.config
+    E = tiny.embedding_kernels()
+    assert E.shape == (cfg.embed_dim, 12, cfg.max_history_size, cfg.patch_size, cfg.patch_size)
+    surf = tiny.encoder.surf_token_embeds.weights
+    atmos = tiny.encoder.atmos_token_embeds.weights
+    # surface, static, then atmospheric; static z and atmospheric z are different kernels
+    for i, name in enumerate(cfg.surf_vars + cfg.static_vars):
+        assert torch.equal(E[:, i], surf[name][:, 0])
+    n = len(cfg.surf_vars) + len(cfg.static_vars)
+    for j, name in enumerate(cfg.atmos_vars):
+        assert torch.equal(E[:, n + j], atmos[name][:, 0])
+    assert not torch.equal(E[:, cfg.variables.index("z")], E[:, n])
+
+
+def test_kernels_follow_live_weights() -> None:
+    model = build_backbone("tiny", seed=0)
+    before = model.embedding_kernels().clone()
+    with torch.no_grad():
+        model.encoder.atmos_token_embeds.weights["t"].add_(1.0)
+    after = model.embedding_kernels()
+    changed = (after != before).any(dim=(0, 2, 3, 4))
+    assert changed.tolist() == [v == "t" and i >= 7 for i, v in enumerate(model.config.variables)]
+    # differentiable: gradients reach the embedding parameters
+    after.sum().backward()
+    assert model.encoder.surf_token_embeds.weights["2t"].grad is not None
+
+
+def test_blocks_in_execution_order(tiny: WpeftAurora) -> None:
+    blocks = tiny.blocks
+    assert [b.dim for b in blocks] == [64, 64, 128, 128, 256, 256, 256, 256, 128, 128, 64, 64]
+    assert [b.shifted for b in blocks] == [False, True] * 6
+    assert [b.index for b in blocks] == list(range(12))
+    assert blocks[0].name == "encoder0.0" and blocks[-1].name == "decoder2.1"
+    assert all(isinstance(b.attention, WindowAttention) and b.attention is b.block.attn for b in blocks)
+    assert [b.num_heads for b in blocks[:6]] == [2, 2, 4, 4, 8, 8]
+
+
+def test_parameter_groups_partition_the_model(tiny: WpeftAurora) -> None:
+    groups = tiny.parameter_groups()
+    ids = {g: {id(p) for p in ps} for g, ps in groups.items()}
+    assert not (ids["encoder"] & ids["backbone"]) and not (ids["backbone"] & ids["decoder"])
+    assert ids["encoder"] | ids["backbone"] | ids["decoder"] == {id(p) for p in tiny.parameters()}
+    # by module: the patch embeddings are encoder, the Swin blocks are backbone
+    assert id(tiny.encoder.surf_token_embeds.weights["2t"]) in ids["encoder"]
+    assert id(tiny.blocks[3].attention.qkv.weight) in ids["backbone"]
+    counts = tiny.num_parameters()
+    assert counts["total"] == sum(p.numel() for p in tiny.parameters())
+    assert 2_000_000 < counts["total"] < 10_000_000  # "a few million"
+
+
+def test_named_configs() -> None:
+    assert set(CONFIGS) == {"tiny", "small", "1.3b"}
+    with pytest.raises(ConfigError, match="Unknown backbone 'huge'"):
+        get_config("huge")
+    # "1.3b" and "small" are exactly the library's Aurora and AuroraSmall architectures.
+    for name, cls in (("1.3b", Aurora), ("small", AuroraSmallPretrained)):
+        defaults = {
+            k: p.default
+            for c in (cls, Aurora)
+            for k, p in reversed(inspect.signature(c.__init__).parameters.items())
+        }
+        defaults.update(
+            {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()}
+        )
+        kwargs = get_config(name).aurora_kwargs()
+        for key in ("embed_dim", "encoder_depths", "decoder_depths", "encoder_num_heads",
+                    "decoder_num_heads", "num_heads", "patch_size", "window_size"):
+            assert kwargs[key] == defaults[key], (name, key)
+    small = build_backbone("small")
+    assert 100e6 < small.num_parameters()["total"] < 125e6
+    cfg = get_config("tiny")
+    assert BackboneConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_normalisation_uses_own_statistics() -> None:
+    cfg = get_config("tiny")
+    mean = {"2t": 280.0, "z_500": 5.5e4}
+    std = {"2t": 10.0, "z_500": 800.0}
+    model = build_backbone(cfg, norm_mean=mean, norm_std=std)
+    batch = random_batch(cfg)
+    mapped = model._pre_norm_hook(batch)
+    normed = mapped.normalise(surf_stats=model.surf_stats)
+    x = batch.surf_vars["2t"]
+    torch.testing.assert_close(normed.surf_vars["2t"], (x - 280.0) / 10.0)
+    z = batch.atmos_vars["z"][:, :, 1]
+    torch.testing.assert_close(normed.atmos_vars["z"][:, :, 1], (z - 5.5e4) / 800.0)
+    # the post hook undoes it exactly (round trip through Aurora's unnormalise)
+    back = model._post_unnorm_hook(batch, normed.unnormalise(surf_stats=model.surf_stats))
+    torch.testing.assert_close(back.surf_vars["2t"], x, rtol=1e-5, atol=1e-3)
+
+
+def test_safetensors_round_trip_reproduces_outputs(tmp_path, tiny: WpeftAurora) -> None:
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(path))
+    other = build_backbone("tiny", seed=123, checkpoint=path)
+    batch = random_batch(tiny.config)
+    tiny.eval(), other.eval()
+    with torch.no_grad():
+        a, b = tiny(batch), other(batch)
+    assert torch.equal(a.surf_vars["2t"], b.surf_vars["2t"])
+
+
+def test_aurora_ckpt_loads_with_weights_only(tmp_path, tiny: WpeftAurora) -> None:
+    path = tmp_path / "model.ckpt"
+    torch.save(tiny.state_dict(), path)
+    other = build_backbone("tiny", seed=7, checkpoint=path)
+    assert torch.equal(other.blocks[0].attention.qkv.weight, tiny.blocks[0].attention.qkv.weight)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled arbitrary code",))
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path, tiny: WpeftAurora) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_backbone("tiny", checkpoint=tmp_path / "nope.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_weights(tiny, corrupt)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"x": _Evil()}, evil)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_weights(tiny, evil)
+    # a checkpoint of another architecture
+    other_cfg = BackboneConfig(**{**get_config("tiny").to_dict(), "name": "narrow", "embed_dim": 32})
+    other = build_backbone(other_cfg)
+    wrong = tmp_path / "narrow.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(wrong))
+    with pytest.raises(CheckpointError, match="does not match backbone config 'tiny'.*shape mismatch"):
+        load_weights(tiny, wrong)

@@ -1,0 +1,1 @@
+"""Backbones: wpeft's adapter around ``aurora.Aurora``, named configs and pretraining."""

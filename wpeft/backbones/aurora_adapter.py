@@ -1,0 +1,287 @@
+"""wpeft's adapter around the real ``aurora.Aurora`` model (no fork, no copy of the library).
+
+What PEFT methods need from a weather foundation model, exposed in one place:
+
+* ``embedding_kernels()``: the per-variable patch-embedding kernels E stacked to
+  ``(D, V, T, P, P)`` (surface, static, then atmospheric), recomputed from the live weights;
+* ``blocks``: the Swin3D blocks in execution order with their width, heads and window attention;
+* ``parameter_groups()``: encoder / backbone / decoder parameters, selected by module;
+* checkpoints from a local file (safetensors or Aurora's ``.ckpt``), never from a hub.
+
+Normalisation: Aurora normalises inside ``forward`` with its ERA5 statistics. A backbone trained
+on other data (the embedded world) carries its own statistics; :class:`WpeftAurora` maps them
+onto Aurora's by an affine change in two of Aurora's documented hooks, so that Aurora's own
+``normalise`` yields ``(x - mean) / std`` with *our* mean and std.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from aurora import Aurora, Batch
+from aurora import normalisation as aurora_norm
+from aurora.model.swin3d import Swin3DTransformerBlock, WindowAttention
+from torch import nn
+
+from wpeft.backbones.configs import BackboneConfig, get_config
+from wpeft.errors import CheckpointError
+
+__all__ = [
+    "BlockInfo",
+    "WpeftAurora",
+    "build_backbone",
+    "file_sha256",
+    "load_weights",
+]
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One Swin3D block of the backbone, in execution order.
+
+    Attributes:
+        index: Position in execution order (0 = first encoder block).
+        stage: ``"encoder"`` or ``"decoder"`` half of the U-Net.
+        layer: Stage index within that half.
+        depth: Block index within the stage.
+        dim: Token width D_b of the block.
+        num_heads: Attention heads.
+        shifted: Whether the block uses shifted windows.
+        block: The ``Swin3DTransformerBlock`` module.
+        attention: Its ``WindowAttention`` module.
+    """
+
+    index: int
+    stage: str
+    layer: int
+    depth: int
+    dim: int
+    num_heads: int
+    shifted: bool
+    block: Swin3DTransformerBlock
+    attention: WindowAttention
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}{self.layer}.{self.depth}"
+
+
+def _aurora_loc_scale(model: Aurora, name: str, level: int | None) -> tuple[float, float]:
+    """Location and scale that Aurora's own ``Batch.normalise`` uses for a variable."""
+    if level is None:
+        if name in model.surf_stats:
+            return model.surf_stats[name]
+        key = name
+    else:
+        key = f"{name}_{aurora_norm.level_to_str(level)}"
+    return aurora_norm.locations[key], aurora_norm.scales[key]
+
+
+class WpeftAurora(Aurora):
+    """``aurora.Aurora`` normalising with the statistics of the data it was trained on.
+
+    Args:
+        config: Architecture.
+        norm_mean / norm_std: Statistics keyed like Aurora's (``"2t"``, ``"z_500"``). Empty means
+            Aurora's own ERA5 statistics, as for the released checkpoints.
+    """
+
+    def __init__(
+        self,
+        config: BackboneConfig,
+        norm_mean: Mapping[str, float] | None = None,
+        norm_std: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__(**config.aurora_kwargs())
+        self.config = config
+        self.norm_mean = dict(norm_mean or {})
+        self.norm_std = dict(norm_std or {})
+        for key in self.norm_mean:
+            # Variables unknown to Aurora get the identity there, so ours is the only one applied.
+            aurora_norm.locations.setdefault(key, 0.0)
+            aurora_norm.scales.setdefault(key, 1.0)
+
+    def _remap(self, batch: Batch, forward: bool) -> Batch:
+        """Affine map between our normalisation and Aurora's (``forward``: ours -> Aurora's)."""
+        if not self.norm_mean:
+            return batch
+
+        def f(x: torch.Tensor, name: str, level: int | None) -> torch.Tensor:
+            key = name if level is None else f"{name}_{aurora_norm.level_to_str(level)}"
+            if key not in self.norm_mean:
+                return x
+            m, s = self.norm_mean[key], self.norm_std[key]
+            loc, scale = _aurora_loc_scale(self, name, level)
+            return (x - m) / s * scale + loc if forward else (x - loc) / scale * s + m
+
+        levels = batch.metadata.atmos_levels
+
+        def f_atmos(x: torch.Tensor, name: str) -> torch.Tensor:
+            # (B, T, C, H, W): one affine map per level.
+            return torch.stack([f(x[:, :, i], name, lvl) for i, lvl in enumerate(levels)], dim=2)
+
+        return dataclasses.replace(
+            batch,
+            surf_vars={k: f(v, k, None) for k, v in batch.surf_vars.items()},
+            static_vars={k: f(v, k, None) for k, v in batch.static_vars.items()},
+            atmos_vars={k: f_atmos(v, k) for k, v in batch.atmos_vars.items()},
+        )
+
+    def _pre_norm_hook(self, batch: Batch) -> Batch:
+        return self._remap(batch, forward=True)
+
+    def _post_unnorm_hook(self, batch: Batch, pred: Batch) -> Batch:
+        return self._remap(pred, forward=False)
+
+    # --- what PEFT methods need -------------------------------------------------------------
+
+    def embedding_kernels(self, variables: Sequence[str] | None = None) -> torch.Tensor:
+        """Stacked patch-embedding kernels E of shape ``(D, V, T, P, P)``.
+
+        Order: surface, static, then atmospheric variables (``config.variables``), or the order
+        of ``variables`` (Aurora short names, surface/static names first; an atmospheric name
+        is looked up in the atmospheric embedding only after the surface/static ones run out).
+        Recomputed from the live parameters on every call (differentiable).
+        """
+        surf_embed = self.encoder.surf_token_embeds.weights
+        atmos_embed = self.encoder.atmos_token_embeds.weights
+        if variables is None:
+            kernels = [surf_embed[v] for v in self.config.surf_vars + self.config.static_vars]
+            kernels += [atmos_embed[v] for v in self.config.atmos_vars]
+        else:
+            n_surface = len(self.config.surf_vars) + len(self.config.static_vars)
+            kernels = [
+                (surf_embed if i < n_surface else atmos_embed)[v] for i, v in enumerate(variables)
+            ]
+        return torch.cat(list(kernels), dim=1)
+
+    @property
+    def blocks(self) -> list[BlockInfo]:
+        """The Swin3D blocks in execution order (encoder stages, then decoder stages)."""
+        out: list[BlockInfo] = []
+        for stage, layers in (
+            ("encoder", self.backbone.encoder_layers),
+            ("decoder", self.backbone.decoder_layers),
+        ):
+            for i, layer in enumerate(layers):
+                for j, block in enumerate(layer.blocks):
+                    out.append(
+                        BlockInfo(
+                            index=len(out),
+                            stage=stage,
+                            layer=i,
+                            depth=j,
+                            dim=block.dim,
+                            num_heads=block.num_heads,
+                            shifted=any(s > 0 for s in block.shift_size),
+                            block=block,
+                            attention=block.attn,
+                        )
+                    )
+        return out
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters of the ``encoder``, ``backbone`` and ``decoder`` modules (by module)."""
+        return {
+            "encoder": list(self.encoder.parameters()),
+            "backbone": list(self.backbone.parameters()),
+            "decoder": list(self.decoder.parameters()),
+        }
+
+    def named_parameter_groups(self) -> dict[str, Iterator[tuple[str, nn.Parameter]]]:
+        """Like :meth:`parameter_groups`, with names relative to the model."""
+        return {
+            g: ((f"{g}.{n}", p) for n, p in getattr(self, g).named_parameters())
+            for g in ("encoder", "backbone", "decoder")
+        }
+
+    def num_parameters(self) -> dict[str, int]:
+        """Scalar count per group and in total."""
+        counts = {g: sum(p.numel() for p in ps) for g, ps in self.parameter_groups().items()}
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_weights(model: WpeftAurora, path: str | Path) -> None:
+    """Load a local checkpoint into ``model`` strictly, without unpickling arbitrary code.
+
+    Accepts safetensors files and Aurora's released ``.ckpt`` files (``torch.load`` with
+    ``weights_only=True``). A missing file, a corrupt file or a checkpoint for another
+    architecture raises :class:`CheckpointError` that names the file and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} does not exist. Download it once (e.g. from the Aurora "
+            "model card) and pass its local path; wpeft never fetches weights at run time."
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device=str(next(model.parameters()).device))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            state = model._adapt_checkpoint(state)
+    except Exception as e:  # safetensors and torch raise many types for corrupt files
+        raise CheckpointError(
+            f"Could not read checkpoint {str(path)!r} ({type(e).__name__}: {e}). The file is "
+            "corrupt or not a checkpoint; re-download or re-create it."
+        ) from e
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        details = []
+        if mismatched:
+            k = mismatched[0]
+            details.append(
+                f"{len(mismatched)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs "
+                f"model {tuple(own[k].shape)}"
+            )
+        if missing:
+            details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} does not match backbone config {model.config.name!r}: "
+            + "; ".join(details)
+            + ". Choose the config the checkpoint was trained with (wpeft backbone info --help)."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def build_backbone(
+    config: BackboneConfig | str = "tiny",
+    *,
+    checkpoint: str | Path | None = None,
+    norm_mean: Mapping[str, float] | None = None,
+    norm_std: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> WpeftAurora:
+    """Build a backbone from a config (random init with ``seed``), optionally loading weights."""
+    if isinstance(config, str):
+        config = get_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WpeftAurora(config, norm_mean=norm_mean, norm_std=norm_std)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model

@@ -1,0 +1,136 @@
+"""The ``wpeft`` command: one entry point with sub-commands (also ``python -m wpeft``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from wpeft.errors import WpeftError
+
+__all__ = ["main"]
+
+
+def _print_skill(card: dict) -> None:
+    skill = card["heldout_skill"]
+    print(
+        f"Held-out 6-hour forecast skill on the embedded world ({card['heldout_samples']} samples), "
+        "latitude-weighted RMSE:"
+    )
+    print(f"  {'variable':<10}{'model':>12}{'persistence':>14}{'ratio':>8}")
+    for key, s in skill.items():
+        print(f"  {key:<10}{s['model']:>12.4g}{s['persistence']:>14.4g}{s['ratio']:>8.3f}")
+    ratios = [s["ratio"] for s in skill.values()]
+    print(f"  mean RMSE ratio model / persistence: {sum(ratios) / len(ratios):.3f}")
+
+
+def cmd_backbone_info(args: argparse.Namespace) -> int:
+    from wpeft.backbones.aurora_adapter import build_backbone
+    from wpeft.backbones.pretrain import load_pretrained, pretrained_card
+
+    if args.name == "tiny" or args.weights:
+        model = load_pretrained(args.name, args.weights)
+        card = pretrained_card(args.name, args.weights)
+    else:
+        model, card = build_backbone(args.name), None
+    counts = model.num_parameters()
+    cfg = model.config
+    print(f"backbone {cfg.name!r} (aurora.Aurora, fingerprint {cfg.fingerprint()})")
+    print(
+        f"  parameters: {counts['total']:,} (encoder {counts['encoder']:,}, "
+        f"backbone {counts['backbone']:,}, decoder {counts['decoder']:,})"
+    )
+    print(
+        f"  embed_dim {cfg.embed_dim}, patch {cfg.patch_size}, window {cfg.window_size}, "
+        f"{len(model.blocks)} Swin3D blocks, widths {sorted({b.dim for b in model.blocks})}"
+    )
+    print(f"  kernels E: {tuple(model.embedding_kernels().shape)} over {cfg.variables}")
+    if card is None:
+        print("  weights: random init (load a local Aurora checkpoint with --checkpoint in training)")
+    else:
+        print(f"  weights: {card['weights']} sha256 {card['sha256'][:16]}... (world {card['world_hash']})")
+        _print_skill(card)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from wpeft.backbones.pretrain import PretrainConfig, pretrain
+    from wpeft.data.world import WorldConfig
+
+    cfg = PretrainConfig(
+        backbone=args.backbone,
+        world=WorldConfig(seed=args.world_seed),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    card = pretrain(cfg, args.out, resume=not args.restart, progress=not args.quiet)
+    print(f"wrote {Path(args.out) / card['weights']} and {args.backbone}.json")
+    _print_skill(card)
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from wpeft.data.world import WorldConfig, open_world
+
+    ds = open_world(WorldConfig(seed=args.seed), resolution=args.resolution)
+    print(ds)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default data (grows with the fine-tuning issues)."""
+    print("wpeft demo: the pretrained tiny Aurora on the embedded synthetic world")
+    ns = argparse.Namespace(name="tiny", weights=None)
+    return cmd_backbone_info(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wpeft",
+        description="Parameter-efficient fine-tuning of weather foundation models (WeatherPEFT).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the main job on the embedded default data")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("backbone", help="inspect backbones")
+    bsub = b.add_subparsers(dest="backbone_command", required=True)
+    bi = bsub.add_parser("info", help="parameter count and held-out skill of a backbone")
+    bi.add_argument("--name", default="tiny", help="tiny (pretrained, shipped), small or 1.3b")
+    bi.add_argument("--weights", default=None, help="directory with <name>.json + weights")
+    bi.set_defaults(func=cmd_backbone_info)
+
+    pt = sub.add_parser("pretrain", help="pretrain a backbone on the embedded world")
+    pt.add_argument("--backbone", default="tiny")
+    pt.add_argument("--out", required=True, help="output directory (checkpoints, weights, card)")
+    pt.add_argument("--steps", type=int, default=2000)
+    pt.add_argument("--batch-size", type=int, default=8)
+    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--world-seed", type=int, default=0)
+    pt.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.set_defaults(func=cmd_pretrain)
+
+    w = sub.add_parser("world", help="generate (or open the cached) embedded world")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--resolution", choices=("fine", "coarse"), default="fine")
+    w.set_defaults(func=cmd_world)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except WpeftError as e:
+        print(f"wpeft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""From schema Datasets to ``aurora.Batch``: validated, in memory, indexable by time step.
+
+:class:`Fields` holds a dataset's variables as tensors under Aurora's short names, once, so a
+training loop can draw batches without touching xarray again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from aurora import Batch, Metadata
+
+from wpeft.data.schema import VARIABLES, Kind, validate_dataset
+from wpeft.errors import DataError
+
+__all__ = ["Fields", "check_grid", "wb2_name"]
+
+_BY_AURORA: dict[tuple[str, str], str] = {(s.kind, s.aurora): s.name for s in VARIABLES.values()}
+
+
+def wb2_name(aurora_name: str, kind: Kind) -> str:
+    """WB2 variable name of an Aurora short name of a given kind (``("z", "static")``...)."""
+    try:
+        return _BY_AURORA[(kind, aurora_name)]
+    except KeyError:
+        known = sorted(a for k, a in _BY_AURORA if k == kind)
+        raise DataError(
+            f"Unknown {kind} variable {aurora_name!r}; Aurora names of that kind: {known}."
+        ) from None
+
+
+def check_grid(height: int, width: int, patch_size: int) -> None:
+    """Raise :class:`DataError` unless an ``(height, width)`` grid fits the patch size."""
+    if width % patch_size or height % patch_size not in (0, 1):
+        raise DataError(
+            f"Grid {height} x {width} does not fit the backbone's patch size {patch_size}: the "
+            f"width must be a multiple of {patch_size} and the height a multiple (or one more). "
+            f"Regrid or crop the data (e.g. ds.isel(latitude=slice(0, {height // patch_size * patch_size})))."
+        )
+
+
+@dataclasses.dataclass
+class Fields:
+    """A dataset's variables as tensors, keyed by Aurora short name.
+
+    Attributes:
+        surf: ``(N, H, W)`` per surface variable.
+        atmos: ``(N, C, H, W)`` per atmospheric variable, C = ``len(levels)``.
+        static: ``(H, W)`` per static variable.
+        lat, lon: ``(H,)`` and ``(W,)`` coordinates (lat decreasing).
+        levels: Pressure levels (hPa).
+        times: ``(N,)`` datetime64 time axis.
+    """
+
+    surf: dict[str, torch.Tensor]
+    atmos: dict[str, torch.Tensor]
+    static: dict[str, torch.Tensor]
+    lat: torch.Tensor
+    lon: torch.Tensor
+    levels: tuple[int, ...]
+    times: np.ndarray
+
+    @classmethod
+    def from_dataset(
+        cls,
+        ds: xr.Dataset,
+        *,
+        surf_vars: Sequence[str],
+        atmos_vars: Sequence[str],
+        static_vars: Sequence[str] = (),
+    ) -> Fields:
+        """Load the named Aurora variables of ``ds`` into memory (float32), with checks.
+
+        Raises :class:`DataError` for missing variables or NaN/inf values, naming them.
+        """
+        names = (
+            [(v, wb2_name(v, "surface")) for v in surf_vars]
+            + [(v, wb2_name(v, "atmos")) for v in atmos_vars]
+            + [(v, wb2_name(v, "static")) for v in static_vars]
+        )
+        validate_dataset(ds, require=[w for _, w in names])
+
+        n_surf, n_atmos = len(surf_vars), len(atmos_vars)
+        surf = {v: load_t(ds, w, ("time", "latitude", "longitude")) for v, w in names[:n_surf]}
+        atmos = {
+            v: load_t(ds, w, ("time", "level", "latitude", "longitude"))
+            for v, w in names[n_surf : n_surf + n_atmos]
+        }
+        static = {
+            v: load_t(ds, w, ("latitude", "longitude"))
+            for v, w in names[n_surf + n_atmos :]
+        }
+        levels = tuple(int(x) for x in ds["level"].values) if atmos_vars else ()
+        return cls(
+            surf=surf,
+            atmos=atmos,
+            static=static,
+            lat=torch.tensor(ds["latitude"].values, dtype=torch.float32),
+            lon=torch.tensor(ds["longitude"].values, dtype=torch.float32),
+            levels=levels,
+            times=np.asarray(ds["time"].values),
+        )
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.lat.numel()), int(self.lon.numel())
+
+    def batch(self, indices: Sequence[int], history: int = 1) -> Batch:
+        """An ``aurora.Batch`` whose sample b holds steps ``indices[b] - history + 1 .. indices[b]``.
+
+        Shapes: surface ``(B, T, H, W)``, atmospheric ``(B, T, C, H, W)``, static ``(H, W)``.
+        """
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        if idx.numel() == 0:
+            raise DataError("Empty batch: no time indices given.")
+        if int(idx.min()) - history + 1 < 0 or int(idx.max()) >= len(self):
+            raise DataError(
+                f"Time indices {int(idx.min())}..{int(idx.max())} with history {history} fall "
+                f"outside the {len(self)} available steps."
+            )
+        window = idx[:, None] + torch.arange(-history + 1, 1)[None, :]  # (B, T)
+        return Batch(
+            surf_vars={k: v[window] for k, v in self.surf.items()},
+            static_vars=dict(self.static),
+            atmos_vars={k: v[window] for k, v in self.atmos.items()},
+            metadata=Metadata(
+                lat=self.lat,
+                lon=self.lon,
+                time=tuple(_to_datetime(self.times[i]) for i in idx.tolist()),
+                atmos_levels=self.levels,
+            ),
+        )
+
+
+def load_t(ds: xr.Dataset, name: str, dims: tuple[str, ...]) -> torch.Tensor:
+    """One variable as a float32 tensor with ``dims`` order; NaN/inf raise :class:`DataError`."""
+    arr = np.asarray(ds[name].transpose(*dims).values, dtype=np.float32)
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise DataError(
+            f"Variable {name!r} has {bad} NaN/inf value(s). Fill or mask them before training "
+            "(e.g. ds.fillna, or crop to where data exist); wpeft does not guess."
+        )
+    return torch.from_numpy(arr)
+
+
+def _to_datetime(t: np.datetime64) -> datetime:
+    return pd.Timestamp(t).to_pydatetime()

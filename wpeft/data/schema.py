@@ -1,0 +1,143 @@
+"""wpeft's one internal data schema: WeatherBench2-style xarray Datasets.
+
+Every data source (the embedded world, ERA5 zarr/netCDF/GRIB) is mapped to this layout, so tasks,
+metrics and the backbone see one thing:
+
+* dims ``time``, ``level`` (hPa, int), ``latitude`` (degrees north, strictly decreasing),
+  ``longitude`` (degrees east, strictly increasing in [0, 360)); ensembles add ``member``;
+* variables named as in WeatherBench2 (``2m_temperature``, ``geopotential`` with a ``level`` axis,
+  ...), each with the ``kind`` Aurora gives it: ``surface`` (time, lat, lon), ``atmos``
+  (time, level, lat, lon) or ``static`` (lat, lon);
+* ``units`` and ``long_name`` attributes on every variable.
+
+The table below is the single place where WB2 names meet Aurora's short names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import xarray as xr
+
+from wpeft.errors import DataError
+
+__all__ = [
+    "VARIABLES",
+    "Kind",
+    "VariableSpec",
+    "spec",
+    "validate_dataset",
+    "variables_of_kind",
+]
+
+Kind = Literal["surface", "atmos", "static"]
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    """One variable of the schema.
+
+    Attributes:
+        name: WeatherBench2 name, used as the xarray variable name.
+        aurora: Aurora's short name (the key of ``aurora.Batch`` dicts and of the patch embedding).
+        kind: ``surface``, ``atmos`` (has a ``level`` axis) or ``static`` (no time axis).
+        units: CF units string.
+        long_name: Human-readable name for axes and legends.
+        positive: The variable is non-negative (precipitation, humidity).
+    """
+
+    name: str
+    aurora: str
+    kind: Kind
+    units: str
+    long_name: str
+    positive: bool = False
+
+
+VARIABLES: dict[str, VariableSpec] = {
+    v.name: v
+    for v in (
+        VariableSpec("2m_temperature", "2t", "surface", "K", "2 metre temperature"),
+        VariableSpec("10m_u_component_of_wind", "10u", "surface", "m s-1", "10 metre U wind"),
+        VariableSpec("10m_v_component_of_wind", "10v", "surface", "m s-1", "10 metre V wind"),
+        VariableSpec("mean_sea_level_pressure", "msl", "surface", "Pa", "Mean sea level pressure"),
+        VariableSpec(
+            "total_precipitation_6hr", "tp", "surface", "mm", "6-hour accumulated precipitation",
+            positive=True,
+        ),
+        VariableSpec("geopotential", "z", "atmos", "m2 s-2", "Geopotential"),
+        VariableSpec("u_component_of_wind", "u", "atmos", "m s-1", "U component of wind"),
+        VariableSpec("v_component_of_wind", "v", "atmos", "m s-1", "V component of wind"),
+        VariableSpec("temperature", "t", "atmos", "K", "Temperature"),
+        VariableSpec(
+            "specific_humidity", "q", "atmos", "kg kg-1", "Specific humidity", positive=True
+        ),
+        VariableSpec("land_sea_mask", "lsm", "static", "1", "Land-sea mask"),
+        VariableSpec("geopotential_at_surface", "z", "static", "m2 s-2", "Surface geopotential"),
+        VariableSpec("soil_type", "slt", "static", "1", "Soil type"),
+    )
+}
+
+
+def spec(name: str) -> VariableSpec:
+    """Look up a variable by its WB2 name; unknown names get the list of known ones."""
+    try:
+        return VARIABLES[name]
+    except KeyError:
+        raise DataError(
+            f"Unknown variable {name!r}. wpeft knows: {', '.join(sorted(VARIABLES))}. "
+            "Rename it to its WeatherBench2 name (see wpeft.data.schema.VARIABLES)."
+        ) from None
+
+
+def variables_of_kind(names: Iterable[str], kind: Kind) -> tuple[str, ...]:
+    """The names in ``names`` of one kind, in the order given."""
+    return tuple(n for n in names if spec(n).kind == kind)
+
+
+def validate_dataset(ds: xr.Dataset, *, require: Iterable[str] = ()) -> xr.Dataset:
+    """Check that ``ds`` follows the schema; return it unchanged or raise :class:`DataError`.
+
+    Checks: required variables present, every variable known, dims per kind, latitude strictly
+    decreasing within [-90, 90], longitude strictly increasing within [0, 360).
+    """
+    missing = [n for n in require if n not in ds.data_vars]
+    if missing:
+        raise DataError(
+            f"Dataset lacks required variable(s) {missing}; it has {sorted(map(str, ds.data_vars))}."
+        )
+    for coord in ("latitude", "longitude"):
+        if coord not in ds.coords:
+            raise DataError(
+                f"Dataset has no {coord!r} coordinate (coords: {sorted(map(str, ds.coords))}). "
+                "Open it with wpeft.data.era5.open_era5, which renames lat/lon."
+            )
+    lat = np.asarray(ds["latitude"].values, dtype=float)
+    lon = np.asarray(ds["longitude"].values, dtype=float)
+    if lat.size > 1 and not np.all(np.diff(lat) < 0):
+        raise DataError("Latitude must be strictly decreasing (north to south); use ds.sortby('latitude', ascending=False).")
+    if np.any(np.abs(lat) > 90):
+        raise DataError(f"Latitude outside [-90, 90]: min {lat.min()}, max {lat.max()}.")
+    if lon.size > 1 and not np.all(np.diff(lon) > 0):
+        raise DataError("Longitude must be strictly increasing; sort it with ds.sortby('longitude').")
+    if np.any(lon < 0) or np.any(lon >= 360):
+        raise DataError(
+            f"Longitude outside [0, 360): min {lon.min()}, max {lon.max()}. "
+            "Convert with ds.assign_coords(longitude=ds.longitude % 360).sortby('longitude')."
+        )
+    for name in ds.data_vars:
+        s = spec(str(name))
+        dims = set(ds[name].dims) - {"member"}
+        expected = {
+            "surface": {"time", "latitude", "longitude"},
+            "atmos": {"time", "level", "latitude", "longitude"},
+            "static": {"latitude", "longitude"},
+        }[s.kind]
+        if dims != expected:
+            raise DataError(
+                f"Variable {name!r} ({s.kind}) has dims {sorted(dims)}; expected {sorted(expected)}."
+            )
+    return ds
