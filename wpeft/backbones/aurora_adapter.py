@@ -37,6 +37,7 @@ __all__ = [
     "build_backbone",
     "file_sha256",
     "load_weights",
+    "norm_key",
 ]
 
 
@@ -71,14 +72,16 @@ class BlockInfo:
         return f"{self.stage}{self.layer}.{self.depth}"
 
 
+def norm_key(name: str, level: float | None = None) -> str:
+    """Aurora's statistics key of a variable: ``"2t"``, or ``"z_500"`` for a pressure level."""
+    return name if level is None else f"{name}_{aurora_norm.level_to_str(level)}"
+
+
 def _aurora_loc_scale(model: Aurora, name: str, level: int | None) -> tuple[float, float]:
     """Location and scale that Aurora's own ``Batch.normalise`` uses for a variable."""
-    if level is None:
-        if name in model.surf_stats:
-            return model.surf_stats[name]
-        key = name
-    else:
-        key = f"{name}_{aurora_norm.level_to_str(level)}"
+    if level is None and name in model.surf_stats:
+        return model.surf_stats[name]
+    key = norm_key(name, level)
     return aurora_norm.locations[key], aurora_norm.scales[key]
 
 
@@ -112,7 +115,7 @@ class WpeftAurora(Aurora):
             return batch
 
         def f(x: torch.Tensor, name: str, level: int | None) -> torch.Tensor:
-            key = name if level is None else f"{name}_{aurora_norm.level_to_str(level)}"
+            key = norm_key(name, level)
             if key not in self.norm_mean:
                 return x
             m, s = self.norm_mean[key], self.norm_std[key]
