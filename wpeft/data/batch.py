@@ -101,8 +101,8 @@ class Fields:
             surf=surf,
             atmos=atmos,
             static=static,
-            lat=torch.tensor(ds["latitude"].values, dtype=torch.float32),
-            lon=torch.tensor(ds["longitude"].values, dtype=torch.float32),
+            lat=torch.tensor(np.array(ds["latitude"].values), dtype=torch.float32),
+            lon=torch.tensor(np.array(ds["longitude"].values), dtype=torch.float32),
             levels=levels,
             times=np.asarray(ds["time"].values),
         )
@@ -143,7 +143,7 @@ class Fields:
 
 def load_t(ds: xr.Dataset, name: str, dims: tuple[str, ...]) -> torch.Tensor:
     """One variable as a float32 tensor with ``dims`` order; NaN/inf raise :class:`DataError`."""
-    arr = np.asarray(ds[name].transpose(*dims).values, dtype=np.float32)
+    arr = np.ascontiguousarray(ds[name].transpose(*dims).values, dtype=np.float32)
     bad = int((~np.isfinite(arr)).sum())
     if bad:
         raise DataError(
