@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,10 +196,10 @@ class WpeftAurora(Aurora):
             "decoder": list(self.decoder.parameters()),
         }
 
-    def named_parameter_groups(self) -> dict[str, Iterator[tuple[str, nn.Parameter]]]:
-        """Like :meth:`parameter_groups`, with names relative to the model."""
+    def named_parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Like :meth:`parameter_groups`, with names as in ``state_dict()``."""
         return {
-            g: ((f"{g}.{n}", p) for n, p in getattr(self, g).named_parameters())
+            g: [(f"{g}.{n}", p) for n, p in getattr(self, g).named_parameters()]
             for g in ("encoder", "backbone", "decoder")
         }
 

@@ -1,0 +1,9 @@
+"""Fine-tuning methods on one API (``wpeft.methods.base.PEFTMethod``), one module per method.
+
+Importing this package registers every built-in method in ``METHODS``.
+"""
+
+from wpeft.methods import bitfit, full, tadp  # noqa: F401  (registration)
+from wpeft.methods.base import GROUPS, METHODS, MethodConfig, PEFTMethod, create_method, register
+
+__all__ = ["GROUPS", "METHODS", "MethodConfig", "PEFTMethod", "create_method", "register"]

@@ -1,0 +1,136 @@
+"""Adapter files: a fine-tuned model saved as only what fine-tuning changed.
+
+An adapter is two files side by side:
+
+* ``<stem>.safetensors`` — the tensors of :meth:`PEFTMethod.adapter_state` (selection methods as
+  ``<name>.indices`` + ``<name>.values``, prompt generators, LoRA weights, heads);
+* ``<stem>.json`` — metadata: the backbone config, fingerprint and a checksum of the pristine
+  backbone weights, the method and its config, budget, task and variables.
+
+Loading applies the same method to a *pristine* backbone and writes the tensors back, which
+reproduces the fine-tuned outputs exactly; a different backbone is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from wpeft.backbones.aurora_adapter import WpeftAurora
+from wpeft.errors import CheckpointError
+from wpeft.methods.base import PEFTMethod, create_method
+
+__all__ = ["load_adapter", "save_adapter", "state_checksum"]
+
+FORMAT_VERSION = 1
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, shapes, dtypes and bytes (order-independent)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def save_adapter(
+    method: PEFTMethod,
+    reference: dict[str, torch.Tensor],
+    path: str | Path,
+    **metadata: Any,
+) -> Path:
+    """Write ``method``'s adapter (what changed relative to ``reference``) atomically.
+
+    Args:
+        method: An applied, trained method.
+        reference: The pristine backbone's (and head's, ``head.<name>``) state.
+        path: Destination stem; ``.safetensors`` and ``.json`` are written.
+        metadata: Extra JSON-serialisable fields (budget, task, variables, ...).
+    """
+    assert method.model is not None, "apply and train the method first"
+    tensors_path, meta_path = _paths(path)
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in method.adapter_state(reference).items()}
+    model_ref = {k: v for k, v in reference.items() if not k.startswith("head.")}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "backbone": method.model.config.to_dict(),
+        "backbone_fingerprint": method.model.config.fingerprint(),
+        "backbone_checksum": state_checksum(model_ref),
+        "method": method.name,
+        "method_config": method.config.to_dict(),
+        "trainable": method.trainable(),
+        "changed": method.changed(reference),
+        "stored_scalars": sum(v.numel() for v in state.values()),
+        **metadata,
+    }
+    for target, write in (
+        (tensors_path, lambda t: save_file(state, str(t), metadata={"wpeft": "adapter"})),
+        (meta_path, lambda t: t.write_text(json.dumps(meta, indent=2, default=str))),
+    ):
+        tmp = target.with_name(target.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, target)
+    return tensors_path
+
+
+def read_adapter_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of an adapter (clear error when missing or corrupt)."""
+    _, meta_path = _paths(path)
+    if not meta_path.is_file():
+        raise CheckpointError(f"Adapter metadata {meta_path} does not exist.")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"Adapter metadata {meta_path} is corrupt: {e}.") from e
+
+
+def load_adapter(
+    path: str | Path, model: WpeftAurora, head: nn.Module | None = None
+) -> PEFTMethod:
+    """Apply the saved method to a pristine ``model`` (and ``head``) and load its tensors.
+
+    Raises :class:`CheckpointError` when the model is not the backbone the adapter was trained
+    from (architecture or weights differ) or when the files are missing or corrupt.
+    """
+    tensors_path, _ = _paths(path)
+    meta = read_adapter_metadata(path)
+    if meta.get("backbone_fingerprint") != model.config.fingerprint():
+        raise CheckpointError(
+            f"Adapter {tensors_path.name} was trained on backbone "
+            f"{meta.get('backbone', {}).get('name')!r} (fingerprint "
+            f"{meta.get('backbone_fingerprint')}), not on this {model.config.name!r} "
+            f"({model.config.fingerprint()}). Load it onto the backbone it was trained from."
+        )
+    checksum = state_checksum(model.state_dict())
+    if meta.get("backbone_checksum") != checksum:
+        raise CheckpointError(
+            f"Adapter {tensors_path.name} expects pristine backbone weights with checksum "
+            f"{str(meta.get('backbone_checksum'))[:12]}..., this model has {checksum[:12]}...: "
+            "wrong pretrained weights, or the model was already fine-tuned."
+        )
+    if not tensors_path.is_file():
+        raise CheckpointError(f"Adapter tensors {tensors_path} do not exist.")
+    try:
+        state = load_file(str(tensors_path))
+    except Exception as e:
+        raise CheckpointError(f"Adapter tensors {tensors_path} are corrupt ({e}).") from e
+    method = create_method(meta["method"], **meta["method_config"])
+    method.apply(model, head)
+    method.load_adapter_state(state)
+    return method

@@ -1,0 +1,254 @@
+"""The one method API: what every fine-tuning method (WeatherPEFT, its ablations, baselines) is.
+
+A method is applied once to a backbone (and optionally a task head). It then
+
+* decides which scalars may change (``requires_grad`` and, for selection methods, a mask),
+* owns the modules it adds (prompt generators, LoRA matrices, adapters, ...),
+* can hook into training (``after_backward`` runs between ``loss.backward()`` and the optimiser),
+* builds its optimiser (selection methods need a sparse-safe one),
+* reports ``trainable`` (scalars allowed to change) and ``changed`` (scalars that differ from the
+  pretrained weights), both counted per group: backbone / encoder / decoder / head / added.
+
+Parameter groups are decided by module identity when the method is applied, never by name
+substrings, so wrapped modules (peft's LoRA layers) cannot confuse the counts.
+
+The encoder/decoder policy (``train_encoder_decoder``) is one explicit switch on every config:
+the released WeatherPEFT code trains the encoder and decoder fully; the paper's budgets count the
+backbone only. Every run reports which policy it used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from wpeft.backbones.aurora_adapter import WpeftAurora
+from wpeft.errors import ConfigError
+
+__all__ = [
+    "GROUPS",
+    "METHODS",
+    "MethodConfig",
+    "PEFTMethod",
+    "create_method",
+    "register",
+]
+
+GROUPS = ("backbone", "encoder", "decoder", "head", "added")
+
+
+@dataclass
+class MethodConfig:
+    """Settings shared by every method.
+
+    Attributes:
+        train_encoder_decoder: Also train the encoder and decoder fully (the released code's
+            policy). Off by default: only the backbone budget and the head train.
+    """
+
+    train_encoder_decoder: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class PEFTMethod:
+    """Base class; subclasses set ``name``, ``Config`` and override ``_apply`` (and hooks).
+
+    Args:
+        config: The method's config (a ``MethodConfig`` subclass instance); defaults if omitted.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: Name of the config field the budget matcher tunes (None: fixed size).
+    size_knob: ClassVar[str | None] = None
+    #: Short description for ``wpeft methods``.
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
+        if config is None:
+            config = self.Config(**kwargs)
+        elif kwargs:
+            config = dataclasses.replace(config, **kwargs)
+        if not isinstance(config, self.Config):
+            raise ConfigError(
+                f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}."
+            )
+        self.config = config
+        self.added = nn.ModuleDict()
+        self.model: WpeftAurora | None = None
+        self.head: nn.Module | None = None
+        self._group_of: dict[int, str] = {}
+        self._pristine_name: dict[int, str] = {}
+
+    # --- applying --------------------------------------------------------------------------
+
+    def apply(self, model: WpeftAurora, head: nn.Module | None = None) -> WpeftAurora:
+        """Freeze what must not change, unfreeze what may, install the method's modules."""
+        if self.model is not None:
+            raise ConfigError(f"Method {self.name!r} is already applied to a model.")
+        self.model, self.head = model, head
+        for group, params in model.named_parameter_groups().items():
+            for name, p in params:
+                self._group_of[id(p)] = group
+                self._pristine_name[id(p)] = name
+        if head is not None:
+            for name, p in head.named_parameters():
+                self._group_of[id(p)] = "head"
+                self._pristine_name[id(p)] = f"head.{name}"
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if head is not None:
+            head.requires_grad_(True)
+        if self.config.train_encoder_decoder:
+            model.encoder.requires_grad_(True)
+            model.decoder.requires_grad_(True)
+        self._apply(model)
+        return model
+
+    def _apply(self, model: WpeftAurora) -> None:
+        """Subclass hook: unfreeze backbone parameters and/or add modules to ``self.added``."""
+
+    # --- groups and counts -------------------------------------------------------------------
+
+    def group_of(self, p: nn.Parameter) -> str:
+        """``backbone``/``encoder``/``decoder``/``head`` for pristine parameters, else ``added``."""
+        return self._group_of.get(id(p), "added")
+
+    def named_parameters(self) -> Iterable[tuple[str, nn.Parameter]]:
+        """All parameters the method touches, unique, with stable names: ``model.<name>``
+        (including modules a method injected into the model), ``head.<name>``, ``added.<name>``."""
+        seen: set[int] = set()
+        for prefix, m in (("model", self.model), ("head", self.head), ("added", self.added)):
+            if m is None:
+                continue
+            for name, p in m.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield f"{prefix}.{name}", p
+
+    def parameters(self) -> Iterable[nn.Parameter]:
+        for _, p in self.named_parameters():
+            yield p
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_in(self, p: nn.Parameter) -> int:
+        """Scalars of ``p`` allowed to change (selection methods override: mask entries)."""
+        return p.numel() if p.requires_grad else 0
+
+    def trainable(self) -> dict[str, int]:
+        """Scalars allowed to change, per group, plus ``total``."""
+        counts = dict.fromkeys(GROUPS, 0)
+        for p in self.parameters():
+            counts[self.group_of(p)] += self.trainable_in(p)
+        counts["total"] = sum(counts[g] for g in GROUPS)
+        return counts
+
+    def changed(self, reference: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Scalars that differ from ``reference`` (the pretrained model's and head's state,
+        keyed like ``model.state_dict()`` / ``head.<name>``), per group; added modules count
+        whole (they did not exist before)."""
+        counts = dict.fromkeys(GROUPS, 0)
+        for p in self.parameters():
+            group = self.group_of(p)
+            if group == "added":
+                counts[group] += p.numel()
+                continue
+            name = self._pristine_name[id(p)]
+            if name not in reference:
+                raise ConfigError(f"Reference state lacks {name!r}; pass the pretrained state.")
+            counts[group] += int((p.detach() != reference[name].to(p.device)).sum())
+        counts["total"] = sum(counts[g] for g in GROUPS)
+        return counts
+
+    def budget_fraction(self) -> float:
+        """Trainable scalars outside the task head, as a fraction of the backbone group's size."""
+        assert self.model is not None, "apply the method first"
+        t = self.trainable()
+        return (t["total"] - t["head"]) / self.model.num_parameters()["backbone"]
+
+    # --- adapter state ----------------------------------------------------------------------
+
+    def adapter_state(self, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Only what fine-tuning changed, keyed by :meth:`named_parameters` names: added
+        modules whole, pristine tensors whole if any entry differs from ``reference``.
+        Selection methods override this to store ``<name>.indices`` / ``<name>.values``."""
+        state = {}
+        for name, p in self.named_parameters():
+            group = self.group_of(p)
+            if group == "added":
+                state[name] = p.detach().clone()
+            elif bool((p.detach() != reference[self._pristine_name[id(p)]]).any()):
+                state[name] = p.detach().clone()
+        return state
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Write an :meth:`adapter_state` into the applied model (inverse of saving)."""
+        params = dict(self.named_parameters())
+        unknown = sorted(k for k in state if k.removesuffix(".indices").removesuffix(".values") not in params)
+        if unknown:
+            raise ConfigError(
+                f"Adapter has tensors {unknown[:3]}... that method {self.name!r} with this config "
+                "does not create; it was saved by another method or size."
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                if name.endswith((".indices", ".values")):
+                    continue
+                if params[name].shape != value.shape:
+                    raise ConfigError(
+                        f"Adapter tensor {name!r} has shape {tuple(value.shape)}, the model "
+                        f"expects {tuple(params[name].shape)}."
+                    )
+                params[name].copy_(value)
+            for name in {k.removesuffix(".indices") for k in state if k.endswith(".indices")}:
+                flat = params[name].view(-1)
+                flat[state[f"{name}.indices"]] = state[f"{name}.values"].to(flat.dtype)
+
+    # --- training hooks ----------------------------------------------------------------------
+
+    def after_backward(self, step: int, total_steps: int) -> None:
+        """Runs after ``loss.backward()`` and before ``optimizer.step()`` (SFAS selects here)."""
+
+    def optimizer(self, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (selection methods return a sparse-safe one)."""
+        params = self.trainable_parameters()
+        if not params:
+            raise ConfigError(f"Method {self.name!r} left nothing trainable.")
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def describe(self) -> dict[str, Any]:
+        """What a run records about the method."""
+        return {"method": self.name, "config": self.config.to_dict(), "trainable": self.trainable()}
+
+
+METHODS: dict[str, type[PEFTMethod]] = {}
+
+
+def register(cls: type[PEFTMethod]) -> type[PEFTMethod]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ConfigError(f"{cls.__name__} has no name.")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ConfigError(f"Method name {cls.name!r} is registered twice.")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def create_method(name: str, **kwargs: Any) -> PEFTMethod:
+    """A registered method by name, with config overrides; unknown names list the known ones."""
+    import wpeft.methods  # noqa: F401  (registers the built-in methods)
+
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ConfigError(f"Unknown method {name!r}; registered: {sorted(METHODS)}.") from None
+    return cls(**kwargs)

@@ -1,0 +1,17 @@
+"""Full-Tuning: every backbone, encoder and decoder parameter trains (the reference)."""
+
+from __future__ import annotations
+
+from wpeft.backbones.aurora_adapter import WpeftAurora
+from wpeft.methods.base import PEFTMethod, register
+
+__all__ = ["FullTuning"]
+
+
+@register
+class FullTuning(PEFTMethod):
+    name = "full"
+    summary = "all parameters train"
+
+    def _apply(self, model: WpeftAurora) -> None:
+        model.requires_grad_(True)

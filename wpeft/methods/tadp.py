@@ -1,0 +1,234 @@
+"""TADP — Task-Adaptive Dynamic Prompting (WeatherPEFT's forward-pass half).
+
+Each backbone block owns a prompt generator that turns the encoder's patch-embedding kernels
+E ``(D_e, V, T, P_h, P_w)`` — recomputed from the live weights at every forward — into P prompt
+tokens ``(P, D_b)`` that are prepended to every attention window of that block:
+
+1. internal mode: three hierarchical adapters ``h = LN(x); x' = h + Up(GELU(Down(h)))`` over the
+   space axis S = T·P_h·P_w (hidden 8), the variable axis V (hidden V//2) and the feature axis
+   D_e (hidden 16);
+2. external mode: the V·S tokens of width D_e, layer-normalised, attend to each other
+   (parameter-free single-head ``softmax(Z Zᵀ/√D_e) Z`` as in the released code, or with learned
+   projections); the weights are the "prompt-token attention map against variables and patches";
+3. projection: LayerNorm over the token axis and one Linear V·S -> P, giving ``(P, D_e)``,
+   stretched to the block width D_b by linear interpolation (no parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wpeft.backbones.aurora_adapter import BlockInfo, WpeftAurora
+from wpeft.errors import ConfigError
+from wpeft.methods.base import MethodConfig, PEFTMethod, register
+from wpeft.methods.prompt_injection import PromptInjector
+
+__all__ = ["TADPConfig", "TADPGenerator", "TADPOnly", "install_tadp", "record_prompt_attention"]
+
+
+class AxisAdapter(nn.Module):
+    """``h = LN(x); x' = h + Up(GELU(Down(h)))`` over the last axis of x (size n)."""
+
+    def __init__(self, n: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(n)
+        self.down = nn.Linear(n, hidden)
+        self.up = nn.Linear(hidden, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return h + self.up(F.gelu(self.down(h)))
+
+
+class TADPGenerator(nn.Module):
+    """Prompt generator of one block: E ``(D_e, V, T, P_h, P_w)`` -> prompts ``(P, D_b)``.
+
+    Args:
+        embed_dim: D_e. num_vars: V. space: S = T·P_h·P_w. num_prompts: P. block_dim: D_b.
+        space_hidden / variable_hidden / feature_hidden: adapter widths (8, V//2, 16).
+        external: ``"parameter_free"`` (released code) or ``"learned"`` (Q/K/V projections).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_vars: int,
+        space: int,
+        num_prompts: int,
+        block_dim: int,
+        space_hidden: int = 8,
+        variable_hidden: int | None = None,
+        feature_hidden: int = 16,
+        external: Literal["parameter_free", "learned"] = "parameter_free",
+    ) -> None:
+        super().__init__()
+        self.block_dim = block_dim
+        self.space_adapter = AxisAdapter(space, space_hidden)
+        self.variable_adapter = AxisAdapter(num_vars, variable_hidden or max(1, num_vars // 2))
+        self.feature_adapter = AxisAdapter(embed_dim, feature_hidden)
+        self.external_norm = nn.LayerNorm(embed_dim)
+        self.external = external
+        if external == "learned":
+            self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
+        self.token_norm = nn.LayerNorm(num_vars * space)
+        self.to_prompts = nn.Linear(num_vars * space, num_prompts)
+
+    def forward(
+        self, kernels: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Prompts ``(P, D_b)`` (and the external attention ``(V·S, V·S)`` if asked)."""
+        d_e, v = kernels.shape[:2]
+        x = kernels.reshape(d_e, v, -1)  # (D_e, V, S)
+        x = self.space_adapter(x)  # adapts S
+        x = self.variable_adapter(x.transpose(1, 2)).transpose(1, 2)  # adapts V
+        x = self.feature_adapter(x.permute(1, 2, 0))  # (V, S, D_e), adapts D_e
+        z = self.external_norm(x.reshape(-1, d_e))  # (V·S, D_e)
+        if self.external == "learned":
+            q, k, val = self.qkv(z).chunk(3, dim=-1)
+        else:
+            q = k = val = z
+        attn = torch.softmax(q @ k.T / d_e**0.5, dim=-1)  # (V·S, V·S)
+        z = attn @ val  # (V·S, D_e)
+        prompts = self.to_prompts(self.token_norm(z.T))  # LN + Linear over tokens: (D_e, P)
+        prompts = prompts.T  # (P, D_e)
+        if self.block_dim != d_e:  # stretch features by linear interpolation
+            prompts = F.interpolate(
+                prompts[:, None, :], size=self.block_dim, mode="linear", align_corners=True
+            )[:, 0, :]
+        return (prompts, attn) if return_attention else prompts
+
+
+@dataclass
+class TADPConfig(MethodConfig):
+    """TADP settings.
+
+    Attributes:
+        num_prompts: Prompt tokens P per block (paper: downscaling 30, precipitation 20,
+            post-processing 5).
+        space_hidden / variable_hidden / feature_hidden: Adapter widths (variable: None = V//2).
+        external: External-mode attention, ``parameter_free`` (released code) or ``learned``.
+    """
+
+    num_prompts: int = 30
+    space_hidden: int = 8
+    variable_hidden: int | None = None
+    feature_hidden: int = 16
+    external: Literal["parameter_free", "learned"] = "parameter_free"
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1:
+            raise ConfigError(f"num_prompts must be >= 1, got {self.num_prompts}.")
+        for name in ("space_hidden", "feature_hidden"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.external not in ("parameter_free", "learned"):
+            raise ConfigError(
+                f"external must be 'parameter_free' or 'learned', got {self.external!r}."
+            )
+
+
+def install_tadp(model: WpeftAurora, config: TADPConfig, added: nn.ModuleDict) -> PromptInjector:
+    """Create one generator per block in ``added["tadp"]`` and hook them into the attention."""
+    kernels = model.embedding_kernels()
+    d_e, v = kernels.shape[:2]
+    space = kernels[0, 0].numel()
+    generators = nn.ModuleList(
+        TADPGenerator(
+            d_e,
+            v,
+            space,
+            config.num_prompts,
+            info.dim,
+            config.space_hidden,
+            config.variable_hidden,
+            config.feature_hidden,
+            config.external,
+        )
+        for info in model.blocks
+    )
+    added["tadp"] = generators
+
+    def prompts(info: BlockInfo) -> torch.Tensor:
+        return generators[info.index](model.embedding_kernels())
+
+    return PromptInjector(model.blocks, prompts).install()
+
+
+@register
+class TADPOnly(PEFTMethod):
+    """Ablation: TADP prompts alone (the backbone stays frozen)."""
+
+    name = "tadp"
+    Config = TADPConfig
+    size_knob = "num_prompts"
+    summary = "TADP prompts only (ablation)"
+
+    def _apply(self, model: WpeftAurora) -> None:
+        self.injector = install_tadp(model, self.config, self.added)
+
+
+@contextmanager
+def record_prompt_attention(
+    model: WpeftAurora,
+    generators: nn.ModuleList,
+    blocks: Sequence[int] | None = None,
+    max_windows: int = 16,
+) -> Iterator[dict[int, dict[str, Any]]]:
+    """Opt-in recording path for the figures (eval mode only; training keeps the fused kernel).
+
+    Within the context, every forward of the chosen blocks (default: all) records, per block
+    index:
+
+    * ``"external"``: the generator's external attention ``(V·S, V·S)`` over the kernel tokens;
+    * ``"patch_to_prompt"``: inside the first ``max_windows`` windows, the softmax attention of
+      each window token to each prompt token, ``(n_windows, heads, N_w, P)``, recomputed from the
+      block's own q/k projections (with the shifted-window mask, prompts padded with zeros);
+    * ``"window_shape"``: the window size (levels, lat, lon) to map tokens back to the grid.
+    """
+    if model.training:
+        raise RuntimeError("record_prompt_attention needs model.eval(): it is an analysis path.")
+    infos = [b for b in model.blocks if blocks is None or b.index in set(blocks)]
+    records: dict[int, dict[str, Any]] = {}
+    handles = []
+
+    def make_hook(info: BlockInfo):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0]  # (B·nW, P + N_w, D_b), prompts already prepended by the injector
+            gen = generators[info.index]
+            with torch.no_grad():
+                _, external = gen(model.embedding_kernels(), return_attention=True)
+                n_prompt = gen.to_prompts.out_features
+                xs = x[:max_windows]
+                heads = module.num_heads
+                qkv = module.qkv(xs).reshape(xs.shape[0], xs.shape[1], 3, heads, -1)
+                q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+                scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (n, heads, L, L)
+                mask = kwargs.get("mask")
+                if mask is not None:  # (nW, L, L), windows are ordered batch-major
+                    n_w = mask.shape[0]
+                    idx = torch.arange(xs.shape[0]) % n_w
+                    scores = scores + mask[idx][:, None]
+                attn = scores.softmax(dim=-1)
+                records[info.index] = {
+                    "external": external.detach().cpu(),
+                    "patch_to_prompt": attn[:, :, n_prompt:, :n_prompt].detach().cpu(),
+                    "window_shape": tuple(module.window_size),
+                    "block": info.name,
+                }
+
+        return hook
+
+    for info in infos:
+        handles.append(info.attention.register_forward_pre_hook(make_hook(info), with_kwargs=True))
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
