@@ -80,6 +80,35 @@ def cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Table of registered methods with their trainable counts on a backbone."""
+    from wpeft.backbones.aurora_adapter import build_backbone
+    from wpeft.methods import METHODS, create_method
+
+    rows = []
+    for name in sorted(METHODS):
+        method = create_method(name)
+        method.apply(build_backbone(args.backbone))
+        t = method.trainable()
+        knob = METHODS[name].size_knob
+        rows.append(
+            (
+                name,
+                f"{knob}={getattr(method.config, knob)}" if knob else "-",
+                t["backbone"],
+                t["added"],
+                t["encoder"] + t["decoder"],
+                100 * method.budget_fraction(),
+                METHODS[name].summary,
+            )
+        )
+    print(f"Registered methods on the {args.backbone!r} backbone at their default size:")
+    print(f"{'method':<16}{'knob':<22}{'backbone':>10}{'added':>10}{'enc+dec':>10}{'budget %':>10}  summary")
+    for r in rows:
+        print(f"{r[0]:<16}{r[1]:<22}{r[2]:>10,}{r[3]:>10,}{r[4]:>10,}{r[5]:>10.3f}  {r[6]}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the embedded default data (grows with the fine-tuning issues)."""
     print("wpeft demo: the pretrained tiny Aurora on the embedded synthetic world")
@@ -115,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=cmd_pretrain)
+
+    m = sub.add_parser("methods", help="table of registered fine-tuning methods")
+    m.add_argument("--backbone", default="tiny")
+    m.set_defaults(func=cmd_methods)
 
     w = sub.add_parser("world", help="generate (or open the cached) embedded world")
     w.add_argument("--seed", type=int, default=0)

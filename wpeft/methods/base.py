@@ -72,6 +72,12 @@ class PEFTMethod:
     summary: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
+        known = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(
+                f"Method {self.name!r} has no setting(s) {unknown}; its settings: {sorted(known)}."
+            )
         if config is None:
             config = self.Config(**kwargs)
         elif kwargs:
@@ -84,6 +90,7 @@ class PEFTMethod:
         self.added = nn.ModuleDict()
         self.model: WpeftAurora | None = None
         self.head: nn.Module | None = None
+        self.backbone_size = 0
         self._group_of: dict[int, str] = {}
         self._pristine_name: dict[int, str] = {}
 
@@ -94,6 +101,7 @@ class PEFTMethod:
         if self.model is not None:
             raise ConfigError(f"Method {self.name!r} is already applied to a model.")
         self.model, self.head = model, head
+        self.backbone_size = model.num_parameters()["backbone"]  # before any injection
         for group, params in model.named_parameter_groups().items():
             for name, p in params:
                 self._group_of[id(p)] = group
@@ -173,7 +181,7 @@ class PEFTMethod:
         """Trainable scalars outside the task head, as a fraction of the backbone group's size."""
         assert self.model is not None, "apply the method first"
         t = self.trainable()
-        return (t["total"] - t["head"]) / self.model.num_parameters()["backbone"]
+        return (t["total"] - t["head"]) / self.backbone_size
 
     # --- adapter state ----------------------------------------------------------------------
 
