@@ -3,7 +3,17 @@
 Importing this package registers every built-in method in ``METHODS``.
 """
 
-from wpeft.methods import adaptformer, bitfit, full, lora, ssf, tadp, vpt  # noqa: F401
+from wpeft.methods import (  # noqa: F401  (registration)
+    adaptformer,
+    bitfit,
+    full,
+    lora,
+    sfas,
+    ssf,
+    tadp,
+    vpt,
+    weatherpeft,
+)
 from wpeft.methods.base import GROUPS, METHODS, MethodConfig, PEFTMethod, create_method, register
 
 __all__ = ["GROUPS", "METHODS", "MethodConfig", "PEFTMethod", "create_method", "register"]

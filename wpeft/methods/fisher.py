@@ -1,0 +1,699 @@
+"""Fisher-guided entry selection: importance, annealed noise, exact global top-k, sparse AdamW.
+
+SFAS (METHOD.md §3) and the static Fisher-mask baselines (FISH mask, Child-Tuning_D) all pick
+the k most important scalars out of every backbone parameter and update only those. This module
+holds that machinery on plain lists of tensors, independent of the method API, so it can be
+tested on synthetic parameters and reused by any method.
+
+Why it is written the way it is (the released research code's pitfalls, each avoided here):
+
+* **Scale.** A backbone can have more than 2^31 eligible scalars (Aurora 1.3B is ~1.1e9 and
+  other backbones are larger). One flat ``torch.topk`` over a concatenation overflows int32
+  indices and costs several full copies of all gradients. :func:`topk_masks` instead
+  binary-searches the threshold on the *bit patterns* of the non-negative float32 scores (for
+  non-negative IEEE floats the int32 bit pattern is monotonic in the value), counting entries
+  at or above a candidate threshold chunk by chunk with int64 counts; once the entries still
+  undecided fit in a small fraction of the total they are gathered once and the search ends on
+  them alone (11-13 full counting passes instead of 31 on the tiny backbone's SFAS scores). No
+  sort, no concatenation of all scores; memory is the bool masks plus chunk-sized temporaries.
+  Ties at the threshold are taken in a deterministic order (tensor order, then flat index) until
+  exactly k entries are selected.
+* **Data parallelism.** Every rank must select the same mask, or replicas silently diverge. With
+  gradients all-reduced (as DDP does) the importance is identical on every rank, and the noise
+  U is drawn from a generator seeded by ``(seed, step, tensor index)`` (:func:`noise_seed`),
+  never from the global RNG, so every rank draws the same U. :func:`broadcast_mask` is the
+  belt-and-braces alternative (rank ``src``'s mask wins).
+* **Sparse updates.** Zeroing the gradients of unselected entries does not stop AdamW from
+  moving them: stale momentum and decoupled weight decay still act, so the final delta is
+  dense. :class:`MaskedAdamW` updates (moments, weight decay, step) only the selected entries,
+  with per-entry step counts for the bias correction. ``dense=True`` reproduces the released
+  code's behaviour for comparison.
+
+Storage: one float32 score per eligible entry in total, kept in flat *buckets*
+(:class:`FlatLayout`) of at most ``chunk_numel`` entries each (a larger tensor gets its own
+bucket), so the per-pass kernel launches scale with the number of buckets rather than the number
+of parameter tensors, and the same buffer serves as the accumulator across batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DEFAULT_CHUNK_NUMEL",
+    "FlatLayout",
+    "ImportanceAccumulator",
+    "ImportanceKind",
+    "MaskedAdamW",
+    "NoiseKind",
+    "add_importance_",
+    "all_reduce_mean_",
+    "anneal_factor",
+    "broadcast_mask",
+    "count_at_least",
+    "distributed_ready",
+    "noise_generator",
+    "noise_seed",
+    "normalise_by_global_max_",
+    "perturb_",
+    "search_threshold",
+    "topk_masks",
+]
+
+ImportanceKind = Literal["fisher", "abs_grad"]
+NoiseKind = Literal["additive", "multiplicative", "none"]
+
+#: Entries per bucket / per counting chunk: 16M entries = 64 MB of float32 scores, 16 MB of
+#: comparison temporaries per chunk.
+DEFAULT_CHUNK_NUMEL = 1 << 24
+
+_INT32_LIMIT = 1 << 31  # exclusive upper bound of a non-negative int32 bit pattern
+_MASK64 = (1 << 64) - 1
+
+
+# --- bucketed flat storage ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Consecutive tensors packed into a few flat buckets of at most ``bucket_numel`` entries.
+
+    A tensor never straddles two buckets; a tensor larger than ``bucket_numel`` gets a bucket of
+    its own. The order of entries (tensor order, then flat index) is preserved, so selections over
+    the buckets are selections over the original tensors in the same order.
+
+    Attributes:
+        shapes: Shape of each tensor.
+        bucket_of: Bucket index of each tensor.
+        offset: Start of each tensor inside its bucket.
+        bucket_numels: Entries per bucket.
+    """
+
+    shapes: tuple[torch.Size, ...]
+    bucket_of: tuple[int, ...]
+    offset: tuple[int, ...]
+    bucket_numels: tuple[int, ...]
+
+    @classmethod
+    def plan(
+        cls, shapes: Iterable[Sequence[int]], bucket_numel: int = DEFAULT_CHUNK_NUMEL
+    ) -> FlatLayout:
+        if bucket_numel < 1:
+            raise ValueError(f"bucket_numel must be >= 1, got {bucket_numel}.")
+        shapes = tuple(torch.Size(s) for s in shapes)
+        bucket_of, offset, sizes = [], [], []
+        for shape in shapes:
+            n = shape.numel()
+            if not sizes or (sizes[-1] > 0 and sizes[-1] + n > bucket_numel):
+                sizes.append(0)
+            bucket_of.append(len(sizes) - 1)
+            offset.append(sizes[-1])
+            sizes[-1] += n
+        return cls(shapes, tuple(bucket_of), tuple(offset), tuple(sizes))
+
+    @property
+    def numel(self) -> int:
+        """Entries in total (a Python int: no int32 limit)."""
+        return sum(self.bucket_numels)
+
+    def zeros(self, dtype: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
+        """Zeroed buckets, each 1-D ``(bucket_numel,)``."""
+        return [torch.zeros(n, dtype=dtype, device=device) for n in self.bucket_numels]
+
+    def split(self, buckets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-tensor views into ``buckets``, shaped like the original tensors (no copies)."""
+        return [
+            buckets[b].narrow(0, o, shape.numel()).view(shape)
+            for shape, b, o in zip(self.shapes, self.bucket_of, self.offset, strict=True)
+        ]
+
+
+# --- importance ---------------------------------------------------------------------------------
+
+
+def add_importance_(
+    out: torch.Tensor, grad: torch.Tensor | None, kind: ImportanceKind, scale: float = 1.0
+) -> None:
+    """``out += importance(scale · grad)`` entry-wise, in float32, in place.
+
+    Args:
+        out: float32 accumulator shaped like the parameter.
+        grad: The parameter's gradient (any float dtype), or None (no contribution).
+        kind: ``"fisher"``: g² (diagonal empirical Fisher, the paper); ``"abs_grad"``: |g| (the
+            released code).
+        scale: Factor applied to the gradient first (per-tensor gradient clipping).
+    """
+    if grad is None:
+        return
+    if grad.is_sparse:
+        raise ValueError("Sparse gradients are not supported by Fisher selection.")
+    g = grad.detach()
+    if kind == "fisher":
+        out.addcmul_(g, g, value=scale * scale)
+    elif kind == "abs_grad":
+        out.add_(g.abs(), alpha=scale)
+    else:
+        raise ValueError(f"importance must be 'fisher' or 'abs_grad', got {kind!r}.")
+
+
+class ImportanceAccumulator:
+    """Sum of per-entry importance over batches, stored in bucketed float32 buffers.
+
+    Holds exactly one float32 copy of the eligible entries; :meth:`mean_` turns it into the
+    average in place and returns the buckets (the caller may normalise/perturb them in place;
+    call :meth:`reset` before accumulating again).
+
+    Args:
+        layout: Bucket layout of the eligible tensors.
+        device: Where the buffers live (the parameters' device).
+        kind: ``"fisher"`` or ``"abs_grad"``.
+        clip_norm: If set, each tensor's gradient is scaled to L2 norm at most ``clip_norm``
+            before its importance is taken (Child-Tuning_D's per-tensor clipping).
+    """
+
+    def __init__(
+        self,
+        layout: FlatLayout,
+        device: torch.device | str,
+        kind: ImportanceKind = "fisher",
+        clip_norm: float | None = None,
+    ) -> None:
+        if kind not in ("fisher", "abs_grad"):
+            raise ValueError(f"importance must be 'fisher' or 'abs_grad', got {kind!r}.")
+        self.layout, self.kind, self.clip_norm = layout, kind, clip_norm
+        self.buckets = layout.zeros(torch.float32, device)
+        self.views = layout.split(self.buckets)
+        self.count = 0
+
+    def reset(self) -> None:
+        for b in self.buckets:
+            b.zero_()
+        self.count = 0
+
+    def add(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """Accumulate the importance of one batch's gradients (aligned with the layout)."""
+        if len(grads) != len(self.views):
+            raise ValueError(f"Expected {len(self.views)} gradients, got {len(grads)}.")
+        for out, g in zip(self.views, grads):
+            scale = 1.0
+            if g is not None and self.clip_norm is not None:
+                norm = float(g.detach().float().norm())
+                if norm > self.clip_norm:
+                    scale = self.clip_norm / (norm + 1e-6)
+            add_importance_(out, g, self.kind, scale)
+        self.count += 1
+
+    def mean_(self) -> list[torch.Tensor]:
+        """The buckets divided by the batch count, NaN mapped to 0 and +inf to float32 max."""
+        if self.count == 0:
+            raise RuntimeError("No gradients were accumulated.")
+        for b in self.buckets:
+            b.div_(self.count)
+            torch.nan_to_num_(b, nan=0.0, posinf=torch.finfo(torch.float32).max)
+        return self.buckets
+
+
+def normalise_by_global_max_(scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Divide non-negative scores in place by their global max (all zeros stay zeros).
+
+    Returns:
+        The max as a 0-d tensor (no host synchronisation).
+    """
+    nonempty = [s for s in scores if s.numel()]
+    if not nonempty:
+        return torch.zeros(())
+    top = torch.stack([s.max() for s in nonempty]).max()
+    divisor = top.clamp_min(torch.finfo(torch.float32).tiny)
+    for s in nonempty:
+        s.div_(divisor)
+    return top
+
+
+# --- annealed noise -----------------------------------------------------------------------------
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def noise_seed(seed: int, step: int, index: int) -> int:
+    """A well-mixed 63-bit seed for the noise of tensor ``index`` at ``step``.
+
+    Depends only on its arguments, never on the global RNG, so every data-parallel rank that
+    uses the same ``seed`` draws the same noise.
+    """
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (step & _MASK64))
+    h = _splitmix64(h ^ (index & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def noise_generator(
+    seed: int, step: int, index: int, device: torch.device | str
+) -> torch.Generator:
+    """A generator on ``device`` seeded with :func:`noise_seed` (same U on same device type)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(noise_seed(seed, step, index))
+    return g
+
+
+def anneal_factor(step: int, total_steps: int, gamma: float) -> float:
+    """γ·(1 − n_s/t_s), clamped to [0, γ], with n_s = ``step`` + 1.
+
+    ``step`` is the 0-based index of the optimiser step (as a ``for step in range(total)`` loop
+    passes it), so n_s counts steps from 1: the first step explores with γ(1 − 1/t_s) and the
+    last step (``step = total_steps − 1``) has factor exactly 0, i.e. pure Fisher selection.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+    return gamma * min(1.0, max(0.0, 1.0 - (step + 1) / total_steps))
+
+
+def perturb_(
+    views: Sequence[torch.Tensor],
+    *,
+    step: int,
+    total_steps: int,
+    gamma: float,
+    kind: NoiseKind,
+    seed: int,
+) -> float:
+    """Add the annealed random term to normalised scores in place, per tensor.
+
+    * ``"additive"`` (paper): F̃ = F̂ + γ(1 − n/N)·U. Early steps explore, late steps converge to
+      pure Fisher selection; at factor 0 no noise is drawn at all.
+    * ``"multiplicative"`` (released code): F̃ = F̂ · γ(1 − n/N) · U. The factor is a positive
+      constant that cannot change the ranking, so it is not applied: the ranking is that of
+      F̂·U at every step (applying it literally would make the last step's scores all zero, a
+      degenerate selection).
+    * ``"none"``: F̃ = F̂.
+
+    U ~ Uniform(0, 1) is drawn per entry, tensor ``i`` from :func:`noise_generator` ``(seed,
+    step, i)``, so the noise does not depend on bucketing or on the global RNG.
+
+    Args:
+        views: Per-tensor score views (float32), in a fixed order.
+
+    Returns:
+        The annealing factor γ(1 − n/N) of this step.
+    """
+    factor = anneal_factor(step, total_steps, gamma)
+    if kind == "none" or (kind == "additive" and factor == 0.0):
+        return factor
+    if kind not in ("additive", "multiplicative"):
+        raise ValueError(f"noise must be 'additive', 'multiplicative' or 'none', got {kind!r}.")
+    for i, v in enumerate(views):
+        if v.numel() == 0:
+            continue
+        gen = noise_generator(seed, step, i, v.device)
+        u = torch.rand(v.shape, generator=gen, device=v.device, dtype=torch.float32)
+        if kind == "additive":
+            v.add_(u, alpha=factor)
+        else:
+            v.mul_(u)
+    return factor
+
+
+# --- exact global top-k -------------------------------------------------------------------------
+
+
+def _bit_chunks(
+    scores: Sequence[torch.Tensor], chunk_numel: int
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(tensor index, start, int32 bit-pattern chunk)`` over all scores, in order."""
+    for i, s in enumerate(scores):
+        bits = s.reshape(-1).view(torch.int32)
+        n = bits.numel()
+        for start in range(0, n, chunk_numel):
+            yield i, start, bits[start : start + chunk_numel]
+
+
+class _Scratch:
+    """One reusable bool buffer per device for comparison results (avoids re-allocating a
+    chunk-sized temporary in every counting pass)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._buffers = size, {}
+
+    def __call__(self, bits: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(bits.device)
+        if buf is None:
+            buf = self._buffers[bits.device] = torch.empty(
+                self.size, dtype=torch.bool, device=bits.device
+            )
+        return buf[: bits.numel()]
+
+
+def count_at_least(
+    scores: Sequence[torch.Tensor],
+    threshold: int,
+    chunk_numel: int,
+    scratch: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> int:
+    """Entries whose float32 bit pattern is >= ``threshold`` (an int in [1, 2^31)).
+
+    Counts per chunk with ``torch.count_nonzero`` (int64) into one int64 accumulator per
+    device, summed into a Python int: no int32 overflow however many entries there are.
+    """
+    totals: dict[torch.device, torch.Tensor] = {}
+    for _, _, bits in _bit_chunks(scores, chunk_numel):
+        ge = bits >= threshold if scratch is None else torch.ge(bits, threshold, out=scratch(bits))
+        c = torch.count_nonzero(ge)
+        if bits.device in totals:
+            totals[bits.device].add_(c)
+        else:
+            totals[bits.device] = c
+    return sum(int(t) for t in totals.values())
+
+
+def search_threshold(
+    count_at_least_fn: Callable[[int], int],
+    k: int,
+    lo: int = 0,
+    hi: int = _INT32_LIMIT,
+    *,
+    above: int = 0,
+    lo_count: int | None = None,
+    stop_below: int = 0,
+) -> tuple[int, int, int, int]:
+    """Binary search for the largest bit-pattern threshold t with count(>= t) >= k.
+
+    Invariant: count(>= lo) >= k > count(>= hi) = ``above``. Starting from [0, 2^31) (negative
+    patterns count as 0, so count(>= 0) is the total) it takes 31 calls of the count function.
+
+    Args:
+        count_at_least_fn: ``t -> number of entries with bit pattern >= t`` for t in (lo, hi).
+        k: Entries to select, >= 1 and at most count(>= lo).
+        lo, hi, above: A bracket already known (``above`` = count(>= hi)).
+        lo_count: count(>= lo) if known (enables ``stop_below``).
+        stop_below: Stop early once count(>= lo) - count(>= hi), the entries still undecided,
+            is at most this (the caller then finishes on those entries alone).
+
+    Returns:
+        ``(lo, hi, count(>= lo) or None, count(>= hi))``. When the search ran to the end,
+        ``hi == lo + 1``: t = lo and count(>= hi) is the number of entries strictly above t
+        (``above < k <= above + ties at t``).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    while hi - lo > 1:
+        if lo_count is not None and lo_count - above <= stop_below:
+            break
+        mid = (lo + hi) // 2
+        c = count_at_least_fn(mid)
+        if c >= k:
+            lo, lo_count = mid, c
+        else:
+            hi, above = mid, c
+    return lo, hi, lo_count, above
+
+
+def _candidates(
+    scores: Sequence[torch.Tensor], lo: int, hi: int, chunk_numel: int
+) -> list[torch.Tensor]:
+    """Bit patterns in [lo, hi) (negative patterns as 0), one small tensor per device."""
+    parts: dict[torch.device, list[torch.Tensor]] = {}
+    for _, _, bits in _bit_chunks(scores, chunk_numel):
+        if hi >= _INT32_LIMIT:  # no upper bound (2^31 itself does not fit an int32 compare)
+            inside = bits >= lo if lo > 0 else torch.ones_like(bits, dtype=torch.bool)
+        else:
+            inside = bits < hi if lo == 0 else (bits >= lo) & (bits < hi)
+        parts.setdefault(bits.device, []).append(bits[inside])
+    return [torch.cat(p).clamp_min_(0) for p in parts.values()]
+
+
+def topk_masks(
+    scores: Sequence[torch.Tensor],
+    k: int,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    compact_fraction: float = 1 / 32,
+) -> list[torch.Tensor]:
+    """Boolean masks marking exactly the k largest entries over all ``scores``.
+
+    The threshold is found by bisection on the bit patterns, counting over all entries chunk by
+    chunk; once the entries between the bracket's ends fit in ``compact_fraction`` of the total
+    (and in one chunk), they are gathered once and the bisection finishes on them alone (cheap
+    passes). A final pass writes the masks: entries above the threshold, then ties at it.
+
+    Args:
+        scores: float32 contiguous tensors of non-negative scores (negative values and -0.0 count
+            as 0; NaN would rank above +inf, so map NaN first). Any shapes, any number of
+            entries (counts are Python ints / int64).
+        k: Entries to select, 0 <= k <= total.
+        chunk_numel: Entries processed per kernel (bounds temporaries).
+        compact_fraction: When to gather the undecided entries (0: never, pure bisection).
+
+    Returns:
+        One bool tensor per score tensor, same shape, exactly k True in total. Entries tied at
+        the threshold are taken in tensor order, then flat-index order.
+    """
+    for s in scores:
+        if s.dtype != torch.float32 or not s.is_contiguous():
+            raise ValueError("topk_masks needs contiguous float32 scores.")
+    total = sum(s.numel() for s in scores)
+    if not 0 <= k <= total:
+        raise ValueError(f"k must be in [0, {total}], got {k}.")
+    masks = [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores]
+    if k == 0:
+        return masks
+    scratch = _Scratch(min(chunk_numel, max(s.numel() for s in scores)))
+    lo, hi, _, above = search_threshold(
+        lambda th: count_at_least(scores, th, chunk_numel, scratch),
+        k,
+        lo_count=total,
+        stop_below=min(chunk_numel, int(total * compact_fraction)),
+    )
+    if hi - lo > 1:  # finish on the few undecided entries
+        cand = _candidates(scores, lo, hi, chunk_numel)
+        lo, hi, _, cand_above = search_threshold(
+            lambda th: count_at_least(cand, th, chunk_numel), k - above, lo, hi
+        )
+        above += cand_above
+    t = lo
+    remaining = k - above  # ties at t still to take, in order
+    flat_masks = [m.view(-1) for m in masks]
+    for i, start, bits in _bit_chunks(scores, chunk_numel):
+        out = flat_masks[i][start : start + bits.numel()]
+        torch.gt(bits, t, out=out)
+        if remaining == 0:
+            continue
+        buf = scratch(bits)
+        ties = torch.eq(bits, t, out=buf) if t > 0 else torch.le(bits, 0, out=buf)
+        n_ties = int(torch.count_nonzero(ties))
+        if n_ties == 0:
+            continue
+        if n_ties > remaining:
+            ties = ties & (ties.cumsum(0, dtype=torch.int64) <= remaining)
+            n_ties = remaining
+        out |= ties
+        remaining -= n_ties
+    if remaining != 0:  # cannot happen for valid input; guards against NaN/concurrent writes
+        raise RuntimeError(f"top-k selection left {remaining} ties unfilled; scores contain NaN?")
+    return masks
+
+
+# --- data parallelism ---------------------------------------------------------------------------
+
+
+def distributed_ready() -> bool:
+    """Whether a default process group is initialised (and has more than one rank)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_mask(
+    masks: Sequence[torch.Tensor], src: int = 0, group: Any = None
+) -> list[torch.Tensor]:
+    """Overwrite every rank's bool masks in place with rank ``src``'s (no-op without a group).
+
+    Costs one byte per entry per call, so per-step use on a large backbone is not free; with
+    all-reduced gradients and a shared noise seed the masks agree without it.
+    """
+    if not distributed_ready():
+        return list(masks)
+    for m in masks:
+        if m.dtype != torch.bool or not m.is_contiguous():
+            raise ValueError("broadcast_mask needs contiguous bool masks.")
+        dist.broadcast(m.view(torch.uint8), src=src, group=group)
+    return list(masks)
+
+
+def all_reduce_mean_(tensors: Sequence[torch.Tensor], group: Any = None) -> None:
+    """Average float tensors in place over ranks (no-op without a process group)."""
+    if not distributed_ready():
+        return
+    world = dist.get_world_size(group)
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        t.div_(world)
+
+
+# --- sparse-safe AdamW --------------------------------------------------------------------------
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """AdamW that updates only the selected entries of masked parameters.
+
+    For a parameter with a current bool mask M (same shape), each step touches only entries in
+    M: their first/second moments, their decoupled weight decay and their step counts. Entries
+    outside M keep their moments untouched and do not move at all: no stale-momentum drift, no
+    decay. Bias correction is per entry: an entry selected for the c-th time uses
+    ``1 − β1^c`` and ``1 − β2^c`` (the per-entry counts live in ``state["step"]`` as an int32
+    tensor shaped like the parameter; the key ``step`` is exempt from the dtype cast of
+    ``load_state_dict``, so the counts survive checkpoints). Parameters without a mask (heads,
+    added modules) get plain AdamW (scalar ``state["step"]``), matching ``torch.optim.AdamW``.
+
+    With ``dense=True`` every parameter gets plain AdamW on its gradient with entries outside the
+    mask zeroed — the released code's behaviour, where momentum and weight decay still move
+    unselected entries. Kept for reproduction and for the tests that show the pitfall.
+
+    Masks come from ``mask_of(param)`` (called at every step; None = no mask) or, when that is
+    not given, from :meth:`set_masks`.
+
+    Args:
+        params: Parameters or parameter groups.
+        lr, betas, eps, weight_decay: As ``torch.optim.AdamW``.
+        dense: Released-code behaviour (see above).
+        mask_of: ``param -> bool mask or None``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        dense: bool = False,
+        mask_of: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(
+                f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}."
+            )
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}.")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.dense = dense
+        self._mask_of = mask_of
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def set_masks(self, masks: Mapping[torch.Tensor, torch.Tensor | None]) -> None:
+        """Masks by parameter (used when no ``mask_of`` was given); None removes a mask."""
+        for p, m in masks.items():
+            if m is None:
+                self._masks.pop(id(p), None)
+            else:
+                if m.shape != p.shape or m.dtype != torch.bool:
+                    raise ValueError(
+                        f"Mask {tuple(m.shape)} {m.dtype} does not fit parameter "
+                        f"{tuple(p.shape)}."
+                    )
+                self._masks[id(p)] = m
+
+    def mask_for(self, p: torch.Tensor) -> torch.Tensor | None:
+        return self._mask_of(p) if self._mask_of is not None else self._masks.get(id(p))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MaskedAdamW does not support sparse gradients.")
+                mask = self.mask_for(p)
+                state = self.state[p]
+                if not self.dense and (mask is not None or _has_entry_steps(state)):
+                    if mask is None:  # a parameter that had a mask and lost it: all entries
+                        mask = torch.ones_like(p, dtype=torch.bool)
+                    self._sparse_update(p, mask, state, group)
+                else:
+                    grad = p.grad if mask is None else p.grad.masked_fill(~mask, 0)
+                    self._dense_update(p, grad, state, group)
+        return loss
+
+    @staticmethod
+    def _dense_update(
+        p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> None:
+        """Plain AdamW (decoupled weight decay), as torch's single-tensor implementation."""
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = float(state["step"])
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        p.mul_(1 - lr * wd)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**t
+        bias_correction2_sqrt = math.sqrt(1 - beta2**t)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+    @staticmethod
+    def _sparse_update(
+        p: torch.Tensor, mask: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> None:
+        """AdamW on the entries of ``mask`` only (gather, update, scatter back)."""
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        if mask.shape != p.shape:
+            raise ValueError(f"Mask {tuple(mask.shape)} does not fit parameter {tuple(p.shape)}.")
+        if not p.is_contiguous():
+            raise ValueError("MaskedAdamW needs contiguous parameters for masked updates.")
+        if not state:
+            state["step"] = torch.zeros_like(p, dtype=torch.int32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        elif not _has_entry_steps(state):
+            raise RuntimeError(
+                "A parameter updated densely before cannot switch to masked updates "
+                "(its step count is not per entry); give it a mask from the first step."
+            )
+        idx = mask.reshape(-1).nonzero().squeeze(1)  # (k_p,) int64 flat indices
+        if idx.numel() == 0:
+            return
+        flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
+        flat_step = state["step"].view(-1)
+        flat_m, flat_v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+
+        g = flat_g.index_select(0, idx).to(flat_m.dtype)
+        count = flat_step.index_select(0, idx) + 1
+        flat_step.index_copy_(0, idx, count)
+        m = flat_m.index_select(0, idx).lerp_(g, 1 - beta1)
+        v = flat_v.index_select(0, idx).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        flat_m.index_copy_(0, idx, m)
+        flat_v.index_copy_(0, idx, v)
+
+        c = count.to(torch.float32)
+        bias_correction1 = 1 - torch.pow(beta1, c)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, c)).sqrt_()
+        x = flat_p.index_select(0, idx)
+        x.mul_(1 - lr * wd)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        x.addcdiv_(m / bias_correction1, denom, value=-lr)
+        flat_p.index_copy_(0, idx, x)
+
+
+def _has_entry_steps(state: dict[str, Any]) -> bool:
+    step = state.get("step")
+    return isinstance(step, torch.Tensor) and step.dim() > 0

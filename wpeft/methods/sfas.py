@@ -1,0 +1,606 @@
+"""SFAS and the static Fisher-mask baselines: methods that train a few backbone scalars.
+
+* :class:`SFAS` (``"sfas"``) — Stochastic Fisher-guided Adaptive Selection (METHOD.md §3):
+  after every ``loss.backward()`` the importance of every backbone scalar (g², or |g| as in the
+  released code) is normalised by its global max, perturbed by annealed noise
+  γ(1 − n/N)·U, and the global top-k becomes the mask; only masked entries are updated. The
+  mask is redrawn every ``refresh_every`` steps, so the set of touched entries grows.
+* :class:`FishMask` (``"fish"``) — FISH mask (Sung et al., 2021): one fixed mask from g²
+  averaged over a few batches *before* training, sparse-safe updates.
+* :class:`ChildTuningD` (``"child_tuning_d"``) — Child-Tuning_D (Xu et al., 2021): one fixed
+  mask from g² (each tensor's gradient clipped to norm ``clip_grad_norm`` first) averaged over
+  the whole training set, before training. Its original optimiser multiplies the gradients by
+  the mask inside a dense AdamW; that is the default here (``dense_update=True``) so the baseline
+  is the published one. With a mask fixed from step 0 the Adam moments of unselected entries stay
+  exactly zero, so the only leak is decoupled weight decay: with ``weight_decay=0`` the delta is
+  exactly inside the mask, with ``weight_decay>0`` every backbone entry decays and
+  :meth:`PEFTMethod.changed` reports that honestly. ``dense_update=False`` gives the sparse-safe
+  variant.
+
+Eligible entries are all parameters of ``model.backbone`` (the Swin3D U-Net; the encoder and
+decoder follow ``train_encoder_decoder``, heads and added modules train whole). ``k`` =
+round(keep_ratio · N) of the N eligible entries.
+
+What a training loop must call (every method here):
+
+1. ``method.apply(model, head)``;
+2. static masks only: ``method.prepare(loss_fn, batches, n_batches)`` once before the first
+   step (``loss_fn(batch) -> loss``; or ``method.prepare(closure, n_batches=n)`` with a
+   zero-argument closure) — it runs forward/backward itself and leaves no gradients behind;
+3. ``opt = method.optimizer(lr, weight_decay)`` (a :class:`MaskedAdamW`);
+4. per step: ``opt.zero_grad()``, ``loss.backward()``,
+   ``method.after_backward(step, total_steps)`` with ``step`` the 0-based optimiser step index
+   (under DDP: after the gradients are all-reduced, i.e. after backward outside ``no_sync``),
+   optional gradient clipping, ``opt.step()``.
+
+The current masks (``method.selection.masks``, per tensor, aligned with
+``method.selection.names``), their union and a callback hook at every refresh
+(``method.selection.add_callback``, e.g. :class:`MaskRecorder`) are exposed for the records.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from wpeft.backbones.aurora_adapter import WpeftAurora
+from wpeft.errors import ConfigError
+from wpeft.methods.base import MethodConfig, PEFTMethod, register
+from wpeft.methods.fisher import (
+    DEFAULT_CHUNK_NUMEL,
+    FlatLayout,
+    ImportanceAccumulator,
+    MaskedAdamW,
+    all_reduce_mean_,
+    broadcast_mask,
+    distributed_ready,
+    normalise_by_global_max_,
+    perturb_,
+    topk_masks,
+)
+
+__all__ = [
+    "ChildTuningD",
+    "ChildTuningDConfig",
+    "EntrySelection",
+    "FishMask",
+    "FishMaskConfig",
+    "MaskRecorder",
+    "SFAS",
+    "SFASConfig",
+    "budget_k",
+]
+
+MaskCallback = Callable[[int, dict[str, torch.Tensor]], None]
+
+
+def budget_k(keep_ratio: float, total: int) -> int:
+    """k = round(keep_ratio · total), at least 1 and at most ``total``."""
+    return min(total, max(1, round(keep_ratio * total)))
+
+
+def _check_keep_ratio(value: float) -> None:
+    if not 0.0 < value <= 1.0:  # also rejects NaN
+        raise ConfigError(
+            f"keep_ratio must be in (0, 1] (a fraction of the backbone's entries), got {value!r}."
+        )
+
+
+def _check_chunk(value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"chunk_numel must be >= 1, got {value}.")
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFASConfig(MethodConfig):
+    """SFAS settings (paper defaults; the released code's choices are one switch away)."""
+
+    #: Fraction of the eligible backbone entries selected per refresh, k = round(ratio · N).
+    #: The paper's budgets are ~0.3% and ~4% of the backbone; the released code uses 0.1%.
+    keep_ratio: float = 0.003
+    #: Per-entry importance: "fisher" = g² (diagonal empirical Fisher, paper) or "abs_grad" =
+    #: |g| (released code).
+    importance: Literal["fisher", "abs_grad"] = "fisher"
+    #: Steps whose importance is averaged for one selection: the refresh step and the ones just
+    #: before it (fewer at the start). Must be <= refresh_every.
+    accumulate_batches: int = 1
+    #: Annealed noise: "additive" F̂ + γ(1−n/N)U (paper), "multiplicative" F̂·U ranking
+    #: (released code; the positive annealing factor cannot change the ranking), or "none".
+    noise: Literal["additive", "multiplicative", "none"] = "additive"
+    #: Noise scale γ.
+    gamma: float = 0.2
+    #: Redraw the mask every this many optimiser steps (1 = every step, as in the paper).
+    refresh_every: int = 1
+    #: Seed of the noise; shared by all data-parallel ranks so they draw the same mask.
+    seed: int = 0
+    #: False: sparse-safe AdamW (unselected entries never move). True: the released code's
+    #: dense AdamW on masked gradients (momentum and weight decay still move unselected entries).
+    dense_update: bool = False
+    #: Also broadcast rank 0's mask at every refresh (one byte per backbone entry; redundant when
+    #: gradients are all-reduced, since selection is deterministic given the shared seed).
+    broadcast_masks: bool = False
+    #: Entries per score bucket / per top-k counting chunk (memory of temporaries).
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL
+
+    def __post_init__(self) -> None:
+        _check_keep_ratio(self.keep_ratio)
+        _check_chunk(self.chunk_numel)
+        if self.importance not in ("fisher", "abs_grad"):
+            raise ConfigError(
+                f"importance must be 'fisher' or 'abs_grad', got {self.importance!r}."
+            )
+        if self.noise not in ("additive", "multiplicative", "none"):
+            raise ConfigError(
+                f"noise must be 'additive', 'multiplicative' or 'none', got {self.noise!r}."
+            )
+        if not self.gamma >= 0.0:
+            raise ConfigError(f"gamma must be >= 0, got {self.gamma!r}.")
+        if self.refresh_every < 1:
+            raise ConfigError(f"refresh_every must be >= 1, got {self.refresh_every}.")
+        if not 1 <= self.accumulate_batches <= self.refresh_every:
+            raise ConfigError(
+                f"accumulate_batches must be in [1, refresh_every={self.refresh_every}], got "
+                f"{self.accumulate_batches}; importance is averaged over the steps before a "
+                "refresh."
+            )
+
+
+@dataclass
+class FishMaskConfig(MethodConfig):
+    """FISH mask settings."""
+
+    #: Fraction of the eligible backbone entries in the fixed mask.
+    keep_ratio: float = 0.003
+    #: Batches whose g² is averaged by ``prepare`` when it is not told ``n_batches`` (batch size
+    #: 1 gives the per-example empirical Fisher of the FISH paper).
+    fisher_batches: int = 16
+    #: False: sparse-safe AdamW. True: dense AdamW on masked gradients (decay leaks).
+    dense_update: bool = False
+    #: Entries per score bucket / per top-k counting chunk.
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL
+
+    def __post_init__(self) -> None:
+        _check_keep_ratio(self.keep_ratio)
+        _check_chunk(self.chunk_numel)
+        if self.fisher_batches < 1:
+            raise ConfigError(f"fisher_batches must be >= 1, got {self.fisher_batches}.")
+
+
+@dataclass
+class ChildTuningDConfig(MethodConfig):
+    """Child-Tuning_D settings."""
+
+    #: Fraction of the eligible backbone entries in the fixed mask (Child-Tuning's reserve_p).
+    keep_ratio: float = 0.003
+    #: Batches averaged by ``prepare`` when not told ``n_batches``; None = every batch it is
+    #: given (the whole training set, as in Child-Tuning_D).
+    fisher_batches: int | None = None
+    #: Each tensor's gradient is scaled to this L2 norm at most before squaring (the original's
+    #: per-parameter clipping); None disables.
+    clip_grad_norm: float | None = 1.0
+    #: True (default, the original ChildTuningAdamW): dense AdamW on masked gradients; only
+    #: weight decay can move unselected entries. False: sparse-safe AdamW.
+    dense_update: bool = True
+    #: Entries per score bucket / per top-k counting chunk.
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL
+
+    def __post_init__(self) -> None:
+        _check_keep_ratio(self.keep_ratio)
+        _check_chunk(self.chunk_numel)
+        if self.fisher_batches is not None and self.fisher_batches < 1:
+            raise ConfigError(f"fisher_batches must be >= 1 or None, got {self.fisher_batches}.")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm!r}.")
+
+
+# --- selection state ----------------------------------------------------------------------------
+
+
+class EntrySelection:
+    """The eligible tensors, the current masks, their union and the refresh bookkeeping.
+
+    Masks are stored in bucketed bool buffers (:class:`FlatLayout`); ``masks`` and
+    ``union_masks`` are per-tensor views aligned with ``names`` / ``params``. A new set of
+    buffers is allocated at every refresh, so a callback may keep the views it is given.
+
+    Args:
+        named_params: ``(name, parameter)`` of the eligible tensors, in a fixed order (the tie
+            order of the top-k and the index of each tensor's noise stream).
+        k: Entries per mask.
+        chunk_numel: Bucket / chunk size.
+    """
+
+    def __init__(
+        self,
+        named_params: Sequence[tuple[str, nn.Parameter]],
+        k: int,
+        chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    ) -> None:
+        if not named_params:
+            raise ConfigError("No eligible parameters to select from.")
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        devices = {p.device for p in self.params}
+        if len(devices) != 1:
+            raise ConfigError(f"Eligible parameters span several devices {devices}; use one.")
+        self.device = devices.pop()
+        self.layout = FlatLayout.plan([p.shape for p in self.params], chunk_numel)
+        self.total = self.layout.numel
+        if not 1 <= k <= self.total:
+            raise ConfigError(f"k must be in [1, {self.total}], got {k}.")
+        self.k = k
+        self.chunk_numel = chunk_numel
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._mask_buckets: list[torch.Tensor] | None = None
+        self._union_buckets: list[torch.Tensor] | None = None
+        self.masks: list[torch.Tensor] | None = None
+        self.union_masks: list[torch.Tensor] | None = None
+        self._counts: list[int] | None = None
+        self.refreshes = 0
+        #: One small record per refresh: step, seconds, new entries, union size.
+        self.log: list[dict[str, Any]] = []
+        self.callbacks: list[MaskCallback] = []
+
+    def __contains__(self, p: torch.Tensor) -> bool:
+        return id(p) in self._index
+
+    def add_callback(self, fn: MaskCallback) -> None:
+        """``fn(step, {name: bool mask})`` after every refresh (views; copy what you keep)."""
+        self.callbacks.append(fn)
+
+    def mask_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The current mask of an eligible tensor (None for other tensors)."""
+        i = self._index.get(id(p))
+        if i is None:
+            return None
+        if self.masks is None:
+            raise RuntimeError(
+                "No mask has been selected yet: call method.after_backward(step, total_steps) "
+                "after loss.backward() (static-mask methods: method.prepare(...) before training)."
+            )
+        return self.masks[i]
+
+    def planned_counts(self) -> list[int]:
+        """k spread over the tensors by size (largest remainder), before any mask exists."""
+        shares = [s.numel() * self.k / self.total for s in self.layout.shapes]
+        counts = [int(x) for x in shares]
+        order = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])
+        for i in order[: self.k - sum(counts)]:
+            counts[i] += 1
+        return counts
+
+    def counts(self) -> list[int]:
+        """Selected entries per tensor (the current mask; the plan before the first mask)."""
+        if self.masks is None:
+            return self.planned_counts()
+        if self._counts is None:
+            self._counts = torch.stack([torch.count_nonzero(m) for m in self.masks]).tolist()
+        return self._counts
+
+    def count_of(self, p: torch.Tensor) -> int:
+        return self.counts()[self._index[id(p)]]
+
+    def union_size(self) -> int:
+        if self._union_buckets is None:
+            return 0
+        return sum(int(torch.count_nonzero(b)) for b in self._union_buckets)
+
+    def set_masks(self, buckets: list[torch.Tensor], step: int, seconds: float = 0.0) -> None:
+        """Install new bucketed masks, grow the union, log, run the callbacks."""
+        if self._union_buckets is None:
+            new = sum(int(torch.count_nonzero(b)) for b in buckets)
+            self._union_buckets = [b.clone() for b in buckets]
+        else:
+            new = sum(
+                int(torch.count_nonzero(b & ~u)) for b, u in zip(buckets, self._union_buckets)
+            )
+            for u, b in zip(self._union_buckets, buckets):
+                u |= b
+        self._mask_buckets = buckets
+        self.masks = self.layout.split(buckets)
+        self.union_masks = self.layout.split(self._union_buckets)
+        self._counts = None
+        self.refreshes += 1
+        self.log.append(
+            {"step": step, "seconds": seconds, "new_entries": new, "union": self.union_size()}
+        )
+        if self.callbacks:
+            named = dict(zip(self.names, self.masks))
+            for fn in self.callbacks:
+                fn(step, named)
+
+    def zero_unselected_grads(self) -> None:
+        """Gradients outside the current mask set to 0 (clipping and dense optimisers see only
+        the selected entries)."""
+        if self.masks is None:
+            raise RuntimeError("No mask to apply yet.")
+        for p, m in zip(self.params, self.masks):
+            if p.grad is not None:
+                p.grad.mul_(m)
+
+    def grads(self) -> list[torch.Tensor | None]:
+        return [p.grad for p in self.params]
+
+    def select(
+        self,
+        scores: list[torch.Tensor],
+        *,
+        step: int,
+        broadcast: bool = False,
+        started: float | None = None,
+    ) -> None:
+        """Global top-k of bucketed ``scores`` becomes the mask."""
+        buckets = topk_masks(scores, self.k, self.chunk_numel)
+        if broadcast:
+            broadcast_mask(buckets)
+        seconds = time.perf_counter() - started if started is not None else 0.0
+        self.set_masks(buckets, step, seconds)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Current masks and union as bucketed bool tensors (for resuming a run)."""
+        return {
+            "masks": self._mask_buckets,
+            "union": self._union_buckets,
+            "refreshes": self.refreshes,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("masks") is not None:
+            self._mask_buckets = [m.to(self.device, torch.bool) for m in state["masks"]]
+            self._union_buckets = [m.to(self.device, torch.bool) for m in state["union"]]
+            self.masks = self.layout.split(self._mask_buckets)
+            self.union_masks = self.layout.split(self._union_buckets)
+            self._counts = None
+        self.refreshes = int(state.get("refreshes", 0))
+
+
+class MaskRecorder:
+    """A refresh callback that keeps every mask as int64 flat indices on the CPU.
+
+    ``history[j] = (step, {name: indices})``. Costs 8 bytes per selected entry per refresh, so
+    opt-in (``method.selection.add_callback(MaskRecorder())``).
+    """
+
+    def __init__(self) -> None:
+        self.history: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def __call__(self, step: int, masks: dict[str, torch.Tensor]) -> None:
+        self.history.append(
+            (step, {n: m.reshape(-1).nonzero().squeeze(1).cpu() for n, m in masks.items()})
+        )
+
+
+# --- methods ------------------------------------------------------------------------------------
+
+
+class _SelectionMethod(PEFTMethod):
+    """Shared part: eligible = backbone parameters, masked counts, sparse adapter state,
+    sparse-safe optimiser."""
+
+    #: Tells the shared method tests that ``trainable`` counts mask entries, not whole tensors.
+    selects_entries: ClassVar[bool] = True
+    size_knob = "keep_ratio"
+
+    def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.selection: EntrySelection | None = None
+
+    def _apply(self, model: WpeftAurora) -> None:
+        named = [(f"model.backbone.{n}", p) for n, p in model.backbone.named_parameters()]
+        for _, p in named:
+            p.requires_grad_(True)
+        total = sum(p.numel() for _, p in named)
+        self.selection = EntrySelection(
+            named, budget_k(self.config.keep_ratio, total), self.config.chunk_numel
+        )
+
+    def _sel(self) -> EntrySelection:
+        if self.selection is None:
+            raise ConfigError(f"Apply method {self.name!r} to a model first.")
+        return self.selection
+
+    @property
+    def masks(self) -> list[torch.Tensor] | None:
+        """Current per-tensor masks (aligned with ``selection.names``), None before selection."""
+        return self._sel().masks
+
+    @property
+    def union_masks(self) -> list[torch.Tensor] | None:
+        """Per-tensor union of every mask used so far."""
+        return self._sel().union_masks
+
+    def mask_dict(self) -> dict[str, torch.Tensor]:
+        """``{name: current bool mask}`` of the backbone tensors (empty before selection)."""
+        sel = self._sel()
+        return dict(zip(sel.names, sel.masks)) if sel.masks is not None else {}
+
+    def add_mask_callback(self, fn: MaskCallback) -> None:
+        """``fn(step, {name: bool mask})`` after every (re)selection; static methods call it
+        once with step -1. The masks are views: copy what you keep (see :class:`MaskRecorder`)."""
+        self._sel().add_callback(fn)
+
+    def trainable_in(self, p: nn.Parameter) -> int:
+        sel = self.selection
+        if sel is not None and p in sel:
+            return sel.count_of(p)
+        return super().trainable_in(p)
+
+    def optimizer(self, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        params = self.trainable_parameters()
+        if not params:
+            raise ConfigError(f"Method {self.name!r} left nothing trainable.")
+        return MaskedAdamW(
+            params,
+            lr=lr,
+            weight_decay=weight_decay,
+            dense=self.config.dense_update,
+            mask_of=self._sel().mask_of,
+        )
+
+    def adapter_state(self, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Backbone entries that differ from ``reference`` as ``<name>.indices`` (int64 flat)
+        + ``<name>.values``; other parameters as in the base class (whole, if changed)."""
+        sel = self._sel()
+        state: dict[str, torch.Tensor] = {}
+        for name, p in self.named_parameters():
+            group = self.group_of(p)
+            if p in sel:
+                ref = reference[self._pristine_name[id(p)]].to(p.device)
+                idx = (p.detach() != ref).reshape(-1).nonzero().squeeze(1)
+                if idx.numel():
+                    state[f"{name}.indices"] = idx.to(torch.int64)
+                    state[f"{name}.values"] = p.detach().reshape(-1)[idx].clone()
+            elif group == "added":
+                state[name] = p.detach().clone()
+            elif bool((p.detach() != reference[self._pristine_name[id(p)]].to(p.device)).any()):
+                state[name] = p.detach().clone()
+        return state
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        sel = self.selection
+        if sel is not None:
+            out["selection"] = {
+                "eligible": sel.total,
+                "k": sel.k,
+                "refreshes": sel.refreshes,
+                "union": sel.union_size(),
+            }
+        return out
+
+
+@register
+class SFAS(_SelectionMethod):
+    """Stochastic Fisher-guided Adaptive Selection: a fresh top-k mask every refresh."""
+
+    name = "sfas"
+    Config = SFASConfig
+    summary = "top-k backbone entries by annealed noisy Fisher, redrawn every step"
+    config: SFASConfig
+    _accumulator: ImportanceAccumulator
+
+    def _apply(self, model: WpeftAurora) -> None:
+        super()._apply(model)
+        sel = self._sel()
+        self._accumulator = ImportanceAccumulator(sel.layout, sel.device, self.config.importance)
+
+    def after_backward(self, step: int, total_steps: int) -> None:
+        """Accumulate importance, redraw the mask when due, zero gradients outside it.
+
+        Args:
+            step: 0-based index of this optimiser step.
+            total_steps: Number of optimiser steps of the run (the annealing horizon).
+        """
+        sel, cfg = self._sel(), self.config
+        started = time.perf_counter()
+        refresh = sel.masks is None or step % cfg.refresh_every == 0
+        in_window = (-step) % cfg.refresh_every < cfg.accumulate_batches
+        if refresh or in_window:
+            self._accumulator.add(sel.grads())
+        if refresh:
+            scores = self._accumulator.mean_()
+            normalise_by_global_max_(scores)
+            perturb_(
+                sel.layout.split(scores),
+                step=step,
+                total_steps=total_steps,
+                gamma=cfg.gamma,
+                kind=cfg.noise,
+                seed=cfg.seed,
+            )
+            sel.select(scores, step=step, broadcast=cfg.broadcast_masks, started=started)
+            self._accumulator.reset()
+        sel.zero_unselected_grads()
+
+
+class _StaticFisherMethod(_SelectionMethod):
+    """A mask selected once before training from g² averaged over batches."""
+
+    def prepare(
+        self,
+        loss_fn: Callable[..., torch.Tensor],
+        batches: Iterable[Any] | None = None,
+        n_batches: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Select the fixed mask. Call once, after ``apply`` and before the first step.
+
+        Runs ``loss_fn(batch).backward()`` for the first ``n_batches`` of ``batches`` (or
+        ``loss_fn().backward()`` ``n_batches`` times when ``batches`` is None), averages the
+        backbone's g², all-reduces it over data-parallel ranks, takes the global top-k and
+        clears every gradient it produced.
+
+        Args:
+            loss_fn: ``batch -> scalar loss`` (or a zero-argument closure).
+            batches: Iterable of batches; None to call ``loss_fn()`` without arguments.
+            n_batches: Batches to use; default ``config.fisher_batches`` (None: all of them).
+
+        Returns:
+            The per-tensor masks.
+        """
+        sel = self._sel()
+        if sel.masks is not None:
+            raise ConfigError(f"Method {self.name!r} already selected its mask; prepare() once.")
+        n = n_batches if n_batches is not None else self.config.fisher_batches
+        if batches is None:
+            if n is None:
+                raise ConfigError("prepare() with a closure needs n_batches (how many calls).")
+            batches = (None for _ in range(n))
+        clip = getattr(self.config, "clip_grad_norm", None)
+        acc = ImportanceAccumulator(sel.layout, sel.device, "fisher", clip_norm=clip)
+        params = list(self.parameters())
+        for i, batch in enumerate(batches):
+            if n is not None and i >= n:
+                break
+            for p in params:
+                p.grad = None
+            loss = loss_fn() if batch is None else loss_fn(batch)
+            loss.backward()
+            acc.add(sel.grads())
+        for p in params:
+            p.grad = None
+        if acc.count == 0:
+            raise ConfigError(f"prepare() of {self.name!r} got no batches.")
+        scores = acc.mean_()
+        all_reduce_mean_(scores)
+        sel.select(scores, step=-1, broadcast=distributed_ready())
+        assert sel.masks is not None
+        return sel.masks
+
+    def after_backward(self, step: int, total_steps: int) -> None:
+        """Zero the gradients outside the fixed mask (the mask never changes)."""
+        sel = self._sel()
+        if sel.masks is None:
+            raise ConfigError(
+                f"Method {self.name!r} has no mask: call method.prepare(loss_fn, batches, "
+                "n_batches) once before training."
+            )
+        sel.zero_unselected_grads()
+
+
+@register
+class FishMask(_StaticFisherMethod):
+    """FISH mask: fixed top-k by g² over a few batches, sparse-safe AdamW."""
+
+    name = "fish"
+    Config = FishMaskConfig
+    summary = "fixed Fisher top-k mask of backbone entries (FISH), selected before training"
+    config: FishMaskConfig
+
+
+@register
+class ChildTuningD(_StaticFisherMethod):
+    """Child-Tuning_D: fixed top-k by clipped g² over the training set, the original's dense
+    masked AdamW by default."""
+
+    name = "child_tuning_d"
+    Config = ChildTuningDConfig
+    summary = "fixed Fisher child network of backbone entries, selected before training"
+    config: ChildTuningDConfig

@@ -1,0 +1,39 @@
+"""WeatherPEFT = TADP (forward pass: dynamic prompts from the embedding kernels) + SFAS
+(backward pass: annealed Fisher-guided selection of the backbone entries that update).
+
+The composition is literal: SFAS selects over the backbone's own parameters, and the TADP
+generators are installed afterwards, outside the backbone, so they are never selection
+candidates; they train whole and count in the budget as ``added``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wpeft.backbones.aurora_adapter import WpeftAurora
+from wpeft.methods.base import register
+from wpeft.methods.sfas import SFAS, SFASConfig
+from wpeft.methods.tadp import TADPConfig, install_tadp
+
+__all__ = ["WeatherPEFT", "WeatherPEFTConfig"]
+
+
+@dataclass
+class WeatherPEFTConfig(SFASConfig, TADPConfig):
+    """SFAS settings (``keep_ratio`` is the budget knob) plus TADP settings (``num_prompts``)."""
+
+    def __post_init__(self) -> None:
+        SFASConfig.__post_init__(self)
+        TADPConfig.__post_init__(self)
+
+
+@register
+class WeatherPEFT(SFAS):
+    name = "weatherpeft"
+    Config = WeatherPEFTConfig
+    size_knob = "keep_ratio"
+    summary = "TADP prompts + SFAS annealed Fisher selection (the paper's method)"
+
+    def _apply(self, model: WpeftAurora) -> None:
+        super()._apply(model)
+        self.injector = install_tadp(model, self.config, self.added)
