@@ -138,6 +138,17 @@ class WpeftAurora(Aurora):
     def _pre_norm_hook(self, batch: Batch) -> Batch:
         return self._remap(batch, forward=True)
 
+    def _post_decoder_hook(self, batch: Batch, pred: Batch) -> Batch:
+        """With ``config.residual``, the decoder's output is the increment over the last input
+        step, both normalised: surface ``(B, 1, H, W)``, atmospheric ``(B, 1, C, H, W)``."""
+        if not self.config.residual:
+            return pred
+        return dataclasses.replace(
+            pred,
+            surf_vars={k: v + batch.surf_vars[k][:, -1:] for k, v in pred.surf_vars.items()},
+            atmos_vars={k: v + batch.atmos_vars[k][:, -1:] for k, v in pred.atmos_vars.items()},
+        )
+
     def _post_unnorm_hook(self, batch: Batch, pred: Batch) -> Batch:
         return self._remap(pred, forward=False)
 

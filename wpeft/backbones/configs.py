@@ -35,6 +35,9 @@ class BackboneConfig:
         mlp_ratio: MLP hidden width / block width.
         max_history_size: History steps T folded into each token.
         timestep_hours: Forecast step of the model.
+        residual: Predict the increment over the last input step (in normalised units) instead
+            of the full state. Aurora's released checkpoints predict full states (False); the
+            ``tiny`` backbone pretrained by wpeft predicts increments, as GraphCast does.
     """
 
     name: str
@@ -53,6 +56,7 @@ class BackboneConfig:
     mlp_ratio: float = 4.0
     max_history_size: int = 2
     timestep_hours: int = 6
+    residual: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -126,6 +130,7 @@ CONFIGS: dict[str, BackboneConfig] = {
         patch_size=4,
         window_size=(2, 4, 8),
         latent_levels=4,
+        residual=True,
     ),
     # Architecture of aurora.AuroraSmall (~113M parameters).
     "small": BackboneConfig(
