@@ -171,3 +171,21 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, tiny: WpeftAurora) -> None:
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(wrong))
     with pytest.raises(CheckpointError, match="does not match backbone config 'tiny'.*shape mismatch"):
         load_weights(tiny, wrong)
+
+
+def test_residual_backbones_predict_increments() -> None:
+    cfg = get_config("tiny")
+    assert cfg.residual and not get_config("small").residual and not get_config("1.3b").residual
+    model = build_backbone(cfg)
+    batch = random_batch(cfg)
+    zero = Batch(
+        surf_vars={k: torch.zeros_like(v[:, -1:]) for k, v in batch.surf_vars.items()},
+        static_vars={},
+        atmos_vars={k: torch.zeros_like(v[:, -1:]) for k, v in batch.atmos_vars.items()},
+        metadata=batch.metadata,
+    )
+    out = model._post_decoder_hook(batch, zero)  # zero increment: the last input step
+    assert torch.equal(out.surf_vars["2t"], batch.surf_vars["2t"][:, -1:])
+    assert torch.equal(out.atmos_vars["q"], batch.atmos_vars["q"][:, -1:])
+    full = build_backbone(BackboneConfig(**{**cfg.to_dict(), "residual": False}))
+    assert full._post_decoder_hook(batch, zero) is zero
