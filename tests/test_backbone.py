@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-import datetime
 import inspect
 
 import pytest
 import torch
-from aurora import Aurora, AuroraSmallPretrained, Batch, Metadata
+from aurora import Aurora, AuroraSmallPretrained, Batch
 from aurora.model.swin3d import WindowAttention
 from safetensors.torch import save_file
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone, load_weights
 from wpeft.backbones.configs import CONFIGS, BackboneConfig, get_config
+from wpeft.data.batch import random_batch as make_random_batch
 from wpeft.errors import CheckpointError, ConfigError
 
 LEVELS = (850, 500, 250)
 
 
 def random_batch(cfg: BackboneConfig, B: int = 2, T: int = 2, H: int = 32, W: int = 64) -> Batch:
-    g = torch.Generator().manual_seed(1)
-    return Batch(
-        surf_vars={k: torch.randn(B, T, H, W, generator=g) for k in cfg.surf_vars},
-        static_vars={k: torch.randn(H, W, generator=g) for k in cfg.static_vars},
-        atmos_vars={k: torch.randn(B, T, len(LEVELS), H, W, generator=g) for k in cfg.atmos_vars},
-        metadata=Metadata(
-            lat=torch.linspace(87.1875, -87.1875, H),
-            lon=torch.arange(W) * (360 / W),
-            time=(datetime.datetime(2000, 1, 1),) * B,
-            atmos_levels=LEVELS,
-        ),
+    return make_random_batch(
+        cfg.surf_vars, cfg.static_vars, cfg.atmos_vars, batch_size=B, history=T, grid=(H, W), levels=LEVELS
     )
 
 

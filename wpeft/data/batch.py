@@ -19,7 +19,7 @@ from aurora import Batch, Metadata
 from wpeft.data.schema import VARIABLES, Kind, validate_dataset
 from wpeft.errors import DataError
 
-__all__ = ["Fields", "check_grid", "wb2_name"]
+__all__ = ["Fields", "check_grid", "random_batch", "wb2_name"]
 
 _BY_AURORA: dict[tuple[str, str], str] = {(s.kind, s.aurora): s.name for s in VARIABLES.values()}
 
@@ -155,3 +155,31 @@ def load_t(ds: xr.Dataset, name: str, dims: tuple[str, ...]) -> torch.Tensor:
 
 def _to_datetime(t: np.datetime64) -> datetime:
     return pd.Timestamp(t).to_pydatetime()
+
+
+def random_batch(
+    surf_vars: Sequence[str],
+    static_vars: Sequence[str],
+    atmos_vars: Sequence[str],
+    *,
+    batch_size: int = 2,
+    history: int = 2,
+    grid: tuple[int, int] = (32, 64),
+    levels: tuple[int, ...] = (850, 500, 250),
+    seed: int = 1,
+) -> Batch:
+    """A standard-normal ``aurora.Batch`` on a regular global grid, for shape tests and
+    benchmarks (values are already in normalised units for a backbone without statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, (H, W) = batch_size, history, grid
+    return Batch(
+        surf_vars={k: torch.randn(B, T, H, W, generator=g) for k in surf_vars},
+        static_vars={k: torch.randn(H, W, generator=g) for k in static_vars},
+        atmos_vars={k: torch.randn(B, T, len(levels), H, W, generator=g) for k in atmos_vars},
+        metadata=Metadata(
+            lat=torch.linspace(90 - 90 / H, -90 + 90 / H, H),
+            lon=torch.arange(W) * (360 / W),
+            time=(datetime(2000, 1, 1),) * B,
+            atmos_levels=levels,
+        ),
+    )

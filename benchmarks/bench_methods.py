@@ -1,0 +1,171 @@
+"""Cost of every fine-tuning method on one backbone and one batch shape, in one run.
+
+For each registered method (each in its own subprocess, so peak memory is its own):
+median training-step time (forward + backward + method hook + optimiser step), peak memory
+(CPU max RSS, or CUDA max allocated on a GPU), optimiser-state bytes, SFAS-style mask-refresh
+time (the ``after_backward`` hook), and adapter-file bytes. Prints a table with ratios against
+Full-Tuning and LoRA, and writes it as markdown with ``--out``.
+
+    python benchmarks/bench_methods.py --backbone tiny --batch 2 --steps 12 --out benchmarks/results/methods-cpu-tiny.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def measure(name: str, backbone: str, batch_size: int, steps: int, device: str) -> dict:
+    import torch
+
+    from wpeft.backbones.aurora_adapter import build_backbone
+    from wpeft.methods import create_method
+    from wpeft.methods.adapter_file import save_adapter
+
+    from wpeft.data.batch import random_batch
+
+    torch.manual_seed(0)
+    model = build_backbone(backbone).to(device)
+    with torch.no_grad():  # leave Aurora's identity initialisation so every block matters
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = model.config
+    batch = random_batch(
+        cfg.surf_vars, cfg.static_vars, cfg.atmos_vars, batch_size=batch_size
+    ).to(device)
+    method = create_method(name)
+    method.apply(model)
+    method.added.to(device)
+
+    def loss_fn() -> torch.Tensor:
+        pred = model(batch)
+        return sum(v.pow(2).mean() for v in pred.surf_vars.values())
+
+    if hasattr(method, "prepare"):
+        method.prepare(loss_fn, n_batches=1)
+    opt = method.optimizer(lr=1e-4, weight_decay=0.01)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_times, hook_times = [], []
+    for step in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        t1 = time.perf_counter()
+        method.after_backward(step, steps)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+        hook_times.append(t2 - t1)
+    warm = slice(2, None)  # first steps pay one-off allocation costs
+    state_bytes = sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_adapter(method, reference, Path(tmp) / name)
+        adapter_bytes = path.stat().st_size + path.with_suffix(".json").stat().st_size
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "method": name,
+        "step_s": statistics.median(step_times[warm]),
+        "hook_s": statistics.median(hook_times[warm]),
+        "peak_bytes": peak,
+        "optimizer_state_bytes": state_bytes,
+        "adapter_bytes": adapter_bytes,
+        "trainable": method.trainable()["total"],
+        "budget_fraction": method.budget_fraction(),
+    }
+
+
+def table(rows: list[dict], header: str) -> str:
+    by = {r["method"]: r for r in rows}
+    full, lora = by.get("full"), by.get("lora")
+    lines = [
+        header,
+        "",
+        "| method | budget % | step (ms) | step / full | step / lora | hook (ms) | peak (MB) "
+        "| peak / full | optim. state (MB) | state / full | adapter (MB) | adapter / full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(a: float, b: dict | None, key: str) -> str:
+        return f"{a / b[key]:.2f}" if b and b[key] else "-"
+
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {100 * r['budget_fraction']:.3f} | {1e3 * r['step_s']:.1f} "
+            f"| {ratio(r['step_s'], full, 'step_s')} | {ratio(r['step_s'], lora, 'step_s')} "
+            f"| {1e3 * r['hook_s']:.1f} | {r['peak_bytes'] / 2**20:.0f} "
+            f"| {ratio(r['peak_bytes'], full, 'peak_bytes')} "
+            f"| {r['optimizer_state_bytes'] / 2**20:.2f} "
+            f"| {ratio(r['optimizer_state_bytes'], full, 'optimizer_state_bytes')} "
+            f"| {r['adapter_bytes'] / 2**20:.3f} | {ratio(r['adapter_bytes'], full, 'adapter_bytes')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="tiny")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--device", default="cuda" if "--cuda" in sys.argv else "cpu")
+    p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.backbone, args.batch, args.steps, args.device)))
+        return
+
+    from wpeft.methods import METHODS
+
+    names = args.methods or sorted(METHODS)
+    rows = []
+    for name in names:
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--backbone", args.backbone,
+             "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device],
+            capture_output=True, text=True, check=True,
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"measured {name}", file=sys.stderr)
+    import torch
+
+    header = (
+        f"Backbone `{args.backbone}`, batch {args.batch} x 32 x 64 grid (2 history steps, 3 levels), "
+        f"{args.steps} steps (median of the last {args.steps - 2}), device {args.device} "
+        f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads). Peak = max RSS of the method's own process."
+    )
+    text = table(rows, header)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
