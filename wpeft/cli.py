@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="pretrain a backbone on the embedded world")
     pt.add_argument("--backbone", default="tiny")
     pt.add_argument("--out", required=True, help="output directory (checkpoints, weights, card)")
-    pt.add_argument("--steps", type=int, default=2000)
+    pt.add_argument("--steps", type=int, default=1500)
     pt.add_argument("--batch-size", type=int, default=8)
     pt.add_argument("--lr", type=float, default=1e-3)
     pt.add_argument("--seed", type=int, default=0)

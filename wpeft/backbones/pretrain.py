@@ -26,7 +26,13 @@ import torch
 from aurora import Batch
 from tqdm.auto import tqdm
 
-from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone, file_sha256, load_weights
+from wpeft.backbones.aurora_adapter import (
+    WpeftAurora,
+    build_backbone,
+    file_sha256,
+    load_weights,
+    norm_key,
+)
 from wpeft.backbones.configs import BackboneConfig, get_config
 from wpeft.data.batch import Fields, check_grid
 from wpeft.data.world import WorldConfig, open_world
@@ -49,7 +55,7 @@ class PretrainConfig:
 
     backbone: str = "tiny"
     world: WorldConfig = field(default_factory=WorldConfig)
-    steps: int = 2000  # optimiser steps
+    steps: int = 1500  # optimiser steps
     batch_size: int = 8
     lr: float = 1e-3  # peak learning rate (linear warm-up, cosine decay)
     warmup_steps: int = 100
@@ -101,10 +107,6 @@ def _pairs(fields: Fields, targets: np.ndarray, history: int) -> tuple[Batch, Ba
 # --- loss and skill --------------------------------------------------------------------------
 
 
-def _stat_key(name: str, level: int | None) -> str:
-    return name if level is None else f"{name}_{level}"
-
-
 def normalised_mse(pred: Batch, target: Batch, mean: dict, std: dict) -> torch.Tensor:
     """Mean over variables (and levels) of the MSE in normalised units.
 
@@ -112,11 +114,11 @@ def normalised_mse(pred: Batch, target: Batch, mean: dict, std: dict) -> torch.T
     """
     terms = []
     for k, p in pred.surf_vars.items():
-        s = std[_stat_key(k, None)]
+        s = std[norm_key(k, None)]
         terms.append(((p - target.surf_vars[k]) / s).pow(2).mean())
     for k, p in pred.atmos_vars.items():
         s = torch.tensor(
-            [std[_stat_key(k, lvl)] for lvl in pred.metadata.atmos_levels], dtype=p.dtype
+            [std[norm_key(k, lvl)] for lvl in pred.metadata.atmos_levels], dtype=p.dtype
         ).view(1, 1, -1, 1, 1)
         terms.append((((p - target.atmos_vars[k]) / s).pow(2).mean(dim=(0, 1, 3, 4))).sum())
     n = len(pred.surf_vars) + sum(v.shape[2] for v in pred.atmos_vars.values())
@@ -157,7 +159,7 @@ def forecast_skill(
         for k in pred.atmos_vars:
             for c, lvl in enumerate(fields.levels):
                 add(
-                    _stat_key(k, lvl),
+                    norm_key(k, lvl),
                     pred.atmos_vars[k][:, 0, c],
                     x.atmos_vars[k][:, -1, c],
                     y.atmos_vars[k][:, 0, c],
