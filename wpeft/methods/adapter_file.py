@@ -27,7 +27,7 @@ from wpeft.backbones.aurora_adapter import WpeftAurora
 from wpeft.errors import CheckpointError
 from wpeft.methods.base import PEFTMethod, create_method
 
-__all__ = ["load_adapter", "save_adapter", "state_checksum"]
+__all__ = ["load_adapter", "pretrained_state", "save_adapter", "state_checksum"]
 
 FORMAT_VERSION = 1
 
@@ -40,6 +40,14 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def pretrained_state(model: WpeftAurora, head: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The model's state without the task head's parameters (which a task may have inserted
+    into the encoder/decoder): what the adapter's backbone checksum covers."""
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    names = {name for name, p in model.named_parameters() if id(p) in head_ids}
+    return {k: v for k, v in model.state_dict().items() if k not in names}
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -66,7 +74,12 @@ def save_adapter(
     tensors_path, meta_path = _paths(path)
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in method.adapter_state(reference).items()}
-    model_ref = {k: v for k, v in reference.items() if not k.startswith("head.")}
+    head_names = (
+        {method._pristine_name[id(p)] for p in method.head.parameters()} if method.head else set()
+    )
+    model_ref = {
+        k: v for k, v in reference.items() if not k.startswith("head.") and k not in head_names
+    }
     meta = {
         "format_version": FORMAT_VERSION,
         "backbone": method.model.config.to_dict(),
@@ -117,7 +130,7 @@ def load_adapter(
             f"{meta.get('backbone_fingerprint')}), not on this {model.config.name!r} "
             f"({model.config.fingerprint()}). Load it onto the backbone it was trained from."
         )
-    checksum = state_checksum(model.state_dict())
+    checksum = state_checksum(pretrained_state(model, head))
     if meta.get("backbone_checksum") != checksum:
         raise CheckpointError(
             f"Adapter {tensors_path.name} expects pristine backbone weights with checksum "

@@ -107,9 +107,11 @@ class PEFTMethod:
                 self._group_of[id(p)] = group
                 self._pristine_name[id(p)] = name
         if head is not None:
+            # A task's new embeddings and decoder heads may live inside the model's encoder and
+            # decoder as well: they are "head", and keep their model name where they have one.
             for name, p in head.named_parameters():
                 self._group_of[id(p)] = "head"
-                self._pristine_name[id(p)] = f"head.{name}"
+                self._pristine_name.setdefault(id(p), f"head.{name}")
         for p in model.parameters():
             p.requires_grad_(False)
         if head is not None:
