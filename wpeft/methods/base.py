@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 GROUPS = ("backbone", "encoder", "decoder", "head", "added")
+_CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 
 @dataclass
@@ -141,7 +142,8 @@ class PEFTMethod:
             for name, p in m.named_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
-                    yield f"{prefix}.{name}", p
+                    # names as in an unwrapped model, with or without activation checkpointing
+                    yield f"{prefix}.{name.replace(_CHECKPOINT_PREFIX, '')}", p
 
     def parameters(self) -> Iterable[nn.Parameter]:
         for _, p in self.named_parameters():
