@@ -1,0 +1,39 @@
+"""Verification metrics for the fine-tuning tasks (METHOD.md §4), on schema xarray data.
+
+Every metric takes DataArrays with the schema's dims (``time``, [``level``,] ``latitude``,
+``longitude``; ensembles add ``member``), or Datasets (scored per variable), and ``scores``-style
+``reduce_dims`` / ``preserve_dims``:
+
+* default: the score, reduced over time, latitude and longitude with latitude weights
+  ``cos φ / mean cos φ`` (other dims such as ``level`` are kept);
+* ``reduce_dims="time"``: the per-grid-point field, for skill maps.
+
+Inputs on different grids or times, or with NaNs, raise :class:`wpeft.errors.DataError`.
+
+Modules: :mod:`~wpeft.metrics.weights` (latitude weights), :mod:`~wpeft.metrics.deterministic`
+(RMSE, bias, ACC), :mod:`~wpeft.metrics.probabilistic` (Gaussian and ensemble CRPS, plain and
+threshold-weighted), :mod:`~wpeft.metrics.precipitation` (SEEPS and its climatology).
+"""
+
+from wpeft.metrics.deterministic import acc, bias, rmse
+from wpeft.metrics.precipitation import seeps, seeps_climatology
+from wpeft.metrics.probabilistic import (
+    crps_ensemble,
+    crps_gaussian,
+    twcrps_ensemble,
+    twcrps_gaussian,
+)
+from wpeft.metrics.weights import latitude_weights
+
+__all__ = [
+    "acc",
+    "bias",
+    "crps_ensemble",
+    "crps_gaussian",
+    "latitude_weights",
+    "rmse",
+    "seeps",
+    "seeps_climatology",
+    "twcrps_ensemble",
+    "twcrps_gaussian",
+]
