@@ -13,7 +13,7 @@ The training loop only does::
     fields, scores = task.evaluate(model, "test")
 
 Predictions and targets are dicts of tensors keyed by WB2 variable name (plus task-specific
-keys such as ``"<var>:sigma"``), in physical units.
+keys such as ``"<var>_sigma"``), in physical units.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Task:
         self, model: WpeftAurora, split: Split = "test", batch_size: int = 8
     ) -> tuple[xr.Dataset, dict[str, float]]:
         """Predictions and targets of ``split`` as an xarray Dataset (schema dims, variables
-        ``<name>`` for predictions and ``<name>:target`` for truth...) and headline scores
+        ``<name>`` for predictions and ``<name>_target`` for truth...) and headline scores
         (``{"rmse/2m_temperature": ..., ...}``)."""
         raise NotImplementedError
 
