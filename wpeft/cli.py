@@ -109,11 +109,70 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_options(items: list[str]) -> dict:
+    """``key=value`` pairs; values parsed as JSON where possible (numbers, true/false)."""
+    import json
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"wpeft: error: option {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from wpeft.training.loop import TrainConfig, train
+
+    cfg = TrainConfig(
+        task=args.task,
+        method=args.method,
+        budget=args.budget,
+        method_options=_parse_options(args.method_option),
+        task_options=_parse_options(args.task_option),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        device=args.device,
+    )
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    t = summary["trainable"]
+    print(f"run {args.out}: {summary['method']} on {summary['task']}, budget "
+          f"{100 * summary['budget_fraction']:.3f}% ({t['total'] - t['head']:,} trainable outside the head)")
+    for key, value in summary["scores"].items():
+        print(f"  {key:<40}{value:.5g}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default data (grows with the fine-tuning issues)."""
+    """The main job: fine-tune the pretrained tiny backbone on downscaling with WeatherPEFT,
+    Full-Tuning and LoRA, and print the comparison."""
+    from wpeft.training.compare import CompareConfig, collect, compare, tables
+
     print("wpeft demo: the pretrained tiny Aurora on the embedded synthetic world")
-    ns = argparse.Namespace(name="tiny", weights=None)
-    return cmd_backbone_info(ns)
+    cmd_backbone_info(argparse.Namespace(name="tiny", weights=None))
+    cfg = CompareConfig(
+        tasks=("downscaling",),
+        methods=("weatherpeft", "full", "lora"),
+        budgets=(args.budget,),
+        seeds=(0,),
+        steps=args.steps,
+        batch_size=4,
+    )
+    print(f"\nFine-tuning on global downscaling (coarse 8 x 16 -> fine 32 x 64), {args.steps} steps each:")
+    compare(cfg, args.out, progress=not args.quiet)
+    results = collect(args.out)
+    for task, table in tables(results).items():
+        print(f"\n{task} (test split; latitude-weighted RMSE in physical units)\n{table}")
+    print(f"\nRun directories (config, metrics, adapter, fields.nc): {Path(args.out).resolve()}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the main job on the embedded default data")
+    d.add_argument("--out", default="wpeft-runs/demo", help="where the run directories go")
+    d.add_argument("--steps", type=int, default=150, help="optimiser steps per method")
+    d.add_argument("--budget", type=float, default=0.04, help="budget of the PEFT methods")
+    d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("backbone", help="inspect backbones")
@@ -144,6 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=cmd_pretrain)
+
+    t = sub.add_parser("train", help="fine-tune a backbone on a task with a method")
+    t.add_argument("--task", default="downscaling", help="downscaling, postprocessing, precipitation")
+    t.add_argument("--method", default="weatherpeft", help="see `wpeft methods`")
+    t.add_argument("--budget", type=float, default=None,
+                   help="fraction of backbone parameters, e.g. 0.003 or 0.04 (default: method default)")
+    t.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--eval-every", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("methods", help="table of registered fine-tuning methods")
     m.add_argument("--backbone", default="tiny")

@@ -1,0 +1,117 @@
+"""The training loop and the comparison: run directories, resume equivalence, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import xarray as xr
+from safetensors.torch import load_file
+
+from wpeft.errors import CheckpointError, ConfigError
+from wpeft.methods.sfas import MaskedAdamW
+from wpeft.training.compare import CompareConfig, collect, compare, tables
+from wpeft.training.loop import TrainConfig, _pack_bools, _unpack_bools, train
+
+WORLD = {"nlat": 16, "nlon": 32, "days": 12, "spinup_days": 1, "ensemble_inits": 8, "ensemble_members": 3}
+
+
+@pytest.fixture(autouse=True)
+def small_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("WPEFT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "world-cache"))
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(
+        task="downscaling", method="weatherpeft", steps=4, batch_size=2, warmup_steps=1,
+        checkpoint_every=2, task_options={"world": WORLD}, device="cpu",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_run_directory_holds_everything(tmp_path) -> None:
+    summary = train(config(budget=0.01), tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for name in ("config.json", "summary.json", "adapter.safetensors", "adapter.json", "fields.nc", "checkpoint.pt"):
+        assert (run / name).exists(), name
+    assert summary["encoder_decoder_policy"] == "frozen"
+    assert summary["budget_fraction"] == pytest.approx(0.01, abs=1e-3) or summary["budget_match"]["achieved"] > 0.01
+    t, c = summary["trainable"], summary["changed"]
+    assert c["encoder"] == c["decoder"] == 0 and 0 < c["backbone"] <= 4 * t["backbone"]
+    fields = xr.open_dataset(run / "fields.nc")
+    assert "2m_temperature_target" in fields and fields.sizes["latitude"] == 16
+    assert all(k.startswith(("rmse/", "rmse_bilinear/")) for k in summary["scores"])
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        train(config(budget=0.01), run, progress=False)
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
+    cfg = config(steps=5, checkpoint_every=2)
+    full = train(cfg, tmp_path / "full", progress=False)
+
+    calls = {"n": 0}
+    real_step = MaskedAdamW.step
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # killed during step 4, after the step-2 checkpoint
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaskedAdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(MaskedAdamW, "step", real_step)
+    resumed = train(cfg, tmp_path / "killed", resume=True, progress=False)
+
+    a = load_file(str(tmp_path / "full" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["scores"] == full["scores"]
+    assert resumed["changed"] == full["changed"]
+
+
+def test_resume_refuses_another_config(tmp_path) -> None:
+    train(config(steps=2), tmp_path / "r", progress=False)
+    (tmp_path / "r" / "summary.json").unlink()
+    with pytest.raises(CheckpointError, match="another config"):
+        train(config(steps=3), tmp_path / "r", resume=True, progress=False)
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(config(steps=2), tmp_path / "r", resume=True, progress=False)
+
+
+def test_bad_settings() -> None:
+    with pytest.raises(ConfigError, match="budget 1.5 is out of range"):
+        TrainConfig(budget=1.5)
+    with pytest.raises(ConfigError, match="steps"):
+        TrainConfig(steps=0)
+
+
+def test_bool_packing_round_trip() -> None:
+    masks = {"m": [torch.rand(3, 7) > 0.5, torch.zeros(0, dtype=torch.bool), torch.rand(9) > 0.2]}
+    packed = _pack_bools(masks)
+    assert packed["m"][0]["packed_bits"].numel() == 3  # 21 bits -> 3 bytes
+    back = _unpack_bools(packed)
+    assert all(torch.equal(x, y) for x, y in zip(masks["m"], back["m"]))
+
+
+def test_compare_writes_tables_and_resumes(tmp_path) -> None:
+    cfg = CompareConfig(
+        tasks=("downscaling",), methods=("bitfit", "full"), budgets=(None,), seeds=(0, 1),
+        steps=2, batch_size=2, task_options={"downscaling": {"world": WORLD}},
+    )
+    summaries = compare(cfg, tmp_path, progress=False)
+    assert len(summaries) == 4
+    before = (tmp_path / "downscaling" / "full-default-s0" / "summary.json").stat().st_mtime
+    compare(cfg, tmp_path, progress=False)  # finished cells are not re-run
+    assert (tmp_path / "downscaling" / "full-default-s0" / "summary.json").stat().st_mtime == before
+    results = collect(tmp_path)
+    assert results.sizes == {"task": 1, "method": 2, "budget": 1, "seed": 2}
+    table = tables(results)["downscaling"]
+    assert "| full | default | 2 |" in table and "±" in table
+    rmse = results["rmse:2m_temperature"].sel({"method": "bitfit"}).values.ravel()
+    expected = [json.loads((tmp_path / "downscaling" / f"bitfit-default-s{s}" / "summary.json").read_text())["scores"]["rmse/2m_temperature"] for s in (0, 1)]
+    assert list(rmse) == expected

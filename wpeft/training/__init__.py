@@ -1,0 +1,1 @@
+"""Fine-tuning runs: the training loop and the comparison matrix."""

@@ -1,0 +1,144 @@
+"""The paper-style comparison: a matrix of tasks x methods x budgets x seeds.
+
+Each cell is an ordinary run directory (``<root>/<task>/<method>-<budget>-s<seed>``); cells with
+a ``summary.json`` are skipped, so an interrupted comparison resumes where it stopped. The
+tables (markdown + CSV + netCDF) hold mean ± std over seeds of every headline score and the
+trainable fraction of backbone parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from wpeft.training.loop import TrainConfig, train
+
+__all__ = ["CompareConfig", "collect", "compare", "tables"]
+
+
+@dataclass
+class CompareConfig:
+    """The matrix and the settings shared by its runs (see :class:`TrainConfig`)."""
+
+    tasks: Sequence[str] = ("downscaling",)
+    methods: Sequence[str] = ("weatherpeft", "full", "lora")
+    budgets: Sequence[float | None] = (None,)
+    seeds: Sequence[int] = (0,)
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-3
+    lr_full: float | None = 3e-4  # Full-Tuning is usually run with a smaller learning rate
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def cells(self) -> list[TrainConfig]:
+        out = []
+        for task in self.tasks:
+            for method in self.methods:
+                budgets = (None,) if method == "full" else self.budgets
+                for budget in budgets:
+                    for seed in self.seeds:
+                        lr = self.lr_full if method == "full" and self.lr_full else self.lr
+                        out.append(
+                            TrainConfig(
+                                task=task, method=method, budget=budget, seed=seed,
+                                steps=self.steps, batch_size=self.batch_size, lr=lr,
+                                task_options=dict(self.task_options.get(task, {})),
+                            )
+                        )
+        return out
+
+
+def run_dir(root: Path, cfg: TrainConfig) -> Path:
+    budget = "default" if cfg.budget is None else f"{100 * cfg.budget:g}pct"
+    return root / cfg.task / f"{cfg.method}-{budget}-s{cfg.seed}"
+
+
+def compare(config: CompareConfig, root: str | Path, *, progress: bool = True) -> list[dict]:
+    """Run (or resume) every cell; return the summaries."""
+    root = Path(root)
+    summaries = []
+    for cfg in config.cells():
+        d = run_dir(root, cfg)
+        if (d / "summary.json").exists():
+            summaries.append(json.loads((d / "summary.json").read_text()))
+            continue
+        summaries.append(train(cfg, d, resume=(d / "checkpoint.pt").exists(), progress=progress))
+    return summaries
+
+
+def collect(root: str | Path) -> xr.Dataset:
+    """All finished runs under ``root`` as one Dataset with dims (task, method, budget, seed):
+    one variable per score plus ``budget_percent`` (trainable share of the backbone)."""
+    rows = [json.loads(p.read_text()) for p in sorted(Path(root).glob("*/*/summary.json"))]
+    if not rows:
+        raise FileNotFoundError(f"No finished runs (summary.json) under {root}.")
+    tasks = sorted({r["task"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    budgets = sorted({"default" if r["budget"] is None else f"{100 * r['budget']:g}%" for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    keys = sorted({k for r in rows for k in r["scores"]}) + ["budget_percent"]
+    data = {k: np.full((len(tasks), len(methods), len(budgets), len(seeds)), np.nan) for k in keys}
+    for r in rows:
+        b = "default" if r["budget"] is None else f"{100 * r['budget']:g}%"
+        idx = (tasks.index(r["task"]), methods.index(r["method"]), budgets.index(b), seeds.index(r["seed"]))
+        for k, v in r["scores"].items():
+            data[k][idx] = v
+        data["budget_percent"][idx] = 100 * r["budget_fraction"]
+    dims = ("task", "method", "budget", "seed")
+    return xr.Dataset(
+        {k.replace("/", ":"): (dims, v) for k, v in data.items()},
+        coords={"task": tasks, "method": methods, "budget": budgets, "seed": seeds},
+    )
+
+
+def tables(results: xr.Dataset) -> dict[str, str]:
+    """One markdown table per task: rows method x budget, columns scores, cells mean ± std."""
+    out = {}
+    for task in results.task.values:
+        sub = results.sel(task=task)
+        cols = [v for v in sub.data_vars if np.isfinite(sub[v]).any()]
+        cols = ["budget_percent"] + [c for c in cols if c != "budget_percent"]
+        lines = ["| method | budget | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
+        for method in sub.method.values:
+            for budget in sub.budget.values:
+                cell = sub.sel({"method": method, "budget": budget})
+                n = int(np.isfinite(cell[cols[0]]).sum())
+                if n == 0:
+                    continue
+                vals = []
+                for c in cols:
+                    x = cell[c].values[np.isfinite(cell[c].values)]
+                    vals.append(f"{x.mean():.4g} ± {x.std():.2g}" if len(x) > 1 else f"{x.mean():.4g}")
+                lines.append(f"| {method} | {budget} | {n} | " + " | ".join(vals) + " |")
+        out[str(task)] = "\n".join(lines)
+    return out
+
+
+def write_tables(results: xr.Dataset, out_dir: str | Path) -> list[Path]:
+    """Markdown and CSV per task plus the whole Dataset as netCDF; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task, md in tables(results).items():
+        p = out / f"{task}.md"
+        p.write_text(md + "\n")
+        paths.append(p)
+        df = results.sel(task=task).to_dataframe().dropna(how="all")
+        c = out / f"{task}.csv"
+        df.to_csv(c)
+        paths.append(c)
+    nc = out / "comparison.nc"
+    results.to_netcdf(nc)
+    paths.append(nc)
+    return paths
+
+
+def config_from_dict(d: dict[str, Any]) -> CompareConfig:
+    return CompareConfig(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(CompareConfig)}})
