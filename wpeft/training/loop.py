@@ -31,7 +31,7 @@ from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone
 from wpeft.backbones.pretrain import load_pretrained
 from wpeft.errors import CheckpointError, ConfigError
 from wpeft.methods import create_method
-from wpeft.methods.adapter_file import pretrained_state, save_adapter
+from wpeft.methods.adapter_file import save_adapter
 from wpeft.methods.base import PEFTMethod
 from wpeft.methods.budget import match_budget
 from wpeft.tasks import TaskBatch, create_task
