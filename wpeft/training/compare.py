@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from wpeft.methods.base import METHODS
 from wpeft.training.loop import TrainConfig, train
 
 __all__ = ["CompareConfig", "collect", "compare", "tables"]
@@ -38,10 +39,13 @@ class CompareConfig:
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def cells(self) -> list[TrainConfig]:
+        """Every run of the matrix; methods without a size knob run once, at their own size."""
+        import wpeft.methods  # noqa: F401  (registration)
+
         out = []
         for task in self.tasks:
             for method in self.methods:
-                budgets = (None,) if method == "full" else self.budgets
+                budgets = self.budgets if METHODS[method].size_knob else (None,)
                 for budget in budgets:
                     for seed in self.seeds:
                         lr = self.lr_full if method == "full" and self.lr_full else self.lr
@@ -98,25 +102,67 @@ def collect(root: str | Path) -> xr.Dataset:
     )
 
 
+#: Scores of a reference that does not depend on the method (shown once, as its own row).
+REFERENCES = {
+    "rmse_bilinear": "bilinear interpolation",
+    "rmse_persistence": "persistence",
+    "crps_raw": "raw ensemble",
+    "rmse_raw": "raw ensemble",
+}
+
+
+def _headline_columns(sub: xr.Dataset, task: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Score columns of the task's headline variables, and reference columns by prefix."""
+    from wpeft.tasks import TASKS
+
+    headline = getattr(TASKS.get(task), "headline", ())
+    main, refs = [], {}
+    for v in sub.data_vars:
+        if v == "budget_percent" or not np.isfinite(sub[v]).any():
+            continue
+        prefix, _, var = str(v).partition(":")
+        if headline and not any(var == h or var.startswith(f"{h}_") for h in headline):
+            continue
+        if prefix in REFERENCES:
+            refs.setdefault(prefix, []).append(str(v))
+        else:
+            main.append(str(v))
+    return main, refs
+
+
 def tables(results: xr.Dataset) -> dict[str, str]:
-    """One markdown table per task: rows method x budget, columns scores, cells mean ± std."""
+    """One markdown table per task: rows method x budget, columns the trainable share of the
+    backbone and the headline scores, cells mean ± std over seeds; references last."""
     out = {}
     for task in results.task.values:
         sub = results.sel(task=task)
-        cols = [v for v in sub.data_vars if np.isfinite(sub[v]).any()]
-        cols = ["budget_percent"] + [c for c in cols if c != "budget_percent"]
-        lines = ["| method | budget | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
+        main, refs = _headline_columns(sub, str(task))
+        cols = ["budget_percent"] + main
+        names = ["trainable % of backbone"] + [c.replace(":", " ") for c in main]
+        lines = ["| method | budget | seeds | " + " | ".join(names) + " |", "|---" * (len(cols) + 3) + "|"]
+
+        def fmt(x: np.ndarray) -> str:
+            x = x[np.isfinite(x)]
+            if len(x) == 0:
+                return "-"
+            return f"{x.mean():.4g} ± {x.std():.2g}" if len(x) > 1 else f"{x.mean():.4g}"
+
         for method in sub.method.values:
             for budget in sub.budget.values:
                 cell = sub.sel({"method": method, "budget": budget})
-                n = int(np.isfinite(cell[cols[0]]).sum())
-                if n == 0:
-                    continue
-                vals = []
-                for c in cols:
-                    x = cell[c].values[np.isfinite(cell[c].values)]
-                    vals.append(f"{x.mean():.4g} ± {x.std():.2g}" if len(x) > 1 else f"{x.mean():.4g}")
-                lines.append(f"| {method} | {budget} | {n} | " + " | ".join(vals) + " |")
+                n = int(np.isfinite(cell["budget_percent"]).sum())
+                if n:
+                    vals = [fmt(cell[c].values) for c in cols]
+                    lines.append(f"| {method} | {budget} | {n} | " + " | ".join(vals) + " |")
+        for prefix, columns in refs.items():
+            by_var = {c.partition(":")[2]: c for c in columns}
+            vals = ["-"]
+            for c in main:
+                ref = by_var.get(c.partition(":")[2])
+                x = sub[ref].values.ravel() if ref else np.array([])
+                x = x[np.isfinite(x)]
+                vals.append(f"{x[0]:.4g}" if len(x) else "-")  # the same for every method
+            lines.append(f"| *{REFERENCES[prefix]}* | - | - | " + " | ".join(vals) + " |")
         out[str(task)] = "\n".join(lines)
     return out
 
