@@ -45,6 +45,28 @@ def _prefix(weights: xr.DataArray | None) -> str:
     return "Latitude-weighted " if weights is not None else ""
 
 
+def _paired(
+    public, score, label: str, forecast, observed, reduce_dims, preserve_dims, weighted
+) -> XrObj:
+    """A ``scores`` forecast-vs-observation score with wpeft's checks, dims and weights."""
+    mapped = dispatch(
+        public,
+        (forecast, observed),
+        reduce_dims=reduce_dims,
+        preserve_dims=preserve_dims,
+        weighted=weighted,
+    )
+    if mapped is not None:
+        return mapped
+    f = as_dataarray(forecast, "forecast")
+    o = as_dataarray(observed, "observed")
+    check_inputs([(f, "forecast"), (o, "observed")])
+    reduce = resolve_reduce_dims((*f.dims, *o.dims), reduce_dims, preserve_dims)
+    weights = lat_weights_for(f, reduce, weighted)
+    result = score(f, o, weights=weights, **scores_dims(reduce))
+    return annotate(result, f, f"{_prefix(weights)}{label}", f.attrs.get("units"))
+
+
 def rmse(
     forecast: XrObj,
     observed: XrObj,
@@ -69,22 +91,16 @@ def rmse(
     Raises:
         DataError: different grids/times, NaNs in either input, unknown dims.
     """
-    mapped = dispatch(
+    return _paired(
         rmse,
-        (forecast, observed),
-        reduce_dims=reduce_dims,
-        preserve_dims=preserve_dims,
-        weighted=weighted,
+        scores.continuous.rmse,
+        "RMSE",
+        forecast,
+        observed,
+        reduce_dims,
+        preserve_dims,
+        weighted,
     )
-    if mapped is not None:
-        return mapped
-    f = as_dataarray(forecast, "forecast")
-    o = as_dataarray(observed, "observed")
-    check_inputs([(f, "forecast"), (o, "observed")])
-    reduce = resolve_reduce_dims((*f.dims, *o.dims), reduce_dims, preserve_dims)
-    weights = lat_weights_for(f, reduce, weighted)
-    result = scores.continuous.rmse(f, o, weights=weights, **scores_dims(reduce))
-    return annotate(result, f, f"{_prefix(weights)}RMSE", f.attrs.get("units"))
 
 
 def bias(
@@ -99,22 +115,16 @@ def bias(
 
     Positive means the forecast is too high. Arguments, returns and errors as in :func:`rmse`.
     """
-    mapped = dispatch(
+    return _paired(
         bias,
-        (forecast, observed),
-        reduce_dims=reduce_dims,
-        preserve_dims=preserve_dims,
-        weighted=weighted,
+        scores.continuous.mean_error,
+        "mean error (bias)",
+        forecast,
+        observed,
+        reduce_dims,
+        preserve_dims,
+        weighted,
     )
-    if mapped is not None:
-        return mapped
-    f = as_dataarray(forecast, "forecast")
-    o = as_dataarray(observed, "observed")
-    check_inputs([(f, "forecast"), (o, "observed")])
-    reduce = resolve_reduce_dims((*f.dims, *o.dims), reduce_dims, preserve_dims)
-    weights = lat_weights_for(f, reduce, weighted)
-    result = scores.continuous.mean_error(f, o, weights=weights, **scores_dims(reduce))
-    return annotate(result, f, f"{_prefix(weights)}mean error (bias)", f.attrs.get("units"))
 
 
 def acc(
