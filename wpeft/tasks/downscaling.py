@@ -472,19 +472,23 @@ class _Data:
     splits: dict[Split, np.ndarray]
 
 
+#: The paper's headline variables for global tasks (T2m, U10, V10, T850, Z500).
+HEADLINE = (
+    "2m_temperature",
+    "10m_u_component_of_wind",
+    "10m_v_component_of_wind",
+    "temperature_850",
+    "geopotential_500",
+)
+
+
 @register_task
 class Downscaling(Task):
     """Coarse (t, t + 6 h) upsampled -> fine t + 6 h; see the module docstring."""
 
     name: ClassVar[str] = "downscaling"
     Config: ClassVar[type[TaskConfig]] = DownscalingConfig
-    headline: ClassVar[tuple[str, ...]] = (
-        "2m_temperature",
-        "10m_u_component_of_wind",
-        "10m_v_component_of_wind",
-        "temperature_850",
-        "geopotential_500",
-    )
+    headline: ClassVar[tuple[str, ...]] = HEADLINE
     config: DownscalingConfig
 
     def __init__(self, config: TaskConfig | None = None, **kwargs: Any) -> None:

@@ -62,6 +62,7 @@ from wpeft.metrics import crps_gaussian, rmse
 from wpeft.tasks.base import Split, Task, TaskBatch, TaskConfig, register_task
 from wpeft.tasks.downscaling import (
     ATMOS_VARS,
+    HEADLINE,
     SPLITS,
     STATIC_VARS,
     SURF_VARS,
@@ -154,13 +155,7 @@ class Postprocessing(Task):
 
     name: ClassVar[str] = "postprocessing"
     Config: ClassVar[type[TaskConfig]] = PostprocessingConfig
-    headline: ClassVar[tuple[str, ...]] = (
-        "2m_temperature",
-        "10m_u_component_of_wind",
-        "10m_v_component_of_wind",
-        "temperature_850",
-        "geopotential_500",
-    )
+    headline: ClassVar[tuple[str, ...]] = HEADLINE
     config: PostprocessingConfig
 
     def __init__(self, config: TaskConfig | None = None, **kwargs: Any) -> None:
