@@ -1,0 +1,360 @@
+"""HoloViews versions of the wpeft views, for notebooks and the Panel dashboard.
+
+Same inputs as the matplotlib views (see :mod:`wpeft.viz.fisher`, :mod:`~wpeft.viz.attention`,
+:mod:`~wpeft.viz.skill`), same colormaps and colour limits; each returns a HoloViews object
+(nothing is rendered or shown). Colour limits are set as the value dimension's ``range``, so they
+hold for any backend; styling options are given for the bokeh backend (hover, colourbars).
+
+Earth maps overlay local coastlines as one ``hv.Path`` (lines separated by NaN rows) read from the
+same shapefile as the static maps (:func:`wpeft.viz.maps.coastline_lines`), clipped to the grid
+and in its longitude frame: no GeoViews, no network.
+
+Needs ``holoviews`` and ``bokeh`` (the ``viz`` extra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from wpeft.viz.attention import ATTENTION_LABEL, _where, select_block
+from wpeft.viz.fisher import (
+    _UNIT_RANGE,
+    MASK_VARIABLES,
+    _crop,
+    aggregate_tensors,
+    overlap_series,
+    select_step,
+)
+from wpeft.viz.maps import (
+    coastline_lines,
+    display_longitudes,
+    grid_extent,
+    is_global,
+    latlon_field,
+)
+from wpeft.viz.skill import BUDGET_LABEL, _as_difference, _is_signed, budget_table
+from wpeft.viz.style import (
+    DIVERGING,
+    MASK,
+    OKABE_ITO,
+    SEQUENTIAL,
+    long_name,
+    method_style,
+    pretty_units,
+    sequential_norm,
+    symmetric_limits,
+    units_of,
+)
+
+__all__ = [
+    "hv_budget_vs_skill",
+    "hv_mask_heatmap",
+    "hv_mask_image",
+    "hv_overlap_curves",
+    "hv_patch_attention",
+    "hv_prompt_map",
+    "hv_skill_comparison",
+    "hv_skill_map",
+    "hv_variable_attention",
+]
+
+_MARKERS = {"o": "circle", "s": "square", "D": "diamond", "^": "triangle", "v": "inverted_triangle",
+            "P": "plus", "X": "x", "*": "star", "<": "triangle", ">": "triangle", "h": "hex"}
+
+
+def _hv() -> Any:
+    """HoloViews with the bokeh backend's options registered (no notebook output)."""
+    import holoviews as hv
+
+    if "bokeh" not in hv.Store.renderers:
+        import holoviews.plotting.bokeh  # registers the backend's options
+    return hv
+
+
+def _limits(
+    values: Any, vmin: float | None = None, vmax: float | None = None
+) -> tuple[float, float]:
+    norm = sequential_norm(values, vmin, vmax)
+    return float(norm.vmin), float(norm.vmax)
+
+
+def _regular(values: np.ndarray) -> bool:
+    """Evenly spaced to hv.Image's default relative tolerance (1e-3)."""
+    step = np.diff(np.asarray(values, dtype=float))
+    return step.size == 0 or bool(np.allclose(step, step[0], rtol=1e-3, atol=0.0))
+
+
+def _image(field: xr.DataArray, value: Any, *, earth: bool, cmap: str, title: str = "") -> Any:
+    """hv.Image of a (latitude, longitude) field (hv.QuadMesh if the grid is irregular), with
+    local coastlines overlaid when ``earth``."""
+    hv = _hv()
+    field = display_longitudes(latlon_field(field)).sortby("latitude")
+    lon, lat = field["longitude"].values, field["latitude"].values
+    xdim = hv.Dimension("longitude", label="longitude", unit="°E")
+    ydim = hv.Dimension("latitude", label="latitude", unit="°N")
+    data = (lon, lat, np.asarray(field.values, dtype=float))
+    element = hv.Image if _regular(lon) and _regular(lat) else hv.QuadMesh
+    img = element(data, kdims=[xdim, ydim], vdims=[value], label=title)
+    img = img.opts(cmap=cmap, colorbar=True, tools=["hover"], width=520, height=300,
+                   title=title, backend="bokeh")
+    if not earth:
+        return img
+    lines = coastline_lines(grid_extent(field), fine=not is_global(field))
+    # One path with NaN breaks renders far faster than hundreds of separate paths.
+    gap = np.full((1, 2), np.nan)
+    joined = np.concatenate([p for line in lines for p in (line, gap)]) if lines else gap
+    coast = hv.Path([joined], kdims=[xdim, ydim]).opts(color="black", line_width=0.7,
+                                                       backend="bokeh")
+    return (img * coast).opts(title=title, backend="bokeh")
+
+
+# --------------------------------------------------------------------------- Fisher masks
+
+
+def hv_mask_heatmap(
+    fisher: xr.Dataset, variable: str = "density", tensor: str | None = None
+) -> Any:
+    """hv.HeatMap, kdims ``(step, block)``, vdim ``variable`` (tensor kinds aggregated as in
+    :func:`wpeft.viz.fisher.aggregate_tensors`)."""
+    hv = _hv()
+    data = aggregate_tensors(fisher, variable, tensor)
+    df = data.to_dataframe(name=variable).reset_index()[["step", "block", variable]]
+    df["block"] = df["block"].astype(str)
+    lo, hi = (0.0, 1.0) if variable in _UNIT_RANGE else _limits(df[variable], vmin=0.0)
+    vdim = hv.Dimension(variable, label=MASK_VARIABLES.get(variable, variable), range=(lo, hi))
+    kdims = [hv.Dimension("step", label="training step"), hv.Dimension("block")]
+    which = tensor or (
+        "sum over tensor kinds" if variable == "fisher_mass" else "mean over tensor kinds"
+    )
+    return hv.HeatMap(df, kdims=kdims, vdims=[vdim]).opts(
+        cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True, width=650,
+        height=max(250, 22 * df["block"].nunique()), title=f"{vdim.label} ({which})",
+        backend="bokeh",
+    )
+
+
+def hv_mask_image(fisher: xr.Dataset, matrix: str, step: int | None = None) -> Any:
+    """hv.Image of one matrix's pooled mask, kdims ``(col, row)``, vdim ``mask_density`` on
+    [0, 1]. ``step=None`` gives an hv.HoloMap over all steps (a slider in Panel/bokeh)."""
+    hv = _hv()
+    da = fisher["mask_image"].sel(matrix=matrix)
+    vdim = hv.Dimension("mask_density", label="local mask density", range=(0.0, 1.0))
+    kdims = [hv.Dimension("col", label="input features (pooled)"),
+             hv.Dimension("row", label="output features (pooled)")]
+
+    def one(s: int) -> Any:
+        img = _crop(fisher, select_step(da, s)[0].transpose("row", "col"), matrix)
+        data = (img["col"].values if "col" in img.coords else np.arange(img.sizes["col"]),
+                img["row"].values if "row" in img.coords else np.arange(img.sizes["row"]),
+                np.asarray(img.values, dtype=float))
+        return hv.Image(data, kdims=kdims, vdims=[vdim]).opts(
+            cmap=MASK, colorbar=True, invert_yaxis=True, tools=["hover"], width=420, height=380,
+            title=f"{matrix} mask at step {s}", backend="bokeh",
+        )
+
+    if step is not None:
+        return one(step)
+    steps = [int(s) for s in da["step"].values]
+    step_dim = hv.Dimension("step", label="training step")
+    return hv.HoloMap({s: one(s) for s in steps}, kdims=[step_dim])
+
+
+def hv_overlap_curves(
+    fisher: xr.Dataset, blocks: Sequence[str] | None = None, tensor: str | None = None
+) -> Any:
+    """hv.Layout of two overlays of hv.Curve over ``step``: Jaccard overlap (vs previous, vs
+    first; vdim ``jaccard`` on [0, 1]) and ``union_density``. ``blocks=None``: block mean."""
+    hv = _hv()
+    series = overlap_series(fisher, blocks, tensor)
+    step = hv.Dimension("step", label="training step")
+    jac = hv.Dimension("jaccard", label="Jaccard overlap", range=(0.0, 1.0))
+    union = hv.Dimension("union_density", label=MASK_VARIABLES["union_density"])
+    top, bottom = [], []
+    for i, (b, (jp, jf, s)) in enumerate(series.items()):
+        color = OKABE_ITO[(i + 3) % len(OKABE_ITO)]
+        for da, dash, what in ((jp, "solid", "vs previous"), (jf, "dashed", "vs first")):
+            top.append(hv.Curve((da["step"].values, da.values), kdims=[step], vdims=[jac],
+                                label=f"{b} {what}").opts(color=color, line_dash=dash,
+                                                          backend="bokeh"))
+        bottom.append(hv.Curve((s["step"].values, s.values), kdims=[step], vdims=[union],
+                               label=b).opts(color=color, backend="bokeh"))
+    opts = {"width": 600, "height": 260, "tools": ["hover"], "backend": "bokeh"}
+    return (hv.Overlay(top).opts(title="mask overlap over training", **opts)
+            + hv.Overlay(bottom).opts(title="union density", **opts)).cols(1)
+
+
+# --------------------------------------------------------------------------- prompt attention
+
+
+def hv_variable_attention(attention: xr.Dataset, block: Any, *, step: int | None = None) -> Any:
+    """hv.HeatMap, kdims ``(variable_k, variable_q)``, vdim ``attention``."""
+    hv = _hv()
+    da = select_block(attention, "external_var_var", block, step)
+    where = _where(block, da)
+    df = da.to_dataframe(name="attention").reset_index()[["variable_k", "variable_q", "attention"]]
+    vdim = hv.Dimension("attention", label=ATTENTION_LABEL, range=_limits(df["attention"], 0.0))
+    kdims = [hv.Dimension("variable_k", label="key variable"),
+             hv.Dimension("variable_q", label="query variable")]
+    return hv.HeatMap(df, kdims=kdims, vdims=[vdim]).opts(
+        cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True, xrotation=45,
+        width=500, height=420, title=f"external attention between variables, {where}",
+        backend="bokeh",
+    )
+
+
+def hv_patch_attention(
+    attention: xr.Dataset,
+    block: Any,
+    variable: str | Sequence[str] | None = None,
+    *,
+    step: int | None = None,
+) -> Any:
+    """``variable=None``: hv.HeatMap, kdims ``(position, variable)`` (position = flattened
+    ``t, ph, pw`` index), vdim ``attention``. Else an hv.Layout of hv.Image per (variable, t),
+    kdims ``(pw, ph)``, all on one colour range."""
+    hv = _hv()
+    da = select_block(attention, "external_var_patch", block, step)
+    where = _where(block, da)
+    da = da.transpose("variable", "t", "ph", "pw")
+    nt, nph, npw = (da.sizes[d] for d in ("t", "ph", "pw"))
+    if variable is None:
+        names = [str(v) for v in da["variable"].values]
+        flat = np.asarray(da.values, dtype=float).reshape(len(names), -1)
+        pos, var = np.meshgrid(np.arange(flat.shape[1]), names)
+        vdim = hv.Dimension("attention", label=ATTENTION_LABEL, range=_limits(flat, 0.0))
+        kdims = [hv.Dimension("position", label=f"patch position (t, ph, pw; {nt}×{nph}×{npw})"),
+                 hv.Dimension("variable")]
+        return hv.HeatMap((pos.ravel(), var.ravel(), flat.ravel()), kdims=kdims, vdims=[vdim]).opts(
+            cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True, width=800,
+            height=max(220, 28 * len(names)),
+            title=f"external attention over patch positions, {where}", backend="bokeh",
+        )
+    wanted = [variable] if isinstance(variable, str) else list(variable)
+    sub = da.sel(variable=wanted)
+    vdim = hv.Dimension("attention", label=ATTENTION_LABEL, range=_limits(sub.values, 0.0))
+    kdims = [hv.Dimension("pw"), hv.Dimension("ph")]
+    panels = []
+    for name in wanted:
+        for t in range(nt):
+            img = np.asarray(sub.sel(variable=name).isel(t=t).values, dtype=float)
+            panels.append(hv.Image((np.arange(npw), np.arange(nph), img), kdims=kdims,
+                                   vdims=[vdim]).opts(
+                cmap=SEQUENTIAL, colorbar=True, invert_yaxis=True, tools=["hover"], width=230,
+                height=200, title=f"{name}, t={t}", backend="bokeh"))
+    return hv.Layout(panels).cols(nt)
+
+
+def hv_prompt_map(
+    attention: xr.Dataset, block: Any, prompt: Any, *, earth: bool = False, step: int | None = None
+) -> Any:
+    """hv.Image, kdims ``(longitude, latitude)``, vdim ``attention``; with ``earth`` an
+    hv.Overlay of that image and an hv.Path of local coastlines."""
+    hv = _hv()
+    field = select_block(attention, "prompt_map", block, step)
+    where = _where(block, field)
+    field = field.sel(prompt=prompt)
+    vdim = hv.Dimension("attention", label=ATTENTION_LABEL, range=_limits(field.values, 0.0))
+    return _image(field, vdim, earth=earth, cmap=SEQUENTIAL,
+                  title=f"attention paid to prompt {prompt}, {where}")
+
+
+# --------------------------------------------------------------------------- skill
+
+
+def _value_dim(da: xr.DataArray, name: str, rng: tuple[float, float]) -> Any:
+    hv = _hv()
+    return hv.Dimension(name, label=long_name(da, name), unit=pretty_units(units_of(da)) or None,
+                        range=rng)
+
+
+def hv_skill_map(
+    field: xr.DataArray | xr.Dataset,
+    *,
+    earth: bool = False,
+    title: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    variable: str | None = None,
+) -> Any:
+    """hv.Image, kdims ``(longitude, latitude)``, vdim named after the field (limits as in
+    :func:`wpeft.viz.skill.plot_skill_map`; signed fields symmetric about zero)."""
+    da = latlon_field(field, variable)
+    signed = vmin < 0 if vmin is not None else _is_signed(da.values)
+    if signed:
+        given = [abs(v) for v in (vmin, vmax) if v is not None]
+        rng, cmap = symmetric_limits(da.values, vmax=max(given) if given else None), DIVERGING
+    else:
+        rng, cmap = _limits(da.values, vmin, vmax), SEQUENTIAL
+    vdim = _value_dim(da, str(da.name or "value"), rng)
+    return _image(da, vdim, earth=earth, cmap=cmap, title=title or vdim.label)
+
+
+def hv_skill_comparison(
+    field_a: xr.DataArray | xr.Dataset,
+    field_b: xr.DataArray | xr.Dataset,
+    difference: xr.Dataset | xr.DataArray | None = None,
+    *,
+    labels: tuple[str, str] = ("WeatherPEFT", "Full-Tuning"),
+    earth: bool = False,
+    variable: str | None = None,
+) -> Any:
+    """hv.Layout of three maps: A, B (one vdim range) and A − B (symmetric range, ``RdBu_r``),
+    the last overlaid with hv.Points (stipples) at non-significant grid points."""
+    hv = _hv()
+    a = latlon_field(field_a, variable)
+    b = latlon_field(field_b, variable)
+    diff, significant = _as_difference(a, b, difference, variable)
+    name = str(a.name or "value")
+    rng = _limits(np.concatenate([np.ravel(a.values), np.ravel(b.values)]))
+    vdim = _value_dim(a, name, rng)
+    ddim = hv.Dimension(f"{name}_difference", label=f"Δ {vdim.label}", unit=vdim.unit,
+                        range=symmetric_limits(diff.values))
+    panels = [
+        _image(a, vdim, earth=earth, cmap=SEQUENTIAL, title=labels[0]),
+        _image(b, vdim, earth=earth, cmap=SEQUENTIAL, title=labels[1]),
+    ]
+    d = _image(diff, ddim, earth=earth, cmap=DIVERGING, title=f"{labels[0]} − {labels[1]}")
+    if significant is not None:
+        ns = display_longitudes(~significant.astype(bool)).stack(point=("latitude", "longitude"))
+        ns = ns[ns.values]
+        pts = hv.Points((ns["longitude"].values, ns["latitude"].values),
+                        kdims=["longitude", "latitude"], label="not significant")
+        d = d * pts.opts(color="black", size=2, marker="dot", backend="bokeh")
+    return hv.Layout(panels + [d]).cols(3)
+
+
+def hv_budget_vs_skill(
+    table: Any,
+    *,
+    score: str = "score",
+    score_label: str | None = None,
+    methods: Sequence[str] | None = None,
+) -> Any:
+    """hv.Overlay of one hv.Scatter per method (every run), kdim ``budget_percent`` (log x),
+    vdim ``score``, plus an hv.Curve through the method's mean score per budget."""
+    hv = _hv()
+    df = budget_table(table, score)
+    label = score_label or df.attrs["score_label"]
+    order = list(methods) if methods is not None else list(dict.fromkeys(map(str, df["method"])))
+    styles = method_style(order)
+    x = hv.Dimension("budget_percent", label=BUDGET_LABEL)
+    y = hv.Dimension("score", label=label)
+    layers = []
+    for m in order:
+        runs = df[df["method"] == m]
+        if runs.empty:
+            continue
+        mean = runs.groupby("budget_percent")["score"].mean()
+        pts = (runs["budget_percent"].values, runs["score"].values)
+        color = styles[m]["color"]
+        layers.append(hv.Curve((mean.index.values, mean.values), kdims=[x], vdims=[y],
+                               label=m).opts(color=color, backend="bokeh"))
+        layers.append(hv.Scatter(pts, kdims=[x], vdims=[y], label=m).opts(
+            color=color, size=9, marker=_MARKERS.get(styles[m]["marker"], "circle"),
+            tools=["hover"], backend="bokeh"))
+    return hv.Overlay(layers).opts(logx=True, width=600, height=420, legend_position="right",
+                                   backend="bokeh")
