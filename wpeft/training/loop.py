@@ -34,6 +34,7 @@ from wpeft.methods import create_method
 from wpeft.methods.adapter_file import save_adapter
 from wpeft.methods.base import PEFTMethod
 from wpeft.methods.budget import match_budget
+from wpeft.runs import attach_recorders
 from wpeft.tasks import TaskBatch, create_task
 from wpeft.tasks.base import Task
 
@@ -54,6 +55,7 @@ class TrainConfig:
         eval_every / checkpoint_every: Intervals in optimiser steps (0: only at the end).
         seed: Seeds data order, new modules and the method's noise.
         device: ``cpu``, ``cuda`` or ``auto``.
+        record_every: Interval of the Fisher-mask records (selection methods), in steps.
     """
 
     task: str = "downscaling"
@@ -72,6 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     device: str = "auto"
+    record_every: int = 10
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -262,6 +265,9 @@ def train(
     elif not resume:
         (run / "metrics.jsonl").unlink(missing_ok=True)
     _write_json(run / "config.json", cfg.to_dict())
+    recorders = attach_recorders(
+        run, method, model, task, every=cfg.record_every, start_step=step
+    )
 
     def checkpoint() -> None:
         selection = getattr(method, "selection", None)
@@ -307,6 +313,7 @@ def train(
         opt.step()
         sched.step()
         step, in_epoch = step + 1, in_epoch + 1
+        recorders.on_step(step)
         seen += batch.targets[next(iter(batch.targets))].shape[0]
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - started):.1f}")
@@ -320,6 +327,7 @@ def train(
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpoint()
     bar.close()
+    recorders.close(step)
     checkpoint()
 
     model.eval()

@@ -1,0 +1,400 @@
+"""Prompt-attention records of TADP methods (``tadp``, ``weatherpeft``).
+
+At the end of training (and optionally every ``every`` steps), :class:`AttentionRecorder` runs
+the model in eval mode on the first sample of one evaluation batch through
+:func:`wpeft.methods.tadp.record_prompt_attention` and stores, for the chosen blocks (default:
+the first, a middle and the last), in ``<run>/records/attention/``:
+
+* ``external_var_var`` ``(step, block, variable_q, variable_k)``: the generator's external
+  attention A ``(V·S, V·S)`` over the kernel tokens (token ``v·S + s``, s = (t, ph, pw) of the
+  patch-embedding kernel E ``(D, V, T, P, P)``) reduced to variables:
+  ``var_var[a, b] = (1/S) Σ_{s_q} Σ_{s_k} A[(a, s_q), (b, s_k)]``, the attention mass a token of
+  variable a gives to the tokens of variable b, averaged over a's S tokens. **Rows sum to 1.**
+* ``external_var_patch`` ``(step, block, variable, t, ph, pw)``: attention *received* by each key
+  token, averaged over all V·S queries: ``(1/(V·S)) Σ_q A[q, (v, t, ph, pw)]``. The whole array
+  sums to 1 (per block).
+* ``prompt_map_by_level`` ``(step, block, prompt, latent_level, latitude, longitude)``: inside the
+  windows of the block, the softmax attention that each patch token pays to prompt token p
+  (averaged over heads), put back at the token's place on the grid. Aurora's window partition is
+  inverted exactly: the flat token positions are pushed through Aurora's own cyclic shift
+  (``torch.roll`` by minus the shift of a shifted block, after ``maybe_adjust_windows``),
+  ``pad_3d`` (padding positions marked -1 and dropped) and ``window_partition_3d``
+  (:func:`window_positions`). All windows of the first sample are recorded. Tokens of deeper
+  stages (2x, 4x coarser) are repeated onto the patch grid of the first stage, so every block
+  shares one grid: ``latitude`` / ``longitude`` are the **patch centres** of the model grid (the
+  mean latitude / longitude of the P x P grid points of a patch; ``block_stride`` says how many
+  patches one token of the block spans). Values are in [0, 1].
+* ``prompt_map`` ``(step, block, prompt, latitude, longitude)``: the same averaged over the
+  ``latent_level`` axis (level 0 is Aurora's surface token level, 1.. the latent atmospheric
+  levels of the Perceiver aggregation).
+
+Variables are labelled with WeatherBench2 names (``geopotential_at_surface`` for the static z,
+``geopotential`` for the atmospheric z), with ``aurora_name`` and ``kind`` as extra coordinates.
+``step`` is the number of optimiser steps completed before the recording.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from aurora.model.swin3d import pad_3d, window_partition_3d
+from aurora.model.util import maybe_adjust_windows
+
+from wpeft.errors import ConfigError, DataError
+from wpeft.runs.fisher_records import default_blocks
+from wpeft.runs.store import RecordStore
+
+__all__ = [
+    "AttentionRecorder",
+    "expand_to_patch_grid",
+    "record_attention",
+    "reduce_external",
+    "scatter_windows",
+    "variable_labels",
+    "window_positions",
+]
+
+#: Window count large enough to keep every window of one sample.
+_ALL_WINDOWS = 1 << 30
+
+
+def window_positions(
+    res: tuple[int, int, int], window_size: Sequence[int], shift_size: Sequence[int]
+) -> torch.Tensor:
+    """Where each window token of a Swin3D block comes from.
+
+    Args:
+        res: Token resolution ``(C, H, W)`` of the block's input (levels, lat, lon).
+        window_size / shift_size: The block's configured window and shift
+            (``block.window_size``, ``block.shift_size``); adjusted as Aurora does.
+
+    Returns:
+        int64 ``(n_windows, N_w)``: flat index ``c·H·W + h·W + w`` into the unshifted
+        ``(C, H, W)`` tokens of one sample, in Aurora's window order, or -1 for padding.
+    """
+    ws, ss = maybe_adjust_windows(tuple(window_size), tuple(shift_size), tuple(res))
+    C, H, W = res
+    idx = torch.arange(C * H * W, dtype=torch.float64).view(1, C, H, W, 1)
+    if any(s > 0 for s in ss):
+        idx = torch.roll(idx, shifts=(-ss[0], -ss[1], -ss[2]), dims=(1, 2, 3))
+    idx = pad_3d(idx, ((-C) % ws[0], (-H) % ws[1], (-W) % ws[2]), value=-1.0)
+    windows = window_partition_3d(idx, ws)  # (nW, Wc, Wh, Ww, 1)
+    return windows.reshape(windows.shape[0], -1).round().long()
+
+
+def scatter_windows(
+    values: torch.Tensor, positions: torch.Tensor, res: tuple[int, int, int]
+) -> torch.Tensor:
+    """Window-ordered token values ``(n_windows, N_w, P)`` back onto the grid ``(P, C, H, W)``
+    (``positions`` from :func:`window_positions`; padding tokens are dropped)."""
+    if values.shape[:2] != positions.shape:
+        raise ValueError(
+            f"Attention for {tuple(values.shape[:2])} window tokens, positions for "
+            f"{tuple(positions.shape)}: record all windows of one sample (batch size 1)."
+        )
+    C, H, W = res
+    out = torch.zeros(C * H * W, values.shape[-1], dtype=values.dtype)
+    valid = positions >= 0
+    out[positions[valid]] = values[valid]
+    return out.view(C, H, W, -1).permute(3, 0, 1, 2)
+
+
+def _stride(fine: int, coarse: int) -> int:
+    """The power of two f with ceil(fine / f) == coarse (Aurora's patch merging pads odd sizes)."""
+    f = 1
+    while -(-fine // f) > coarse:
+        f *= 2
+    if -(-fine // f) != coarse:
+        raise DataError(f"A block resolution of {coarse} does not divide the patch grid's {fine}.")
+    return f
+
+
+def expand_to_patch_grid(grid: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, int]:
+    """Repeat ``(..., H_b, W_b)`` tokens of a coarser stage onto the ``(height, width)`` patch grid.
+
+    Returns:
+        ``(..., height, width)`` and the stride (patches per token along each axis).
+    """
+    fh, fw = _stride(height, grid.shape[-2]), _stride(width, grid.shape[-1])
+    if fh != fw:
+        raise DataError(f"Unequal strides {fh} x {fw} between a block and the patch grid.")
+    out = grid.repeat_interleave(fh, dim=-2).repeat_interleave(fw, dim=-1)
+    return out[..., :height, :width], fh
+
+
+def reduce_external(
+    external: torch.Tensor, n_vars: int, space: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable x variable and variable x patch-position views of the external attention.
+
+    Args:
+        external: ``(V·S, V·S)`` row-stochastic attention, token ``v·S + s``.
+        n_vars: V.
+        space: ``(T, P_h, P_w)`` with S = T·P_h·P_w.
+
+    Returns:
+        ``var_var`` ``(V, V)`` (rows sum to 1) and ``var_patch`` ``(V, T, P_h, P_w)`` (sums to 1);
+        see the module docstring.
+    """
+    S = int(np.prod(space))
+    a = external.double().reshape(n_vars, S, n_vars, S)
+    var_var = a.sum(dim=3).mean(dim=1)
+    var_patch = a.mean(dim=(0, 1)).reshape(n_vars, *space)
+    return var_var, var_patch
+
+
+def variable_labels(model: Any) -> tuple[list[str], list[str], list[str]]:
+    """WB2 names, Aurora names and kinds of the V kernel variables (``model.config.variables``
+    order: surface, static, atmospheric)."""
+    from wpeft.data.batch import wb2_name
+
+    cfg = model.config
+    names, aurora, kinds = [], [], []
+    groups = (("surface", cfg.surf_vars), ("static", cfg.static_vars), ("atmos", cfg.atmos_vars))
+    for kind, group in groups:
+        for v in group:
+            try:
+                names.append(wb2_name(v, kind))
+            except DataError:
+                names.append(f"{v} ({kind})")
+            aurora.append(v)
+            kinds.append(kind)
+    return names, aurora, kinds
+
+
+def _patch_centres(values: torch.Tensor, n: int, patch: int) -> np.ndarray:
+    v = values.detach().double().cpu()[: n * patch]
+    return v.reshape(n, patch).mean(dim=1).numpy()
+
+
+def record_attention(
+    model: Any,
+    generators: torch.nn.ModuleList,
+    batch: Any,
+    predict: Callable[[Any], Any],
+    blocks: Sequence[int] | None = None,
+) -> xr.Dataset:
+    """One recording (no ``step`` dim) on the first sample of ``batch``.
+
+    Args:
+        model: The backbone (a TADP method applied).
+        generators: ``method.added["tadp"]``.
+        batch: A :class:`~wpeft.tasks.base.TaskBatch` (only its first sample is used).
+        predict: ``batch -> prediction`` running the model forward (``task.predict`` bound to
+            the model).
+        blocks: Block indices; default :func:`default_blocks`.
+
+    Returns:
+        The Dataset described in the module docstring.
+    """
+    from wpeft.methods.tadp import record_prompt_attention
+
+    infos = model.blocks
+    chosen = list(blocks) if blocks is not None else default_blocks(len(infos))
+    bad = [b for b in chosen if not 0 <= b < len(infos)]
+    if bad:
+        raise ConfigError(f"Blocks {bad} do not exist; the backbone has {len(infos)} blocks.")
+    batch = _first_sample(batch, next(model.parameters()).device)
+    resolutions: dict[int, tuple[int, int, int]] = {}
+
+    def res_hook(index: int) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            res = args[2] if len(args) > 2 else kwargs["res"]  # forward(x, c, res, rollout_step)
+            resolutions[index] = tuple(int(r) for r in res)
+
+        return hook
+
+    handles = [
+        infos[i].block.register_forward_pre_hook(res_hook(i), with_kwargs=True) for i in chosen
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), record_prompt_attention(
+            model, generators, blocks=chosen, max_windows=_ALL_WINDOWS
+        ) as records:
+            predict(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    kernels = model.embedding_kernels()
+    _, V, T, Ph, Pw = kernels.shape
+    P = model.config.patch_size
+    lat, lon = batch.inputs.metadata.lat, batch.inputs.metadata.lon
+    H0, W0 = lat.shape[-1] // P, lon.shape[-1] // P
+    C = model.config.latent_levels
+    n_prompt = generators[chosen[0]].to_prompts.out_features
+
+    var_var, var_patch, maps, strides = [], [], [], []
+    for i in chosen:
+        rec = records[i]
+        vv, vp = reduce_external(rec["external"], V, (T, Ph, Pw))
+        var_var.append(vv.numpy())
+        var_patch.append(vp.numpy())
+        res = resolutions[i]
+        blk = infos[i].block
+        positions = window_positions(res, blk.window_size, blk.shift_size)
+        a = rec["patch_to_prompt"].double().mean(dim=1)  # (nW, N_w, P): mean over heads
+        grid = scatter_windows(a, positions, res)  # (P, C, H_b, W_b)
+        grid, stride = expand_to_patch_grid(grid, H0, W0)
+        maps.append(grid.numpy())
+        strides.append(stride)
+
+    names, aurora, kinds = variable_labels(model)
+    maps_arr = np.stack(maps).astype(np.float32)  # (block, prompt, level, lat, lon)
+    ds = xr.Dataset(
+        {
+            "external_var_var": (
+                ("block", "variable_q", "variable_k"), np.stack(var_var).astype(np.float32),
+                {"units": "1", "long_name": "external attention, variable to variable",
+                 "description": "mean over the query variable's S kernel tokens of the attention "
+                 "mass given to the key variable's tokens; rows sum to 1"},
+            ),
+            "external_var_patch": (
+                ("block", "variable", "t", "ph", "pw"), np.stack(var_patch).astype(np.float32),
+                {"units": "1", "long_name": "external attention received per kernel token",
+                 "description": "attention received by key token (variable, t, ph, pw), averaged "
+                 "over all V*S query tokens; sums to 1 per block"},
+            ),
+            "prompt_map": (
+                ("block", "prompt", "latitude", "longitude"), maps_arr.mean(axis=2),
+                {"units": "1", "long_name": "patch-to-prompt attention",
+                 "description": "softmax attention of each window token to the prompt token, mean "
+                 "over heads and latent levels, first sample of an evaluation batch"},
+            ),
+            "prompt_map_by_level": (
+                ("block", "prompt", "latent_level", "latitude", "longitude"), maps_arr,
+                {"units": "1", "long_name": "patch-to-prompt attention per latent level",
+                 "description": "as prompt_map, per latent level (0: surface)"},
+            ),
+        },
+        coords={
+            "block": [infos[i].name for i in chosen],
+            "block_index": ("block", np.array(chosen)),
+            "block_stride": ("block", np.array(strides), {"units": "1",
+                             "long_name": "patches per token along latitude and longitude"}),
+            "variable": names,
+            "variable_q": names,
+            "variable_k": names,
+            "aurora_name": ("variable", aurora),
+            "kind": ("variable", kinds),
+            "t": np.arange(T),
+            "ph": np.arange(Ph),
+            "pw": np.arange(Pw),
+            "prompt": np.arange(n_prompt),
+            "latent_level": np.arange(C),
+            "latent_level_kind": ("latent_level", ["surface"] + ["atmos"] * (C - 1)),
+            "latitude": ("latitude", _patch_centres(lat, H0, P),
+                         {"units": "degrees_north", "long_name": "latitude of patch centres"}),
+            "longitude": ("longitude", _patch_centres(lon, W0, P),
+                          {"units": "degrees_east", "long_name": "longitude of patch centres"}),
+        },
+        attrs={
+            "title": "TADP prompt-attention records",
+            "static_variables": "",
+            "step_description": "optimiser steps completed before the recording",
+            "sample_time": str(np.asarray(batch.times)[0]),
+        },
+    )
+    ds["t"].attrs.update(long_name="history step of the patch-embedding kernel")
+    ds["ph"].attrs.update(long_name="row within the patch (kernel)")
+    ds["pw"].attrs.update(long_name="column within the patch (kernel)")
+    return ds
+
+
+def _first_sample(batch: Any, device: torch.device) -> Any:
+    """The batch cut to its first sample, inputs on ``device``."""
+    inputs = batch.inputs
+    inputs = dataclasses.replace(
+        inputs,
+        surf_vars={k: v[:1] for k, v in inputs.surf_vars.items()},
+        atmos_vars={k: v[:1] for k, v in inputs.atmos_vars.items()},
+        metadata=dataclasses.replace(inputs.metadata, time=inputs.metadata.time[:1]),
+    ).to(device)
+    return dataclasses.replace(
+        batch,
+        inputs=inputs,
+        targets={k: v[:1] for k, v in batch.targets.items()},
+        times=np.asarray(batch.times)[:1],
+        extra={k: v[:1] for k, v in batch.extra.items()},
+    )
+
+
+class AttentionRecorder:
+    """Records prompt attention of a TADP method at the end of training (and every ``every``).
+
+    Args:
+        method: An applied method with TADP generators (``"tadp" in method.added``).
+        model: The backbone.
+        task: The task (its first ``split`` batch is the evaluation sample).
+        run_dir: The run directory (records go to ``<run>/records/attention``).
+        every: Also record every ``every`` completed steps (0: only at the end).
+        blocks: Block indices; default the first, a middle and the last.
+        split: Split the evaluation sample comes from.
+        start_step: Step training starts from (> 0 when resuming); 0 clears old records.
+    """
+
+    kind = "attention"
+
+    def __init__(
+        self,
+        method: Any,
+        model: Any,
+        task: Any,
+        run_dir: str | Path,
+        *,
+        every: int = 0,
+        blocks: Sequence[int] | None = None,
+        split: str = "val",
+        start_step: int = 0,
+    ) -> None:
+        if "tadp" not in getattr(method, "added", {}):
+            raise ConfigError(
+                f"AttentionRecorder needs a TADP method (tadp, weatherpeft); got "
+                f"{getattr(method, 'name', type(method).__name__)!r}."
+            )
+        self.method, self.model, self.task = method, model, task
+        self.every = int(every)
+        self.blocks = list(blocks) if blocks is not None else None
+        self.split = split
+        self.store = RecordStore(run_dir, self.kind, compress=True)
+        if start_step <= 0:
+            self.store.clear()
+        else:
+            self.store.truncate(start_step + 1)
+
+    def _batch(self) -> Any:
+        batch = next(iter(self.task.batches(self.split, 1, shuffle=False)), None)
+        if batch is None:
+            batch = next(iter(self.task.batches("test", 1, shuffle=False)))
+        return batch
+
+    def record(self, step: int) -> xr.Dataset:
+        """Record now, as the state after ``step`` completed optimiser steps."""
+        ds = record_attention(
+            self.model,
+            self.method.added["tadp"],
+            self._batch(),
+            lambda b: self.task.predict(self.model, b),
+            self.blocks,
+        )
+        self.store.append(step, ds)
+        return ds
+
+    def on_step(self, step: int) -> None:
+        """Record if ``every`` divides ``step`` (completed optimiser steps)."""
+        if self.every and step % self.every == 0:
+            self.record(step)
+
+    def close(self, final_step: int) -> None:
+        """Record the final state (unless already recorded at ``final_step``)."""
+        if final_step not in self.store.steps():
+            self.record(final_step)

@@ -1,0 +1,295 @@
+"""Per-grid-point skill of a run's test fields, and where one run is significantly better.
+
+* :func:`skill_fields`: from ``fields.nc`` (``<var>`` predictions, ``<var>_target`` truth and,
+  for post-processing, ``<var>_sigma``), per variable ``<var>_rmse`` and ``<var>_bias`` (over
+  time, :func:`wpeft.metrics.rmse` / :func:`~wpeft.metrics.bias` with ``reduce_dims="time"``) and
+  ``<var>_crps`` (Gaussian CRPS, where ``<var>_sigma`` exists), on ([level,] latitude,
+  longitude).
+* :func:`skill_difference`: ``metric(A) − metric(B)`` at every grid point (e.g. WeatherPEFT −
+  Full-Tuning: negative RMSE difference = A better) with a significance mask from a paired test
+  over time at each grid point.
+
+Paired test. At each grid point the per-time losses of the two runs are paired by valid time:
+squared errors for ``rmse``, signed errors for ``bias``, absolute errors for ``mae``, pointwise
+Gaussian CRPS for ``crps``. ``test="ttest"`` (default) is the paired t-test
+(:func:`scipy.stats.ttest_rel`, two-sided) of "mean loss A = mean loss B" (for ``rmse``: equal
+MSE; for ``bias``: equal bias); ``test="wilcoxon"`` the Wilcoxon signed-rank test of the paired
+differences. ``significant = p < alpha`` (default 0.05); points where the test is undefined (all
+paired differences equal, e.g. identical forecasts) are not significant. ``correction="fdr_bh"``
+applies the Benjamini-Hochberg false-discovery-rate control over all grid points (and variables)
+instead of a per-point alpha. Serial correlation in time is ignored (consecutive 6-hourly errors
+are not independent), so per-point p-values are optimistic: prefer ``fdr_bh`` and read maps as
+indicative.
+
+Levels are flattened into variable names as in the summary scores (``temperature_850``), so the
+result is one array ``(variable, latitude, longitude)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import xarray as xr
+from scipy import stats
+
+from wpeft.errors import ConfigError, DataError
+from wpeft.metrics import bias, crps_gaussian, rmse
+
+__all__ = ["benjamini_hochberg", "predicted_variables", "skill_difference", "skill_fields"]
+
+Metric = Literal["rmse", "bias", "mae", "crps"]
+
+
+def _as_fields(obj: Any) -> tuple[xr.Dataset, str]:
+    """``fields.nc`` of a Run / run directory / netCDF path, or a Dataset as is; and a label."""
+    from wpeft.runs.store import Run
+
+    if isinstance(obj, xr.Dataset):
+        return obj, str(obj.attrs.get("run", "dataset"))
+    if isinstance(obj, (str, Path)):
+        p = Path(obj)
+        obj = Run(p) if p.is_dir() else xr.open_dataset(p, engine="netcdf4")
+        if isinstance(obj, xr.Dataset):
+            return obj, str(p)
+    if isinstance(obj, Run):
+        if obj.fields is None:
+            raise DataError(f"Run {obj.path} has no fields.nc yet (still training?).")
+        return obj.fields, f"{obj.method} ({obj.path.name})"
+    raise TypeError(f"Expected a Run, a path or an xr.Dataset, got {type(obj).__name__}.")
+
+
+def predicted_variables(fields: xr.Dataset) -> list[str]:
+    """Variables with a prediction ``<var>`` and a truth ``<var>_target`` in ``fields``."""
+    return [str(v) for v in fields.data_vars if f"{v}_target" in fields.data_vars]
+
+
+def skill_fields(obj: Any, metrics: Sequence[str] = ("rmse", "bias", "crps")) -> xr.Dataset:
+    """Per-grid-point skill of a run's test fields.
+
+    Args:
+        obj: A :class:`~wpeft.runs.store.Run`, run directory, ``fields.nc`` path or Dataset.
+        metrics: Any of ``rmse``, ``bias``, ``crps`` (CRPS only where ``<var>_sigma`` exists).
+
+    Returns:
+        ``<var>_<metric>`` on ([level,] latitude, longitude), in the variable's units.
+    """
+    fields, label = _as_fields(obj)
+    out: dict[str, xr.DataArray] = {}
+    for v in predicted_variables(fields):
+        f, o = fields[v], fields[f"{v}_target"]
+        if "rmse" in metrics:
+            out[f"{v}_rmse"] = rmse(f, o, reduce_dims="time")
+        if "bias" in metrics:
+            out[f"{v}_bias"] = bias(f, o, reduce_dims="time")
+        if "crps" in metrics and f"{v}_sigma" in fields.data_vars:
+            out[f"{v}_crps"] = crps_gaussian(f, fields[f"{v}_sigma"], o, reduce_dims="time")
+    for name, da in out.items():
+        da.name = name
+    return xr.Dataset(out, attrs={"source": label, "description": "per-grid-point skill over time"})
+
+
+def _flat(fields: xr.Dataset, v: str, suffix: str = "") -> dict[str, xr.DataArray]:
+    """``<v><suffix>`` as (time, latitude, longitude) arrays, one per level (``<v>_<level>``)."""
+    da = fields[f"{v}{suffix}"]
+    if "level" not in da.dims:
+        return {v: da.transpose("time", "latitude", "longitude")}
+    return {
+        f"{v}_{int(lv)}": da.sel(level=lv, drop=True).transpose("time", "latitude", "longitude")
+        for lv in da["level"].values
+    }
+
+
+def _losses(fields: xr.Dataset, metric: Metric) -> dict[str, xr.DataArray]:
+    """Per-time pointwise losses ``(time, latitude, longitude)`` per flattened variable."""
+    out = {}
+    for v in predicted_variables(fields):
+        pred, truth = _flat(fields, v), _flat(fields, v, "_target")
+        sigma = _flat(fields, v, "_sigma") if f"{v}_sigma" in fields.data_vars else None
+        for name in pred:
+            e = pred[name] - truth[name]
+            if metric == "rmse":
+                out[name] = e**2
+            elif metric == "bias":
+                out[name] = e
+            elif metric == "mae":
+                out[name] = abs(e)
+            elif metric == "crps":
+                if sigma is None:
+                    continue
+                out[name] = crps_gaussian(pred[name], sigma[name], truth[name], reduce_dims=[])
+            else:
+                raise ConfigError(f"metric must be rmse, bias, mae or crps, got {metric!r}.")
+    return out
+
+
+def _check_same(a: xr.Dataset, b: xr.Dataset, la: str, lb: str) -> None:
+    for dim in ("time", "latitude", "longitude", "level"):
+        if (dim in a.dims) != (dim in b.dims):
+            raise DataError(f"{la} and {lb} differ: only one has a {dim!r} dimension.")
+        if dim not in a.dims:
+            continue
+        va, vb = a[dim].values, b[dim].values
+        if va.shape != vb.shape:
+            raise DataError(
+                f"{la} and {lb} are on different {dim} axes ({va.size} vs {vb.size} values); "
+                "compare runs of the same task and data."
+            )
+        same = (
+            np.allclose(va.astype(np.float64), vb.astype(np.float64), rtol=0, atol=1e-6)
+            if np.issubdtype(va.dtype, np.number) and np.issubdtype(vb.dtype, np.number)
+            else np.array_equal(va, vb)
+        )
+        if not same:
+            raise DataError(
+                f"{la} and {lb} have different {dim} coordinates; compare runs of the same task "
+                "and data (same grid and test times)."
+            )
+
+
+def benjamini_hochberg(p: np.ndarray, alpha: float) -> np.ndarray:
+    """Boolean rejections of the Benjamini-Hochberg procedure at FDR ``alpha`` (NaN: never)."""
+    flat = p.ravel()
+    ok = np.isfinite(flat)
+    reject = np.zeros(flat.shape, dtype=bool)
+    pv = flat[ok]
+    if pv.size:
+        order = np.argsort(pv)
+        ranked = pv[order]
+        below = ranked <= alpha * np.arange(1, pv.size + 1) / pv.size
+        if below.any():
+            cutoff = ranked[np.nonzero(below)[0].max()]
+            reject[np.nonzero(ok)[0]] = pv <= cutoff
+    return reject.reshape(p.shape)
+
+
+def skill_difference(
+    run_a: Any,
+    run_b: Any,
+    metric: Metric = "rmse",
+    *,
+    variables: str | Iterable[str] | None = None,
+    alpha: float = 0.05,
+    test: Literal["ttest", "wilcoxon"] = "ttest",
+    correction: Literal["none", "fdr_bh"] = "none",
+) -> xr.Dataset:
+    """``metric(A) − metric(B)`` per grid point, with a paired significance test over time.
+
+    Args:
+        run_a / run_b: Runs (:class:`~wpeft.runs.store.Run`, run directory, ``fields.nc`` path or
+            fields Dataset) on the same grid and test times.
+        metric: ``rmse`` (over time), ``bias`` (mean error), ``mae`` or ``crps`` (mean Gaussian
+            CRPS; variables without ``<var>_sigma`` in both runs are skipped).
+        variables: Flattened names (``2m_temperature``, ``temperature_850``) or base names
+            (``temperature``: every level) to keep; default all shared ones.
+        alpha: Significance level (per point, or the FDR with ``correction="fdr_bh"``).
+        test: ``ttest`` (paired t-test) or ``wilcoxon`` (signed-rank), see the module docstring.
+        correction: ``none`` or ``fdr_bh`` (Benjamini-Hochberg over all points and variables).
+
+    Returns:
+        Dataset on ``(variable, latitude, longitude)``: ``difference`` (A − B, units of the
+        variable), ``significant`` (bool), ``p_value``, ``metric_a``, ``metric_b``; attrs name
+        the runs, metric, test, alpha and the number of paired times.
+
+    Raises:
+        DataError: the runs are on different grids / times / levels or share no variable.
+    """
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}.")
+    if test not in ("ttest", "wilcoxon"):
+        raise ConfigError(f"test must be 'ttest' or 'wilcoxon', got {test!r}.")
+    if correction not in ("none", "fdr_bh"):
+        raise ConfigError(f"correction must be 'none' or 'fdr_bh', got {correction!r}.")
+    fa, la = _as_fields(run_a)
+    fb, lb = _as_fields(run_b)
+    _check_same(fa, fb, la, lb)
+    loss_a, loss_b = _losses(fa, metric), _losses(fb, metric)
+    names = _select([n for n in loss_a if n in loss_b], variables)
+    if not names:
+        raise DataError(
+            f"{la} and {lb} share no variable to compare with metric {metric!r} "
+            f"(A: {sorted(loss_a)}, B: {sorted(loss_b)}, requested: {variables!r})."
+        )
+    # (time, variable, latitude, longitude) per-time losses
+    a = np.stack([loss_a[n].values for n in names], axis=1).astype(np.float64)
+    b = np.stack([loss_b[n].values for n in names], axis=1).astype(np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise DataError("The fields hold NaN or infinite values; skill needs finite fields.")
+    n_time = a.shape[0]
+    if n_time < 2:
+        raise DataError(f"A paired test over time needs at least 2 times, got {n_time}.")
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    if metric == "rmse":
+        mean_a, mean_b = np.sqrt(mean_a), np.sqrt(mean_b)
+    p = _paired_p_values(a, b, test)
+    if correction == "fdr_bh":
+        significant = benjamini_hochberg(p, alpha)
+    else:
+        significant = np.nan_to_num(p, nan=1.0) < alpha
+    template = loss_a[names[0]]
+    dims = ("variable", "latitude", "longitude")
+    sig_name = f"paired {test} p < {alpha}"
+    if correction == "fdr_bh":
+        sig_name += " (Benjamini-Hochberg FDR)"
+    units = [str(fa[_base(n, fa)].attrs.get("units", "")) for n in names]
+    better = "bias of A minus bias of B" if metric == "bias" else "negative: A better"
+    out = xr.Dataset(
+        {
+            "difference": (dims, mean_a - mean_b, {
+                "long_name": f"{metric} of A minus {metric} of B", "description": better}),
+            "significant": (dims, significant, {"long_name": sig_name}),
+            "p_value": (dims, p, {
+                "units": "1", "long_name": f"paired {test} p-value",
+                "description": "NaN where the test is undefined (constant paired differences)"}),
+            "metric_a": (dims, mean_a, {"long_name": f"{metric} of A over time"}),
+            "metric_b": (dims, mean_b, {"long_name": f"{metric} of B over time"}),
+        },
+        coords={
+            "variable": names,
+            "variable_units": ("variable", units),
+            "latitude": ("latitude", template["latitude"].values, {"units": "degrees_north"}),
+            "longitude": ("longitude", template["longitude"].values, {"units": "degrees_east"}),
+        },
+        attrs={
+            "run_a": la, "run_b": lb, "metric": metric, "test": test, "alpha": alpha,
+            "correction": correction, "n_time": n_time,
+        },
+    )
+    return out
+
+
+def _select(names: list[str], variables: str | Iterable[str] | None) -> list[str]:
+    """Flattened names matching ``variables`` (a flattened name, or a base name: every level)."""
+    if variables is None:
+        return names
+    wanted = [variables] if isinstance(variables, str) else list(variables)
+
+    def matches(name: str, w: str) -> bool:
+        return name == w or (name.startswith(f"{w}_") and name[len(w) + 1 :].isdigit())
+
+    return [n for n in names if any(matches(n, w) for w in wanted)]
+
+
+def _paired_p_values(a: np.ndarray, b: np.ndarray, test: str) -> np.ndarray:
+    """Two-sided p-values of the paired test over axis 0; NaN where the paired differences are
+    all equal (zero variance: the t-test is undefined, and nothing can be concluded)."""
+    d = a - b
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if test == "ttest":
+            p = np.asarray(stats.ttest_rel(a, b, axis=0).pvalue, dtype=np.float64)
+        else:
+            p = np.full(d.shape[1:], np.nan)
+            varying = ~np.all(d == d[:1], axis=0)
+            if varying.any():
+                p[varying] = stats.wilcoxon(d[:, varying], axis=0, zero_method="wilcox").pvalue
+    return np.where(np.all(d == d[:1], axis=0), np.nan, p)
+
+
+def _base(flat: str, fields: xr.Dataset) -> str:
+    if flat in fields.data_vars:
+        return flat
+    return flat.rsplit("_", 1)[0]
