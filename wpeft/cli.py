@@ -176,6 +176,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_figures(args: argparse.Namespace) -> int:
+    """Write the figure set of one or more run directories."""
+    from wpeft.viz.figures import write_figure_set
+
+    paths = write_figure_set(args.runs, args.out, fmt=args.format, dpi=args.dpi)
+    print(f"wrote {len(paths)} figures to {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: fine-tune the pretrained tiny backbone on downscaling with WeatherPEFT,
     Full-Tuning and LoRA, and print the comparison."""
@@ -265,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tables", default=None, help="write markdown/CSV/netCDF tables here")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
+
+    f = sub.add_parser("figures", help="the figure set of run directories (first run vs the others)")
+    f.add_argument("runs", nargs="+", help="run directories (e.g. WeatherPEFT first, then Full-Tuning)")
+    f.add_argument("--out", required=True, help="output folder")
+    f.add_argument("--format", default="png", choices=("png", "pdf", "svg"))
+    f.add_argument("--dpi", type=int, default=150)
+    f.set_defaults(func=cmd_figures)
 
     m = sub.add_parser("methods", help="table of registered fine-tuning methods")
     m.add_argument("--backbone", default="tiny")

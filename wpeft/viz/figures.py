@@ -1,0 +1,110 @@
+"""The whole figure set of a comparison, from run directories (``wpeft figures RUN... --out DIR``).
+
+Per run: Fisher-mask heatmap, overlap curves and mask images (selection methods), prompt
+attention per recorded block (TADP methods), and skill maps of the task's headline variables.
+Across runs of one task: the first run against each other one (A, B and A − B with the
+paired-test significance hatched), and budget vs skill for all runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import xarray as xr
+from matplotlib.figure import Figure
+
+from wpeft.runs import Run, skill_difference, skill_fields
+from wpeft.runs import open as open_run
+from wpeft.runs import table as runs_table
+from wpeft.viz.attention import plot_patch_attention, plot_prompt_map, plot_variable_attention
+from wpeft.viz.fisher import plot_mask_heatmap, plot_mask_image, plot_overlap_curves
+from wpeft.viz.skill import plot_budget_vs_skill, plot_skill_comparison, plot_skill_map
+from wpeft.viz.style import save_figure
+
+__all__ = ["write_figure_set"]
+
+
+def _headline(run: Run) -> tuple[str, ...]:
+    from wpeft.tasks import TASKS
+
+    cls = TASKS.get(run.task)
+    return tuple(getattr(cls, "headline", ()))
+
+
+def _earth(run: Run) -> bool:
+    return run.config.get("task_options", {}).get("source", "world") != "world"
+
+
+def _field(skill: xr.Dataset, name: str, metric: str) -> xr.DataArray | None:
+    """``name`` like ``2m_temperature`` or ``temperature_850`` -> its (lat, lon) skill field."""
+    if f"{name}_{metric}" in skill:
+        return skill[f"{name}_{metric}"]
+    base, _, level = name.rpartition("_")
+    if f"{base}_{metric}" in skill and level.isdigit() and "level" in skill[f"{base}_{metric}"].dims:
+        da = skill[f"{base}_{metric}"].sel(level=int(level))
+        return da.rename(name)
+    return None
+
+
+def write_figure_set(
+    run_dirs: Sequence[str | Path], out: str | Path, *, fmt: str = "png", dpi: int = 150
+) -> list[Path]:
+    """Write every figure for ``run_dirs`` into ``out``; returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [open_run(p) for p in run_dirs]
+    written: list[Path] = []
+
+    def save(fig: Figure, name: str) -> None:
+        path = out / f"{name}.{fmt}"
+        save_figure(fig, path, dpi=dpi)
+        written.append(path)
+
+    for run in runs:
+        name = run.path.name
+        fisher = run.fisher
+        if fisher is not None:
+            save(plot_mask_heatmap(fisher, "density"), f"{name}-fisher-density")
+            save(plot_mask_heatmap(fisher, "fisher_mass"), f"{name}-fisher-mass")
+            save(plot_overlap_curves(fisher), f"{name}-fisher-overlap")
+            if "mask_image" in fisher:
+                for matrix in fisher["matrix"].values[:4]:
+                    save(plot_mask_image(fisher, str(matrix)), f"{name}-mask-{str(matrix).replace('/', '-')}")
+        attention = run.attention
+        if attention is not None:
+            for block in attention["block"].values:
+                tag = f"{name}-attention-{block}"
+                save(plot_variable_attention(attention, block), f"{tag}-variables")
+                save(plot_patch_attention(attention, block), f"{tag}-patches")
+                prompt = attention["prompt"].values[0]
+                save(plot_prompt_map(attention, block, prompt, earth=_earth(run)), f"{tag}-prompt{prompt}")
+        if run.fields is not None:
+            skill = skill_fields(run, metrics=("rmse",))
+            for var in _headline(run):
+                da = _field(skill, var, "rmse")
+                if da is not None:
+                    save(plot_skill_map(da, earth=_earth(run)), f"{name}-rmse-{var}")
+
+    by_task: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.fields is not None:
+            by_task.setdefault(run.task, []).append(run)
+    for task, group in by_task.items():
+        first = group[0]
+        for other in group[1:]:
+            diff = skill_difference(first, other, "rmse")
+            for var in _headline(first):
+                if var not in diff["variable"].values:
+                    continue
+                d = diff.sel(variable=var)
+                fig = plot_skill_comparison(
+                    d["metric_a"].rename(var), d["metric_b"].rename(var), d,
+                    labels=(first.method, other.method), earth=_earth(first),
+                )
+                save(fig, f"{task}-{first.path.name}-vs-{other.path.name}-{var}")
+        frame = runs_table(group)
+        score = next((f"rmse/{v}" for v in _headline(first) if f"rmse/{v}" in frame), None)
+        if score is not None and len(frame) > 1:
+            save(plot_budget_vs_skill(frame, score=score), f"{task}-budget-vs-skill")
+    return written
