@@ -593,3 +593,14 @@ def test_hv_earth_map_overlays_local_coastlines(hv, earth_data, no_network):
     lon0, lon1 = coast.range("longitude")
     assert lon0 >= -5.625 - 1e-9 and lon1 > 300  # in the grid's 0..360 frame, Americas included
     assert no_network == []
+
+
+def test_grib_reader_and_cartopy_share_a_process_cleanly() -> None:
+    """eccodes and pyproj bundle different PROJ builds; importing wpeft first keeps exit clean."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("eccodes")
+    pytest.importorskip("cartopy")
+    code = "import wpeft, eccodes, cartopy.crs as c; c.PlateCarree()"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
