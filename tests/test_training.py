@@ -115,3 +115,14 @@ def test_compare_writes_tables_and_resumes(tmp_path) -> None:
     rmse = results["rmse:2m_temperature"].sel({"method": "bitfit"}).values.ravel()
     expected = [json.loads((tmp_path / "downscaling" / f"bitfit-default-s{s}" / "summary.json").read_text())["scores"]["rmse/2m_temperature"] for s in (0, 1)]
     assert list(rmse) == expected
+
+
+@pytest.mark.parametrize("method", ["child_tuning_d", "fish", "sfas", "lora", "vpt", "ssf"])
+def test_every_kind_of_method_trains_through_the_loop(tmp_path, method: str) -> None:
+    summary = train(config(method=method, steps=2, checkpoint_every=0), tmp_path / method, progress=False)
+    assert summary["method"] == method and summary["changed"]["total"] > 0
+
+
+def test_unknown_method_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="Unknown method 'nope'"):
+        train(config(method="nope"), tmp_path / "x", progress=False)

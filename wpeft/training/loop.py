@@ -209,8 +209,11 @@ def prepare_run(cfg: TrainConfig) -> tuple[WpeftAurora, Task, PEFTMethod, dict, 
         if match.knob is not None:
             options[match.knob] = match.value
         budget_info = match.to_dict()
-    if cfg.method in ("sfas", "weatherpeft", "fish", "child_tuning_d"):
-        options.setdefault("seed", cfg.seed)
+    from wpeft.methods import METHODS
+
+    cls = METHODS.get(cfg.method)
+    if cls is not None and "seed" in {f.name for f in dataclasses.fields(cls.Config)}:
+        options.setdefault("seed", cfg.seed)  # methods with their own randomness (SFAS noise)
     method = create_method(cfg.method, **options)
     method.apply(model, head)
     return model, task, method, reference, budget_info
