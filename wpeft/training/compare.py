@@ -103,11 +103,12 @@ def collect(root: str | Path) -> xr.Dataset:
 
 
 #: Scores of a reference that does not depend on the method (shown once, as its own row).
+#: Score prefix -> (reference name, the method score it stands beside).
 REFERENCES = {
-    "rmse_bilinear": "bilinear interpolation",
-    "rmse_persistence": "persistence",
-    "crps_raw": "raw ensemble",
-    "rmse_raw": "raw ensemble",
+    "rmse_bilinear": ("bilinear interpolation", "rmse"),
+    "rmse_persistence": ("persistence", "rmse"),
+    "crps_raw": ("raw ensemble", "crps"),
+    "rmse_raw": ("raw ensemble", "rmse"),
 }
 
 
@@ -154,15 +155,18 @@ def tables(results: xr.Dataset) -> dict[str, str]:
                 if n:
                     vals = [fmt(cell[c].values) for c in cols]
                     lines.append(f"| {method} | {budget} | {n} | " + " | ".join(vals) + " |")
-        for prefix, columns in refs.items():
-            by_var = {c.partition(":")[2]: c for c in columns}
+        labels = dict.fromkeys(REFERENCES[p][0] for p in refs)
+        for label in labels:
             vals = ["-"]
             for c in main:
-                ref = by_var.get(c.partition(":")[2])
-                x = sub[ref].values.ravel() if ref else np.array([])
+                metric, _, var = c.partition(":")
+                ref = next(
+                    (f"{p}:{var}" for p in refs if REFERENCES[p] == (label, metric)), None
+                )
+                x = sub[ref].values.ravel() if ref in sub else np.array([])
                 x = x[np.isfinite(x)]
                 vals.append(f"{x[0]:.4g}" if len(x) else "-")  # the same for every method
-            lines.append(f"| *{REFERENCES[prefix]}* | - | - | " + " | ".join(vals) + " |")
+            lines.append(f"| *{label}* | - | - | " + " | ".join(vals) + " |")
         out[str(task)] = "\n".join(lines)
     return out
 
