@@ -449,6 +449,9 @@ def test_precipitation_evaluate_clips_at_zero(precipitation: Precipitation, tmp_
     for name in Precipitation.headline:
         assert math.isfinite(scores[f"rmse/{name}"])
         assert math.isfinite(scores[f"rmse_persistence/{name}"])
+        # ACC is a correlation; SEEPS is >= 0 (NaN only if every point is masked)
+        assert -1.0 <= scores[f"acc_persistence/{name}"] <= 1.0
+        assert math.isnan(scores[f"seeps/{name}"]) or scores[f"seeps/{name}"] >= 0.0
 
 
 # ------------------------------------------------------------------------------- ERA5 (real data)

@@ -50,7 +50,7 @@ from wpeft.data.batch import Fields
 from wpeft.data.stats import compute_stats
 from wpeft.data.world import WorldConfig, open_world
 from wpeft.errors import ConfigError, DataError
-from wpeft.metrics import rmse
+from wpeft.metrics import acc, rmse, seeps, seeps_climatology
 from wpeft.tasks.base import Split, Task, TaskBatch, TaskConfig, register_task
 from wpeft.tasks.downscaling import (
     ATMOS_VARS,
@@ -295,7 +295,9 @@ class Precipitation(Task):
             ``longitude``) -- WeatherBench2's forecast layout -- with ``valid_time`` =
             ``time + prediction_timedelta`` and the variables ``total_precipitation_6hr``
             (prediction clipped at 0) and ``total_precipitation_6hr_target``; scores
-            ``"rmse/total_precipitation_6hr_<lead>h"`` and ``"rmse_persistence/..."`` (``tp(t)``).
+            ``"rmse|acc|seeps/total_precipitation_6hr_<lead>h"`` and the same for persistence
+            (``tp(t)``) as ``"rmse_persistence/..."`` etc. ACC and SEEPS use the climatology of
+            the training record (mean; dry fraction and wet threshold per grid point).
         """
         if self._std is None:
             raise ConfigError("Call task.setup(model) first: it installs the precipitation heads.")
@@ -341,11 +343,29 @@ class Precipitation(Task):
             dims=dims[:1] + dims[2:],
             coords={k: coords[k] for k in ("time", "latitude", "longitude")},
         ).broadcast_like(ds[TARGET])
+        # Climatology of the training record (every step up to the last training anchor):
+        # its mean for ACC, its dry fraction and wet threshold per point for SEEPS.
+        last = int(data.anchors[data.splits["train"]].max()) + 1
+        climate = xr.DataArray(
+            data.fields.surf["tp"][:last].numpy().astype(np.float64),
+            dims=("time", "latitude", "longitude"),
+            coords={k: coords[k] for k in ("latitude", "longitude")},
+        )
+        p1, wet = seeps_climatology(climate)
+        mean_climate = climate.mean("time")
+        target_da = ds[f"{TARGET}_target"]
         scores: dict[str, float] = {}
-        for prefix, forecast in (("rmse", ds[TARGET]), ("rmse_persistence", pers)):
-            result = rmse(forecast, ds[f"{TARGET}_target"])
-            for h, lead in zip(self.config.leads_hours, leads):
-                scores[f"{prefix}/{TARGET}_{h}h"] = float(result.sel(prediction_timedelta=lead))
+        by_lead = {"preserve_dims": ["prediction_timedelta"]}
+        for prefix, forecast in (("", ds[TARGET]), ("_persistence", pers)):
+            results = {
+                f"rmse{prefix}": rmse(forecast, target_da, **by_lead),
+                f"acc{prefix}": acc(forecast, target_da, mean_climate, **by_lead),
+                f"seeps{prefix}": seeps(forecast, target_da, p1, wet, **by_lead),
+            }
+            for name, result in results.items():
+                for h, lead in zip(self.config.leads_hours, leads):
+                    value = result.sel(prediction_timedelta=lead)
+                    scores[f"{name}/{TARGET}_{h}h"] = float(value)
         return ds, scores
 
     def describe(self) -> dict[str, Any]:

@@ -107,6 +107,8 @@ def collect(root: str | Path) -> xr.Dataset:
 REFERENCES = {
     "rmse_bilinear": ("bilinear interpolation", "rmse"),
     "rmse_persistence": ("persistence", "rmse"),
+    "acc_persistence": ("persistence", "acc"),
+    "seeps_persistence": ("persistence", "seeps"),
     "crps_raw": ("raw ensemble", "crps"),
     "rmse_raw": ("raw ensemble", "rmse"),
 }
