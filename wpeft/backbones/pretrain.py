@@ -37,6 +37,7 @@ from wpeft.backbones.configs import BackboneConfig, get_config
 from wpeft.data.batch import Fields, check_grid
 from wpeft.data.world import WorldConfig, open_world
 from wpeft.errors import CheckpointError, ConfigError
+from wpeft.training.common import lr_factor, save_torch_atomic
 from wpeft.paths import package_data_dir
 
 __all__ = [
@@ -174,19 +175,6 @@ def forecast_skill(
 # --- training --------------------------------------------------------------------------------
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def pretrain(
     config: PretrainConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True
 ) -> dict[str, Any]:
@@ -209,7 +197,7 @@ def pretrain(
     model = build_backbone(bcfg, norm_mean=stats.mean, norm_std=stats.std, seed=config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_factor(s, config.warmup_steps, config.steps)
+        opt, lambda s: lr_factor(s, config.warmup_steps, config.steps)
     )
     rng = np.random.default_rng(config.seed)
     step = 0
@@ -248,7 +236,7 @@ def pretrain(
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{samples / (time.perf_counter() - t0):.1f}")
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _save_atomic(
+            save_torch_atomic(
                 {
                     "config": config.to_dict(),
                     "model": model.state_dict(),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 import warnings
@@ -35,7 +34,9 @@ from wpeft.methods.adapter_file import save_adapter
 from wpeft.methods.base import PEFTMethod
 from wpeft.methods.budget import match_budget
 from wpeft.runs import attach_recorders
+from wpeft.runs.store import write_json_atomic
 from wpeft.tasks import TaskBatch, create_task
+from wpeft.training.common import lr_factor, save_torch_atomic
 from wpeft.tasks.base import Task
 
 __all__ = ["TrainConfig", "train"]
@@ -99,12 +100,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def _to(batch: TaskBatch, device: torch.device) -> TaskBatch:
@@ -179,18 +174,6 @@ def _unpack_bools(obj: Any) -> Any:
     return obj
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def prepare_run(cfg: TrainConfig) -> tuple[WpeftAurora, Task, PEFTMethod, dict, dict[str, Any]]:
     """Backbone, task (with its head installed), applied method and the pristine reference."""
     torch.manual_seed(cfg.seed)
@@ -244,7 +227,7 @@ def train(
         method.prepare(loss_on, prep, len(prep))
     opt = method.optimizer(cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.steps)
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
     )
     step, epoch, in_epoch = 0, 0, 0
     if resume and ckpt_path.exists():
@@ -267,14 +250,14 @@ def train(
         step, epoch, in_epoch = state["step"], state["epoch"], state["in_epoch"]
     elif not resume:
         (run / "metrics.jsonl").unlink(missing_ok=True)
-    _write_json(run / "config.json", cfg.to_dict())
+    write_json_atomic(run / "config.json", cfg.to_dict())
     recorders = attach_recorders(
         run, method, model, task, every=cfg.record_every, start_step=step
     )
 
     def checkpoint() -> None:
         selection = getattr(method, "selection", None)
-        _atomic_save(
+        save_torch_atomic(
             {
                 "config": cfg.to_dict(),
                 "adapter": method.adapter_state(reference),
@@ -360,5 +343,5 @@ def train(
         "steps": cfg.steps,
         "train_seconds": time.perf_counter() - started,
     }
-    _write_json(run / "summary.json", summary)
+    write_json_atomic(run / "summary.json", summary)
     return summary
