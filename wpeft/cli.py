@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from wpeft.errors import WpeftError
+from wpeft.errors import ConfigError, WpeftError
 
 __all__ = ["main"]
 
@@ -141,8 +142,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         device=args.device,
+        strategy=args.strategy,
     )
-    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if not args.dry_run and args.out is None:
+        raise ConfigError("wpeft train needs --out RUN_DIR (or --dry-run to print the plan).")
+    if args.dry_run:
+        from wpeft.distributed.launch import launch_plan
+
+        plan = launch_plan(cfg)
+        print(f"wpeft train --dry-run: {cfg.task} / {cfg.method} on the {cfg.backbone} backbone")
+        for key, value in plan.items():
+            print(f"  {key:<26}{value}")
+        return 0
+    from wpeft.distributed.runtime import shutdown
+
+    try:
+        summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    finally:
+        shutdown()
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 reports
     t = summary["trainable"]
     print(f"run {args.out}: {summary['method']} on {summary['task']}, budget "
           f"{100 * summary['budget_fraction']:.3f}% ({t['total'] - t['head']:,} trainable outside the head)")
@@ -257,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
-    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--strategy", default="auto", choices=("auto", "none", "ddp", "fsdp"),
+                   help="data parallelism under torchrun (auto: DDP when WORLD_SIZE > 1)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the launch plan (world size, per-rank batch, sharding, precision, "
+                        "checkpointing) and exit")
+    t.add_argument("--out", default=None, help="run directory (required unless --dry-run)")
     t.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)

@@ -16,18 +16,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone
 from wpeft.backbones.pretrain import load_pretrained
+from wpeft.distributed.runtime import DistEnv, init_from_env, shard_batch
+from wpeft.distributed.strategy import STRATEGIES, TrainingModule, resolve_strategy, wrap
 from wpeft.errors import CheckpointError, ConfigError
 from wpeft.methods import create_method
 from wpeft.methods.adapter_file import save_adapter
@@ -36,8 +40,8 @@ from wpeft.methods.budget import match_budget
 from wpeft.runs import attach_recorders
 from wpeft.runs.store import write_json_atomic
 from wpeft.tasks import TaskBatch, create_task
-from wpeft.training.common import lr_factor, save_torch_atomic
 from wpeft.tasks.base import Task
+from wpeft.training.common import lr_factor, save_torch_atomic
 
 __all__ = ["TrainConfig", "train"]
 
@@ -57,6 +61,9 @@ class TrainConfig:
         seed: Seeds data order, new modules and the method's noise.
         device: ``cpu``, ``cuda`` or ``auto``.
         record_every: Interval of the Fisher-mask records (selection methods), in steps.
+        strategy: Data parallelism under torchrun: ``auto`` (DDP when world size > 1),
+            ``none``, ``ddp`` or ``fsdp`` (FSDP2, per Swin block). ``batch_size`` is the global
+            batch, split evenly over the ranks.
     """
 
     task: str = "downscaling"
@@ -76,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     record_every: int = 10
+    strategy: str = "auto"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -87,6 +95,10 @@ class TrainConfig:
             )
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}.")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"strategy {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,6 +106,13 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return cls(**d)
+
+    def same_run(self, other: dict[str, Any]) -> bool:
+        """Whether ``other`` (a checkpoint's config) describes this run; the parallel layout
+        may differ (a checkpoint resumes on another world size or strategy)."""
+        mine = {k: v for k, v in self.to_dict().items() if k != "strategy"}
+        theirs = {k: v for k, v in other.items() if k != "strategy"}
+        return mine == theirs
 
 
 def _device(name: str) -> torch.device:
@@ -202,60 +221,107 @@ def prepare_run(cfg: TrainConfig) -> tuple[WpeftAurora, Task, PEFTMethod, dict, 
     return model, task, method, reference, budget_info
 
 
+def _device_for(cfg: TrainConfig) -> tuple[torch.device, DistEnv]:
+    """The device and process group of this rank (GPU ``LOCAL_RANK`` under torchrun)."""
+    device = _device(cfg.device)
+    env = init_from_env(device.type)
+    if device.type == "cuda" and env.distributed:
+        device = torch.device("cuda", env.local_rank)
+    if cfg.batch_size % env.world_size:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} (the global batch) is not divisible by the world size "
+            f"{env.world_size}; use a multiple of the number of processes."
+        )
+    return device, env
+
+
 def train(
-    cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_trained: Callable[[PEFTMethod, DistEnv], None] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune, evaluate on the test split, and write the run directory. Returns the summary."""
+    """Fine-tune, evaluate on the test split, and write the run directory. Returns the summary.
+
+    Under ``torchrun`` every rank calls this with the same arguments; rank 0 writes the run
+    directory, and every rank returns the same summary. ``on_trained(method, env)`` is called on
+    every rank after the last step, before evaluation (to inspect the trained state).
+    """
     run = Path(run_dir)
     ckpt_path = run / "checkpoint.pt"
     if run.exists() and (run / "summary.json").exists() and not resume:
         raise ConfigError(f"Run directory {run} already holds a finished run; choose another.")
-    run.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
+    device, env = _device_for(cfg)
+    if env.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    env.barrier()
     model, task, method, reference, budget_info = prepare_run(cfg)
+    strategy = resolve_strategy(cfg.strategy, env, method)
     model.to(device)
     method.added.to(device)
     if device.type == "cuda":
         model.autocast_backbone = True  # bf16 on the backbone, as Aurora fine-tunes
         model.configure_activation_checkpointing()
 
-    def loss_on(batch: TaskBatch) -> torch.Tensor:
-        return task.loss(task.predict(model, batch), batch)
+    if hasattr(method, "prepare"):  # static Fisher masks are chosen before training, on the
+        # global batches and before wrapping, so every rank computes the same mask alone
+        def prep_loss(batch: TaskBatch) -> torch.Tensor:
+            return task.loss(task.predict(model, batch), batch)
 
-    if hasattr(method, "prepare"):  # static Fisher masks are chosen before training
         prep = [_to(b, device) for _, b in zip(range(8), _batches(task, cfg, 0, 0))]
-        method.prepare(loss_on, prep, len(prep))
-    opt = method.optimizer(cfg.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
-    )
+        method.prepare(prep_loss, prep, len(prep))
+
     step, epoch, in_epoch = 0, 0, 0
+    state: dict[str, Any] | None = None
     if resume and ckpt_path.exists():
         try:
             with warnings.catch_warnings():  # torch's note that it validates sparse tensors
                 warnings.filterwarnings("ignore", message="Validating sparse tensor")
-                state = torch.load(ckpt_path, weights_only=True)
+                state = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except Exception as e:
             raise CheckpointError(f"Checkpoint {ckpt_path} is corrupt ({e}); delete it to restart.") from e
-        if state["config"] != cfg.to_dict():
+        if not cfg.same_run(state["config"]):
             raise CheckpointError(
                 f"{ckpt_path} belongs to a run with another config; use a new run directory."
             )
         method.load_adapter_state(state["adapter"])
-        opt.load_state_dict(_optimizer_state_from_disk(state["optimizer"]))
-        sched.load_state_dict(state["scheduler"])
         if state.get("selection") is not None:
             method.selection.load_state_dict(_unpack_bools(state["selection"]))
         torch.set_rng_state(state["torch_rng"])
         step, epoch, in_epoch = state["step"], state["epoch"], state["in_epoch"]
-    elif not resume:
+    elif not resume and env.is_main:
         (run / "metrics.jsonl").unlink(missing_ok=True)
-    write_json_atomic(run / "config.json", cfg.to_dict())
+
+    # DDP / FSDP see the backbone (with the task's heads) and the method's added modules.
+    net = wrap(TrainingModule(model, method.added), strategy, env, device)
+
+    def loss_on(batch: TaskBatch) -> torch.Tensor:
+        return task.loss(task.predict(net, batch), batch)
+
+    opt = method.optimizer(cfg.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
+    )
+    if state is not None:
+        opt.load_state_dict(_optimizer_state_from_disk(state["optimizer"]))
+        sched.load_state_dict(state["scheduler"])
+    if env.is_main:
+        write_json_atomic(run / "config.json", cfg.to_dict())
+    # Recorders write on rank 0; other ranks record into scratch (an FSDP forward of the
+    # attention recorder needs every rank).
+    scratch = None if env.is_main else tempfile.TemporaryDirectory(prefix="wpeft-rank")
     recorders = attach_recorders(
-        run, method, model, task, every=cfg.record_every, start_step=step
+        run if scratch is None else scratch.name, method, model, task,
+        every=cfg.record_every, start_step=step,
     )
 
     def checkpoint() -> None:
+        if strategy == "fsdp":
+            return  # see wpeft.distributed.strategy: FSDP runs do not checkpoint mid-run yet
+        if not env.is_main:
+            return
         selection = getattr(method, "selection", None)
         save_torch_atomic(
             {
@@ -268,23 +334,24 @@ def train(
                 "step": step,
                 "epoch": epoch,
                 "in_epoch": in_epoch,
+                "world_size": env.world_size,
             },
             ckpt_path,
         )
 
     params = method.trainable_parameters()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step",
-               desc=f"{cfg.task}/{cfg.method}")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or not env.is_main,
+               unit="step", desc=f"{cfg.task}/{cfg.method}")
     batches = _batches(task, cfg, epoch, in_epoch)
     started, seen = time.perf_counter(), 0
-    model.train()
+    net.train()
     while step < cfg.steps:
         batch = next(batches, None)
         if batch is None:
             epoch, in_epoch = epoch + 1, 0
             batches = _batches(task, cfg, epoch, 0)
             continue
-        batch = _to(batch, device)
+        batch = _to(shard_batch(batch, env), device)
         loss = loss_on(batch)
         if not torch.isfinite(loss):
             checkpoint()
@@ -300,48 +367,95 @@ def train(
         sched.step()
         step, in_epoch = step + 1, in_epoch + 1
         recorders.on_step(step)
-        seen += batch.targets[next(iter(batch.targets))].shape[0]
+        seen += cfg.batch_size
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - started):.1f}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            model.eval()
-            with torch.no_grad():
-                _, scores = task.evaluate(model, "val", cfg.batch_size)
-            model.train()
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "split": "val", "loss": loss.item(), **scores}) + "\n")
+            scores = _evaluate(task, model, "val", cfg, env, strategy)[1]
+            if env.is_main:
+                with open(run / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "split": "val", "loss": loss.item(), **scores}) + "\n")
+            net.train()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpoint()
     bar.close()
     recorders.close(step)
+    if scratch is not None:
+        scratch.cleanup()
     checkpoint()
+    if on_trained is not None:
+        on_trained(method, env)
 
-    model.eval()
-    with torch.no_grad():
-        fields, scores = task.evaluate(model, "test", cfg.batch_size)
-    tmp = run / "fields.nc.tmp"
-    fields.to_netcdf(tmp, encoding={v: {"zlib": True, "complevel": 1} for v in fields.data_vars})
-    os.replace(tmp, run / "fields.nc")
-    adapter_path = save_adapter(
-        method, reference, run / "adapter", task=cfg.task, budget=cfg.budget,
-        seed=cfg.seed, variables=list(getattr(task, "headline", ())),
-    )
-    summary = {
-        "task": cfg.task,
-        "method": cfg.method,
-        "budget": cfg.budget,
-        "budget_match": budget_info,
-        "seed": cfg.seed,
-        "encoder_decoder_policy": "train" if method.config.train_encoder_decoder else "frozen",
-        "method_config": method.config.to_dict(),
-        "trainable": method.trainable(),
-        "changed": method.changed(reference),
-        "budget_fraction": method.budget_fraction(),
-        "backbone_parameters": method.backbone_size,
-        "scores": scores,
-        "adapter_bytes": adapter_path.stat().st_size,
-        "steps": cfg.steps,
-        "train_seconds": time.perf_counter() - started,
-    }
-    write_json_atomic(run / "summary.json", summary)
+    evaluated_as = strategy
+    if strategy == "fsdp":  # rank 0 continues on an unsharded copy of the trained model
+        model, task, method, evaluated_as = _gather_unsharded(cfg, net, env, device, task)
+    fields, scores = _evaluate(task, model, "test", cfg, env, evaluated_as)
+    summary: dict[str, Any] = {}
+    if env.is_main:
+        tmp = run / "fields.nc.tmp"
+        fields.to_netcdf(tmp, encoding={v: {"zlib": True, "complevel": 1} for v in fields.data_vars})
+        os.replace(tmp, run / "fields.nc")
+        adapter_path = save_adapter(
+            method, reference, run / "adapter", task=cfg.task, budget=cfg.budget,
+            seed=cfg.seed, variables=list(getattr(task, "headline", ())),
+        )
+        summary = {
+            "task": cfg.task,
+            "method": cfg.method,
+            "budget": cfg.budget,
+            "budget_match": budget_info,
+            "seed": cfg.seed,
+            "encoder_decoder_policy": "train" if method.config.train_encoder_decoder else "frozen",
+            "method_config": method.config.to_dict(),
+            "trainable": method.trainable(),
+            "changed": method.changed(reference),
+            "budget_fraction": method.budget_fraction(),
+            "backbone_parameters": method.backbone_size,
+            "scores": scores,
+            "adapter_bytes": adapter_path.stat().st_size,
+            "steps": cfg.steps,
+            "train_seconds": time.perf_counter() - started,
+            "world_size": env.world_size,
+            "strategy": strategy,
+        }
+        write_json_atomic(run / "summary.json", summary)
+    if env.distributed:
+        box = [summary]
+        torch.distributed.broadcast_object_list(box, src=0)
+        summary = box[0]
     return summary
+
+
+def _gather_unsharded(
+    cfg: TrainConfig, net: nn.Module, env: DistEnv, device: torch.device, task: Task
+) -> tuple[Any, Task, Any, str]:
+    """Gather an FSDP-trained model's full state on rank 0 and load it into a freshly built,
+    unsharded model with the same method applied (FSDP2 replaces parameter objects, so the
+    method's per-parameter bookkeeping is done on the copy). Other ranks keep only ``task``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not env.is_main:
+        return None, task, None, "none"
+    model, task, method, _, _ = prepare_run(cfg)
+    TrainingModule(model, method.added).load_state_dict(full)
+    model.to(device)
+    method.added.to(device)
+    return model, task, method, "none"
+
+
+def _evaluate(
+    task: Task, model: WpeftAurora, split: str, cfg: TrainConfig, env: DistEnv, strategy: str
+) -> tuple[Any, dict[str, Any]]:
+    """Evaluate on rank 0 (DDP, one process) or on every rank in lockstep (FSDP needs all ranks
+    in each forward); the other ranks wait and return ``(None, {})``."""
+    if env.is_main or strategy == "fsdp":
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = task.evaluate(model, split, cfg.batch_size)
+        model.train(was_training)
+    else:
+        out = (None, {})
+    env.barrier()
+    return out if env.is_main else (None, {})

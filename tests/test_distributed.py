@@ -1,0 +1,214 @@
+"""Data-parallel training on CPU (gloo, 2 processes): a 2-rank run equals a 1-rank run with the
+same global batch; the SFAS mask is identical on every rank; bad layouts are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from wpeft.distributed.runtime import DistEnv, shard_batch
+from wpeft.distributed.strategy import resolve_strategy
+from wpeft.errors import ConfigError
+from wpeft.methods import create_method
+from wpeft.training.loop import TrainConfig, train
+
+WORLD = {"nlat": 16, "nlon": 32, "days": 12, "spinup_days": 1, "ensemble_inits": 8, "ensemble_members": 3}
+
+
+@pytest.fixture(autouse=True)
+def small_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("WPEFT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "world-cache"))
+
+
+def config(**kw) -> TrainConfig:
+    base = {
+        "task": "downscaling", "method": "weatherpeft", "steps": 4, "batch_size": 4, "warmup_steps": 1,
+        "checkpoint_every": 2, "task_options": {"world": WORLD}, "device": "cpu", "lr": 1e-3,
+    }
+    return TrainConfig(**{**base, **kw})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mask_digest(method, env) -> None:
+    """Each rank writes a digest of its selection masks (empty for dense methods)."""
+    h = hashlib.sha256()
+    for name, mask in sorted(getattr(method, "mask_dict", dict)().items()):
+        h.update(name.encode())
+        h.update(mask.to(torch.uint8).numpy().tobytes())
+    out = Path(os.environ["WPEFT_TEST_OUT"]) / f"mask-rank{env.rank}.txt"
+    out.write_text(h.hexdigest())
+
+
+def _worker(
+    rank: int, world: int, port: int, cfg: dict, run_dir: str, out: str, resume: bool, die_at: int
+) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WPEFT_TEST_OUT=out,
+    )
+    torch.set_num_threads(1)
+    if die_at:  # a crash of every rank during optimiser step ``die_at`` (1-based)
+        calls = {"n": 0}
+
+        def die(opt, args, kwargs):
+            calls["n"] += 1
+            if calls["n"] == die_at:
+                raise RuntimeError("killed")
+
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        register_optimizer_step_pre_hook(die)
+    try:
+        train(TrainConfig.from_dict(cfg), run_dir, progress=False, resume=resume,
+              on_trained=_mask_digest)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run_ranks(
+    cfg: TrainConfig, run_dir: Path, world: int = 2, resume: bool = False, die_at: int = 0
+) -> Path:
+    out = run_dir.parent / f"{run_dir.name}-ranks"
+    out.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(
+        _worker, args=(world, _free_port(), cfg.to_dict(), str(run_dir), str(out), resume, die_at),
+        nprocs=world, join=True, start_method="spawn",
+    )
+    return out
+
+
+def compare_adapters(a: Path, b: Path, atol: float) -> float:
+    """Largest absolute difference between two runs' adapter tensors (same keys required)."""
+    ta, tb = load_file(a / "adapter.safetensors"), load_file(b / "adapter.safetensors")
+    assert ta.keys() == tb.keys()
+    worst = 0.0
+    for k in ta:
+        if ta[k].is_floating_point():
+            worst = max(worst, float((ta[k] - tb[k]).abs().max()))
+        else:  # SFAS indices: the same entries were selected
+            assert torch.equal(ta[k], tb[k]), k
+    assert worst <= atol, worst
+    return worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,budget", [("full", None), ("lora", 0.04), ("weatherpeft", 0.04)])
+def test_two_rank_ddp_equals_one_rank(tmp_path, method, budget) -> None:
+    cfg = config(method=method, budget=budget, lr=3e-4 if method == "full" else 1e-3)
+    one = train(cfg, tmp_path / "one", progress=False)
+    out = run_ranks(cfg, tmp_path / "two")
+    two = json_load(tmp_path / "two" / "summary.json")
+    assert two["world_size"] == 2 and two["strategy"] == "ddp"
+    # Same global batch, same data order, gradients all-reduced: the same training up to
+    # float rounding of the mean over two halves (stated tolerance: 1e-4 on any weight after
+    # four Adam steps of lr <= 1e-3).
+    compare_adapters(tmp_path / "one", tmp_path / "two", atol=1e-4)
+    for key, value in one["scores"].items():
+        assert two["scores"][key] == pytest.approx(value, rel=1e-4), key
+    assert two["trainable"] == one["trainable"]
+    if method == "weatherpeft":
+        digests = {p.read_text() for p in out.glob("mask-rank*.txt")}
+        assert len(list(out.glob("mask-rank*.txt"))) == 2 and len(digests) == 1
+
+
+def json_load(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_two_rank_run_resumes_on_one_rank(tmp_path) -> None:
+    """A checkpoint written by a 2-rank run (world-size independent: full adapter tensors and the
+    global data position) continues on one rank to the uninterrupted result."""
+    cfg = config(method="lora", budget=0.04, steps=4, checkpoint_every=2)
+    train(cfg, tmp_path / "ref", progress=False)
+    with pytest.raises(mp.ProcessRaisedException, match="killed"):
+        run_ranks(cfg, tmp_path / "killed", die_at=3)  # after the step-2 checkpoint
+    state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 2
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    train(cfg, tmp_path / "killed", resume=True, progress=False)
+    compare_adapters(tmp_path / "ref", tmp_path / "killed", atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,budget", [("full", None), ("lora", 0.04)])
+def test_two_rank_fsdp2_equals_one_rank(tmp_path, method, budget) -> None:
+    """FSDP2 (``fully_shard`` per Swin block, gloo on CPU) trains like one process."""
+    cfg = config(method=method, budget=budget, lr=3e-4 if method == "full" else 1e-3)
+    one = train(cfg, tmp_path / "one", progress=False)
+    run_ranks(config(method=method, budget=budget, lr=cfg.lr, strategy="fsdp"), tmp_path / "two")
+    two = json_load(tmp_path / "two" / "summary.json")
+    assert two["world_size"] == 2 and two["strategy"] == "fsdp"
+    compare_adapters(tmp_path / "one", tmp_path / "two", atol=1e-4)
+    for key, value in one["scores"].items():
+        assert two["scores"][key] == pytest.approx(value, rel=1e-4), key
+    assert two["trainable"] == one["trainable"] and two["changed"] == one["changed"]
+
+
+def test_shard_batch_splits_the_global_batch_evenly() -> None:
+    from wpeft.tasks import create_task
+
+    task = create_task("downscaling", world=WORLD)
+    batch = next(iter(task.batches("train", 4, seed=0)))
+    parts = [shard_batch(batch, DistEnv(rank=r, world_size=2)) for r in range(2)]
+    for name, full in batch.targets.items():
+        assert torch.equal(torch.cat([p.targets[name] for p in parts]), full)
+    for name, full in batch.inputs.surf_vars.items():
+        assert torch.equal(torch.cat([p.inputs.surf_vars[name] for p in parts]), full)
+        assert parts[0].inputs.surf_vars[name].shape[0] == 2
+    assert parts[1].inputs.metadata.time == batch.inputs.metadata.time[2:]
+    with pytest.raises(ConfigError, match="not divisible by world size 3"):
+        shard_batch(batch, DistEnv(rank=0, world_size=3))
+
+
+def test_strategy_choice_and_refusals() -> None:
+    single, pair = DistEnv(), DistEnv(rank=0, world_size=2)
+    lora, sfas = create_method("lora"), create_method("sfas")
+    assert resolve_strategy("auto", single, lora) == "none"
+    assert resolve_strategy("auto", pair, lora) == "ddp"
+    assert resolve_strategy("fsdp", pair, lora) == "fsdp"
+    with pytest.raises(ConfigError, match="Use --strategy ddp"):
+        resolve_strategy("fsdp", pair, sfas)
+    with pytest.raises(ConfigError, match="ranks would train apart"):
+        resolve_strategy("none", pair, lora)
+    with pytest.raises(ConfigError, match="unknown"):
+        TrainConfig(strategy="zero3")
+
+
+@pytest.mark.slow
+def test_torchrun_launch_of_the_cli(tmp_path) -> None:
+    """``torchrun --nproc_per_node=2 -m wpeft train`` runs, rank 0 writes and reports."""
+    import json
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip(f"torchrun not found beside {sys.executable}")
+    cmd = [
+        str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "wpeft",
+        "train", "--method", "lora", "--budget", "0.04", "--steps", "2", "--batch-size", "4",
+        "--device", "cpu", "--quiet", "--out", str(tmp_path / "run"),
+        "--task-option", f"world={json.dumps(WORLD)}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WPEFT_CACHE_DIR": os.environ["WPEFT_CACHE_DIR"]}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("run ") == 1  # one report, from rank 0
+    summary = json_load(tmp_path / "run" / "summary.json")
+    assert summary["world_size"] == 2 and summary["strategy"] == "ddp"
