@@ -23,10 +23,11 @@ def small_cache(tmp_path_factory, monkeypatch):
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(
-        task="downscaling", method="weatherpeft", steps=4, batch_size=2, warmup_steps=1,
-        checkpoint_every=2, task_options={"world": WORLD}, device="cpu",
-    )
+    base = {
+        "task": "downscaling", "method": "weatherpeft", "steps": 4, "batch_size": 2,
+        "warmup_steps": 1, "checkpoint_every": 2, "task_options": {"world": WORLD},
+        "device": "cpu",
+    }
     return TrainConfig(**{**base, **kw})
 
 
@@ -116,6 +117,13 @@ def test_compare_writes_tables_and_resumes(tmp_path) -> None:
     expected = [json.loads((tmp_path / "downscaling" / f"bitfit-default-s{s}" / "summary.json").read_text())["scores"]["rmse/2m_temperature"] for s in (0, 1)]
     assert list(rmse) == expected
 
+
+def test_compare_cells_carry_the_record_interval() -> None:
+    cells = CompareConfig(methods=("weatherpeft", "full"), steps=30, record_every=3).cells()
+    assert [(c.method, c.steps, c.record_every) for c in cells] == [
+        ("weatherpeft", 30, 3), ("full", 30, 3)
+    ]
+    assert CompareConfig().cells()[0].record_every == TrainConfig().record_every
 
 @pytest.mark.parametrize("method", ["child_tuning_d", "fish", "sfas", "lora", "vpt", "ssf"])
 def test_every_kind_of_method_trains_through_the_loop(tmp_path, method: str) -> None:

@@ -36,6 +36,7 @@ class CompareConfig:
     batch_size: int = 4
     lr: float = 1e-3
     lr_full: float | None = 3e-4  # Full-Tuning is usually run with a smaller learning rate
+    record_every: int = 10  # interval of the Fisher-mask records (selection methods), in steps
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def cells(self) -> list[TrainConfig]:
@@ -53,6 +54,7 @@ class CompareConfig:
                             TrainConfig(
                                 task=task, method=method, budget=budget, seed=seed,
                                 steps=self.steps, batch_size=self.batch_size, lr=lr,
+                                record_every=self.record_every,
                                 task_options=dict(self.task_options.get(task, {})),
                             )
                         )

@@ -15,7 +15,12 @@ Needs the ``viz`` extra (matplotlib; cartopy for Earth maps; holoviews + bokeh f
 """
 
 from wpeft.viz.attention import plot_patch_attention, plot_prompt_map, plot_variable_attention
-from wpeft.viz.fisher import plot_mask_heatmap, plot_mask_image, plot_overlap_curves
+from wpeft.viz.fisher import (
+    plot_mask_heatmap,
+    plot_mask_image,
+    plot_mask_layers,
+    plot_overlap_curves,
+)
 from wpeft.viz.interactive import (
     hv_budget_vs_skill,
     hv_mask_heatmap,
@@ -47,6 +52,7 @@ __all__ = [
     "plot_budget_vs_skill",
     "plot_mask_heatmap",
     "plot_mask_image",
+    "plot_mask_layers",
     "plot_overlap_curves",
     "plot_patch_attention",
     "plot_prompt_map",

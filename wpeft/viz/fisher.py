@@ -27,6 +27,7 @@ __all__ = [
     "overlap_series",
     "plot_mask_heatmap",
     "plot_mask_image",
+    "plot_mask_layers",
     "plot_overlap_curves",
     "select_step",
 ]
@@ -127,6 +128,58 @@ def plot_mask_heatmap(
         "sum over tensor kinds" if variable == "fisher_mass" else "mean over tensor kinds"
     )
     ax.set_title(f"{label}\n({which})", fontsize="medium")
+    fig.colorbar(mesh, ax=ax, label=label)
+    return fig
+
+
+def plot_mask_layers(
+    fisher: xr.Dataset, variable: str = "density", step: int | None = None
+) -> Figure:
+    """One step of a per-tensor mask record: block (rows, in record order) x tensor kind.
+
+    Args:
+        fisher: Fisher-mask records (dims ``step``, ``block``, ``tensor``).
+        variable: One of :data:`MASK_VARIABLES`.
+        step: A recorded step (``None``: the last one).
+
+    The colour limits span *every* recorded step (frames of a step slider compare directly;
+    [0, 1] for the Jaccard records). Tensor kinds without data at any step are left out; blocks
+    without a tensor of a kept kind are drawn light grey.
+    """
+    da = _check(fisher, variable)
+    if "tensor" not in da.dims or "block" not in da.dims:
+        raise DataError(f"{variable!r} is not a per-(block, tensor) record; dims {da.dims}.")
+    has_data = da.notnull().any([d for d in da.dims if d != "tensor"])
+    if bool(has_data.any()):
+        da = da.sel(tensor=has_data)
+    at, step = select_step(da, step)
+    at = at.transpose("block", "tensor")
+    blocks = [str(b) for b in at["block"].values]
+    kinds = [str(t) for t in at["tensor"].values]
+    everything = np.asarray(da.values, dtype=float)
+    norm = (
+        sequential_norm(everything, 0.0, 1.0)
+        if variable in _UNIT_RANGE
+        else sequential_norm(everything, vmin=0.0)
+    )
+    fig = new_figure((max(4.5, 0.6 * len(kinds) + 3.0), max(3.0, 0.28 * len(blocks) + 1.2)))
+    ax = fig.add_subplot()
+    cmap = mpl.colormaps[SEQUENTIAL].with_extremes(bad="0.88")
+    values = np.ma.masked_invalid(np.asarray(at.values, dtype=float))
+    mesh = ax.pcolormesh(
+        np.arange(len(kinds) + 1) - 0.5,
+        np.arange(len(blocks) + 1) - 0.5,
+        values,
+        cmap=cmap,
+        norm=norm,
+    )
+    ax.set_xticks(np.arange(len(kinds)), kinds)
+    ax.set_yticks(np.arange(len(blocks)), blocks)
+    ax.invert_yaxis()  # first block on top, as in plot_mask_heatmap
+    ax.set_xlabel("tensor kind")
+    ax.set_ylabel("block")
+    label = MASK_VARIABLES.get(variable, variable)
+    ax.set_title(f"{label}\nat step {step}", fontsize="medium")
     fig.colorbar(mesh, ax=ax, label=label)
     return fig
 
