@@ -310,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backbone", default="tiny")
     m.set_defaults(func=cmd_methods)
 
+    from wpeft.distributed import plan as plan_module
+
+    pl = sub.add_parser("plan", help="per-GPU memory of a fine-tuning job and the strategy that fits")
+    plan_module.add_arguments(pl)
+    pl.set_defaults(func=plan_module.main)
+
     w = sub.add_parser("world", help="generate (or open the cached) embedded world")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--resolution", choices=("fine", "coarse"), default="fine")
