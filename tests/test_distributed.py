@@ -41,14 +41,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _mask_digest(method, env) -> None:
-    """Each rank writes a digest of its selection masks (empty for dense methods)."""
+def _state_numel(opt) -> int:
+    """Scalars of optimiser state this process holds (its local shard under ZeRO)."""
+    local = getattr(opt, "optim", opt)
+    return sum(v.numel() for s in local.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def _mask_digest(method, env, opt) -> None:
+    """Each rank writes a digest of its selection masks (empty for dense methods) and the size
+    of the optimiser state it holds."""
+    out_dir = Path(os.environ["WPEFT_TEST_OUT"])
+    (out_dir / f"state-rank{env.rank}.txt").write_text(str(_state_numel(opt)))
     h = hashlib.sha256()
     for name, mask in sorted(getattr(method, "mask_dict", dict)().items()):
         h.update(name.encode())
         h.update(mask.to(torch.uint8).numpy().tobytes())
-    out = Path(os.environ["WPEFT_TEST_OUT"]) / f"mask-rank{env.rank}.txt"
-    out.write_text(h.hexdigest())
+    (out_dir / f"mask-rank{env.rank}.txt").write_text(h.hexdigest())
 
 
 def _worker(
@@ -207,8 +215,25 @@ def test_torchrun_launch_of_the_cli(tmp_path) -> None:
         "--task-option", f"world={json.dumps(WORLD)}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WPEFT_CACHE_DIR": os.environ["WPEFT_CACHE_DIR"]}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("run ") == 1  # one report, from rank 0
     summary = json_load(tmp_path / "run" / "summary.json")
     assert summary["world_size"] == 2 and summary["strategy"] == "ddp"
+
+
+@pytest.mark.slow
+def test_sharded_optimizer_state_trains_like_one_rank(tmp_path) -> None:
+    """DDP + ZeRO-1 (``shard_optimizer``): WeatherPEFT's masked AdamW state is split over the
+    ranks, not replicated, and training matches one process."""
+    cfg = config(method="weatherpeft", budget=0.04)
+    states = {}
+    train(cfg, tmp_path / "one", progress=False,
+          on_trained=lambda m, e, opt: states.setdefault("one", _state_numel(opt)))
+    out = run_ranks(config(method="weatherpeft", budget=0.04, shard_optimizer=True), tmp_path / "two")
+    compare_adapters(tmp_path / "one", tmp_path / "two", atol=1e-4)
+    shards = [int((out / f"state-rank{r}.txt").read_text()) for r in range(2)]
+    assert sum(shards) == states["one"]  # every entry's state lives on exactly one rank
+    assert max(shards) < 0.8 * states["one"]
+    with pytest.raises(ConfigError, match="needs the ddp strategy"):
+        train(config(shard_optimizer=True), tmp_path / "single", progress=False)

@@ -143,6 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         strategy=args.strategy,
+        shard_optimizer=args.shard_optimizer,
     )
     if not args.dry_run and args.out is None:
         raise ConfigError("wpeft train needs --out RUN_DIR (or --dry-run to print the plan).")
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--strategy", default="auto", choices=("auto", "none", "ddp", "fsdp"),
                    help="data parallelism under torchrun (auto: DDP when WORLD_SIZE > 1)")
+    t.add_argument("--shard-optimizer", action="store_true",
+                   help="under DDP, shard the optimiser state over the ranks (ZeRO-1)")
     t.add_argument("--dry-run", action="store_true",
                    help="print the launch plan (world size, per-rank batch, sharding, precision, "
                         "checkpointing) and exit")

@@ -52,6 +52,9 @@ def launch_plan(cfg: Any) -> dict[str, Any]:
             "fsdp": "FSDP2 fully_shard per Swin block + root; parameters, gradients and "
                     "optimiser state sharded over ranks",
         }[strategy],
+        "optimizer_state": "sharded over ranks (ZeRO-1)" if getattr(cfg, "shard_optimizer", False)
+        and strategy == "ddp" else ("sharded with the parameters" if strategy == "fsdp"
+                                    else "replicated on every rank" if env.distributed else "local"),
         "precision": "bf16 autocast on the backbone, fp32 weights and optimiser" if wants_cuda
         else "fp32",
         "activation_checkpointing": "per Swin block" if wants_cuda else "off (CPU)",

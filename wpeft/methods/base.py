@@ -230,12 +230,26 @@ class PEFTMethod:
     def after_backward(self, step: int, total_steps: int) -> None:
         """Runs after ``loss.backward()`` and before ``optimizer.step()`` (SFAS selects here)."""
 
+    def optimizer_recipe(
+        self, lr: float, weight_decay: float = 0.0
+    ) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        """The optimiser class and its keyword arguments (serialisable values only), so that a
+        sharded wrapper (``ZeroRedundancyOptimizer``) can build it over a share of the
+        parameters; :meth:`bind_optimizer` then attaches the method's state."""
+        return torch.optim.AdamW, {"lr": lr, "weight_decay": weight_decay}
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hook: connect an optimiser built from :meth:`optimizer_recipe` to the method."""
+
     def optimizer(self, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters (selection methods return a sparse-safe one)."""
         params = self.trainable_parameters()
         if not params:
             raise ConfigError(f"Method {self.name!r} left nothing trainable.")
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        cls, kwargs = self.optimizer_recipe(lr, weight_decay)
+        opt = cls(params, **kwargs)
+        self.bind_optimizer(opt)
+        return opt
 
     def describe(self) -> dict[str, Any]:
         """What a run records about the method."""

@@ -585,7 +585,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.dense = dense
-        self._mask_of = mask_of
+        #: ``param -> bool mask or None``; may be set after construction.
+        self.mask_of = mask_of
         self._masks: dict[int, torch.Tensor] = {}
 
     def set_masks(self, masks: Mapping[torch.Tensor, torch.Tensor | None]) -> None:
@@ -602,7 +603,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 self._masks[id(p)] = m
 
     def mask_for(self, p: torch.Tensor) -> torch.Tensor | None:
-        return self._mask_of(p) if self._mask_of is not None else self._masks.get(id(p))
+        return self.mask_of(p) if self.mask_of is not None else self._masks.get(id(p))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -433,17 +433,13 @@ class _SelectionMethod(PEFTMethod):
             return sel.count_of(p)
         return super().trainable_in(p)
 
-    def optimizer(self, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-        params = self.trainable_parameters()
-        if not params:
-            raise ConfigError(f"Method {self.name!r} left nothing trainable.")
-        return MaskedAdamW(
-            params,
-            lr=lr,
-            weight_decay=weight_decay,
-            dense=self.config.dense_update,
-            mask_of=self._sel().mask_of,
-        )
+    def optimizer_recipe(
+        self, lr: float, weight_decay: float = 0.0
+    ) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        return MaskedAdamW, {"lr": lr, "weight_decay": weight_decay, "dense": self.config.dense_update}
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.mask_of = self._sel().mask_of
 
     def adapter_state(self, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Backbone entries that differ from ``reference`` as ``<name>.indices`` (int64 flat)

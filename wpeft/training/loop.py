@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from tqdm.auto import tqdm
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone
@@ -64,6 +65,8 @@ class TrainConfig:
         strategy: Data parallelism under torchrun: ``auto`` (DDP when world size > 1),
             ``none``, ``ddp`` or ``fsdp`` (FSDP2, per Swin block). ``batch_size`` is the global
             batch, split evenly over the ranks.
+        shard_optimizer: Under DDP, shard the optimiser state over the ranks (ZeRO-1,
+            ``torch.distributed.optim.ZeroRedundancyOptimizer``) instead of replicating it.
     """
 
     task: str = "downscaling"
@@ -84,6 +87,7 @@ class TrainConfig:
     device: str = "auto"
     record_every: int = 10
     strategy: str = "auto"
+    shard_optimizer: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -110,8 +114,9 @@ class TrainConfig:
     def same_run(self, other: dict[str, Any]) -> bool:
         """Whether ``other`` (a checkpoint's config) describes this run; the parallel layout
         may differ (a checkpoint resumes on another world size or strategy)."""
-        mine = {k: v for k, v in self.to_dict().items() if k != "strategy"}
-        theirs = {k: v for k, v in other.items() if k != "strategy"}
+        layout = ("strategy", "shard_optimizer")
+        mine = {k: v for k, v in self.to_dict().items() if k not in layout}
+        theirs = {k: v for k, v in other.items() if k not in layout}
         return mine == theirs
 
 
@@ -241,12 +246,12 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
-    on_trained: Callable[[PEFTMethod, DistEnv], None] | None = None,
+    on_trained: Callable[[PEFTMethod, DistEnv, torch.optim.Optimizer], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune, evaluate on the test split, and write the run directory. Returns the summary.
 
     Under ``torchrun`` every rank calls this with the same arguments; rank 0 writes the run
-    directory, and every rank returns the same summary. ``on_trained(method, env)`` is called on
+    directory, and every rank returns the same summary. ``on_trained(method, env, optimizer)`` is called on
     every rank after the last step, before evaluation (to inspect the trained state).
     """
     run = Path(run_dir)
@@ -300,7 +305,7 @@ def train(
     def loss_on(batch: TaskBatch) -> torch.Tensor:
         return task.loss(task.predict(net, batch), batch)
 
-    opt = method.optimizer(cfg.lr, cfg.weight_decay)
+    opt = _optimizer(method, cfg, strategy)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
     )
@@ -320,6 +325,8 @@ def train(
     def checkpoint() -> None:
         if strategy == "fsdp":
             return  # see wpeft.distributed.strategy: FSDP runs do not checkpoint mid-run yet
+        if isinstance(opt, ZeroRedundancyOptimizer):
+            opt.consolidate_state_dict(to=0)  # every rank sends its shard to rank 0
         if not env.is_main:
             return
         selection = getattr(method, "selection", None)
@@ -384,7 +391,7 @@ def train(
         scratch.cleanup()
     checkpoint()
     if on_trained is not None:
-        on_trained(method, env)
+        on_trained(method, env, opt)
 
     evaluated_as = strategy
     if strategy == "fsdp":  # rank 0 continues on an unsharded copy of the trained model
@@ -424,6 +431,22 @@ def train(
         torch.distributed.broadcast_object_list(box, src=0)
         summary = box[0]
     return summary
+
+
+def _optimizer(method: PEFTMethod, cfg: TrainConfig, strategy: str) -> torch.optim.Optimizer:
+    """The method's optimiser, or under ``shard_optimizer`` a ZeRO-1 wrapper of it that keeps
+    each parameter's state on one rank only (the method's masks bound to the local shard)."""
+    if not cfg.shard_optimizer:
+        return method.optimizer(cfg.lr, cfg.weight_decay)
+    if strategy != "ddp":
+        raise ConfigError(
+            f"shard_optimizer needs the ddp strategy (got {strategy!r}); FSDP shards the "
+            "optimiser state by itself and one process has nothing to shard over."
+        )
+    cls, kwargs = method.optimizer_recipe(cfg.lr, cfg.weight_decay)
+    opt = ZeroRedundancyOptimizer(method.trainable_parameters(), optimizer_class=cls, **kwargs)
+    method.bind_optimizer(opt.optim)
+    return opt
 
 
 def _gather_unsharded(
