@@ -635,3 +635,31 @@ def test_grib_reader_and_cartopy_share_a_process_cleanly() -> None:
     pytest.importorskip("cartopy")
     code = "import wpeft, eccodes, cartopy.crs as c; c.PlateCarree()"
     assert subprocess.run([sys.executable, "-c", code], check=False, timeout=120).returncode == 0
+
+
+def test_hv_mask_heatmap_has_one_column_per_record(hv):
+    fisher = make_fisher().assign_coords(step=[0, 10, 20, 25])  # last record off the interval
+    heat = viz.hv_mask_heatmap(fisher, "density")
+    assert list(dict.fromkeys(heat.dimension_values("step"))) == ["0", "10", "20", "25"]
+    plot = hv.renderer("bokeh").get_plot(heat)
+    assert list(plot.state.x_range.factors) == ["0", "10", "20", "25"]  # equal-width columns
+
+
+def test_hv_skill_comparison_of_signed_fields_is_diverging(hv):
+    a, b, diff = make_skill()
+    bias_a, bias_b = (a - 1.2).rename("2m_temperature_bias"), (b - 1.5).rename("2m_temperature_bias")
+    ia, ib, _ = viz.hv_skill_comparison(bias_a, bias_b, diff)
+    lo, hi = ia.range(ia.vdims[0])
+    assert lo == -hi and ib.range(ib.vdims[0]) == (lo, hi)
+    assert ia.opts.get().kwargs["cmap"] == "RdBu_r"
+    ra, _, _ = viz.hv_skill_comparison(a, b, diff)
+    assert ra.opts.get().kwargs["cmap"] == "viridis"
+
+
+def test_hv_budget_vs_skill_title_and_padding(hv):
+    scat = viz.hv_budget_vs_skill(_runs(), title="downscaling: budget vs RMSE")
+    opts = scat.opts.get().kwargs
+    assert opts["title"] == "downscaling: budget vs RMSE" and opts["padding"] == 0.1
+    plot = hv.renderer("bokeh").get_plot(scat)
+    lo, hi = plot.state.x_range.start, plot.state.x_range.end
+    assert lo < 0.1 and hi > 100.0  # the extreme runs are not drawn on the frame's edge

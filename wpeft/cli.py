@@ -227,6 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n{task} (test split; latitude-weighted RMSE in physical units)\n{table}")
     print("\nA short CPU run: see README 'Results' for the full comparison and what it shows.")
     print(f"\nRun directories (config, metrics, adapter, fields.nc): {Path(args.out).resolve()}")
+    print(f"Look at them in a browser: wpeft serve {Path(args.out).parent}   (or wpeft figures ...)")
     return 0
 
 
@@ -318,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="per-GPU memory of a fine-tuning job and the strategy that fits")
     plan_module.add_arguments(pl)
     pl.set_defaults(func=plan_module.main)
+
+    from wpeft.app import serve as serve_module
+
+    sv = sub.add_parser("serve", help="the Panel workbench over a runs directory (127.0.0.1 by default)")
+    serve_module.add_arguments(sv)
+    sv.set_defaults(func=serve_module.main)
 
     w = sub.add_parser("world", help="generate (or open the cached) embedded world")
     w.add_argument("--seed", type=int, default=0)

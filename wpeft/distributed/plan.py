@@ -95,14 +95,16 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone
 from wpeft.backbones.configs import CONFIGS, BackboneConfig, get_config
 from wpeft.errors import ConfigError
+
+if TYPE_CHECKING:  # the model code is imported when a plan is made, not by `wpeft --help`
+    from wpeft.backbones.aurora_adapter import WpeftAurora
 
 __all__ = [
     "PRECISIONS",
@@ -414,6 +416,7 @@ def inventory(
     method_options: Mapping[str, Any] | None = None,
 ) -> ModelInventory:
     """Build the backbone on the meta device, apply the method, and count what memory needs."""
+    from wpeft.backbones.aurora_adapter import build_backbone
     from wpeft.methods import create_method
     from wpeft.methods.budget import match_budget
     from wpeft.methods.prompt_injection import PromptInjector

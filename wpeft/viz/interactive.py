@@ -1,7 +1,9 @@
 """HoloViews versions of the wpeft views, for notebooks and the Panel dashboard.
 
 Same inputs as the matplotlib views (see :mod:`wpeft.viz.fisher`, :mod:`~wpeft.viz.attention`,
-:mod:`~wpeft.viz.skill`), same colormaps and colour limits; each returns a HoloViews object
+:mod:`~wpeft.viz.skill`), same colormaps and colour limits (except that
+:func:`hv_skill_comparison` draws A and B of signed fields, e.g. bias, diverging about zero as
+:func:`hv_skill_map` does); each returns a HoloViews object
 (nothing is rendered or shown). Colour limits are set as the value dimension's ``range``, so they
 hold for any backend; styling options are given for the bokeh backend (hover, colourbars).
 
@@ -119,11 +121,16 @@ def hv_mask_heatmap(
     fisher: xr.Dataset, variable: str = "density", tensor: str | None = None
 ) -> Any:
     """hv.HeatMap, kdims ``(step, block)``, vdim ``variable`` (tensor kinds aggregated as in
-    :func:`wpeft.viz.fisher.aggregate_tensors`)."""
+    :func:`wpeft.viz.fisher.aggregate_tensors`). Steps are categorical labels (``"10"``) in
+    record order, so every record gets one equal-width column."""
     hv = _hv()
     data = aggregate_tensors(fisher, variable, tensor)
     df = data.to_dataframe(name=variable).reset_index()[["step", "block", variable]]
     df["block"] = df["block"].astype(str)
+    # steps as labels: one equal-width column per record (numeric steps leave gaps and uneven
+    # cells when the last record is off the regular interval)
+    df = df.sort_values("step", kind="stable")
+    df["step"] = df["step"].astype(int).astype(str)
     lo, hi = (0.0, 1.0) if variable in _UNIT_RANGE else _limits(df[variable], vmin=0.0)
     vdim = hv.Dimension(variable, label=MASK_VARIABLES.get(variable, variable), range=(lo, hi))
     kdims = [hv.Dimension("step", label="training step"), hv.Dimension("block")]
@@ -201,7 +208,7 @@ def hv_variable_attention(attention: xr.Dataset, block: Any, *, step: int | None
              hv.Dimension("variable_q", label="query variable")]
     return hv.HeatMap(df, kdims=kdims, vdims=[vdim]).opts(
         cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True, xrotation=45,
-        width=500, height=420, title=f"external attention between variables, {where}",
+        width=600, height=460, title=f"external attention between variables, {where}",
         backend="bokeh",
     )
 
@@ -303,22 +310,28 @@ def hv_skill_comparison(
     variable: str | None = None,
 ) -> Any:
     """hv.Layout of three maps: A, B (one vdim range) and A − B (symmetric range, ``RdBu_r``),
-    the last overlaid with hv.Points (stipples) at non-significant grid points."""
+    the last overlaid with hv.Points (stipples) at non-significant grid points (if any). A and B use
+    ``viridis``, or ``RdBu_r`` on a range symmetric about zero when they hold both signs
+    (bias)."""
     hv = _hv()
     a = latlon_field(field_a, variable)
     b = latlon_field(field_b, variable)
     diff, significant = _as_difference(a, b, difference, variable)
     name = str(a.name or "value")
-    rng = _limits(np.concatenate([np.ravel(a.values), np.ravel(b.values)]))
+    both = np.concatenate([np.ravel(a.values), np.ravel(b.values)])
+    if _is_signed(both):
+        rng, cmap = symmetric_limits(both), DIVERGING
+    else:
+        rng, cmap = _limits(both), SEQUENTIAL
     vdim = _value_dim(a, name, rng)
     ddim = hv.Dimension(f"{name}_difference", label=f"Δ {vdim.label}", unit=vdim.unit,
                         range=symmetric_limits(diff.values))
     panels = [
-        _image(a, vdim, earth=earth, cmap=SEQUENTIAL, title=labels[0]),
-        _image(b, vdim, earth=earth, cmap=SEQUENTIAL, title=labels[1]),
+        _image(a, vdim, earth=earth, cmap=cmap, title=labels[0]),
+        _image(b, vdim, earth=earth, cmap=cmap, title=labels[1]),
     ]
     d = _image(diff, ddim, earth=earth, cmap=DIVERGING, title=f"{labels[0]} − {labels[1]}")
-    if significant is not None:
+    if significant is not None and not bool(significant.all()):
         ns = display_longitudes(~significant.astype(bool)).stack(point=("latitude", "longitude"))
         ns = ns[ns.values]
         pts = hv.Points((ns["longitude"].values, ns["latitude"].values),
@@ -333,9 +346,11 @@ def hv_budget_vs_skill(
     score: str = "score",
     score_label: str | None = None,
     methods: Sequence[str] | None = None,
+    title: str = "",
 ) -> Any:
     """hv.Overlay of one hv.Scatter per method (every run), kdim ``budget_percent`` (log x),
-    vdim ``score``, plus an hv.Curve through the method's mean score per budget."""
+    vdim ``score``, plus an hv.Curve through the method's mean score per budget; ``title``
+    names the plot."""
     hv = _hv()
     df = budget_table(table, score)
     label = score_label or df.attrs["score_label"]
@@ -357,4 +372,4 @@ def hv_budget_vs_skill(
             color=color, size=9, marker=_MARKERS.get(styles[m]["marker"], "circle"),
             tools=["hover"], backend="bokeh"))
     return hv.Overlay(layers).opts(logx=True, width=600, height=420, legend_position="right",
-                                   backend="bokeh")
+                                   padding=0.1, title=title, backend="bokeh")

@@ -1,0 +1,502 @@
+"""wpeft.app without a browser: run names confined to RUNS_DIR, data read once for all sessions,
+the server launcher's argument checks, and the workbench's session logic (Panel objects driven
+from Python). Runs are hand-made directories with records written through the real
+RecordStore (no training), so this file takes seconds; tests/test_workbench_browser.py drives
+the served page over real training runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from wpeft.app.catalog import (
+    Catalog,
+    DataCache,
+    RunNameError,
+    RunsDirError,
+    check_runs_dir,
+    split_variable,
+    validate_run_name,
+)
+from wpeft.errors import DataError
+from wpeft.runs.store import RecordStore
+
+SECRET = "TOP-SECRET-MARKER"
+
+
+# --------------------------------------------------------------------------- hand-made runs
+
+
+def _fisher_steps() -> list[xr.Dataset]:
+    """One Fisher record per step (0, 10, 20, 30), as the recorder appends them."""
+    from test_viz import make_fisher
+
+    ds = make_fisher()
+    ds.attrs.update(static_variables="image_rows,image_cols", k=1234, method="weatherpeft")
+    return [ds.isel(step=i, drop=True) for i in range(ds.sizes["step"])]
+
+
+def _attention() -> xr.Dataset:
+    from test_viz import make_attention
+
+    return make_attention()
+
+
+def _fields(seed: int, bias: float = 0.0) -> xr.Dataset:
+    """Test predictions and truth of a small downscaling run (6 times, 8 x 16 grid)."""
+    rng = np.random.default_rng(seed)
+    time = pd.date_range("2000-01-01", periods=6, freq="6h")
+    lat = np.linspace(78.75, -78.75, 8)
+    lon = np.arange(0.0, 360.0, 22.5)
+    truth_t2m = 280 + rng.normal(0, 5, (6, 8, 16))
+    truth_t = 250 + rng.normal(0, 5, (6, 2, 8, 16))
+    dims3, dims4 = ("time", "latitude", "longitude"), ("time", "level", "latitude", "longitude")
+    ds = xr.Dataset(
+        {
+            "2m_temperature": (dims3, truth_t2m + bias + rng.normal(0, 1 + seed, truth_t2m.shape)),
+            "2m_temperature_target": (dims3, truth_t2m),
+            "temperature": (dims4, truth_t + rng.normal(0, 2, truth_t.shape)),
+            "temperature_target": (dims4, truth_t),
+        },
+        coords={"time": time, "level": [500, 850], "latitude": lat, "longitude": lon},
+    )
+    for v in ds.data_vars:
+        ds[v].attrs["units"] = "K"
+    return ds
+
+
+def make_run(root: Path, name: str, method: str, *, budget: float | None, seed: int,
+             finished: bool = True, records: bool = True, task: str = "downscaling") -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(
+        {"task": task, "method": method, "budget": budget, "seed": 0, "steps": 30}))
+    if records:
+        store = RecordStore(run, "fisher")
+        for step, ds in zip((0, 10, 20, 30), _fisher_steps()):
+            store.append(step, ds)
+        RecordStore(run, "attention", compress=True).append(30, _attention())
+    if finished:
+        _fields(seed, bias=0.5 * seed).to_netcdf(run / "fields.nc", engine="netcdf4")
+        fraction = budget if budget is not None else 1.06
+        (run / "summary.json").write_text(json.dumps({
+            "trainable": {"backbone": int(fraction * 5e6), "total": int(fraction * 5.3e6)},
+            "changed": {"backbone": int(fraction * 4e6), "total": int(fraction * 4.2e6)},
+            "budget_fraction": fraction, "encoder_decoder_policy": "frozen",
+            "scores": {"rmse/2m_temperature": 1.0 + seed, "rmse/temperature_850": 2.0 + seed},
+        }))
+    return run
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    make_run(root, "downscaling/weatherpeft-4pct", "weatherpeft", budget=0.04, seed=0)
+    make_run(root, "downscaling/full", "full", budget=None, seed=1, records=False)
+    # outside RUNS_DIR: a run the server must never show, and a symlink pointing at it
+    outside = tmp_path / "outside" / "run"
+    outside.mkdir(parents=True)
+    (outside / "config.json").write_text(json.dumps({"task": SECRET, "method": SECRET}))
+    (root / "escape").symlink_to(outside.parent, target_is_directory=True)
+    return root
+
+
+@pytest.fixture
+def catalog(runs_root: Path) -> Catalog:
+    return Catalog(runs_root, cache=DataCache())
+
+
+# --------------------------------------------------------------------------- confinement
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("", "empty"), ("  ", "empty"), (None, "empty"),
+        ("/etc/passwd", "outside"), ("~/runs", "outside"), ("C:/x", "outside"),
+        ("..", "outside"), ("../outside/run", "outside"), ("downscaling/../../outside", "outside"),
+        ("a\\b", "invalid"), ("bad\x00name", "invalid"), ("x" * 600, "invalid"),
+    ],
+)
+def test_run_names_are_checked_before_any_file_access(name, reason) -> None:
+    with pytest.raises(RunNameError) as info:
+        validate_run_name(name)
+    assert info.value.reason == reason
+
+
+def test_resolve_accepts_runs_and_refuses_escapes(catalog: Catalog, runs_root: Path) -> None:
+    entry = catalog.resolve("downscaling/weatherpeft-4pct")
+    assert entry.path == (runs_root / "downscaling/weatherpeft-4pct").resolve()
+    assert entry.method == "weatherpeft" and entry.has_fisher and entry.finished
+    assert catalog.resolve("downscaling/./full").name == "downscaling/full"
+    with pytest.raises(RunNameError, match="outside the runs directory") as info:
+        catalog.resolve("../outside/run")
+    assert info.value.reason == "outside"
+    # a symlink inside RUNS_DIR that leads out of it
+    with pytest.raises(RunNameError, match="symbolic link") as info:
+        catalog.resolve("escape/run")
+    assert info.value.reason == "outside"
+    with pytest.raises(RunNameError, match="no run named 'nope'") as info:
+        catalog.resolve("nope")
+    assert info.value.reason == "unknown" and "downscaling/full" in str(info.value)
+    # a directory inside RUNS_DIR that is not a run is unknown too
+    with pytest.raises(RunNameError, match="no run named"):
+        catalog.resolve("downscaling")
+    for name in ("../outside/run", "escape/run", "nope", "/etc"):
+        with pytest.raises(RunNameError) as info:
+            catalog.resolve(name)
+        assert str(runs_root) not in str(info.value) and SECRET not in str(info.value)
+
+
+def test_discovery_skips_symlinks_records_and_other_json(catalog: Catalog, runs_root: Path) -> None:
+    (runs_root / "notes").mkdir()
+    (runs_root / "notes" / "config.json").write_text(json.dumps({"unrelated": True}))
+    (runs_root / "broken").mkdir()
+    (runs_root / "broken" / "config.json").write_text("{not json")
+    linked = runs_root / "linked"
+    linked.mkdir()
+    outside_cfg = runs_root.parent / "outside" / "run" / "config.json"
+    (linked / "config.json").symlink_to(outside_cfg)  # a run whose config is read elsewhere
+    names = catalog.names()
+    assert names == ["downscaling/full", "downscaling/weatherpeft-4pct"]
+    assert all(SECRET not in e.task for e in catalog.runs())
+
+
+def test_planted_symlinks_and_bad_record_indexes_are_not_read(catalog, runs_root) -> None:
+    run = runs_root / "downscaling/full"
+    (run / "fields.nc").unlink()
+    (run / "fields.nc").symlink_to(runs_root.parent / "outside" / "run" / "config.json")
+    # discovery skips (and logs) a run with a planted symlink; a direct read refuses it
+    assert catalog.names() == ["downscaling/weatherpeft-4pct"]
+    entry = catalog.resolve("downscaling/weatherpeft-4pct")
+    with pytest.raises(DataError, match="points outside the runs directory"):
+        catalog._file(run, "fields.nc")
+    assert catalog._file(entry.path, "fields.nc") is not None
+    wp = runs_root / "downscaling/weatherpeft-4pct"
+    index = json.loads((wp / "records/fisher/index.json").read_text())
+    index["chunks"][0]["file"] = "../../../outside/run/config.json"
+    (wp / "records/fisher/index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match="bad chunk name"):
+        catalog.fisher("downscaling/weatherpeft-4pct")
+
+
+def test_sanitize_hides_server_paths(catalog: Catalog, runs_root: Path) -> None:
+    msg = catalog.sanitize(f"Run {runs_root.resolve()}/x has no fields.nc")
+    assert str(runs_root.resolve()) not in msg and "RUNS_DIR/x" in msg
+
+
+def test_runs_dir_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(RunsDirError, match="does not exist"):
+        check_runs_dir(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunsDirError, match="not a directory"):
+        check_runs_dir(tmp_path / "file")
+
+
+def test_split_variable() -> None:
+    assert split_variable("temperature_850") == ("temperature", "850")
+    assert split_variable("total_precipitation_6hr_12h") == ("total_precipitation_6hr", "12h")
+    assert split_variable("2m_temperature") == ("2m_temperature", "")
+    assert split_variable("geopotential_at_surface") == ("geopotential_at_surface", "")
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def test_data_cache_keys_by_signature_and_evicts() -> None:
+    cache = DataCache(max_entries=2)
+    calls = []
+
+    def load(v):
+        calls.append(v)
+        return v
+
+    assert cache.get("a", 1, lambda: load("a1")) == "a1"
+    assert cache.get("a", 1, lambda: load("a2")) == "a1"  # same signature: cached
+    assert cache.get("a", 2, lambda: load("a3")) == "a3"  # the file changed: reloaded
+    cache.get("b", 1, lambda: load("b"))
+    cache.get("c", 1, lambda: load("c"))  # evicts "a" (least recently used)
+    assert cache.get("a", 2, lambda: load("a4")) == "a4"
+    assert calls == ["a1", "a3", "b", "c", "a4"] and len(cache) == 2
+    assert (cache.hits, cache.misses) == (1, 5)
+
+
+def test_data_cache_computes_once_under_concurrent_sessions() -> None:
+    cache = DataCache()
+    started, calls = threading.Event(), []
+
+    def slow():
+        calls.append(1)
+        started.wait(2)
+        return object()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get("k", 0, slow)))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    started.set()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len({id(r) for r in results}) == 1
+
+
+def test_catalog_reads_once_and_rereads_appended_records(catalog: Catalog, runs_root) -> None:
+    name = "downscaling/weatherpeft-4pct"
+    first = catalog.fisher(name)
+    assert catalog.fisher(name) is first  # second session: no file read
+    assert list(first.step.values) == [0, 10, 20, 30]
+    RecordStore(runs_root / name, "fisher").append(40, _fisher_steps()[-1])
+    again = catalog.fisher(name)
+    assert again is not first and list(again.step.values) == [0, 10, 20, 30, 40]
+    # the table follows summary.json
+    table = catalog.table()
+    assert catalog.table() is table
+    assert list(table["run"]) == ["downscaling/full", "downscaling/weatherpeft-4pct"]
+    assert "path" not in table.columns and table["finished"].all()
+    summary = runs_root / "downscaling/full/summary.json"
+    data = json.loads(summary.read_text())
+    data["scores"]["rmse/2m_temperature"] = 9.5
+    summary.write_text(json.dumps(data))
+    assert catalog.table().loc[0, "rmse/2m_temperature"] == 9.5
+
+
+def test_catalog_skill_maps_and_difference(catalog: Catalog) -> None:
+    a, b = "downscaling/weatherpeft-4pct", "downscaling/full"
+    assert catalog.skill_variables(a) == ["2m_temperature", "temperature_500", "temperature_850"]
+    assert catalog.skill_metrics(a) == ["rmse", "bias"]
+    field = catalog.skill_map(a, "temperature_850", "rmse")
+    assert field.dims == ("latitude", "longitude") and field.name == "temperature_850"
+    diff = catalog.skill_difference(a, b, "rmse")
+    assert catalog.skill_difference(a, b, "rmse") is diff
+    assert diff.attrs["run_a"] == a and set(diff.variable.values) >= {"2m_temperature"}
+    # seed 0 vs seed 1: A has the smaller error noise, so it is better almost everywhere
+    assert float(diff.difference.sel(variable="2m_temperature").mean()) < 0
+
+
+def test_signature_changes_only_with_new_data(catalog: Catalog, runs_root: Path) -> None:
+    name = "downscaling/weatherpeft-4pct"
+    sig = catalog.signature([name, "../../etc"])
+    assert catalog.signature([name, "../../etc"]) == sig
+    RecordStore(runs_root / name, "fisher").append(40, _fisher_steps()[-1])
+    assert catalog.signature([name]) != sig
+
+
+# --------------------------------------------------------------------------- the server launcher
+
+
+def _serve_args(*argv: str) -> argparse.Namespace:
+    from wpeft.app.serve import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_serve_defaults_to_loopback() -> None:
+    args = _serve_args("runs")
+    assert args.address == "127.0.0.1" and args.port == 5006 and args.show is False
+    assert _serve_args("runs", "--show").show is True
+
+
+def test_serve_refuses_bad_arguments_with_exit_code_2(tmp_path: Path, capsys) -> None:
+    from wpeft.app.serve import main
+
+    assert main(_serve_args(str(tmp_path / "missing"))) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(_serve_args(str(tmp_path / "file"))) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(_serve_args(str(tmp_path), "--basic-auth", str(tmp_path / "users.json"))) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "users.json").write_text("[1, 2]")
+    assert main(_serve_args(str(tmp_path), "--basic-auth", str(tmp_path / "users.json"))) == 2
+    assert "{user: password}" in capsys.readouterr().err
+    assert main(_serve_args(str(tmp_path), "--basic-auth", "short")) == 2
+    assert main(_serve_args(str(tmp_path), "--port", "70000")) == 2
+
+
+def test_serve_module_entry_point_exits_2_on_a_missing_dir(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "wpeft.app.serve", str(tmp_path / "missing"), "--port", "0"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 2
+    assert "RUNS_DIR" in done.stderr and "does not exist" in done.stderr
+
+
+# --------------------------------------------------------------------------- session logic
+
+
+@pytest.fixture
+def workbench_factory(catalog: Catalog):
+    pytest.importorskip("panel")
+    from wpeft.app.workbench import Workbench
+
+    def make() -> Workbench:
+        return Workbench(catalog, poll_ms=0, sync_url=False)
+
+    return make
+
+
+def _plain(html: str) -> str:
+    import html as html_lib
+    import re
+
+    return html_lib.unescape(re.sub(r"<[^>]+>", "", html))
+
+
+def test_workbench_views_follow_the_selection(workbench_factory) -> None:
+    import holoviews as hv
+
+    wb = workbench_factory()
+    assert wb.sel.run == "downscaling/weatherpeft-4pct"  # the first run with Fisher records
+    overview = wb.views["overview"]
+    assert list(overview.table.value["run"]) == ["downscaling/full", "downscaling/weatherpeft-4pct"]
+    assert {"trainable_backbone", "changed_backbone", "budget_%", "rmse/2m_temperature"} <= set(
+        overview.table.value.columns)
+
+    wb.sel.view = "fisher"
+    fisher = wb.views["fisher"]
+    assert wb.main[1] is fisher.panel and wb.nav.value == "fisher"
+    assert list(fisher.step.options) == [0, 10, 20, 30] and fisher.step.value == 30
+    assert isinstance(fisher.heatmap.object, hv.HeatMap)
+    assert "step 30" in fisher.image.object.opts.get().kwargs["title"]
+    fisher.step.value = 10  # the player
+    assert wb.sel.step == 10 and "step 10" in fisher.image.object.opts.get().kwargs["title"]
+    assert "**step 10**" in fisher.caption.object
+    fisher.matrix.value = "decoder2.1/fc1"
+    assert fisher.image.object.opts.get().kwargs["title"] == "decoder2.1/fc1 mask at step 10"
+    wb.sel.step = 999  # e.g. from a shared URL of a longer run: falls back to the last step
+    assert fisher.step.value == 30
+
+    wb.sel.view = "attention"
+    att = wb.views["attention"]
+    assert list(att.block.options) == ["encoder0.0", "decoder2.1"]
+    att.block.value = "decoder2.1"
+    att.prompt.value = 2
+    assert "block decoder2.1" in att.var_var.object.opts.get().kwargs["title"]
+    assert "prompt 2" in att.prompt_map.object.opts.get().kwargs["title"]
+
+    wb.sel.view = "skill"
+    skill = wb.views["skill"]
+    assert isinstance(skill.maps.object, hv.Image)  # one run: its map
+    wb.run_b_select.value = "downscaling/full"
+    assert isinstance(skill.maps.object, hv.Layout) and len(skill.maps.object) == 3
+    skill.variable.value = "temperature"
+    assert skill.level.visible and list(skill.level.options) == ["500", "850"]
+    skill.level.value = "850"
+    skill.metric.value = "bias"
+    assert wb.sel.variable == "temperature" and wb.sel.level == "850"
+    assert "temperature_850" in skill.caption.object and "bias" in skill.caption.object
+
+    wb.sel.view = "budget"
+    budget = wb.views["budget"]
+    assert budget.score.value == "rmse/2m_temperature"
+    assert "budget vs rmse/2m_temperature" in budget.plot.object.opts.get().kwargs["title"]
+    budget.score.value = "rmse/temperature_850"
+    assert "rmse/temperature_850" in budget.plot.object.opts.get().kwargs["title"]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("../outside/run", "outside the runs directory"),
+        ("escape/run", "symbolic link"),
+        ("/etc", "absolute path"),
+        ("nope", "There is no run named 'nope'"),
+        ("<img src=x onerror=alert(1)>", "There is no run named"),
+    ],
+)
+def test_bad_run_names_show_a_clear_message(workbench_factory, runs_root, name, expected) -> None:
+    wb = workbench_factory()
+    wb.sel.view = "fisher"
+    wb.sel.run = name
+    view = wb.views["fisher"]
+    assert view.message.visible and not view.content.visible
+    text = _plain(view.message.object)
+    assert expected in text
+    assert "<img" not in view.message.object  # user input is escaped
+    assert wb.run_message.visible and expected in _plain(wb.run_message.object)
+    assert wb.run_select.value == ""  # the select shows "choose a run", not a stale run
+    for shown in (view.message.object, wb.run_message.object, view.caption.object):
+        assert str(runs_root.resolve()) not in shown and SECRET not in shown
+    wb.run_select.value = "downscaling/weatherpeft-4pct"  # choosing a run clears it
+    assert view.content.visible and not view.message.visible and not wb.run_message.visible
+
+
+def test_runs_without_records_say_why(workbench_factory) -> None:
+    wb = workbench_factory()
+    wb.sel.run = "downscaling/full"
+    wb.sel.view = "fisher"
+    assert "has no Fisher-mask records" in _plain(wb.views["fisher"].message.object)
+    wb.sel.view = "attention"
+    assert "no prompt-attention records" in _plain(wb.views["attention"].message.object)
+
+
+def test_sessions_are_independent_and_share_loaded_data(workbench_factory, catalog) -> None:
+    one = workbench_factory()
+    one.sel.view = "fisher"
+    misses = catalog.cache.misses
+    two = workbench_factory()
+    two.sel.view = "fisher"
+    assert catalog.cache.misses == misses  # nothing was read again for the second session
+    one.views["fisher"].step.value = 0
+    assert two.views["fisher"].step.value == 30 and two.sel.step == 30
+    one.sel.run = "downscaling/full"
+    assert two.sel.run == "downscaling/weatherpeft-4pct"
+    assert one.views["fisher"].heatmap is not two.views["fisher"].heatmap
+
+
+def test_poll_redraws_when_a_run_writes_records(workbench_factory, runs_root) -> None:
+    wb = workbench_factory()
+    wb.sel.view = "fisher"
+    fisher = wb.views["fisher"]
+    assert wb.poll() is False  # nothing new
+    RecordStore(runs_root / "downscaling/weatherpeft-4pct", "fisher").append(
+        40, _fisher_steps()[-1])
+    assert wb.poll() is True
+    assert list(fisher.step.options) == [0, 10, 20, 30, 40]
+    assert fisher.step.value == 40  # it was at the last step: it follows the new record
+    fisher.step.value = 10
+    RecordStore(runs_root / "downscaling/weatherpeft-4pct", "fisher").append(
+        50, _fisher_steps()[-1])
+    assert wb.poll() is True and fisher.step.value == 10  # elsewhere: it stays
+    # a new run shows up in the run list
+    wb.cat.discovery_ttl = 0
+    make_run(runs_root, "downscaling/lora", "lora", budget=0.04, seed=2, records=False)
+    assert wb.poll() is True
+    assert "downscaling/lora" in wb.run_select.options.values()
+
+
+def test_empty_runs_dir_explains_how_to_make_a_run(tmp_path: Path) -> None:
+    pytest.importorskip("panel")
+    from wpeft.app.workbench import Workbench
+
+    wb = Workbench(Catalog(tmp_path, cache=DataCache()), poll_ms=0, sync_url=False)
+    message = _plain(wb.views["overview"].message.object)
+    assert "No runs found" in message and "wpeft train" in message
+    wb.sel.view = "fisher"
+    assert "No runs found" in _plain(wb.views["fisher"].message.object)
+
+
+def test_build_workbench_refuses_a_missing_dir(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("panel")
+    from wpeft.app.workbench import build_workbench, runs_dir_from_argv
+
+    with pytest.raises(RunsDirError):
+        build_workbench(tmp_path / "missing", poll_ms=0, sync_url=False)
+    assert runs_dir_from_argv(["some/dir"]) == Path("some/dir")
+    monkeypatch.delenv("WPEFT_RUNS_DIR", raising=False)
+    with pytest.raises(SystemExit, match="runs directory"):
+        runs_dir_from_argv([])

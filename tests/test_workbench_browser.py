@@ -1,0 +1,449 @@
+"""The served workbench in a real browser: Playwright (sync API) driving Debian's chromium.
+
+A module fixture trains two tiny real runs (WeatherPEFT at a 4 % budget with Fisher and prompt
+attention records, and Full-Tuning), starts ``python -m wpeft.app.serve RUNS_DIR`` on a free
+loopback port (and a second server over an empty directory), and every test opens the page,
+changes selections and checks what the browser shows: plot titles and axis factors read from the
+live Bokeh views, caption text, the URL query. Screenshots go to each test's tmp dir.
+
+Skipped with a reason when /usr/bin/chromium or playwright is missing. Never runs
+``playwright install``: the browser is the system one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlparse
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+WORLD = {"nlat": 16, "nlon": 32, "days": 12, "spinup_days": 1, "ensemble_inits": 8,
+         "ensemble_members": 3}
+SECRET = "TOP-SECRET-MARKER"
+WP, FULL = "downscaling/weatherpeft-4pct", "downscaling/full"
+
+
+def _skip_reason() -> str | None:
+    if not Path(CHROMIUM).is_file():
+        return f"{CHROMIUM} is missing (apt-get install chromium); browser tests skipped"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright (pip install playwright; no `playwright install` needed) is missing"
+    try:
+        import holoviews  # noqa: F401
+        import panel  # noqa: F401
+    except ImportError:
+        return "panel / holoviews are not installed"
+    return None
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or ""),
+]
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m wpeft.app.serve ROOT`` in a subprocess on a free loopback port."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wpeft.app.serve", str(root), "--port", str(self.port),
+             "--poll-seconds", "0.5"],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+        )
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n"
+                                   f"{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.base}/workbench", timeout=30) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        raise RuntimeError(f"the server did not answer in {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+
+
+def _train_runs(root: Path, cache: Path) -> None:
+    from wpeft.training.loop import TrainConfig, train
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WPEFT_CACHE_DIR", str(cache))
+    try:
+        common = {"task": "downscaling", "batch_size": 2, "warmup_steps": 1,
+                  "checkpoint_every": 0, "task_options": {"world": WORLD}, "device": "cpu"}
+        train(TrainConfig(method="weatherpeft", budget=0.04, steps=12, record_every=3,
+                          method_options={"num_prompts": 3}, **common), root / WP,
+              progress=False)
+        train(TrainConfig(method="full", steps=4, **common), root / FULL, progress=False)
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> Iterator[dict]:
+    """Trained runs, a server over them and one over an empty directory."""
+    base = tmp_path_factory.mktemp("workbench")
+    root, empty = base / "runs", base / "empty"
+    root.mkdir()
+    empty.mkdir()
+    empty_server = Server(empty, base / "empty-server.log")  # starts while the runs train
+    servers = [empty_server]
+    try:
+        _train_runs(root, tmp_path_factory.getbasetemp() / "world-cache")
+        outside = base / "outside" / "run"  # a run outside RUNS_DIR, reachable by a symlink
+        outside.mkdir(parents=True)
+        (outside / "config.json").write_text(json.dumps({"task": SECRET, "method": SECRET}))
+        (root / "escape").symlink_to(outside.parent, target_is_directory=True)
+        server = Server(root, base / "server.log")
+        servers.append(server)
+        server.wait_ready()
+        empty_server.wait_ready()
+        yield {"base": server.base, "empty": empty_server.base, "root": root}
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, tmp_path: Path) -> Iterator:
+    """A fresh page (own session); records any request that leaves the loopback server."""
+    context = browser.new_context(viewport={"width": 1500, "height": 1400})
+    pg = context.new_page()
+    pg.external_requests = []
+    pg.on("request", lambda r: None if urlparse(r.url).hostname == "127.0.0.1"
+          or r.url.startswith(("data:", "blob:")) else pg.external_requests.append(r.url))
+    yield pg
+    pg.screenshot(path=str(tmp_path / "last.png"), full_page=True)
+    context.close()
+
+
+# --------------------------------------------------------------------------- page helpers
+
+_FIGURES_JS = """() => {
+  const out = [], seen = new Set();
+  function walk(v) {
+    if (!v || seen.has(v)) return; seen.add(v);
+    const m = v.model;
+    if (m && m.type === 'Figure') out.push({
+      cls: (m.css_classes || []).join(' '), title: m.title ? m.title.text : '',
+      x: m.x_range.factors ? Array.from(m.x_range.factors).map(String) : [m.x_range.start, m.x_range.end]});
+    for (const c of (v.child_views || [])) walk(c);
+  }
+  for (const v of Object.values(Bokeh.index)) walk(v);
+  return out;
+}"""
+
+
+def goto(page, base: str, **query) -> None:
+    page.goto(f"{base}/workbench" + (f"?{urlencode(query)}" if query else ""))
+    page.wait_for_selector(".wb-main", state="attached", timeout=60_000)
+
+
+def wait_until(page, check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    from playwright.sync_api import Error as PlaywrightError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done = check()
+        except (PlaywrightError, TypeError, KeyError):  # the plot is not there yet
+            done = False
+        if done:
+            return
+        page.wait_for_timeout(150)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def text_of(page, selector: str) -> str:
+    """Text of a Panel component (its content lives in a shadow root)."""
+    loc = page.locator(selector)
+    if loc.count() == 0:
+        return ""
+    return loc.first.evaluate("el => (el.shadowRoot || el).textContent")
+
+
+def figures(page) -> list[dict]:
+    """The Bokeh figures currently shown: css classes, title, x range (factors or bounds)."""
+    return page.evaluate(_FIGURES_JS)
+
+
+def figure(page, cls: str) -> dict | None:
+    return next((f for f in figures(page) if cls in f["cls"].split()), None)
+
+
+def titles(page) -> list[str]:
+    return [f["title"] for f in figures(page)]
+
+
+def query(page) -> dict[str, str]:
+    return dict(parse_qsl(urlparse(page.url).query))
+
+
+def wait_query(page, **expected: str) -> None:
+    """Wait until the URL query holds ``expected`` (the browser updates it asynchronously)."""
+    wait_until(page, lambda: all(query(page).get(k) == str(v) for k, v in expected.items()),
+               f"the URL query to hold {expected}")
+
+
+def wait_title(page, cls: str, check: Callable[[str], bool], what: str) -> None:
+    wait_until(page, lambda: check(figure(page, cls)["title"]), what)
+
+
+def shot(page, tmp_path: Path, name: str) -> None:
+    page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+
+
+def _records(root: Path) -> tuple[list[int], list[str]]:
+    from wpeft import runs
+
+    fisher = runs.open(root / WP).fisher
+    return [int(s) for s in fisher.step.values], [str(m) for m in fisher.matrix.values]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_overview_sorts_and_selects_a_run(app, page, tmp_path) -> None:
+    goto(page, app["base"])
+    cells = page.locator('.wb-runs-table .tabulator-row .tabulator-cell[tabulator-field="run"]')
+    wait_until(page, lambda: cells.count() == 2, "the runs table")
+    assert [cells.nth(i).inner_text() for i in range(2)] == [FULL, WP]  # by task, method
+    header = page.locator('.wb-runs-table .tabulator-col[tabulator-field="trainable_backbone"]')
+    header.click()  # ascending: WeatherPEFT (4 %) before Full-Tuning (all parameters)
+    wait_until(page, lambda: cells.nth(0).inner_text() == WP, "sorting by trainable_backbone")
+    header.click()
+    wait_until(page, lambda: cells.nth(0).inner_text() == FULL, "sorting descending")
+    caption = text_of(page, ".wb-overview-caption")
+    assert "2 runs" in caption and "2 finished" in caption
+    table_text = text_of(page, ".wb-runs-table")
+    assert "weatherpeft" in table_text and "4.0" in table_text  # budget in percent
+    shot(page, tmp_path, "overview-sorted")
+    page.locator('.wb-runs-table .tabulator-cell[tabulator-field="run"]', has_text=FULL).click()
+    wait_query(page, run=FULL)
+    assert page.locator(".wb-run select").input_value().startswith(FULL)
+    assert page.external_requests == []  # everything is served by the workbench itself
+
+
+def test_fisher_view_step_player_and_selections(app, page, browser, tmp_path) -> None:
+    steps, matrices = _records(app["root"])
+    goto(page, app["base"], view="fisher", run=WP)
+    wait_until(page, lambda: f"step {steps[-1]}" in text_of(page, ".wb-fisher-caption"),
+               "the Fisher view")
+    image = figure(page, "wb-mask-image")
+    assert image["title"] == f"{matrices[0]} mask at step {steps[-1]}"
+    heat = figure(page, "wb-fisher-heatmap")
+    assert heat["x"] == [str(s) for s in steps]  # one column per recorded step
+    assert heat["title"].startswith("mask density")
+    wait_query(page, step=steps[-1], matrix=matrices[0], run=WP)
+    shot(page, tmp_path, "fisher-last-step")
+
+    page.locator(".wb-step button.previous").click()  # the step player
+    wait_until(page, lambda: figure(page, "wb-mask-image")["title"]
+               == f"{matrices[0]} mask at step {steps[-2]}", "the previous step's mask")
+    wait_query(page, step=steps[-2])
+    page.locator(".wb-step button.first").click()
+    wait_query(page, step=steps[0])
+    wait_title(page, "wb-mask-image", lambda t: f"mask at step {steps[0]}" in t, "step 0")
+
+    page.locator(".wb-matrix select").select_option(label=matrices[-1])
+    wait_until(page, lambda: figure(page, "wb-mask-image")["title"]
+               == f"{matrices[-1]} mask at step {steps[0]}", "another matrix")
+    wait_query(page, matrix=matrices[-1])
+    page.locator(".wb-record select").select_option(label="share of Fisher mass")
+    wait_until(page, lambda: figure(page, "wb-fisher-heatmap")["title"].startswith(
+        "share of Fisher mass"), "the Fisher-mass heatmap")
+    wait_query(page, record="fisher_mass")
+    page.locator(".wb-tensor select").select_option(label="qkv")
+    wait_until(page, lambda: "(qkv)" in figure(page, "wb-fisher-heatmap")["title"], "one kind")
+    wait_query(page, tensor="qkv")
+    assert figure(page, "wb-overlap-jaccard")["title"] == "mask overlap over training"
+    shot(page, tmp_path, "fisher-first-step")
+
+    # another session is independent: it still shows the defaults
+    other = browser.new_page(viewport={"width": 1500, "height": 1400})
+    try:
+        goto(other, app["base"], view="fisher", run=WP)
+        wait_until(other, lambda: figure(other, "wb-mask-image") is not None, "a second session")
+        assert figure(other, "wb-mask-image")["title"] == f"{matrices[0]} mask at step {steps[-1]}"
+        assert figure(other, "wb-fisher-heatmap")["title"].startswith("mask density")
+    finally:
+        other.close()
+    assert figure(page, "wb-mask-image")["title"] == f"{matrices[-1]} mask at step {steps[0]}"
+
+
+def test_a_shared_url_restores_the_view(app, page, tmp_path) -> None:
+    steps, matrices = _records(app["root"])
+    goto(page, app["base"], view="fisher", run=WP, step=steps[1], matrix=matrices[2],
+         record="union_density")
+    wait_until(page, lambda: figure(page, "wb-mask-image") is not None, "the shared view")
+    assert figure(page, "wb-mask-image")["title"] == f"{matrices[2]} mask at step {steps[1]}"
+    assert figure(page, "wb-fisher-heatmap")["title"].startswith("union density")
+    assert page.locator(".wb-nav button.bk-active").inner_text() == "Fisher masks"
+    shot(page, tmp_path, "shared-url")
+
+
+def test_prompt_attention_view(app, page, tmp_path) -> None:
+    goto(page, app["base"], view="attention", run=WP)
+    wait_until(page, lambda: figure(page, "wb-var-var") is not None, "the attention view")
+    assert "block encoder0.0" in figure(page, "wb-var-var")["title"]
+    assert figure(page, "wb-var-patch")["title"].startswith("external attention over patch")
+    assert "attention paid to prompt 0" in figure(page, "wb-prompt-map")["title"]
+    page.locator(".wb-block select").select_option(label="decoder2.1")
+    wait_until(page, lambda: "block decoder2.1" in figure(page, "wb-var-var")["title"],
+               "another block")
+    wait_title(page, "wb-var-patch", lambda t: "block decoder2.1" in t, "the patch view")
+    page.locator(".wb-prompt select").select_option(label="2")
+    wait_until(page, lambda: "prompt 2, block decoder2.1" in figure(page, "wb-prompt-map")[
+        "title"], "another prompt token")
+    wait_query(page, block="decoder2.1", prompt=2)
+    variables = figure(page, "wb-var-var")["x"]
+    assert "2m_temperature" in variables and "geopotential" in variables
+    shot(page, tmp_path, "attention")
+
+
+def test_skill_maps_side_by_side_and_difference(app, page, tmp_path) -> None:
+    goto(page, app["base"], view="skill", run=WP, run_b=FULL)
+    wait_until(page, lambda: f"{WP} − {FULL}" in titles(page), "the skill comparison")
+    assert {WP, FULL} <= set(titles(page))
+    caption = text_of(page, ".wb-skill-caption")
+    assert "RMSE of 2m_temperature" in caption and "significant" in caption
+    page.locator(".wb-variable select").select_option(label="temperature")
+    wait_query(page, variable="temperature")
+    page.locator(".wb-level select").select_option(label="500")
+    page.locator(".wb-metric select").select_option(label="bias (mean error)")
+    wait_until(page, lambda: "bias (mean error) of temperature_500" in text_of(
+        page, ".wb-skill-caption"), "bias of temperature at 500 hPa")
+    wait_query(page, variable="temperature", level=500, metric="bias")
+    shot(page, tmp_path, "skill-comparison")
+    # run B: none -> one run's map
+    page.locator(".wb-run-b select").select_option(index=0)
+    wait_until(page, lambda: f"{WP}: bias (mean error) of temperature_500" in titles(page),
+               "a single run's map")
+
+
+def test_budget_vs_skill(app, page, tmp_path) -> None:
+    goto(page, app["base"], view="budget")
+    wait_until(page, lambda: figure(page, "wb-budget-plot") is not None, "the budget plot")
+    plot = figure(page, "wb-budget-plot")
+    assert plot["title"] == "downscaling: budget vs rmse/2m_temperature"
+    lo, hi = plot["x"]
+    assert lo < 4.0 and hi > 100.0  # WeatherPEFT at 4 %, Full-Tuning at 106 %: both inside
+    assert "2 finished downscaling runs" in text_of(page, ".wb-budget-caption")
+    page.locator(".wb-score select").select_option(label="rmse/temperature_850")
+    wait_until(page, lambda: figure(page, "wb-budget-plot")["title"]
+               == "downscaling: budget vs rmse/temperature_850", "another score")
+    wait_query(page, score="rmse/temperature_850", task="downscaling")
+    shot(page, tmp_path, "budget")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("../outside/run", "outside the runs directory"),
+        ("escape/run", "through a symbolic link"),
+        ("/etc/passwd", "is an absolute path"),
+        ("nope", "There is no run named 'nope'"),
+        ("<img src=x onerror=window.__xss=1>", "There is no run named '<img src=x"),
+    ],
+)
+def test_bad_run_names_show_a_clear_message(app, page, tmp_path, name, expected) -> None:
+    goto(page, app["base"], view="fisher", run=name)
+    wait_until(page, lambda: expected in text_of(page, ".wb-fisher-message"), "the message")
+    assert expected in text_of(page, ".wb-run-message")
+    assert figure(page, "wb-mask-image") is None  # nothing drawn
+    shown = page.evaluate("""() => { let t = ''; (function walk(r) {
+        for (const el of r.querySelectorAll('*')) { if (el.shadowRoot) walk(el.shadowRoot); }
+        t += r.textContent || ''; })(document); return t; }""")
+    assert SECRET not in shown and str(app["root"]) not in shown
+    assert page.evaluate("() => window.__xss") is None  # the name was shown, not run
+    shot(page, tmp_path, "bad-run-name")
+
+
+def test_live_refresh_without_reload(app, page, tmp_path) -> None:
+    """A run that is still training: new records show up in the open page."""
+    import xarray as xr
+
+    from wpeft.runs.store import RecordStore
+
+    root = app["root"]
+    live = root / "live" / "weatherpeft"
+    shutil.copytree(root / WP, live)
+    for name in ("summary.json", "fields.nc"):  # as if training were still going on
+        (live / name).unlink()
+    steps, _ = _records(root)
+    goto(page, app["base"], view="fisher", run="live/weatherpeft")
+    wait_until(page, lambda: "updates as records arrive" in text_of(page, ".wb-fisher-caption"),
+               "the training run")
+    assert figure(page, "wb-fisher-heatmap")["x"] == [str(s) for s in steps]
+    store = RecordStore(live, "fisher")
+    with xr.open_dataset(live / "records" / "fisher" / f"step-{steps[-1]:08d}.nc") as ds:
+        record = ds.load().isel(step=0, drop=True)
+    new = steps[-1] + 3
+    store.append(new, record)
+    wait_until(page, lambda: figure(page, "wb-fisher-heatmap")["x"][-1] == str(new),
+               "the new record in the heatmap")
+    wait_title(page, "wb-mask-image", lambda t: f"mask at step {new}" in t,
+               "the mask image following the new last step")
+    wait_query(page, step=new)
+    shot(page, tmp_path, "live-refresh")
+
+
+def test_empty_runs_dir_says_how_to_make_a_run(app, page, tmp_path) -> None:
+    goto(page, app["empty"])
+    wait_until(page, lambda: "No runs found" in text_of(page, ".wb-overview-message"),
+               "the empty-directory message")
+    message = text_of(page, ".wb-overview-message")
+    assert "wpeft train --task downscaling" in message and "wpeft demo" in message
+    shot(page, tmp_path, "empty")

@@ -1,0 +1,571 @@
+"""The runs directory a workbench serves: run names confined to it, and data read once.
+
+Why this module exists. The dashboard is served to a team, so every run name it is given (a
+select box, a URL query, a table click) is untrusted input. Run names are POSIX paths relative to
+``RUNS_DIR`` (``downscaling/weatherpeft-4pct``); :meth:`Catalog.resolve` accepts a name only if it
+is relative, has no ``..`` part, resolves (symlinks followed) inside ``RUNS_DIR`` and is one of
+the runs discovered there. Every file the app opens afterwards (``config.json``,
+``summary.json``, record indexes and chunks, ``fields.nc``) is checked the same way, so a symlink
+planted inside a run cannot make the server read elsewhere. Error messages name what the user
+gave, never the server's absolute paths (:meth:`Catalog.sanitize`).
+
+Data are read once for all sessions: :class:`DataCache` (one per process, :data:`CACHE`) keys
+every loaded object by what it is and by the ``(inode, size, mtime)`` of the files it came from,
+so a run that appends records is reread on the next request and an unchanged one never is.
+Discovery (a walk of ``RUNS_DIR``, skipping ``records/``) is cached for a few seconds per
+directory. Nothing here imports Panel: this is plain Python, unit-tested without a browser.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from wpeft.errors import DataError, WpeftError
+
+__all__ = [
+    "CACHE",
+    "Catalog",
+    "DataCache",
+    "RunEntry",
+    "RunNameError",
+    "RunsDirError",
+    "catalog_for",
+    "check_runs_dir",
+    "file_signature",
+    "split_variable",
+    "validate_run_name",
+]
+
+log = logging.getLogger(__name__)
+
+#: Largest ``config.json`` / ``summary.json`` / ``index.json`` the app reads (bytes).
+MAX_JSON_BYTES = 4 * 1024 * 1024
+#: Directory names never descended into when looking for runs.
+_SKIP_DIRS = {"records", "__pycache__", ".git", ".ipynb_checkpoints"}
+_CHUNK_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_RECORD_KINDS = ("fisher", "attention")
+
+
+class RunsDirError(WpeftError, ValueError):
+    """``RUNS_DIR`` does not exist or is not a directory (the server refuses to start)."""
+
+
+class RunNameError(DataError):
+    """A run name that is empty, malformed, outside ``RUNS_DIR`` or not a known run.
+
+    Attributes:
+        name: The name as given (str() of it).
+        reason: ``"empty"``, ``"invalid"``, ``"outside"`` or ``"unknown"``.
+    """
+
+    def __init__(self, message: str, name: str, reason: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.reason = reason
+
+
+def check_runs_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` resolved, if it is an existing directory; else :class:`RunsDirError`."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise RunsDirError(
+            f"RUNS_DIR {str(path)!r} does not exist; give the directory that holds your run "
+            "directories (e.g. the --out of `wpeft demo` or the --root of `wpeft compare`)."
+        )
+    if not p.is_dir():
+        raise RunsDirError(f"RUNS_DIR {str(path)!r} is not a directory.")
+    return p.resolve()
+
+
+def validate_run_name(name: Any) -> PurePosixPath:
+    """The syntactic checks of a run name (no file system access).
+
+    Raises:
+        RunNameError: ``empty``; ``invalid`` (control characters, backslashes, over 512
+            characters); ``outside`` (absolute, ``~``, a drive, or a ``..`` part).
+    """
+    text = "" if name is None else str(name)
+    if not text.strip():
+        raise RunNameError("No run is selected.", text, "empty")
+    if len(text) > 512 or any(ord(c) < 32 for c in text) or "\\" in text:
+        raise RunNameError(
+            f"{text[:80]!r} is not a valid run name: run names are paths relative to the runs "
+            "directory, with '/' between folders.", text, "invalid",
+        )
+    posix = PurePosixPath(text)
+    if posix.is_absolute() or text.startswith("~") or PureWindowsPath(text).drive:
+        raise RunNameError(
+            f"Run name {text!r} is an absolute path; only run names relative to the runs "
+            "directory are accepted (pick one from the list).", text, "outside",
+        )
+    if ".." in posix.parts:
+        raise RunNameError(
+            f"Run name {text!r} points outside the runs directory ('..' is not allowed); only "
+            "runs inside it can be shown.", text, "outside",
+        )
+    return posix
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """``path`` resolves (symlinks followed) to ``root`` or below it."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # symlink loops
+        return False
+
+
+def file_signature(*paths: Path) -> tuple[Any, ...]:
+    """``(inode, size, mtime_ns)`` of each path (None if missing): changes whenever a file is
+    rewritten, including by :func:`os.replace` of a same-sized file."""
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+_QUALIFIER = re.compile(r"^(?P<base>.+)_(?P<q>\d+h?)$")
+
+
+def split_variable(name: str) -> tuple[str, str]:
+    """``"temperature_850"`` -> ``("temperature", "850")`` (a level, hPa);
+    ``"total_precipitation_6hr_12h"`` -> ``("total_precipitation_6hr", "12h")`` (a lead);
+    ``"2m_temperature"`` -> ``("2m_temperature", "")``."""
+    m = _QUALIFIER.match(name)
+    if m is None:
+        return name, ""
+    return m.group("base"), m.group("q")
+
+
+class DataCache:
+    """A thread-safe LRU of loaded objects, each stored with the signature of its sources.
+
+    :meth:`get` returns the stored value when the key is present with the same signature and
+    computes (and stores) it otherwise; concurrent requests for one key compute it once.
+    ``hits`` / ``misses`` count the outcomes (for tests and the server log).
+    """
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self.max_entries = max_entries
+        self._data: OrderedDict[Hashable, tuple[Any, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[Hashable, threading.Lock] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._key_locks.clear()
+            self.hits = self.misses = 0
+
+    def _lookup(self, key: Hashable, signature: Any) -> tuple[bool, Any]:
+        with self._lock:
+            if key in self._data and self._data[key][0] == signature:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return True, self._data[key][1]
+        return False, None
+
+    def get(self, key: Hashable, signature: Any, compute: Callable[[], Any]) -> Any:
+        found, value = self._lookup(key, signature)
+        if found:
+            return value
+        with self._lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            found, value = self._lookup(key, signature)  # another session just loaded it
+            if found:
+                return value
+            value = compute()
+            with self._lock:
+                self.misses += 1
+                self._data[key] = (signature, value)
+                self._data.move_to_end(key)
+                while len(self._data) > self.max_entries:
+                    old, _ = self._data.popitem(last=False)
+                    self._key_locks.pop(old, None)
+            return value
+
+
+#: The process-wide cache every :class:`Catalog` shares (all sessions of a server).
+CACHE = DataCache()
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """A run found in ``RUNS_DIR``.
+
+    Attributes:
+        name: Path relative to ``RUNS_DIR``, '/'-separated: the run's name in the app and URL.
+        path: The run directory (absolute, resolved; never shown to users).
+        task / method / budget / seed: From ``config.json``.
+        earth: Real-Earth data (coastlines on maps) rather than the synthetic world.
+        finished: ``summary.json`` exists.
+        has_fisher / has_attention: Fisher-mask / prompt-attention records exist.
+        has_fields: ``fields.nc`` (test predictions) exists.
+    """
+
+    name: str
+    path: Path
+    task: str
+    method: str
+    budget: float | None
+    seed: int
+    earth: bool
+    finished: bool
+    has_fisher: bool
+    has_attention: bool
+    has_fields: bool
+
+    @property
+    def label(self) -> str:
+        """``name (method, budget)`` for select boxes."""
+        budget = "default size" if self.budget is None else f"{100 * self.budget:g}%"
+        state = "" if self.finished else ", training"
+        return f"{self.name} ({self.method}, {budget}{state})"
+
+
+class Catalog:
+    """The runs of one ``RUNS_DIR``, confined to it, with cached readers.
+
+    One instance per directory is shared by all sessions (:func:`catalog_for`); it holds no
+    per-user state. Every method taking a run name validates it with :meth:`resolve`.
+
+    Args:
+        root: ``RUNS_DIR`` (must exist; see :func:`check_runs_dir`).
+        cache: Where loaded data live (default: the process-wide :data:`CACHE`).
+        discovery_ttl: Seconds a directory walk is reused before ``RUNS_DIR`` is walked again.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike[str], *, cache: DataCache | None = None,
+        discovery_ttl: float = 3.0,
+    ) -> None:
+        self.root = check_runs_dir(root)
+        self.cache = CACHE if cache is None else cache
+        self.discovery_ttl = discovery_ttl
+        self._runs: list[RunEntry] = []
+        self._scanned_at = -math.inf
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Catalog({self.root.name!r}, {len(self._runs)} runs)"
+
+    # --- confinement ------------------------------------------------------------------------
+
+    def sanitize(self, message: str) -> str:
+        """``message`` with the server's absolute paths replaced by ``RUNS_DIR``."""
+        for prefix in {str(self.root), os.path.realpath(self.root)}:
+            message = message.replace(prefix, "RUNS_DIR")
+        return message
+
+    def _file(self, run_path: Path, *parts: str) -> Path | None:
+        """``run_path/parts`` if it is a regular file inside ``RUNS_DIR`` (None if missing);
+        :class:`DataError` if it resolves outside (a planted symlink)."""
+        p = run_path.joinpath(*parts)
+        if not (p.is_file() or p.is_symlink()):
+            return None
+        if not _inside(self.root, p):
+            rel = "/".join(parts)
+            raise DataError(f"{rel} of this run points outside the runs directory; not read.")
+        return p if p.is_file() else None
+
+    def _read_json(self, path: Path) -> Any:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise DataError(f"{path.name} is larger than {MAX_JSON_BYTES} bytes; not read.")
+        return json.loads(path.read_text())
+
+    # --- discovery --------------------------------------------------------------------------
+
+    def _entry(self, run_dir: Path) -> RunEntry | None:
+        try:
+            cfg_path = self._file(run_dir, "config.json")
+            if cfg_path is None:
+                return None
+            cfg = self._read_json(cfg_path)
+            if not (isinstance(cfg, dict) and {"task", "method"} <= cfg.keys()):
+                return None
+            summary = self._file(run_dir, "summary.json")
+            fields = self._file(run_dir, "fields.nc")
+            records = {
+                kind: self._file(run_dir, "records", kind, "index.json") is not None
+                for kind in _RECORD_KINDS
+            }
+        except (OSError, ValueError) as e:  # unreadable, bad JSON, or a symlink out
+            log.warning("skipping %s: %s", self.sanitize(str(run_dir)), self.sanitize(str(e)))
+            return None
+        budget = cfg.get("budget")
+        options = cfg.get("task_options") or {}
+        return RunEntry(
+            name=run_dir.relative_to(self.root).as_posix() if run_dir != self.root else ".",
+            path=run_dir,
+            task=str(cfg["task"]),
+            method=str(cfg["method"]),
+            budget=float(budget) if isinstance(budget, (int, float)) else None,
+            seed=int(cfg.get("seed", 0) or 0),
+            earth=isinstance(options, dict) and options.get("source", "world") != "world",
+            finished=summary is not None,
+            has_fisher=records["fisher"],
+            has_attention=records["attention"],
+            has_fields=fields is not None,
+        )
+
+    def _walk(self) -> list[RunEntry]:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+            if "config.json" in filenames:
+                entry = self._entry(Path(dirpath))
+                if entry is not None:
+                    found.append(entry)
+        return sorted(found, key=lambda e: e.name)
+
+    def runs(self, *, refresh: bool = False) -> list[RunEntry]:
+        """The runs in ``RUNS_DIR`` (any depth; directory symlinks are not followed), sorted by
+        name; the walk is reused for ``discovery_ttl`` seconds unless ``refresh``."""
+        with self._lock:
+            now = time.monotonic()
+            if refresh or now - self._scanned_at > self.discovery_ttl:
+                self._runs = self._walk()
+                self._scanned_at = now
+            return list(self._runs)
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.runs()]
+
+    def resolve(self, name: Any) -> RunEntry:
+        """The run called ``name``.
+
+        Raises:
+            RunNameError: see :func:`validate_run_name`; ``outside`` also when the name resolves
+                outside ``RUNS_DIR`` through a symlink; ``unknown`` when no run has that name.
+        """
+        posix = validate_run_name(name)
+        text = str(name)
+        if not _inside(self.root, self.root / posix):
+            raise RunNameError(
+                f"Run name {text!r} leads outside the runs directory (through a symbolic link); "
+                "only runs inside it can be shown.", text, "outside",
+            )
+        key = posix.as_posix()
+        for refresh in (False, True):  # a run created a moment ago: walk again once
+            for entry in self.runs(refresh=refresh):
+                if entry.name == key:
+                    return entry
+        known = self.names()
+        hint = (
+            f" Known runs: {', '.join(known[:8])}{' ...' if len(known) > 8 else ''}."
+            if known else " This runs directory holds no runs yet."
+        )
+        raise RunNameError(f"There is no run named {text!r} in this runs directory.{hint}",
+                           text, "unknown")
+
+    # --- cached readers ---------------------------------------------------------------------
+
+    def _index_files(self, entry: RunEntry, kind: str) -> Path | None:
+        """``records/<kind>/index.json`` after checking every chunk it lists stays inside."""
+        index_path = self._file(entry.path, "records", kind, "index.json")
+        if index_path is None:
+            return None
+        index = self._read_json(index_path)
+        for chunk in index.get("chunks", []):
+            name = str(chunk.get("file", ""))
+            if not _CHUNK_NAME.match(name) or name in {".", ".."}:
+                raise DataError(f"The {kind} record index lists a bad chunk name {name!r}.")
+            self._file(entry.path, "records", kind, name)
+        return index_path
+
+    def records(self, name: str, kind: Literal["fisher", "attention"]) -> xr.Dataset | None:
+        """A run's records of one kind (None if it has none), read once per change."""
+        from wpeft.runs.store import RecordStore
+
+        entry = self.resolve(name)
+        index_path = entry.path / "records" / kind / "index.json"
+
+        def load() -> xr.Dataset | None:
+            if self._index_files(entry, kind) is None:
+                return None
+            return RecordStore(entry.path, kind).open()
+
+        return self.cache.get((kind, str(entry.path)), file_signature(index_path), load)
+
+    def fisher(self, name: str) -> xr.Dataset | None:
+        """Fisher-mask records (:attr:`wpeft.runs.Run.fisher`)."""
+        return self.records(name, "fisher")
+
+    def attention(self, name: str) -> xr.Dataset | None:
+        """Prompt-attention records (:attr:`wpeft.runs.Run.attention`)."""
+        return self.records(name, "attention")
+
+    def fields(self, name: str) -> xr.Dataset | None:
+        """``fields.nc`` loaded into memory (file closed again), None before the run finishes."""
+        entry = self.resolve(name)
+        path = entry.path / "fields.nc"
+
+        def load() -> xr.Dataset | None:
+            checked = self._file(entry.path, "fields.nc")
+            if checked is None:
+                return None
+            with xr.open_dataset(checked, engine="netcdf4") as ds:
+                out = ds.load()
+            out.attrs["run"] = entry.name
+            return out
+
+        return self.cache.get(("fields", str(entry.path)), file_signature(path), load)
+
+    def skill_variables(self, name: str) -> list[str]:
+        """Flattened names of a finished run's predicted variables (``temperature_850``)."""
+        from wpeft.runs.skill import predicted_variables
+
+        fields = self._require_fields(name)
+        out = []
+        for v in predicted_variables(fields):
+            if "level" in fields[v].dims:
+                out += [f"{v}_{int(lv)}" for lv in fields[v]["level"].values]
+            else:
+                out.append(v)
+        return out
+
+    def skill_metrics(self, name: str) -> list[str]:
+        """Metrics a run's skill can be mapped with: rmse, bias, and crps when it predicts σ."""
+        fields = self._require_fields(name)
+        sigma = any(str(v).endswith("_sigma") for v in fields.data_vars)
+        return ["rmse", "bias"] + (["crps"] if sigma else [])
+
+    def _require_fields(self, name: str) -> xr.Dataset:
+        fields = self.fields(name)
+        if fields is None:
+            raise DataError(
+                f"Run {name!r} has no test fields yet (fields.nc is written when training ends)."
+            )
+        return fields
+
+    def skill_map(self, name: str, variable: str, metric: str = "rmse") -> xr.DataArray:
+        """One run's per-grid-point ``metric`` of a flattened ``variable`` on (lat, lon)."""
+        from wpeft.runs.skill import skill_fields
+
+        entry = self.resolve(name)
+        fields = self._require_fields(name)
+        skill = self.cache.get(
+            ("skill", str(entry.path), metric),
+            file_signature(entry.path / "fields.nc"),
+            lambda: skill_fields(fields, metrics=(metric,)),
+        )
+        if f"{variable}_{metric}" in skill:
+            return skill[f"{variable}_{metric}"].rename(variable)
+        base, level = split_variable(variable)
+        da = skill.get(f"{base}_{metric}")
+        if da is not None and level.isdigit() and "level" in da.dims:
+            return da.sel(level=int(level), drop=True).rename(variable)
+        raise DataError(f"Run {name!r} has no {metric} skill for {variable!r}.")
+
+    def skill_difference(self, name_a: str, name_b: str, metric: str = "rmse") -> xr.Dataset:
+        """:func:`wpeft.runs.skill_difference` of two runs (all shared variables), cached."""
+        from wpeft.runs.skill import skill_difference
+
+        a, b = self.resolve(name_a), self.resolve(name_b)
+        fa, fb = self._require_fields(name_a), self._require_fields(name_b)
+        if a.task != b.task:
+            raise DataError(
+                f"Runs {a.name!r} ({a.task}) and {b.name!r} ({b.task}) are of different tasks; "
+                "compare runs of one task."
+            )
+        return self.cache.get(
+            ("difference", str(a.path), str(b.path), metric),
+            file_signature(a.path / "fields.nc", b.path / "fields.nc"),
+            lambda: skill_difference(fa, fb, metric),  # type: ignore[arg-type]
+        )
+
+    def table(self) -> pd.DataFrame:
+        """The runs table (:func:`wpeft.runs.table`) with a ``run`` name column first and no
+        absolute paths; reread when any run's ``config.json`` / ``summary.json`` changes."""
+        from wpeft.runs.store import Run
+
+        entries = self.runs()
+
+        def load() -> pd.DataFrame:
+            rows = []
+            for e in entries:
+                try:
+                    row = Run(e.path).row()
+                except (OSError, ValueError) as err:
+                    log.warning("runs table: skipping %s: %s", e.name, self.sanitize(str(err)))
+                    continue
+                row.pop("path", None)
+                rows.append({"run": e.name, **row})
+            df = pd.DataFrame(rows)
+            if not df.empty:
+                df = df.sort_values(["task", "method", "budget", "seed", "run"],
+                                    na_position="first", kind="stable").reset_index(drop=True)
+            return df
+
+        signature = tuple(
+            (e.name, file_signature(e.path / "config.json", e.path / "summary.json"))
+            for e in entries
+        )
+        return self.cache.get(("table", str(self.root)), signature, load)
+
+    def budget_table(self, task: str, score: str) -> pd.DataFrame:
+        """Finished runs of ``task`` with a trainable fraction > 0 and a finite ``score``."""
+        df = self.table()
+        if df.empty or score not in df.columns:
+            return df.iloc[0:0]
+        frac = pd.to_numeric(df["budget_fraction"], errors="coerce")
+        vals = pd.to_numeric(df[score], errors="coerce")
+        keep = (df["task"] == task) & (frac > 0) & np.isfinite(vals)
+        return df[keep.fillna(False)].reset_index(drop=True)
+
+    def signature(self, names: Iterable[str] = ()) -> tuple[Any, ...]:
+        """A cheap fingerprint of what a session shows: the run list, each run's
+        ``config.json`` / ``summary.json`` and, for ``names``, their record indexes and
+        ``fields.nc``. Changes exactly when a view may need redrawing (used for polling)."""
+        entries = self.runs()
+        by_name = {e.name: e for e in entries}
+        sig: list[Any] = [
+            (e.name, file_signature(e.path / "config.json", e.path / "summary.json"))
+            for e in entries
+        ]
+        for n in names:
+            e = by_name.get(str(n))
+            if e is not None:
+                sig.append(file_signature(
+                    e.path / "records" / "fisher" / "index.json",
+                    e.path / "records" / "attention" / "index.json",
+                    e.path / "fields.nc",
+                ))
+        return tuple(sig)
+
+
+_CATALOGS: dict[Path, Catalog] = {}
+_CATALOGS_LOCK = threading.Lock()
+
+
+def catalog_for(root: str | os.PathLike[str]) -> Catalog:
+    """The shared :class:`Catalog` of ``root`` (one per resolved directory per process)."""
+    resolved = check_runs_dir(root)
+    with _CATALOGS_LOCK:
+        if resolved not in _CATALOGS:
+            _CATALOGS[resolved] = Catalog(resolved)
+        return _CATALOGS[resolved]

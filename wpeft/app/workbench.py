@@ -1,0 +1,891 @@
+"""The workbench: a Panel dashboard over a runs directory, built once per browser session.
+
+Five views, each drawn with the HoloViews functions of :mod:`wpeft.viz.interactive` (no plotting
+code lives here):
+
+* **Overview** — the runs table (:meth:`~wpeft.app.catalog.Catalog.table`) in a sortable
+  Tabulator; clicking a row selects that run everywhere;
+* **Fisher masks** — per-layer mask heatmap over training, a step player driving one weight
+  matrix's mask image, and the overlap curves;
+* **Prompt attention** — variable x variable and variable x patch attention and a prompt
+  token's attention map, per block and record step;
+* **Skill maps** — run A and run B side by side and A − B with the paired-test significance,
+  per variable, level / lead and metric (one run alone: its map);
+* **Budget vs skill** — every finished run of a task on one plot.
+
+Design. :func:`build_workbench` makes everything a session owns (a :class:`Selection`, the
+widgets, the panes) inside the call, so sessions never share state; the data behind them come
+from the process-wide :class:`~wpeft.app.catalog.Catalog` (read once, confined to RUNS_DIR).
+The :class:`Selection` is the single source of truth: widgets write to it, views redraw from it,
+and ``pn.state.location.sync`` mirrors it in the URL query, so a view can be shared by copying
+the address. Values from the URL are untrusted: run names go through
+:meth:`~wpeft.app.catalog.Catalog.resolve` and any other unknown value falls back to a default.
+A periodic callback compares :meth:`~wpeft.app.catalog.Catalog.signature` (a few ``stat`` calls)
+and redraws the visible view only when a watched run wrote something new.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import panel as pn
+import param
+
+from wpeft.app.catalog import Catalog, RunEntry, RunNameError, catalog_for, split_variable
+from wpeft.errors import DataError, WpeftError
+
+__all__ = ["VIEWS", "Selection", "Workbench", "build_workbench", "runs_dir_from_argv"]
+
+log = logging.getLogger(__name__)
+
+#: View key (the ``view`` URL parameter) -> tab title.
+VIEWS = {
+    "overview": "Overview",
+    "fisher": "Fisher masks",
+    "attention": "Prompt attention",
+    "skill": "Skill maps",
+    "budget": "Budget vs skill",
+}
+
+#: Columns of a runs table that are not scores (everything else is a score column).
+_RUN_COLUMNS = (
+    "run", "path", "task", "method", "budget", "seed", "finished", "steps",
+    "trainable_backbone", "trainable_total", "changed_backbone", "changed_total",
+    "budget_fraction", "encoder_decoder_policy", "train_seconds",
+)
+_SELECTION_METHODS = "weatherpeft, sfas, fish and child_tuning_d"
+_NO_RUN = "— choose a run —"
+_NO_RUN_B = "— none (one run only) —"
+
+_CSS = """
+.wb-alert { padding: 0.6em 1em; border-radius: 4px; border: 1px solid; margin: 2px 0;
+            font-size: 14px; line-height: 1.4; }
+.wb-alert-error { background: #fdecea; border-color: #f1aeb5; color: #58151c; }
+.wb-alert-info { background: #e7f1fb; border-color: #9ec5fe; color: #052c65; }
+.wb-alert code { background: rgba(0, 0, 0, 0.06); padding: 0 3px; border-radius: 3px; }
+"""
+
+METRIC_LABELS = {"rmse": "RMSE", "bias": "bias (mean error)", "crps": "CRPS (Gaussian)"}
+_TESTS = {"ttest": "t-test", "wilcoxon": "Wilcoxon signed-rank test"}
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _md(value: Any) -> str:
+    """Text from the file system (run, block, matrix names) made inert inside Markdown."""
+    return html.escape(_text(value), quote=False)
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pick(value: Any, options: Sequence[Any], default: Any = None) -> Any:
+    """``value`` if it is one of ``options`` (compared as text: URL values arrive parsed),
+    else ``default`` (the first option when None)."""
+    for option in options:
+        if _text(option) == _text(value):
+            return option
+    if default is not None:
+        return default
+    return options[0] if len(options) else None
+
+
+def alert_html(text: str, kind: str = "error", code: Sequence[str] = ()) -> str:
+    """An alert box; ``text`` is escaped (it may hold user input), and each ``{}`` in it is
+    filled with the matching ``code`` item, escaped and set in ``<code>``."""
+    parts = html.escape(text).split("{}")
+    body = parts[0]
+    for snippet, rest in zip(code, parts[1:]):
+        body += f"<code>{html.escape(snippet)}</code>{rest}"
+    role = "alert" if kind == "error" else "status"
+    return f'<div class="wb-alert wb-alert-{kind}" role="{role}">{body}</div>'
+
+
+def _message_pane(css_class: str) -> pn.pane.HTML:
+    return pn.pane.HTML("", stylesheets=[_CSS], css_classes=["wb-message", css_class],
+                        sizing_mode="stretch_width", visible=False)
+
+
+def _plot_pane(css_class: str) -> pn.pane.HoloViews:
+    return pn.pane.HoloViews(None, css_classes=["wb-plot", css_class], linked_axes=False)
+
+
+def runs_dir_from_argv(argv: Sequence[str]) -> Path:
+    """RUNS_DIR from ``panel serve apps/workbench.py --args RUNS_DIR`` (or ``$WPEFT_RUNS_DIR``)."""
+    args = [a for a in argv if a]
+    if args:
+        return Path(args[0])
+    env = os.environ.get("WPEFT_RUNS_DIR")
+    if env:
+        return Path(env)
+    raise SystemExit(
+        "The workbench needs a runs directory: `panel serve apps/workbench.py --args RUNS_DIR` "
+        "or `wpeft serve RUNS_DIR`."
+    )
+
+
+# --------------------------------------------------------------------------- per-session state
+
+
+class Selection(param.Parameterized):
+    """What one session shows. Every parameter is mirrored in the URL query under its own name;
+    values are kept as given (URL text arrives parsed to numbers or booleans) and validated
+    where they are used."""
+
+    view = param.Parameter(default="overview", doc="Tab: one of VIEWS.")
+    run = param.Parameter(default="", doc="Run name (relative to RUNS_DIR); run A in Skill.")
+    run_b = param.Parameter(default="", doc="Run B of the skill comparison ('' = none).")
+    record = param.Parameter(default="density", doc="Fisher record shown in the heatmap.")
+    tensor = param.Parameter(default="", doc="Tensor kind ('' = aggregated over kinds).")
+    step = param.Parameter(default=None, doc="Fisher record step (None = the last).")
+    matrix = param.Parameter(default="", doc="Weight matrix of the mask image.")
+    blocks = param.Parameter(default="", doc="Comma-separated blocks of the overlap curves.")
+    block = param.Parameter(default="", doc="Block of the prompt-attention views.")
+    prompt = param.Parameter(default=None, doc="Prompt token of the prompt map.")
+    att_step = param.Parameter(default=None, doc="Attention record step (None = the last).")
+    variable = param.Parameter(default="", doc="Skill variable (base name).")
+    level = param.Parameter(default="", doc="Level (hPa) or lead ('12h') of the variable.")
+    metric = param.Parameter(default="rmse", doc="Skill metric.")
+    task = param.Parameter(default="", doc="Task of the budget-vs-skill plot.")
+    score = param.Parameter(default="", doc="Score column of the budget-vs-skill plot.")
+
+
+#: Parameters mirrored in the URL (query name = parameter name).
+URL_PARAMETERS = [p for p in Selection.param if p != "name"]
+
+
+# --------------------------------------------------------------------------- views
+
+
+class View:
+    """One tab: a message line, a caption and the view's widgets and plots. Subclasses fill
+    :meth:`draw` (and may draw parts on :meth:`on_selection`)."""
+
+    key = ""
+    watches: tuple[str, ...] = ()
+
+    def __init__(self, wb: Workbench) -> None:
+        self.wb = wb
+        self.sel = wb.sel
+        self.cat = wb.cat
+        self.stale = True
+        self._drawing = False
+        self.message = _message_pane(f"wb-{self.key}-message")
+        self.caption = pn.pane.Markdown("", css_classes=["wb-caption", f"wb-{self.key}-caption"],
+                                        sizing_mode="stretch_width", margin=(0, 10))
+        self.content = pn.Column(sizing_mode="stretch_width")
+        self.panel = pn.Column(self.message, self.caption, self.content,
+                               sizing_mode="stretch_width", css_classes=[f"wb-view-{self.key}"])
+        if self.watches:
+            self.sel.param.watch(self._selection_changed, list(self.watches))
+
+    @property
+    def active(self) -> bool:
+        return self.sel.view == self.key
+
+    def refresh(self) -> None:
+        """Redraw now if visible, else when the tab is next opened."""
+        if not self.active:
+            self.stale = True
+            return
+        self.stale = False
+        self._guarded(self.draw)
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        self._drawing = True
+        self.message.visible = False
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 -- any failure becomes a message in the page
+            self.show_error(exc)
+        else:
+            self.content.visible = True
+        finally:
+            self._drawing = False
+
+    def show_error(self, exc: BaseException) -> None:
+        if isinstance(exc, RunNameError) and exc.reason == "empty" and not self.cat.runs():
+            self.message.object = self.wb.no_runs_html()
+        elif isinstance(exc, WpeftError):
+            self.message.object = alert_html(self.cat.sanitize(str(exc)))
+        else:
+            log.exception("workbench view %s failed", self.key)
+            self.message.object = alert_html(
+                f"Could not draw this view ({type(exc).__name__}); the server log has details."
+            )
+        self.message.visible = True
+        self.content.visible = False
+        self.caption.object = ""
+
+    def _selection_changed(self, *events: param.parameterized.Event) -> None:
+        if self._drawing or not self.active:
+            if not self.active:
+                self.stale = True
+            return
+        names = {e.name for e in events}
+        self._guarded(lambda: self.on_selection(names))
+
+    def on_selection(self, names: set[str]) -> None:
+        """A watched selection parameter changed (default: redraw everything)."""
+        self.draw()
+
+    def draw(self) -> None:
+        raise NotImplementedError
+
+
+
+#: Widgets being updated from the selection (their change must not be copied back to it).
+_UPDATING: set[int] = set()
+
+
+def _bind(widget: pn.widgets.Widget, sel: Selection, name: str,
+          to_sel: Callable[[Any], Any] = lambda v: v) -> None:
+    """Copy a widget's value into ``sel.<name>`` whenever the user changes it."""
+    def copy(event: param.parameterized.Event) -> None:
+        if id(widget) not in _UPDATING:
+            setattr(sel, name, to_sel(event.new))
+
+    widget.param.watch(copy, "value")
+
+
+def _set(widget: pn.widgets.Widget, **values: Any) -> None:
+    """Update options and value of a widget in one go (no intermediate invalid value), without
+    writing the value back to the selection (which may hold a refused URL value)."""
+    changed = {k: v for k, v in values.items() if getattr(widget, k) != v}
+    if changed:
+        _UPDATING.add(id(widget))
+        try:
+            widget.param.update(**changed)
+        finally:
+            _UPDATING.discard(id(widget))
+
+
+class OverviewView(View):
+    key = "overview"
+
+    def __init__(self, wb: Workbench) -> None:
+        super().__init__(wb)
+        self.table = pn.widgets.Tabulator(
+            pd.DataFrame(), disabled=True, selectable=1, show_index=False, frozen_columns=["run"],
+            sizing_mode="stretch_width", height=420, layout="fit_data_table",
+            css_classes=["wb-runs-table"],
+        )
+        self.table.param.watch(self._row_selected, "selection")
+        self.content.objects = [self.table]
+
+    def frame(self):
+        """The runs table as shown: identity, counts, budget in percent, then every score."""
+        df = self.cat.table()
+        if df.empty:
+            return df
+        df = df.copy()
+        df["budget"] = 100.0 * df["budget"]
+        df["budget_fraction"] = 100.0 * df["budget_fraction"]
+        df = df.rename(columns={"budget": "budget_%", "budget_fraction": "trainable_%"})
+        first = ["run", "task", "method", "budget_%", "seed", "finished", "steps",
+                 "trainable_backbone", "changed_backbone", "trainable_%", "trainable_total",
+                 "changed_total", "encoder_decoder_policy", "train_seconds"]
+        first = [c for c in first if c in df.columns]
+        return df[first + [c for c in df.columns if c not in first]]
+
+    def draw(self) -> None:
+        df = self.frame()
+        if df.empty:
+            raise RunNameError("No run is selected.", "", "empty")  # shown as "no runs yet"
+        if not df.equals(self.table.value):
+            self.table.value = df
+        done = int(df["finished"].sum())
+        self.caption.object = (
+            f"**{len(df)} runs** ({done} finished, {len(df) - done} training or interrupted) in "
+            f"`{_md(self.cat.root.name)}`. Click a column title to sort, a row to select that "
+            "run."
+        )
+
+    def _row_selected(self, event: param.parameterized.Event) -> None:
+        if self._drawing or not event.new:
+            return
+        row = event.new[0]
+        if 0 <= row < len(self.table.value):
+            self.sel.run = str(self.table.value["run"].iloc[row])
+
+
+class FisherView(View):
+    key = "fisher"
+    watches = ("record", "tensor", "step", "matrix", "blocks")
+
+    def __init__(self, wb: Workbench) -> None:
+        super().__init__(wb)
+        from wpeft.viz.fisher import MASK_VARIABLES
+
+        self.record = pn.widgets.Select(
+            label="Record", options={label: key for key, label in MASK_VARIABLES.items()},
+            css_classes=["wb-record"], width=280)
+        self.tensor = pn.widgets.Select(label="Tensor kind", options={"all kinds": ""},
+                                        css_classes=["wb-tensor"], width=160)
+        self.step = pn.widgets.DiscretePlayer(
+            label="Training step", options=[0], value=0, interval=700, loop_policy="once",
+            show_loop_controls=False, css_classes=["wb-step"], width=420,
+            visible_buttons=["first", "previous", "pause", "play", "next", "last"])
+        self.matrix = pn.widgets.Select(label="Weight matrix", options=[""],
+                                        css_classes=["wb-matrix"], width=220)
+        self.blocks = pn.widgets.MultiChoice(
+            label="Blocks in the overlap curves (none: mean over blocks)", options=[],
+            css_classes=["wb-blocks"], width=420)
+        _bind(self.record, self.sel, "record")
+        _bind(self.tensor, self.sel, "tensor")
+        _bind(self.step, self.sel, "step")
+        _bind(self.matrix, self.sel, "matrix")
+        _bind(self.blocks, self.sel, "blocks", lambda v: ",".join(v))
+        self.heatmap = _plot_pane("wb-fisher-heatmap")
+        self.image = _plot_pane("wb-mask-image")
+        # the two panels of hv_overlap_curves in two panes: a bokeh GridPlot below other plots
+        # in nested layouts renders with an empty frame (bokeh 3.9)
+        self.curves = pn.Column(_plot_pane("wb-overlap-jaccard"), _plot_pane("wb-overlap-union"),
+                                css_classes=["wb-overlap-curves"])
+        self.content.objects = [
+            pn.Row(self.record, self.tensor),
+            self.heatmap,
+            pn.Row(pn.Column(self.step, self.matrix), self.image),
+            self.blocks,
+            self.curves,
+        ]
+        self._data: tuple[RunEntry, Any] | None = None
+        self._steps: list[int] | None = None
+
+    def _load(self) -> tuple[RunEntry, Any]:
+        entry = self.wb.run_a()
+        ds = self.cat.fisher(entry.name)
+        if ds is None:
+            raise DataError(
+                f"Run {entry.name!r} ({entry.method}) has no Fisher-mask records: only the "
+                f"selection methods ({_SELECTION_METHODS}) record them"
+                + (", and this run has not written its first record yet." if not entry.finished
+                   else ".")
+            )
+        return entry, ds
+
+    def draw(self) -> None:
+        self._data = None  # a failed load must not leave the previous run's records behind
+        self._data = self._load()
+        ds = self._data[1]
+        steps = [int(s) for s in ds["step"].values]
+        tensors = [str(t) for t in ds["tensor"].values]
+        blocks = [str(b) for b in ds["block"].values]
+        matrices = [str(m) for m in ds["matrix"].values] if "matrix" in ds.dims else []
+        record = _pick(self.sel.record, list(self.record.options.values()))
+        tensor = _pick(self.sel.tensor, [""] + tensors)
+        # at the last step while new records arrive: follow them
+        old = self._steps
+        following = self.sel.step is None or (
+            bool(old) and _as_int(self.sel.step) == old[-1] and steps != old)
+        step = steps[-1] if following else _pick(_as_int(self.sel.step), steps, steps[-1])
+        self._steps = steps
+        matrix = _pick(self.sel.matrix, matrices) if matrices else ""
+        chosen = [b for b in _text(self.sel.blocks).split(",") if b in blocks]
+        _set(self.record, value=record)
+        _set(self.tensor, options={"all kinds": "", **{t: t for t in tensors}}, value=tensor)
+        _set(self.step, options=steps, value=step)
+        _set(self.matrix, options=matrices or [""], value=matrix)
+        _set(self.blocks, options=blocks, value=chosen)
+        self.sel.param.update(record=record, tensor=tensor, step=step, matrix=matrix,
+                              blocks=",".join(chosen))
+        self._draw_heatmap()
+        self._draw_image()
+        self._draw_curves()
+
+    def on_selection(self, names: set[str]) -> None:
+        if self._data is None:
+            return self.draw()
+        if "record" in names or "tensor" in names:
+            self.sel.record = _pick(self.sel.record, list(self.record.options.values()))
+            self.sel.tensor = _pick(self.sel.tensor, list(self.tensor.options.values()))
+            _set(self.record, value=self.sel.record)
+            _set(self.tensor, value=self.sel.tensor)
+            self._draw_heatmap()
+            self._draw_curves()
+        if "step" in names or "matrix" in names:
+            self.sel.step = _pick(_as_int(self.sel.step), list(self.step.options),
+                                  self.step.options[-1])
+            self.sel.matrix = _pick(self.sel.matrix, list(self.matrix.options))
+            _set(self.step, value=self.sel.step)
+            _set(self.matrix, value=self.sel.matrix)
+            self._draw_image()
+        if "blocks" in names:
+            chosen = [b for b in _text(self.sel.blocks).split(",") if b in self.blocks.options]
+            _set(self.blocks, value=chosen)
+            self._draw_curves()
+
+    def _caption(self) -> None:
+        entry, ds = self._data  # type: ignore[misc]
+        steps = list(self.step.options)
+        k = ds.attrs.get("k")
+        size = f", k = {int(k):,} entries selected" if k is not None else ""
+        self.caption.object = (
+            f"**{_md(entry.name)}** · {_md(entry.method)}{size} · {len(steps)} recorded steps "
+            f"({steps[0]}–{steps[-1]}) · mask image at **step {self.sel.step}** of "
+            f"**{_md(self.sel.matrix or 'no matrix')}**"
+            + ("" if entry.finished else " · *training: updates as records arrive*")
+        )
+
+    def _draw_heatmap(self) -> None:
+        from wpeft.viz.interactive import hv_mask_heatmap
+
+        _, ds = self._data  # type: ignore[misc]
+        self.heatmap.object = hv_mask_heatmap(ds, self.sel.record, self.sel.tensor or None)
+
+    def _draw_image(self) -> None:
+        from wpeft.viz.interactive import hv_mask_image
+
+        _, ds = self._data  # type: ignore[misc]
+        if "mask_image" in ds and self.sel.matrix:
+            self.image.object = hv_mask_image(ds, self.sel.matrix, int(self.sel.step))
+            self.image.visible = True
+        else:
+            self.image.visible = False
+        self._caption()
+
+    def _draw_curves(self) -> None:
+        from wpeft.viz.interactive import hv_overlap_curves
+
+        _, ds = self._data  # type: ignore[misc]
+        chosen = [b for b in _text(self.sel.blocks).split(",") if b]
+        layout = hv_overlap_curves(ds, chosen or None, self.sel.tensor or None)
+        for pane, panel in zip(self.curves, layout):
+            pane.object = panel
+
+
+class AttentionView(View):
+    key = "attention"
+    watches = ("block", "prompt", "att_step")
+
+    def __init__(self, wb: Workbench) -> None:
+        super().__init__(wb)
+        self.block = pn.widgets.Select(label="Block", options=[""], css_classes=["wb-block"],
+                                       width=180)
+        self.prompt = pn.widgets.Select(label="Prompt token", options=[0],
+                                        css_classes=["wb-prompt"], width=140)
+        self.att_step = pn.widgets.Select(label="Record step", options=[0],
+                                          css_classes=["wb-att-step"], width=140)
+        _bind(self.block, self.sel, "block")
+        _bind(self.prompt, self.sel, "prompt")
+        _bind(self.att_step, self.sel, "att_step")
+        self.var_var = _plot_pane("wb-var-var")
+        self.var_patch = _plot_pane("wb-var-patch")
+        self.prompt_map = _plot_pane("wb-prompt-map")
+        self.content.objects = [
+            pn.Row(self.block, self.att_step, self.prompt),
+            pn.Row(self.var_var, self.prompt_map),
+            self.var_patch,
+        ]
+        self._data: tuple[RunEntry, Any] | None = None
+
+    def draw(self) -> None:
+        self._data = None
+        entry = self.wb.run_a()
+        ds = self.cat.attention(entry.name)
+        if ds is None:
+            raise DataError(
+                f"Run {entry.name!r} ({entry.method}) has no prompt-attention records: only "
+                "methods with TADP prompts (weatherpeft, tadp) record them, at the end of "
+                "training" + (" (this run is still training)." if not entry.finished else ".")
+            )
+        self._data = (entry, ds)
+        blocks = [str(b) for b in ds["block"].values]
+        prompts = [int(p) for p in ds["prompt"].values]
+        steps = [int(s) for s in ds["step"].values] if "step" in ds.dims else []
+        block = _pick(self.sel.block, blocks)
+        prompt = _pick(_as_int(self.sel.prompt), prompts)
+        step = _pick(_as_int(self.sel.att_step), steps, steps[-1]) if steps else None
+        _set(self.block, options=blocks, value=block)
+        _set(self.prompt, options=prompts, value=prompt)
+        _set(self.att_step, options=steps or [0], value=step if steps else 0)
+        self.att_step.visible = bool(steps)
+        self.sel.param.update(block=block, prompt=prompt, att_step=step)
+        self._draw(prompt_only=False)
+
+    def on_selection(self, names: set[str]) -> None:
+        if self._data is None:
+            return self.draw()
+        self.sel.block = _pick(self.sel.block, list(self.block.options))
+        self.sel.prompt = _pick(_as_int(self.sel.prompt), list(self.prompt.options))
+        if self.att_step.visible:
+            self.sel.att_step = _pick(_as_int(self.sel.att_step), list(self.att_step.options),
+                                      self.att_step.options[-1])
+        _set(self.block, value=self.sel.block)
+        _set(self.prompt, value=self.sel.prompt)
+        if self.att_step.visible:
+            _set(self.att_step, value=self.sel.att_step)
+        self._draw(prompt_only=names == {"prompt"})
+
+    def _draw(self, prompt_only: bool) -> None:
+        from wpeft.viz.interactive import hv_patch_attention, hv_prompt_map, hv_variable_attention
+
+        entry, ds = self._data  # type: ignore[misc]
+        block = self.sel.block
+        step = _as_int(self.sel.att_step) if self.att_step.visible else None
+        if not prompt_only:
+            self.var_var.object = hv_variable_attention(ds, block, step=step)
+            self.var_patch.object = hv_patch_attention(ds, block, step=step)
+        self.prompt_map.object = hv_prompt_map(ds, block, self.sel.prompt, earth=entry.earth,
+                                               step=step)
+        when = f" · record step **{step}**" if step is not None else ""
+        self.caption.object = (
+            f"**{_md(entry.name)}** · {_md(entry.method)} · block **{_md(block)}**{when} · "
+            "prompt token "
+            f"**{self.sel.prompt}** of {len(self.prompt.options)}"
+        )
+
+
+def _skill_named(da: Any, variable: str, metric: str) -> Any:
+    """``da`` named ``<variable>_<metric>`` without its attributes, so the colour bar reads
+    e.g. "RMSE of 2 metre temperature (K)" from the schema."""
+    out = da.copy()
+    out.attrs = {}
+    return out.rename(f"{variable}_{metric}")
+
+
+class SkillView(View):
+    key = "skill"
+    watches = ("variable", "level", "metric")
+
+    def __init__(self, wb: Workbench) -> None:
+        super().__init__(wb)
+        self.variable = pn.widgets.Select(label="Variable", options=[""],
+                                          css_classes=["wb-variable"], width=260)
+        self.level = pn.widgets.Select(label="Level (hPa) / lead", options=[""],
+                                       css_classes=["wb-level"], width=150)
+        self.metric = pn.widgets.Select(label="Metric", options={"RMSE": "rmse"},
+                                        css_classes=["wb-metric"], width=180)
+        _bind(self.variable, self.sel, "variable")
+        _bind(self.level, self.sel, "level")
+        _bind(self.metric, self.sel, "metric")
+        self.maps = _plot_pane("wb-skill-maps")
+        self.content.objects = [pn.Row(self.variable, self.level, self.metric),
+                                pn.Column(self.maps, scroll=True, sizing_mode="stretch_width")]
+
+    def on_selection(self, names: set[str]) -> None:
+        self.draw()
+
+    def draw(self) -> None:
+        from wpeft.viz.interactive import hv_skill_comparison, hv_skill_map
+
+        a = self.wb.run_a()
+        b = self.wb.run_b()
+        flat = self.cat.skill_variables(a.name)
+        metrics = self.cat.skill_metrics(a.name)
+        if b is not None:
+            shared = set(self.cat.skill_metrics(b.name))
+            metrics = [m for m in metrics if m in shared]
+        grouped: dict[str, list[str]] = {}
+        for name in flat:
+            base, qualifier = split_variable(name)
+            grouped.setdefault(base, []).append(qualifier)
+        variable = _pick(self.sel.variable, list(grouped))
+        qualifiers = grouped[variable]
+        level = _pick(self.sel.level, qualifiers)
+        metric = _pick(self.sel.metric, metrics)
+        _set(self.variable, options=list(grouped), value=variable)
+        _set(self.level, options=qualifiers, value=level)
+        self.level.visible = qualifiers != [""]
+        _set(self.metric, options={METRIC_LABELS.get(m, m): m for m in metrics}, value=metric)
+        self.sel.param.update(variable=variable, level=level, metric=metric)
+        name = f"{variable}_{level}" if level else variable
+        label = METRIC_LABELS.get(metric, metric)
+        if b is None:
+            field = _skill_named(self.cat.skill_map(a.name, name, metric), name, metric)
+            self.maps.object = hv_skill_map(field, earth=a.earth,
+                                            title=f"{a.name}: {label} of {name}")
+            self.caption.object = (
+                f"**{_md(a.name)}** ({_md(a.method)}) · {label} of **{_md(name)}** over the "
+                "test period. "
+                "Choose run B in the sidebar to compare two runs."
+            )
+            return
+        diff = self.cat.skill_difference(a.name, b.name, metric)
+        if name not in diff["variable"].values:
+            raise DataError(f"Runs {a.name!r} and {b.name!r} do not share {name!r}.")
+        d = diff.sel(variable=name)
+        self.maps.object = hv_skill_comparison(
+            _skill_named(d["metric_a"], name, metric), _skill_named(d["metric_b"], name, metric),
+            d, labels=(a.name, b.name), earth=a.earth).cols(2)  # A | B, then A − B
+        share = float(d["significant"].mean())
+        self.caption.object = (
+            f"{label} of **{_md(name)}**: **{_md(a.name)}** ({_md(a.method)}) vs "
+            f"**{_md(b.name)}** ({_md(b.method)}) and "
+            f"A − B (negative: A better; dots: not significant at p < {diff.attrs['alpha']}, "
+            f"paired {_TESTS.get(diff.attrs['test'], diff.attrs['test'])} over "
+            f"{diff.attrs['n_time']} test times; {100 * share:.0f}% of points significant)"
+        )
+
+
+class BudgetView(View):
+    key = "budget"
+    watches = ("task", "score")
+
+    def __init__(self, wb: Workbench) -> None:
+        super().__init__(wb)
+        self.task = pn.widgets.Select(label="Task", options=[""], css_classes=["wb-task"],
+                                      width=200)
+        self.score = pn.widgets.Select(label="Score", options=[""], css_classes=["wb-score"],
+                                       width=320)
+        _bind(self.task, self.sel, "task")
+        _bind(self.score, self.sel, "score")
+        self.plot = _plot_pane("wb-budget-plot")
+        self.content.objects = [pn.Row(self.task, self.score), self.plot]
+
+    def on_selection(self, names: set[str]) -> None:
+        self.draw()
+
+    def draw(self) -> None:
+        from wpeft.viz.interactive import hv_budget_vs_skill
+
+        df = self.cat.table()
+        if df.empty:
+            raise RunNameError("No run is selected.", "", "empty")
+        finished = df[df["finished"].astype(bool)]
+        if finished.empty:
+            raise DataError("No run has finished yet; budget vs skill needs final scores.")
+        tasks = sorted(map(str, finished["task"].unique()))
+        task = _pick(self.sel.task or self.wb.default_task(), tasks)
+        rows = finished[finished["task"] == task]
+        scores = [c for c in rows.columns
+                  if c not in _RUN_COLUMNS and rows[c].notna().any()]
+        preferred = [c for c in scores if "bilinear" not in c and "persistence" not in c]
+        score = _pick(self.sel.score, scores, (preferred or scores or [""])[0])
+        _set(self.task, options=tasks, value=task)
+        _set(self.score, options=scores or [""], value=score)
+        self.sel.param.update(task=task, score=score)
+        frame = self.cat.budget_table(task, score)
+        if frame.empty:
+            raise DataError(f"No finished {task} run has a {score!r} score.")
+        self.plot.object = hv_budget_vs_skill(frame, score=score,
+                                              title=f"{task}: budget vs {score}")
+        self.caption.object = (
+            f"**{len(frame)} finished {_md(task)} runs** · x: trainable parameters achieved "
+            f"(% of backbone, log scale) · y: **{_md(score)}** · line: mean over seeds per budget"
+        )
+
+
+# --------------------------------------------------------------------------- the session
+
+
+class Workbench:
+    """Everything one browser session owns. Build it with :func:`build_workbench`.
+
+    Args:
+        catalog: The shared catalog of RUNS_DIR.
+        poll_ms: Interval of the change check (0: no periodic callback; call :meth:`poll`).
+        sync_url: Mirror the selection in the URL (needs a server session).
+    """
+
+    def __init__(self, catalog: Catalog, *, poll_ms: int = 2000, sync_url: bool = True) -> None:
+        self.cat = catalog
+        self.sel = Selection()
+        self.run_select = pn.widgets.Select(label="Run (A)", options={_NO_RUN: ""},
+                                            css_classes=["wb-run"], sizing_mode="stretch_width")
+        self.run_b_select = pn.widgets.Select(label="Compare with (run B, Skill maps)",
+                                              options={_NO_RUN_B: ""}, css_classes=["wb-run-b"],
+                                              sizing_mode="stretch_width")
+        self.run_message = _message_pane("wb-run-message")
+        self.status = pn.pane.Markdown("", css_classes=["wb-status"], sizing_mode="stretch_width")
+        _bind(self.run_select, self.sel, "run")
+        _bind(self.run_b_select, self.sel, "run_b")
+        self.views: dict[str, View] = {
+            "overview": OverviewView(self),
+            "fisher": FisherView(self),
+            "attention": AttentionView(self),
+            "skill": SkillView(self),
+            "budget": BudgetView(self),
+        }
+        # A button bar and one slot rather than pn.Tabs: only the visible view is in the page
+        # (bokeh's Tabs mis-lays out a grid of plots next to other plots in the same tab).
+        self.nav = pn.widgets.RadioButtonGroup(
+            options={title: key for key, title in VIEWS.items()}, value="overview",
+            color="primary", variant="outline", css_classes=["wb-nav"])
+        self.nav.param.watch(self._nav_changed, "value")
+        self.main = pn.Column(self.nav, self.views["overview"].panel,
+                              sizing_mode="stretch_width", css_classes=["wb-main"])
+        self.sel.param.watch(self._view_changed, "view")
+        self.sel.param.watch(self._runs_changed, ["run", "run_b"])
+        location = pn.state.location if sync_url else None
+        if location is not None:
+            location.sync(self.sel, {p: p for p in URL_PARAMETERS})
+            # the browser reports its own query once connected: then write the whole selection
+            # back, so the address bar can be shared as soon as the page shows
+            pn.state.onload(lambda: location.update_query(**self.url_query()))
+        self._refresh_run_options()
+        if not _text(self.sel.run):
+            default = self.default_run()
+            if default:
+                self.sel.run = default
+        self._show_run_state()
+        self._view_changed()
+        self._signature = self.cat.signature([_text(self.sel.run), _text(self.sel.run_b)])
+        self._update_status()
+        if poll_ms and pn.state.curdoc is not None and pn.state.curdoc.session_context:
+            pn.state.add_periodic_callback(self.poll, period=poll_ms)
+
+    def url_query(self) -> dict[str, str]:
+        """The selection as URL query values (unset values left out)."""
+        out = {}
+        for name in URL_PARAMETERS:
+            value = getattr(self.sel, name)
+            if value is not None and value != "":
+                out[name] = value if isinstance(value, str) else json.dumps(value)
+        return out
+
+    # --- runs ---------------------------------------------------------------------------------
+
+    def default_run(self) -> str:
+        """The first run with Fisher records, else the first run ('' when there is none)."""
+        runs = self.cat.runs()
+        best = next((e for e in runs if e.has_fisher), runs[0] if runs else None)
+        return best.name if best else ""
+
+    def default_task(self) -> str:
+        try:
+            return self.run_a().task
+        except WpeftError:
+            return ""
+
+    def run_a(self) -> RunEntry:
+        """The selected run (A), validated (RunNameError with a clear message otherwise)."""
+        return self.cat.resolve(self.sel.run)
+
+    def run_b(self) -> RunEntry | None:
+        """Run B of the skill comparison; None if none is chosen or it is run A."""
+        name = _text(self.sel.run_b)
+        if not name or name == _text(self.sel.run):
+            return None
+        return self.cat.resolve(name)
+
+    def _refresh_run_options(self) -> None:
+        runs = self.cat.runs()
+        a_opts = {_NO_RUN: "", **{e.label: e.name for e in runs}}
+        b_opts = {_NO_RUN_B: "", **{e.label: e.name for e in runs if e.has_fields}}
+        _set(self.run_select, options=a_opts,
+             value=_pick(self.sel.run, list(a_opts.values()), ""))
+        _set(self.run_b_select, options=b_opts,
+             value=_pick(self.sel.run_b, list(b_opts.values()), ""))
+
+    def _runs_changed(self, *events: param.parameterized.Event) -> None:
+        _set(self.run_select, value=_pick(self.sel.run, list(self.run_select.options.values()), ""))
+        _set(self.run_b_select,
+             value=_pick(self.sel.run_b, list(self.run_b_select.options.values()), ""))
+        self._show_run_state()
+        for view in self.views.values():
+            if view.key != "overview":
+                view.stale = True
+        self.views[self._view_key()].refresh()
+
+    def _show_run_state(self) -> None:
+        """A sidebar message when a run name from the URL is refused."""
+        problems = []
+        for label, value in (("Run", self.sel.run), ("Run B", self.sel.run_b)):
+            if not _text(value):
+                continue
+            try:
+                self.cat.resolve(value)
+            except RunNameError as e:
+                problems.append(f"{label}: {self.cat.sanitize(str(e))}")
+        self.run_message.object = "".join(alert_html(p) for p in problems)
+        self.run_message.visible = bool(problems)
+
+    def no_runs_html(self) -> str:
+        return alert_html(
+            "No runs found in this runs directory ({}) yet. Make one with {} or run {}, where "
+            "RUNS_DIR is the directory this server shows: it appears here within a few seconds, "
+            "no reload needed.", "info",
+            code=(self.cat.root.name,
+                  ("wpeft train --task downscaling --method weatherpeft --budget 0.04 "
+                   "--out RUNS_DIR/downscaling/weatherpeft-4pct"),
+                  "wpeft demo --out RUNS_DIR"),
+        )
+
+    # --- views --------------------------------------------------------------------------------
+
+    def _view_key(self) -> str:
+        return _pick(self.sel.view, list(VIEWS))
+
+    def _nav_changed(self, event: param.parameterized.Event) -> None:
+        self.sel.view = event.new
+
+    def _view_changed(self, *events: param.parameterized.Event) -> None:
+        key = self._view_key()
+        if self.sel.view != key:
+            self.sel.view = key  # an unknown view from the URL: back to the overview
+            return
+        _set(self.nav, value=key)
+        view = self.views[key]
+        if view.stale:
+            view.refresh()
+        if self.main[1] is not view.panel:
+            self.main[1] = view.panel
+
+    # --- polling ------------------------------------------------------------------------------
+
+    def poll(self) -> bool:
+        """Redraw if a watched run wrote something since the last call; True if it did."""
+        try:
+            sig = self.cat.signature([_text(self.sel.run), _text(self.sel.run_b)])
+        except OSError:
+            log.exception("workbench poll failed")
+            return False
+        if sig == self._signature:
+            return False
+        self._signature = sig
+        self._refresh_run_options()
+        self._show_run_state()
+        for view in self.views.values():
+            view.stale = True
+        self.views[self._view_key()].refresh()
+        self._update_status()
+        return True
+
+    def _update_status(self) -> None:
+        runs = self.cat.runs()
+        training = sum(not e.finished for e in runs)
+        self.status.object = (
+            f"**{len(runs)} runs** in `{_md(self.cat.root.name)}`"
+            + (f", {training} training or interrupted" if training else "")
+            + f" · checked {time.strftime('%H:%M:%S')}\n\n"
+            "The address bar holds every selection: copy it to share this view."
+        )
+
+    # --- page ---------------------------------------------------------------------------------
+
+    def template(self) -> pn.template.BaseTemplate:
+        sidebar = [self.run_select, self.run_b_select, self.run_message, self.status]
+        return pn.template.BootstrapTemplate(
+            title=f"wpeft workbench · {self.cat.root.name}", sidebar=sidebar, main=[self.main],
+            sidebar_width=330, header_background="#0072B2",
+        )
+
+
+def build_workbench(
+    runs_dir: str | os.PathLike[str], *, poll_ms: int = 2000, sync_url: bool = True
+) -> pn.template.BaseTemplate:
+    """The workbench page of ``runs_dir`` for the current session (call once per session).
+
+    Raises:
+        RunsDirError: ``runs_dir`` is missing or not a directory.
+    """
+    pn.extension("tabulator", notifications=False)
+    return Workbench(catalog_for(runs_dir), poll_ms=poll_ms, sync_url=sync_url).template()
