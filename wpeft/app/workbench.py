@@ -629,7 +629,8 @@ class SkillView(View):
         self.caption.object = (
             f"{label} of **{_md(name)}**: **{_md(a.name)}** ({_md(a.method)}) vs "
             f"**{_md(b.name)}** ({_md(b.method)}) and "
-            f"A − B (negative: A better; dots: not significant at p < {diff.attrs['alpha']}, "
+            f"A − B ({d['difference'].attrs.get('description', 'negative: A better')}; "
+            f"dots: not significant at p < {diff.attrs['alpha']}, "
             f"paired {_TESTS.get(diff.attrs['test'], diff.attrs['test'])} over "
             f"{diff.attrs['n_time']} test times; {100 * share:.0f}% of points significant)"
         )
