@@ -154,7 +154,7 @@ def test_two_rank_run_resumes_on_one_rank(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,budget", [("full", None), ("lora", 0.04)])
+@pytest.mark.parametrize("method,budget", [("full", None), ("lora", 0.04), ("tadp", 0.04)])
 def test_two_rank_fsdp2_equals_one_rank(tmp_path, method, budget) -> None:
     """FSDP2 (``fully_shard`` per Swin block, gloo on CPU) trains like one process."""
     cfg = config(method=method, budget=budget, lr=3e-4 if method == "full" else 1e-3)

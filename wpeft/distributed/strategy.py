@@ -6,7 +6,8 @@
   backbone costs no communication. Every method works under DDP, SFAS included: the Fisher
   information is accumulated from the all-reduced gradient, which is the gradient of the global
   batch, so the mask is the same on every rank (and the same as a one-process run's).
-* ``fsdp``: FSDP2 shards each Swin block (and the rest of the model as a root unit) across ranks.
+* ``fsdp``: FSDP2 shards each Swin block, the rest of the backbone and the method's added modules
+  (each a unit of its own) across ranks.
   FSDP2 shards parameter by parameter, so frozen and trainable tensors may share a block — the
   pitfall of FSDP1's flat parameters does not arise. Methods that pick single *entries* of
   backbone tensors (SFAS, Fish mask, Child-Tuning_D, WeatherPEFT's SFAS part) need a global
@@ -80,6 +81,18 @@ def _block_modules(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+def _callable_units(container: nn.Module) -> list[nn.Module]:
+    """The outermost modules with a ``forward`` and parameters inside a container of containers
+    (``ModuleDict`` / ``ModuleList`` cannot be FSDP units: they are never called)."""
+    units: list[nn.Module] = []
+    for child in container.children():
+        if isinstance(child, (nn.ModuleDict, nn.ModuleList)):
+            units += _callable_units(child)
+        elif any(True for _ in child.parameters()):
+            units.append(child)
+    return units
+
+
 def wrap(
     module: TrainingModule, strategy: str, env: DistEnv, device: torch.device
 ) -> nn.Module:
@@ -107,6 +120,11 @@ def wrap(
         mesh = init_device_mesh(device.type, (env.world_size,))
         for block in _block_modules(module.model):
             fully_shard(block, mesh=mesh)
-        fully_shard(module, mesh=mesh)
+        # The backbone and the added modules are roots of their own, so that calling the
+        # backbone directly (evaluation, the attention recorder) or a generator from a block's
+        # hook (TADP) gathers what it needs.
+        for unit in _callable_units(module.added):
+            fully_shard(unit, mesh=mesh)
+        fully_shard(module.model, mesh=mesh)
         return module
     raise ConfigError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
