@@ -237,3 +237,20 @@ def test_sharded_optimizer_state_trains_like_one_rank(tmp_path) -> None:
     assert max(shards) < 0.8 * states["one"]
     with pytest.raises(ConfigError, match="needs the ddp strategy"):
         train(config(shard_optimizer=True), tmp_path / "single", progress=False)
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path) -> None:
+    """An FSDP2 run killed after its step-2 checkpoint (full trainable tensors and optimiser
+    state gathered on rank 0, keyed by name) continues in one process to the uninterrupted
+    result; the frozen backbone is not in the checkpoint."""
+    cfg = config(method="lora", budget=0.04, steps=4, checkpoint_every=2)
+    train(cfg, tmp_path / "ref", progress=False)
+    with pytest.raises(mp.ProcessRaisedException, match="killed"):
+        run_ranks(config(method="lora", budget=0.04, steps=4, checkpoint_every=2, strategy="fsdp"),
+                  tmp_path / "killed", die_at=3)
+    state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2 and state["step"] == 2 and state["strategy"] == "fsdp"
+    assert state["full_state"] and all("lora_" in k for k in state["full_state"])
+    train(cfg, tmp_path / "killed", resume=True, progress=False)
+    compare_adapters(tmp_path / "ref", tmp_path / "killed", atol=1e-4)

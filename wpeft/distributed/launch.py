@@ -60,7 +60,8 @@ def launch_plan(cfg: Any) -> dict[str, Any]:
         "activation_checkpointing": "per Swin block" if wants_cuda else "off (CPU)",
         "checkpoints": "rank 0 writes adapter-only checkpoints (full tensors, global data "
                        "position: resumable on another world size)" if strategy != "fsdp"
-        else "end of run only: the full state is gathered on rank 0",
+        else "trainable tensors and optimiser state gathered on rank 0 (resharded on load, "
+             "any world size)",
         "steps": cfg.steps,
         "samples": cfg.steps * cfg.batch_size,
     }

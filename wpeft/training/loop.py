@@ -291,7 +291,14 @@ def train(
             raise CheckpointError(
                 f"{ckpt_path} belongs to a run with another config; use a new run directory."
             )
-        method.load_adapter_state(state["adapter"])
+        if "full_state" in state:  # written by an FSDP run: loaded once the model is wrapped
+            if strategy == "ddp":
+                raise CheckpointError(
+                    f"{ckpt_path} was written by an FSDP run; resume it with --strategy fsdp or "
+                    "in one process."
+                )
+        else:
+            method.load_adapter_state(state["adapter"])
         if state.get("selection") is not None:
             method.selection.load_state_dict(_unpack_bools(state["selection"]))
         torch.set_rng_state(state["torch_rng"])
@@ -300,7 +307,8 @@ def train(
         (run / "metrics.jsonl").unlink(missing_ok=True)
 
     # DDP / FSDP see the backbone (with the task's heads) and the method's added modules.
-    net = wrap(TrainingModule(model, method.added), strategy, env, device)
+    unwrapped = TrainingModule(model, method.added)
+    net = wrap(unwrapped, strategy, env, device)
 
     def loss_on(batch: TaskBatch) -> torch.Tensor:
         return task.loss(task.predict(net, batch), batch)
@@ -309,7 +317,16 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
     )
-    if state is not None:
+    if state is not None and "full_state" in state:
+        if strategy == "fsdp" or "adapter" not in state:
+            _load_full_state(unwrapped, opt, state["full_state"], state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    elif state is not None:
+        if strategy == "fsdp":
+            raise CheckpointError(
+                f"{ckpt_path} was written by a {state.get('strategy', 'DDP or one-process')} run; "
+                "resume it with that strategy (FSDP resumes FSDP checkpoints)."
+            )
         opt.load_state_dict(_optimizer_state_from_disk(state["optimizer"]))
         sched.load_state_dict(state["scheduler"])
     if env.is_main:
@@ -324,7 +341,24 @@ def train(
 
     def checkpoint() -> None:
         if strategy == "fsdp":
-            return  # see wpeft.distributed.strategy: FSDP runs do not checkpoint mid-run yet
+            full_state, full_optim = _gather_full_state(unwrapped, opt)  # every rank takes part
+            if env.is_main:
+                save_torch_atomic(
+                    {
+                        "config": cfg.to_dict(),
+                        "full_state": full_state,
+                        "optimizer": full_optim,
+                        "scheduler": sched.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "step": step,
+                        "epoch": epoch,
+                        "in_epoch": in_epoch,
+                        "world_size": env.world_size,
+                        "strategy": strategy,
+                    },
+                    ckpt_path,
+                )
+            return
         if isinstance(opt, ZeroRedundancyOptimizer):
             opt.consolidate_state_dict(to=0)  # every rank sends its shard to rank 0
         if not env.is_main:
@@ -447,6 +481,31 @@ def _optimizer(method: PEFTMethod, cfg: TrainConfig, strategy: str) -> torch.opt
     opt = ZeroRedundancyOptimizer(method.trainable_parameters(), optimizer_class=cls, **kwargs)
     method.bind_optimizer(opt.optim)
     return opt
+
+
+def _gather_full_state(
+    module: nn.Module, opt: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full (unsharded) trainable tensors and optimiser state of an FSDP-wrapped module, keyed by
+    parameter name, on CPU; a collective call (rank 0 gets the data, other ranks empty dicts).
+    Frozen backbone tensors are left out: they are the pretrained weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(module, opt, options=options)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd
+
+
+def _load_full_state(
+    module: nn.Module, opt: torch.optim.Optimizer, model_sd: dict, optim_sd: dict
+) -> None:
+    """Load :func:`_gather_full_state`'s output into a module wrapped with any world size (FSDP
+    shards it again) or into a plain one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(module, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _gather_unsharded(
