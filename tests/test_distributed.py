@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from test_training import WORLD, small_cache  # noqa: F401  (small_cache: autouse fixture)
+from test_training import config as single_config
 
 from wpeft.distributed.runtime import DistEnv, shard_batch
 from wpeft.distributed.strategy import resolve_strategy
@@ -19,20 +21,10 @@ from wpeft.errors import ConfigError
 from wpeft.methods import create_method
 from wpeft.training.loop import TrainConfig, train
 
-WORLD = {"nlat": 16, "nlon": 32, "days": 12, "spinup_days": 1, "ensemble_inits": 8, "ensemble_members": 3}
-
-
-@pytest.fixture(autouse=True)
-def small_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("WPEFT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "world-cache"))
-
 
 def config(**kw) -> TrainConfig:
-    base = {
-        "task": "downscaling", "method": "weatherpeft", "steps": 4, "batch_size": 4, "warmup_steps": 1,
-        "checkpoint_every": 2, "task_options": {"world": WORLD}, "device": "cpu", "lr": 1e-3,
-    }
-    return TrainConfig(**{**base, **kw})
+    """The training tests' config with a global batch of 4 (2 per rank) and lr 1e-3."""
+    return single_config(**{"batch_size": 4, "lr": 1e-3, **kw})
 
 
 def _free_port() -> int:
