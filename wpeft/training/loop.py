@@ -318,8 +318,7 @@ def train(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
     )
     if state is not None and "full_state" in state:
-        if strategy == "fsdp" or "adapter" not in state:
-            _load_full_state(unwrapped, opt, state["full_state"], state["optimizer"])
+        _load_full_state(unwrapped, opt, state["full_state"], state["optimizer"])
         sched.load_state_dict(state["scheduler"])
     elif state is not None:
         if strategy == "fsdp":
