@@ -4,6 +4,7 @@ same global batch; the SFAS mask is identical on every rank; bad layouts are ref
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -40,8 +41,8 @@ def _state_numel(opt) -> int:
 
 
 def _mask_digest(method, env, opt) -> None:
-    """Each rank writes a digest of its selection masks (empty for dense methods) and the size
-    of the optimiser state it holds."""
+    """Each rank writes a digest of its selection masks (empty for dense methods), the size of
+    the optimiser state it holds, and what its selection holds (sharded or not, entries)."""
     out_dir = Path(os.environ["WPEFT_TEST_OUT"])
     (out_dir / f"state-rank{env.rank}.txt").write_text(str(_state_numel(opt)))
     h = hashlib.sha256()
@@ -49,6 +50,30 @@ def _mask_digest(method, env, opt) -> None:
         h.update(name.encode())
         h.update(mask.to(torch.uint8).numpy().tobytes())
     (out_dir / f"mask-rank{env.rank}.txt").write_text(h.hexdigest())
+    sel = getattr(method, "selection", None)
+    if sel is not None:
+        held = {"sharded": sel.sharded, "k": sel.k, "selected": sum(sel.counts()),
+                "entries": sum(m.numel() for m in sel.masks), "total": sel.total}
+        (out_dir / f"selection-rank{env.rank}.json").write_text(json.dumps(held))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One-process runs shared by the tests of this module, keyed by config:
+    ``reference(cfg) -> (run dir, summary, optimiser-state scalars)``."""
+    runs: dict[str, tuple[Path, dict, int]] = {}
+
+    def run(cfg: TrainConfig) -> tuple[Path, dict, int]:
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if key not in runs:
+            out = tmp_path_factory.mktemp("one") / "run"
+            state = {}
+            summary = train(cfg, out, progress=False,
+                            on_trained=lambda m, e, opt: state.setdefault("n", _state_numel(opt)))
+            runs[key] = (out, summary, state["n"])
+        return runs[key]
+
+    return run
 
 
 def _worker(
@@ -106,16 +131,16 @@ def compare_adapters(a: Path, b: Path, atol: float) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,budget", [("full", None), ("lora", 0.04), ("weatherpeft", 0.04)])
-def test_two_rank_ddp_equals_one_rank(tmp_path, method, budget) -> None:
+def test_two_rank_ddp_equals_one_rank(tmp_path, reference, method, budget) -> None:
     cfg = config(method=method, budget=budget, lr=3e-4 if method == "full" else 1e-3)
-    one = train(cfg, tmp_path / "one", progress=False)
+    one_dir, one, _ = reference(cfg)
     out = run_ranks(cfg, tmp_path / "two")
     two = json_load(tmp_path / "two" / "summary.json")
     assert two["world_size"] == 2 and two["strategy"] == "ddp"
     # Same global batch, same data order, gradients all-reduced: the same training up to
     # float rounding of the mean over two halves (stated tolerance: 1e-4 on any weight after
     # four Adam steps of lr <= 1e-3).
-    compare_adapters(tmp_path / "one", tmp_path / "two", atol=1e-4)
+    compare_adapters(one_dir, tmp_path / "two", atol=1e-4)
     for key, value in one["scores"].items():
         assert two["scores"][key] == pytest.approx(value, rel=1e-4), key
     assert two["trainable"] == one["trainable"]
@@ -125,39 +150,51 @@ def test_two_rank_ddp_equals_one_rank(tmp_path, method, budget) -> None:
 
 
 def json_load(path: Path) -> dict:
-    import json
-
     return json.loads(path.read_text())
 
 
 @pytest.mark.slow
-def test_two_rank_run_resumes_on_one_rank(tmp_path) -> None:
+def test_two_rank_run_resumes_on_one_rank(tmp_path, reference) -> None:
     """A checkpoint written by a 2-rank run (world-size independent: full adapter tensors and the
     global data position) continues on one rank to the uninterrupted result."""
     cfg = config(method="lora", budget=0.04, steps=4, checkpoint_every=2)
-    train(cfg, tmp_path / "ref", progress=False)
+    ref_dir = reference(cfg)[0]
     with pytest.raises(mp.ProcessRaisedException, match="killed"):
         run_ranks(cfg, tmp_path / "killed", die_at=3)  # after the step-2 checkpoint
     state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 2
     assert not (tmp_path / "killed" / "summary.json").exists()
     train(cfg, tmp_path / "killed", resume=True, progress=False)
-    compare_adapters(tmp_path / "ref", tmp_path / "killed", atol=1e-4)
+    compare_adapters(ref_dir, tmp_path / "killed", atol=1e-4)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,budget", [("full", None), ("lora", 0.04), ("tadp", 0.04)])
-def test_two_rank_fsdp2_equals_one_rank(tmp_path, method, budget) -> None:
-    """FSDP2 (``fully_shard`` per Swin block, gloo on CPU) trains like one process."""
+@pytest.mark.parametrize(
+    "method,budget",
+    [("full", None), ("lora", 0.04), ("tadp", 0.04), ("weatherpeft", 0.04), ("fish", 0.01)],
+)
+def test_two_rank_fsdp2_equals_one_rank(tmp_path, reference, method, budget) -> None:
+    """FSDP2 (``fully_shard`` per Swin block, gloo on CPU) trains like one process; for the
+    selection methods the global top-k over the shards selects the same entries (SFAS: with
+    the annealed noise of each entry as in one process; FISH: a static mask)."""
     cfg = config(method=method, budget=budget, lr=3e-4 if method == "full" else 1e-3)
-    one = train(cfg, tmp_path / "one", progress=False)
-    run_ranks(config(method=method, budget=budget, lr=cfg.lr, strategy="fsdp"), tmp_path / "two")
+    one_dir, one, _ = reference(cfg)
+    out = run_ranks(config(method=method, budget=budget, lr=cfg.lr, strategy="fsdp"),
+                    tmp_path / "two")
     two = json_load(tmp_path / "two" / "summary.json")
     assert two["world_size"] == 2 and two["strategy"] == "fsdp"
-    compare_adapters(tmp_path / "one", tmp_path / "two", atol=1e-4)
+    compare_adapters(one_dir, tmp_path / "two", atol=1e-4)
     for key, value in one["scores"].items():
         assert two["scores"][key] == pytest.approx(value, rel=1e-4), key
     assert two["trainable"] == one["trainable"] and two["changed"] == one["changed"]
+    if method in ("weatherpeft", "fish"):  # each rank held and selected its shard only
+        held = [json_load(out / f"selection-rank{r}.json") for r in range(2)]
+        assert all(h["sharded"] for h in held)
+        assert sum(h["selected"] for h in held) == held[0]["k"]
+        assert sum(h["entries"] for h in held) == held[0]["total"]
+        assert all(h["entries"] < h["total"] for h in held)
+        fisher = tmp_path / "two" / "records" / "fisher"
+        assert (fisher / "masks" / "first.npz").exists()  # gathered full masks on disk
 
 
 def test_shard_batch_splits_the_global_batch_evenly() -> None:
@@ -182,8 +219,9 @@ def test_strategy_choice_and_refusals() -> None:
     assert resolve_strategy("auto", single, lora) == "none"
     assert resolve_strategy("auto", pair, lora) == "ddp"
     assert resolve_strategy("fsdp", pair, lora) == "fsdp"
-    with pytest.raises(ConfigError, match="Use --strategy ddp"):
-        resolve_strategy("fsdp", pair, sfas)
+    assert resolve_strategy("fsdp", pair, sfas) == "fsdp"  # a global top-k over the shards
+    with pytest.raises(ConfigError, match="broadcast_masks"):
+        resolve_strategy("fsdp", pair, create_method("sfas", broadcast_masks=True))
     with pytest.raises(ConfigError, match="ranks would train apart"):
         resolve_strategy("none", pair, lora)
     with pytest.raises(ConfigError, match="unknown"):
@@ -215,34 +253,37 @@ def test_torchrun_launch_of_the_cli(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_sharded_optimizer_state_trains_like_one_rank(tmp_path) -> None:
+def test_sharded_optimizer_state_trains_like_one_rank(tmp_path, reference) -> None:
     """DDP + ZeRO-1 (``shard_optimizer``): WeatherPEFT's masked AdamW state is split over the
     ranks, not replicated, and training matches one process."""
-    cfg = config(method="weatherpeft", budget=0.04)
-    states = {}
-    train(cfg, tmp_path / "one", progress=False,
-          on_trained=lambda m, e, opt: states.setdefault("one", _state_numel(opt)))
+    one_dir, _, one_state = reference(config(method="weatherpeft", budget=0.04))
     out = run_ranks(config(method="weatherpeft", budget=0.04, shard_optimizer=True), tmp_path / "two")
-    compare_adapters(tmp_path / "one", tmp_path / "two", atol=1e-4)
+    compare_adapters(one_dir, tmp_path / "two", atol=1e-4)
     shards = [int((out / f"state-rank{r}.txt").read_text()) for r in range(2)]
-    assert sum(shards) == states["one"]  # every entry's state lives on exactly one rank
-    assert max(shards) < 0.8 * states["one"]
+    assert sum(shards) == one_state  # every entry's state lives on exactly one rank
+    assert max(shards) < 0.8 * one_state
     with pytest.raises(ConfigError, match="needs the ddp strategy"):
         train(config(shard_optimizer=True), tmp_path / "single", progress=False)
 
 
 @pytest.mark.slow
-def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path) -> None:
-    """An FSDP2 run killed after its step-2 checkpoint (full trainable tensors and optimiser
-    state gathered on rank 0, keyed by name) continues in one process to the uninterrupted
-    result; the frozen backbone is not in the checkpoint."""
-    cfg = config(method="lora", budget=0.04, steps=4, checkpoint_every=2)
-    train(cfg, tmp_path / "ref", progress=False)
+def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path, reference) -> None:
+    """A WeatherPEFT FSDP2 run killed after its step-2 checkpoint (full trainable tensors,
+    optimiser state and selection masks gathered on rank 0, keyed by name) continues in one
+    process to the uninterrupted result; the frozen backbone is not in the checkpoint."""
+    cfg = config(method="weatherpeft", budget=0.04)
+    ref_dir = reference(cfg)[0]
     with pytest.raises(mp.ProcessRaisedException, match="killed"):
-        run_ranks(config(method="lora", budget=0.04, steps=4, checkpoint_every=2, strategy="fsdp"),
+        run_ranks(config(method="weatherpeft", budget=0.04, strategy="fsdp"),
                   tmp_path / "killed", die_at=3)
     state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 2 and state["strategy"] == "fsdp"
-    assert state["full_state"] and all("lora_" in k for k in state["full_state"])
+    # SFAS trains the whole backbone's entries (masked), TADP its generators: nothing frozen
+    # is stored, and the gathered masks hold exactly k entries.
+    assert state["full_state"] and all("backbone" in k or "tadp" in k for k in state["full_state"])
+    from wpeft.training.loop import _unpack_bools
+
+    masks = _unpack_bools(state["selection"])["masks"]
+    assert sum(int(m.sum()) for m in masks) == json_load(ref_dir / "summary.json")["trainable"]["backbone"]
     train(cfg, tmp_path / "killed", resume=True, progress=False)
-    compare_adapters(tmp_path / "ref", tmp_path / "killed", atol=1e-4)
+    compare_adapters(ref_dir, tmp_path / "killed", atol=1e-4)

@@ -193,10 +193,14 @@ def test_choice_moves_down_the_list_as_memory_shrinks():
     assert forced.choice == "ddp+ckpt"
 
 
-def test_selection_methods_get_no_fsdp():
+def test_selection_methods_shard_their_state_under_fsdp():
     p = plan(request(backbone="small", method="weatherpeft", gpus=8, batch=2, grid=(64, 128)))
-    fsdp = [s for s in p.strategies if s.strategy == "fsdp"]
-    assert fsdp and not any(s.supported for s in fsdp)
+    ddp = p.strategy("ddp")
+    fsdp = p.strategy("fsdp")
+    # importance + mask + union (6 bytes per entry) and the masked AdamW state split 8 ways
+    assert fsdp.method_state == -(-ddp.method_state // 8)
+    assert fsdp.optimizer == -(-ddp.optimizer // 8)
+    assert "gather the full mask" in fsdp.note and not ddp.note
     assert p.choice == "ddp"
     assert any("dense state" in a for a in p.advice)
 

@@ -14,6 +14,7 @@ import xarray as xr
 
 from wpeft import runs
 from wpeft.errors import ConfigError, DataError
+from wpeft.methods.sfas import EntrySelection
 from wpeft.runs.attention_records import (
     AttentionRecorder,
     expand_to_patch_grid,
@@ -94,7 +95,8 @@ class FakeSelection:
         self.params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes.values()]
         total = sum(p.numel() for p in self.params)
         k = int(schedule[min(schedule)][0].sum() + schedule[min(schedule)][1].sum() + schedule[min(schedule)][2].sum())
-        self.selection = SimpleNamespace(names=list(shapes), params=self.params, k=k, total=total)
+        self.selection = EntrySelection(list(zip(shapes, self.params)), k)
+        assert self.selection.total == total
         self.model = SimpleNamespace(blocks=[SimpleNamespace(name="encoder0.0")])
         self.schedule = schedule
         self.masks: list[torch.Tensor] | None = None

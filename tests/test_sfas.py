@@ -40,6 +40,7 @@ from wpeft.methods.sfas import (
     MaskRecorder,
     SFASConfig,
 )
+from wpeft.methods.shards import Collective, Span, span_of
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -571,3 +572,80 @@ def test_data_parallel_ranks_draw_the_same_mask() -> None:
     ]
     for r in (r0, r1):
         assert all(torch.equal(a, b) for a, b in zip(r["broadcast"], expected))
+
+
+# --- FSDP2 shards: one global top-k over the ranks' shards --------------------------------------
+
+SHARD_SHAPES = [(5, 7), (1, 4), (3,), (0,), (4, 2, 2), (7,)]  # uneven, a 1-row and an empty tensor
+
+
+def _chunk_spans(world: int, rank: int) -> list[Span]:
+    """Where rank ``rank`` of ``world`` holds each tensor under dim-0 chunking, by hand."""
+    spans = []
+    for shape in SHARD_SHAPES:
+        rows, row = shape[0], int(torch.Size(shape).numel() // max(shape[0], 1))
+        chunk = -(-rows // world)
+        first, last = min(rows, rank * chunk), min(rows, (rank + 1) * chunk)
+        spans.append(Span(torch.Size(shape), first * row, (last - first) * row))
+    return spans
+
+
+def _shard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        coll = Collective.of_process_group("cpu")
+        spans = _chunk_spans(world, rank)
+        g = torch.Generator().manual_seed(0)  # the same full scores on every rank
+        out = {"topk": [], "max": None, "noise": None}
+        for k in (1, 9, 30, 60, sum(torch.Size(s).numel() for s in SHARD_SHAPES)):
+            full = [torch.randint(0, 4, s, generator=g).float() for s in SHARD_SHAPES]  # ties
+            mine = [sp.narrow(f).clone() for sp, f in zip(spans, full)]
+            for compact in (0.0, 1.0):
+                masks = topk_masks(mine, k, chunk_numel=3, compact_fraction=compact, collective=coll)
+                out["topk"].append((k, compact, full, coll.gather_full(masks, spans)))
+        full = [torch.rand(s, generator=g) * 5 for s in SHARD_SHAPES]
+        mine = [sp.narrow(f).clone() for sp, f in zip(spans, full)]
+        top = normalise_by_global_max_(mine, coll)
+        out["max"] = (float(top), full, coll.gather_full(mine, spans))
+        mine = [torch.zeros(sp.numel) for sp in spans]
+        perturb_(mine, step=1, total_steps=5, gamma=0.2, kind="additive", seed=3, spans=spans)
+        out["noise"] = coll.gather_full(mine, spans)
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_topk_noise_and_max_equal_the_unsharded_ones() -> None:
+    """Each of 2 ranks holds dim-0 chunks (uneven, empty) of every tensor: the global top-k over
+    the shards is the one-process top-k, ties included; the max and the noise of every entry
+    are the unsharded ones; gathered masks are full."""
+    world = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_shard_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world)
+        results = [torch.load(f"{tmp}/rank{r}.pt", weights_only=False) for r in range(world)]
+    for r in results:
+        for k, compact, full, gathered in r["topk"]:
+            expected = topk_masks(full, k, compact_fraction=compact)
+            assert all(torch.equal(a, b) for a, b in zip(gathered, expected)), (k, compact)
+            assert sum(int(m.sum()) for m in gathered) == k
+        top, full, normalised = r["max"]
+        assert top == pytest.approx(max(float(f.max()) for f in full if f.numel()))
+        for n, f in zip(normalised, full):
+            torch.testing.assert_close(n, f / top)
+        reference = [torch.zeros(s) for s in SHARD_SHAPES]
+        perturb_(reference, step=1, total_steps=5, gamma=0.2, kind="additive", seed=3)
+        assert all(torch.equal(a, b) for a, b in zip(r["noise"], reference))
+    # the 1-row tensor lives on rank 0 only, the others are split
+    assert _chunk_spans(2, 1)[1].numel == 0 and _chunk_spans(2, 0)[0].numel == 21
+
+
+def test_local_collective_is_a_no_op() -> None:
+    coll = Collective()
+    assert not coll.sharded and coll.sum_ints([3, 4]) == [3, 4]
+    assert coll.gather_ints([1, 2]) == [[1, 2]]
+    t = torch.tensor([1.0, 2.0])
+    assert coll.max_(t) is t and coll.sum_(t) is t
+    span = span_of(torch.zeros(3, 2))
+    assert span.whole and span.start == 0 and span.numel == 6
+    assert torch.equal(coll.gather_full([torch.ones(6)], [span])[0], torch.ones(3, 2))

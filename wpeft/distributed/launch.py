@@ -26,7 +26,7 @@ def launch_plan(cfg: Any) -> dict[str, Any]:
     torchrun environment: world size, per-rank batch, strategy, precision, checkpointing.
 
     Raises :class:`~wpeft.errors.ConfigError` for a layout that cannot run (global batch not
-    divisible by the world size, FSDP with an entry-selecting method, ...).
+    divisible by the world size, FSDP with ``broadcast_masks``, ...).
     """
     env = _env_from_variables()
     wants_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -53,15 +53,16 @@ def launch_plan(cfg: Any) -> dict[str, Any]:
                     "optimiser state sharded over ranks",
         }[strategy],
         "optimizer_state": "sharded over ranks (ZeRO-1)" if getattr(cfg, "shard_optimizer", False)
-        and strategy == "ddp" else ("sharded with the parameters" if strategy == "fsdp"
+        and strategy == "ddp" else ("sharded with the parameters (selection masks and "
+                                    "importance too)" if strategy == "fsdp"
                                     else "replicated on every rank" if env.distributed else "local"),
         "precision": "bf16 autocast on the backbone, fp32 weights and optimiser" if wants_cuda
         else "fp32",
         "activation_checkpointing": "per Swin block" if wants_cuda else "off (CPU)",
         "checkpoints": "rank 0 writes adapter-only checkpoints (full tensors, global data "
                        "position: resumable on another world size)" if strategy != "fsdp"
-        else "trainable tensors and optimiser state gathered on rank 0 (resharded on load, "
-             "any world size)",
+        else "trainable tensors, optimiser state and selection masks gathered on rank 0 "
+             "(resharded on load, any world size)",
         "steps": cfg.steps,
         "samples": cfg.steps * cfg.batch_size,
     }

@@ -20,8 +20,9 @@ global = per-GPU x GPUs). The auto choice is the first of ``ddp``, ``fsdp``, ``d
 ``fsdp+ckpt`` that fits with a margin (10 % of the card after 1 GiB of CUDA context): no
 recomputation before sharding, and DDP before FSDP2 because for PEFT methods FSDP2 gathers the
 frozen weights at every step while DDP communicates only the trainable gradients.
-Fisher-selection methods (``selects_entries``) are refused by ``strategy.resolve_strategy``
-under FSDP2; their FSDP2 columns are shown but marked n/a.
+Fisher-selection methods (``selects_entries``) run under FSDP2 with their state sharded like
+the parameters (one global top-k over the shards); their checkpoints and records gather the full
+masks on every rank (1 byte per backbone entry each, outside the training step).
 
 Parameters are counted, never guessed: the real model is built with its parameters and buffers
 on the ``meta`` device (``register_parameter`` / ``register_buffer`` redirected, because Aurora's
@@ -328,7 +329,7 @@ class ModelInventory:
         optimizer_bytes: Its state when every trainable tensor has state.
         optimizer_transient_bytes: Extra bytes during ``step()`` (foreach temporaries).
         method_state_bytes: Selection state (importance, masks).
-        selects_entries: Fisher-selection method (refused under FSDP2).
+        selects_entries: Fisher-selection method (FSDP2 gathers its masks at checkpoints).
         autocast_weight_numel: Entries of >= 2-D tensors run under the backbone's autocast
             (each gets a bf16 copy saved for backward).
         blocks: Per Swin block, in execution order.
@@ -808,7 +809,7 @@ class StrategyEstimate:
         buffers: DDP gradient buckets, or FSDP2's unsharded gradients of one block.
         transient: Backward's activation gradients of one block.
         step_peak: Resident state plus the optimiser's temporaries during ``step()``.
-        supported: False when the method refuses the strategy (reason in ``note``).
+        note: What the table leaves out for this strategy, if anything.
     """
 
     strategy: str
@@ -821,7 +822,6 @@ class StrategyEstimate:
     buffers: int
     transient: int
     step_peak: int
-    supported: bool = True
     note: str = ""
 
     @property
@@ -921,10 +921,12 @@ def _strategy(
         name = "fsdp"
     step_peak = weights + gradients + optimizer + method_state + buffers
     step_peak += math.ceil(inv.optimizer_transient_bytes / (gpus if fsdp else 1))
-    supported, note = True, ""
+    note = ""
     if fsdp and inv.selects_entries:
-        supported = False
-        note = f"{inv.method} selects backbone entries (a global top-k): DDP only"
+        note = (
+            f"{inv.method}'s checkpoints and records gather the full mask and union on every "
+            "GPU (1 byte per backbone entry each, outside the training step)"
+        )
     return StrategyEstimate(
         strategy=name,
         checkpointing=ckpt,
@@ -936,7 +938,6 @@ def _strategy(
         buffers=buffers,
         transient=transient,
         step_peak=step_peak,
-        supported=supported,
         note=note,
     )
 
@@ -977,7 +978,7 @@ def plan(req: PlanRequest) -> MemoryPlan:
     inv = inventory(req.backbone, req.method, budget=req.budget, method_options=req.method_options)
     act, strategies = _estimates(inv, req)
     usable = _usable(req.gpu_memory_gib)
-    choice = next((s.label for s in strategies if s.supported and s.peak <= usable), None)
+    choice = next((s.label for s in strategies if s.peak <= usable), None)
     advice = _notes(inv) if choice is not None else _advice(req, inv, strategies, usable)
     return MemoryPlan(
         request=req,
@@ -1010,8 +1011,7 @@ def _advice(
     req: PlanRequest, inv: ModelInventory, strategies: list[StrategyEstimate], usable: int
 ) -> list[str]:
     """What to change so that something fits: batch, checkpointing, GPUs, grid."""
-    supported = [s for s in strategies if s.supported] or strategies
-    best = min(supported, key=lambda s: s.peak)
+    best = min(strategies, key=lambda s: s.peak)
     headline = (
         f"Nothing fits {req.gpu_memory_gib:g} GiB per GPU (usable {_gib(usable)}); the "
         f"smallest is {best.label} at {_gib(best.peak)}."
@@ -1023,8 +1023,6 @@ def _advice(
         _, one = _estimates(inv, req, batch=1, checkpointing=ckpt)
         _, two = _estimates(inv, req, batch=2, checkpointing=ckpt)
         for s1, s2 in zip(one, two):
-            if not s1.supported:
-                continue
             per_sample = max(1, s2.peak - s1.peak)
             fixed = s1.peak - per_sample
             fit = (usable - fixed) // per_sample
@@ -1037,15 +1035,14 @@ def _advice(
         else:
             out.append(f"Reduce the per-GPU batch to {fit} ({label}).")
         return out + _notes(inv)
-    if not inv.selects_entries:  # FSDP2 spreads the model state over more GPUs
-        gpus = max(2, req.gpus)
-        while gpus <= 4096:
-            _, ests = _estimates(inv, req, batch=1, gpus=gpus, checkpointing=True)
-            fsdp = [s for s in ests if s.strategy == "fsdp" and s.peak <= usable]
-            if fsdp:
-                out.append(f"With {gpus} GPUs, fsdp+ckpt fits a per-GPU batch of 1.")
-                break
-            gpus *= 2
+    gpus = max(2, req.gpus)  # FSDP2 spreads the model state over more GPUs
+    while gpus <= 4096:
+        _, ests = _estimates(inv, req, batch=1, gpus=gpus, checkpointing=True)
+        fsdp = [s for s in ests if s.strategy == "fsdp" and s.peak <= usable]
+        if fsdp:
+            out.append(f"With {gpus} GPUs, fsdp+ckpt fits a per-GPU batch of 1.")
+            break
+        gpus *= 2
     act1, _ = _estimates(inv, req, batch=1, checkpointing=True)
     out.append(
         f"One sample needs {_gib(act1.checkpointed)} of activations even with checkpointing: "
@@ -1171,12 +1168,7 @@ def format_plan(p: MemoryPlan) -> str:
             f"| {title} | " + " | ".join(f"{getattr(s, attr) / GIB:.2f}" for s in cols) + " |"
         )
     lines.append("| **peak** | " + " | ".join(f"**{s.peak / GIB:.2f}**" for s in cols) + " |")
-    verdict = []
-    for s in cols:
-        if not s.supported:
-            verdict.append("n/a")
-        else:
-            verdict.append("fits" if s.peak <= p.usable_bytes else "no")
+    verdict = ["fits" if s.peak <= p.usable_bytes else "no" for s in cols]
     lines.append("| fits | " + " | ".join(verdict) + " |")
     lines.append("")
     act = p.activations

@@ -10,8 +10,9 @@
   (each a unit of its own) across ranks.
   FSDP2 shards parameter by parameter, so frozen and trainable tensors may share a block — the
   pitfall of FSDP1's flat parameters does not arise. Methods that pick single *entries* of
-  backbone tensors (SFAS, Fish mask, Child-Tuning_D, WeatherPEFT's SFAS part) need a global
-  top-k over shards and are refused under FSDP2 with a clear error: run them with DDP.
+  backbone tensors (SFAS, Fish mask, Child-Tuning_D, WeatherPEFT's SFAS part) select on each
+  rank's shards with one global top-k (counts summed over ranks, the noise of each entry as in
+  one process; :mod:`wpeft.methods.shards`), after ``method.on_wrapped()`` rebinds them.
 
 The model that is wrapped is :class:`TrainingModule`: the backbone (with the task's heads inside)
 *and* the method's added modules (TADP generators, ...), so that DDP/FSDP see every trainable
@@ -51,11 +52,10 @@ def resolve_strategy(strategy: str, env: DistEnv, method: Any) -> str:
         raise ConfigError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
     if strategy == "auto":
         strategy = "ddp" if env.distributed else "none"
-    if strategy == "fsdp" and getattr(method, "selects_entries", False):
+    if strategy == "fsdp" and getattr(getattr(method, "config", None), "broadcast_masks", False):
         raise ConfigError(
-            f"Method {method.name!r} selects single entries of backbone tensors (a Fisher mask); "
-            "its top-k over FSDP shards is not supported. Use --strategy ddp (see `wpeft plan` "
-            "for whether the backbone fits one GPU with activation checkpointing)."
+            f"Method {method.name!r} has broadcast_masks=True, which has no meaning under FSDP: "
+            "every rank holds a different shard of the one global mask. Turn it off."
         )
     if strategy == "none" and env.distributed:
         raise ConfigError(

@@ -227,6 +227,10 @@ class PEFTMethod:
 
     # --- training hooks ----------------------------------------------------------------------
 
+    def on_wrapped(self) -> None:
+        """Hook: called once on every rank after data-parallel wrapping, which may replace
+        parameter objects (FSDP2 makes them DTensor shards). Per-parameter state follows here."""
+
     def after_backward(self, step: int, total_steps: int) -> None:
         """Runs after ``loss.backward()`` and before ``optimizer.step()`` (SFAS selects here)."""
 

@@ -45,6 +45,8 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from wpeft.methods.shards import LOCAL, Collective, Span, local_tensor
+
 __all__ = [
     "DEFAULT_CHUNK_NUMEL",
     "FlatLayout",
@@ -116,6 +118,17 @@ class FlatLayout:
             offset.append(sizes[-1])
             sizes[-1] += n
         return cls(shapes, tuple(bucket_of), tuple(offset), tuple(sizes))
+
+    @classmethod
+    def per_tensor(cls, shapes: Iterable[Sequence[int]]) -> FlatLayout:
+        """One bucket per tensor (empty tensors included), so bucket ``i`` is tensor ``i``.
+
+        Used for the local shards of FSDP2-sharded tensors: every rank then has the same list
+        of buckets, each a shard of the same tensor, which the global top-k relies on.
+        """
+        shapes = tuple(torch.Size(s) for s in shapes)
+        n = len(shapes)
+        return cls(shapes, tuple(range(n)), (0,) * n, tuple(s.numel() for s in shapes))
 
     @property
     def numel(self) -> int:
@@ -219,16 +232,27 @@ class ImportanceAccumulator:
         return self.buckets
 
 
-def normalise_by_global_max_(scores: Sequence[torch.Tensor]) -> torch.Tensor:
+def normalise_by_global_max_(
+    scores: Sequence[torch.Tensor], collective: Collective = LOCAL
+) -> torch.Tensor:
     """Divide non-negative scores in place by their global max (all zeros stay zeros).
 
+    Args:
+        scores: float32 score tensors (this rank's shards when ``collective`` is sharded).
+        collective: The ranks sharing the tensors; the max is taken over all of them.
+
     Returns:
-        The max as a 0-d tensor (no host synchronisation).
+        The max as a 0-d tensor (no host synchronisation without a sharded collective).
     """
     nonempty = [s for s in scores if s.numel()]
     if not nonempty:
-        return torch.zeros(())
-    top = torch.stack([s.max() for s in nonempty]).max()
+        top = torch.zeros((), dtype=torch.float32, device=collective.device)
+    else:
+        top = torch.stack([s.max() for s in nonempty]).max()
+    top = collective.max_(top.to(collective.device) if collective.sharded else top)
+    if not nonempty:
+        return top
+    top = top.to(nonempty[0].device)
     divisor = top.clamp_min(torch.finfo(torch.float32).tiny)
     for s in nonempty:
         s.div_(divisor)
@@ -286,6 +310,7 @@ def perturb_(
     gamma: float,
     kind: NoiseKind,
     seed: int,
+    spans: Sequence[Span] | None = None,
 ) -> float:
     """Add the annealed random term to normalised scores in place, per tensor.
 
@@ -298,10 +323,14 @@ def perturb_(
     * ``"none"``: F̃ = F̂.
 
     U ~ Uniform(0, 1) is drawn per entry, tensor ``i`` from :func:`noise_generator` ``(seed,
-    step, i)``, so the noise does not depend on bucketing or on the global RNG.
+    step, i)``, so the noise does not depend on bucketing or on the global RNG. A shard (FSDP2)
+    draws the full tensor's U and keeps its span, so every entry gets the same U as in an
+    unsharded run (each rank draws all of U, one tensor at a time: compute as one process,
+    a temporary of the largest tensor).
 
     Args:
         views: Per-tensor score views (float32), in a fixed order.
+        spans: Where each view sits in its full tensor (None: the views are whole tensors).
 
     Returns:
         The annealing factor γ(1 − n/N) of this step.
@@ -315,7 +344,12 @@ def perturb_(
         if v.numel() == 0:
             continue
         gen = noise_generator(seed, step, i, v.device)
-        u = torch.rand(v.shape, generator=gen, device=v.device, dtype=torch.float32)
+        span = spans[i] if spans is not None else None
+        if span is None or span.whole:
+            u = torch.rand(v.shape, generator=gen, device=v.device, dtype=torch.float32)
+        else:
+            full = torch.rand(span.full_numel, generator=gen, device=v.device, dtype=torch.float32)
+            u = span.narrow(full).view(v.shape)
         if kind == "additive":
             v.add_(u, alpha=factor)
         else:
@@ -436,6 +470,7 @@ def topk_masks(
     k: int,
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     compact_fraction: float = 1 / 32,
+    collective: Collective = LOCAL,
 ) -> list[torch.Tensor]:
     """Boolean masks marking exactly the k largest entries over all ``scores``.
 
@@ -444,30 +479,40 @@ def topk_masks(
     (and in one chunk), they are gathered once and the bisection finishes on them alone (cheap
     passes). A final pass writes the masks: entries above the threshold, then ties at it.
 
+    With a sharded ``collective`` (FSDP2), ``scores[i]`` on every rank is that rank's shard of
+    the same tensor ``i``, in rank order (see :mod:`wpeft.methods.shards`); every count is summed
+    over the ranks, so all of them follow the same bisection and select one global top-k: each
+    rank returns the masks of its shards, exactly k True over all ranks.
+
     Args:
         scores: float32 contiguous tensors of non-negative scores (negative values and -0.0 count
             as 0; NaN would rank above +inf, so map NaN first). Any shapes, any number of
             entries (counts are Python ints / int64).
-        k: Entries to select, 0 <= k <= total.
+        k: Entries to select, 0 <= k <= total (over all ranks).
         chunk_numel: Entries processed per kernel (bounds temporaries).
         compact_fraction: When to gather the undecided entries (0: never, pure bisection).
+        collective: The ranks sharing the tensors (default: none).
 
     Returns:
-        One bool tensor per score tensor, same shape, exactly k True in total. Entries tied at
-        the threshold are taken in tensor order, then flat-index order.
+        One bool tensor per score tensor, same shape. Entries tied at the threshold are taken in
+        tensor order, then flat-index order of the full tensor (for shards: rank order).
     """
     for s in scores:
         if s.dtype != torch.float32 or not s.is_contiguous():
             raise ValueError("topk_masks needs contiguous float32 scores.")
-    total = sum(s.numel() for s in scores)
+    total = collective.sum_ints([sum(s.numel() for s in scores)])[0]
     if not 0 <= k <= total:
         raise ValueError(f"k must be in [0, {total}], got {k}.")
     masks = [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores]
     if k == 0:
         return masks
-    scratch = _Scratch(min(chunk_numel, max(s.numel() for s in scores)))
+    scratch = _Scratch(max(1, min(chunk_numel, max((s.numel() for s in scores), default=1))))
+
+    def count(candidates: Sequence[torch.Tensor], th: int, scratch: Any = None) -> int:
+        return collective.sum_ints([count_at_least(candidates, th, chunk_numel, scratch)])[0]
+
     lo, hi, _, above = search_threshold(
-        lambda th: count_at_least(scores, th, chunk_numel, scratch),
+        lambda th: count(scores, th, scratch),
         k,
         lo_count=total,
         stop_below=min(chunk_numel, int(total * compact_fraction)),
@@ -475,29 +520,46 @@ def topk_masks(
     if hi - lo > 1:  # finish on the few undecided entries
         cand = _candidates(scores, lo, hi, chunk_numel)
         lo, hi, _, cand_above = search_threshold(
-            lambda th: count_at_least(cand, th, chunk_numel), k - above, lo, hi
+            lambda th: count(cand, th), k - above, lo, hi
         )
         above += cand_above
     t = lo
-    remaining = k - above  # ties at t still to take, in order
+    remaining = k - above  # ties at t to take, in (tensor, rank, flat index) order
+
+    def ties_of(bits: torch.Tensor) -> torch.Tensor:
+        buf = scratch(bits)
+        return torch.eq(bits, t, out=buf) if t > 0 else torch.le(bits, 0, out=buf)
+
+    # Ties per tensor on every rank, then this rank's quota of each tensor's ties.
+    quota = [0] * len(scores)
+    if remaining:
+        local_ties = [0] * len(scores)
+        for i, _, bits in _bit_chunks(scores, chunk_numel):
+            local_ties[i] += int(torch.count_nonzero(ties_of(bits)))
+        per_rank = collective.gather_ints(local_ties)
+        if any(len(r) != len(scores) for r in per_rank):
+            raise ValueError("Sharded top-k needs the same number of score tensors on every rank.")
+        for i in range(len(scores)):
+            for r, ties in enumerate(per_rank):
+                take = min(remaining, ties[i])
+                if r == collective.rank:
+                    quota[i] = take
+                remaining -= take
+    if remaining != 0:  # cannot happen for valid input; guards against NaN/concurrent writes
+        raise RuntimeError(f"top-k selection left {remaining} ties unfilled; scores contain NaN?")
     flat_masks = [m.view(-1) for m in masks]
     for i, start, bits in _bit_chunks(scores, chunk_numel):
         out = flat_masks[i][start : start + bits.numel()]
         torch.gt(bits, t, out=out)
-        if remaining == 0:
+        if quota[i] == 0:
             continue
-        buf = scratch(bits)
-        ties = torch.eq(bits, t, out=buf) if t > 0 else torch.le(bits, 0, out=buf)
+        ties = ties_of(bits)
         n_ties = int(torch.count_nonzero(ties))
-        if n_ties == 0:
-            continue
-        if n_ties > remaining:
-            ties = ties & (ties.cumsum(0, dtype=torch.int64) <= remaining)
-            n_ties = remaining
+        if n_ties > quota[i]:
+            ties = ties & (ties.cumsum(0, dtype=torch.int64) <= quota[i])
+            n_ties = quota[i]
         out |= ties
-        remaining -= n_ties
-    if remaining != 0:  # cannot happen for valid input; guards against NaN/concurrent writes
-        raise RuntimeError(f"top-k selection left {remaining} ties unfilled; scores contain NaN?")
+        quota[i] -= n_ties
     return masks
 
 
@@ -595,7 +657,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             if m is None:
                 self._masks.pop(id(p), None)
             else:
-                if m.shape != p.shape or m.dtype != torch.bool:
+                if m.shape != local_tensor(p).shape or m.dtype != torch.bool:
                     raise ValueError(
                         f"Mask {tuple(m.shape)} {m.dtype} does not fit parameter "
                         f"{tuple(p.shape)}."
@@ -621,10 +683,11 @@ class MaskedAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not self.dense and (mask is not None or _has_entry_steps(state)):
                     if mask is None:  # a parameter that had a mask and lost it: all entries
-                        mask = torch.ones_like(p, dtype=torch.bool)
+                        mask = torch.ones_like(local_tensor(p), dtype=torch.bool)
                     self._sparse_update(p, mask, state, group)
                 else:
-                    grad = p.grad if mask is None else p.grad.masked_fill(~mask, 0)
+                    grad = local_tensor(p.grad)
+                    grad = grad if mask is None else grad.masked_fill(~mask, 0)
                     self._dense_update(p, grad, state, group)
         return loss
 
@@ -632,16 +695,18 @@ class MaskedAdamW(torch.optim.Optimizer):
     def _dense_update(
         p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
     ) -> None:
-        """Plain AdamW (decoupled weight decay), as torch's single-tensor implementation."""
+        """Plain AdamW (decoupled weight decay), as torch's single-tensor implementation.
+        ``grad`` is the local gradient (the shard's, for a DTensor parameter)."""
         lr, (beta1, beta2) = group["lr"], group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
-        if not state:
+        if not state:  # state shaped (and, under FSDP2, sharded) like the parameter
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
         t = float(state["step"])
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = local_tensor(state["exp_avg"]), local_tensor(state["exp_avg_sq"])
+        p = local_tensor(p)
         p.mul_(1 - lr * wd)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -654,14 +719,11 @@ class MaskedAdamW(torch.optim.Optimizer):
     def _sparse_update(
         p: torch.Tensor, mask: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
     ) -> None:
-        """AdamW on the entries of ``mask`` only (gather, update, scatter back)."""
+        """AdamW on the entries of ``mask`` only (gather, update, scatter back). For a DTensor
+        parameter (FSDP2) ``mask`` is its local shard's and the update is local."""
         lr, (beta1, beta2) = group["lr"], group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
-        if mask.shape != p.shape:
-            raise ValueError(f"Mask {tuple(mask.shape)} does not fit parameter {tuple(p.shape)}.")
-        if not p.is_contiguous():
-            raise ValueError("MaskedAdamW needs contiguous parameters for masked updates.")
-        if not state:
+        if not state:  # state shaped (and, under FSDP2, sharded) like the parameter
             state["step"] = torch.zeros_like(p, dtype=torch.int32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
@@ -670,12 +732,18 @@ class MaskedAdamW(torch.optim.Optimizer):
                 "A parameter updated densely before cannot switch to masked updates "
                 "(its step count is not per entry); give it a mask from the first step."
             )
+        grad, p = local_tensor(p.grad), local_tensor(p)
+        if mask.shape != p.shape:
+            raise ValueError(f"Mask {tuple(mask.shape)} does not fit parameter {tuple(p.shape)}.")
+        if not p.is_contiguous():
+            raise ValueError("MaskedAdamW needs contiguous parameters for masked updates.")
         idx = mask.reshape(-1).nonzero().squeeze(1)  # (k_p,) int64 flat indices
         if idx.numel() == 0:
             return
-        flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
-        flat_step = state["step"].view(-1)
-        flat_m, flat_v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        flat_p, flat_g = p.view(-1), grad.reshape(-1)
+        flat_step = local_tensor(state["step"]).view(-1)
+        flat_m = local_tensor(state["exp_avg"]).view(-1)
+        flat_v = local_tensor(state["exp_avg_sq"]).view(-1)
 
         g = flat_g.index_select(0, idx).to(flat_m.dtype)
         count = flat_step.index_select(0, idx) + 1

@@ -27,7 +27,10 @@ What a training loop must call (every method here):
 2. static masks only: ``method.prepare(loss_fn, batches, n_batches)`` once before the first
    step (``loss_fn(batch) -> loss``; or ``method.prepare(closure, n_batches=n)`` with a
    zero-argument closure) — it runs forward/backward itself and leaves no gradients behind;
-3. ``opt = method.optimizer(lr, weight_decay)`` (a :class:`MaskedAdamW`);
+3. after data-parallel wrapping, ``method.on_wrapped()`` (under FSDP2 the selection follows the
+   sharded parameters: each rank then keeps importance, masks and optimiser state of its
+   shards only, and the top-k stays global, see :mod:`wpeft.methods.shards`);
+   ``opt = method.optimizer(lr, weight_decay)`` (a :class:`MaskedAdamW`);
 4. per step: ``opt.zero_grad()``, ``loss.backward()``,
    ``method.after_backward(step, total_steps)`` with ``step`` the 0-based optimiser step index
    (under DDP: after the gradients are all-reduced, i.e. after backward outside ``no_sync``),
@@ -41,7 +44,7 @@ The current masks (``method.selection.masks``, per tensor, aligned with
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -63,6 +66,7 @@ from wpeft.methods.fisher import (
     perturb_,
     topk_masks,
 )
+from wpeft.methods.shards import LOCAL, Collective, local_tensor, span_of
 
 __all__ = [
     "ChildTuningD",
@@ -211,6 +215,12 @@ class EntrySelection:
     ``union_masks`` are per-tensor views aligned with ``names`` / ``params``. A new set of
     buffers is allocated at every refresh, so a callback may keep the views it is given.
 
+    Under FSDP2 (after :meth:`rebind` to the sharded parameters) every rank holds only its
+    shard of each mask: ``masks``, ``union_masks``, :meth:`grads` and :meth:`counts` are local,
+    ``layout`` has one bucket per tensor shard, and the selection itself is global (the top-k
+    counts are summed over the ranks, :mod:`wpeft.methods.shards`). The calls marked
+    *collective* must then be made on every rank.
+
     Args:
         named_params: ``(name, parameter)`` of the eligible tensors, in a fixed order (the tie
             order of the top-k and the index of each tensor's noise stream).
@@ -232,8 +242,13 @@ class EntrySelection:
         if len(devices) != 1:
             raise ConfigError(f"Eligible parameters span several devices {devices}; use one.")
         self.device = devices.pop()
-        self.layout = FlatLayout.plan([p.shape for p in self.params], chunk_numel)
-        self.total = self.layout.numel
+        #: Layout of the full tensors (checkpoints and records use it whatever the sharding).
+        self.full_layout = FlatLayout.plan([p.shape for p in self.params], chunk_numel)
+        #: Layout of what this rank holds: ``full_layout``, or one bucket per shard (FSDP2).
+        self.layout = self.full_layout
+        self.spans = [span_of(p) for p in self.params]
+        self.collective = LOCAL
+        self.total = self.full_layout.numel
         if not 1 <= k <= self.total:
             raise ConfigError(f"k must be in [1, {self.total}], got {k}.")
         self.k = k
@@ -249,6 +264,38 @@ class EntrySelection:
         self.log: list[dict[str, Any]] = []
         self.callbacks: list[MaskCallback] = []
 
+    @property
+    def sharded(self) -> bool:
+        """Whether every rank holds only a shard of each tensor (FSDP2)."""
+        return self.collective.sharded
+
+    def rebind(self, named_params: Mapping[str, nn.Parameter]) -> None:
+        """Follow parameters that data-parallel wrapping replaced (FSDP2's ``fully_shard`` turns
+        them into DTensor shards), looked up by name. For shards, switch to the local layout and
+        keep this rank's shard of the masks selected so far (a prepared static mask, a resumed
+        one). Call once, on every rank, right after wrapping."""
+        missing = [n for n in self.names if n not in named_params]
+        if missing:
+            raise ConfigError(f"Cannot rebind the selection: parameters {missing[:3]} are gone.")
+        params = [named_params[n] for n in self.names]
+        for n, old, new in zip(self.names, self.params, params):
+            if tuple(new.shape) != tuple(old.shape):
+                raise ConfigError(
+                    f"Parameter {n!r} changed shape from {tuple(old.shape)} to {tuple(new.shape)}."
+                )
+        spans = [span_of(p) for p in params]
+        self.params = params
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self.device = local_tensor(params[0]).device
+        if all(sp.whole for sp in spans):
+            return
+        full = self._full_state()
+        self.spans = spans
+        self.collective = Collective.of_process_group(self.device, params[0].device_mesh.get_group())
+        self.layout = FlatLayout.per_tensor([local_tensor(p).shape for p in params])
+        if full is not None:
+            self._install(*full)
+
     def __contains__(self, p: torch.Tensor) -> bool:
         return id(p) in self._index
 
@@ -257,7 +304,8 @@ class EntrySelection:
         self.callbacks.append(fn)
 
     def mask_of(self, p: torch.Tensor) -> torch.Tensor | None:
-        """The current mask of an eligible tensor (None for other tensors)."""
+        """The current mask of an eligible tensor (its local shard's under FSDP2; None for other
+        tensors)."""
         i = self._index.get(id(p))
         if i is None:
             return None
@@ -270,7 +318,7 @@ class EntrySelection:
 
     def planned_counts(self) -> list[int]:
         """k spread over the tensors by size (largest remainder), before any mask exists."""
-        shares = [s.numel() * self.k / self.total for s in self.layout.shapes]
+        shares = [s.numel() * self.k / self.total for s in self.full_layout.shapes]
         counts = [int(x) for x in shares]
         order = sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])
         for i in order[: self.k - sum(counts)]:
@@ -278,7 +326,8 @@ class EntrySelection:
         return counts
 
     def counts(self) -> list[int]:
-        """Selected entries per tensor (the current mask; the plan before the first mask)."""
+        """Selected entries per tensor (the current mask, this rank's shards under FSDP2; the
+        plan before the first mask)."""
         if self.masks is None:
             return self.planned_counts()
         if self._counts is None:
@@ -289,12 +338,14 @@ class EntrySelection:
         return self.counts()[self._index[id(p)]]
 
     def union_size(self) -> int:
-        if self._union_buckets is None:
-            return 0
-        return sum(int(torch.count_nonzero(b)) for b in self._union_buckets)
+        """Entries selected at least once (over all ranks: collective under FSDP2)."""
+        local = 0
+        if self._union_buckets is not None:
+            local = sum(int(torch.count_nonzero(b)) for b in self._union_buckets)
+        return self.collective.sum_ints([local])[0]
 
     def set_masks(self, buckets: list[torch.Tensor], step: int, seconds: float = 0.0) -> None:
-        """Install new bucketed masks, grow the union, log, run the callbacks."""
+        """Install new bucketed masks (in ``layout``), grow the union, log, run the callbacks."""
         if self._union_buckets is None:
             new = sum(int(torch.count_nonzero(b)) for b in buckets)
             self._union_buckets = [b.clone() for b in buckets]
@@ -304,6 +355,7 @@ class EntrySelection:
             )
             for u, b in zip(self._union_buckets, buckets):
                 u |= b
+        new = self.collective.sum_ints([new])[0]
         self._mask_buckets = buckets
         self.masks = self.layout.split(buckets)
         self.union_masks = self.layout.split(self._union_buckets)
@@ -322,12 +374,13 @@ class EntrySelection:
         the selected entries)."""
         if self.masks is None:
             raise RuntimeError("No mask to apply yet.")
-        for p, m in zip(self.params, self.masks):
-            if p.grad is not None:
-                p.grad.mul_(m)
+        for g, m in zip(self.grads(), self.masks):
+            if g is not None:
+                g.mul_(m)
 
     def grads(self) -> list[torch.Tensor | None]:
-        return [p.grad for p in self.params]
+        """The gradients of the eligible tensors (local shards under FSDP2)."""
+        return [None if p.grad is None else local_tensor(p.grad) for p in self.params]
 
     def select(
         self,
@@ -337,28 +390,75 @@ class EntrySelection:
         broadcast: bool = False,
         started: float | None = None,
     ) -> None:
-        """Global top-k of bucketed ``scores`` becomes the mask."""
-        buckets = topk_masks(scores, self.k, self.chunk_numel)
+        """Global top-k of bucketed ``scores`` (in ``layout``) becomes the mask (collective
+        under FSDP2)."""
+        buckets = topk_masks(scores, self.k, self.chunk_numel, collective=self.collective)
         if broadcast:
+            if self.sharded:
+                raise ConfigError(
+                    "broadcast_masks has no meaning for sharded tensors: every rank holds a "
+                    "different shard of the one global mask. Turn it off under FSDP."
+                )
             broadcast_mask(buckets)
         seconds = time.perf_counter() - started if started is not None else 0.0
         self.set_masks(buckets, step, seconds)
 
+    def full_masks(self, which: str = "masks") -> list[torch.Tensor] | None:
+        """The full per-tensor ``masks`` or ``union_masks`` (gathered from every rank's shards:
+        collective under FSDP2); None before the first selection."""
+        local = self.masks if which == "masks" else self.union_masks
+        if local is None:
+            return None
+        return self.collective.gather_full(local, self.spans)
+
+    def _full_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Mask and union buckets in ``full_layout`` (collective under FSDP2)."""
+        if self._mask_buckets is None or self._union_buckets is None:
+            return None
+        if not self.sharded:
+            return self._mask_buckets, self._union_buckets
+        out = []
+        for which in ("masks", "union_masks"):
+            buckets = self.full_layout.zeros(torch.bool, self.device)
+            for view, full in zip(self.full_layout.split(buckets), self.full_masks(which)):
+                view.copy_(full)
+            out.append(buckets)
+        return out[0], out[1]
+
+    def local_parts(self, full: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's shard of each full per-tensor tensor (views, shaped like ``masks``)."""
+        return [
+            sp.narrow(f).view(shape) for sp, f, shape in zip(self.spans, full, self.layout.shapes)
+        ]
+
+    def _install(self, masks: list[torch.Tensor], union: list[torch.Tensor]) -> None:
+        """Masks and union given as buckets in ``full_layout``: keep this rank's part."""
+        if self.sharded:
+            masks, union = (
+                [part.reshape(-1).clone() for part in self.local_parts(self.full_layout.split(b))]
+                for b in (masks, union)
+            )
+        self._mask_buckets, self._union_buckets = masks, union
+        self.masks = self.layout.split(masks)
+        self.union_masks = self.layout.split(union)
+        self._counts = None
+
     def state_dict(self) -> dict[str, Any]:
-        """Current masks and union as bucketed bool tensors (for resuming a run)."""
+        """Current masks and union as bucketed bool tensors of the full tensors (for resuming
+        on any world size; collective under FSDP2)."""
+        full = self._full_state()
         return {
-            "masks": self._mask_buckets,
-            "union": self._union_buckets,
+            "masks": None if full is None else full[0],
+            "union": None if full is None else full[1],
             "refreshes": self.refreshes,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("masks") is not None:
-            self._mask_buckets = [m.to(self.device, torch.bool) for m in state["masks"]]
-            self._union_buckets = [m.to(self.device, torch.bool) for m in state["union"]]
-            self.masks = self.layout.split(self._mask_buckets)
-            self.union_masks = self.layout.split(self._union_buckets)
-            self._counts = None
+            self._install(
+                [m.to(self.device, torch.bool) for m in state["masks"]],
+                [m.to(self.device, torch.bool) for m in state["union"]],
+            )
         self.refreshes = int(state.get("refreshes", 0))
 
 
@@ -401,6 +501,10 @@ class _SelectionMethod(PEFTMethod):
         self.selection = EntrySelection(
             named, budget_k(self.config.keep_ratio, total), self.config.chunk_numel
         )
+
+    def on_wrapped(self) -> None:
+        """Follow the parameters FSDP2 replaced with shards (see :meth:`EntrySelection.rebind`)."""
+        self._sel().rebind(dict(self.named_parameters()))
 
     def _sel(self) -> EntrySelection:
         if self.selection is None:
@@ -485,8 +589,15 @@ class SFAS(_SelectionMethod):
 
     def _apply(self, model: WpeftAurora) -> None:
         super()._apply(model)
+        self._new_accumulator()
+
+    def _new_accumulator(self) -> None:
         sel = self._sel()
         self._accumulator = ImportanceAccumulator(sel.layout, sel.device, self.config.importance)
+
+    def on_wrapped(self) -> None:
+        super().on_wrapped()
+        self._new_accumulator()  # in the layout of this rank's shards
 
     def after_backward(self, step: int, total_steps: int) -> None:
         """Accumulate importance, redraw the mask when due, zero gradients outside it.
@@ -503,7 +614,7 @@ class SFAS(_SelectionMethod):
             self._accumulator.add(sel.grads())
         if refresh:
             scores = self._accumulator.mean_()
-            normalise_by_global_max_(scores)
+            normalise_by_global_max_(scores, sel.collective)
             perturb_(
                 sel.layout.split(scores),
                 step=step,
@@ -511,6 +622,7 @@ class SFAS(_SelectionMethod):
                 gamma=cfg.gamma,
                 kind=cfg.noise,
                 seed=cfg.seed,
+                spans=sel.spans,
             )
             sel.select(scores, step=step, broadcast=cfg.broadcast_masks, started=started)
             self._accumulator.reset()
@@ -565,8 +677,9 @@ class _StaticFisherMethod(_SelectionMethod):
         if acc.count == 0:
             raise ConfigError(f"prepare() of {self.name!r} got no batches.")
         scores = acc.mean_()
-        all_reduce_mean_(scores)
-        sel.select(scores, step=-1, broadcast=distributed_ready())
+        if not sel.sharded:  # replicas average their importance; shards hold reduced gradients
+            all_reduce_mean_(scores)
+        sel.select(scores, step=-1, broadcast=distributed_ready() and not sel.sharded)
         assert sel.masks is not None
         return sel.masks
 

@@ -233,7 +233,9 @@ class FisherRecorder:
         self.mask_history = int(mask_history)
         self.store = RecordStore(run_dir, self.kind)
         sel = method.selection
+        self.selection = sel
         self.names: list[str] = list(sel.names)
+        #: The eligible parameters (shapes are the full tensors' also under FSDP2).
         self.params: list[torch.Tensor] = list(sel.params)
 
         model = method.model
@@ -287,7 +289,8 @@ class FisherRecorder:
         self.store.truncate(start_step)
         if not masks_dir.exists():
             return
-        like = [p.detach() for p in self.params]
+        like = [torch.empty(p.shape, dtype=torch.bool, device=self.selection.device) for p in self.params]
+        local = self.selection.local_parts  # the masks on disk are full; a shard keeps its part
         kept = []
         for f in sorted(masks_dir.glob("step-*.npy")):
             step = int(f.stem.split("-")[1])
@@ -300,14 +303,14 @@ class FisherRecorder:
             with np.load(first) as state:
                 keep = int(state["step"]) < start_step
                 if keep:
-                    self._first = _unpack(state["bits"], like)
+                    self._first = local(_unpack(state["bits"], like))
                     self._first_step = int(state["step"])
                     self._first_count = _counts(self._first)
             if not keep:
                 first.unlink()
         if kept:
             step, f = kept[-1]
-            self._previous = _unpack(np.load(f), like)
+            self._previous = local(_unpack(np.load(f), like))
             self._previous_step = step
             self._previous_count = _counts(self._previous)
 
@@ -346,12 +349,12 @@ class FisherRecorder:
     # --- measuring --------------------------------------------------------------------------
 
     def _grad_square_sums(self, masks: Sequence[torch.Tensor] | None) -> torch.Tensor:
-        """``(n_tensors,)`` float64 Σ g² per tensor (inside ``masks`` if given; 0 if no grad)."""
+        """``(n_tensors,)`` float64 Σ g² per tensor (inside ``masks`` if given; 0 if no grad);
+        this rank's shards only under FSDP2 (summed over ranks in :meth:`_capture`)."""
         out = []
-        for i, p in enumerate(self.params):
-            g = p.grad
+        for i, g in enumerate(self.selection.grads()):
             if g is None:
-                out.append(torch.zeros((), dtype=torch.float64, device=p.device))
+                out.append(torch.zeros((), dtype=torch.float64, device=self.selection.device))
                 continue
             g = g.detach().float()
             if masks is None:
@@ -385,8 +388,14 @@ class FisherRecorder:
                 continue
             inter = torch.stack([torch.count_nonzero(m & r) for m, r in zip(masks, ref)]).double()
             stats += [inter, count + ref_count.to(count.device) - inter]
-        per_tensor = torch.stack([s.to(totals.device) for s in stats], 1).cpu().numpy()  # (n, 8)
-        images = [pool_mask(masks[i], self.image_size) for i, _ in self.matrices]
+        per_tensor = torch.stack([s.to(totals.device) for s in stats], 1)  # (n, 8)
+        # Every statistic is a sum over entries: under FSDP2 the shards' sums add up.
+        collective = self.selection.collective
+        per_tensor = collective.sum_(per_tensor.to(collective.device)).cpu().numpy()
+        shown = [masks[i] for i, _ in self.matrices]
+        if self.selection.sharded:  # the images need the full matrices
+            shown = collective.gather_full(shown, [self.selection.spans[i] for i, _ in self.matrices])
+        images = [pool_mask(m, self.image_size) for m in shown]
         ds = self._dataset(step, per_tensor, images, self._previous is not None)
         self._pending.append((step, ds))
         snapshot = [m.detach().clone() for m in masks]
@@ -499,14 +508,16 @@ class FisherRecorder:
         masks_dir = self.store.path / _MASKS
         masks_dir.mkdir(parents=True, exist_ok=True)
         first = masks_dir / "first.npz"
+        full = self.selection.collective.gather_full  # full masks on disk (any world size)
+        spans = self.selection.spans
         if not first.exists() and self._first is not None:
             tmp = masks_dir / "first.tmp.npz"
-            np.savez(tmp, bits=_pack(self._first), step=self._first_step)
+            np.savez(tmp, bits=_pack(full(self._first, spans)), step=self._first_step)
             os.replace(tmp, first)
         path = masks_dir / f"step-{self._previous_step:08d}.npy"
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            np.save(f, _pack(self._previous))
+            np.save(f, _pack(full(self._previous, spans)))
         os.replace(tmp, path)
         for old in sorted(masks_dir.glob("step-*.npy"))[: -self.mask_history]:
             old.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -309,6 +310,7 @@ def train(
     # DDP / FSDP see the backbone (with the task's heads) and the method's added modules.
     unwrapped = TrainingModule(model, method.added)
     net = wrap(unwrapped, strategy, env, device)
+    method.on_wrapped()  # FSDP2 replaced the parameters with shards: the method follows
 
     def loss_on(batch: TaskBatch) -> torch.Tensor:
         return task.loss(task.predict(net, batch), batch)
@@ -333,20 +335,29 @@ def train(
     # Recorders write on rank 0; other ranks record into scratch (an FSDP forward of the
     # attention recorder needs every rank).
     scratch = None if env.is_main else tempfile.TemporaryDirectory(prefix="wpeft-rank")
+    masks_dir = Path("records") / "fisher" / "masks"
+    if scratch is not None and step > 0 and (run / masks_dir).exists():
+        # A resumed record compares with past masks, and under FSDP2 every rank's shard takes
+        # part: every rank starts from rank 0's mask history.
+        shutil.copytree(run / masks_dir, Path(scratch.name) / masks_dir)
     recorders = attach_recorders(
         run if scratch is None else scratch.name, method, model, task,
         every=cfg.record_every, start_step=step,
     )
 
+    selection = getattr(method, "selection", None)
+
     def checkpoint() -> None:
-        if strategy == "fsdp":
-            full_state, full_optim = _gather_full_state(unwrapped, opt)  # every rank takes part
+        if strategy == "fsdp":  # every rank takes part in gathering the shards
+            full_state, full_optim = _gather_full_state(unwrapped, opt)
+            selected = selection.state_dict() if selection is not None else None
             if env.is_main:
                 save_torch_atomic(
                     {
                         "config": cfg.to_dict(),
                         "full_state": full_state,
                         "optimizer": full_optim,
+                        "selection": _pack_bools(selected) if selected is not None else None,
                         "scheduler": sched.state_dict(),
                         "torch_rng": torch.get_rng_state(),
                         "step": step,
@@ -362,7 +373,6 @@ def train(
             opt.consolidate_state_dict(to=0)  # every rank sends its shard to rank 0
         if not env.is_main:
             return
-        selection = getattr(method, "selection", None)
         save_torch_atomic(
             {
                 "config": cfg.to_dict(),
@@ -428,7 +438,8 @@ def train(
 
     evaluated_as = strategy
     if strategy == "fsdp":  # rank 0 continues on an unsharded copy of the trained model
-        model, task, method, evaluated_as = _gather_unsharded(cfg, net, env, device, task)
+        selected = selection.state_dict() if selection is not None else None
+        model, task, method, evaluated_as = _gather_unsharded(cfg, net, env, device, task, selected)
     fields, scores = _evaluate(task, model, "test", cfg, env, evaluated_as)
     summary: dict[str, Any] = {}
     if env.is_main:
@@ -508,11 +519,17 @@ def _load_full_state(
 
 
 def _gather_unsharded(
-    cfg: TrainConfig, net: nn.Module, env: DistEnv, device: torch.device, task: Task
+    cfg: TrainConfig,
+    net: nn.Module,
+    env: DistEnv,
+    device: torch.device,
+    task: Task,
+    selection_state: dict[str, Any] | None = None,
 ) -> tuple[Any, Task, Any, str]:
     """Gather an FSDP-trained model's full state on rank 0 and load it into a freshly built,
     unsharded model with the same method applied (FSDP2 replaces parameter objects, so the
-    method's per-parameter bookkeeping is done on the copy). Other ranks keep only ``task``."""
+    method's per-parameter bookkeeping is done on the copy), with the selection's full masks
+    (``selection_state``) for selection methods. Other ranks keep only ``task``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -520,6 +537,8 @@ def _gather_unsharded(
         return None, task, None, "none"
     model, task, method, _, _ = prepare_run(cfg)
     TrainingModule(model, method.added).load_state_dict(full)
+    if selection_state is not None:
+        method.selection.load_state_dict(selection_state)
     model.to(device)
     method.added.to(device)
     return model, task, method, "none"
