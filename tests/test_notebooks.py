@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,14 +93,44 @@ def workspace(tmp_path_factory: pytest.TempPathFactory):
         yield Workspace(notebooks=copies, runs=base / "runs")
 
 
+def _in_slices(get_msg):
+    """A channel's ``get_msg`` that polls in one-second slices up to the same timeout.
+
+    jupyter_client's async ``get_msg(timeout)`` waits on the socket's poll, which can miss the
+    wake-up of a message that has arrived and then returns it only when the timeout ends
+    (jupyter/nbclient#312, seen with ipywidgets cells): one cell then stalls for the whole
+    cell timeout and still passes. Short slices bound such a stall to a second.
+    """
+    from queue import Empty
+
+    async def sliced(timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            try:
+                return await get_msg(timeout=left)
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    return sliced
+
+
 def execute(ws: Workspace, stem: str):
     """Run the copy of ``stem`` top to bottom (fails on the first cell that raises)."""
     import nbclient
     import nbformat
 
+    class Client(nbclient.NotebookClient):
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            for channel in (kc.shell_channel, kc.iopub_channel):
+                channel.get_msg = _in_slices(channel.get_msg)
+            return kc
+
     path = ws.notebooks / f"{stem}.ipynb"
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(
+    client = Client(
         nb,
         kernel_name="python3",
         timeout=CELL_TIMEOUT,
