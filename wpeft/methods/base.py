@@ -36,11 +36,18 @@ __all__ = [
     "MethodConfig",
     "PEFTMethod",
     "create_method",
+    "plain_name",
     "register",
 ]
 
 GROUPS = ("backbone", "encoder", "decoder", "head", "added")
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name as in the unwrapped model (activation-checkpoint wrappers, which GPU
+    training adds around Aurora's blocks, removed; torch's distributed state dicts do the same)."""
+    return name.replace(_CHECKPOINT_PREFIX, "")
 
 
 @dataclass
@@ -143,7 +150,7 @@ class PEFTMethod:
                 if id(p) not in seen:
                     seen.add(id(p))
                     # names as in an unwrapped model, with or without activation checkpointing
-                    yield f"{prefix}.{name.replace(_CHECKPOINT_PREFIX, '')}", p
+                    yield f"{prefix}.{plain_name(name)}", p
 
     def parameters(self) -> Iterable[nn.Parameter]:
         for _, p in self.named_parameters():

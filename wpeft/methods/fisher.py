@@ -22,7 +22,10 @@ Why it is written the way it is (the released research code's pitfalls, each avo
   gradients all-reduced (as DDP does) the importance is identical on every rank, and the noise
   U is drawn from a generator seeded by ``(seed, step, tensor index)`` (:func:`noise_seed`),
   never from the global RNG, so every rank draws the same U. :func:`broadcast_mask` is the
-  belt-and-braces alternative (rank ``src``'s mask wins).
+  belt-and-braces alternative (rank ``src``'s mask wins). Under FSDP2 each rank holds only
+  shards of the tensors: the same functions take a sharded
+  :class:`~wpeft.methods.shards.Collective`, sum their counts (and take the max) over the ranks
+  and select one global top-k, each rank marking its shards.
 * **Sparse updates.** Zeroing the gradients of unselected entries does not stop AdamW from
   moving them: stale momentum and decoupled weight decay still act, so the final delta is
   dense. :class:`MaskedAdamW` updates (moments, weight decay, step) only the selected entries,

@@ -463,7 +463,8 @@ class EntrySelection:
 
 
 class MaskRecorder:
-    """A refresh callback that keeps every mask as int64 flat indices on the CPU.
+    """A refresh callback that keeps every mask as int64 flat indices on the CPU (under FSDP2:
+    of this rank's shards, indices within the shard).
 
     ``history[j] = (step, {name: indices})``. Costs 8 bytes per selected entry per refresh, so
     opt-in (``method.selection.add_callback(MaskRecorder())``).

@@ -37,7 +37,7 @@ from wpeft.distributed.strategy import STRATEGIES, TrainingModule, resolve_strat
 from wpeft.errors import CheckpointError, ConfigError
 from wpeft.methods import create_method
 from wpeft.methods.adapter_file import save_adapter
-from wpeft.methods.base import PEFTMethod
+from wpeft.methods.base import PEFTMethod, plain_name
 from wpeft.methods.budget import match_budget
 from wpeft.runs import attach_recorders
 from wpeft.runs.store import write_json_atomic
@@ -347,7 +347,9 @@ def train(
 
     selection = getattr(method, "selection", None)
 
-    def checkpoint() -> None:
+    def checkpoint() -> tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None:
+        """Write the checkpoint; under FSDP return what it gathered (trainable tensors and
+        selection state on rank 0, empty elsewhere)."""
         if strategy == "fsdp":  # every rank takes part in gathering the shards
             full_state, full_optim = _gather_full_state(unwrapped, opt)
             selected = selection.state_dict() if selection is not None else None
@@ -368,11 +370,11 @@ def train(
                     },
                     ckpt_path,
                 )
-            return
+            return full_state, selected
         if isinstance(opt, ZeroRedundancyOptimizer):
             opt.consolidate_state_dict(to=0)  # every rank sends its shard to rank 0
         if not env.is_main:
-            return
+            return None
         save_torch_atomic(
             {
                 "config": cfg.to_dict(),
@@ -388,6 +390,7 @@ def train(
             },
             ckpt_path,
         )
+        return None
 
     params = method.trainable_parameters()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress or not env.is_main,
@@ -432,14 +435,13 @@ def train(
     recorders.close(step)
     if scratch is not None:
         scratch.cleanup()
-    checkpoint()
+    gathered = checkpoint()
     if on_trained is not None:
         on_trained(method, env, opt)
 
     evaluated_as = strategy
-    if strategy == "fsdp":  # rank 0 continues on an unsharded copy of the trained model
-        selected = selection.state_dict() if selection is not None else None
-        model, task, method, evaluated_as = _gather_unsharded(cfg, net, env, device, task, selected)
+    if gathered is not None:  # FSDP: rank 0 continues on an unsharded copy of the trained model
+        model, task, method, evaluated_as = _unsharded_copy(cfg, env, device, task, *gathered)
     fields, scores = _evaluate(task, model, "test", cfg, env, evaluated_as)
     summary: dict[str, Any] = {}
     if env.is_main:
@@ -503,7 +505,8 @@ def _gather_full_state(
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd, optim_sd = get_state_dict(module, opt, options=options)
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    # state-dict keys carry no activation-checkpoint wrapper names; match them without
+    trainable = {plain_name(n) for n, p in module.named_parameters() if p.requires_grad}
     return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd
 
 
@@ -518,25 +521,30 @@ def _load_full_state(
                    options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def _gather_unsharded(
+def _unsharded_copy(
     cfg: TrainConfig,
-    net: nn.Module,
     env: DistEnv,
     device: torch.device,
     task: Task,
-    selection_state: dict[str, Any] | None = None,
+    trained: dict[str, torch.Tensor],
+    selection_state: dict[str, Any] | None,
 ) -> tuple[Any, Task, Any, str]:
-    """Gather an FSDP-trained model's full state on rank 0 and load it into a freshly built,
-    unsharded model with the same method applied (FSDP2 replaces parameter objects, so the
-    method's per-parameter bookkeeping is done on the copy), with the selection's full masks
-    (``selection_state``) for selection methods. Other ranks keep only ``task``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Rank 0 continues on a freshly built, unsharded model with the same method applied (FSDP2
+    replaced the parameter objects, so the method's per-parameter bookkeeping is done on the
+    copy), loaded with what the final checkpoint gathered: the trained tensors (the frozen ones
+    are the pretrained weights) and the selection's full masks. Other ranks keep only ``task``."""
     if not env.is_main:
         return None, task, None, "none"
     model, task, method, _, _ = prepare_run(cfg)
-    TrainingModule(model, method.added).load_state_dict(full)
+    module = TrainingModule(model, method.added)
+    missing, unexpected = module.load_state_dict(trained, strict=False)
+    params = dict(module.named_parameters())
+    untrained = [n for n in missing if n in params and params[n].requires_grad]
+    if unexpected or untrained:
+        raise CheckpointError(
+            f"The gathered state does not fit the model: unexpected {unexpected[:3]}, trainable "
+            f"but missing {untrained[:3]}."
+        )
     if selection_state is not None:
         method.selection.load_state_dict(selection_state)
     model.to(device)
