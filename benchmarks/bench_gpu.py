@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import platform
 import signal
 import statistics
@@ -45,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from report import write_report  # benchmarks/, beside this script
 from wpeft.backbones.aurora_adapter import build_backbone
 from wpeft.data.batch import random_batch
 from wpeft.distributed.plan import PlanRequest, parse_grid, plan
@@ -442,12 +442,7 @@ def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] | None
         )
         + ". Planned = wpeft.distributed.plan's one-GPU peak."
     )
-    text = table(rows, header)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_report(table(rows, header), rows, args.out)
     return 0
 
 

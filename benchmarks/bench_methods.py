@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import write_report
+
 
 def measure(name: str, backbone: str, batch_size: int, steps: int, device: str) -> dict:
     import torch
@@ -160,11 +162,7 @@ def main() -> None:
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads). Peak = max RSS of the method's own process."
     )
-    text = table(rows, header)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_report(table(rows, header), rows, args.out)
 
 
 if __name__ == "__main__":

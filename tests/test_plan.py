@@ -15,20 +15,22 @@ import torch
 
 from wpeft.backbones.aurora_adapter import build_backbone
 from wpeft.data.batch import random_batch
+from wpeft.distributed.activations import (
+    estimate_activations,
+    measure_saved_bytes,
+    model_regions,
+    stage_geometry,
+)
+from wpeft.distributed.inventory import inventory
 from wpeft.distributed.plan import (
     CUDA_CONTEXT_BYTES,
     GIB,
     MARGIN,
     PlanRequest,
     add_arguments,
-    estimate_activations,
-    inventory,
     main,
-    measure_saved_bytes,
-    model_regions,
     parse_grid,
     plan,
-    stage_geometry,
 )
 from wpeft.errors import ConfigError
 from wpeft.methods import create_method

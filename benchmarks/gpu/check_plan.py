@@ -1,7 +1,7 @@
 """The memory planner's activation estimate against exact measurements, on the device at hand.
 
 For tiny and small backbones, three methods and two grids it measures the bytes autograd saves
-for backward in one forward (``wpeft.distributed.plan.measure_saved_bytes``: unique storages,
+for backward in one forward (``wpeft.distributed.activations.measure_saved_bytes``: unique storages,
 parameters excluded) at batch 1 and 2, and prints measured / estimated per region (Swin blocks
 per sample, merges, encoder, decoder) and for the whole forward at batch 2. On a GPU with bf16
 this is the check of the CUDA-autocast constants (LayerNorm and the residual stream in fp32)
@@ -13,7 +13,6 @@ that a CPU cannot make; ratios near 1 confirm them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,17 +20,15 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "benchmarks"):  # wpeft from a checkout; the shared report writer
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
+from report import write_report
 from wpeft.backbones.aurora_adapter import build_backbone
 from wpeft.data.batch import random_batch
-from wpeft.distributed.plan import (
-    estimate_activations,
-    inventory,
-    measure_saved_bytes,
-    model_regions,
-)
+from wpeft.distributed.activations import estimate_activations, measure_saved_bytes, model_regions
+from wpeft.distributed.inventory import inventory
 from wpeft.methods import create_method
 
 LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
@@ -140,12 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['backbone']} | {r['method']} | {r['grid']} | {f(r['blocks'])} "
             f"| {f(r['merges'])} | {f(r['encoder'])} | {f(r['decoder'])} | {f(r['total'])} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_report("\n".join(lines), rows, args.out)
     return 0
 
 
