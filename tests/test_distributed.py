@@ -229,25 +229,33 @@ def test_strategy_choice_and_refusals() -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_launch_of_the_cli(tmp_path) -> None:
-    """``torchrun --nproc_per_node=2 -m wpeft train`` runs, rank 0 writes and reports."""
-    import json
+def test_torchrun_two_node_launch_of_the_cli(tmp_path) -> None:
+    """Two torchrun agents, one per "node" (``--nnodes=2 --nproc_per_node=1``), meet through
+    c10d rendezvous as on a cluster and run ``-m wpeft train``; rank 0 alone writes and
+    reports."""
     import subprocess
     import sys
 
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip(f"torchrun not found beside {sys.executable}")
+    endpoint = f"127.0.0.1:{_free_port()}"
     cmd = [
-        str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "wpeft",
+        str(torchrun), "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}", "--rdzv-id=wpeft-test", "-m", "wpeft",
         "train", "--method", "lora", "--budget", "0.04", "--steps", "2", "--batch-size", "4",
         "--device", "cpu", "--quiet", "--out", str(tmp_path / "run"),
         "--task-option", f"world={json.dumps(WORLD)}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WPEFT_CACHE_DIR": os.environ["WPEFT_CACHE_DIR"]}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("run ") == 1  # one report, from rank 0
+    nodes = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-2000:]
+    assert sum(out.count("run ") for out, _ in outputs) == 1  # one report, from rank 0
     summary = json_load(tmp_path / "run" / "summary.json")
     assert summary["world_size"] == 2 and summary["strategy"] == "ddp"
 
