@@ -5,8 +5,9 @@ is needed, or only activation checkpointing saves the run depends on the method 
 which optimiser state it keeps), the grid and the micro-batch. :func:`plan` answers before any
 GPU is rented, in bytes per GPU, for every strategy of :mod:`wpeft.distributed.strategy`:
 
-* ``ddp`` (``none`` on one GPU): a full replica; gradient buckets as large as the gradients
-  (``DistributedDataParallel`` with its default ``gradient_as_bucket_view=False``);
+* ``ddp`` (``none`` on one GPU): a full replica; the gradients are views into DDP's
+  all-reduce buckets (``gradient_as_bucket_view=True``, as ``strategy.wrap`` sets it), so the
+  buckets cost nothing beyond the gradients;
 * ``fsdp`` (FSDP2 ``fully_shard`` per Swin block, the rest as the root unit, no
   mixed-precision policy, as ``strategy.wrap`` does): fp32 weights, gradients and optimiser
   state sharded /N; the root unit stays gathered for the whole step, plus two gathered blocks
@@ -187,7 +188,7 @@ class StrategyEstimate:
         weights / gradients / optimizer / method_state: Resident state (sharded for fsdp;
             fsdp's gathered units are in ``weights``).
         activations: Saved activations at the end of the forward (peak under checkpointing).
-        buffers: DDP gradient buckets, or FSDP2's unsharded gradients of one block.
+        buffers: FSDP2's unsharded gradients of one block (DDP's buckets hold the gradients).
         transient: Backward's activation gradients of one block.
         step_peak: Resident state plus the optimiser's temporaries during ``step()``.
         note: What the table leaves out for this strategy, if anything.
@@ -290,7 +291,7 @@ def _strategy(
         gradients = 4 * inv.with_grad
         optimizer = inv.optimizer_bytes
         method_state = inv.method_state_bytes
-        buffers = 4 * inv.with_grad if gpus > 1 else 0  # DDP's gradient buckets
+        buffers = 0  # DDP's buckets are the gradients (gradient_as_bucket_view)
         name = "ddp" if gpus > 1 else "none"
     else:
         unit = inv.largest_block

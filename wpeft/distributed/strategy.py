@@ -112,6 +112,9 @@ def wrap(
             # Every trainable parameter takes part in every step of the wpeft tasks (a task
             # feeds all the variables it embeds); the equivalence tests check this.
             find_unused_parameters=False,
+            # Gradients live in the all-reduce buckets instead of beside them: one copy of the
+            # trainable gradients less (for SFAS the whole backbone's).
+            gradient_as_bucket_view=True,
         )
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
