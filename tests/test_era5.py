@@ -39,11 +39,13 @@ def _field(*shape_dims: tuple[str, np.ndarray]) -> np.ndarray:
     return sum(scales[d] * g for (d, _), g in zip(shape_dims, grids, strict=True)).astype("f4")
 
 
-def _wb2_dataset() -> xr.Dataset:
-    t = np.arange(len(TIMES), dtype=float)
-    t2m = 280.0 + _field(("time", t), ("latitude", LATS), ("longitude", LONS)) / 100
-    z = _field(("time", t), ("level", LEVELS), ("latitude", LATS), ("longitude", LONS))
-    lsm = (np.arange(LATS.size * LONS.size).reshape(LATS.size, LONS.size) % 2).astype("f4")
+def _wb2_dataset(
+    times: pd.DatetimeIndex = TIMES, lats: np.ndarray = LATS, lons: np.ndarray = LONS
+) -> xr.Dataset:
+    t = np.arange(len(times), dtype=float)
+    t2m = 280.0 + _field(("time", t), ("latitude", lats), ("longitude", lons)) / 100
+    z = _field(("time", t), ("level", LEVELS), ("latitude", lats), ("longitude", lons))
+    lsm = (np.arange(lats.size * lons.size).reshape(lats.size, lons.size) % 2).astype("f4")
     return xr.Dataset(
         {
             "2m_temperature": (("time", "latitude", "longitude"), t2m),
@@ -51,7 +53,7 @@ def _wb2_dataset() -> xr.Dataset:
             "land_sea_mask": (("latitude", "longitude"), lsm),
             "10m_wind_speed": (("time", "latitude", "longitude"), np.ones_like(t2m)),
         },
-        coords={"time": TIMES, "level": LEVELS, "latitude": LATS, "longitude": LONS},
+        coords={"time": times, "level": LEVELS, "latitude": lats, "longitude": lons},
     )
 
 
@@ -220,6 +222,61 @@ def test_missing_level(wb2_nc: Path) -> None:
 def test_empty_time_slice(wb2_nc: Path) -> None:
     with pytest.raises(DataError, match="selects nothing"):
         open_era5(wb2_nc, variables=["2m_temperature"], time=slice("2030-01-01", "2030-02-01"))
+
+
+def _hours(*hours: int) -> pd.DatetimeIndex:
+    return TIMES[0] + pd.to_timedelta(list(hours), unit="h")
+
+
+@pytest.mark.parametrize(
+    ("times", "match"),
+    [
+        (
+            _hours(0, 6, 6, 12),
+            r"Duplicate time\(s\) of .*bad\.zarr: 2020-01-01T06:00:00\. .*drop_duplicates",
+        ),
+        (
+            _hours(0, 12, 6, 18),
+            r"bad\.zarr decreases at 2020-01-01T12:00:00 -> 2020-01-01T06:00:00; .*sortby",
+        ),
+    ],
+    ids=["duplicate", "decreasing"],
+)
+def test_bad_time_axis_is_refused(tmp_path: Path, times: pd.DatetimeIndex, match: str) -> None:
+    path = tmp_path / "bad.zarr"
+    _wb2_dataset(times=times).to_zarr(path, consolidated=False)
+    with pytest.raises(DataError, match=match) as info:
+        open_era5(path, variables=["2m_temperature"])
+    assert "\n" not in str(info.value) and "('time')" in str(info.value)
+    with pytest.raises(DataError, match=match):  # a time= selection does not hide it
+        open_era5(path, variables=["2m_temperature"], time=slice("2020-01-01", "2020-01-02"))
+
+
+def test_time_gap_is_kept_as_is(tmp_path: Path) -> None:
+    """open_era5 builds no windows: a gap is left for WindowDataset to skip (test_loader)."""
+    path = tmp_path / "gap.zarr"
+    _wb2_dataset(times=_hours(0, 6, 36, 42)).to_zarr(path, consolidated=False)
+    ds = open_era5(path, variables=["2m_temperature"])
+    np.testing.assert_array_equal(ds["time"].values, _hours(0, 6, 36, 42).values)
+
+
+def test_duplicate_longitude_after_wrapping_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lon.nc"
+    _wb2_dataset(lons=np.array([-180.0, -90.0, 0.0, 90.0, 180.0])).to_netcdf(path)
+    with pytest.raises(
+        DataError, match=r"Duplicate longitude\(s\) in \[0, 360\): \[180\.0\] "
+        r"\(from \[\[-180\.0, 180\.0\]\]\); drop the repeated"
+    ):
+        open_era5(path, variables=["2m_temperature"])
+
+
+def test_duplicate_latitude_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lat.nc"
+    _wb2_dataset(lats=np.array([-60.0, -30.0, -30.0, 30.0])).to_netcdf(path)
+    with pytest.raises(
+        DataError, match=r"Duplicate latitude\(s\) \[-30\.0\].*drop_duplicates\('latitude'\)"
+    ):
+        open_era5(path, variables=["2m_temperature"])
 
 
 def test_missing_file(tmp_path: Path) -> None:

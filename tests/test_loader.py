@@ -20,27 +20,31 @@ LONS = np.arange(0.0, 360.0, 45.0)
 LEVELS = np.array([500, 850])
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Path:
-    """A zarr store whose values encode their time index, one chunk per time step."""
-    t = np.arange(len(TIMES), dtype="f4")
-    t2m = np.broadcast_to(t[:, None, None], (len(TIMES), LATS.size, LONS.size)) + 250.0
-    z = np.broadcast_to(t[:, None, None, None], (len(TIMES), 2, LATS.size, LONS.size)) * 10.0
+def _write_store(path: Path, times: pd.DatetimeIndex = TIMES) -> Path:
+    """A zarr store whose values encode their time (6-hour steps since TIMES[0]), one chunk per
+    time step."""
+    t = ((times - TIMES[0]) / pd.Timedelta(6, "h")).to_numpy("f4")
+    t2m = np.broadcast_to(t[:, None, None], (len(times), LATS.size, LONS.size)) + 250.0
+    z = np.broadcast_to(t[:, None, None, None], (len(times), 2, LATS.size, LONS.size)) * 10.0
     ds = xr.Dataset(
         {
             "2m_temperature": (("time", "latitude", "longitude"), t2m.copy()),
             "geopotential": (("time", "level", "latitude", "longitude"), z.copy()),
         },
-        coords={"time": TIMES, "level": LEVELS, "latitude": LATS, "longitude": LONS},
+        coords={"time": times, "level": LEVELS, "latitude": LATS, "longitude": LONS},
     ).chunk({"time": 1})
-    path = tmp_path / "era5.zarr"
     ds.to_zarr(path, zarr_format=2, consolidated=True)
     return path
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return _write_store(tmp_path / "era5.zarr")
+
+
 def test_windows_are_read_lazily_with_the_right_steps(store: Path) -> None:
     data = WindowDataset(store, surf_vars=("2t",), atmos_vars=("z",), history=2, lead=2)
-    assert len(data) == 12 - 2 - 2 + 1
+    assert len(data) == 12 - 2 - 2 + 1 and data.skipped_windows == 0
     # the store stays on disk: dask-backed variables, nothing loaded by opening or by a sample
     assert data.dataset["2m_temperature"].chunks is not None
     sample = data[3]
@@ -90,3 +94,56 @@ def test_bad_windows_are_refused(store: Path) -> None:
         WindowDataset(store, surf_vars=("2t",), history=0)
     with pytest.raises(DataError):
         WindowDataset(store, surf_vars=("msl",))  # not in the store
+
+
+# 6-hourly steps 0..4 and 9..11: a 30 h gap between 2020-01-02T00 and 2020-01-03T06.
+GAP_TIMES = TIMES.delete([5, 6, 7, 8])
+
+
+@pytest.mark.parametrize(
+    ("history", "lead", "skipped", "built"),
+    # windows (span history + lead of the 8 times) that hold the 30 h step, counted by hand
+    [(1, 1, 1, 6), (2, 1, 2, 4), (2, 2, 3, 2), (3, 2, 3, 1)],
+)
+def test_windows_across_a_time_gap_are_skipped_and_counted(
+    tmp_path: Path, history: int, lead: int, skipped: int, built: int
+) -> None:
+    path = _write_store(tmp_path / "gap.zarr", GAP_TIMES)
+    with pytest.warns(
+        UserWarning,
+        match=r"1 irregular step\(s\) \(regular step 6 h\): 2020-01-02T00:00:00 -> "
+        rf"2020-01-03T06:00:00 \(30 h\); {skipped} of {skipped + built} windows .*skipped",
+    ):
+        data = WindowDataset(path, surf_vars=("2t",), history=history, lead=lead)
+    assert data.skipped_windows == skipped and len(data) == built
+    six = np.timedelta64(6, "h")
+    for i in range(len(data)):
+        sample = data[i]
+        assert np.all(np.diff(sample.times[:-1]) == six)  # inputs one step apart
+        assert sample.times[-1] - sample.times[-2] == lead * six  # target: lead steps on
+        # the values read are those of these times (they encode 6-hour steps since TIMES[0])
+        expected = (sample.times - TIMES[0].to_datetime64()) / six + 250.0
+        assert sample.surf["2t"][:, 0, 0].tolist() == expected.tolist()
+
+
+def test_no_window_without_a_gap_is_refused(tmp_path: Path) -> None:
+    path = _write_store(tmp_path / "gaps.zarr", TIMES[[0, 1, 3, 4]])
+    with pytest.raises(DataError, match=r"hold no sample .* crosses no gap .*12 h"):
+        WindowDataset(path, surf_vars=("2t",), history=2, lead=1)
+
+
+@pytest.mark.parametrize(
+    ("order", "match"),
+    [
+        ([0, 1, 1, 2, 3], r"Duplicate time\(s\).*: 2020-01-01T06:00:00\. .*drop_duplicates"),
+        ([0, 2, 1, 3, 4], r"decreases at 2020-01-01T12:00:00 -> 2020-01-01T06:00:00.*sortby"),
+    ],
+    ids=["duplicate", "decreasing"],
+)
+def test_bad_time_axis_is_refused(tmp_path: Path, order: list[int], match: str) -> None:
+    path = _write_store(tmp_path / "bad.zarr", TIMES[order])
+    with pytest.raises(DataError, match=match):
+        WindowDataset(path, surf_vars=("2t",), history=2, lead=1)
+    opened = xr.open_zarr(path)  # an opened dataset, not only a path, is checked too
+    with pytest.raises(DataError, match=match):
+        WindowDataset(opened, surf_vars=("2t",), history=2, lead=1)

@@ -24,7 +24,7 @@ from wpeft.data.world import WorldConfig, open_world, open_world_ensemble
 from wpeft.errors import ConfigError, DataError
 from wpeft.methods import create_method
 from wpeft.tasks import TASKS, TaskBatch, create_task
-from wpeft.tasks.downscaling import Downscaling, split_by_time
+from wpeft.tasks.downscaling import Downscaling, split_by_time, time_step
 from wpeft.tasks.postprocessing import Postprocessing, gaussian_crps
 from wpeft.tasks.precipitation import TARGET, Precipitation
 
@@ -129,6 +129,15 @@ def test_split_by_time_drops_samples_that_reach_into_the_previous_block() -> Non
     assert splits["test"].tolist() == [17, 18, 19]
     with pytest.raises(DataError, match="val split is empty"):
         split_by_time(starts, starts + 8, (0.5, 0.25, 0.25))
+
+
+def test_time_step_refuses_a_gap_naming_it() -> None:
+    times = np.datetime64("2020-01-01T00", "ns") + SIX_H * np.array([0, 1, 2, 7, 8])
+    assert time_step(times[:3]) == SIX_H
+    with pytest.raises(DataError, match=r"2020-01-01T12:00:00 -> 2020-01-02T18:00:00 \(30 h\)"):
+        time_step(times)
+    with pytest.raises(DataError, match="decreases"):
+        time_step(times[::-1])
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import dask
 import numpy as np
 import xarray as xr
 
-from wpeft.data.schema import VARIABLES, spec, validate_dataset
+from wpeft.data.schema import VARIABLES, check_time_axis, duplicated, spec, validate_dataset
 from wpeft.errors import DataError
 
 __all__ = ["check_finite", "open_era5", "write_wb2_zarr"]
@@ -104,7 +104,11 @@ def open_era5(
 
     Raises:
         DataError: Missing or unreadable path, unknown variable or level requested, empty time
-            selection, or coordinates that cannot be mapped to the schema.
+            selection, coordinates that cannot be mapped to the schema, a time axis that is not
+            strictly increasing (duplicate or decreasing times), or duplicate latitudes or
+            longitudes (also after wrapping longitudes to [0, 360), e.g. both -180 and 180).
+            A time axis with gaps is accepted; :class:`~wpeft.data.loader.WindowDataset` builds
+            no window across them.
     """
     source, engine = _resolve(path)
     ds = _open(source, engine, chunks)
@@ -116,6 +120,8 @@ def open_era5(
     ds = _squeeze_static_time(ds)
     ds = _normalise_levels(ds, levels)
     ds = _normalise_grid(ds)
+    if "time" in ds.dims:
+        check_time_axis(ds["time"].values, where=f" of {source}")
     if time is not None:
         ds = _select_time(ds, time)
     ds = _fix_units(ds)
@@ -441,7 +447,11 @@ def _normalise_levels(ds: xr.Dataset, levels: Sequence[int] | None) -> xr.Datase
 
 
 def _normalise_grid(ds: xr.Dataset) -> xr.Dataset:
-    """Latitude north to south, longitude wrapped to [0, 360) and increasing."""
+    """Latitude north to south, longitude wrapped to [0, 360) and increasing.
+
+    Duplicate latitudes, and longitudes that coincide once wrapped (-180 and 180, 0 and 360),
+    are refused rather than one of them dropped: which column is the right one is the user's call.
+    """
     for coord in ("latitude", "longitude"):
         if coord not in ds.dims or ds[coord].ndim != 1:
             raise DataError(
@@ -449,29 +459,38 @@ def _normalise_grid(ds: xr.Dataset) -> xr.Dataset:
                 f"{sorted(map(str, ds.dims))}. Regrid curvilinear/reduced grids first."
             )
     lat = np.asarray(ds["latitude"].values, dtype=float)
+    dup = duplicated(lat)
+    if dup.size:
+        raise DataError(
+            f"Duplicate latitude(s) {dup.tolist()}; keep one of each, "
+            "e.g. ds.drop_duplicates('latitude') with xarray."
+        )
     if lat.size > 1 and np.all(np.diff(lat) > 0):
         ds = ds.isel(latitude=slice(None, None, -1))  # WB2/ARCO equiangular grids: S -> N
     elif lat.size > 1 and not np.all(np.diff(lat) < 0):
         ds = ds.sortby("latitude", ascending=False)
     lon = np.asarray(ds["longitude"].values, dtype=float)
     wrapped = np.mod(lon, 360.0)
+    dup = duplicated(wrapped)
+    if dup.size:
+        same = [sorted(set(lon[wrapped == d].tolist())) for d in dup]
+        raise DataError(
+            f"Duplicate longitude(s) in [0, 360): {dup.tolist()} (from {same}); drop the repeated "
+            "(cyclic) column, e.g. ds.isel(longitude=slice(None, -1)) for a grid ending at 180 "
+            "or 360."
+        )
     if not np.array_equal(wrapped, lon):
         ds = ds.assign_coords(
             longitude=("longitude", wrapped.astype(ds["longitude"].dtype), ds["longitude"].attrs)
         )
     if wrapped.size > 1 and not np.all(np.diff(wrapped) > 0):
-        # Stable sort, and drop a repeated cyclic column (both -180 and 180, or 0 and 360).
-        order = np.argsort(wrapped, kind="stable")
-        keep = np.concatenate([[True], np.diff(wrapped[order]) > 0])
-        ds = ds.isel(longitude=order[keep])
+        ds = ds.isel(longitude=np.argsort(wrapped))
     return ds
 
 
 def _select_time(ds: xr.Dataset, time: slice) -> xr.Dataset:
     if "time" not in ds.dims:
         raise DataError("time= was given but the data has no time axis (static fields only).")
-    if not ds.indexes["time"].is_monotonic_increasing:
-        ds = ds.sortby("time")
     try:
         out = ds.sel(time=time)
     except (KeyError, TypeError, ValueError) as e:

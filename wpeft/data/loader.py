@@ -16,6 +16,7 @@ from one seed) and prefetches with worker processes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wpeft.data.batch import Fields, wb2_name
 from wpeft.data.era5 import open_era5
+from wpeft.data.schema import check_time_axis, describe_steps, regular_step, regular_windows
 from wpeft.distributed.runtime import DistEnv
 from wpeft.errors import DataError
 
@@ -48,6 +50,12 @@ class WindowDataset(Dataset):
 
     Item ``i`` is a :class:`~wpeft.data.batch.Fields` of ``history + 1`` steps (the inputs, then
     the target), read from the store when asked for.
+
+    The time axis must be strictly increasing (duplicate or decreasing times raise
+    :class:`DataError`). Where its step is not constant (a gap), the windows that would cross it
+    are not built: every sample's inputs are one regular step apart and its target ``lead``
+    regular steps after the last input. The number left out is :attr:`skipped_windows`, and a
+    warning names the gaps.
     """
 
     def __init__(
@@ -69,12 +77,27 @@ class WindowDataset(Dataset):
         self.history, self.lead = history, lead
         self.open_kwargs = dict(open_kwargs or {})
         self._ds: xr.Dataset | None = source if isinstance(source, xr.Dataset) else None
-        steps = self.dataset.sizes["time"]
-        self._len = steps - history - lead + 1
-        if self._len < 1:
+        times = np.asarray(self.dataset["time"].values)
+        check_time_axis(times)
+        step, breaks = regular_step(times)
+        span = history + lead  # times a window covers, from its first input to its target
+        self._starts = regular_windows(times.size, breaks, span)
+        #: Windows left out because they would cross a gap in the time axis.
+        self.skipped_windows = max(times.size - span + 1, 0) - self._starts.size
+        gaps = describe_steps(times, breaks, step) if breaks.size else ""
+        if self._starts.size == 0:
             raise DataError(
-                f"{steps} time steps hold no sample of history {history} and lead {lead}; "
-                "open a longer time range."
+                f"{times.size} time steps hold no sample of history {history} and lead {lead}"
+                + (f" that crosses no gap ({gaps})" if gaps else "")
+                + "; open a longer (regular) time range."
+            )
+        if self.skipped_windows:
+            src = self.dataset.attrs.get("source_path")
+            warnings.warn(
+                f"The time axis{f' of {src}' if src else ''} has {gaps}; {self.skipped_windows} of "
+                f"{self.skipped_windows + self._starts.size} windows (history {history}, lead "
+                f"{lead}) would cross them and are skipped.",
+                stacklevel=2,
             )
 
     @property
@@ -94,12 +117,13 @@ class WindowDataset(Dataset):
         return state
 
     def __len__(self) -> int:
-        return self._len
+        return int(self._starts.size)
 
     def __getitem__(self, i: int) -> Fields:
-        if not 0 <= i < self._len:
-            raise IndexError(f"sample {i} out of range 0..{self._len - 1}")
-        steps = list(range(i, i + self.history)) + [i + self.history - 1 + self.lead]
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range 0..{len(self) - 1}")
+        s = int(self._starts[i])
+        steps = list(range(s, s + self.history)) + [s + self.history - 1 + self.lead]
         window = self.dataset.isel(time=steps)  # only these steps are read
         # DataLoader workers are the parallelism: dask reads in the calling thread (its thread
         # pool and forked workers deadlock).

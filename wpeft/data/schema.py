@@ -3,8 +3,9 @@
 Every data source (the embedded world, ERA5 zarr/netCDF/GRIB) is mapped to this layout, so tasks,
 metrics and the backbone see one thing:
 
-* dims ``time``, ``level`` (hPa, int), ``latitude`` (degrees north, strictly decreasing),
-  ``longitude`` (degrees east, strictly increasing in [0, 360)); ensembles add ``member``;
+* dims ``time`` (strictly increasing, see :func:`check_time_axis`), ``level`` (hPa, int),
+  ``latitude`` (degrees north, strictly decreasing), ``longitude`` (degrees east, strictly
+  increasing in [0, 360)); ensembles add ``member``;
 * variables named as in WeatherBench2 (``2m_temperature``, ``geopotential`` with a ``level`` axis,
   ...), each with the ``kind`` Aurora gives it: ``surface`` (time, lat, lon), ``atmos``
   (time, level, lat, lon) or ``static`` (lat, lon);
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
@@ -28,6 +29,11 @@ __all__ = [
     "VARIABLES",
     "Kind",
     "VariableSpec",
+    "check_time_axis",
+    "describe_steps",
+    "duplicated",
+    "regular_step",
+    "regular_windows",
     "spec",
     "validate_dataset",
     "variables_of_kind",
@@ -102,7 +108,8 @@ def validate_dataset(ds: xr.Dataset, *, require: Iterable[str] = ()) -> xr.Datas
     """Check that ``ds`` follows the schema; return it unchanged or raise :class:`DataError`.
 
     Checks: required variables present, every variable known, dims per kind, latitude strictly
-    decreasing within [-90, 90], longitude strictly increasing within [0, 360).
+    decreasing within [-90, 90], longitude strictly increasing within [0, 360). The time axis is
+    checked where stores are opened (:func:`check_time_axis`).
     """
     missing = [n for n in require if n not in ds.data_vars]
     if missing:
@@ -141,3 +148,96 @@ def validate_dataset(ds: xr.Dataset, *, require: Iterable[str] = ()) -> xr.Datas
                 f"Variable {name!r} ({s.kind}) has dims {sorted(dims)}; expected {sorted(expected)}."
             )
     return ds
+
+
+# --- coordinate axes ---------------------------------------------------------------------------
+
+
+def duplicated(values: np.ndarray) -> np.ndarray:
+    """The values that occur more than once in ``values``, sorted."""
+    unique, counts = np.unique(np.asarray(values), return_counts=True)
+    return unique[counts > 1]
+
+
+def _fmt(value: object) -> str:
+    """A coordinate value or step for a message: ISO times, steps in hours, plain numbers."""
+    if isinstance(value, np.datetime64):
+        return str(np.datetime_as_string(value, unit="s"))
+    if isinstance(value, np.timedelta64):
+        return f"{value / np.timedelta64(1, 'h'):g} h"
+    return str(value.item() if isinstance(value, np.generic) else value)
+
+
+def _fmt_list(items: list[str], limit: int = 5) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_time_axis(times: np.ndarray, *, where: str = "") -> None:
+    """Raise :class:`DataError` unless ``times`` is strictly increasing.
+
+    Missing (NaT), duplicate and decreasing times are refused, naming them and the fix; a gap
+    (a step longer or shorter than the others) is allowed here: see :func:`regular_windows`.
+    ``where`` (e.g. ``" of era5.zarr"``) is put into the message.
+    """
+    times = np.asarray(times)
+    if np.issubdtype(times.dtype, np.datetime64) and np.isnat(times).any():
+        raise DataError(
+            f"The time axis{where} has {int(np.isnat(times).sum())} missing (NaT) value(s); "
+            "drop them, e.g. ds.sel(time=ds.time.notnull())."
+        )
+    if times.size < 2 or bool(np.all(times[1:] > times[:-1])):
+        return
+    dup = duplicated(times)
+    if dup.size:
+        raise DataError(
+            f"Duplicate time(s){where}: {_fmt_list([_fmt(t) for t in dup])}. Keep one of each, "
+            "e.g. ds.drop_duplicates('time') with xarray, and save the store again."
+        )
+    back = np.nonzero(times[1:] < times[:-1])[0]
+    pairs = [f"{_fmt(times[i])} -> {_fmt(times[i + 1])}" for i in back]
+    raise DataError(
+        f"The time axis{where} decreases at {_fmt_list(pairs)}; it must be strictly increasing. "
+        "Sort it, e.g. ds.sortby('time') with xarray, and save the store again."
+    )
+
+
+def regular_step(times: np.ndarray) -> tuple[Any, np.ndarray]:
+    """The regular step of a strictly increasing time axis and where the axis departs from it.
+
+    Returns:
+        ``(step, breaks)``: the most common step (ties: the shortest; ``None`` for fewer than
+        two times) and the indices ``i`` whose step ``times[i] -> times[i + 1]`` differs from
+        it (a gap, or a shorter step).
+    """
+    steps = np.diff(np.asarray(times))
+    if steps.size == 0:
+        return None, np.zeros(0, dtype=np.int64)
+    values, counts = np.unique(steps, return_counts=True)
+    step = values[int(np.argmax(counts))]
+    return step, np.nonzero(steps != step)[0]
+
+
+def describe_steps(times: np.ndarray, breaks: np.ndarray, step: Any) -> str:
+    """``"2020-01-02T00:00:00 -> 2020-01-03T06:00:00 (30 h), ..."`` for the irregular steps."""
+    times = np.asarray(times)
+    pairs = [f"{_fmt(times[i])} -> {_fmt(times[i + 1])} ({_fmt(times[i + 1] - times[i])})"
+             for i in breaks]
+    return f"{len(pairs)} irregular step(s) (regular step {_fmt(step)}): {_fmt_list(pairs, 3)}"
+
+
+def regular_windows(n: int, breaks: np.ndarray, span: int) -> np.ndarray:
+    """First indices of the windows of ``span`` consecutive times that cross no break.
+
+    A window starting at ``s`` covers the times ``s .. s + span - 1``; it is kept only if each
+    of its ``span - 1`` steps is the regular one (no index of ``breaks`` in ``s .. s + span - 2``),
+    so its last time is exactly ``span - 1`` regular steps after its first.
+    """
+    count = n - span + 1
+    if count < 1:
+        return np.zeros(0, dtype=np.int64)
+    bad = np.zeros(max(n - 1, 0), dtype=np.int64)
+    bad[np.asarray(breaks, dtype=np.int64)] = 1
+    crossed = np.concatenate([[0], np.cumsum(bad)])  # crossed[j]: breaks among steps 0..j-1
+    starts = np.arange(count, dtype=np.int64)
+    return starts[crossed[starts + span - 1] == crossed[starts]]

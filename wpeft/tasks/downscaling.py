@@ -63,7 +63,7 @@ from wpeft.backbones.aurora_adapter import WpeftAurora, norm_key
 from wpeft.data.batch import Fields, check_grid, wb2_name
 from wpeft.data.era5 import open_era5
 from wpeft.data.regrid import coarsen_conservative, upsample_bilinear
-from wpeft.data.schema import VARIABLES
+from wpeft.data.schema import VARIABLES, check_time_axis, describe_steps, regular_step
 from wpeft.data.world import WorldConfig, open_world
 from wpeft.errors import ConfigError, DataError
 from wpeft.metrics import rmse
@@ -383,11 +383,22 @@ def channel_std(stds: Sequence[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def time_step(times: np.ndarray) -> np.timedelta64:
-    """The constant step of an increasing datetime64 axis, or :class:`DataError`."""
-    steps = np.diff(np.asarray(times))
-    if steps.size == 0 or not np.all(steps == steps[0]) or steps[0] <= np.timedelta64(0, "s"):
-        raise DataError("The data's time axis must be regular and increasing.")
-    return steps[0]
+    """The constant step of a strictly increasing datetime64 axis.
+
+    The tasks hold their data in memory and split it into contiguous time blocks, so a gap is
+    refused (naming it) rather than skipped as :class:`~wpeft.data.loader.WindowDataset` does.
+    """
+    times = np.asarray(times)
+    check_time_axis(times)
+    step, breaks = regular_step(times)
+    if step is None:
+        raise DataError("The data has a single time step; the task needs at least two.")
+    if breaks.size:
+        raise DataError(
+            f"The data's time axis has {describe_steps(times, breaks, step)}; this task needs a "
+            "regular one: select a stretch without gaps (e.g. open_era5(..., time=slice(...)))."
+        )
+    return step
 
 
 # ============================================================================================
