@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from wpeft.errors import CheckpointError, ConfigError
 from wpeft.methods.sfas import MaskedAdamW
 from wpeft.training.compare import CompareConfig, collect, compare, tables
-from wpeft.training.loop import TrainConfig, _pack_bools, _unpack_bools, train
+from wpeft.training.loop import TrainConfig, TrainingDiverged, _pack_bools, _unpack_bools, train
 
 WORLD = {"nlat": 16, "nlon": 32, "days": 12, "spinup_days": 1, "ensemble_inits": 8, "ensemble_members": 3}
 
@@ -78,7 +78,7 @@ def test_resume_refuses_another_config(tmp_path) -> None:
     train(config(steps=2), tmp_path / "r", progress=False)
     (tmp_path / "r" / "summary.json").unlink()
     with pytest.raises(CheckpointError, match="another config"):
-        train(config(steps=3), tmp_path / "r", resume=True, progress=False)
+        train(config(steps=2, seed=1), tmp_path / "r", resume=True, progress=False)
     (tmp_path / "r" / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
         train(config(steps=2), tmp_path / "r", resume=True, progress=False)
@@ -134,3 +134,103 @@ def test_every_kind_of_method_trains_through_the_loop(tmp_path, method: str) -> 
 def test_unknown_method_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="Unknown method 'nope'"):
         train(config(method="nope"), tmp_path / "x", progress=False)
+
+
+def _poison_after(monkeypatch, calls: int) -> None:
+    """The optimiser's ``calls``-th step writes NaN into a trained tensor (a diverging update)."""
+    real_step = MaskedAdamW.step
+    count = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == calls:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(MaskedAdamW, "step", step)
+
+
+def test_divergence_keeps_the_last_finite_checkpoint_and_resumes_with_a_lower_lr(
+    tmp_path, monkeypatch
+) -> None:
+    cfg = config(steps=6, checkpoint_every=2)
+    _poison_after(monkeypatch, 3)  # step 3's update is non-finite; step 2 was checkpointed
+    with pytest.raises(TrainingDiverged, match="the last finite checkpoint, step 2, is in"):
+        train(cfg, tmp_path / "r", progress=False)
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2
+    tensors = [v for v in state["adapter"].values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert tensors and all(torch.isfinite(v).all() for v in tensors)
+    monkeypatch.undo()
+
+    seen: dict[str, float] = {}
+
+    def lr_of(method, env, opt) -> None:
+        seen["initial_lr"] = opt.param_groups[0]["initial_lr"]
+
+    lower = config(steps=6, checkpoint_every=2, lr=2.5e-4)
+    summary = train(lower, tmp_path / "r", resume=True, progress=False, on_trained=lr_of)
+    assert seen["initial_lr"] == pytest.approx(2.5e-4)
+    assert summary["resumes"] == [{"step": 2, "changed": {"lr": [1e-3, 2.5e-4]}}]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 2.5e-4
+
+
+def test_divergence_before_the_first_checkpoint_says_so(tmp_path, monkeypatch) -> None:
+    _poison_after(monkeypatch, 1)
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written before"):
+        train(config(steps=6, checkpoint_every=4), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_an_unfinished_run_is_kept_unless_resume_or_overwrite(tmp_path, monkeypatch) -> None:
+    run = tmp_path / "r"
+    _poison_after(monkeypatch, 3)
+    with pytest.raises(TrainingDiverged):
+        train(config(steps=4), run, progress=False)
+    monkeypatch.undo()
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match="holds an unfinished run; give --resume"):
+        train(config(steps=4, method="lora"), run, progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == before
+    (run / "records" / "stale.txt").write_text("from the old run")
+    summary = train(config(steps=2, method="lora"), run, overwrite=True, progress=False)
+    assert summary["method"] == "lora" and summary["resumes"] == []
+    assert not (run / "records").exists(), "the old run's records went with it"
+    assert not list(tmp_path.glob(".r.old-*")), "the renamed-aside copy is removed"
+
+
+def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    import os
+    import signal
+
+    from wpeft.cli import main
+
+    args = ["train", "--task", "downscaling", "--method", "weatherpeft", "--steps", "4",
+            "--batch-size", "2", "--checkpoint-every", "0", "--device", "cpu", "--quiet",
+            "--task-option", "world=" + json.dumps(WORLD)]
+    real_step = MaskedAdamW.step
+    count = {"n": 0}
+
+    def interrupted_step(self, *a, **kw):
+        count["n"] += 1
+        if count["n"] == 2:  # Ctrl-C during step 2: training stops after it
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(MaskedAdamW, "step", interrupted_step)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT at step 2 of 4" in err and err.strip().endswith("--resume")
+    assert "Traceback" not in err
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handler restored"
+    monkeypatch.undo()
+    assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    a = load_file(str(tmp_path / "full" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

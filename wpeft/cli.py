@@ -110,31 +110,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_options(items: list[str]) -> dict:
-    """``key=value`` pairs; values parsed as JSON where possible (numbers, true/false)."""
-    import json
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"wpeft: error: option {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from wpeft.training.loop import TrainConfig, train
+    from wpeft.options import parse_key_values
+    from wpeft.training.loop import TrainConfig, check_run_dir, train
 
     cfg = TrainConfig(
         task=args.task,
         method=args.method,
         budget=args.budget,
-        method_options=_parse_options(args.method_option),
-        task_options=_parse_options(args.task_option),
+        method_options=parse_key_values(args.method_option, "--method-option"),
+        task_options=parse_key_values(args.task_option, "--task-option"),
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -157,8 +142,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from wpeft.distributed.runtime import shutdown
 
+    check_run_dir(Path(args.out), cfg, resume=args.resume, overwrite=args.overwrite)
     try:
-        summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+        summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.quiet)
     finally:
         shutdown()
     if os.environ.get("RANK", "0") != "0":
@@ -175,6 +162,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run (or resume) a tasks x methods x budgets x seeds matrix and write the tables."""
     from wpeft.training.compare import CompareConfig, collect, compare, tables, write_tables
 
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: the number of seeds must be >= 1.")
     cfg = CompareConfig(
         tasks=tuple(args.tasks),
         methods=tuple(args.methods),
@@ -200,7 +189,15 @@ def cmd_figures(args: argparse.Namespace) -> int:
     """Write the figure set of one or more run directories."""
     from wpeft.viz.figures import write_figure_set
 
+    missing = [r for r in args.runs if not Path(r).is_dir()]
+    if missing:
+        raise ConfigError(f"run directory {missing[0]} does not exist; give run directories (wpeft train --out ...).")
     paths = write_figure_set(args.runs, args.out, fmt=args.format, dpi=args.dpi)
+    if not paths:
+        raise ConfigError(
+            f"nothing to draw in {', '.join(args.runs)}: no Fisher or attention records and no "
+            "fields.nc yet (an unfinished run?); wait for the run to finish or pick finished runs."
+        )
     print(f"wrote {len(paths)} figures to {args.out}")
     return 0
 
@@ -286,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the launch plan (world size, per-rank batch, sharding, precision, "
                         "checkpointing) and exit")
     t.add_argument("--out", default=None, help="run directory (required unless --dry-run)")
-    t.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out from its checkpoint (--lr, --steps, "
+                        "--checkpoint-every and --eval-every may change; recorded in the run)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="remove the run already in --out and start again")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -334,11 +335,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a sub-command. Errors are one line on stderr: exit 2 for bad input, files or
+    diverged training; 130 for an interruption (training saves a checkpoint first)."""
+    from wpeft.training.loop import TrainingInterrupted
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except TrainingInterrupted as e:
+        again = " ".join(sys.argv if argv is None else ["wpeft", *argv])
+        print(f"wpeft: {e}\n  {again} --resume", file=sys.stderr)
+        return 130
     except WpeftError as e:
         print(f"wpeft: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wpeft: interrupted. A training run continues from its last checkpoint with the same "
+              "command plus --resume.", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"wpeft: error: {e}; check the path and its permissions.", file=sys.stderr)
         return 2
 
 

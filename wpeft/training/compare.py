@@ -46,7 +46,9 @@ class CompareConfig:
         out = []
         for task in self.tasks:
             for method in self.methods:
-                budgets = self.budgets if METHODS[method].size_knob else (None,)
+                # an unknown method is refused by TrainConfig, with the registered names
+                known = method in METHODS
+                budgets = self.budgets if known and METHODS[method].size_knob else (None,)
                 for budget in budgets:
                     for seed in self.seeds:
                         lr = self.lr_full if method == "full" and self.lr_full else self.lr
@@ -75,7 +77,8 @@ def compare(config: CompareConfig, root: str | Path, *, progress: bool = True) -
         if (d / "summary.json").exists():
             summaries.append(json.loads((d / "summary.json").read_text()))
             continue
-        summaries.append(train(cfg, d, resume=(d / "checkpoint.pt").exists(), progress=progress))
+        # an interrupted cell continues (or restarts, if killed before its first checkpoint)
+        summaries.append(train(cfg, d, resume=d.exists(), progress=progress))
     return summaries
 
 

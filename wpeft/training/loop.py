@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,18 +37,19 @@ from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone
 from wpeft.backbones.pretrain import load_pretrained
 from wpeft.distributed.runtime import DistEnv, init_from_env, shard_batch
 from wpeft.distributed.strategy import STRATEGIES, TrainingModule, resolve_strategy, wrap
-from wpeft.errors import CheckpointError, ConfigError
+from wpeft.errors import CheckpointError, ConfigError, WpeftError
 from wpeft.methods import create_method
 from wpeft.methods.adapter_file import save_adapter
 from wpeft.methods.base import PEFTMethod, plain_name
 from wpeft.methods.budget import match_budget
+from wpeft.options import check_settings
 from wpeft.runs import attach_recorders
 from wpeft.runs.store import write_json_atomic
 from wpeft.tasks import TaskBatch, create_task
 from wpeft.tasks.base import Task
 from wpeft.training.common import lr_factor, save_torch_atomic
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["RESUMABLE_CHANGES", "Checkpointer", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "check_run_dir", "train"]
 
 
 @dataclass
@@ -98,12 +102,44 @@ class TrainConfig:
                 f"budget {self.budget!r} is out of range: a fraction of backbone parameters in "
                 "(0, 1], e.g. 0.003 for 0.3%."
             )
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}.")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: only at the end), got {getattr(self, name)}.")
+        if self.record_every < 1:
+            raise ConfigError(f"record_every must be >= 1, got {self.record_every}.")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ConfigError(f"grad_clip must be a finite number > 0, got {self.grad_clip}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}.")
         if self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"strategy {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}."
             )
+        _check_device(self.device)
+        self._check_names_and_settings()
+
+    def _check_names_and_settings(self) -> None:
+        """Task, method and their settings are checked before anything is built."""
+        from wpeft.methods import METHODS
+        from wpeft.tasks import TASKS
+
+        if self.task not in TASKS:
+            raise ConfigError(f"Unknown task {self.task!r}; available: {', '.join(sorted(TASKS))}.")
+        if self.method not in METHODS:
+            raise ConfigError(
+                f"Unknown method {self.method!r}; registered: {', '.join(sorted(METHODS))} "
+                "(wpeft methods lists them)."
+            )
+        method_cls, task_cls = METHODS[self.method], TASKS[self.task]
+        check_settings(method_cls.Config, self.method_options, f"method {self.method!r}")
+        check_settings(task_cls.Config, self.task_options, f"task {self.task!r}")
+        try:  # the configs' own checks (ranges, paths, ...)
+            task_cls.Config(**self.task_options)
+            method_cls.Config(**self.method_options)
+        except TypeError as e:
+            raise ConfigError(f"{self.task} / {self.method} settings: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,12 +149,38 @@ class TrainConfig:
         return cls(**d)
 
     def same_run(self, other: dict[str, Any]) -> bool:
-        """Whether ``other`` (a checkpoint's config) describes this run; the parallel layout
-        may differ (a checkpoint resumes on another world size or strategy)."""
-        layout = ("strategy", "shard_optimizer")
-        mine = {k: v for k, v in self.to_dict().items() if k not in layout}
-        theirs = {k: v for k, v in other.items() if k not in layout}
+        """Whether ``other`` (a checkpoint's config) describes this run: everything that shapes
+        the model, data or method agrees; the parallel layout and :data:`RESUMABLE_CHANGES`
+        may differ."""
+        free = ("strategy", "shard_optimizer", *RESUMABLE_CHANGES)
+        mine = {k: v for k, v in self.to_dict().items() if k not in free}
+        theirs = {k: v for k, v in other.items() if k not in free}
         return mine == theirs
+
+    def changes_from(self, other: dict[str, Any]) -> dict[str, list[Any]]:
+        """``{field: [old, new]}`` of the :data:`RESUMABLE_CHANGES` between ``other`` (a
+        checkpoint's config) and this config."""
+        mine = self.to_dict()
+        return {k: [other.get(k), mine[k]] for k in RESUMABLE_CHANGES if other.get(k) != mine[k]}
+
+
+#: Settings a resumed run may change (recorded in its summary under ``resumes``): the learning
+#: rate, the schedule's length and the checkpoint / evaluation intervals.
+RESUMABLE_CHANGES = ("lr", "steps", "checkpoint_every", "eval_every")
+
+
+def _check_device(name: str) -> None:
+    """Refuse a device torch cannot parse or this machine does not have, before any set-up."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r} is not a torch device; use auto, cpu or cuda[:N].") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but no CUDA GPU is visible; use --device cpu or auto.")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu or cuda[:N].")
 
 
 def _device(name: str) -> torch.device:
@@ -246,199 +308,499 @@ def train(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_trained: Callable[[PEFTMethod, DistEnv, torch.optim.Optimizer], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune, evaluate on the test split, and write the run directory. Returns the summary.
 
+    Args:
+        cfg: The run.
+        run_dir: Its directory. One that already holds a run is refused unless ``resume``
+            (continue it from its checkpoint; the learning rate, length and intervals may
+            change, see :data:`RESUMABLE_CHANGES`) or ``overwrite`` (remove it and start again).
+        progress: Show a progress bar.
+        on_trained: ``on_trained(method, env, optimizer)`` is called on every rank after the last
+            step, before evaluation (to inspect the trained state).
+
     Under ``torchrun`` every rank calls this with the same arguments; rank 0 writes the run
-    directory, and every rank returns the same summary. ``on_trained(method, env, optimizer)`` is called on
-    every rank after the last step, before evaluation (to inspect the trained state).
+    directory, and every rank returns the same summary. SIGINT / SIGTERM stop training at the
+    next step boundary with a checkpoint (:class:`TrainingInterrupted`); a non-finite loss or
+    state stops it keeping the last finite checkpoint (:class:`TrainingDiverged`).
     """
     run = Path(run_dir)
-    ckpt_path = run / "checkpoint.pt"
-    if run.exists() and (run / "summary.json").exists() and not resume:
-        raise ConfigError(f"Run directory {run} already holds a finished run; choose another.")
+    check_run_dir(run, cfg, resume=resume, overwrite=overwrite)
     device, env = _device_for(cfg)
     if env.is_main:
+        if overwrite and run.exists():
+            _remove_run_dir(run)
         run.mkdir(parents=True, exist_ok=True)
     env.barrier()
     model, task, method, reference, budget_info = prepare_run(cfg)
     strategy = resolve_strategy(cfg.strategy, env, method)
+    _to_device(model, method, device)
+    _prepare_static_selection(method, task, model, cfg, device)
+    ckpt_path = run / "checkpoint.pt"
+    state = _read_checkpoint(ckpt_path, cfg, strategy) if resume and ckpt_path.exists() else None
+    if state is not None:
+        _restore_method_state(method, state)
+    elif env.is_main:  # a fresh start: metrics of an earlier attempt go
+        (run / "metrics.jsonl").unlink(missing_ok=True)
+    position = _Position.of(state)
+    resumes = _resume_history(cfg, state, position.step)
+
+    # DDP / FSDP see the backbone (with the task's heads) and the method's added modules.
+    unwrapped = TrainingModule(model, method.added)
+    net = wrap(unwrapped, strategy, env, device)
+    method.on_wrapped()  # FSDP2 replaced the parameters with shards: the method follows
+    opt = _optimizer(method, cfg, strategy)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
+    )
+    if state is not None:
+        _restore_optimizer(unwrapped, opt, sched, state, strategy, ckpt_path, cfg)
+    if env.is_main:
+        write_json_atomic(run / "config.json", cfg.to_dict())
+    checkpointer = Checkpointer(
+        ckpt_path, cfg, env, strategy, method, reference, unwrapped, opt, sched, resumes,
+        last_step=position.step if state is not None else None,
+    )
+    started = time.perf_counter()
+    with _StopOnSignal(env) as stop:
+        _run_steps(cfg, run, env, device, strategy, task, model, net, method, opt, sched, checkpointer,
+                   position, stop, progress)
+    gathered = checkpointer.save(position)
+    if on_trained is not None:
+        on_trained(method, env, opt)
+    return _finish(cfg, run, env, device, strategy, task, model, method, reference, budget_info,
+                   gathered, resumes, time.perf_counter() - started)
+
+
+class TrainingDiverged(WpeftError, FloatingPointError):
+    """The loss or the trained state became non-finite; the last finite checkpoint is kept."""
+
+
+class TrainingInterrupted(WpeftError):
+    """SIGINT / SIGTERM stopped training at a step boundary, after writing a checkpoint.
+
+    Attributes:
+        step: The step the checkpoint holds.
+        checkpoint: Its path.
+    """
+
+    def __init__(self, message: str, step: int, checkpoint: Path) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
+
+def check_run_dir(run: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a run directory that cannot be written or that holds something this run would
+    destroy, before any model is built or folder created."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; give one of them.")
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"--out {run} is a file, not a directory; choose a directory path.")
+    existing = run
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {run}: {existing} is a file, so no directory can be made there.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--out {run}: {existing} is not writable (read-only file system or permissions); "
+            "choose a writable path."
+        )
+    if not run.exists() or not any(run.iterdir()) or overwrite and _is_run_dir(run):
+        return
+    if not _is_run_dir(run):
+        raise ConfigError(
+            f"--out {run} is not empty and holds no wpeft run; choose a new or empty directory."
+        )
+    if (run / "summary.json").exists() and not resume:
+        raise ConfigError(
+            f"Run directory {run} already holds a finished run; choose another, or give "
+            "--overwrite to replace it."
+        )
+    if not resume:
+        raise ConfigError(
+            f"Run directory {run} holds an unfinished run; give --resume to continue it from its "
+            "last checkpoint or --overwrite to start it again."
+        )
+    if not (run / "checkpoint.pt").exists():  # killed before its first checkpoint
+        try:
+            previous = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous is not None and not cfg.same_run(previous):
+            raise ConfigError(
+                f"Run directory {run} holds a run with another config; use a new run directory "
+                "or --overwrite."
+            )
+
+
+_RUN_FILES = ("config.json", "summary.json", "checkpoint.pt")
+
+
+def _is_run_dir(run: Path) -> bool:
+    return any((run / name).exists() for name in _RUN_FILES)
+
+
+def _remove_run_dir(run: Path) -> None:
+    """Remove a run directory atomically: renamed aside in one step, then deleted."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{run.name}.old-", dir=run.parent))
+    os.replace(run, aside / run.name)
+    shutil.rmtree(aside)
+
+
+def _to_device(model: WpeftAurora, method: PEFTMethod, device: torch.device) -> None:
     model.to(device)
     method.added.to(device)
     if device.type == "cuda":
         model.autocast_backbone = True  # bf16 on the backbone, as Aurora fine-tunes
         model.configure_activation_checkpointing()
 
-    if hasattr(method, "prepare"):  # static Fisher masks are chosen before training, on the
-        # global batches and before wrapping, so every rank computes the same mask alone
-        def prep_loss(batch: TaskBatch) -> torch.Tensor:
-            return task.loss(task.predict(model, batch), batch)
 
-        prep = [_to(b, device) for _, b in zip(range(8), _batches(task, cfg, 0, 0))]
-        method.prepare(prep_loss, prep, len(prep))
+def _prepare_static_selection(
+    method: PEFTMethod, task: Task, model: WpeftAurora, cfg: TrainConfig, device: torch.device
+) -> None:
+    """Static Fisher masks (FISH, Child-Tuning_D) are chosen before training, on the global
+    batches and before wrapping, so every rank computes the same mask alone."""
+    if not hasattr(method, "prepare"):
+        return
 
-    step, epoch, in_epoch = 0, 0, 0
-    state: dict[str, Any] | None = None
-    if resume and ckpt_path.exists():
-        try:
-            with warnings.catch_warnings():  # torch's note that it validates sparse tensors
-                warnings.filterwarnings("ignore", message="Validating sparse tensor")
-                state = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        except Exception as e:
-            raise CheckpointError(f"Checkpoint {ckpt_path} is corrupt ({e}); delete it to restart.") from e
-        if not cfg.same_run(state["config"]):
-            raise CheckpointError(
-                f"{ckpt_path} belongs to a run with another config; use a new run directory."
-            )
-        if "full_state" in state:  # written by an FSDP run: loaded once the model is wrapped
-            if strategy == "ddp":
-                raise CheckpointError(
-                    f"{ckpt_path} was written by an FSDP run; resume it with --strategy fsdp or "
-                    "in one process."
-                )
-        else:
-            method.load_adapter_state(state["adapter"])
-        if state.get("selection") is not None:
-            method.selection.load_state_dict(_unpack_bools(state["selection"]))
-        torch.set_rng_state(state["torch_rng"])
-        step, epoch, in_epoch = state["step"], state["epoch"], state["in_epoch"]
-    elif not resume and env.is_main:
-        (run / "metrics.jsonl").unlink(missing_ok=True)
+    def prep_loss(batch: TaskBatch) -> torch.Tensor:
+        return task.loss(task.predict(model, batch), batch)
 
-    # DDP / FSDP see the backbone (with the task's heads) and the method's added modules.
-    unwrapped = TrainingModule(model, method.added)
-    net = wrap(unwrapped, strategy, env, device)
-    method.on_wrapped()  # FSDP2 replaced the parameters with shards: the method follows
+    prep = [_to(b, device) for _, b in zip(range(8), _batches(task, cfg, 0, 0))]
+    method.prepare(prep_loss, prep, len(prep))
 
-    def loss_on(batch: TaskBatch) -> torch.Tensor:
-        return task.loss(task.predict(net, batch), batch)
 
-    opt = _optimizer(method, cfg, strategy)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
-    )
-    if state is not None and "full_state" in state:
-        _load_full_state(unwrapped, opt, state["full_state"], state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-    elif state is not None:
-        if strategy == "fsdp":
-            raise CheckpointError(
-                f"{ckpt_path} was written by a {state.get('strategy', 'DDP or one-process')} run; "
-                "resume it with that strategy (FSDP resumes FSDP checkpoints)."
-            )
+def _read_checkpoint(path: Path, cfg: TrainConfig, strategy: str) -> dict[str, Any]:
+    """A checkpoint of this run, checked against the config and the strategy."""
+    try:
+        with warnings.catch_warnings():  # torch's note that it validates sparse tensors
+            warnings.filterwarnings("ignore", message="Validating sparse tensor")
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise CheckpointError(f"Checkpoint {path} is corrupt ({e}); delete it to restart.") from e
+    if not cfg.same_run(state["config"]):
+        raise CheckpointError(
+            f"{path} belongs to a run with another config (only {', '.join(RESUMABLE_CHANGES)} "
+            "may change on --resume); use a new run directory."
+        )
+    fsdp_written = "full_state" in state
+    if fsdp_written and strategy == "ddp":
+        raise CheckpointError(
+            f"{path} was written by an FSDP run; resume it with --strategy fsdp or in one process."
+        )
+    if not fsdp_written and strategy == "fsdp":
+        raise CheckpointError(
+            f"{path} was written by a {state.get('strategy', 'DDP or one-process')} run; "
+            "resume it with that strategy (FSDP resumes FSDP checkpoints)."
+        )
+    return state
+
+
+def _restore_method_state(method: PEFTMethod, state: dict[str, Any]) -> None:
+    """Adapter tensors (one-process / DDP checkpoints; FSDP ones load after wrapping), the
+    selection's masks, and the RNG."""
+    if "full_state" not in state:
+        method.load_adapter_state(state["adapter"])
+    if state.get("selection") is not None:
+        method.selection.load_state_dict(_unpack_bools(state["selection"]))
+    torch.set_rng_state(state["torch_rng"])
+
+
+def _restore_optimizer(
+    module: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    state: dict[str, Any],
+    strategy: str,
+    path: Path,
+    cfg: TrainConfig,
+) -> None:
+    """Optimiser and schedule state; a changed learning rate or length takes effect from the
+    resumed step on (the schedule's factor at that step times the new rate)."""
+    if "full_state" in state:
+        _load_full_state(module, opt, state["full_state"], state["optimizer"])
+    else:
         opt.load_state_dict(_optimizer_state_from_disk(state["optimizer"]))
-        sched.load_state_dict(state["scheduler"])
-    if env.is_main:
-        write_json_atomic(run / "config.json", cfg.to_dict())
+    sched.load_state_dict(state["scheduler"])
+    ratio = cfg.lr / state["config"]["lr"]
+    sched.base_lrs = [base * ratio for base in sched.base_lrs]
+    for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(sched.last_epoch)
+
+
+def _resume_history(cfg: TrainConfig, state: dict[str, Any] | None, step: int) -> list[dict]:
+    """The run's resumes that changed a setting: ``[{"step": 40, "changed": {"lr": [old, new]}}]``."""
+    if state is None:
+        return []
+    history = list(state.get("resumes", []))
+    changed = cfg.changes_from(state["config"])
+    if changed:
+        history.append({"step": step, "changed": changed})
+    return history
+
+
+@dataclass
+class _Position:
+    """Where training is: optimiser steps done, epoch, and batches consumed in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    in_epoch: int = 0
+
+    @classmethod
+    def of(cls, state: dict[str, Any] | None) -> _Position:
+        if state is None:
+            return cls()
+        return cls(state["step"], state["epoch"], state["in_epoch"])
+
+
+def _all_finite(tensors: Iterable[torch.Tensor], env: DistEnv) -> bool:
+    """Whether every entry of ``tensors`` (local shards under FSDP) is finite, on every rank."""
+    ok = all(bool(torch.isfinite(_local(t)).all()) for t in tensors)
+    if env.distributed:
+        flag = torch.tensor([int(ok)], device=_collective_device(env))
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t.detach()
+
+
+def _collective_device(env: DistEnv) -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+class Checkpointer:
+    """Writes a run's checkpoint: only what fine-tuning trains (adapter tensors or, under FSDP,
+    the gathered trainable tensors), optimiser and schedule state, the selection's masks, RNG,
+    data position and the resume history; only from a finite state.
+
+    ``last_step`` is the step of the newest checkpoint on disk (None: none yet).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        cfg: TrainConfig,
+        env: DistEnv,
+        strategy: str,
+        method: PEFTMethod,
+        reference: dict[str, torch.Tensor],
+        module: nn.Module,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler,
+        resumes: list[dict],
+        last_step: int | None = None,
+    ) -> None:
+        self.path, self.cfg, self.env, self.strategy = path, cfg, env, strategy
+        self.method, self.reference, self.module = method, reference, module
+        self.opt, self.sched, self.resumes = opt, sched, resumes
+        self.last_step = last_step
+
+    def last_good(self) -> str:
+        """Where the last finite state is, in words (for messages)."""
+        if self.last_step is None:
+            return f"no checkpoint was written before (the first was due at step {self.cfg.checkpoint_every or self.cfg.steps})"
+        return f"the last finite checkpoint, step {self.last_step}, is in {self.path}"
+
+    def save(self, position: _Position) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None:
+        """Write the checkpoint of ``position``; under FSDP return what it gathered (trainable
+        tensors and selection state on rank 0, empty elsewhere). A collective call.
+
+        Raises:
+            TrainingDiverged: a trainable tensor is non-finite (nothing is written).
+        """
+        if not _all_finite(self.method.trainable_parameters(), self.env):
+            raise TrainingDiverged(
+                f"Training diverged: the trained state is non-finite at step {position.step}; "
+                f"{self.last_good()}. Lower --lr and resume it (--resume --lr ...) or start again "
+                "(--overwrite)."
+            )
+        selection = getattr(self.method, "selection", None)
+        common = {
+            "config": self.cfg.to_dict(),
+            "scheduler": self.sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            **dataclasses.asdict(position),
+            "world_size": self.env.world_size,
+            "resumes": self.resumes,
+        }
+        gathered = None
+        if self.strategy == "fsdp":  # every rank takes part in gathering the shards
+            full_state, full_optim = _gather_full_state(self.module, self.opt)
+            selected = selection.state_dict() if selection is not None else None
+            gathered = (full_state, selected)
+            state = {"full_state": full_state, "optimizer": full_optim, "strategy": "fsdp",
+                     "selection": _pack_bools(selected) if selected is not None else None}
+        else:
+            if isinstance(self.opt, ZeroRedundancyOptimizer):
+                self.opt.consolidate_state_dict(to=0)  # every rank sends its shard to rank 0
+            if not self.env.is_main:
+                self.last_step = position.step
+                return None
+            state = {
+                "adapter": self.method.adapter_state(self.reference),
+                "optimizer": _optimizer_state_for_disk(self.opt),
+                "selection": _pack_bools(selection.state_dict()) if selection is not None else None,
+            }
+        if self.env.is_main:
+            save_torch_atomic({**common, **state}, self.path)
+        self.last_step = position.step
+        return gathered
+
+
+class _StopOnSignal:
+    """Turns SIGINT / SIGTERM into a request to stop at the next step boundary (a second
+    SIGINT aborts at once). Installed only in the main thread; restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.received = signum
+
+    def requested(self) -> bool:
+        """Whether any rank received a signal (a collective call under torchrun)."""
+        asked = self.received is not None
+        if self.env.distributed:
+            flag = torch.tensor([int(asked)], device=_collective_device(self.env))
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            asked = bool(flag.item())
+        return asked
+
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
+
+
+def _run_steps(
+    cfg: TrainConfig,
+    run: Path,
+    env: DistEnv,
+    device: torch.device,
+    strategy: str,
+    task: Task,
+    model: WpeftAurora,
+    net: nn.Module,
+    method: PEFTMethod,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    checkpointer: Checkpointer,
+    position: _Position,
+    stop: _StopOnSignal,
+    progress: bool,
+) -> None:
+    """The optimiser steps from ``position`` to ``cfg.steps`` (``position`` advances in place),
+    with records, evaluations and checkpoints at their intervals."""
     # Recorders write on rank 0; other ranks record into scratch (an FSDP forward of the
     # attention recorder needs every rank).
     scratch = None if env.is_main else tempfile.TemporaryDirectory(prefix="wpeft-rank")
     masks_dir = Path("records") / "fisher" / "masks"
-    if scratch is not None and step > 0 and (run / masks_dir).exists():
+    if scratch is not None and position.step > 0 and (run / masks_dir).exists():
         # A resumed record compares with past masks, and under FSDP2 every rank's shard takes
         # part: every rank starts from rank 0's mask history.
         shutil.copytree(run / masks_dir, Path(scratch.name) / masks_dir)
     recorders = attach_recorders(
         run if scratch is None else scratch.name, method, model, task,
-        every=cfg.record_every, start_step=step,
+        every=cfg.record_every, start_step=position.step,
     )
-
-    selection = getattr(method, "selection", None)
-
-    def checkpoint() -> tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None:
-        """Write the checkpoint; under FSDP return what it gathered (trainable tensors and
-        selection state on rank 0, empty elsewhere)."""
-        if strategy == "fsdp":  # every rank takes part in gathering the shards
-            full_state, full_optim = _gather_full_state(unwrapped, opt)
-            selected = selection.state_dict() if selection is not None else None
-            if env.is_main:
-                save_torch_atomic(
-                    {
-                        "config": cfg.to_dict(),
-                        "full_state": full_state,
-                        "optimizer": full_optim,
-                        "selection": _pack_bools(selected) if selected is not None else None,
-                        "scheduler": sched.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                        "step": step,
-                        "epoch": epoch,
-                        "in_epoch": in_epoch,
-                        "world_size": env.world_size,
-                        "strategy": strategy,
-                    },
-                    ckpt_path,
-                )
-            return full_state, selected
-        if isinstance(opt, ZeroRedundancyOptimizer):
-            opt.consolidate_state_dict(to=0)  # every rank sends its shard to rank 0
-        if not env.is_main:
-            return None
-        save_torch_atomic(
-            {
-                "config": cfg.to_dict(),
-                "adapter": method.adapter_state(reference),
-                "optimizer": _optimizer_state_for_disk(opt),
-                "scheduler": sched.state_dict(),
-                "selection": _pack_bools(selection.state_dict()) if selection is not None else None,
-                "torch_rng": torch.get_rng_state(),
-                "step": step,
-                "epoch": epoch,
-                "in_epoch": in_epoch,
-                "world_size": env.world_size,
-            },
-            ckpt_path,
-        )
-        return None
-
     params = method.trainable_parameters()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or not env.is_main,
+    bar = tqdm(total=cfg.steps, initial=position.step, disable=not progress or not env.is_main,
                unit="step", desc=f"{cfg.task}/{cfg.method}")
-    batches = _batches(task, cfg, epoch, in_epoch)
+    batches = _batches(task, cfg, position.epoch, position.in_epoch)
     started, seen = time.perf_counter(), 0
     net.train()
-    while step < cfg.steps:
+    while position.step < cfg.steps:
+        if stop.requested():
+            checkpointer.save(position)
+            recorders.close(position.step)
+            raise TrainingInterrupted(
+                f"Training stopped by {stop.name()} at step {position.step} of {cfg.steps}; the "
+                f"state is saved in {checkpointer.path}. Continue with the same command plus "
+                "--resume.",
+                position.step, checkpointer.path,
+            )
         batch = next(batches, None)
         if batch is None:
-            epoch, in_epoch = epoch + 1, 0
-            batches = _batches(task, cfg, epoch, 0)
+            position.epoch, position.in_epoch = position.epoch + 1, 0
+            batches = _batches(task, cfg, position.epoch, 0)
             continue
         batch = _to(shard_batch(batch, env), device)
-        loss = loss_on(batch)
+        loss = task.loss(task.predict(net, batch), batch)
         if not torch.isfinite(loss):
-            checkpoint()
-            raise FloatingPointError(
-                f"Loss became {loss.item()} at step {step}; the last good state is in "
-                f"{ckpt_path}. Lower --lr or check the inputs for NaNs."
+            raise TrainingDiverged(
+                f"Training diverged: the loss became {loss.item()} at step {position.step}; "
+                f"{checkpointer.last_good()}. Lower --lr and resume (--resume --lr ...), start "
+                "again (--overwrite), or check the inputs for NaNs."
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        method.after_backward(step, cfg.steps)
+        method.after_backward(position.step, cfg.steps)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        step, in_epoch = step + 1, in_epoch + 1
-        recorders.on_step(step)
+        position.step, position.in_epoch = position.step + 1, position.in_epoch + 1
+        recorders.on_step(position.step)
         seen += cfg.batch_size
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - started):.1f}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        if cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < cfg.steps:
             scores = _evaluate(task, model, "val", cfg, env, strategy)[1]
             if env.is_main:
+                row = {"step": position.step, "split": "val", "loss": loss.item(), **scores}
                 with open(run / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "split": "val", "loss": loss.item(), **scores}) + "\n")
+                    f.write(json.dumps(row) + "\n")
             net.train()
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            checkpoint()
+        if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0:
+            checkpointer.save(position)
     bar.close()
-    recorders.close(step)
+    recorders.close(position.step)
     if scratch is not None:
         scratch.cleanup()
-    gathered = checkpoint()
-    if on_trained is not None:
-        on_trained(method, env, opt)
 
+
+def _finish(
+    cfg: TrainConfig,
+    run: Path,
+    env: DistEnv,
+    device: torch.device,
+    strategy: str,
+    task: Task,
+    model: WpeftAurora,
+    method: PEFTMethod,
+    reference: dict[str, torch.Tensor],
+    budget_info: dict[str, Any],
+    gathered: tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None,
+    resumes: list[dict],
+    train_seconds: float,
+) -> dict[str, Any]:
+    """Evaluate on the test split and write ``fields.nc``, the adapter and ``summary.json``
+    (rank 0); every rank returns the summary."""
     evaluated_as = strategy
     if gathered is not None:  # FSDP: rank 0 continues on an unsharded copy of the trained model
         model, task, method, evaluated_as = _unsharded_copy(cfg, env, device, task, *gathered)
@@ -467,9 +829,10 @@ def train(
             "scores": scores,
             "adapter_bytes": adapter_path.stat().st_size,
             "steps": cfg.steps,
-            "train_seconds": time.perf_counter() - started,
+            "train_seconds": train_seconds,
             "world_size": env.world_size,
             "strategy": strategy,
+            "resumes": resumes,
         }
         write_json_atomic(run / "summary.json", summary)
     if env.distributed:

@@ -1,0 +1,103 @@
+"""Bad input on the command line: one line naming the bad value and the fix, exit code 2, no
+traceback, and nothing built or created first. New bad inputs join the table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from wpeft.cli import main
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only file system (a tmpfs mounted ``ro``; root's permissions do not help there)."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
+    yield path
+    subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.fixture
+def unfinished_run(tmp_path) -> Path:
+    """A run directory as a killed run leaves it: config and records, no summary."""
+    run = tmp_path / "unfinished"
+    (run / "records").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"task": "downscaling", "method": "lora"}))
+    return run
+
+
+TRAIN = ["train", "--steps", "2"]
+
+# (arguments with {tmp} / {file} / {unfinished} placeholders, message fragment)
+CASES = [
+    (TRAIN + ["--task", "nosuch", "--out", "{tmp}/a"], "Unknown task 'nosuch'"),
+    (TRAIN + ["--method", "nosuch", "--out", "{tmp}/a"], "Unknown method 'nosuch'"),
+    (TRAIN + ["--method", "lora", "--method-option", "rank=abc", "--out", "{tmp}/a"],
+     "rank='abc' is not a valid int"),
+    (TRAIN + ["--method", "lora", "--method-option", "rnak=4", "--out", "{tmp}/a"],
+     "has no setting(s) ['rnak']"),
+    (TRAIN + ["--method-option", "rank", "--out", "{tmp}/a"], "'rank' is not KEY=VALUE"),
+    (TRAIN + ["--task-option", "surface_weight=heavy", "--out", "{tmp}/a"],
+     "surface_weight='heavy' is not a valid float"),
+    (TRAIN + ["--device", "banana", "--out", "{tmp}/a"], "not a torch device"),
+    (TRAIN + ["--checkpoint-every", "-1", "--out", "{tmp}/a"], "checkpoint_every must be >= 0"),
+    (TRAIN + ["--eval-every", "-5", "--out", "{tmp}/a"], "eval_every must be >= 0"),
+    (TRAIN + ["--lr", "nan", "--out", "{tmp}/a"], "lr must be a finite number > 0"),
+    (TRAIN + ["--budget", "2", "--out", "{tmp}/a"], "budget 2.0 is out of range"),
+    (TRAIN, "needs --out RUN_DIR"),
+    (TRAIN + ["--out", "{file}"], "is a file, not a directory"),
+    (TRAIN + ["--out", "{file}/run"], "is a file, so no directory can be made there"),
+    (TRAIN + ["--out", "{unfinished}"], "holds an unfinished run; give --resume"),
+    (TRAIN + ["--out", "{unfinished}", "--resume", "--overwrite"], "contradict each other"),
+    (TRAIN + ["--out", "{tmp}"], "is not empty and holds no wpeft run"),
+    (["compare", "--root", "{tmp}/c", "--methods", "nosuch"], "Unknown method 'nosuch'"),
+    (["compare", "--root", "{tmp}/c", "--seeds", "0"], "number of seeds must be >= 1"),
+    (["figures", "{tmp}/nosuch", "--out", "{tmp}/figs"], "does not exist"),
+    (["figures", "{unfinished}", "--out", "{tmp}/figs"], "nothing to draw"),
+]
+
+
+def _fill(args: list[str], tmp: Path, unfinished: Path) -> list[str]:
+    file = tmp / "a-file"
+    file.write_text("not a directory")
+    return [a.format(tmp=tmp, file=file, unfinished=unfinished) for a in args]
+
+
+@pytest.mark.parametrize(("args", "fragment"), CASES, ids=[" ".join(c[0][:6]) for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(args, fragment, tmp_path, unfinished_run, capsys) -> None:
+    argv = _fill(args, tmp_path, unfinished_run)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err, err
+    assert "Traceback" not in err and err.startswith("wpeft: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "a").exists(), "a refused run must not create its folder"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: --device cuda is valid")
+def test_cuda_without_a_gpu(tmp_path, capsys) -> None:
+    assert main(TRAIN + ["--device", "cuda", "--out", str(tmp_path / "a")]) == 2
+    assert "no CUDA GPU is visible; use --device cpu or auto" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_read_only_out_is_refused_before_anything_is_built(read_only_dir, capsys) -> None:
+    assert main(TRAIN + ["--out", str(read_only_dir / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable (read-only file system or permissions)" in err
+    assert "Traceback" not in err
+
+
+def test_figures_into_a_read_only_folder(read_only_dir, unfinished_run, capsys) -> None:
+    assert main(["figures", str(unfinished_run), "--out", str(read_only_dir / "figs")]) == 2
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and "check the path and its permissions" in err
+    assert "Traceback" not in err and err.count("\n") == 1
