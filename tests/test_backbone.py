@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from aurora import Aurora, AuroraSmallPretrained, Batch
 from aurora.model.swin3d import WindowAttention
 from safetensors.torch import save_file
 
-from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone, load_weights
+from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone, file_sha256, load_weights
 from wpeft.backbones.configs import CONFIGS, BackboneConfig, get_config
 from wpeft.data.batch import random_batch as make_random_batch
 from wpeft.errors import CheckpointError, ConfigError
@@ -162,6 +163,39 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, tiny: WpeftAurora) -> None:
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(wrong))
     with pytest.raises(CheckpointError, match="does not match backbone config 'tiny'.*shape mismatch"):
         load_weights(tiny, wrong)
+
+
+def test_non_finite_checkpoints_are_refused(tmp_path, tiny: WpeftAurora) -> None:
+    from wpeft.backbones.pretrain import load_pretrained, pretrained_card
+
+    state = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
+    name = "backbone.encoder_layers.0.blocks.0.attn.qkv.weight"
+    state[name][0, 0] = float("nan")
+    path = tmp_path / "tiny.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=rf"non-finite values \(NaN/inf\) in 1 tensor.*{name}"):
+        build_backbone("tiny", checkpoint=path)
+    # Aurora's .ckpt path too; every bad tensor is counted, the first ones named, on one line
+    first = min(k for k, v in state.items() if v.is_floating_point())
+    state[first].view(-1)[0] = float("inf")
+    ckpt = tmp_path / "model.ckpt"
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError, match=rf"in 2 tensor\(s\), e.g. {first}, {name}:") as info:
+        build_backbone("tiny", checkpoint=ckpt)
+    assert "\n" not in str(info.value)
+    # the card's sha256 matches the poisoned file: the weights are refused all the same
+    card = pretrained_card("tiny")
+    (tmp_path / card["weights"]).write_bytes(path.read_bytes())
+    (tmp_path / "tiny.json").write_text(
+        json.dumps({**card, "sha256": file_sha256(tmp_path / card["weights"])})
+    )
+    with pytest.raises(CheckpointError, match=f"non-finite.*{name}"):
+        load_pretrained("tiny", tmp_path)
+    # the model a refused checkpoint was loaded into keeps its weights
+    before = tiny.state_dict()[name].clone()
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_weights(tiny, path)
+    assert torch.equal(tiny.state_dict()[name], before)
 
 
 def test_residual_backbones_predict_increments() -> None:

@@ -7,6 +7,8 @@ trainable), and saving the adapter then loading it onto a pristine backbone repr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,6 +47,16 @@ def train(method: PEFTMethod, model: WpeftAurora, batch, steps: int = STEPS) -> 
         loss_of(model, batch).backward()
         method.after_backward(step, steps)
         opt.step()
+
+
+def trained_adapter(name: str, batch, path: Path, steps: int) -> Path:
+    """Train method ``name`` for ``steps`` on :func:`pretrained_like` and save its adapter."""
+    model = pretrained_like()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    method = create_method(name)
+    method.apply(model)
+    train(method, model, batch, steps=steps)
+    return save_adapter(method, reference, path)
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +114,7 @@ def test_adapter_round_trip_reproduces_outputs(name: str, batch, tmp_path) -> No
 
 
 def test_adapter_refuses_the_wrong_backbone(batch, tmp_path) -> None:
-    model = pretrained_like()
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
-    method = create_method("bitfit")
-    method.apply(model)
-    train(method, model, batch, steps=1)
-    path = save_adapter(method, reference, tmp_path / "a")
+    path = trained_adapter("bitfit", batch, tmp_path / "a", steps=1)
     with pytest.raises(CheckpointError, match="expects pristine backbone weights"):
         load_adapter(path, pretrained_like(seed=1))
     with pytest.raises(CheckpointError, match="Adapter metadata .* does not exist"):

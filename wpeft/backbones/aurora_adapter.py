@@ -37,6 +37,7 @@ __all__ = [
     "build_backbone",
     "file_sha256",
     "load_weights",
+    "nonfinite_tensors",
     "norm_key",
 ]
 
@@ -230,12 +231,22 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names (sorted) of the floating-point tensors in ``state`` holding NaN or inf."""
+    return sorted(
+        name
+        for name, t in state.items()
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+    )
+
+
 def load_weights(model: WpeftAurora, path: str | Path) -> None:
     """Load a local checkpoint into ``model`` strictly, without unpickling arbitrary code.
 
     Accepts safetensors files and Aurora's released ``.ckpt`` files (``torch.load`` with
-    ``weights_only=True``). A missing file, a corrupt file or a checkpoint for another
-    architecture raises :class:`CheckpointError` that names the file and the fix.
+    ``weights_only=True``). A missing file, a corrupt file, a checkpoint for another
+    architecture or one holding NaN/inf weights raises :class:`CheckpointError` that names the
+    file and the fix; the model is left untouched then.
     """
     path = Path(path)
     if not path.is_file():
@@ -278,6 +289,13 @@ def load_weights(model: WpeftAurora, path: str | Path) -> None:
             f"Checkpoint {str(path)!r} does not match backbone config {model.config.name!r}: "
             + "; ".join(details)
             + ". Choose the config the checkpoint was trained with (wpeft backbone info --help)."
+        )
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} holds non-finite values (NaN/inf) in {len(bad)} tensor(s), "
+            f"e.g. {', '.join(bad[:3])}: the run that wrote it diverged or the file is corrupt; "
+            "use an earlier checkpoint or re-create it."
         )
     model.load_state_dict(state, strict=True)
 

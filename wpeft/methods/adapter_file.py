@@ -5,10 +5,13 @@ An adapter is two files side by side:
 * ``<stem>.safetensors`` — the tensors of :meth:`PEFTMethod.adapter_state` (selection methods as
   ``<name>.indices`` + ``<name>.values``, prompt generators, LoRA weights, heads);
 * ``<stem>.json`` — metadata: the backbone config, fingerprint and a checksum of the pristine
-  backbone weights, the method and its config, budget, task and variables.
+  backbone weights, a checksum of the adapter's own tensors (``adapter_checksum``, from format
+  version 2), the method and its config, budget, task and variables.
 
 Loading applies the same method to a *pristine* backbone and writes the tensors back, which
-reproduces the fine-tuned outputs exactly; a different backbone is refused with a clear error.
+reproduces the fine-tuned outputs exactly. A different backbone, tensors modified since they
+were saved, NaN/inf values and selection indices out of range are refused with a
+:class:`CheckpointError` before anything is written into the model.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wpeft.backbones.aurora_adapter import WpeftAurora
+from wpeft.backbones.aurora_adapter import WpeftAurora, nonfinite_tensors
 from wpeft.errors import CheckpointError
-from wpeft.methods.base import PEFTMethod, create_method
+from wpeft.methods.base import PEFTMethod, check_selection, create_method, plain_name
 
 __all__ = ["load_adapter", "pretrained_state", "save_adapter", "state_checksum"]
 
-FORMAT_VERSION = 1
+#: 2 adds ``adapter_checksum`` (files of version 1 still load, unverified, with a warning).
+FORMAT_VERSION = 2
 
 
 def state_checksum(state: dict[str, torch.Tensor]) -> str:
@@ -85,6 +90,7 @@ def save_adapter(
         "backbone": method.model.config.to_dict(),
         "backbone_fingerprint": method.model.config.fingerprint(),
         "backbone_checksum": state_checksum(model_ref),
+        "adapter_checksum": state_checksum(state),
         "method": method.name,
         "method_config": method.config.to_dict(),
         "trainable": method.trainable(),
@@ -119,7 +125,9 @@ def load_adapter(
     """Apply the saved method to a pristine ``model`` (and ``head``) and load its tensors.
 
     Raises :class:`CheckpointError` when the model is not the backbone the adapter was trained
-    from (architecture or weights differ) or when the files are missing or corrupt.
+    from (architecture or weights differ), when the files are missing, corrupt or modified since
+    they were saved, or hold NaN/inf or out-of-range selection indices; the model is then left
+    untouched.
     """
     tensors_path, _ = _paths(path)
     meta = read_adapter_metadata(path)
@@ -137,13 +145,45 @@ def load_adapter(
             f"{str(meta.get('backbone_checksum'))[:12]}..., this model has {checksum[:12]}...: "
             "wrong pretrained weights, or the model was already fine-tuned."
         )
+    state = _read_tensors(tensors_path, meta)
+    # Checked against the pristine model before the method touches it: a refusal leaves the
+    # model as it was (load_adapter_state checks again against what the method installs).
+    sizes = {f"model.{plain_name(n)}": p.numel() for n, p in model.named_parameters()}
+    if head is not None:
+        sizes.update({f"head.{n}": p.numel() for n, p in head.named_parameters()})
+    check_selection(state, sizes)
+    method = create_method(meta["method"], **meta["method_config"])
+    method.apply(model, head)
+    method.load_adapter_state(state)
+    return method
+
+
+def _read_tensors(tensors_path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """An adapter's tensors, verified against the checksum in its metadata and for NaN/inf."""
     if not tensors_path.is_file():
         raise CheckpointError(f"Adapter tensors {tensors_path} do not exist.")
     try:
         state = load_file(str(tensors_path))
     except Exception as e:
         raise CheckpointError(f"Adapter tensors {tensors_path} are corrupt ({e}).") from e
-    method = create_method(meta["method"], **meta["method_config"])
-    method.apply(model, head)
-    method.load_adapter_state(state)
-    return method
+    expected = meta.get("adapter_checksum")
+    if expected is None:
+        warnings.warn(
+            f"Adapter {tensors_path} predates adapter checksums and cannot be checked for "
+            "corruption; re-save it to add one.",
+            stacklevel=3,
+        )
+    elif (actual := state_checksum(state)) != expected:
+        raise CheckpointError(
+            f"Adapter tensors {tensors_path} were modified or corrupted since they were saved "
+            f"(checksum {actual[:12]}..., saved {str(expected)[:12]}...); restore the file from "
+            "a copy or re-train the adapter."
+        )
+    bad = nonfinite_tensors(state)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"Adapter tensors {tensors_path} hold non-finite values (NaN/inf) in {bad[0]!r}{more}: "
+            "the run that trained it diverged; re-train it or use an earlier adapter."
+        )
+    return state

@@ -20,7 +20,7 @@ backbone only. Every run reports which policy it used.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,13 +28,14 @@ import torch
 from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora
-from wpeft.errors import ConfigError
+from wpeft.errors import CheckpointError, ConfigError
 
 __all__ = [
     "GROUPS",
     "METHODS",
     "MethodConfig",
     "PEFTMethod",
+    "check_selection",
     "create_method",
     "plain_name",
     "register",
@@ -48,6 +49,39 @@ def plain_name(name: str) -> str:
     """A parameter's name as in the unwrapped model (activation-checkpoint wrappers, which GPU
     training adds around Aurora's blocks, removed; torch's distributed state dicts do the same)."""
     return name.replace(_CHECKPOINT_PREFIX, "")
+
+
+def check_selection(state: Mapping[str, torch.Tensor], numel: Mapping[str, int]) -> None:
+    """Refuse selection entries (``<name>.indices`` + ``<name>.values``) that cannot be written
+    into a tensor of ``numel[name]`` entries; names missing from ``numel`` are skipped.
+
+    Raises:
+        CheckpointError: One line naming the tensor and, for an index out of range, the bad
+            index and the valid range.
+    """
+    selected = {k.rsplit(".", 1)[0] for k in state if k.endswith((".indices", ".values"))}
+    for name in sorted(selected & numel.keys()):
+        idx, values = state.get(f"{name}.indices"), state.get(f"{name}.values")
+        if idx is None or values is None:
+            raise CheckpointError(
+                f"Adapter selection {name!r} lacks its "
+                f"{'indices' if idx is None else 'values'}: the adapter is corrupt; re-save it."
+            )
+        integer = not (idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool)
+        if not integer or idx.dim() != 1 or idx.shape != values.shape:
+            raise CheckpointError(
+                f"Adapter selection {name!r} has indices {idx.dtype} {tuple(idx.shape)} for values "
+                f"{tuple(values.shape)}; expected 1-D integer indices, one per value: the adapter "
+                "is corrupt; re-save it."
+            )
+        if idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= numel[name]:
+                raise CheckpointError(
+                    f"Adapter selection index {lo if lo < 0 else hi} of {name!r} is out of range "
+                    f"[0, {numel[name]}): the adapter is corrupt or belongs to another model; "
+                    "re-save it from the run that trained it."
+                )
 
 
 @dataclass
@@ -210,7 +244,10 @@ class PEFTMethod:
         return state
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Write an :meth:`adapter_state` into the applied model (inverse of saving)."""
+        """Write an :meth:`adapter_state` into the applied model (inverse of saving).
+
+        Everything is checked before anything is written: unknown names and wrong shapes raise
+        :class:`ConfigError`, bad selection indices :class:`CheckpointError`."""
         params = dict(self.named_parameters())
         unknown = sorted(k for k in state if k.removesuffix(".indices").removesuffix(".values") not in params)
         if unknown:
@@ -218,15 +255,16 @@ class PEFTMethod:
                 f"Adapter has tensors {unknown[:3]}... that method {self.name!r} with this config "
                 "does not create; it was saved by another method or size."
             )
+        whole = {k: v for k, v in state.items() if not k.endswith((".indices", ".values"))}
+        for name, value in whole.items():
+            if params[name].shape != value.shape:
+                raise ConfigError(
+                    f"Adapter tensor {name!r} has shape {tuple(value.shape)}, the model "
+                    f"expects {tuple(params[name].shape)}."
+                )
+        check_selection(state, {name: p.numel() for name, p in params.items()})
         with torch.no_grad():
-            for name, value in state.items():
-                if name.endswith((".indices", ".values")):
-                    continue
-                if params[name].shape != value.shape:
-                    raise ConfigError(
-                        f"Adapter tensor {name!r} has shape {tuple(value.shape)}, the model "
-                        f"expects {tuple(params[name].shape)}."
-                    )
+            for name, value in whole.items():
                 params[name].copy_(value)
             for name in {k.removesuffix(".indices") for k in state if k.endswith(".indices")}:
                 flat = params[name].view(-1)
