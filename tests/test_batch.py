@@ -10,11 +10,14 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
+from aurora import Metadata
 
 from wpeft.backbones.aurora_adapter import build_backbone
 from wpeft.data.batch import Fields, check_grid, wb2_name
 from wpeft.data.era5 import open_era5
 from wpeft.errors import DataError
+from wpeft.tasks import TaskBatch
+from wpeft.tasks.common import make_batch
 
 LEVELS = [250, 500, 850]
 SURF = ("2t", "10u", "10v", "msl")
@@ -98,3 +101,60 @@ def test_real_era5_grib_to_batch() -> None:
     batch = fields.batch([6, 12], history=2)
     assert batch.surf_vars["2t"].shape == (2, 2, 32, 48)
     assert 250 < float(batch.surf_vars["2t"].mean()) < 295
+
+
+# --- TaskBatch: the contract between a task and the training loop -----------------------------
+
+
+def _task_batch(size: int = 2, **overrides) -> TaskBatch:
+    """A TaskBatch of ``size`` samples on a 4 x 8 grid with one level (surface, atmos, extra)."""
+    times = pd.date_range("2020-01-01", periods=size, freq="6h").values
+    inputs = make_batch(
+        {"2t": torch.zeros(size, 2, 4, 8)},
+        {"t": torch.zeros(size, 2, 1, 4, 8)},
+        {"lsm": torch.zeros(4, 8)},
+        torch.linspace(80, -80, 4),
+        torch.arange(8) * 45.0,
+        (850,),
+        times,
+    )
+    fields = {
+        "inputs": inputs,
+        "targets": {"2m_temperature": torch.ones(size, 4, 8)},
+        "times": times,
+        "extra": {"2m_temperature_ens_spread": torch.ones(size, 4, 8)},
+    }
+    return TaskBatch(**{**fields, **overrides})
+
+
+def test_task_batch_refuses_what_does_not_fit_its_batch_size() -> None:
+    assert _task_batch(3).size == 3
+    with pytest.raises(DataError, match=r"targets\['2m_temperature'\] has shape \(3, 4, 8\).*batch size 2"):
+        _task_batch(targets={"2m_temperature": torch.ones(3, 4, 8)})
+    with pytest.raises(DataError, match=r"extra\['spread'\] has shape \(\).*batch size 2"):
+        _task_batch(extra={"spread": torch.tensor(1.0)})
+    with pytest.raises(DataError, match=r"targets\['tp'\] must be a tensor, got ndarray"):
+        _task_batch(targets={"tp": np.ones((2, 4, 8))})
+    with pytest.raises(DataError, match=r"times has shape \(1,\); it must be \(2,\)"):
+        _task_batch(times=_task_batch().times[:1])
+    with pytest.raises(DataError, match="must be an aurora.Batch, got dict"):
+        _task_batch(inputs={"2t": torch.zeros(2, 2, 4, 8)})
+    inputs = _task_batch().inputs
+    inputs.atmos_vars["t"] = torch.zeros(1, 2, 1, 4, 8)
+    with pytest.raises(DataError, match=r"inputs.atmos_vars\['t'\] has shape \(1, 2, 1, 4, 8\)"):
+        _task_batch(inputs=inputs)
+
+
+def test_task_batch_to_moves_every_tensor(monkeypatch) -> None:
+    batch = _task_batch()
+    # Aurora's Metadata checks coordinate values, which meta tensors do not have.
+    monkeypatch.setattr(Metadata, "__post_init__", lambda self: None)
+    assert batch.to("cpu") is batch and batch.to(torch.device("cpu")) is batch
+    moved = batch.to(torch.device("meta"))
+    assert moved is not batch and moved.times is batch.times
+    tensors = list(moved._tensors())
+    assert len(tensors) == 7 and all(t.device.type == "meta" for t in tensors)
+    assert moved.targets["2m_temperature"].shape == (2, 4, 8)
+    assert moved.inputs.atmos_vars["t"].shape == (2, 2, 1, 4, 8)
+    assert moved.to("meta") is moved
+    assert all(t.device.type == "cpu" for t in batch._tensors())  # the original stays put

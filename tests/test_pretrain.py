@@ -10,18 +10,17 @@ import pytest
 import torch
 from aurora import Batch, Metadata
 
-from wpeft.backbones.pretrain import (
+from wpeft.backbones.pretrain import load_pretrained, pretrained_card
+from wpeft.data.world import WorldConfig
+from wpeft.errors import CheckpointError, ConfigError
+from wpeft.training.pretrain import (
     PretrainConfig,
     forecast_skill,
-    load_pretrained,
     normalised_mse,
     pretrain,
-    pretrained_card,
     split_indices,
     world_fields,
 )
-from wpeft.data.world import WorldConfig
-from wpeft.errors import CheckpointError, ConfigError
 
 SMALL_WORLD = WorldConfig(
     nlat=16, nlon=32, days=6, spinup_days=1, ensemble_inits=2, ensemble_members=2

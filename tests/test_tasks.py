@@ -24,7 +24,8 @@ from wpeft.data.world import WorldConfig, open_world, open_world_ensemble
 from wpeft.errors import ConfigError, DataError
 from wpeft.methods import create_method
 from wpeft.tasks import TASKS, TaskBatch, create_task
-from wpeft.tasks.downscaling import Downscaling, split_by_time, time_step
+from wpeft.tasks.common import split_by_time, time_step
+from wpeft.tasks.downscaling import Downscaling
 from wpeft.tasks.postprocessing import Postprocessing, gaussian_crps
 from wpeft.tasks.precipitation import TARGET, Precipitation
 

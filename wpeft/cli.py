@@ -56,8 +56,8 @@ def cmd_backbone_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from wpeft.backbones.pretrain import PretrainConfig, pretrain
     from wpeft.data.world import WorldConfig
+    from wpeft.training.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(
         backbone=args.backbone,

@@ -1,1 +1,2 @@
-"""Backbones: wpeft's adapter around ``aurora.Aurora``, named configs and pretraining."""
+"""Backbones: wpeft's adapter around ``aurora.Aurora``, named configs and the shipped pretrained
+backbone (pretraining itself is :mod:`wpeft.training.pretrain`)."""

@@ -23,12 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import xarray as xr
+from aurora import Batch
 from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora
-from wpeft.errors import ConfigError
+from wpeft.errors import ConfigError, DataError
 
 __all__ = ["TASKS", "Split", "Task", "TaskBatch", "TaskConfig", "create_task", "register_task"]
 
@@ -48,20 +50,95 @@ class TaskConfig:
 
 @dataclass
 class TaskBatch:
-    """One mini-batch: the model input (an ``aurora.Batch``), targets and their valid times.
+    """One mini-batch of B samples: the model input, targets, their valid times and extras.
+
+    Checked on construction (:class:`~wpeft.errors.DataError` names the bad key and shapes):
+    every tensor in ``inputs`` (surface and atmospheric), ``targets`` and ``extra`` has the same
+    leading batch size B, and ``times`` has length B.
 
     Attributes:
-        inputs: ``aurora.Batch`` fed to the backbone.
+        inputs: ``aurora.Batch`` fed to the backbone: surface ``(B, T, H, W)``, atmospheric
+            ``(B, T, C, H, W)``, static ``(H, W)``.
         targets: ``{name: tensor}`` in physical units, e.g. ``(B, H, W)`` surface,
             ``(B, C, H, W)`` atmospheric.
         times: ``(B,)`` numpy datetime64 valid times of the targets.
-        extra: Task-specific tensors (ensemble mean and spread, ...).
+        extra: Task-specific tensors ``(B, ...)`` (ensemble mean and spread, ...).
     """
 
-    inputs: Any
+    inputs: Batch
     targets: dict[str, torch.Tensor]
-    times: Any
+    times: np.ndarray
     extra: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, Batch):
+            raise DataError(
+                f"TaskBatch.inputs must be an aurora.Batch, got {type(self.inputs).__name__}."
+            )
+        size = self.size
+        for group, tensors in (
+            ("inputs.surf_vars", self.inputs.surf_vars),
+            ("inputs.atmos_vars", self.inputs.atmos_vars),
+            ("targets", self.targets),
+            ("extra", self.extra),
+        ):
+            if not isinstance(tensors, dict):
+                raise DataError(
+                    f"TaskBatch.{group} must be a dict of tensors, got {type(tensors).__name__}."
+                )
+            for key, value in tensors.items():
+                if not torch.is_tensor(value):
+                    raise DataError(
+                        f"TaskBatch.{group}[{key!r}] must be a tensor, got {type(value).__name__}."
+                    )
+                if value.dim() == 0 or value.shape[0] != size:
+                    raise DataError(
+                        f"TaskBatch.{group}[{key!r}] has shape {tuple(value.shape)}; its first "
+                        f"(batch) dimension must be the inputs' batch size {size}."
+                    )
+        times = np.asarray(self.times)
+        if times.ndim != 1 or len(times) != size:
+            raise DataError(
+                f"TaskBatch.times has shape {times.shape}; it must be ({size},), one valid time "
+                "per sample."
+            )
+
+    @property
+    def size(self) -> int:
+        """B, the batch size of the inputs (leading dimension of their first tensor)."""
+        for tensors in (self.inputs.surf_vars, self.inputs.atmos_vars):
+            for value in tensors.values():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    return int(value.shape[0])
+        raise DataError("TaskBatch.inputs holds no surface or atmospheric tensor: no batch size.")
+
+    def to(self, device: str | torch.device) -> TaskBatch:
+        """The batch with ``inputs``, ``targets`` and ``extra`` on ``device`` (``times`` is
+        shared); ``self`` when every tensor is there already."""
+        device = torch.device(device)
+        if all(_on(t, device) for t in self._tensors()):
+            return self
+        return dataclasses.replace(
+            self,
+            inputs=self.inputs.to(device),
+            targets={k: v.to(device) for k, v in self.targets.items()},
+            extra={k: v.to(device) for k, v in self.extra.items()},
+        )
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor the batch holds (inputs, their coordinates, targets, extra)."""
+        b = self.inputs
+        for tensors in (b.surf_vars, b.static_vars, b.atmos_vars, self.targets, self.extra):
+            yield from tensors.values()
+        yield b.metadata.lat
+        yield b.metadata.lon
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``tensor`` is on ``device`` (``"cuda"`` without an index: the current GPU)."""
+    if device.index is None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return tensor.device == device
 
 
 class Task:

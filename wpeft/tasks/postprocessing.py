@@ -60,9 +60,9 @@ from wpeft.data.world import WorldConfig, open_world, open_world_ensemble
 from wpeft.errors import ConfigError, DataError
 from wpeft.metrics import crps_gaussian, rmse
 from wpeft.tasks.base import Split, Task, TaskBatch, TaskConfig, register_task
-from wpeft.tasks.downscaling import (
+from wpeft.tasks.common import (
     ATMOS_VARS,
-    HEADLINE,
+    GLOBAL_HEADLINE,
     SPLITS,
     STATIC_VARS,
     SURF_VARS,
@@ -155,7 +155,7 @@ class Postprocessing(Task):
 
     name: ClassVar[str] = "postprocessing"
     Config: ClassVar[type[TaskConfig]] = PostprocessingConfig
-    headline: ClassVar[tuple[str, ...]] = HEADLINE
+    headline: ClassVar[tuple[str, ...]] = GLOBAL_HEADLINE
     config: PostprocessingConfig
 
     def __init__(self, config: TaskConfig | None = None, **kwargs: Any) -> None:

@@ -52,7 +52,7 @@ from wpeft.data.world import WorldConfig, open_world
 from wpeft.errors import ConfigError, DataError
 from wpeft.metrics import acc, rmse, seeps, seeps_climatology
 from wpeft.tasks.base import Split, Task, TaskBatch, TaskConfig, register_task
-from wpeft.tasks.downscaling import (
+from wpeft.tasks.common import (
     ATMOS_VARS,
     SIX_HOURS,
     SPLITS,

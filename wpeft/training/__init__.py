@@ -1,1 +1,1 @@
-"""Fine-tuning runs: the training loop and the comparison matrix."""
+"""Training: the fine-tuning loop, the comparison matrix and pretraining the backbone."""

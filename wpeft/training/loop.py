@@ -189,17 +189,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _to(batch: TaskBatch, device: torch.device) -> TaskBatch:
-    if device.type == "cpu":
-        return batch
-    return dataclasses.replace(
-        batch,
-        inputs=batch.inputs.to(device),
-        targets={k: v.to(device) for k, v in batch.targets.items()},
-        extra={k: v.to(device) for k, v in batch.extra.items()},
-    )
-
-
 def _batches(task: Task, cfg: TrainConfig, epoch: int, skip: int) -> Iterator[TaskBatch]:
     """The training batches of one epoch (reproducible from seed and epoch), after ``skip``."""
     for i, batch in enumerate(task.batches("train", cfg.batch_size, seed=cfg.seed * 100_003 + epoch)):
@@ -471,7 +460,7 @@ def _prepare_static_selection(
     def prep_loss(batch: TaskBatch) -> torch.Tensor:
         return task.loss(task.predict(model, batch), batch)
 
-    prep = [_to(b, device) for _, b in zip(range(8), _batches(task, cfg, 0, 0))]
+    prep = [b.to(device) for _, b in zip(range(8), _batches(task, cfg, 0, 0))]
     method.prepare(prep_loss, prep, len(prep))
 
 
@@ -750,7 +739,7 @@ def _run_steps(
             position.epoch, position.in_epoch = position.epoch + 1, 0
             batches = _batches(task, cfg, position.epoch, 0)
             continue
-        batch = _to(shard_batch(batch, env), device)
+        batch = shard_batch(batch, env).to(device)
         loss = task.loss(task.predict(net, batch), batch)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
