@@ -34,8 +34,7 @@ class CompareConfig:
     seeds: Sequence[int] = (0,)
     steps: int = 200
     batch_size: int = 4
-    lr: float = 1e-3
-    lr_full: float | None = 3e-4  # Full-Tuning is usually run with a smaller learning rate
+    lr: float | None = None  # None: each method's default_lr (Full-Tuning 3e-4, others 1e-3)
     record_every: int = 10  # interval of the Fisher-mask records (selection methods), in steps
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -49,7 +48,7 @@ class CompareConfig:
                 budgets = self.budgets if METHODS[method].size_knob else (None,)
                 for budget in budgets:
                     for seed in self.seeds:
-                        lr = self.lr_full if method == "full" and self.lr_full else self.lr
+                        lr = METHODS[method].default_lr if self.lr is None else self.lr
                         out.append(
                             TrainConfig(
                                 task=task, method=method, budget=budget, seed=seed,

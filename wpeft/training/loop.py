@@ -271,12 +271,13 @@ def train(
         model.autocast_backbone = True  # bf16 on the backbone, as Aurora fine-tunes
         model.configure_activation_checkpointing()
 
-    if hasattr(method, "prepare"):  # static Fisher masks are chosen before training, on the
+    if method.preparation_batches:  # static Fisher masks are chosen before training, on the
         # global batches and before wrapping, so every rank computes the same mask alone
         def prep_loss(batch: TaskBatch) -> torch.Tensor:
             return task.loss(task.predict(model, batch), batch)
 
-        prep = [_to(b, device) for _, b in zip(range(8), _batches(task, cfg, 0, 0))]
+        first = zip(range(method.preparation_batches), _batches(task, cfg, 0, 0))
+        prep = [_to(b, device) for _, b in first]
         method.prepare(prep_loss, prep, len(prep))
 
     step, epoch, in_epoch = 0, 0, 0
@@ -345,7 +346,7 @@ def train(
         every=cfg.record_every, start_step=step,
     )
 
-    selection = getattr(method, "selection", None)
+    selection = method.selection
 
     def checkpoint() -> tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None:
         """Write the checkpoint; under FSDP return what it gathered (trainable tensors and
