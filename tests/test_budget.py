@@ -71,7 +71,7 @@ def test_encoder_decoder_policy_is_counted() -> None:
     counts = model.num_parameters()
     t = method.trainable()
     assert t["encoder"] == counts["encoder"] and t["decoder"] == counts["decoder"]
-    assert method.describe()["config"]["train_encoder_decoder"] is True
+    assert method.describe()["method_config"]["train_encoder_decoder"] is True
 
 
 def test_weatherpeft_is_tadp_plus_sfas() -> None:

@@ -19,7 +19,7 @@ from test_training import config as single_config
 from wpeft.distributed.runtime import DistEnv, shard_batch
 from wpeft.distributed.strategy import resolve_strategy
 from wpeft.errors import ConfigError
-from wpeft.methods import create_method
+from wpeft.methods import METHODS, create_method
 from wpeft.training.loop import TrainConfig, train
 
 
@@ -46,11 +46,12 @@ def _mask_digest(method, env, opt) -> None:
     out_dir = Path(os.environ["WPEFT_TEST_OUT"])
     (out_dir / f"state-rank{env.rank}.txt").write_text(str(_state_numel(opt)))
     h = hashlib.sha256()
-    for name, mask in sorted(getattr(method, "mask_dict", dict)().items()):
+    sel = method.selection
+    masks = dict(zip(sel.names, sel.masks)) if sel is not None and sel.masks is not None else {}
+    for name, mask in sorted(masks.items()):
         h.update(name.encode())
         h.update(mask.to(torch.uint8).numpy().tobytes())
     (out_dir / f"mask-rank{env.rank}.txt").write_text(h.hexdigest())
-    sel = getattr(method, "selection", None)
     if sel is not None:
         held = {"sharded": sel.sharded, "k": sel.k, "selected": sum(sel.counts()),
                 "entries": sum(m.numel() for m in sel.masks), "total": sel.total}
@@ -132,7 +133,7 @@ def compare_adapters(a: Path, b: Path, atol: float) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("method,budget", [("full", None), ("lora", 0.04), ("weatherpeft", 0.04)])
 def test_two_rank_ddp_equals_one_rank(tmp_path, reference, method, budget) -> None:
-    cfg = config(method=method, budget=budget, lr=3e-4 if method == "full" else 1e-3)
+    cfg = config(method=method, budget=budget, lr=METHODS[method].default_lr)
     one_dir, one, _ = reference(cfg)
     out = run_ranks(cfg, tmp_path / "two")
     two = json_load(tmp_path / "two" / "summary.json")
@@ -177,7 +178,7 @@ def test_two_rank_fsdp2_equals_one_rank(tmp_path, reference, method, budget) -> 
     """FSDP2 (``fully_shard`` per Swin block, gloo on CPU) trains like one process; for the
     selection methods the global top-k over the shards selects the same entries (SFAS: with
     the annealed noise of each entry as in one process; FISH: a static mask)."""
-    cfg = config(method=method, budget=budget, lr=3e-4 if method == "full" else 1e-3)
+    cfg = config(method=method, budget=budget, lr=METHODS[method].default_lr)
     one_dir, one, _ = reference(cfg)
     out = run_ranks(config(method=method, budget=budget, lr=cfg.lr, strategy="fsdp"),
                     tmp_path / "two")

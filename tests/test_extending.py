@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 
+import importlib
+import sys
+
 import pytest
 import torch
-import toy_norm_tuning  # noqa: F401  (registration, as wpeft/methods/__init__.py does)
-import toy_t2m_task  # noqa: F401  (registration, as wpeft/tasks/__init__.py does)
 from safetensors.torch import load_file
 
 from wpeft.backbones.pretrain import load_pretrained
@@ -24,6 +25,18 @@ WORLD = {"nlat": 16, "nlon": 32, "days": 12, "spinup_days": 1, "ensemble_inits":
 @pytest.fixture(autouse=True)
 def small_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WPEFT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "world-cache"))
+
+
+@pytest.fixture(autouse=True)
+def toys():
+    """Import the toy files (which registers them, as the packages' ``__init__`` imports do) and
+    unregister them afterwards, so other tests' loops over the registries do not see them."""
+    for module in ("toy_norm_tuning", "toy_t2m_task"):
+        sys.modules.pop(module, None)
+        importlib.import_module(module)
+    yield
+    METHODS.pop("toy_norm_tuning", None)
+    TASKS.pop("toy_t2m_downscaling", None)
 
 
 def test_a_toy_method_and_task_train_through_the_loop(tmp_path) -> None:

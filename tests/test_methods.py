@@ -3,10 +3,16 @@
 For each method on the tiny backbone: frozen parameters stay bitwise unchanged over several
 optimiser steps, the counts are consistent (trainable vs an independent count, changed within
 trainable), and saving the adapter then loading it onto a pristine backbone reproduces outputs.
+Then the declared contract: what each method says it can do (selection, preparation, prompt
+generators, planner state, strategies, learning rate, documented settings), that no caller
+outside ``wpeft.methods`` probes a method instead of asking it, and ``wpeft methods
+--help-method``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -14,9 +20,12 @@ import torch
 
 from test_backbone import random_batch
 from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone
+from wpeft.cli import main
 from wpeft.errors import CheckpointError, ConfigError
 from wpeft.methods import METHODS, PEFTMethod, create_method
 from wpeft.methods.adapter_file import load_adapter, save_adapter
+from wpeft.methods.base import settings
+from wpeft.methods.sfas import EntrySelection
 
 STEPS = 3
 
@@ -39,7 +48,7 @@ def loss_of(model: WpeftAurora, batch) -> torch.Tensor:
 
 
 def train(method: PEFTMethod, model: WpeftAurora, batch, steps: int = STEPS) -> None:
-    if hasattr(method, "prepare"):  # static-mask methods select before training
+    if method.preparation_batches:  # static-mask methods select before training
         method.prepare(lambda: loss_of(model, batch), n_batches=1)
     opt = method.optimizer(lr=1e-2, weight_decay=0.1)
     for step in range(steps):
@@ -82,7 +91,7 @@ def test_frozen_stays_frozen_and_counts_hold(name: str, batch) -> None:
     # independent count of what requires grad (selection methods restrict the backbone further)
     independent = sum(p.numel() for p in method.parameters() if p.requires_grad)
     assert trainable["total"] <= independent
-    if not getattr(method, "selects_entries", False):
+    if method.selection is None:  # selection methods count mask entries, not whole tensors
         assert trainable["total"] == independent
     for group in ("encoder", "decoder", "head", "added"):
         assert changed[group] <= trainable[group] or group == "added"
@@ -128,3 +137,116 @@ def test_registry_errors() -> None:
     method.apply(build_backbone("tiny"))
     with pytest.raises(ConfigError, match="already applied"):
         method.apply(build_backbone("tiny"))
+
+
+# --- the declared contract ------------------------------------------------------------------------
+
+SELECTION = {"sfas", "weatherpeft", "fish", "child_tuning_d"}
+PREPARED = {"fish", "child_tuning_d"}
+TADP = {"tadp", "weatherpeft"}
+PROMPTED = {"tadp": 30, "weatherpeft": 30, "vpt": 10}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_methods_declare_what_they_can_do(name: str) -> None:
+    method = create_method(name)
+    assert method.selection is None  # nothing is selected before apply
+    assert (method.preparation_batches > 0) == (name in PREPARED)
+    assert method.num_prompts == PROMPTED.get(name, 0)
+    assert method.default_lr == (3e-4 if name == "full" else 1e-3)
+    for strategy in ("none", "ddp", "fsdp"):
+        method.check_strategy(strategy)  # default configs run under every strategy
+    model = build_backbone("tiny")
+    method.apply(model)
+    assert isinstance(method.selection, EntrySelection) == (name in SELECTION)
+    generators = method.prompt_generators
+    assert (generators is not None) == (name in TADP)
+    if generators is not None:
+        assert generators is method.added["tadp"] and len(generators) == len(model.blocks)
+        assert all(g.to_prompts.out_features == method.num_prompts for g in generators)
+    total = method.selection.total if method.selection is not None else 0
+    expected = {"sfas": 6, "weatherpeft": 6, "fish": 2, "child_tuning_d": 2}.get(name, 0) * total
+    assert method.state_bytes() == expected  # (fp32 importance +) mask + union per entry
+
+
+def test_preparation_default_does_nothing_and_static_masks_need_it(batch) -> None:
+    lora = create_method("lora")
+    assert lora.prepare(lambda: torch.zeros(())) is None  # called with nothing to do: no-op
+    model = pretrained_like()
+    fish = create_method("fish", keep_ratio=0.01)
+    fish.apply(model)
+    masks = fish.prepare(lambda: loss_of(model, batch), n_batches=1)
+    assert sum(int(m.sum()) for m in masks) == fish.selection.k
+
+
+def test_broadcast_masks_is_refused_under_fsdp_only() -> None:
+    method = create_method("weatherpeft", broadcast_masks=True)
+    method.check_strategy("ddp")
+    method.check_strategy("none")
+    with pytest.raises(ConfigError, match="broadcast_masks=True.*FSDP"):
+        method.check_strategy("fsdp")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_setting_has_help(name: str) -> None:
+    config = METHODS[name].Config
+    assert [s.name for s in settings(config)] == [f.name for f in dataclasses.fields(config)]
+    missing = [s.name for s in settings(config) if len(s.help.strip()) < 10]
+    assert not missing, f"{name}: settings without help {missing}"
+
+
+#: How a caller probes a method instead of asking it (``getattr(method.config, knob)`` reading
+#: a declared knob is fine: a variable, not a probed name).
+PROBES = re.compile(
+    r"""(?:has|get)attr\((?:method|m|self\.method)\s*,"""
+    r"""|(?:has|get)attr\((?:method|m)\.config\s*,\s*["']"""
+    r"""|["']tadp["']\s+(?:not\s+)?in\b|added\[["']tadp["']\]"""
+    r"""|_accumulator|\.injector\b|selects_entries|\.broadcast_masks\b"""
+)
+
+
+def test_no_caller_probes_a_method() -> None:
+    package = Path(__file__).resolve().parents[1] / "wpeft"
+    hits = []
+    for path in sorted(package.rglob("*.py")):
+        if path.relative_to(package).parts[0] == "methods":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if PROBES.search(line):
+                hits.append(f"{path.relative_to(package.parent)}:{number}: {line.strip()}")
+    assert not hits, "ask the method (wpeft.methods.base.PEFTMethod) instead:\n" + "\n".join(hits)
+
+
+def test_the_probe_pattern_catches_probes() -> None:
+    for line in (
+        'if hasattr(method, "prepare"):',
+        'selection = getattr(m, "selection", None)',
+        'getattr(getattr(method, "config", None), "broadcast_masks", False)',
+        'if "tadp" in getattr(method, "added", {}):',
+        'gens = method.added["tadp"]',
+        'per_entry = 2 + (4 if hasattr(m, "_accumulator") else 0)',
+        'injector = m.injector',
+        'if method.selects_entries:',
+    ):
+        assert PROBES.search(line), line
+    assert not PROBES.search('f"{knob}={getattr(method.config, knob)}"')
+    assert not PROBES.search("if method.selection is not None:")
+
+
+def test_cli_help_method_lists_settings(capsys) -> None:
+    assert main(["methods", "--help-method", "lora"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("lora: ")
+    for setting in settings(METHODS["lora"].Config):
+        assert f"  {setting.name}: {setting.type} = {setting.default!r}\n" in out
+    assert "  rank: int = 8\n      Rank r of every update B @ A (the size knob)." in out
+    assert "alpha: float | None = None" in out and "targets: tuple[str, ...]" in out
+    assert "train_encoder_decoder: bool = False" in out
+
+
+def test_cli_help_method_unknown_name(capsys) -> None:
+    assert main(["methods", "--help-method", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("wpeft: error: Unknown method 'nope'; known methods: ")
+    assert all(name in err for name in METHODS)

@@ -14,6 +14,7 @@ import xarray as xr
 
 from wpeft import runs
 from wpeft.errors import ConfigError, DataError
+from wpeft.methods import create_method
 from wpeft.methods.sfas import EntrySelection
 from wpeft.runs.attention_records import (
     AttentionRecorder,
@@ -84,7 +85,6 @@ class FakeSelection:
     """Masks chosen by a schedule, on three small backbone tensors of one block."""
 
     name = "fake"
-    selects_entries = True
 
     def __init__(self, schedule: dict[int, list[torch.Tensor]]) -> None:
         shapes = {
@@ -99,16 +99,14 @@ class FakeSelection:
         assert self.selection.total == total
         self.model = SimpleNamespace(blocks=[SimpleNamespace(name="encoder0.0")])
         self.schedule = schedule
-        self.masks: list[torch.Tensor] | None = None
-        self.union_masks: list[torch.Tensor] | None = None
 
     def after_backward(self, step: int, total_steps: int) -> None:
-        self.masks = self.schedule[step]
-        if self.union_masks is None:
-            self.union_masks = [m.clone() for m in self.masks]
-        else:
-            self.union_masks = [u | m for u, m in zip(self.union_masks, self.masks)]
-        for p, m in zip(self.params, self.masks):
+        sel = self.selection
+        buckets = sel.layout.zeros(torch.bool, sel.device)
+        for view, m in zip(sel.layout.split(buckets), self.schedule[step]):
+            view.copy_(m)
+        sel.set_masks(buckets, step)  # as SFAS selects: the mask and its union
+        for p, m in zip(self.params, sel.masks):
             p.grad.mul_(m)  # as SFAS does: gradients outside the mask are zeroed
 
 
@@ -216,7 +214,6 @@ def test_real_selection_methods_record_k_and_fisher_mass(tmp_path, name) -> None
     reads g² before the method zeroes the gradients outside the mask."""
     from wpeft.backbones.aurora_adapter import build_backbone
     from wpeft.data.batch import random_batch
-    from wpeft.methods import create_method
 
     model = build_backbone("tiny")
     with torch.no_grad():  # leave Aurora's identity initialisation so every block gets gradients
@@ -230,7 +227,7 @@ def test_real_selection_methods_record_k_and_fisher_mass(tmp_path, name) -> None
     def loss_fn():
         return sum(v.pow(2).mean() for v in model(batch).surf_vars.values())
 
-    if hasattr(method, "prepare"):
+    if method.preparation_batches:
         method.prepare(loss_fn, n_batches=1)
     rec = FisherRecorder(method, tmp_path, every=1).install()
     expected = []
@@ -255,7 +252,7 @@ def test_real_selection_methods_record_k_and_fisher_mass(tmp_path, name) -> None
 
 def test_fisher_recorder_refuses_methods_without_selection(tmp_path) -> None:
     with pytest.raises(ConfigError, match="selection method"):
-        FisherRecorder(SimpleNamespace(name="lora", added={}), tmp_path)
+        FisherRecorder(create_method("lora"), tmp_path)
 
 
 # --- the store: readers see complete records only ----------------------------------------------
@@ -520,7 +517,7 @@ def test_external_reductions_by_hand() -> None:
 
 def test_attention_recorder_needs_tadp(tmp_path) -> None:
     with pytest.raises(ConfigError, match="TADP"):
-        AttentionRecorder(SimpleNamespace(name="sfas", added={}), None, None, tmp_path)
+        AttentionRecorder(create_method("sfas"), None, None, tmp_path)
 
 
 # --- skill ----------------------------------------------------------------------------------------

@@ -503,7 +503,7 @@ def test_downscaling_era5_uk_runs_one_forward_pass() -> None:
     # the bilinear input is a good first guess of the 0.25 degree field (RMSE well under 3 K)
     bilinear = x.surf_vars["2t"][:, 1]
     assert float((bilinear - y).pow(2).mean().sqrt()) < 3.0
-    assert isinstance(batch, TaskBatch) and isinstance(task.describe()["config"], dict)
+    assert isinstance(batch, TaskBatch) and isinstance(task.describe()["task_config"], dict)
 
 
 def test_evaluate_returns_dataset(downscaling: Downscaling) -> None:

@@ -125,6 +125,12 @@ def test_compare_cells_carry_the_record_interval() -> None:
     ]
     assert CompareConfig().cells()[0].record_every == TrainConfig().record_every
 
+
+def test_compare_cells_take_each_methods_default_lr() -> None:
+    cells = CompareConfig(methods=("weatherpeft", "full", "lora")).cells()
+    assert [(c.method, c.lr) for c in cells] == [("weatherpeft", 1e-3), ("full", 3e-4), ("lora", 1e-3)]
+    assert {c.lr for c in CompareConfig(methods=("weatherpeft", "full"), lr=5e-4).cells()} == {5e-4}
+
 @pytest.mark.parametrize("method", ["child_tuning_d", "fish", "sfas", "lora", "vpt", "ssf"])
 def test_every_kind_of_method_trains_through_the_loop(tmp_path, method: str) -> None:
     summary = train(config(method=method, steps=2, checkpoint_every=0), tmp_path / method, progress=False)

@@ -81,8 +81,31 @@ def cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_method_help(name: str) -> None:
+    """A method's settings: name, type, default and help, plus what it declares."""
+    import textwrap
+
+    from wpeft.methods import METHODS  # importing the package registers the methods
+    from wpeft.methods.base import settings
+
+    if name not in METHODS:
+        raise ConfigError(f"Unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}.")
+    cls = METHODS[name]
+    print(f"{name}: {cls.summary}")
+    knob = cls.size_knob or "- (fixed size)"
+    print(f"  size knob: {knob}; default learning rate {cls.default_lr:g}")
+    print(f"Settings (wpeft train --method {name} --method-option KEY=VALUE):")
+    for s in settings(cls.Config):
+        print(f"  {s.name}: {s.type} = {s.default!r}")
+        print(textwrap.fill(s.help, width=96, initial_indent=" " * 6, subsequent_indent=" " * 6))
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
-    """Table of registered methods with their trainable counts on a backbone."""
+    """Table of registered methods with their trainable counts on a backbone, or one method's
+    settings (``--help-method NAME``)."""
+    if args.help_method is not None:
+        _print_method_help(args.help_method)
+        return 0
     from wpeft.backbones.aurora_adapter import build_backbone
     from wpeft.methods import METHODS, create_method
 
@@ -299,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...)")
     c.add_argument("--steps", type=int, default=200)
     c.add_argument("--batch-size", type=int, default=4)
-    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every run (default: each method's default_lr)")
     c.add_argument("--tables", default=None, help="write markdown/CSV/netCDF tables here")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
@@ -313,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="table of registered fine-tuning methods")
     m.add_argument("--backbone", default="tiny")
+    m.add_argument("--help-method", default=None, metavar="NAME",
+                   help="list the settings of one method (name, type, default, help)")
     m.set_defaults(func=cmd_methods)
 
     from wpeft.distributed import plan as plan_module

@@ -15,6 +15,7 @@ applied to it and its optimiser is built, all in about a second for 1.3B and no 
   adds a transient fp32 copy of the trainable entries;
 * method state: SFAS keeps one fp32 importance per eligible entry plus the current mask and its
   union as bools (6 bytes per entry); the static Fisher masks keep the two bool masks (2 bytes);
+  each method declares it (``method.state_bytes()``);
 * activations: below, plus the input batch (raw and normalised) and two fp32 copies of the
   prediction, alive at the peak though not saved for backward. Backward adds a transient of
   one Swin block's activations.
@@ -25,12 +26,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from wpeft.backbones.configs import BackboneConfig, get_config
+
+if TYPE_CHECKING:
+    from wpeft.methods.base import PEFTMethod
 
 __all__ = ["BlockGrad", "LinearGrad", "ModelInventory", "inventory", "params_on_meta"]
 
@@ -116,17 +120,18 @@ class ModelInventory:
         optimizer: Class name of the method's optimiser.
         optimizer_bytes: Its state when every trainable tensor has state.
         optimizer_transient_bytes: Extra bytes during ``step()`` (foreach temporaries).
-        method_state_bytes: Selection state (importance, masks).
-        selects_entries: Fisher-selection method (FSDP2 gathers its masks at checkpoints).
+        method_state_bytes: Selection state (importance, masks): ``method.state_bytes()``.
+        has_selection: Fisher-selection method, ``method.selection`` set (FSDP2 gathers its
+            masks at checkpoints).
         autocast_weight_numel: Entries of >= 2-D tensors run under the backbone's autocast
             (each gets a bf16 copy saved for backward).
         blocks: Per Swin block, in execution order.
         merges: Trainability of (merge reduction | split lin1, split lin2) per layer.
         root_params: Parameters outside the Swin blocks (FSDP2's root unit).
         encoder_trainable / decoder_trainable: Whether they hold trainable parameters.
-        prompts: Prompt tokens per window (TADP / VPT), 0 without prompts.
-        generators: The TADP generators (meta modules; their batch-independent activations are
-            measured on the CPU). kernel_shape: Shape of the kernels E they read.
+        prompts: Prompt tokens per window (TADP / VPT), 0 without prompts: ``method.num_prompts``.
+        generators: ``method.prompt_generators`` (meta modules; their batch-independent
+            activations are measured on the CPU). kernel_shape: Shape of the kernels E they read.
         budget: The budget match, when a budget was asked for.
     """
 
@@ -140,7 +145,7 @@ class ModelInventory:
     optimizer_bytes: int
     optimizer_transient_bytes: int
     method_state_bytes: int
-    selects_entries: bool
+    has_selection: bool
     autocast_weight_numel: int
     blocks: tuple[BlockGrad, ...]
     merges: tuple[tuple[bool, ...], ...]
@@ -174,13 +179,13 @@ def _any_grad(module: nn.Module | None) -> bool:
     return module is not None and any(p.requires_grad for p in module.parameters())
 
 
-def _optimizer_bytes(method: Any, opt: torch.optim.Optimizer) -> tuple[int, int, int]:
+def _optimizer_bytes(method: PEFTMethod, opt: torch.optim.Optimizer) -> tuple[int, int, int]:
     """(state bytes, transient bytes of step(), masked entries) of the method's optimiser."""
     from wpeft.methods.fisher import MaskedAdamW
 
     params = [p for g in opt.param_groups for p in g["params"]]
     if isinstance(opt, MaskedAdamW):
-        selection = getattr(method, "selection", None)
+        selection = method.selection
         state, masked = 0, 0
         for p in params:
             if not opt.dense and selection is not None and p in selection:
@@ -208,8 +213,6 @@ def inventory(
     from wpeft.backbones.aurora_adapter import build_backbone
     from wpeft.methods import create_method
     from wpeft.methods.budget import match_budget
-    from wpeft.methods.prompt_injection import PromptInjector
-    from wpeft.methods.tadp import TADPGenerator
 
     config = get_config(backbone) if isinstance(backbone, str) else backbone
     options = dict(method_options or {})
@@ -226,12 +229,6 @@ def inventory(
         opt = m.optimizer(lr=1e-3, weight_decay=0.01)
     params = list(m.parameters())
     opt_bytes, opt_transient, masked = _optimizer_bytes(m, opt)
-
-    selection = getattr(m, "selection", None)
-    method_state = 0
-    if selection is not None:
-        per_entry = 2 + (4 if hasattr(m, "_accumulator") else 0)  # masks (+ importance)
-        method_state = per_entry * selection.total
 
     blocks = []
     in_blocks: set[int] = set()
@@ -260,11 +257,7 @@ def inventory(
     autocast_numel = sum(p.numel() for p in model.backbone.parameters() if p.dim() >= 2)
     autocast_numel += sum(p.numel() for p in m.added.parameters() if p.dim() >= 2)
 
-    injector = getattr(m, "injector", None)
-    prompts = (
-        int(getattr(m.config, "num_prompts", 0)) if isinstance(injector, PromptInjector) else 0
-    )
-    generators = tuple(g for g in m.added.modules() if isinstance(g, TADPGenerator))
+    generators = m.prompt_generators
     return ModelInventory(
         config=config,
         method=method,
@@ -275,16 +268,16 @@ def inventory(
         optimizer=type(opt).__name__,
         optimizer_bytes=opt_bytes,
         optimizer_transient_bytes=opt_transient,
-        method_state_bytes=method_state,
-        selects_entries=bool(getattr(m, "selects_entries", False)),
+        method_state_bytes=m.state_bytes(),
+        has_selection=m.selection is not None,
         autocast_weight_numel=autocast_numel,
         blocks=tuple(blocks),
         merges=tuple(merges),
         root_params=sum(p.numel() for p in params if id(p) not in in_blocks),
         encoder_trainable=_any_grad(model.encoder),
         decoder_trainable=_any_grad(model.decoder),
-        prompts=prompts,
-        generators=generators,
+        prompts=m.num_prompts,
+        generators=tuple(generators) if generators is not None else (),
         kernel_shape=tuple(model.embedding_kernels().shape),
         budget=budget_info,
     )

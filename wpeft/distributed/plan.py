@@ -21,7 +21,7 @@ global = per-GPU x GPUs). The auto choice is the first of ``ddp``, ``fsdp``, ``d
 ``fsdp+ckpt`` that fits with a margin (10 % of the card after 1 GiB of CUDA context): no
 recomputation before sharding, and DDP before FSDP2 because for PEFT methods FSDP2 gathers the
 frozen weights at every step while DDP communicates only the trainable gradients.
-Fisher-selection methods (``selects_entries``) run under FSDP2 with their state sharded like
+Fisher-selection methods (``method.selection``) run under FSDP2 with their state sharded like
 the parameters (one global top-k over the shards); their checkpoints and records gather the full
 masks on every rank (1 byte per backbone entry each, outside the training step).
 
@@ -304,7 +304,7 @@ def _strategy(
     step_peak = weights + gradients + optimizer + method_state + buffers
     step_peak += math.ceil(inv.optimizer_transient_bytes / (gpus if fsdp else 1))
     note = ""
-    if fsdp and inv.selects_entries:
+    if fsdp and inv.has_selection:
         note = (
             f"{inv.method}'s checkpoints and records gather the full mask and union on every "
             "GPU (1 byte per backbone entry each, outside the training step)"

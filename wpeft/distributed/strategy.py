@@ -21,13 +21,16 @@ parameter, including those that live outside the backbone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from wpeft.distributed.runtime import DistEnv
 from wpeft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from wpeft.methods.base import PEFTMethod
 
 __all__ = ["STRATEGIES", "TrainingModule", "resolve_strategy", "wrap"]
 
@@ -46,17 +49,13 @@ class TrainingModule(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def resolve_strategy(strategy: str, env: DistEnv, method: Any) -> str:
+def resolve_strategy(strategy: str, env: DistEnv, method: PEFTMethod) -> str:
     """``auto`` -> ``none`` for one process, ``ddp`` otherwise; checks the method fits."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"Unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}.")
     if strategy == "auto":
         strategy = "ddp" if env.distributed else "none"
-    if strategy == "fsdp" and getattr(getattr(method, "config", None), "broadcast_masks", False):
-        raise ConfigError(
-            f"Method {method.name!r} has broadcast_masks=True, which has no meaning under FSDP: "
-            "every rank holds a different shard of the one global mask. Turn it off."
-        )
+    method.check_strategy(strategy)
     if strategy == "none" and env.distributed:
         raise ConfigError(
             f"strategy 'none' with world size {env.world_size}: ranks would train apart. "

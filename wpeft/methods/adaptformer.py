@@ -13,7 +13,7 @@ its input is the MLP's input, as in AdaptFormer. Each block adds ``2·D_b·b + b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,15 +51,14 @@ class BottleneckAdapter(nn.Module):
 
 @dataclass
 class AdaptFormerConfig(MethodConfig):
-    """AdaptFormer settings.
+    """AdaptFormer settings."""
 
-    Attributes:
-        bottleneck: Hidden width b of every adapter (the size knob).
-        scale: Fixed scale s of the adapter output (AdaptFormer's 0.1).
-    """
-
-    bottleneck: int = 16
-    scale: float = 0.1
+    bottleneck: int = field(
+        default=16, metadata={"help": "Hidden width b of every adapter (the size knob)."}
+    )
+    scale: float = field(
+        default=0.1, metadata={"help": "Fixed scale s of the adapter output (AdaptFormer's 0.1)."}
+    )
 
     def __post_init__(self) -> None:
         b = self.bottleneck

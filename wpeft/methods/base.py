@@ -15,14 +15,30 @@ substrings, so wrapped modules (peft's LoRA layers) cannot confuse the counts.
 The encoder/decoder policy (``train_encoder_decoder``) is one explicit switch on every config:
 the released WeatherPEFT code trains the encoder and decoder fully; the paper's budgets count the
 backbone only. Every run reports which policy it used.
+
+What a method can do is declared on the class, with defaults here, so that the training loop,
+recorders, distributed strategy and memory planner ask instead of probing:
+
+* :attr:`PEFTMethod.selection`: the :class:`~wpeft.methods.sfas.EntrySelection` of a
+  Fisher-selection method once applied (masks over backbone entries), else None;
+* :attr:`PEFTMethod.preparation_batches` / :meth:`PEFTMethod.prepare`: a step run once before
+  training (static Fisher masks), on that many batches; 0 and a no-op by default;
+* :attr:`PEFTMethod.prompt_generators` / :attr:`PEFTMethod.num_prompts`: the TADP generators
+  (None without) and the prompt tokens prepended to every attention window (0 without);
+* :meth:`PEFTMethod.state_bytes`: the method's own training state for the memory planner;
+* :meth:`PEFTMethod.check_strategy`: refuses a data-parallel strategy the method cannot run under;
+* :attr:`PEFTMethod.default_lr`: the learning rate comparisons use for it.
+
+Every config field carries its help text (``field(metadata={"help": ...})``, as peft's configs
+do); :func:`settings` lists them (``wpeft methods --help-method NAME``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,15 +46,21 @@ from torch import nn
 from wpeft.backbones.aurora_adapter import WpeftAurora
 from wpeft.errors import CheckpointError, ConfigError
 
+if TYPE_CHECKING:
+    from wpeft.methods.sfas import EntrySelection
+
 __all__ = [
     "GROUPS",
     "METHODS",
     "MethodConfig",
     "PEFTMethod",
+    "Setting",
     "check_selection",
     "create_method",
+    "method_class",
     "plain_name",
     "register",
+    "settings",
 ]
 
 GROUPS = ("backbone", "encoder", "decoder", "head", "added")
@@ -86,14 +108,13 @@ def check_selection(state: Mapping[str, torch.Tensor], numel: Mapping[str, int])
 
 @dataclass
 class MethodConfig:
-    """Settings shared by every method.
+    """Settings shared by every method (each field's help is in its ``metadata["help"]``)."""
 
-    Attributes:
-        train_encoder_decoder: Also train the encoder and decoder fully (the released code's
-            policy). Off by default: only the backbone budget and the head train.
-    """
-
-    train_encoder_decoder: bool = False
+    train_encoder_decoder: bool = field(
+        default=False,
+        metadata={"help": "Also train the encoder and decoder fully (the released code's policy). "
+                          "Off: only the backbone budget and the head train."},
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +133,11 @@ class PEFTMethod:
     size_knob: ClassVar[str | None] = None
     #: Short description for ``wpeft methods``.
     summary: ClassVar[str] = ""
+    #: Learning rate a comparison (``wpeft compare``, ``wpeft demo``) uses unless told one.
+    default_lr: ClassVar[float] = 1e-3
+    #: Batches the training loop hands to :meth:`prepare` before the first step (0: the method
+    #: has no preparation step).
+    preparation_batches: ClassVar[int] = 0
 
     def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
         known = {f.name for f in dataclasses.fields(self.Config)}
@@ -270,6 +296,43 @@ class PEFTMethod:
                 flat = params[name].view(-1)
                 flat[state[f"{name}.indices"]] = state[f"{name}.values"].to(flat.dtype)
 
+    # --- declared capabilities ----------------------------------------------------------------
+
+    @property
+    def selection(self) -> EntrySelection | None:
+        """The entry selection (masks over backbone entries) of a Fisher-selection method once
+        applied; None for every other method."""
+        return None
+
+    @property
+    def prompt_generators(self) -> nn.ModuleList | None:
+        """The TADP prompt generators (one per backbone block) once applied; None without."""
+        return None
+
+    @property
+    def num_prompts(self) -> int:
+        """Prompt tokens prepended to every attention window (TADP, VPT); 0 without prompts."""
+        return 0
+
+    def state_bytes(self) -> int:
+        """Bytes of the method's own training state besides parameters, gradients and optimiser
+        (selection masks, importance), unsharded; what the memory planner adds."""
+        return 0
+
+    def check_strategy(self, strategy: str) -> None:
+        """Raise ConfigError if the method cannot train under ``strategy`` (``none``, ``ddp``,
+        ``fsdp``) with its config; every strategy is fine by default."""
+
+    def prepare(
+        self,
+        loss_fn: Callable[..., torch.Tensor],
+        batches: Iterable[Any] | None = None,
+        n_batches: int | None = None,
+    ) -> Any:
+        """Work done once after ``apply`` and before the first step, from ``loss_fn(batch)`` on
+        ``batches`` (see :attr:`preparation_batches`); nothing by default."""
+        return None
+
     # --- training hooks ----------------------------------------------------------------------
 
     def on_wrapped(self) -> None:
@@ -300,9 +363,21 @@ class PEFTMethod:
         self.bind_optimizer(opt)
         return opt
 
-    def describe(self) -> dict[str, Any]:
-        """What a run records about the method."""
-        return {"method": self.name, "config": self.config.to_dict(), "trainable": self.trainable()}
+    def describe(self, reference: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """What a run records about the method (its part of ``summary.json``): name, config,
+        encoder/decoder policy, trainable counts and budget fraction, and with ``reference``
+        (the pristine state) the changed counts."""
+        out = {
+            "method": self.name,
+            "method_config": self.config.to_dict(),
+            "encoder_decoder_policy": "train" if self.config.train_encoder_decoder else "frozen",
+            "trainable": self.trainable(),
+            "budget_fraction": self.budget_fraction(),
+            "backbone_parameters": self.backbone_size,
+        }
+        if reference is not None:
+            out["changed"] = self.changed(reference)
+        return out
 
 
 METHODS: dict[str, type[PEFTMethod]] = {}
@@ -318,12 +393,44 @@ def register(cls: type[PEFTMethod]) -> type[PEFTMethod]:
     return cls
 
 
-def create_method(name: str, **kwargs: Any) -> PEFTMethod:
-    """A registered method by name, with config overrides; unknown names list the known ones."""
+def method_class(name: str) -> type[PEFTMethod]:
+    """The registered method class ``name``; an unknown name is refused with the known ones."""
     import wpeft.methods  # noqa: F401  (registers the built-in methods)
 
     try:
-        cls = METHODS[name]
+        return METHODS[name]
     except KeyError:
-        raise ConfigError(f"Unknown method {name!r}; registered: {sorted(METHODS)}.") from None
-    return cls(**kwargs)
+        raise ConfigError(
+            f"Unknown method {name!r}; registered: {', '.join(sorted(METHODS))} "
+            "(wpeft methods lists them)."
+        ) from None
+
+
+def create_method(name: str, **kwargs: Any) -> PEFTMethod:
+    """A registered method by name, with config overrides; unknown names list the known ones."""
+    return method_class(name)(**kwargs)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One config field of a method: its name, type (as annotated), default and help."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+def settings(config: type[MethodConfig]) -> list[Setting]:
+    """The fields of a method config class, in declaration order, with their help texts."""
+    out = []
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        out.append(Setting(f.name, kind, default, f.metadata.get("help", "")))
+    return out

@@ -12,6 +12,7 @@ __all__ = ["FullTuning"]
 class FullTuning(PEFTMethod):
     name = "full"
     summary = "all parameters train"
+    default_lr = 3e-4  # Full-Tuning is usually run with a smaller learning rate
 
     def _apply(self, model: WpeftAurora) -> None:
         model.requires_grad_(True)

@@ -19,7 +19,7 @@ be the *pristine* model's, keyed as before wrapping).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from peft import LoraConfig, inject_adapter_in_model
@@ -83,21 +83,25 @@ def validate_sublayers(sublayers: object, field: str = "targets") -> tuple[str, 
 
 @dataclass
 class LoRAConfig(MethodConfig):
-    """LoRA settings.
+    """LoRA settings."""
 
-    Attributes:
-        rank: Rank r of every update ``B @ A`` (the size knob).
-        alpha: Scaling numerator; the update is ``(alpha / rank) · B A``. ``None``: alpha = rank,
-            i.e. scaling 1 at every rank, so the budget matcher can change the rank alone.
-        dropout: Dropout on the LoRA branch's input (0 disables it).
-        targets: Which linears of every backbone block get an update (``qkv``, ``proj``: window
-            attention; ``fc1``, ``fc2``: MLP).
-    """
-
-    rank: int = 8
-    alpha: float | None = None
-    dropout: float = 0.0
-    targets: tuple[str, ...] = SUBLAYERS
+    rank: int = field(
+        default=8, metadata={"help": "Rank r of every update B @ A (the size knob)."}
+    )
+    alpha: float | None = field(
+        default=None,
+        metadata={"help": "Scaling numerator; the update is (alpha / rank) · B A. None: "
+                          "alpha = rank, i.e. scaling 1 at every rank, so the budget matcher can "
+                          "change the rank alone."},
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the LoRA branch's input (0 disables it)."}
+    )
+    targets: tuple[str, ...] = field(
+        default=SUBLAYERS,
+        metadata={"help": "Which linears of every backbone block get an update (qkv, proj: "
+                          "window attention; fc1, fc2: MLP)."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:

@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -107,32 +107,57 @@ def _check_chunk(value: int) -> None:
 class SFASConfig(MethodConfig):
     """SFAS settings (paper defaults; the released code's choices are one switch away)."""
 
-    #: Fraction of the eligible backbone entries selected per refresh, k = round(ratio · N).
-    #: The paper's budgets are ~0.3% and ~4% of the backbone; the released code uses 0.1%.
-    keep_ratio: float = 0.003
-    #: Per-entry importance: "fisher" = g² (diagonal empirical Fisher, paper) or "abs_grad" =
-    #: |g| (released code).
-    importance: Literal["fisher", "abs_grad"] = "fisher"
-    #: Steps whose importance is averaged for one selection: the refresh step and the ones just
-    #: before it (fewer at the start). Must be <= refresh_every.
-    accumulate_batches: int = 1
-    #: Annealed noise: "additive" F̂ + γ(1−n/N)U (paper), "multiplicative" F̂·U ranking
-    #: (released code; the positive annealing factor cannot change the ranking), or "none".
-    noise: Literal["additive", "multiplicative", "none"] = "additive"
-    #: Noise scale γ.
-    gamma: float = 0.2
-    #: Redraw the mask every this many optimiser steps (1 = every step, as in the paper).
-    refresh_every: int = 1
-    #: Seed of the noise; shared by all data-parallel ranks so they draw the same mask.
-    seed: int = 0
-    #: False: sparse-safe AdamW (unselected entries never move). True: the released code's
-    #: dense AdamW on masked gradients (momentum and weight decay still move unselected entries).
-    dense_update: bool = False
-    #: Also broadcast rank 0's mask at every refresh (one byte per backbone entry; redundant when
-    #: gradients are all-reduced, since selection is deterministic given the shared seed).
-    broadcast_masks: bool = False
-    #: Entries per score bucket / per top-k counting chunk (memory of temporaries).
-    chunk_numel: int = DEFAULT_CHUNK_NUMEL
+    keep_ratio: float = field(
+        default=0.003,
+        metadata={"help": "Fraction of the eligible backbone entries selected per refresh, "
+                          "k = round(ratio · N) (the size knob). The paper's budgets are ~0.3% "
+                          "and ~4% of the backbone; the released code uses 0.1%."},
+    )
+    importance: Literal["fisher", "abs_grad"] = field(
+        default="fisher",
+        metadata={"help": "Per-entry importance: 'fisher' = g² (diagonal empirical Fisher, "
+                          "paper) or 'abs_grad' = |g| (released code)."},
+    )
+    accumulate_batches: int = field(
+        default=1,
+        metadata={"help": "Steps whose importance is averaged for one selection: the refresh "
+                          "step and the ones just before it (fewer at the start); "
+                          "<= refresh_every."},
+    )
+    noise: Literal["additive", "multiplicative", "none"] = field(
+        default="additive",
+        metadata={"help": "Annealed noise: 'additive' F̂ + γ(1−n/N)U (paper), "
+                          "'multiplicative' F̂·U ranking (released code; the positive annealing "
+                          "factor cannot change the ranking), or 'none'."},
+    )
+    gamma: float = field(default=0.2, metadata={"help": "Noise scale γ."})
+    refresh_every: int = field(
+        default=1,
+        metadata={"help": "Redraw the mask every this many optimiser steps (1 = every step, as "
+                          "in the paper)."},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the noise; shared by all data-parallel ranks so they draw the "
+                          "same mask."},
+    )
+    dense_update: bool = field(
+        default=False,
+        metadata={"help": "False: sparse-safe AdamW (unselected entries never move). True: the "
+                          "released code's dense AdamW on masked gradients (momentum and weight "
+                          "decay still move unselected entries)."},
+    )
+    broadcast_masks: bool = field(
+        default=False,
+        metadata={"help": "Also broadcast rank 0's mask at every refresh (one byte per backbone "
+                          "entry; redundant when gradients are all-reduced, since selection is "
+                          "deterministic given the shared seed). Not under FSDP."},
+    )
+    chunk_numel: int = field(
+        default=DEFAULT_CHUNK_NUMEL,
+        metadata={"help": "Entries per score bucket / per top-k counting chunk (memory of "
+                          "temporaries)."},
+    )
 
     def __post_init__(self) -> None:
         _check_keep_ratio(self.keep_ratio)
@@ -161,15 +186,26 @@ class SFASConfig(MethodConfig):
 class FishMaskConfig(MethodConfig):
     """FISH mask settings."""
 
-    #: Fraction of the eligible backbone entries in the fixed mask.
-    keep_ratio: float = 0.003
-    #: Batches whose g² is averaged by ``prepare`` when it is not told ``n_batches`` (batch size
-    #: 1 gives the per-example empirical Fisher of the FISH paper).
-    fisher_batches: int = 16
-    #: False: sparse-safe AdamW. True: dense AdamW on masked gradients (decay leaks).
-    dense_update: bool = False
-    #: Entries per score bucket / per top-k counting chunk.
-    chunk_numel: int = DEFAULT_CHUNK_NUMEL
+    keep_ratio: float = field(
+        default=0.003,
+        metadata={"help": "Fraction of the eligible backbone entries in the fixed mask (the "
+                          "size knob)."},
+    )
+    fisher_batches: int = field(
+        default=16,
+        metadata={"help": "Batches whose g² is averaged by prepare() when it is not told "
+                          "n_batches (batch size 1 gives the per-example empirical Fisher of the "
+                          "FISH paper); the training loop passes its own 8."},
+    )
+    dense_update: bool = field(
+        default=False,
+        metadata={"help": "False: sparse-safe AdamW. True: dense AdamW on masked gradients "
+                          "(weight decay moves unselected entries)."},
+    )
+    chunk_numel: int = field(
+        default=DEFAULT_CHUNK_NUMEL,
+        metadata={"help": "Entries per score bucket / per top-k counting chunk."},
+    )
 
     def __post_init__(self) -> None:
         _check_keep_ratio(self.keep_ratio)
@@ -182,19 +218,32 @@ class FishMaskConfig(MethodConfig):
 class ChildTuningDConfig(MethodConfig):
     """Child-Tuning_D settings."""
 
-    #: Fraction of the eligible backbone entries in the fixed mask (Child-Tuning's reserve_p).
-    keep_ratio: float = 0.003
-    #: Batches averaged by ``prepare`` when not told ``n_batches``; None = every batch it is
-    #: given (the whole training set, as in Child-Tuning_D).
-    fisher_batches: int | None = None
-    #: Each tensor's gradient is scaled to this L2 norm at most before squaring (the original's
-    #: per-parameter clipping); None disables.
-    clip_grad_norm: float | None = 1.0
-    #: True (default, the original ChildTuningAdamW): dense AdamW on masked gradients; only
-    #: weight decay can move unselected entries. False: sparse-safe AdamW.
-    dense_update: bool = True
-    #: Entries per score bucket / per top-k counting chunk.
-    chunk_numel: int = DEFAULT_CHUNK_NUMEL
+    keep_ratio: float = field(
+        default=0.003,
+        metadata={"help": "Fraction of the eligible backbone entries in the fixed mask "
+                          "(Child-Tuning's reserve_p; the size knob)."},
+    )
+    fisher_batches: int | None = field(
+        default=None,
+        metadata={"help": "Batches averaged by prepare() when not told n_batches; None = every "
+                          "batch it is given (the whole training set, as in Child-Tuning_D); the "
+                          "training loop passes its own 8."},
+    )
+    clip_grad_norm: float | None = field(
+        default=1.0,
+        metadata={"help": "Each tensor's gradient is scaled to this L2 norm at most before "
+                          "squaring (the original's per-parameter clipping); None disables."},
+    )
+    dense_update: bool = field(
+        default=True,
+        metadata={"help": "True (the original ChildTuningAdamW): dense AdamW on masked "
+                          "gradients; only weight decay can move unselected entries. False: "
+                          "sparse-safe AdamW."},
+    )
+    chunk_numel: int = field(
+        default=DEFAULT_CHUNK_NUMEL,
+        metadata={"help": "Entries per score bucket / per top-k counting chunk."},
+    )
 
     def __post_init__(self) -> None:
         _check_keep_ratio(self.keep_ratio)
@@ -486,20 +535,28 @@ class _SelectionMethod(PEFTMethod):
     """Shared part: eligible = backbone parameters, masked counts, sparse adapter state,
     sparse-safe optimiser."""
 
-    #: Tells the shared method tests that ``trainable`` counts mask entries, not whole tensors.
-    selects_entries: ClassVar[bool] = True
     size_knob = "keep_ratio"
 
     def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        self.selection: EntrySelection | None = None
+        self._selection: EntrySelection | None = None
+
+    @property
+    def selection(self) -> EntrySelection | None:
+        """The selection over every backbone entry (None before ``apply``)."""
+        return self._selection
+
+    def state_bytes(self) -> int:
+        """The mask and its union, one byte per eligible entry each."""
+        sel = self.selection
+        return 0 if sel is None else 2 * sel.total
 
     def _apply(self, model: WpeftAurora) -> None:
         named = [(f"model.backbone.{n}", p) for n, p in model.backbone.named_parameters()]
         for _, p in named:
             p.requires_grad_(True)
         total = sum(p.numel() for _, p in named)
-        self.selection = EntrySelection(
+        self._selection = EntrySelection(
             named, budget_k(self.config.keep_ratio, total), self.config.chunk_numel
         )
 
@@ -508,9 +565,9 @@ class _SelectionMethod(PEFTMethod):
         self._sel().rebind(dict(self.named_parameters()))
 
     def _sel(self) -> EntrySelection:
-        if self.selection is None:
+        if self._selection is None:
             raise ConfigError(f"Apply method {self.name!r} to a model first.")
-        return self.selection
+        return self._selection
 
     @property
     def masks(self) -> list[torch.Tensor] | None:
@@ -565,8 +622,8 @@ class _SelectionMethod(PEFTMethod):
                 state[name] = p.detach().clone()
         return state
 
-    def describe(self) -> dict[str, Any]:
-        out = super().describe()
+    def describe(self, reference: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        out = super().describe(reference)
         sel = self.selection
         if sel is not None:
             out["selection"] = {
@@ -591,6 +648,19 @@ class SFAS(_SelectionMethod):
     def _apply(self, model: WpeftAurora) -> None:
         super()._apply(model)
         self._new_accumulator()
+
+    def state_bytes(self) -> int:
+        """Mask and union plus the fp32 importance accumulated between refreshes."""
+        sel = self.selection
+        return 0 if sel is None else super().state_bytes() + 4 * sel.total
+
+    def check_strategy(self, strategy: str) -> None:
+        """FSDP shards the mask: broadcasting rank 0's has no meaning there."""
+        if strategy == "fsdp" and self.config.broadcast_masks:
+            raise ConfigError(
+                f"Method {self.name!r} has broadcast_masks=True, which has no meaning under FSDP: "
+                "every rank holds a different shard of the one global mask. Turn it off."
+            )
 
     def _new_accumulator(self) -> None:
         sel = self._sel()
@@ -632,6 +702,9 @@ class SFAS(_SelectionMethod):
 
 class _StaticFisherMethod(_SelectionMethod):
     """A mask selected once before training from g² averaged over batches."""
+
+    #: The training loop selects the mask on its first 8 global batches.
+    preparation_batches = 8
 
     def prepare(
         self,

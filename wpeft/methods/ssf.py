@@ -13,7 +13,7 @@ Installed with forward hooks on those ``nn.Linear`` modules (no library fork); `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,14 +45,13 @@ class ScaleShift(nn.Module):
 
 @dataclass
 class SSFConfig(MethodConfig):
-    """SSF settings.
+    """SSF settings."""
 
-    Attributes:
-        sublayers: Which linears of every backbone block get a scale and shift on their output
-            (``qkv``, ``proj``: window attention; ``fc1``, ``fc2``: MLP).
-    """
-
-    sublayers: tuple[str, ...] = SUBLAYERS
+    sublayers: tuple[str, ...] = field(
+        default=SUBLAYERS,
+        metadata={"help": "Which linears of every backbone block get a scale and shift on their "
+                          "output (qkv, proj: window attention; fc1, fc2: MLP)."},
+    )
 
     def __post_init__(self) -> None:
         self.sublayers = validate_sublayers(self.sublayers, field="sublayers")

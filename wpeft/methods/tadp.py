@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -30,7 +30,14 @@ from wpeft.errors import ConfigError
 from wpeft.methods.base import MethodConfig, PEFTMethod, register
 from wpeft.methods.prompt_injection import PromptInjector
 
-__all__ = ["TADPConfig", "TADPGenerator", "TADPOnly", "install_tadp", "record_prompt_attention"]
+__all__ = [
+    "TADPConfig",
+    "TADPGenerator",
+    "TADPOnly",
+    "TADPPrompted",
+    "install_tadp",
+    "record_prompt_attention",
+]
 
 
 class AxisAdapter(nn.Module):
@@ -107,20 +114,28 @@ class TADPGenerator(nn.Module):
 
 @dataclass
 class TADPConfig(MethodConfig):
-    """TADP settings.
+    """TADP settings."""
 
-    Attributes:
-        num_prompts: Prompt tokens P per block (paper: downscaling 30, precipitation 20,
-            post-processing 5).
-        space_hidden / variable_hidden / feature_hidden: Adapter widths (variable: None = V//2).
-        external: External-mode attention, ``parameter_free`` (released code) or ``learned``.
-    """
-
-    num_prompts: int = 30
-    space_hidden: int = 8
-    variable_hidden: int | None = None
-    feature_hidden: int = 16
-    external: Literal["parameter_free", "learned"] = "parameter_free"
+    num_prompts: int = field(
+        default=30,
+        metadata={"help": "Prompt tokens P per block (paper: downscaling 30, precipitation 20, "
+                          "post-processing 5)."},
+    )
+    space_hidden: int = field(
+        default=8, metadata={"help": "Hidden width of the adapter over the space axis S."}
+    )
+    variable_hidden: int | None = field(
+        default=None,
+        metadata={"help": "Hidden width of the adapter over the variable axis V (None: V//2)."},
+    )
+    feature_hidden: int = field(
+        default=16, metadata={"help": "Hidden width of the adapter over the feature axis D_e."}
+    )
+    external: Literal["parameter_free", "learned"] = field(
+        default="parameter_free",
+        metadata={"help": "External-mode attention: 'parameter_free' (released code) or "
+                          "'learned' projections."},
+    )
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
@@ -161,17 +176,34 @@ def install_tadp(model: WpeftAurora, config: TADPConfig, added: nn.ModuleDict) -
     return PromptInjector(model.blocks, prompts).install()
 
 
+class TADPPrompted(PEFTMethod):
+    """Base of the methods with TADP generators: installs them after the rest of ``_apply``
+    and declares them (:attr:`prompt_generators`, :attr:`num_prompts`)."""
+
+    config: TADPConfig
+
+    def _apply(self, model: WpeftAurora) -> None:
+        super()._apply(model)
+        self.injector = install_tadp(model, self.config, self.added)
+
+    @property
+    def prompt_generators(self) -> nn.ModuleList | None:
+        """``added["tadp"]``: one generator per backbone block (None before ``apply``)."""
+        return self.added["tadp"] if "tadp" in self.added else None  # noqa: SIM401 (no .get)
+
+    @property
+    def num_prompts(self) -> int:
+        return self.config.num_prompts
+
+
 @register
-class TADPOnly(PEFTMethod):
+class TADPOnly(TADPPrompted):
     """Ablation: TADP prompts alone (the backbone stays frozen)."""
 
     name = "tadp"
     Config = TADPConfig
     size_knob = "num_prompts"
     summary = "TADP prompts only (ablation)"
-
-    def _apply(self, model: WpeftAurora) -> None:
-        self.injector = install_tadp(model, self.config, self.added)
 
 
 @contextmanager

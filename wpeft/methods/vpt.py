@@ -14,7 +14,7 @@ is not the identity at init: the extra keys change every window's softmax.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,13 +30,12 @@ __all__ = ["VPTConfig", "VPTDeep"]
 
 @dataclass
 class VPTConfig(MethodConfig):
-    """VPT-deep settings.
+    """VPT-deep settings."""
 
-    Attributes:
-        num_prompts: Prompt tokens P per block (the size knob); each block adds ``P · D_b``.
-    """
-
-    num_prompts: int = 10
+    num_prompts: int = field(
+        default=10,
+        metadata={"help": "Prompt tokens P per block (the size knob); each block adds P · D_b."},
+    )
 
     def __post_init__(self) -> None:
         n = self.num_prompts
@@ -74,6 +73,10 @@ class VPTDeep(PEFTMethod):
             prompts[self.key(info)] = nn.Parameter(p.uniform_(-bound, bound))
         self.added["prompts"] = prompts
         self.injector = PromptInjector(model.blocks, self.prompts).install()
+
+    @property
+    def num_prompts(self) -> int:
+        return self.config.num_prompts
 
     def prompts(self, info: BlockInfo) -> torch.Tensor:
         """The block's prompt tokens ``(P, D_b)``."""

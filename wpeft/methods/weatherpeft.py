@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wpeft.backbones.aurora_adapter import WpeftAurora
 from wpeft.methods.base import register
 from wpeft.methods.sfas import SFAS, SFASConfig
-from wpeft.methods.tadp import TADPConfig, install_tadp
+from wpeft.methods.tadp import TADPConfig, TADPPrompted
 
 __all__ = ["WeatherPEFT", "WeatherPEFTConfig"]
 
@@ -28,12 +27,12 @@ class WeatherPEFTConfig(SFASConfig, TADPConfig):
 
 
 @register
-class WeatherPEFT(SFAS):
+class WeatherPEFT(TADPPrompted, SFAS):
+    """SFAS's ``_apply`` selects over the backbone, then :class:`TADPPrompted` installs the
+    generators (method order: TADPPrompted, SFAS, ..., PEFTMethod)."""
+
     name = "weatherpeft"
     Config = WeatherPEFTConfig
     size_knob = "keep_ratio"
     summary = "TADP prompts + SFAS annealed Fisher selection (the paper's method)"
-
-    def _apply(self, model: WpeftAurora) -> None:
-        super()._apply(model)
-        self.injector = install_tadp(model, self.config, self.added)
+    config: WeatherPEFTConfig

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ from aurora.model.util import maybe_adjust_windows
 from wpeft.errors import ConfigError, DataError
 from wpeft.runs.fisher_records import default_blocks
 from wpeft.runs.store import RecordStore
+
+if TYPE_CHECKING:
+    from wpeft.methods.base import PEFTMethod
 
 __all__ = [
     "AttentionRecorder",
@@ -184,7 +187,7 @@ def record_attention(
 
     Args:
         model: The backbone (a TADP method applied).
-        generators: ``method.added["tadp"]``.
+        generators: ``method.prompt_generators``.
         batch: A :class:`~wpeft.tasks.base.TaskBatch` (only its first sample is used).
         predict: ``batch -> prediction`` running the model forward (``task.predict`` bound to
             the model).
@@ -332,7 +335,7 @@ class AttentionRecorder:
     """Records prompt attention of a TADP method at the end of training (and every ``every``).
 
     Args:
-        method: An applied method with TADP generators (``"tadp" in method.added``).
+        method: An applied method with TADP generators (``method.prompt_generators``).
         model: The backbone.
         task: The task (its first ``split`` batch is the evaluation sample).
         run_dir: The run directory (records go to ``<run>/records/attention``).
@@ -346,7 +349,7 @@ class AttentionRecorder:
 
     def __init__(
         self,
-        method: Any,
+        method: PEFTMethod,
         model: Any,
         task: Any,
         run_dir: str | Path,
@@ -356,10 +359,9 @@ class AttentionRecorder:
         split: str = "val",
         start_step: int = 0,
     ) -> None:
-        if "tadp" not in getattr(method, "added", {}):
+        if method.prompt_generators is None:
             raise ConfigError(
-                f"AttentionRecorder needs a TADP method (tadp, weatherpeft); got "
-                f"{getattr(method, 'name', type(method).__name__)!r}."
+                f"AttentionRecorder needs a TADP method (tadp, weatherpeft); got {method.name!r}."
             )
         self.method, self.model, self.task = method, model, task
         self.every = int(every)
@@ -381,7 +383,7 @@ class AttentionRecorder:
         """Record now, as the state after ``step`` completed optimiser steps."""
         ds = record_attention(
             self.model,
-            self.method.added["tadp"],
+            self.method.prompt_generators,
             self._batch(),
             lambda b: self.task.predict(self.model, b),
             self.blocks,

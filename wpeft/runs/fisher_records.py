@@ -61,7 +61,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -69,6 +69,9 @@ import xarray as xr
 
 from wpeft.errors import ConfigError
 from wpeft.runs.store import RecordStore
+
+if TYPE_CHECKING:
+    from wpeft.methods.base import PEFTMethod
 
 __all__ = [
     "MATRIX_KINDS",
@@ -191,7 +194,7 @@ class FisherRecorder:
     """Records a selection method's masks per (block, tensor) group at intervals.
 
     Args:
-        method: An applied selection method (``selects_entries``: ``sfas``, ``weatherpeft``,
+        method: An applied selection method (``method.selection``: ``sfas``, ``weatherpeft``,
             ``fish``, ``child_tuning_d``); static masks must be prepared before recording.
         run_dir: The run directory (records go to ``<run>/records/fisher``).
         every: Record at steps that are multiples of ``every`` and at the last step (steps are
@@ -210,7 +213,7 @@ class FisherRecorder:
 
     def __init__(
         self,
-        method: Any,
+        method: PEFTMethod,
         run_dir: str | Path,
         *,
         every: int = 10,
@@ -219,11 +222,10 @@ class FisherRecorder:
         start_step: int = 0,
         mask_history: int = 6,
     ) -> None:
-        selects = getattr(method, "selects_entries", False)
-        if not selects or getattr(method, "selection", None) is None:
+        if method.selection is None:
             raise ConfigError(
                 f"FisherRecorder needs an applied selection method (sfas, weatherpeft, fish, "
-                f"child_tuning_d); got {getattr(method, 'name', type(method).__name__)!r}."
+                f"child_tuning_d); got {method.name!r}."
             )
         if every < 1:
             raise ConfigError(f"every must be >= 1, got {every}.")
@@ -365,10 +367,10 @@ class FisherRecorder:
         return torch.stack(out)
 
     def _capture(self, step: int) -> None:
-        masks = self.method.masks
+        masks = self.selection.masks
         if masks is None:
             raise RuntimeError("The method has no mask to record yet.")
-        union = getattr(self.method, "union_masks", None) or masks
+        union = self.selection.union_masks or masks
         inside = self._grad_square_sums(masks)
         totals = self._totals if self._totals is not None else inside
         count = _counts(masks)
@@ -482,9 +484,9 @@ class FisherRecorder:
         ds["tensor"].attrs.update(long_name="tensor kind")
         ds.attrs.update(
             title="Fisher-mask records",
-            method=str(getattr(self.method, "name", "")),
-            k=int(self.method.selection.k),
-            eligible=int(self.method.selection.total),
+            method=str(self.method.name),
+            k=int(self.selection.k),
+            eligible=int(self.selection.total),
             every=self.every,
             static_variables="group_size,matrix_rows,matrix_cols,image_rows,image_cols",
             step_description="0-based index of the optimiser step whose mask is recorded",

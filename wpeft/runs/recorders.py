@@ -8,9 +8,9 @@
     ...                                   # after the last step:
     recorders.close(step)
 
-Selection methods (``method.selects_entries``: sfas, weatherpeft, fish, child_tuning_d) get a
+Selection methods (``method.selection`` not None: sfas, weatherpeft, fish, child_tuning_d) get a
 :class:`~wpeft.runs.fisher_records.FisherRecorder`; methods with TADP generators
-(``"tadp" in method.added``: tadp, weatherpeft) an
+(``method.prompt_generators`` not None: tadp, weatherpeft) an
 :class:`~wpeft.runs.attention_records.AttentionRecorder`; other methods record nothing.
 ``attach_recorders`` must run after ``method.prepare`` (static masks) and before the first step.
 """
@@ -20,10 +20,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wpeft.runs.attention_records import AttentionRecorder
 from wpeft.runs.fisher_records import FisherRecorder
+
+if TYPE_CHECKING:
+    from wpeft.methods.base import PEFTMethod
 
 __all__ = ["Recorders", "attach_recorders"]
 
@@ -52,7 +55,7 @@ class Recorders:
 
 def attach_recorders(
     run_dir: str | Path,
-    method: Any,
+    method: PEFTMethod,
     model: Any,
     task: Any,
     *,
@@ -75,12 +78,12 @@ def attach_recorders(
             clears old records).
     """
     out = Recorders()
-    if getattr(method, "selects_entries", False) and getattr(method, "selection", None) is not None:
+    if method.selection is not None:
         out.fisher = FisherRecorder(
             method, run_dir, every=every, image_blocks=blocks, image_size=image_size,
             start_step=start_step,
         ).install()
-    if "tadp" in getattr(method, "added", {}):
+    if method.prompt_generators is not None:
         out.attention = AttentionRecorder(
             method, model, task, run_dir, every=attention_every, blocks=blocks,
             start_step=start_step,

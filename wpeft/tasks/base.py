@@ -187,7 +187,8 @@ class Task:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        return {"task": self.name, "config": self.config.to_dict()}
+        """What a run records about the task (its part of ``summary.json``)."""
+        return {"task": self.name, "task_config": self.config.to_dict()}
 
 
 TASKS: dict[str, type[Task]] = {}

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from wpeft.methods.base import METHODS
+from wpeft.methods.base import method_class
 from wpeft.training.loop import TrainConfig, train
 
 __all__ = ["CompareConfig", "collect", "compare", "tables"]
@@ -34,8 +34,7 @@ class CompareConfig:
     seeds: Sequence[int] = (0,)
     steps: int = 200
     batch_size: int = 4
-    lr: float = 1e-3
-    lr_full: float | None = 3e-4  # Full-Tuning is usually run with a smaller learning rate
+    lr: float | None = None  # None: each method's default_lr (Full-Tuning 3e-4, others 1e-3)
     record_every: int = 10  # interval of the Fisher-mask records (selection methods), in steps
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -46,12 +45,11 @@ class CompareConfig:
         out = []
         for task in self.tasks:
             for method in self.methods:
-                # an unknown method is refused by TrainConfig, with the registered names
-                known = method in METHODS
-                budgets = self.budgets if known and METHODS[method].size_knob else (None,)
+                cls = method_class(method)
+                budgets = self.budgets if cls.size_knob else (None,)
                 for budget in budgets:
                     for seed in self.seeds:
-                        lr = self.lr_full if method == "full" and self.lr_full else self.lr
+                        lr = cls.default_lr if self.lr is None else self.lr
                         out.append(
                             TrainConfig(
                                 task=task, method=method, budget=budget, seed=seed,

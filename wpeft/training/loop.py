@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone
@@ -40,7 +41,7 @@ from wpeft.distributed.strategy import STRATEGIES, TrainingModule, resolve_strat
 from wpeft.errors import CheckpointError, ConfigError, WpeftError
 from wpeft.methods import create_method
 from wpeft.methods.adapter_file import save_adapter
-from wpeft.methods.base import PEFTMethod, plain_name
+from wpeft.methods.base import PEFTMethod, method_class, plain_name
 from wpeft.methods.budget import match_budget
 from wpeft.options import check_settings
 from wpeft.runs import attach_recorders
@@ -122,17 +123,11 @@ class TrainConfig:
 
     def _check_names_and_settings(self) -> None:
         """Task, method and their settings are checked before anything is built."""
-        from wpeft.methods import METHODS
         from wpeft.tasks import TASKS
 
         if self.task not in TASKS:
             raise ConfigError(f"Unknown task {self.task!r}; available: {', '.join(sorted(TASKS))}.")
-        if self.method not in METHODS:
-            raise ConfigError(
-                f"Unknown method {self.method!r}; registered: {', '.join(sorted(METHODS))} "
-                "(wpeft methods lists them)."
-            )
-        method_cls, task_cls = METHODS[self.method], TASKS[self.task]
+        method_cls, task_cls = method_class(self.method), TASKS[self.task]
         check_settings(method_cls.Config, self.method_options, f"method {self.method!r}")
         check_settings(task_cls.Config, self.task_options, f"task {self.task!r}")
         try:  # the configs' own checks (ranges, paths, ...)
@@ -268,10 +263,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[WpeftAurora, Task, PEFTMethod, dict, 
         if match.knob is not None:
             options[match.knob] = match.value
         budget_info = match.to_dict()
-    from wpeft.methods import METHODS
-
-    cls = METHODS.get(cfg.method)
-    if cls is not None and "seed" in {f.name for f in dataclasses.fields(cls.Config)}:
+    if "seed" in {f.name for f in dataclasses.fields(method_class(cfg.method).Config)}:
         options.setdefault("seed", cfg.seed)  # methods with their own randomness (SFAS noise)
     method = create_method(cfg.method, **options)
     method.apply(model, head)
@@ -454,13 +446,14 @@ def _prepare_static_selection(
 ) -> None:
     """Static Fisher masks (FISH, Child-Tuning_D) are chosen before training, on the global
     batches and before wrapping, so every rank computes the same mask alone."""
-    if not hasattr(method, "prepare"):
+    if not method.preparation_batches:
         return
 
     def prep_loss(batch: TaskBatch) -> torch.Tensor:
         return task.loss(task.predict(model, batch), batch)
 
-    prep = [b.to(device) for _, b in zip(range(8), _batches(task, cfg, 0, 0))]
+    first = zip(range(method.preparation_batches), _batches(task, cfg, 0, 0))
+    prep = [b.to(device) for _, b in first]
     method.prepare(prep_loss, prep, len(prep))
 
 
@@ -560,7 +553,7 @@ def _all_finite(tensors: Iterable[torch.Tensor], env: DistEnv) -> bool:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t.detach()
+    return t.to_local() if isinstance(t, DTensor) else t.detach()
 
 
 def _collective_device(env: DistEnv) -> torch.device:
@@ -615,7 +608,7 @@ class Checkpointer:
                 f"{self.last_good()}. Lower --lr and resume it (--resume --lr ...) or start again "
                 "(--overwrite)."
             )
-        selection = getattr(self.method, "selection", None)
+        selection = self.method.selection
         common = {
             "config": self.cfg.to_dict(),
             "scheduler": self.sched.state_dict(),
@@ -801,20 +794,14 @@ def _finish(
         os.replace(tmp, run / "fields.nc")
         adapter_path = save_adapter(
             method, reference, run / "adapter", task=cfg.task, budget=cfg.budget,
-            seed=cfg.seed, variables=list(getattr(task, "headline", ())),
+            seed=cfg.seed, variables=list(task.headline),
         )
         summary = {
-            "task": cfg.task,
-            "method": cfg.method,
+            **task.describe(),
+            **method.describe(reference),
             "budget": cfg.budget,
             "budget_match": budget_info,
             "seed": cfg.seed,
-            "encoder_decoder_policy": "train" if method.config.train_encoder_decoder else "frozen",
-            "method_config": method.config.to_dict(),
-            "trainable": method.trainable(),
-            "changed": method.changed(reference),
-            "budget_fraction": method.budget_fraction(),
-            "backbone_parameters": method.backbone_size,
             "scores": scores,
             "adapter_bytes": adapter_path.stat().st_size,
             "steps": cfg.steps,
