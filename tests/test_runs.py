@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
+import shutil
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +15,7 @@ import pytest
 import torch
 import xarray as xr
 
+import wpeft
 from wpeft import runs
 from wpeft.errors import ConfigError, DataError
 from wpeft.methods.sfas import EntrySelection
@@ -23,6 +27,7 @@ from wpeft.runs.attention_records import (
     window_positions,
 )
 from wpeft.runs.fisher_records import FisherRecorder, bin_edges, classify, jaccard, pool_mask
+from wpeft.runs.layout import RunLayout, run_directories
 from wpeft.runs.store import RecordStore
 from wpeft.training import loop
 from wpeft.training.loop import TrainConfig
@@ -442,6 +447,66 @@ def test_runs_open_scan_and_table(weatherpeft_run) -> None:
     assert df.loc[0, "rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
     with pytest.raises(DataError, match="not a run directory"):
         runs.open(run_dir / "records")
+
+
+# --- run directories written by earlier releases -------------------------------------------------
+
+#: A run directory written by wpeft 0.1.0 (weatherpeft, 4 steps; see the commit that added it).
+FIXTURE = Path(__file__).parent / "data" / "run-v0.1-weatherpeft"
+
+
+@pytest.fixture
+def old_runs(tmp_path) -> Path:
+    """A runs root holding a copy of the 0.1.0 run directory at ``downscaling/weatherpeft``."""
+    root = tmp_path / "runs"
+    shutil.copytree(FIXTURE, root / "downscaling" / "weatherpeft")
+    return root
+
+
+def test_run_directories_of_wpeft_0_1_still_open(old_runs) -> None:
+    path = old_runs / "downscaling" / "weatherpeft"
+    summary = json.loads((FIXTURE / "summary.json").read_text())
+    run = runs.open(path)
+    assert (run.task, run.method, run.budget, run.seed) == ("downscaling", "weatherpeft", 0.003, 0)
+    assert run.finished and run.config["steps"] == 4 and run.summary == summary
+    assert list(run.metrics["step"]) == [2] and "rmse/2m_temperature" in run.metrics
+    assert list(run.fisher.step.values) == [0, 2, 3] and list(run.attention.step.values) == [4]
+    assert "2m_temperature_target" in run.fields
+    assert run.skill["2m_temperature_rmse"].dims == ("latitude", "longitude")
+    run.close()
+    assert [r.path for r in runs.scan(old_runs)] == [path]
+    df = runs.table(old_runs)
+    assert len(df) == 1 and bool(df.loc[0, "finished"])
+    assert df.loc[0, "trainable_backbone"] == summary["trainable"]["backbone"]
+    assert df.loc[0, "changed_total"] == summary["changed"]["total"]
+    assert df.loc[0, "budget_fraction"] == summary["budget_fraction"]
+    assert df.loc[0, "rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
+
+
+def test_run_layout_names_every_file_of_a_run(tmp_path) -> None:
+    layout = RunLayout(str(tmp_path / "run"))
+    assert layout.path == tmp_path / "run"
+    assert layout.config.name == "config.json" and layout.summary.name == "summary.json"
+    assert layout.metrics.name == "metrics.jsonl" and layout.checkpoint.name == "checkpoint.pt"
+    assert layout.fields.name == "fields.nc" and layout.adapter.name == "adapter"
+    assert layout.record_index("fisher") == layout.path / "records" / "fisher" / "index.json"
+    assert layout.fisher_masks == layout.path / "records" / "fisher" / "masks"
+    assert not layout.is_run and not layout.finished
+    copy = RunLayout(shutil.copytree(FIXTURE, tmp_path / "a" / "run"))
+    assert copy.is_run and copy.finished and copy.has_fields and copy.has_records("attention")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "config.json").write_text(json.dumps({"nlat": 16}))  # not a run's
+    (copy.records / "config.json").write_text("{}")  # inside records/: never looked at
+    assert run_directories(tmp_path) == [tmp_path / "a" / "run", tmp_path / "data"]
+    assert not RunLayout(tmp_path / "data").is_run
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        copy.path = tmp_path  # type: ignore[misc]
+
+
+def test_store_and_skill_do_not_import_each_other() -> None:
+    tree = ast.parse((Path(wpeft.__file__).parent / "runs" / "skill.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "wpeft.runs.store" not in imported
 
 
 # --- window inversion -----------------------------------------------------------------------------

@@ -289,6 +289,31 @@ def test_signature_changes_only_with_new_data(catalog: Catalog, runs_root: Path)
     assert catalog.signature([name]) != sig
 
 
+def test_catalog_reads_run_directories_of_wpeft_0_1(tmp_path: Path) -> None:
+    import shutil
+
+    from test_runs import FIXTURE
+
+    root = tmp_path / "runs"
+    shutil.copytree(FIXTURE, root / "downscaling" / "weatherpeft")
+    summary = json.loads((FIXTURE / "summary.json").read_text())
+    catalog = Catalog(root, cache=DataCache())
+    name = "downscaling/weatherpeft"
+    assert catalog.names() == [name]
+    entry = catalog.resolve(name)
+    assert (entry.task, entry.method, entry.budget, entry.seed) == (
+        "downscaling", "weatherpeft", 0.003, 0)
+    assert entry.finished and entry.has_fisher and entry.has_attention and entry.has_fields
+    table = catalog.table()
+    assert list(table["run"]) == [name]
+    assert table.loc[0, "trainable_backbone"] == summary["trainable"]["backbone"]
+    assert table.loc[0, "rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
+    assert list(catalog.fisher(name).step.values) == [0, 2, 3]
+    assert list(catalog.attention(name).step.values) == [4]
+    assert "temperature_850" in catalog.skill_variables(name)
+    assert catalog.skill_map(name, "2m_temperature").dims == ("latitude", "longitude")
+
+
 # --------------------------------------------------------------------------- the server launcher
 
 

@@ -1,14 +1,10 @@
 """Append-only records inside a run directory, and reading a run directory back.
 
-Layout of a run directory (see :mod:`wpeft.training.loop`)::
+The files of a run directory are named in :mod:`wpeft.runs.layout`; the records of one kind live
+in ``<run>/records/<kind>/``::
 
-    <run>/config.json            the TrainConfig
-    <run>/metrics.jsonl          one JSON line per evaluation
-    <run>/summary.json           written last: the run is finished
-    <run>/fields.nc              test predictions and targets
-    <run>/records/<kind>/        append-only records written during training (this module)
-        index.json               the complete chunks, in step order
-        step-00000010.nc         one netCDF chunk per recorded step
+    index.json                   the complete chunks, in step order
+    step-00000010.nc             one netCDF chunk per recorded step
 
 **Why a reader never sees a half-written record.** A chunk is written to ``<name>.tmp`` and
 renamed with :func:`os.replace` (atomic on POSIX and Windows); only then is ``index.json``
@@ -28,6 +24,7 @@ import json
 import math
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +33,26 @@ import pandas as pd
 import xarray as xr
 
 from wpeft.errors import DataError
+from wpeft.runs.layout import (
+    CONFIG,
+    RECORD_INDEX,
+    RECORDS_DIR,
+    RunFileError,
+    RunLayout,
+    partial,
+    read_json_object,
+    run_directories,
+)
+from wpeft.runs.skill import skill_fields
 
-__all__ = ["RECORDS_DIR", "RecordStore", "Run", "open_run", "scan", "table"]
+__all__ = ["RECORDS_DIR", "RecordStore", "Run", "open_run", "scan", "sort_table", "table"]
 
-#: Sub-directory of a run directory holding the record kinds.
-RECORDS_DIR = "records"
-_INDEX = "index.json"
 _FORMAT = 1
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via ``path.tmp`` + :func:`os.replace` (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = partial(path)
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
 
@@ -75,7 +80,7 @@ def write_netcdf_atomic(ds: xr.Dataset, path: Path, *, compress: bool = False) -
     faster to write than HDF5 for small records; ``compress=True``: netCDF-4 with zlib level 1
     for large arrays. Readers open either.
     """
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = partial(path)
     ds = ds.copy()
     ds.attrs = _clean_attrs(dict(ds.attrs))
     for name in list(ds.variables):
@@ -110,26 +115,27 @@ class RecordStore:
         self.run_dir = Path(run_dir)
         self.kind = kind
         self.compress = compress
-        self.path = self.run_dir / RECORDS_DIR / kind
+        self.path = RunLayout(self.run_dir).record_dir(kind)
 
     # --- index ------------------------------------------------------------------------------
 
     def _read_index(self) -> dict[str, Any]:
-        try:
-            index = json.loads((self.path / _INDEX).read_text())
-        except FileNotFoundError:
+        path = self.path / RECORD_INDEX
+        name = f"{RECORDS_DIR}/{self.kind}/{RECORD_INDEX}"
+        index = read_json_object(path, name)
+        if index is None:
             return {"format": _FORMAT, "kind": self.kind, "chunks": [], "attrs": {}}
         if index.get("format") != _FORMAT:
-            raise DataError(
-                f"{self.path / _INDEX} has record format {index.get('format')!r}; this wpeft "
-                f"reads format {_FORMAT}."
+            raise RunFileError(
+                name, f"has record format {index.get('format')!r}; this wpeft reads format "
+                f"{_FORMAT}.", path,
             )
         return index
 
     def _write_index(self, index: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         index["chunks"] = sorted(index["chunks"], key=lambda c: c["step"])
-        write_json_atomic(self.path / _INDEX, index)
+        write_json_atomic(self.path / RECORD_INDEX, index)
 
     # --- writer -----------------------------------------------------------------------------
 
@@ -192,7 +198,7 @@ class RecordStore:
         index = self._read_index()
         self._write_index({**index, "chunks": []})
         for f in self.path.iterdir():
-            if f.name != _INDEX and f.is_file():
+            if f.name != RECORD_INDEX and f.is_file():
                 f.unlink(missing_ok=True)
 
     # --- reader -----------------------------------------------------------------------------
@@ -236,12 +242,43 @@ class RecordStore:
 
 # --- reading run directories ----------------------------------------------------------------------
 
+#: Columns a runs table is sorted by (a stable sort: ties keep the order of the runs given).
+TABLE_ORDER = ("task", "method", "budget", "seed")
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a run's ``config.json`` says the run is (read once).
+
+    Attributes:
+        task / method: Registered names.
+        budget: The target fraction of backbone parameters (None: the method's default size).
+        seed / steps: As configured.
+        task_options: The task's further config fields.
+    """
+
+    task: str
+    method: str
+    budget: float | None
+    seed: int
+    steps: int | None
+    task_options: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> RunIdentity:
+        budget, steps, options = cfg.get("budget"), cfg.get("steps"), cfg.get("task_options")
+        return cls(
+            task=str(cfg.get("task")),
+            method=str(cfg.get("method")),
+            budget=float(budget) if _number(budget) else None,
+            seed=int(cfg.get("seed", 0) or 0),
+            steps=steps,
+            task_options=options if isinstance(options, dict) else {},
+        )
 
 
 class Run:
@@ -255,20 +292,22 @@ class Run:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not (self.path / "config.json").is_file():
+        self.layout = RunLayout(path)
+        self.path = self.layout.path
+        if not self.layout.has_config:
             raise DataError(
-                f"{self.path} is not a run directory (no config.json); run `wpeft train` or "
+                f"{self.path} is not a run directory (no {CONFIG}); run `wpeft train` or "
                 "wpeft.training.loop.train(cfg, run_dir) to create one."
             )
         self._fields: xr.Dataset | None = None
         self._skill: xr.Dataset | None = None
 
     def __repr__(self) -> str:
+        ident = self.identity
         state = "finished" if self.finished else "running or interrupted"
         return (
-            f"Run({str(self.path)!r}, {self.task}/{self.method}, budget={self.budget}, "
-            f"seed={self.seed}, {state})"
+            f"Run({str(self.path)!r}, {ident.task}/{ident.method}, budget={ident.budget}, "
+            f"seed={ident.seed}, {state})"
         )
 
     # --- JSON files -------------------------------------------------------------------------
@@ -276,34 +315,40 @@ class Run:
     @property
     def config(self) -> dict[str, Any]:
         """The run's ``config.json`` (a :class:`~wpeft.training.loop.TrainConfig` as a dict)."""
-        cfg = _read_json(self.path / "config.json")
-        assert cfg is not None
+        cfg = read_json_object(self.layout.config)
+        if cfg is None:
+            raise DataError(f"{self.path} no longer holds a {CONFIG}.")
         return cfg
 
     @property
     def summary(self) -> dict[str, Any] | None:
         """``summary.json`` (trainable / changed counts, scores, ...); None while training."""
-        return _read_json(self.path / "summary.json")
+        return read_json_object(self.layout.summary)
 
     @property
     def finished(self) -> bool:
-        return (self.path / "summary.json").is_file()
+        return self.layout.finished
+
+    @property
+    def identity(self) -> RunIdentity:
+        """Task, method, budget, seed, steps and task options from one read of the config."""
+        return RunIdentity.from_config(self.config)
 
     @property
     def task(self) -> str:
-        return str(self.config.get("task"))
+        return self.identity.task
 
     @property
     def method(self) -> str:
-        return str(self.config.get("method"))
+        return self.identity.method
 
     @property
     def budget(self) -> float | None:
-        return self.config.get("budget")
+        return self.identity.budget
 
     @property
     def seed(self) -> int:
-        return int(self.config.get("seed", 0))
+        return self.identity.seed
 
     @property
     def metrics(self) -> pd.DataFrame:
@@ -311,7 +356,7 @@ class Run:
         line still being written is skipped."""
         rows = []
         try:
-            lines = (self.path / "metrics.jsonl").read_text().splitlines()
+            lines = self.layout.metrics.read_text().splitlines()
         except FileNotFoundError:
             lines = []
         for line in lines:
@@ -344,10 +389,9 @@ class Run:
         """``fields.nc`` (test predictions ``<var>`` and truth ``<var>_target``), opened lazily
         (values are read on use); None until the run has finished."""
         if self._fields is None:
-            path = self.path / "fields.nc"
-            if not path.is_file():
+            if not self.layout.has_fields:
                 return None
-            self._fields = xr.open_dataset(path, engine="netcdf4")
+            self._fields = xr.open_dataset(self.layout.fields, engine="netcdf4")
         return self._fields
 
     @property
@@ -357,8 +401,6 @@ class Run:
         if self._skill is None:
             if self.fields is None:
                 return None
-            from wpeft.runs.skill import skill_fields
-
             self._skill = skill_fields(self)
         return self._skill
 
@@ -371,16 +413,17 @@ class Run:
 
     def row(self) -> dict[str, Any]:
         """One row of a runs table: identity, counts and scores (NaN while training)."""
+        ident = self.identity
         s = self.summary or {}
         trainable, changed = s.get("trainable", {}), s.get("changed", {})
         row: dict[str, Any] = {
             "path": str(self.path),
-            "task": self.task,
-            "method": self.method,
-            "budget": math.nan if self.budget is None else float(self.budget),
-            "seed": self.seed,
+            "task": ident.task,
+            "method": ident.method,
+            "budget": math.nan if ident.budget is None else ident.budget,
+            "seed": ident.seed,
             "finished": self.finished,
-            "steps": self.config.get("steps"),
+            "steps": ident.steps,
             "trainable_backbone": trainable.get("backbone", math.nan),
             "trainable_total": trainable.get("total", math.nan),
             "changed_backbone": changed.get("backbone", math.nan),
@@ -400,23 +443,19 @@ def open_run(path: str | Path) -> Run:
 
 
 def scan(root: str | Path) -> list[Run]:
-    """Every run directory under ``root`` (any depth; ``root`` itself included), sorted by path.
-
-    A directory is a run if it holds a ``config.json`` naming a ``task`` and a ``method`` (other
-    ``config.json`` files, e.g. of cached data, are skipped).
+    """Every run directory under ``root`` (any depth; ``root`` itself included), sorted by path
+    (:func:`~wpeft.runs.layout.run_directories`, :attr:`~wpeft.runs.layout.RunLayout.is_run`).
     """
-    root = Path(root)
-    found = []
-    for cfg in sorted(root.rglob("config.json")):
-        if RECORDS_DIR in cfg.relative_to(root).parts[:-1]:
-            continue
-        try:
-            content = json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(content, dict) and {"task", "method"} <= content.keys():
-            found.append(Run(cfg.parent))
-    return found
+    return [Run(d) for d in run_directories(root) if RunLayout(d).is_run]
+
+
+def sort_table(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Rows of :meth:`Run.row` as a runs table, sorted by :data:`TABLE_ORDER`."""
+    df = pd.DataFrame(list(rows))
+    if not df.empty:
+        df = df.sort_values(list(TABLE_ORDER), na_position="first", kind="stable")
+        df = df.reset_index(drop=True)
+    return df
 
 
 def table(runs: str | Path | Iterable[Run]) -> pd.DataFrame:
@@ -424,11 +463,4 @@ def table(runs: str | Path | Iterable[Run]) -> pd.DataFrame:
     changed counts, budget fraction and every score; ``runs`` is a root directory or runs."""
     if isinstance(runs, (str, Path)):
         runs = scan(runs)
-    rows = [r.row() for r in runs]
-    df = pd.DataFrame(rows)
-    if not df.empty:
-        df = df.sort_values(
-            ["task", "method", "budget", "seed"], na_position="first", kind="stable"
-        )
-        df = df.reset_index(drop=True)
-    return df
+    return sort_table(r.row() for r in runs)
