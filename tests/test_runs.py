@@ -503,6 +503,40 @@ def test_run_layout_names_every_file_of_a_run(tmp_path) -> None:
         copy.path = tmp_path  # type: ignore[misc]
 
 
+#: The file names of a run directory, spelled only in wpeft/runs/layout.py.
+RUN_FILE_NAMES = ("summary.json", "config.json", "metrics.jsonl", "checkpoint.pt", "fields.nc")
+#: Files of the same name that do not belong to a run directory: (module, name).
+NOT_RUN_FILES = {
+    ("wpeft/backbones/pretrain.py", "checkpoint.pt"),  # a pretraining directory's checkpoint
+    ("wpeft/data/world.py", "config.json"),  # the config of a cached world
+}
+
+
+def _code_strings(tree: ast.AST) -> list[ast.Constant]:
+    """String constants of a module (f-string parts included) except docstrings."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
+                and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            docstrings.add(id(body[0].value))
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docstrings]
+
+
+def test_run_file_names_are_spelled_only_in_the_layout() -> None:
+    package = Path(wpeft.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        module = path.relative_to(package.parent).as_posix()
+        if module == "wpeft/runs/layout.py":
+            continue
+        for node in _code_strings(ast.parse(path.read_text(encoding="utf-8"))):
+            found += [f"{module}:{node.lineno}: {name!r}" for name in RUN_FILE_NAMES
+                      if name in node.value and (module, name) not in NOT_RUN_FILES]
+    assert not found, "run file names outside wpeft/runs/layout.py:\n" + "\n".join(found)
+
+
 def test_store_and_skill_do_not_import_each_other() -> None:
     tree = ast.parse((Path(wpeft.__file__).parent / "runs" / "skill.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

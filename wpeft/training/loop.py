@@ -40,6 +40,7 @@ from wpeft.methods.adapter_file import save_adapter
 from wpeft.methods.base import PEFTMethod, plain_name
 from wpeft.methods.budget import match_budget
 from wpeft.runs import attach_recorders
+from wpeft.runs.layout import RunLayout, partial
 from wpeft.runs.store import write_json_atomic
 from wpeft.tasks import TaskBatch, create_task
 from wpeft.tasks.base import Task
@@ -256,8 +257,9 @@ def train(
     every rank after the last step, before evaluation (to inspect the trained state).
     """
     run = Path(run_dir)
-    ckpt_path = run / "checkpoint.pt"
-    if run.exists() and (run / "summary.json").exists() and not resume:
+    layout = RunLayout(run)
+    ckpt_path = layout.checkpoint
+    if run.exists() and layout.finished and not resume:
         raise ConfigError(f"Run directory {run} already holds a finished run; choose another.")
     device, env = _device_for(cfg)
     if env.is_main:
@@ -305,7 +307,7 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         step, epoch, in_epoch = state["step"], state["epoch"], state["in_epoch"]
     elif not resume and env.is_main:
-        (run / "metrics.jsonl").unlink(missing_ok=True)
+        layout.metrics.unlink(missing_ok=True)
 
     # DDP / FSDP see the backbone (with the task's heads) and the method's added modules.
     unwrapped = TrainingModule(model, method.added)
@@ -331,15 +333,14 @@ def train(
         opt.load_state_dict(_optimizer_state_from_disk(state["optimizer"]))
         sched.load_state_dict(state["scheduler"])
     if env.is_main:
-        write_json_atomic(run / "config.json", cfg.to_dict())
+        write_json_atomic(layout.config, cfg.to_dict())
     # Recorders write on rank 0; other ranks record into scratch (an FSDP forward of the
     # attention recorder needs every rank).
     scratch = None if env.is_main else tempfile.TemporaryDirectory(prefix="wpeft-rank")
-    masks_dir = Path("records") / "fisher" / "masks"
-    if scratch is not None and step > 0 and (run / masks_dir).exists():
+    if scratch is not None and step > 0 and layout.fisher_masks.exists():
         # A resumed record compares with past masks, and under FSDP2 every rank's shard takes
         # part: every rank starts from rank 0's mask history.
-        shutil.copytree(run / masks_dir, Path(scratch.name) / masks_dir)
+        shutil.copytree(layout.fisher_masks, RunLayout(scratch.name).fisher_masks)
     recorders = attach_recorders(
         run if scratch is None else scratch.name, method, model, task,
         every=cfg.record_every, start_step=step,
@@ -426,7 +427,7 @@ def train(
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             scores = _evaluate(task, model, "val", cfg, env, strategy)[1]
             if env.is_main:
-                with open(run / "metrics.jsonl", "a") as f:
+                with open(layout.metrics, "a") as f:
                     f.write(json.dumps({"step": step, "split": "val", "loss": loss.item(), **scores}) + "\n")
             net.train()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -445,11 +446,11 @@ def train(
     fields, scores = _evaluate(task, model, "test", cfg, env, evaluated_as)
     summary: dict[str, Any] = {}
     if env.is_main:
-        tmp = run / "fields.nc.tmp"
+        tmp = partial(layout.fields)
         fields.to_netcdf(tmp, encoding={v: {"zlib": True, "complevel": 1} for v in fields.data_vars})
-        os.replace(tmp, run / "fields.nc")
+        os.replace(tmp, layout.fields)
         adapter_path = save_adapter(
-            method, reference, run / "adapter", task=cfg.task, budget=cfg.budget,
+            method, reference, layout.adapter, task=cfg.task, budget=cfg.budget,
             seed=cfg.seed, variables=list(getattr(task, "headline", ())),
         )
         summary = {
@@ -471,7 +472,7 @@ def train(
             "world_size": env.world_size,
             "strategy": strategy,
         }
-        write_json_atomic(run / "summary.json", summary)
+        write_json_atomic(layout.summary, summary)
     if env.distributed:
         box = [summary]
         torch.distributed.broadcast_object_list(box, src=0)
