@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import xarray as xr
@@ -481,6 +482,90 @@ def test_run_directories_of_wpeft_0_1_still_open(old_runs) -> None:
     assert df.loc[0, "changed_total"] == summary["changed"]["total"]
     assert df.loc[0, "budget_fraction"] == summary["budget_fraction"]
     assert df.loc[0, "rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
+
+
+def _damage(run: Path, case: str) -> None:
+    """Break one file of ``run`` (a copy of the fixture) as named by ``case``."""
+    summary = json.loads((FIXTURE / "summary.json").read_text())
+    if case == "trainable-null":
+        summary["trainable"] = None
+        (run / "summary.json").write_text(json.dumps(summary))
+    elif case == "summary-missing-keys":
+        del summary["changed"], summary["scores"]
+        (run / "summary.json").write_text(json.dumps(summary))
+    elif case == "summary-bad-json":
+        (run / "summary.json").write_text('{"task": "downscaling", "trainable": {"backbone": 1')
+    elif case == "config-garbage-bytes":
+        (run / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00garbage")
+    elif case == "config-bad-json":
+        (run / "config.json").write_text('{"task": "downscaling", "method": ')
+    elif case == "metrics-truncated":
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write('{"step": 4, "split": "val", "loss": 0.3')
+    elif case == "metrics-garbage-line":
+        text = (run / "metrics.jsonl").read_text()
+        (run / "metrics.jsonl").write_text("not json at all\n" + text)
+    elif case == "records-newer-format":
+        index = json.loads((run / "records/fisher/index.json").read_text())
+        (run / "records/fisher/index.json").write_text(json.dumps({**index, "format": 2}))
+    else:
+        raise AssertionError(case)
+
+
+#: Damage -> the problem the broken run is listed with.
+DAMAGES = {
+    "trainable-null": "summary.json: trainable is null, not an object",
+    "summary-missing-keys": "summary.json lacks changed, scores",
+    "summary-bad-json": "summary.json is not valid JSON",
+    "config-garbage-bytes": "config.json is not UTF-8 text",
+    "config-bad-json": "config.json is not valid JSON",
+    "metrics-truncated": "metrics.jsonl: the last line is cut off",
+    "metrics-garbage-line": "metrics.jsonl: line 1 is not a JSON object",
+    "records-newer-format": "records/fisher/index.json has record format 2",
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_a_malformed_file_is_a_problem_of_its_run_only(old_runs, case) -> None:
+    good = old_runs / "downscaling" / "weatherpeft"
+    bad = Path(shutil.copytree(good, old_runs / "downscaling" / "damaged"))
+    _damage(bad, case)
+    summary = json.loads((FIXTURE / "summary.json").read_text())
+    found = runs.scan(old_runs)
+    assert [r.path for r in found] == [bad, good]
+    df = runs.table(found).set_index("path")
+    ok, broken = df.loc[str(good)], df.loc[str(bad)]
+    assert pd.isna(ok["problem"]) and runs.open(good).problem is None
+    assert ok["trainable_backbone"] == summary["trainable"]["backbone"]
+    assert ok["rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
+    assert DAMAGES[case] in broken["problem"] and "\n" not in broken["problem"]
+    assert DAMAGES[case] in runs.open(bad).problem
+    assert str(bad) not in broken["problem"]  # names the file, not the server's path
+    assert bool(broken["finished"])
+    if case.startswith("config"):
+        assert broken["task"] == "?" and broken["method"] == "?"
+        with pytest.raises(DataError, match=DAMAGES[case]):
+            _ = runs.open(bad).config
+    else:
+        assert (broken["task"], broken["method"], broken["seed"]) == ("downscaling", "weatherpeft", 0)
+    if case == "trainable-null":
+        assert np.isnan(broken["trainable_backbone"])
+        assert broken["changed_backbone"] == summary["changed"]["backbone"]
+        assert broken["rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
+    if case.startswith("metrics"):
+        assert list(runs.open(bad).metrics["step"]) == [2]
+    if case == "records-newer-format":
+        with pytest.raises(DataError, match="this wpeft reads format 1"):
+            _ = runs.open(bad).fisher
+        assert list(runs.open(bad).attention.step.values) == [4]
+
+
+def test_a_truncated_metrics_line_is_no_problem_while_training(old_runs) -> None:
+    run = old_runs / "downscaling" / "weatherpeft"
+    (run / "summary.json").unlink()  # still training: the last line is being written
+    _damage(run, "metrics-truncated")
+    opened = runs.open(run)
+    assert opened.problem is None and list(opened.metrics["step"]) == [2]
 
 
 def test_run_layout_names_every_file_of_a_run(tmp_path) -> None:

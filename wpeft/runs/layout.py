@@ -15,7 +15,8 @@
 The training loop writes through :class:`RunLayout`; :mod:`wpeft.runs.store` and the dashboard
 (:mod:`wpeft.app.catalog`) read through it, and :func:`run_directories` is the one walk that
 finds run directories. :func:`read_json` is the one reader of a run's JSON files: a file that
-cannot be read raises :class:`RunFileError` with a one-line reason.
+cannot be read raises :class:`RunFileError` with a one-line reason, which the readers report as
+a problem of that run only (:attr:`wpeft.runs.Run.problem`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,25 @@ from typing import Any
 from wpeft.errors import DataError
 
 __all__ = [
-    "CONFIG", "FIELDS", "MAX_JSON_BYTES", "METRICS", "RECORDS_DIR", "RECORD_KINDS", "SUMMARY",
-    "RunFileError", "RunLayout", "partial", "read_json", "read_json_object", "run_directories",
+    "ADAPTER_STEM",
+    "CHECKPOINT",
+    "CONFIG",
+    "FIELDS",
+    "FISHER_MASKS",
+    "MAX_JSON_BYTES",
+    "METRICS",
+    "RECORDS_DIR",
+    "RECORD_INDEX",
+    "RECORD_KINDS",
+    "SKIP_DIRS",
+    "SUMMARY",
+    "RunFileError",
+    "RunLayout",
+    "names_a_run",
+    "partial",
+    "read_json",
+    "read_json_object",
+    "run_directories",
 ]
 
 CONFIG = "config.json"
@@ -180,8 +198,9 @@ class RunLayout:
     @property
     def read_files(self) -> tuple[Path, ...]:
         """The files readers open: config, summary, metrics, fields and the record indexes."""
-        indexes = tuple(self.record_index(kind) for kind in RECORD_KINDS)
-        return (self.config, self.summary, self.metrics, self.fields, *indexes)
+        kinds = sorted({*RECORD_KINDS, *self.record_kinds})
+        return (self.config, self.summary, self.metrics, self.fields,
+                *(self.record_index(kind) for kind in kinds))
 
     # --- state ------------------------------------------------------------------------------
 
@@ -208,13 +227,25 @@ class RunLayout:
         return any(p.is_file() for p in files) or self.records.is_dir()
 
     @property
+    def record_kinds(self) -> tuple[str, ...]:
+        """The record kinds present (sub-directories of ``records/`` with an index), sorted."""
+        if not self.records.is_dir():
+            return ()
+        return tuple(sorted(d.name for d in self.records.iterdir() if (d / RECORD_INDEX).is_file()))
+
+    @property
     def is_run(self) -> bool:
-        """A run directory: ``config.json`` names a task and a method. Other ``config.json``
+        """A run directory: ``config.json`` names a task and a method, or it does not (it is
+        damaged) but the directory holds files only training writes. Other ``config.json``
         files (e.g. of cached data) are not runs."""
-        try:
-            return names_a_run(read_json(self.config))
-        except RunFileError:
+        if not self.has_config:
             return False
+        try:
+            if names_a_run(read_json(self.config)):
+                return True
+        except RunFileError:
+            pass
+        return self.has_run_files
 
 
 def run_directories(root: str | Path) -> list[Path]:
