@@ -37,13 +37,7 @@ import pandas as pd
 import xarray as xr
 
 from wpeft.errors import DataError, WpeftError
-from wpeft.runs.layout import (
-    FIELDS,
-    RECORD_KINDS,
-    RunLayout,
-    read_json_object,
-    run_directories,
-)
+from wpeft.runs.layout import FIELDS, RECORD_KINDS, RunLayout, run_directories
 
 __all__ = [
     "CACHE",
@@ -373,12 +367,13 @@ class Catalog:
 
     def _index_files(self, entry: RunEntry, kind: str) -> Path | None:
         """``records/<kind>/index.json`` after checking every chunk it lists stays inside."""
+        from wpeft.runs.store import RecordStore
+
         index_path = self._file(entry.path, RunLayout(entry.path).record_index(kind))
         if index_path is None:
             return None
-        index = read_json_object(index_path) or {}
-        for chunk in index.get("chunks", []):
-            name = str(chunk.get("file", ""))
+        for chunk in RecordStore(entry.path, kind).read_index()["chunks"]:
+            name = chunk["file"]
             if not _CHUNK_NAME.match(name) or name in {".", ".."}:
                 raise DataError(f"The {kind} record index lists a bad chunk name {name!r}.")
             self._file(entry.path, RunLayout(entry.path).record_dir(kind), name)
@@ -487,30 +482,43 @@ class Catalog:
 
     def table(self) -> pd.DataFrame:
         """The runs table (:func:`wpeft.runs.table`) with a ``run`` name column first and no
-        absolute paths; reread when any run's ``config.json`` / ``summary.json`` changes."""
-        from wpeft.runs.store import Run, sort_table
+        absolute paths; a run whose files cannot be read is listed with its ``problem``. Reread
+        when any run's config, summary, metrics or record indexes change."""
+        from wpeft.runs.store import sort_table
 
         entries = self.runs()
 
         def load() -> pd.DataFrame:
-            rows = []
-            for e in entries:
-                try:
-                    row = Run(e.path).row()
-                except (OSError, ValueError) as err:
-                    log.warning("runs table: skipping %s: %s", e.name, self.sanitize(str(err)))
-                    continue
-                row.pop("path", None)
-                rows.append({"run": e.name, **row})
-            return sort_table(rows)
+            return sort_table({"run": e.name, **self._row(e)} for e in entries)
 
-        signature = tuple((e.name, self._run_signature(e.path)) for e in entries)
+        signature = tuple((e.name, self._run_signature(e.path, table=True)) for e in entries)
         return self.cache.get(("table", str(self.root)), signature, load)
 
+    def _row(self, entry: RunEntry) -> dict[str, Any]:
+        """:meth:`wpeft.runs.Run.row` without the path; an unexpected failure becomes the row's
+        problem (one run never breaks the table)."""
+        from wpeft.runs.store import Run
+
+        try:
+            row = Run(entry.path).row()
+        except Exception as err:  # noqa: BLE001 -- logged; the table shows the others
+            log.warning("runs table: %s: %s", entry.name, self.sanitize(repr(err)))
+            row = {
+                "task": entry.task, "method": entry.method,
+                "budget": math.nan if entry.budget is None else entry.budget,
+                "seed": entry.seed, "finished": entry.finished,
+                "problem": f"cannot be read ({type(err).__name__}; the server log has details)",
+            }
+        row.pop("path", None)
+        return row
+
     @staticmethod
-    def _run_signature(run_dir: Path) -> tuple[Any, ...]:
+    def _run_signature(run_dir: Path, *, table: bool = False) -> tuple[Any, ...]:
+        """Signature of a run's config and summary; with ``table`` also of what the table's
+        ``problem`` column reads (metrics, record indexes)."""
         layout = RunLayout(run_dir)
-        return file_signature(layout.config, layout.summary)
+        more = [layout.metrics, *(layout.record_index(k) for k in RECORD_KINDS)] if table else []
+        return file_signature(layout.config, layout.summary, *more)
 
     def budget_table(self, task: str, score: str) -> pd.DataFrame:
         """Finished runs of ``task`` with a trainable fraction > 0 and a finite ``score``."""
