@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
+import shutil
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import xarray as xr
 
+import wpeft
 from wpeft import runs
 from wpeft.errors import ConfigError, DataError
 from wpeft.methods import create_method
@@ -24,6 +29,7 @@ from wpeft.runs.attention_records import (
     window_positions,
 )
 from wpeft.runs.fisher_records import FisherRecorder, bin_edges, classify, jaccard, pool_mask
+from wpeft.runs.layout import RunLayout, run_directories
 from wpeft.runs.store import RecordStore
 from wpeft.training import loop
 from wpeft.training.loop import TrainConfig
@@ -439,6 +445,184 @@ def test_runs_open_scan_and_table(weatherpeft_run) -> None:
     assert df.loc[0, "rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
     with pytest.raises(DataError, match="not a run directory"):
         runs.open(run_dir / "records")
+
+
+# --- run directories written by earlier releases -------------------------------------------------
+
+#: A run directory written by wpeft 0.1.0 (weatherpeft, 4 steps; see the commit that added it).
+FIXTURE = Path(__file__).parent / "data" / "run-v0.1-weatherpeft"
+
+
+@pytest.fixture
+def old_runs(tmp_path) -> Path:
+    """A runs root holding a copy of the 0.1.0 run directory at ``downscaling/weatherpeft``."""
+    root = tmp_path / "runs"
+    shutil.copytree(FIXTURE, root / "downscaling" / "weatherpeft")
+    return root
+
+
+def test_run_directories_of_wpeft_0_1_still_open(old_runs) -> None:
+    path = old_runs / "downscaling" / "weatherpeft"
+    summary = json.loads((FIXTURE / "summary.json").read_text())
+    run = runs.open(path)
+    assert (run.task, run.method, run.budget, run.seed) == ("downscaling", "weatherpeft", 0.003, 0)
+    assert run.finished and run.config["steps"] == 4 and run.summary == summary
+    assert list(run.metrics["step"]) == [2] and "rmse/2m_temperature" in run.metrics
+    assert list(run.fisher.step.values) == [0, 2, 3] and list(run.attention.step.values) == [4]
+    assert "2m_temperature_target" in run.fields
+    assert run.skill["2m_temperature_rmse"].dims == ("latitude", "longitude")
+    run.close()
+    assert [r.path for r in runs.scan(old_runs)] == [path]
+    df = runs.table(old_runs)
+    assert len(df) == 1 and bool(df.loc[0, "finished"])
+    assert df.loc[0, "trainable_backbone"] == summary["trainable"]["backbone"]
+    assert df.loc[0, "changed_total"] == summary["changed"]["total"]
+    assert df.loc[0, "budget_fraction"] == summary["budget_fraction"]
+    assert df.loc[0, "rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
+
+
+def _damage(run: Path, case: str) -> None:
+    """Break one file of ``run`` (a copy of the fixture) as named by ``case``."""
+    summary = json.loads((FIXTURE / "summary.json").read_text())
+    if case == "trainable-null":
+        summary["trainable"] = None
+        (run / "summary.json").write_text(json.dumps(summary))
+    elif case == "summary-missing-keys":
+        del summary["changed"], summary["scores"]
+        (run / "summary.json").write_text(json.dumps(summary))
+    elif case == "summary-bad-json":
+        (run / "summary.json").write_text('{"task": "downscaling", "trainable": {"backbone": 1')
+    elif case == "config-garbage-bytes":
+        (run / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00garbage")
+    elif case == "config-bad-json":
+        (run / "config.json").write_text('{"task": "downscaling", "method": ')
+    elif case == "metrics-truncated":
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write('{"step": 4, "split": "val", "loss": 0.3')
+    elif case == "metrics-garbage-line":
+        text = (run / "metrics.jsonl").read_text()
+        (run / "metrics.jsonl").write_text("not json at all\n" + text)
+    elif case == "records-newer-format":
+        index = json.loads((run / "records/fisher/index.json").read_text())
+        (run / "records/fisher/index.json").write_text(json.dumps({**index, "format": 2}))
+    else:
+        raise AssertionError(case)
+
+
+#: Damage -> the problem the broken run is listed with.
+DAMAGES = {
+    "trainable-null": "summary.json: trainable is null, not an object",
+    "summary-missing-keys": "summary.json lacks changed, scores",
+    "summary-bad-json": "summary.json is not valid JSON",
+    "config-garbage-bytes": "config.json is not UTF-8 text",
+    "config-bad-json": "config.json is not valid JSON",
+    "metrics-truncated": "metrics.jsonl: the last line is cut off",
+    "metrics-garbage-line": "metrics.jsonl: line 1 is not a JSON object",
+    "records-newer-format": "records/fisher/index.json has record format 2",
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGES))
+def test_a_malformed_file_is_a_problem_of_its_run_only(old_runs, case) -> None:
+    good = old_runs / "downscaling" / "weatherpeft"
+    bad = Path(shutil.copytree(good, old_runs / "downscaling" / "damaged"))
+    _damage(bad, case)
+    summary = json.loads((FIXTURE / "summary.json").read_text())
+    found = runs.scan(old_runs)
+    assert [r.path for r in found] == [bad, good]
+    df = runs.table(found).set_index("path")
+    ok, broken = df.loc[str(good)], df.loc[str(bad)]
+    assert pd.isna(ok["problem"]) and runs.open(good).problem is None
+    assert ok["trainable_backbone"] == summary["trainable"]["backbone"]
+    assert ok["rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
+    assert DAMAGES[case] in broken["problem"] and "\n" not in broken["problem"]
+    assert DAMAGES[case] in runs.open(bad).problem
+    assert str(bad) not in broken["problem"]  # names the file, not the server's path
+    assert bool(broken["finished"])
+    if case.startswith("config"):
+        assert broken["task"] == "?" and broken["method"] == "?"
+        with pytest.raises(DataError, match=DAMAGES[case]):
+            _ = runs.open(bad).config
+    else:
+        assert (broken["task"], broken["method"], broken["seed"]) == ("downscaling", "weatherpeft", 0)
+    if case == "trainable-null":
+        assert np.isnan(broken["trainable_backbone"])
+        assert broken["changed_backbone"] == summary["changed"]["backbone"]
+        assert broken["rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
+    if case.startswith("metrics"):
+        assert list(runs.open(bad).metrics["step"]) == [2]
+    if case == "records-newer-format":
+        with pytest.raises(DataError, match="this wpeft reads format 1"):
+            _ = runs.open(bad).fisher
+        assert list(runs.open(bad).attention.step.values) == [4]
+
+
+def test_a_truncated_metrics_line_is_no_problem_while_training(old_runs) -> None:
+    run = old_runs / "downscaling" / "weatherpeft"
+    (run / "summary.json").unlink()  # still training: the last line is being written
+    _damage(run, "metrics-truncated")
+    opened = runs.open(run)
+    assert opened.problem is None and list(opened.metrics["step"]) == [2]
+
+
+def test_run_layout_names_every_file_of_a_run(tmp_path) -> None:
+    layout = RunLayout(str(tmp_path / "run"))
+    assert layout.path == tmp_path / "run"
+    assert layout.config.name == "config.json" and layout.summary.name == "summary.json"
+    assert layout.metrics.name == "metrics.jsonl" and layout.checkpoint.name == "checkpoint.pt"
+    assert layout.fields.name == "fields.nc" and layout.adapter.name == "adapter"
+    assert layout.record_index("fisher") == layout.path / "records" / "fisher" / "index.json"
+    assert layout.fisher_masks == layout.path / "records" / "fisher" / "masks"
+    assert not layout.is_run and not layout.finished
+    copy = RunLayout(shutil.copytree(FIXTURE, tmp_path / "a" / "run"))
+    assert copy.is_run and copy.finished and copy.has_fields and copy.has_records("attention")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "config.json").write_text(json.dumps({"nlat": 16}))  # not a run's
+    (copy.records / "config.json").write_text("{}")  # inside records/: never looked at
+    assert run_directories(tmp_path) == [tmp_path / "a" / "run", tmp_path / "data"]
+    assert not RunLayout(tmp_path / "data").is_run
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        copy.path = tmp_path  # type: ignore[misc]
+
+
+#: The file names of a run directory, spelled only in wpeft/runs/layout.py.
+RUN_FILE_NAMES = ("summary.json", "config.json", "metrics.jsonl", "checkpoint.pt", "fields.nc")
+#: Files of the same name that do not belong to a run directory: (module, name).
+NOT_RUN_FILES = {
+    ("wpeft/training/pretrain.py", "checkpoint.pt"),  # a pretraining directory's checkpoint
+    ("wpeft/data/world.py", "config.json"),  # the config of a cached world
+}
+
+
+def _code_strings(tree: ast.AST) -> list[ast.Constant]:
+    """String constants of a module (f-string parts included) except docstrings."""
+    docstrings = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
+                and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            docstrings.add(id(body[0].value))
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docstrings]
+
+
+def test_run_file_names_are_spelled_only_in_the_layout() -> None:
+    package = Path(wpeft.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        module = path.relative_to(package.parent).as_posix()
+        if module == "wpeft/runs/layout.py":
+            continue
+        for node in _code_strings(ast.parse(path.read_text(encoding="utf-8"))):
+            found += [f"{module}:{node.lineno}: {name!r}" for name in RUN_FILE_NAMES
+                      if name in node.value and (module, name) not in NOT_RUN_FILES]
+    assert not found, "run file names outside wpeft/runs/layout.py:\n" + "\n".join(found)
+
+
+def test_store_and_skill_do_not_import_each_other() -> None:
+    tree = ast.parse((Path(wpeft.__file__).parent / "runs" / "skill.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "wpeft.runs.store" not in imported
 
 
 # --- window inversion -----------------------------------------------------------------------------

@@ -289,6 +289,116 @@ def test_signature_changes_only_with_new_data(catalog: Catalog, runs_root: Path)
     assert catalog.signature([name]) != sig
 
 
+def test_catalog_reads_run_directories_of_wpeft_0_1(tmp_path: Path) -> None:
+    import shutil
+
+    from test_runs import FIXTURE
+
+    root = tmp_path / "runs"
+    shutil.copytree(FIXTURE, root / "downscaling" / "weatherpeft")
+    summary = json.loads((FIXTURE / "summary.json").read_text())
+    catalog = Catalog(root, cache=DataCache())
+    name = "downscaling/weatherpeft"
+    assert catalog.names() == [name]
+    entry = catalog.resolve(name)
+    assert (entry.task, entry.method, entry.budget, entry.seed) == (
+        "downscaling", "weatherpeft", 0.003, 0)
+    assert entry.finished and entry.has_fisher and entry.has_attention and entry.has_fields
+    table = catalog.table()
+    assert list(table["run"]) == [name]
+    assert table.loc[0, "trainable_backbone"] == summary["trainable"]["backbone"]
+    assert table.loc[0, "rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
+    assert list(catalog.fisher(name).step.values) == [0, 2, 3]
+    assert list(catalog.attention(name).step.values) == [4]
+    assert "temperature_850" in catalog.skill_variables(name)
+    assert catalog.skill_map(name, "2m_temperature").dims == ("latitude", "longitude")
+
+
+# --------------------------------------------------------------------------- malformed runs
+
+
+def _damage(run: Path, case: str) -> str:
+    """Break one file of a hand-made run; returns the problem it must be listed with."""
+    summary = run / "summary.json"
+    data = json.loads(summary.read_text())
+    if case == "trainable-null":
+        summary.write_text(json.dumps({**data, "trainable": None}))
+        return "summary.json: trainable is null, not an object"
+    if case == "summary-missing-keys":
+        summary.write_text(json.dumps({k: v for k, v in data.items() if k != "scores"}))
+        return "summary.json lacks scores"
+    if case == "summary-bad-json":
+        summary.write_text('{"trainable": {"backbone": 3,')
+        return "summary.json is not valid JSON"
+    if case == "config-garbage-bytes":
+        (run / "config.json").write_bytes(b"\xff\xfe\x00\x89garbage")
+        return "config.json is not UTF-8 text"
+    if case == "metrics-truncated":
+        (run / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "lo')
+        return "metrics.jsonl: the last line is cut off"
+    if case == "records-newer-format":
+        index = json.loads((run / "records/fisher/index.json").read_text())
+        (run / "records/fisher/index.json").write_text(json.dumps({**index, "format": 2}))
+        return "records/fisher/index.json has record format 2"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", [
+    "trainable-null", "summary-missing-keys", "summary-bad-json", "config-garbage-bytes",
+    "metrics-truncated", "records-newer-format",
+])
+def test_a_malformed_run_is_listed_with_its_problem(workbench_factory, catalog, runs_root,
+                                                   case) -> None:
+    name, good = "downscaling/damaged", "downscaling/weatherpeft-4pct"
+    problem = _damage(make_run(runs_root, name, "weatherpeft", budget=0.01, seed=2), case)
+    assert catalog.names() == [name, "downscaling/full", good]
+    table = catalog.table().set_index("run")
+    assert problem in table.loc[name, "problem"]
+    assert table.loc[good, "trainable_backbone"] == int(0.04 * 5e6)
+    assert table.loc[good, "rmse/2m_temperature"] == 1.0 and pd.isna(table.loc[good, "problem"])
+    wb = workbench_factory()
+    overview = wb.views["overview"]
+    assert overview.content.visible and not overview.message.visible
+    shown = overview.table.value.set_index("run")
+    assert problem in shown.loc[name, "problem"] and pd.isna(shown.loc[good, "problem"])
+    assert shown.loc[good, "rmse/2m_temperature"] == 1.0
+    assert "1 run has a problem" in overview.caption.object
+    assert str(runs_root.resolve()) not in shown.loc[name, "problem"]
+    wb.sel.view = "budget"
+    budget = wb.views["budget"]
+    assert budget.content.visible and not budget.message.visible
+    assert budget.plot.object is not None
+    wb.sel.run = good
+    wb.sel.view = "fisher"
+    assert wb.views["fisher"].content.visible and list(wb.views["fisher"].step.options)
+    wb.sel.run = name
+    fisher = wb.views["fisher"]
+    if case == "records-newer-format":
+        assert not fisher.content.visible and "has record format 2" in _plain(fisher.message.object)
+        assert "upgrade wpeft" in _plain(fisher.message.object)
+    else:
+        assert fisher.content.visible and not fisher.message.visible
+    wb.sel.view = "skill"
+    assert wb.views["skill"].content.visible
+
+
+def test_a_run_that_breaks_the_reader_is_listed_not_fatal(catalog, runs_root, monkeypatch) -> None:
+    from wpeft.runs.store import Run
+
+    real = Run.row
+
+    def row(self):
+        if self.path.name == "full":
+            raise TypeError("something unforeseen")
+        return real(self)
+
+    monkeypatch.setattr(Run, "row", row)
+    table = catalog.table().set_index("run")
+    assert "cannot be read (TypeError" in table.loc["downscaling/full", "problem"]
+    assert table.loc["downscaling/full", "method"] == "full"
+    assert table.loc["downscaling/weatherpeft-4pct", "rmse/2m_temperature"] == 1.0
+
+
 # --------------------------------------------------------------------------- the server launcher
 
 

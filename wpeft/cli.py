@@ -219,7 +219,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     if not paths:
         raise ConfigError(
             f"nothing to draw in {', '.join(args.runs)}: no Fisher or attention records and no "
-            "fields.nc yet (an unfinished run?); wait for the run to finish or pick finished runs."
+            "test fields yet (an unfinished run?); wait for the run to finish or pick finished runs."
         )
     print(f"wrote {len(paths)} figures to {args.out}")
     return 0
@@ -228,6 +228,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: fine-tune the pretrained tiny backbone on downscaling with WeatherPEFT,
     Full-Tuning and LoRA, and print the comparison."""
+    from wpeft.runs.layout import FIELDS
     from wpeft.training.compare import CompareConfig, collect, compare, tables
 
     print("wpeft demo: the pretrained tiny Aurora on the embedded synthetic world")
@@ -246,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for task, table in tables(results).items():
         print(f"\n{task} (test split; latitude-weighted RMSE in physical units)\n{table}")
     print("\nA short CPU run: see README 'Results' for the full comparison and what it shows.")
-    print(f"\nRun directories (config, metrics, adapter, fields.nc): {Path(args.out).resolve()}")
+    print(f"\nRun directories (config, metrics, adapter, {FIELDS}): {Path(args.out).resolve()}")
     print(f"Look at them in a browser: wpeft serve {Path(args.out).parent}   (or wpeft figures ...)")
     return 0
 

@@ -12,13 +12,14 @@ gave, never the server's absolute paths (:meth:`Catalog.sanitize`).
 Data are read once for all sessions: :class:`DataCache` (one per process, :data:`CACHE`) keys
 every loaded object by what it is and by the ``(inode, size, mtime)`` of the files it came from,
 so a run that appends records is reread on the next request and an unchanged one never is.
-Discovery (a walk of ``RUNS_DIR``, skipping ``records/``) is cached for a few seconds per
-directory. Nothing here imports Panel: this is plain Python, unit-tested without a browser.
+Discovery (:func:`wpeft.runs.layout.run_directories`) is cached for a few seconds per directory.
+What a run directory holds and how it is read is :mod:`wpeft.runs` (:class:`~wpeft.runs.Run`,
+:class:`~wpeft.runs.layout.RunLayout`); this module adds the path checks. Nothing here imports
+Panel: this is plain Python, unit-tested without a browser.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ import pandas as pd
 import xarray as xr
 
 from wpeft.errors import DataError, WpeftError
+from wpeft.runs.layout import FIELDS, RECORD_KINDS, RunLayout, run_directories
 
 __all__ = [
     "CACHE",
@@ -53,12 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Largest ``config.json`` / ``summary.json`` / ``index.json`` the app reads (bytes).
-MAX_JSON_BYTES = 4 * 1024 * 1024
-#: Directory names never descended into when looking for runs.
-_SKIP_DIRS = {"records", "__pycache__", ".git", ".ipynb_checkpoints"}
 _CHUNK_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-_RECORD_KINDS = ("fisher", "attention")
 
 
 class RunsDirError(WpeftError, ValueError):
@@ -281,66 +278,50 @@ class Catalog:
             message = message.replace(prefix, "RUNS_DIR")
         return message
 
-    def _file(self, run_path: Path, *parts: str) -> Path | None:
-        """``run_path/parts`` if it is a regular file inside ``RUNS_DIR`` (None if missing);
-        :class:`DataError` if it resolves outside (a planted symlink)."""
+    def _file(self, run_path: Path, *parts: str | Path) -> Path | None:
+        """``run_path/parts`` (or a path of its :class:`RunLayout`) if it is a regular file
+        inside ``RUNS_DIR`` (None if missing); :class:`DataError` if it resolves outside (a
+        planted symlink)."""
         p = run_path.joinpath(*parts)
         if not (p.is_file() or p.is_symlink()):
             return None
         if not _inside(self.root, p):
-            rel = "/".join(parts)
+            rel = p.relative_to(run_path).as_posix()
             raise DataError(f"{rel} of this run points outside the runs directory; not read.")
         return p if p.is_file() else None
-
-    def _read_json(self, path: Path) -> Any:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise DataError(f"{path.name} is larger than {MAX_JSON_BYTES} bytes; not read.")
-        return json.loads(path.read_text())
 
     # --- discovery --------------------------------------------------------------------------
 
     def _entry(self, run_dir: Path) -> RunEntry | None:
+        from wpeft.runs.store import Run
+
+        layout = RunLayout(run_dir)
         try:
-            cfg_path = self._file(run_dir, "config.json")
-            if cfg_path is None:
+            for path in layout.read_files:  # every file a reader opens stays inside RUNS_DIR
+                self._file(run_dir, path)
+            if not layout.is_run:
                 return None
-            cfg = self._read_json(cfg_path)
-            if not (isinstance(cfg, dict) and {"task", "method"} <= cfg.keys()):
-                return None
-            summary = self._file(run_dir, "summary.json")
-            fields = self._file(run_dir, "fields.nc")
-            records = {
-                kind: self._file(run_dir, "records", kind, "index.json") is not None
-                for kind in _RECORD_KINDS
-            }
+            ident = Run(run_dir).identity
         except (OSError, ValueError) as e:  # unreadable, bad JSON, or a symlink out
             log.warning("skipping %s: %s", self.sanitize(str(run_dir)), self.sanitize(str(e)))
             return None
-        budget = cfg.get("budget")
-        options = cfg.get("task_options") or {}
         return RunEntry(
             name=run_dir.relative_to(self.root).as_posix() if run_dir != self.root else ".",
             path=run_dir,
-            task=str(cfg["task"]),
-            method=str(cfg["method"]),
-            budget=float(budget) if isinstance(budget, (int, float)) else None,
-            seed=int(cfg.get("seed", 0) or 0),
-            earth=isinstance(options, dict) and options.get("source", "world") != "world",
-            finished=summary is not None,
-            has_fisher=records["fisher"],
-            has_attention=records["attention"],
-            has_fields=fields is not None,
+            task=ident.task,
+            method=ident.method,
+            budget=ident.budget,
+            seed=ident.seed,
+            earth=ident.task_options.get("source", "world") != "world",
+            finished=layout.finished,
+            has_fisher=layout.has_records("fisher"),
+            has_attention=layout.has_records("attention"),
+            has_fields=layout.has_fields,
         )
 
     def _walk(self) -> list[RunEntry]:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-            if "config.json" in filenames:
-                entry = self._entry(Path(dirpath))
-                if entry is not None:
-                    found.append(entry)
-        return sorted(found, key=lambda e: e.name)
+        entries = (self._entry(d) for d in run_directories(self.root))
+        return [e for e in entries if e is not None]
 
     def runs(self, *, refresh: bool = False) -> list[RunEntry]:
         """The runs in ``RUNS_DIR`` (any depth; directory symlinks are not followed), sorted by
@@ -386,15 +367,16 @@ class Catalog:
 
     def _index_files(self, entry: RunEntry, kind: str) -> Path | None:
         """``records/<kind>/index.json`` after checking every chunk it lists stays inside."""
-        index_path = self._file(entry.path, "records", kind, "index.json")
+        from wpeft.runs.store import RecordStore
+
+        index_path = self._file(entry.path, RunLayout(entry.path).record_index(kind))
         if index_path is None:
             return None
-        index = self._read_json(index_path)
-        for chunk in index.get("chunks", []):
-            name = str(chunk.get("file", ""))
+        for chunk in RecordStore(entry.path, kind).read_index()["chunks"]:
+            name = chunk["file"]
             if not _CHUNK_NAME.match(name) or name in {".", ".."}:
                 raise DataError(f"The {kind} record index lists a bad chunk name {name!r}.")
-            self._file(entry.path, "records", kind, name)
+            self._file(entry.path, RunLayout(entry.path).record_dir(kind), name)
         return index_path
 
     def records(self, name: str, kind: Literal["fisher", "attention"]) -> xr.Dataset | None:
@@ -402,7 +384,7 @@ class Catalog:
         from wpeft.runs.store import RecordStore
 
         entry = self.resolve(name)
-        index_path = entry.path / "records" / kind / "index.json"
+        index_path = RunLayout(entry.path).record_index(kind)
 
         def load() -> xr.Dataset | None:
             if self._index_files(entry, kind) is None:
@@ -422,10 +404,10 @@ class Catalog:
     def fields(self, name: str) -> xr.Dataset | None:
         """``fields.nc`` loaded into memory (file closed again), None before the run finishes."""
         entry = self.resolve(name)
-        path = entry.path / "fields.nc"
+        path = RunLayout(entry.path).fields
 
         def load() -> xr.Dataset | None:
-            checked = self._file(entry.path, "fields.nc")
+            checked = self._file(entry.path, path)
             if checked is None:
                 return None
             with xr.open_dataset(checked, engine="netcdf4") as ds:
@@ -458,7 +440,7 @@ class Catalog:
         fields = self.fields(name)
         if fields is None:
             raise DataError(
-                f"Run {name!r} has no test fields yet (fields.nc is written when training ends)."
+                f"Run {name!r} has no test fields yet ({FIELDS} is written when training ends)."
             )
         return fields
 
@@ -470,7 +452,7 @@ class Catalog:
         fields = self._require_fields(name)
         skill = self.cache.get(
             ("skill", str(entry.path), metric),
-            file_signature(entry.path / "fields.nc"),
+            file_signature(RunLayout(entry.path).fields),
             lambda: skill_fields(fields, metrics=(metric,)),
         )
         if f"{variable}_{metric}" in skill:
@@ -494,38 +476,49 @@ class Catalog:
             )
         return self.cache.get(
             ("difference", str(a.path), str(b.path), metric),
-            file_signature(a.path / "fields.nc", b.path / "fields.nc"),
+            file_signature(RunLayout(a.path).fields, RunLayout(b.path).fields),
             lambda: skill_difference(fa, fb, metric),  # type: ignore[arg-type]
         )
 
     def table(self) -> pd.DataFrame:
         """The runs table (:func:`wpeft.runs.table`) with a ``run`` name column first and no
-        absolute paths; reread when any run's ``config.json`` / ``summary.json`` changes."""
-        from wpeft.runs.store import Run
+        absolute paths; a run whose files cannot be read is listed with its ``problem``. Reread
+        when any run's config, summary, metrics or record indexes change."""
+        from wpeft.runs.store import sort_table
 
         entries = self.runs()
 
         def load() -> pd.DataFrame:
-            rows = []
-            for e in entries:
-                try:
-                    row = Run(e.path).row()
-                except (OSError, ValueError) as err:
-                    log.warning("runs table: skipping %s: %s", e.name, self.sanitize(str(err)))
-                    continue
-                row.pop("path", None)
-                rows.append({"run": e.name, **row})
-            df = pd.DataFrame(rows)
-            if not df.empty:
-                df = df.sort_values(["task", "method", "budget", "seed", "run"],
-                                    na_position="first", kind="stable").reset_index(drop=True)
-            return df
+            return sort_table({"run": e.name, **self._row(e)} for e in entries)
 
-        signature = tuple(
-            (e.name, file_signature(e.path / "config.json", e.path / "summary.json"))
-            for e in entries
-        )
+        signature = tuple((e.name, self._run_signature(e.path, table=True)) for e in entries)
         return self.cache.get(("table", str(self.root)), signature, load)
+
+    def _row(self, entry: RunEntry) -> dict[str, Any]:
+        """:meth:`wpeft.runs.Run.row` without the path; an unexpected failure becomes the row's
+        problem (one run never breaks the table)."""
+        from wpeft.runs.store import Run
+
+        try:
+            row = Run(entry.path).row()
+        except Exception as err:  # noqa: BLE001 -- logged; the table shows the others
+            log.warning("runs table: %s: %s", entry.name, self.sanitize(repr(err)))
+            row = {
+                "task": entry.task, "method": entry.method,
+                "budget": math.nan if entry.budget is None else entry.budget,
+                "seed": entry.seed, "finished": entry.finished,
+                "problem": f"cannot be read ({type(err).__name__}; the server log has details)",
+            }
+        row.pop("path", None)
+        return row
+
+    @staticmethod
+    def _run_signature(run_dir: Path, *, table: bool = False) -> tuple[Any, ...]:
+        """Signature of a run's config and summary; with ``table`` also of what the table's
+        ``problem`` column reads (metrics, record indexes)."""
+        layout = RunLayout(run_dir)
+        more = [layout.metrics, *(layout.record_index(k) for k in RECORD_KINDS)] if table else []
+        return file_signature(layout.config, layout.summary, *more)
 
     def budget_table(self, task: str, score: str) -> pd.DataFrame:
         """Finished runs of ``task`` with a trainable fraction > 0 and a finite ``score``."""
@@ -543,18 +536,13 @@ class Catalog:
         ``fields.nc``. Changes exactly when a view may need redrawing (used for polling)."""
         entries = self.runs()
         by_name = {e.name: e for e in entries}
-        sig: list[Any] = [
-            (e.name, file_signature(e.path / "config.json", e.path / "summary.json"))
-            for e in entries
-        ]
+        sig: list[Any] = [(e.name, self._run_signature(e.path)) for e in entries]
         for n in names:
             e = by_name.get(str(n))
             if e is not None:
-                sig.append(file_signature(
-                    e.path / "records" / "fisher" / "index.json",
-                    e.path / "records" / "attention" / "index.json",
-                    e.path / "fields.nc",
-                ))
+                layout = RunLayout(e.path)
+                indexes = [layout.record_index(kind) for kind in RECORD_KINDS]
+                sig.append(file_signature(*indexes, layout.fields))
         return tuple(sig)
 
 

@@ -4,7 +4,8 @@ Five views, each drawn with the HoloViews functions of :mod:`wpeft.viz.interacti
 code lives here):
 
 * **Overview** — the runs table (:meth:`~wpeft.app.catalog.Catalog.table`) in a sortable
-  Tabulator; clicking a row selects that run everywhere;
+  Tabulator; clicking a row selects that run everywhere; a run whose files cannot be read is
+  listed with its problem (a ``problem`` column next to its name);
 * **Fisher masks** — per-layer mask heatmap over training, a step player driving one weight
   matrix's mask image, and the overlap curves;
 * **Prompt attention** — variable x variable and variable x patch attention and a prompt
@@ -59,7 +60,7 @@ VIEWS = {
 _RUN_COLUMNS = (
     "run", "path", "task", "method", "budget", "seed", "finished", "steps",
     "trainable_backbone", "trainable_total", "changed_backbone", "changed_total",
-    "budget_fraction", "encoder_decoder_policy", "train_seconds",
+    "budget_fraction", "encoder_decoder_policy", "train_seconds", "problem",
 )
 _SELECTION_METHODS = "weatherpeft, sfas, fish and child_tuning_d"
 _NO_RUN = "— choose a run —"
@@ -299,7 +300,9 @@ class OverviewView(View):
         df["budget"] = 100.0 * df["budget"]
         df["budget_fraction"] = 100.0 * df["budget_fraction"]
         df = df.rename(columns={"budget": "budget_%", "budget_fraction": "trainable_%"})
-        first = ["run", "task", "method", "budget_%", "seed", "finished", "steps",
+        if "problem" in df.columns and df["problem"].isna().all():
+            df = df.drop(columns="problem")  # shown only when a run has one
+        first = ["run", "problem", "task", "method", "budget_%", "seed", "finished", "steps",
                  "trainable_backbone", "changed_backbone", "trainable_%", "trainable_total",
                  "changed_total", "encoder_decoder_policy", "train_seconds"]
         first = [c for c in first if c in df.columns]
@@ -312,10 +315,15 @@ class OverviewView(View):
         if not df.equals(self.table.value):
             self.table.value = df
         done = int(df["finished"].sum())
+        bad = int(df["problem"].notna().sum()) if "problem" in df.columns else 0
+        problems = (
+            f" **{bad} {'run has a problem' if bad == 1 else 'runs have problems'}** with "
+            "their files (see *problem*); the rest reads as usual." if bad else ""
+        )
         self.caption.object = (
             f"**{len(df)} runs** ({done} finished, {len(df) - done} training or interrupted) in "
-            f"`{_md(self.cat.root.name)}`. Click a column title to sort, a row to select that "
-            "run."
+            f"`{_md(self.cat.root.name)}`.{problems} Click a column title to sort, a row to "
+            "select that run."
         )
 
     def _row_selected(self, event: param.parameterized.Event) -> None:

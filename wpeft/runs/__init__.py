@@ -6,20 +6,39 @@ records, and per-grid-point skill.
 >>> run.fisher.density.sel(tensor="qkv")                           # doctest: +SKIP
 >>> runs.table(runs.scan("results"))                               # doctest: +SKIP
 
-Modules: :mod:`~wpeft.runs.store` (append-only records, :class:`Run`, ``open``, ``scan``,
-``table``), :mod:`~wpeft.runs.fisher_records`, :mod:`~wpeft.runs.attention_records`,
+Modules: :mod:`~wpeft.runs.layout` (the files of a run directory, :class:`RunLayout`),
+:mod:`~wpeft.runs.store` (append-only records, :class:`Run`, ``open``, ``scan``, ``table``),
+:mod:`~wpeft.runs.fisher_records`, :mod:`~wpeft.runs.attention_records`,
 :mod:`~wpeft.runs.skill`, :mod:`~wpeft.runs.recorders` (``attach_recorders`` for the loop).
+
+Names are imported on first use, so reading the layout (:mod:`wpeft.runs.layout`, e.g. the
+dashboard's run discovery) does not import torch.
 """
 
-from wpeft.runs.recorders import Recorders, attach_recorders
-from wpeft.runs.skill import skill_difference, skill_fields
-from wpeft.runs.store import RecordStore, Run, scan, table
-from wpeft.runs.store import open_run as open
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Public name -> (module, attribute).
+_NAMES = {
+    "RecordStore": ("store", "RecordStore"),
+    "Recorders": ("recorders", "Recorders"),
+    "Run": ("store", "Run"),
+    "RunLayout": ("layout", "RunLayout"),
+    "attach_recorders": ("recorders", "attach_recorders"),
+    "open": ("store", "open_run"),
+    "scan": ("store", "scan"),
+    "skill_difference": ("skill", "skill_difference"),
+    "skill_fields": ("skill", "skill_fields"),
+    "table": ("store", "table"),
+}
 
 __all__ = [
     "RecordStore",
     "Recorders",
     "Run",
+    "RunLayout",
     "attach_recorders",
     "open",
     "scan",
@@ -27,3 +46,14 @@ __all__ = [
     "skill_fields",
     "table",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        module, attribute = _NAMES[name]
+        return getattr(importlib.import_module(f"wpeft.runs.{module}"), attribute)
+    raise AttributeError(f"module 'wpeft.runs' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_NAMES])

@@ -68,6 +68,7 @@ import torch
 import xarray as xr
 
 from wpeft.errors import ConfigError
+from wpeft.runs.layout import FISHER_MASKS
 from wpeft.runs.store import RecordStore
 
 if TYPE_CHECKING:
@@ -95,7 +96,6 @@ _PREFIXES = (
     ("norm2", "norm2"),
 )
 _BLOCK = re.compile(r"(?:^|\.)(encoder|decoder)_layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
-_MASKS = "masks"
 
 
 def classify(name: str) -> tuple[str, str]:
@@ -282,7 +282,7 @@ class FisherRecorder:
     # --- set-up -----------------------------------------------------------------------------
 
     def _start(self, start_step: int) -> None:
-        masks_dir = self.store.path / _MASKS
+        masks_dir = self.store.path / FISHER_MASKS
         if start_step <= 0:
             self.store.clear()
             for f in masks_dir.glob("*") if masks_dir.exists() else ():
@@ -507,7 +507,7 @@ class FisherRecorder:
 
     def _persist_masks(self) -> None:
         """Bit-packed first mask and the last ``mask_history`` recorded masks, for resuming."""
-        masks_dir = self.store.path / _MASKS
+        masks_dir = self.store.path / FISHER_MASKS
         masks_dir.mkdir(parents=True, exist_ok=True)
         first = masks_dir / "first.npz"
         full = self.selection.collective.gather_full  # full masks on disk (any world size)

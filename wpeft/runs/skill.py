@@ -38,6 +38,7 @@ from scipy import stats
 
 from wpeft.errors import ConfigError, DataError
 from wpeft.metrics import bias, crps_gaussian, rmse
+from wpeft.runs.layout import CONFIG, FIELDS, RunLayout, read_json_object
 
 __all__ = ["benjamini_hochberg", "predicted_variables", "skill_difference", "skill_fields"]
 
@@ -45,20 +46,28 @@ Metric = Literal["rmse", "bias", "mae", "crps"]
 
 
 def _as_fields(obj: Any) -> tuple[xr.Dataset, str]:
-    """``fields.nc`` of a Run / run directory / netCDF path, or a Dataset as is; and a label."""
-    from wpeft.runs.store import Run
+    """``fields.nc`` of a Run / run directory / netCDF path, or a Dataset as is; and a label.
 
+    A run is anything with ``path``, ``method`` and ``fields`` (:class:`~wpeft.runs.store.Run`);
+    this module does not import the store, which imports it.
+    """
     if isinstance(obj, xr.Dataset):
         return obj, str(obj.attrs.get("run", "dataset"))
     if isinstance(obj, (str, Path)):
         p = Path(obj)
-        obj = Run(p) if p.is_dir() else xr.open_dataset(p, engine="netcdf4")
-        if isinstance(obj, xr.Dataset):
-            return obj, str(p)
-    if isinstance(obj, Run):
+        if not p.is_dir():
+            return xr.open_dataset(p, engine="netcdf4"), str(p)
+        layout = RunLayout(p)
+        if not layout.has_config:
+            raise DataError(f"{p} is not a run directory (no {CONFIG}).")
+        if not layout.has_fields:
+            raise DataError(f"Run {p} has no {FIELDS} yet (still training?).")
+        method = (read_json_object(layout.config) or {}).get("method")
+        return xr.open_dataset(layout.fields, engine="netcdf4"), f"{method} ({p.name})"
+    if hasattr(obj, "path") and hasattr(obj, "fields"):
         if obj.fields is None:
-            raise DataError(f"Run {obj.path} has no fields.nc yet (still training?).")
-        return obj.fields, f"{obj.method} ({obj.path.name})"
+            raise DataError(f"Run {obj.path} has no {FIELDS} yet (still training?).")
+        return obj.fields, f"{obj.method} ({Path(obj.path).name})"
     raise TypeError(f"Expected a Run, a path or an xr.Dataset, got {type(obj).__name__}.")
 
 

@@ -1,14 +1,10 @@
 """Append-only records inside a run directory, and reading a run directory back.
 
-Layout of a run directory (see :mod:`wpeft.training.loop`)::
+The files of a run directory are named in :mod:`wpeft.runs.layout`; the records of one kind live
+in ``<run>/records/<kind>/``::
 
-    <run>/config.json            the TrainConfig
-    <run>/metrics.jsonl          one JSON line per evaluation
-    <run>/summary.json           written last: the run is finished
-    <run>/fields.nc              test predictions and targets
-    <run>/records/<kind>/        append-only records written during training (this module)
-        index.json               the complete chunks, in step order
-        step-00000010.nc         one netCDF chunk per recorded step
+    index.json                   the complete chunks, in step order
+    step-00000010.nc             one netCDF chunk per recorded step
 
 **Why a reader never sees a half-written record.** A chunk is written to ``<name>.tmp`` and
 renamed with :func:`os.replace` (atomic on POSIX and Windows); only then is ``index.json``
@@ -28,6 +24,7 @@ import json
 import math
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +33,30 @@ import pandas as pd
 import xarray as xr
 
 from wpeft.errors import DataError
+from wpeft.runs.layout import (
+    CONFIG,
+    METRICS,
+    RECORD_INDEX,
+    RECORDS_DIR,
+    SUMMARY,
+    RunFileError,
+    RunLayout,
+    partial,
+    read_json_object,
+    run_directories,
+)
+from wpeft.runs.skill import skill_fields
 
-__all__ = ["RECORDS_DIR", "RecordStore", "Run", "open_run", "scan", "table"]
+__all__ = [
+    "RECORDS_DIR", "RecordStore", "Run", "RunIdentity", "open_run", "scan", "sort_table", "table",
+]
 
-#: Sub-directory of a run directory holding the record kinds.
-RECORDS_DIR = "records"
-_INDEX = "index.json"
 _FORMAT = 1
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via ``path.tmp`` + :func:`os.replace` (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = partial(path)
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
 
@@ -75,7 +84,7 @@ def write_netcdf_atomic(ds: xr.Dataset, path: Path, *, compress: bool = False) -
     faster to write than HDF5 for small records; ``compress=True``: netCDF-4 with zlib level 1
     for large arrays. Readers open either.
     """
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = partial(path)
     ds = ds.copy()
     ds.attrs = _clean_attrs(dict(ds.attrs))
     for name in list(ds.variables):
@@ -103,33 +112,49 @@ class RecordStore:
 
     Writer side: :meth:`append` (one chunk per step; appending a step again replaces its chunk,
     as a resumed run re-records the steps after its last checkpoint), :meth:`truncate`,
-    :meth:`clear`. Reader side: :meth:`steps`, :meth:`open`.
+    :meth:`clear`. Reader side: :meth:`read_index`, :meth:`steps`, :meth:`open`.
     """
 
     def __init__(self, run_dir: str | Path, kind: str, *, compress: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.kind = kind
         self.compress = compress
-        self.path = self.run_dir / RECORDS_DIR / kind
+        self.path = RunLayout(self.run_dir).record_dir(kind)
 
     # --- index ------------------------------------------------------------------------------
 
-    def _read_index(self) -> dict[str, Any]:
-        try:
-            index = json.loads((self.path / _INDEX).read_text())
-        except FileNotFoundError:
+    def read_index(self) -> dict[str, Any]:
+        """The index (format, kind, chunks, attrs); empty if there are no records yet.
+
+        Raises:
+            RunFileError: it cannot be read, is malformed or of another record format.
+        """
+        path = self.path / RECORD_INDEX
+        name = f"{RECORDS_DIR}/{self.kind}/{RECORD_INDEX}"
+        index = read_json_object(path, name)
+        if index is None:
             return {"format": _FORMAT, "kind": self.kind, "chunks": [], "attrs": {}}
-        if index.get("format") != _FORMAT:
-            raise DataError(
-                f"{self.path / _INDEX} has record format {index.get('format')!r}; this wpeft "
-                f"reads format {_FORMAT}."
+        found = index.get("format")
+        if found != _FORMAT:
+            newer = _number(found) and found > _FORMAT
+            hint = " (written by a newer wpeft: upgrade wpeft to read it)" if newer else ""
+            raise RunFileError(
+                name, f"has record format {found!r}; this wpeft reads format {_FORMAT}{hint}", path
+            )
+        chunks = index.get("chunks")
+        if not isinstance(chunks, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("step"), int)
+            and isinstance(c.get("file"), str) for c in chunks
+        ) or not isinstance(index.get("attrs", {}), dict):
+            raise RunFileError(
+                name, "is malformed (it needs chunks, each with an integer step and a file)", path
             )
         return index
 
     def _write_index(self, index: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         index["chunks"] = sorted(index["chunks"], key=lambda c: c["step"])
-        write_json_atomic(self.path / _INDEX, index)
+        write_json_atomic(self.path / RECORD_INDEX, index)
 
     # --- writer -----------------------------------------------------------------------------
 
@@ -166,7 +191,7 @@ class RecordStore:
         self.path.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:08d}.nc"
         write_netcdf_atomic(stepped, self.path / name, compress=self.compress)
-        index = self._read_index()
+        index = self.read_index()
         index["chunks"] = [c for c in index["chunks"] if c["step"] != step]
         index["chunks"].append({"step": step, "file": name})
         if attrs:
@@ -176,7 +201,7 @@ class RecordStore:
 
     def truncate(self, before: int) -> None:
         """Forget the records of steps >= ``before`` (a resumed run records them again)."""
-        index = self._read_index()
+        index = self.read_index()
         drop = [c for c in index["chunks"] if c["step"] >= before]
         if not drop:
             return
@@ -189,24 +214,24 @@ class RecordStore:
         """Remove every record of this kind (a fresh run in an old directory)."""
         if not self.path.exists():
             return
-        index = self._read_index()
+        index = self.read_index()
         self._write_index({**index, "chunks": []})
         for f in self.path.iterdir():
-            if f.name != _INDEX and f.is_file():
+            if f.name != RECORD_INDEX and f.is_file():
                 f.unlink(missing_ok=True)
 
     # --- reader -----------------------------------------------------------------------------
 
     def steps(self) -> list[int]:
         """Steps of the complete records, ascending."""
-        return [c["step"] for c in self._read_index()["chunks"]]
+        return [c["step"] for c in self.read_index()["chunks"]]
 
     def open(self, steps: Iterable[int] | None = None) -> xr.Dataset | None:
         """All complete records (or those of ``steps``) concatenated along ``step``, loaded into
         memory (files are closed again, so the writer can keep going). None if there are none.
         """
         for attempt in range(3):
-            index = self._read_index()
+            index = self.read_index()
             chunks = index["chunks"]
             if steps is not None:
                 wanted = set(steps)
@@ -236,12 +261,134 @@ class RecordStore:
 
 # --- reading run directories ----------------------------------------------------------------------
 
+#: Columns a runs table is sorted by (a stable sort: ties keep the order of the runs given).
+TABLE_ORDER = ("task", "method", "budget", "seed")
+#: ``summary.json`` keys a runs table needs: a finished run without them has a problem.
+SUMMARY_KEYS = ("trainable", "changed", "budget_fraction", "scores")
+#: Task and method of a run whose ``config.json`` cannot be read.
+UNKNOWN = "?"
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    """A JSON value as a short text for a problem message."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _json_line(line: bytes) -> dict[str, Any] | None:
+    """One JSON-lines record, None if it is not a JSON object."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+        value = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a run's ``config.json`` says the run is (read once).
+
+    Attributes:
+        task / method: Registered names (:data:`UNKNOWN` if the config cannot be read).
+        budget: The target fraction of backbone parameters (None: the method's default size).
+        seed / steps: As configured.
+        task_options: The task's further config fields.
+        problems: What is wrong with ``config.json`` (a value of the wrong type is read as its
+            default), one line each.
+    """
+
+    task: str
+    method: str
+    budget: float | None
+    seed: int
+    steps: int | None
+    task_options: dict[str, Any]
+    problems: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> RunIdentity:
+        problems = []
+        missing = [k for k in ("task", "method") if k not in cfg]
+        if missing:
+            problems.append(f"{CONFIG} names no {' or '.join(missing)}")
+        budget, seed, steps = cfg.get("budget"), cfg.get("seed", 0), cfg.get("steps")
+        options = cfg.get("task_options")
+        wrong = {  # key -> what it should be, for the keys that are not
+            key: expected for key, expected, ok in (
+                ("budget", "a number", budget is None or _number(budget)),
+                ("seed", "an integer", seed is None or _number(seed) and float(seed).is_integer()),
+                ("steps", "an integer", steps is None or _number(steps) and isinstance(steps, int)),
+                ("task_options", "an object", options is None or isinstance(options, dict)),
+            ) if not ok
+        }
+        problems += [f"{CONFIG}: {k} is {_show(cfg[k])}, not {e}" for k, e in wrong.items()]
+        return cls(
+            task=str(cfg.get("task", UNKNOWN)),
+            method=str(cfg.get("method", UNKNOWN)),
+            budget=None if "budget" in wrong or budget is None else float(budget),
+            seed=0 if "seed" in wrong or seed is None else int(seed),
+            steps=None if "steps" in wrong else steps,
+            task_options={} if "task_options" in wrong else options or {},
+            problems=tuple(problems),
+        )
+
+    @classmethod
+    def unreadable(cls, problem: str) -> RunIdentity:
+        """The identity of a run whose ``config.json`` cannot be read (``problem`` says why)."""
+        return cls(UNKNOWN, UNKNOWN, None, 0, None, {}, (problem,))
+
+
+def _summary_columns(
+    summary: dict[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, float], list[str]]:
+    """The runs-table columns of a ``summary.json`` (None while training: all NaN).
+
+    Returns:
+        The count / budget-fraction / policy / time columns, the scores, and what is wrong: a
+        key of :data:`SUMMARY_KEYS` missing or a value of the wrong type (read as NaN), one
+        line each.
+    """
+    s = summary or {}
+    problems = []
+    missing = [k for k in SUMMARY_KEYS if k not in s]
+    if summary is not None and missing:
+        problems.append(f"{SUMMARY} lacks {', '.join(missing)}")
+
+    def number(label: str, value: Any, *, null_ok: bool = True) -> Any:
+        if _number(value):
+            return value
+        if value is not None or not null_ok:
+            problems.append(f"{SUMMARY}: {label} is {_show(value)}, not a number")
+        return math.nan
+
+    def mapping(key: str) -> dict[str, Any]:
+        value = s.get(key, {})
+        if isinstance(value, dict):
+            return value
+        problems.append(f"{SUMMARY}: {key} is {_show(value)}, not an object")
+        return {}
+
+    trainable, changed, scores = mapping("trainable"), mapping("changed"), mapping("scores")
+    policy = s.get("encoder_decoder_policy")
+    if policy is not None and not isinstance(policy, str):
+        problems.append(f"{SUMMARY}: encoder_decoder_policy is {_show(policy)}, not a text")
+        policy = None
+    columns = {
+        "trainable_backbone": number("trainable.backbone", trainable.get("backbone")),
+        "trainable_total": number("trainable.total", trainable.get("total")),
+        "changed_backbone": number("changed.backbone", changed.get("backbone")),
+        "changed_total": number("changed.total", changed.get("total")),
+        "budget_fraction": number("budget_fraction", s.get("budget_fraction"),
+                                  null_ok="budget_fraction" not in s),
+        "encoder_decoder_policy": policy,
+        "train_seconds": number("train_seconds", s.get("train_seconds")),
+    }
+    values = {str(k): number(f"score {k}", v) for k, v in scores.items()}
+    return columns, values, problems
 
 
 class Run:
@@ -250,25 +397,32 @@ class Run:
     Attributes are read from disk on every access (training may still append), except
     :attr:`fields` and :attr:`skill`, which exist once the run is finished and are cached.
 
+    A file that cannot be read is a problem of this run only: :attr:`identity`, :attr:`metrics`
+    and :meth:`row` read what they can, and :attr:`problem` says what is wrong; :attr:`config`,
+    :attr:`summary` and the records raise :class:`~wpeft.runs.layout.RunFileError` (a
+    :class:`~wpeft.errors.DataError`) naming the file.
+
     Args:
         path: The run directory (must hold ``config.json``).
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not (self.path / "config.json").is_file():
+        self.layout = RunLayout(path)
+        self.path = self.layout.path
+        if not self.layout.has_config:
             raise DataError(
-                f"{self.path} is not a run directory (no config.json); run `wpeft train` or "
+                f"{self.path} is not a run directory (no {CONFIG}); run `wpeft train` or "
                 "wpeft.training.loop.train(cfg, run_dir) to create one."
             )
         self._fields: xr.Dataset | None = None
         self._skill: xr.Dataset | None = None
 
     def __repr__(self) -> str:
+        ident = self.identity
         state = "finished" if self.finished else "running or interrupted"
         return (
-            f"Run({str(self.path)!r}, {self.task}/{self.method}, budget={self.budget}, "
-            f"seed={self.seed}, {state})"
+            f"Run({str(self.path)!r}, {ident.task}/{ident.method}, budget={ident.budget}, "
+            f"seed={ident.seed}, {state})"
         )
 
     # --- JSON files -------------------------------------------------------------------------
@@ -276,50 +430,125 @@ class Run:
     @property
     def config(self) -> dict[str, Any]:
         """The run's ``config.json`` (a :class:`~wpeft.training.loop.TrainConfig` as a dict)."""
-        cfg = _read_json(self.path / "config.json")
-        assert cfg is not None
+        cfg = read_json_object(self.layout.config)
+        if cfg is None:
+            raise DataError(f"{self.path} no longer holds a {CONFIG}.")
         return cfg
 
     @property
     def summary(self) -> dict[str, Any] | None:
         """``summary.json`` (trainable / changed counts, scores, ...); None while training."""
-        return _read_json(self.path / "summary.json")
+        return read_json_object(self.layout.summary)
 
     @property
     def finished(self) -> bool:
-        return (self.path / "summary.json").is_file()
+        return self.layout.finished
+
+    @property
+    def identity(self) -> RunIdentity:
+        """Task, method, budget, seed, steps and task options from one read of the config (task
+        and method :data:`UNKNOWN` if it cannot be read)."""
+        try:
+            cfg = read_json_object(self.layout.config)
+        except RunFileError as e:
+            return RunIdentity.unreadable(e.brief)
+        if cfg is None:
+            return RunIdentity.unreadable(f"{CONFIG} is missing")
+        return RunIdentity.from_config(cfg)
 
     @property
     def task(self) -> str:
-        return str(self.config.get("task"))
+        return self.identity.task
 
     @property
     def method(self) -> str:
-        return str(self.config.get("method"))
+        return self.identity.method
 
     @property
     def budget(self) -> float | None:
-        return self.config.get("budget")
+        return self.identity.budget
 
     @property
     def seed(self) -> int:
-        return int(self.config.get("seed", 0))
+        return self.identity.seed
 
     @property
     def metrics(self) -> pd.DataFrame:
         """``metrics.jsonl`` as a DataFrame (one row per evaluation; empty if none yet). A last
-        line still being written is skipped."""
-        rows = []
+        line still being written and lines that are not JSON objects are skipped."""
+        return pd.DataFrame(self._read_metrics()[0])
+
+    def _read_metrics(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The rows of ``metrics.jsonl`` and its problems. A last line without its newline is
+        being written while the run trains (skipped quietly) and cut off once it finished."""
         try:
-            lines = (self.path / "metrics.jsonl").read_text().splitlines()
+            raw = self.layout.metrics.read_bytes()
         except FileNotFoundError:
-            lines = []
-        for line in lines:
+            return [], []
+        except OSError as e:
+            return [], [f"{METRICS} cannot be read ({e.strerror or type(e).__name__})"]
+        *lines, last = raw.split(b"\n")
+        rows, bad = [], []
+        for number, line in enumerate(lines, 1):
+            row = _json_line(line) if line.strip() else {}
+            if row is None:
+                bad.append(number)
+            elif row:
+                rows.append(row)
+        problems = []
+        if bad:
+            which = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" * (len(bad) > 5))
+            what = (f"line {which} is not a JSON object" if len(bad) == 1
+                    else f"lines {which} are not JSON objects")
+            problems.append(f"{METRICS}: {what} (skipped)")
+        if last.strip():
+            row = _json_line(last)
+            if row is not None:
+                rows.append(row)
+            elif self.finished:
+                problems.append(f"{METRICS}: the last line is cut off (skipped)")
+        return rows, problems
+
+    # --- problems ---------------------------------------------------------------------------
+
+    def _read_table_row(self) -> tuple[dict[str, Any], list[str]]:
+        """The runs-table row without ``problem``, and the problems, reading each file once."""
+        ident = self.identity
+        try:
+            summary, problems = read_json_object(self.layout.summary), []
+        except RunFileError as e:
+            summary, problems = None, [e.brief]
+        columns, scores, found = _summary_columns(summary)
+        problems = [*ident.problems, *problems, *found, *self._read_metrics()[1]]
+        for kind in self.layout.record_kinds:
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return pd.DataFrame(rows)
+                self.records(kind).steps()
+            except RunFileError as e:
+                problems.append(e.brief)
+        row: dict[str, Any] = {
+            "path": str(self.path),
+            "task": ident.task,
+            "method": ident.method,
+            "budget": math.nan if ident.budget is None else ident.budget,
+            "seed": ident.seed,
+            "finished": self.finished,
+            "steps": ident.steps,
+            **columns,
+        }
+        return {**row, **scores}, problems
+
+    def problems(self) -> list[str]:
+        """What is wrong with the run's files, one line each naming the file (empty: nothing):
+        ``config.json`` / ``summary.json`` that cannot be read (not UTF-8, not JSON, not an
+        object) or lack what a runs table needs, values of the wrong type, ``metrics.jsonl``
+        lines that are not JSON (a cut-off last line only once the run finished), and record
+        indexes that cannot be read or are of another format."""
+        return self._read_table_row()[1]
+
+    @property
+    def problem(self) -> str | None:
+        """:meth:`problems` as one line (``"; "``-separated), None if there is none."""
+        return "; ".join(self.problems()) or None
 
     # --- records ----------------------------------------------------------------------------
 
@@ -344,10 +573,9 @@ class Run:
         """``fields.nc`` (test predictions ``<var>`` and truth ``<var>_target``), opened lazily
         (values are read on use); None until the run has finished."""
         if self._fields is None:
-            path = self.path / "fields.nc"
-            if not path.is_file():
+            if not self.layout.has_fields:
                 return None
-            self._fields = xr.open_dataset(path, engine="netcdf4")
+            self._fields = xr.open_dataset(self.layout.fields, engine="netcdf4")
         return self._fields
 
     @property
@@ -357,8 +585,6 @@ class Run:
         if self._skill is None:
             if self.fields is None:
                 return None
-            from wpeft.runs.skill import skill_fields
-
             self._skill = skill_fields(self)
         return self._skill
 
@@ -370,28 +596,10 @@ class Run:
             self._skill = None
 
     def row(self) -> dict[str, Any]:
-        """One row of a runs table: identity, counts and scores (NaN while training)."""
-        s = self.summary or {}
-        trainable, changed = s.get("trainable", {}), s.get("changed", {})
-        row: dict[str, Any] = {
-            "path": str(self.path),
-            "task": self.task,
-            "method": self.method,
-            "budget": math.nan if self.budget is None else float(self.budget),
-            "seed": self.seed,
-            "finished": self.finished,
-            "steps": self.config.get("steps"),
-            "trainable_backbone": trainable.get("backbone", math.nan),
-            "trainable_total": trainable.get("total", math.nan),
-            "changed_backbone": changed.get("backbone", math.nan),
-            "changed_total": changed.get("total", math.nan),
-            "budget_fraction": s.get("budget_fraction", math.nan),
-            "encoder_decoder_policy": s.get("encoder_decoder_policy"),
-            "train_seconds": s.get("train_seconds", math.nan),
-        }
-        for k, v in s.get("scores", {}).items():
-            row[k] = v
-        return row
+        """One row of a runs table: identity, counts and scores (NaN while training or where a
+        file cannot be read) and ``problem`` (:attr:`problem`: None if there is none)."""
+        row, problems = self._read_table_row()
+        return {**row, "problem": "; ".join(problems) or None}
 
 
 def open_run(path: str | Path) -> Run:
@@ -400,23 +608,19 @@ def open_run(path: str | Path) -> Run:
 
 
 def scan(root: str | Path) -> list[Run]:
-    """Every run directory under ``root`` (any depth; ``root`` itself included), sorted by path.
-
-    A directory is a run if it holds a ``config.json`` naming a ``task`` and a ``method`` (other
-    ``config.json`` files, e.g. of cached data, are skipped).
+    """Every run directory under ``root`` (any depth; ``root`` itself included), sorted by path
+    (:func:`~wpeft.runs.layout.run_directories`, :attr:`~wpeft.runs.layout.RunLayout.is_run`).
     """
-    root = Path(root)
-    found = []
-    for cfg in sorted(root.rglob("config.json")):
-        if RECORDS_DIR in cfg.relative_to(root).parts[:-1]:
-            continue
-        try:
-            content = json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(content, dict) and {"task", "method"} <= content.keys():
-            found.append(Run(cfg.parent))
-    return found
+    return [Run(d) for d in run_directories(root) if RunLayout(d).is_run]
+
+
+def sort_table(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Rows of :meth:`Run.row` as a runs table, sorted by :data:`TABLE_ORDER`."""
+    df = pd.DataFrame(list(rows))
+    if not df.empty:
+        df = df.sort_values(list(TABLE_ORDER), na_position="first", kind="stable")
+        df = df.reset_index(drop=True)
+    return df
 
 
 def table(runs: str | Path | Iterable[Run]) -> pd.DataFrame:
@@ -424,11 +628,4 @@ def table(runs: str | Path | Iterable[Run]) -> pd.DataFrame:
     changed counts, budget fraction and every score; ``runs`` is a root directory or runs."""
     if isinstance(runs, (str, Path)):
         runs = scan(runs)
-    rows = [r.row() for r in runs]
-    df = pd.DataFrame(rows)
-    if not df.empty:
-        df = df.sort_values(
-            ["task", "method", "budget", "seed"], na_position="first", kind="stable"
-        )
-        df = df.reset_index(drop=True)
-    return df
+    return sort_table(r.row() for r in runs)

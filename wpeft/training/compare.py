@@ -8,7 +8,6 @@ trainable fraction of backbone parameters.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 import xarray as xr
 
 from wpeft.methods.base import method_class
+from wpeft.runs.layout import SUMMARY, RunLayout
 from wpeft.training.loop import TrainConfig, train
 
 __all__ = ["CompareConfig", "collect", "compare", "tables"]
@@ -71,21 +71,22 @@ def compare(config: CompareConfig, root: str | Path, *, progress: bool = True) -
     root = Path(root)
     summaries = []
     for cfg in config.cells():
-        d = run_dir(root, cfg)
-        if (d / "summary.json").exists():
-            summaries.append(json.loads((d / "summary.json").read_text()))
+        d = RunLayout(run_dir(root, cfg))
+        if d.finished:
+            summaries.append(json.loads(d.summary.read_text()))
             continue
         # an interrupted cell continues (or restarts, if killed before its first checkpoint)
-        summaries.append(train(cfg, d, resume=d.exists(), progress=progress))
+        summaries.append(train(cfg, d.path, resume=d.path.exists(), progress=progress))
     return summaries
 
 
 def collect(root: str | Path) -> xr.Dataset:
     """All finished runs under ``root`` as one Dataset with dims (task, method, budget, seed):
     one variable per score plus ``budget_percent`` (trainable share of the backbone)."""
-    rows = [json.loads(p.read_text()) for p in sorted(Path(root).glob("*/*/summary.json"))]
+    layouts = [RunLayout(d) for d in sorted(Path(root).glob("*/*"))]
+    rows = [json.loads(d.summary.read_text()) for d in layouts if d.finished]
     if not rows:
-        raise FileNotFoundError(f"No finished runs (summary.json) under {root}.")
+        raise FileNotFoundError(f"No finished runs ({SUMMARY}) under {root}.")
     tasks = sorted({r["task"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     budgets = sorted({"default" if r["budget"] is None else f"{100 * r['budget']:g}%" for r in rows})
@@ -194,6 +195,3 @@ def write_tables(results: xr.Dataset, out_dir: str | Path) -> list[Path]:
     paths.append(nc)
     return paths
 
-
-def config_from_dict(d: dict[str, Any]) -> CompareConfig:
-    return CompareConfig(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(CompareConfig)}})

@@ -45,6 +45,7 @@ from wpeft.methods.base import PEFTMethod, method_class, plain_name
 from wpeft.methods.budget import match_budget
 from wpeft.options import check_settings
 from wpeft.runs import attach_recorders
+from wpeft.runs.layout import RunFileError, RunLayout, partial, read_json_object
 from wpeft.runs.store import write_json_atomic
 from wpeft.tasks import TaskBatch, create_task
 from wpeft.tasks.base import Task
@@ -310,6 +311,7 @@ def train(
     state stops it keeping the last finite checkpoint (:class:`TrainingDiverged`).
     """
     run = Path(run_dir)
+    layout = RunLayout(run)
     check_run_dir(run, cfg, resume=resume, overwrite=overwrite)
     device, env = _device_for(cfg)
     if env.is_main:
@@ -321,12 +323,12 @@ def train(
     strategy = resolve_strategy(cfg.strategy, env, method)
     _to_device(model, method, device)
     _prepare_static_selection(method, task, model, cfg, device)
-    ckpt_path = run / "checkpoint.pt"
+    ckpt_path = layout.checkpoint
     state = _read_checkpoint(ckpt_path, cfg, strategy) if resume and ckpt_path.exists() else None
     if state is not None:
         _restore_method_state(method, state)
     elif env.is_main:  # a fresh start: metrics of an earlier attempt go
-        (run / "metrics.jsonl").unlink(missing_ok=True)
+        layout.metrics.unlink(missing_ok=True)
     position = _Position.of(state)
     resumes = _resume_history(cfg, state, position.step)
 
@@ -341,19 +343,19 @@ def train(
     if state is not None:
         _restore_optimizer(unwrapped, opt, sched, state, strategy, ckpt_path, cfg)
     if env.is_main:
-        write_json_atomic(run / "config.json", cfg.to_dict())
+        write_json_atomic(layout.config, cfg.to_dict())
     checkpointer = Checkpointer(
         ckpt_path, cfg, env, strategy, method, reference, unwrapped, opt, sched, resumes,
         last_step=position.step if state is not None else None,
     )
     started = time.perf_counter()
     with _StopOnSignal(env) as stop:
-        _run_steps(cfg, run, env, device, strategy, task, model, net, method, opt, sched, checkpointer,
+        _run_steps(cfg, layout, env, device, strategy, task, model, net, method, opt, sched, checkpointer,
                    position, stop, progress)
     gathered = checkpointer.save(position)
     if on_trained is not None:
         on_trained(method, env, opt)
-    return _finish(cfg, run, env, device, strategy, task, model, method, reference, budget_info,
+    return _finish(cfg, layout, env, device, strategy, task, model, method, reference, budget_info,
                    gathered, resumes, time.perf_counter() - started)
 
 
@@ -379,6 +381,7 @@ def check_run_dir(run: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool)
     destroy, before any model is built or folder created."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; give one of them.")
+    layout = RunLayout(run)
     if run.exists() and not run.is_dir():
         raise ConfigError(f"--out {run} is a file, not a directory; choose a directory path.")
     existing = run
@@ -397,7 +400,7 @@ def check_run_dir(run: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool)
         raise ConfigError(
             f"--out {run} is not empty and holds no wpeft run; choose a new or empty directory."
         )
-    if (run / "summary.json").exists() and not resume:
+    if layout.finished and not resume:
         raise ConfigError(
             f"Run directory {run} already holds a finished run; choose another, or give "
             "--overwrite to replace it."
@@ -407,10 +410,10 @@ def check_run_dir(run: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool)
             f"Run directory {run} holds an unfinished run; give --resume to continue it from its "
             "last checkpoint or --overwrite to start it again."
         )
-    if not (run / "checkpoint.pt").exists():  # killed before its first checkpoint
+    if not layout.checkpoint.exists():  # killed before its first checkpoint
         try:
-            previous = json.loads((run / "config.json").read_text())
-        except (OSError, ValueError):
+            previous = read_json_object(layout.config)
+        except RunFileError:
             previous = None
         if previous is not None and not cfg.same_run(previous):
             raise ConfigError(
@@ -419,11 +422,10 @@ def check_run_dir(run: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool)
             )
 
 
-_RUN_FILES = ("config.json", "summary.json", "checkpoint.pt")
-
-
 def _is_run_dir(run: Path) -> bool:
-    return any((run / name).exists() for name in _RUN_FILES)
+    """Whether ``run`` holds a run's files (a config, or files only training writes)."""
+    layout = RunLayout(run)
+    return layout.has_config or layout.has_run_files
 
 
 def _remove_run_dir(run: Path) -> None:
@@ -682,7 +684,7 @@ class _StopOnSignal:
 
 def _run_steps(
     cfg: TrainConfig,
-    run: Path,
+    layout: RunLayout,
     env: DistEnv,
     device: torch.device,
     strategy: str,
@@ -702,13 +704,12 @@ def _run_steps(
     # Recorders write on rank 0; other ranks record into scratch (an FSDP forward of the
     # attention recorder needs every rank).
     scratch = None if env.is_main else tempfile.TemporaryDirectory(prefix="wpeft-rank")
-    masks_dir = Path("records") / "fisher" / "masks"
-    if scratch is not None and position.step > 0 and (run / masks_dir).exists():
+    if scratch is not None and position.step > 0 and layout.fisher_masks.exists():
         # A resumed record compares with past masks, and under FSDP2 every rank's shard takes
         # part: every rank starts from rank 0's mask history.
-        shutil.copytree(run / masks_dir, Path(scratch.name) / masks_dir)
+        shutil.copytree(layout.fisher_masks, RunLayout(Path(scratch.name)).fisher_masks)
     recorders = attach_recorders(
-        run if scratch is None else scratch.name, method, model, task,
+        layout.path if scratch is None else scratch.name, method, model, task,
         every=cfg.record_every, start_step=position.step,
     )
     params = method.trainable_parameters()
@@ -755,7 +756,7 @@ def _run_steps(
             scores = _evaluate(task, model, "val", cfg, env, strategy)[1]
             if env.is_main:
                 row = {"step": position.step, "split": "val", "loss": loss.item(), **scores}
-                with open(run / "metrics.jsonl", "a") as f:
+                with open(layout.metrics, "a") as f:
                     f.write(json.dumps(row) + "\n")
             net.train()
         if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0:
@@ -768,7 +769,7 @@ def _run_steps(
 
 def _finish(
     cfg: TrainConfig,
-    run: Path,
+    layout: RunLayout,
     env: DistEnv,
     device: torch.device,
     strategy: str,
@@ -789,11 +790,11 @@ def _finish(
     fields, scores = _evaluate(task, model, "test", cfg, env, evaluated_as)
     summary: dict[str, Any] = {}
     if env.is_main:
-        tmp = run / "fields.nc.tmp"
+        tmp = partial(layout.fields)
         fields.to_netcdf(tmp, encoding={v: {"zlib": True, "complevel": 1} for v in fields.data_vars})
-        os.replace(tmp, run / "fields.nc")
+        os.replace(tmp, layout.fields)
         adapter_path = save_adapter(
-            method, reference, run / "adapter", task=cfg.task, budget=cfg.budget,
+            method, reference, layout.adapter, task=cfg.task, budget=cfg.budget,
             seed=cfg.seed, variables=list(task.headline),
         )
         summary = {
@@ -810,7 +811,7 @@ def _finish(
             "strategy": strategy,
             "resumes": resumes,
         }
-        write_json_atomic(run / "summary.json", summary)
+        write_json_atomic(layout.summary, summary)
     if env.distributed:
         box = [summary]
         torch.distributed.broadcast_object_list(box, src=0)
