@@ -135,7 +135,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from wpeft.options import parse_key_values
-    from wpeft.training.loop import TrainConfig, check_run_dir, train
+    from wpeft.training.loop import TrainConfig, train
 
     cfg = TrainConfig(
         task=args.task,
@@ -165,7 +165,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from wpeft.distributed.runtime import shutdown
 
-    check_run_dir(Path(args.out), cfg, resume=args.resume, overwrite=args.overwrite)
     try:
         summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                         progress=not args.quiet)

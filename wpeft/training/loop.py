@@ -44,8 +44,8 @@ from wpeft.methods.adapter_file import save_adapter
 from wpeft.methods.base import PEFTMethod, method_class, plain_name
 from wpeft.methods.budget import match_budget
 from wpeft.options import check_settings
-from wpeft.runs import attach_recorders
 from wpeft.runs.layout import RunFileError, RunLayout, partial, read_json_object
+from wpeft.runs.recorders import Recorders, attach_recorders
 from wpeft.runs.store import write_json_atomic
 from wpeft.tasks import TaskBatch, create_task
 from wpeft.tasks.base import Task
@@ -310,14 +310,14 @@ def train(
     next step boundary with a checkpoint (:class:`TrainingInterrupted`); a non-finite loss or
     state stops it keeping the last finite checkpoint (:class:`TrainingDiverged`).
     """
-    run = Path(run_dir)
-    layout = RunLayout(run)
-    check_run_dir(run, cfg, resume=resume, overwrite=overwrite)
+    out = Path(run_dir)
+    layout = RunLayout(out)
+    check_run_dir(out, cfg, resume=resume, overwrite=overwrite)
     device, env = _device_for(cfg)
     if env.is_main:
-        if overwrite and run.exists():
-            _remove_run_dir(run)
-        run.mkdir(parents=True, exist_ok=True)
+        if overwrite and out.exists():
+            _remove_run_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
     env.barrier()
     model, task, method, reference, budget_info = prepare_run(cfg)
     strategy = resolve_strategy(cfg.strategy, env, method)
@@ -341,22 +341,21 @@ def train(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps)
     )
     if state is not None:
-        _restore_optimizer(unwrapped, opt, sched, state, strategy, ckpt_path, cfg)
+        _restore_optimizer(unwrapped, opt, sched, state, cfg)
     if env.is_main:
         write_json_atomic(layout.config, cfg.to_dict())
     checkpointer = Checkpointer(
         ckpt_path, cfg, env, strategy, method, reference, unwrapped, opt, sched, resumes,
         last_step=position.step if state is not None else None,
     )
+    run = _Run(cfg, layout, env, device, strategy, task, model, method)
     started = time.perf_counter()
     with _StopOnSignal(env) as stop:
-        _run_steps(cfg, layout, env, device, strategy, task, model, net, method, opt, sched, checkpointer,
-                   position, stop, progress)
+        _run_steps(run, net, opt, sched, checkpointer, position, stop, progress)
     gathered = checkpointer.save(position)
     if on_trained is not None:
         on_trained(method, env, opt)
-    return _finish(cfg, layout, env, device, strategy, task, model, method, reference, budget_info,
-                   gathered, resumes, time.perf_counter() - started)
+    return _finish(run, reference, budget_info, gathered, resumes, time.perf_counter() - started)
 
 
 class TrainingDiverged(WpeftError, FloatingPointError):
@@ -500,8 +499,6 @@ def _restore_optimizer(
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LambdaLR,
     state: dict[str, Any],
-    strategy: str,
-    path: Path,
     cfg: TrainConfig,
 ) -> None:
     """Optimiser and schedule state; a changed learning rate or length takes effect from the
@@ -682,16 +679,23 @@ class _StopOnSignal:
         return signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
 
 
+@dataclass
+class _Run:
+    """What the parts of one training run share (this rank's view)."""
+
+    cfg: TrainConfig
+    layout: RunLayout
+    env: DistEnv
+    device: torch.device
+    strategy: str
+    task: Task
+    model: WpeftAurora
+    method: PEFTMethod
+
+
 def _run_steps(
-    cfg: TrainConfig,
-    layout: RunLayout,
-    env: DistEnv,
-    device: torch.device,
-    strategy: str,
-    task: Task,
-    model: WpeftAurora,
+    run: _Run,
     net: nn.Module,
-    method: PEFTMethod,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LambdaLR,
     checkpointer: Checkpointer,
@@ -701,6 +705,7 @@ def _run_steps(
 ) -> None:
     """The optimiser steps from ``position`` to ``cfg.steps`` (``position`` advances in place),
     with records, evaluations and checkpoints at their intervals."""
+    cfg, layout, env, method = run.cfg, run.layout, run.env, run.method
     # Recorders write on rank 0; other ranks record into scratch (an FSDP forward of the
     # attention recorder needs every rank).
     scratch = None if env.is_main else tempfile.TemporaryDirectory(prefix="wpeft-rank")
@@ -709,9 +714,29 @@ def _run_steps(
         # part: every rank starts from rank 0's mask history.
         shutil.copytree(layout.fisher_masks, RunLayout(Path(scratch.name)).fisher_masks)
     recorders = attach_recorders(
-        layout.path if scratch is None else scratch.name, method, model, task,
+        layout.path if scratch is None else scratch.name, method, run.model, run.task,
         every=cfg.record_every, start_step=position.step,
     )
+    try:
+        _train_steps(run, net, opt, sched, checkpointer, position, stop, recorders, progress)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _train_steps(
+    run: _Run,
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    checkpointer: Checkpointer,
+    position: _Position,
+    stop: _StopOnSignal,
+    recorders: Recorders,
+    progress: bool,
+) -> None:
+    """The step loop itself: stop requests, divergence, records, evaluations, checkpoints."""
+    cfg, env, method, task = run.cfg, run.env, run.method, run.task
     params = method.trainable_parameters()
     bar = tqdm(total=cfg.steps, initial=position.step, disable=not progress or not env.is_main,
                unit="step", desc=f"{cfg.task}/{cfg.method}")
@@ -733,7 +758,7 @@ def _run_steps(
             position.epoch, position.in_epoch = position.epoch + 1, 0
             batches = _batches(task, cfg, position.epoch, 0)
             continue
-        batch = shard_batch(batch, env).to(device)
+        batch = shard_batch(batch, env).to(run.device)
         loss = task.loss(task.predict(net, batch), batch)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
@@ -753,29 +778,20 @@ def _run_steps(
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - started):.1f}")
         if cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < cfg.steps:
-            scores = _evaluate(task, model, "val", cfg, env, strategy)[1]
+            scores = _evaluate(task, run.model, "val", cfg, env, run.strategy)[1]
             if env.is_main:
                 row = {"step": position.step, "split": "val", "loss": loss.item(), **scores}
-                with open(layout.metrics, "a") as f:
+                with open(run.layout.metrics, "a") as f:
                     f.write(json.dumps(row) + "\n")
             net.train()
         if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0:
             checkpointer.save(position)
     bar.close()
     recorders.close(position.step)
-    if scratch is not None:
-        scratch.cleanup()
 
 
 def _finish(
-    cfg: TrainConfig,
-    layout: RunLayout,
-    env: DistEnv,
-    device: torch.device,
-    strategy: str,
-    task: Task,
-    model: WpeftAurora,
-    method: PEFTMethod,
+    run: _Run,
     reference: dict[str, torch.Tensor],
     budget_info: dict[str, Any],
     gathered: tuple[dict[str, torch.Tensor], dict[str, Any] | None] | None,
@@ -784,9 +800,11 @@ def _finish(
 ) -> dict[str, Any]:
     """Evaluate on the test split and write ``fields.nc``, the adapter and ``summary.json``
     (rank 0); every rank returns the summary."""
+    cfg, layout, env, strategy = run.cfg, run.layout, run.env, run.strategy
+    task, model, method = run.task, run.model, run.method
     evaluated_as = strategy
     if gathered is not None:  # FSDP: rank 0 continues on an unsharded copy of the trained model
-        model, task, method, evaluated_as = _unsharded_copy(cfg, env, device, task, *gathered)
+        model, task, method, evaluated_as = _unsharded_copy(cfg, env, run.device, task, *gathered)
     fields, scores = _evaluate(task, model, "test", cfg, env, evaluated_as)
     summary: dict[str, Any] = {}
     if env.is_main:
