@@ -187,7 +187,13 @@ def test_two_rank_fsdp2_equals_one_rank(tmp_path, reference, method, budget) -> 
     compare_adapters(one_dir, tmp_path / "two", atol=1e-4)
     for key, value in one["scores"].items():
         assert two["scores"][key] == pytest.approx(value, rel=1e-4), key
-    assert two["trainable"] == one["trainable"] and two["changed"] == one["changed"]
+    assert two["trainable"] == one["trainable"]
+    if method in ("weatherpeft", "fish"):  # changed entries lie inside the same masks
+        assert two["changed"] == one["changed"]
+    else:  # a dense update can land one entry exactly on its pretrained value in one summation
+        # order and not in the other (measured: 1 of 4,969,216 for Full-Tuning)
+        for group, n in one["changed"].items():
+            assert abs(two["changed"][group] - n) <= max(1, n // 1_000_000), group
     if method in ("weatherpeft", "fish"):  # each rank held and selected its shard only
         held = [json_load(out / f"selection-rank{r}.json") for r in range(2)]
         assert all(h["sharded"] for h in held)
