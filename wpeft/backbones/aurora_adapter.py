@@ -93,7 +93,14 @@ class WpeftAurora(Aurora):
         config: Architecture.
         norm_mean / norm_std: Statistics keyed like Aurora's (``"2t"``, ``"z_500"``). Empty means
             Aurora's own ERA5 statistics, as for the released checkpoints.
+
+    Attributes:
+        applied_method: Name of the wpeft method applied to this model (set by
+            :meth:`wpeft.methods.PEFTMethod.apply`, which refuses a second one); None while the
+            model is pristine.
     """
+
+    applied_method: str | None = None
 
     def __init__(
         self,

@@ -165,9 +165,19 @@ class PEFTMethod:
     # --- applying --------------------------------------------------------------------------
 
     def apply(self, model: WpeftAurora, head: nn.Module | None = None) -> WpeftAurora:
-        """Freeze what must not change, unfreeze what may, install the method's modules."""
+        """Freeze what must not change, unfreeze what may, install the method's modules.
+
+        Marks ``model.applied_method`` first (a failed apply may have half-modified the model),
+        and refuses a model that already carries a method: a second one would stack on the
+        first (prompt hooks twice, LoRA in LoRA) without a word."""
         if self.model is not None:
             raise ConfigError(f"Method {self.name!r} is already applied to a model.")
+        if model.applied_method is not None:
+            raise ConfigError(
+                f"Model already carries method {model.applied_method!r}; apply {self.name!r} to a "
+                "pristine backbone (build_backbone / load_pretrained)."
+            )
+        model.applied_method = self.name
         self.model, self.head = model, head
         self.backbone_size = model.num_parameters()["backbone"]  # before any injection
         for group, params in model.named_parameter_groups().items():

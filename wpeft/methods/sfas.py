@@ -604,8 +604,9 @@ class _SelectionMethod(PEFTMethod):
         optimizer.mask_of = self._sel().mask_of
 
     def adapter_state(self, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Backbone entries that differ from ``reference`` as ``<name>.indices`` (int64 flat)
-        + ``<name>.values``; other parameters as in the base class (whole, if changed)."""
+        """Backbone entries that differ from ``reference`` as ``<name>.indices`` (int64 flat,
+        increasing; adapter files store them compactly) + ``<name>.values`` (the parameter's
+        dtype); other parameters as in the base class (whole, if changed)."""
         sel = self._sel()
         state: dict[str, torch.Tensor] = {}
         for name, p in self.named_parameters():
