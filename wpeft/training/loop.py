@@ -13,6 +13,7 @@ A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON line per eval
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -350,8 +351,8 @@ def train(
     )
     run = _Run(cfg, layout, env, device, strategy, task, model, method)
     started = time.perf_counter()
-    with _StopOnSignal(env) as stop:
-        _run_steps(run, net, opt, sched, checkpointer, position, stop, progress)
+    with _StopOnSignal(env) as stop, _recording(run, position.step) as recorders:
+        _run_steps(run, net, opt, sched, checkpointer, position, stop, recorders, progress)
     gathered = checkpointer.save(position)
     if on_trained is not None:
         on_trained(method, env, opt)
@@ -693,38 +694,28 @@ class _Run:
     method: PEFTMethod
 
 
-def _run_steps(
-    run: _Run,
-    net: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LambdaLR,
-    checkpointer: Checkpointer,
-    position: _Position,
-    stop: _StopOnSignal,
-    progress: bool,
-) -> None:
-    """The optimiser steps from ``position`` to ``cfg.steps`` (``position`` advances in place),
-    with records, evaluations and checkpoints at their intervals."""
-    cfg, layout, env, method = run.cfg, run.layout, run.env, run.method
-    # Recorders write on rank 0; other ranks record into scratch (an FSDP forward of the
-    # attention recorder needs every rank).
-    scratch = None if env.is_main else tempfile.TemporaryDirectory(prefix="wpeft-rank")
-    if scratch is not None and position.step > 0 and layout.fisher_masks.exists():
+@contextlib.contextmanager
+def _recording(run: _Run, start_step: int) -> Iterator[Recorders]:
+    """The run's recorders, attached from ``start_step``. They write on rank 0; other ranks
+    record into a scratch folder (an FSDP forward of the attention recorder needs every rank),
+    removed on any exit."""
+    layout = run.layout
+    scratch = None if run.env.is_main else tempfile.TemporaryDirectory(prefix="wpeft-rank")
+    if scratch is not None and start_step > 0 and layout.fisher_masks.exists():
         # A resumed record compares with past masks, and under FSDP2 every rank's shard takes
         # part: every rank starts from rank 0's mask history.
         shutil.copytree(layout.fisher_masks, RunLayout(Path(scratch.name)).fisher_masks)
-    recorders = attach_recorders(
-        layout.path if scratch is None else scratch.name, method, run.model, run.task,
-        every=cfg.record_every, start_step=position.step,
-    )
     try:
-        _train_steps(run, net, opt, sched, checkpointer, position, stop, recorders, progress)
+        yield attach_recorders(
+            layout.path if scratch is None else scratch.name, run.method, run.model, run.task,
+            every=run.cfg.record_every, start_step=start_step,
+        )
     finally:
         if scratch is not None:
             scratch.cleanup()
 
 
-def _train_steps(
+def _run_steps(
     run: _Run,
     net: nn.Module,
     opt: torch.optim.Optimizer,
@@ -735,7 +726,8 @@ def _train_steps(
     recorders: Recorders,
     progress: bool,
 ) -> None:
-    """The step loop itself: stop requests, divergence, records, evaluations, checkpoints."""
+    """The optimiser steps from ``position`` to ``cfg.steps`` (``position`` advances in place):
+    stop requests, divergence, records, evaluations and checkpoints at their intervals."""
     cfg, env, method, task = run.cfg, run.env, run.method, run.task
     params = method.trainable_parameters()
     bar = tqdm(total=cfg.steps, initial=position.step, disable=not progress or not env.is_main,
