@@ -85,12 +85,9 @@ def _print_method_help(name: str) -> None:
     """A method's settings: name, type, default and help, plus what it declares."""
     import textwrap
 
-    from wpeft.methods import METHODS  # importing the package registers the methods
-    from wpeft.methods.base import settings
+    from wpeft.methods.base import method_class, settings
 
-    if name not in METHODS:
-        raise ConfigError(f"Unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}.")
-    cls = METHODS[name]
+    cls = method_class(name)
     print(f"{name}: {cls.summary}")
     knob = cls.size_knob or "- (fixed size)"
     print(f"  size knob: {knob}; default learning rate {cls.default_lr:g}")

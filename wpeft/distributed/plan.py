@@ -146,10 +146,9 @@ class PlanRequest:
             raise ConfigError(
                 f"Unknown backbone {self.backbone!r}; choose one of {sorted(CONFIGS)}."
             )
-        from wpeft.methods import METHODS
+        from wpeft.methods.base import method_class
 
-        if self.method not in METHODS:
-            raise ConfigError(f"Unknown method {self.method!r}; registered: {sorted(METHODS)}.")
+        method_class(self.method)  # an unknown name is refused with the known ones
         for name in ("gpus", "batch", "levels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -411,7 +411,7 @@ def method_class(name: str) -> type[PEFTMethod]:
         return METHODS[name]
     except KeyError:
         raise ConfigError(
-            f"Unknown method {name!r}; registered: {', '.join(sorted(METHODS))} "
+            f"Unknown method {name!r}; known methods: {', '.join(sorted(METHODS))} "
             "(wpeft methods lists them)."
         ) from None
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from wpeft.backbones.aurora_adapter import WpeftAurora
 from wpeft.errors import ConfigError
-from wpeft.methods.base import METHODS, create_method
+from wpeft.methods.base import create_method, method_class
 
 __all__ = ["BudgetMatch", "match_budget"]
 
@@ -61,11 +61,7 @@ def match_budget(
             f"Budget {target!r} is out of range: give a fraction of backbone parameters in (0, 1], "
             "e.g. 0.003 for 0.3%."
         )
-    import wpeft.methods  # noqa: F401  (registration)
-
-    if name not in METHODS:
-        raise ConfigError(f"Unknown method {name!r}; registered: {sorted(METHODS)}.")
-    cls = METHODS[name]
+    cls = method_class(name)
     knob = cls.size_knob
     if knob is None:
         achieved, trainable = _fraction(name, model_fn, **fixed)
