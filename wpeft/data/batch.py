@@ -1,7 +1,8 @@
-"""From schema Datasets to ``aurora.Batch``: validated, in memory, indexable by time step.
+"""From schema Datasets to ``aurora.Batch``: validated, indexable by time step.
 
-:class:`Fields` holds a dataset's variables as tensors under Aurora's short names, once, so a
-training loop can draw batches without touching xarray again.
+:class:`Fields` holds a dataset's variables under Aurora's short names: as tensors in memory
+(the embedded world), or -- with ``lazy=True``, for stores larger than memory -- as
+:class:`LazyVariable` views that read only the time steps a batch indexes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from aurora import Batch, Metadata
 from wpeft.data.schema import VARIABLES, Kind, validate_dataset
 from wpeft.errors import DataError
 
-__all__ = ["Fields", "check_grid", "random_batch", "wb2_name"]
+__all__ = ["Fields", "LazyVariable", "check_grid", "random_batch", "wb2_name"]
 
 _BY_AURORA: dict[tuple[str, str], str] = {(s.kind, s.aurora): s.name for s in VARIABLES.values()}
 
@@ -45,13 +46,56 @@ def check_grid(height: int, width: int, patch_size: int) -> None:
         )
 
 
+class LazyVariable:
+    """One variable of a lazily opened dataset, indexed along time like a tensor.
+
+    ``var[index]`` with an integer tensor / array of time positions (any shape, e.g. ``(B, 2)``)
+    or a slice reads just those steps (each distinct step once) and returns a float32 tensor of
+    shape ``index.shape + rest``, e.g. ``(B, 2, H, W)``. Non-finite values raise
+    :class:`DataError` naming the variable and the first bad time, as the eager path does.
+
+    Args:
+        da: A ``(time, ...)`` DataArray (dask- or lazily indexed); other dims in schema order.
+    """
+
+    def __init__(self, da: xr.DataArray) -> None:
+        self.da = da
+        self.shape = tuple(int(n) for n in da.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: torch.Tensor | np.ndarray | slice | int) -> torch.Tensor:
+        if isinstance(index, slice):
+            index = np.arange(self.shape[0])[index]
+        idx = np.asarray(index.cpu() if torch.is_tensor(index) else index, dtype=np.int64)
+        flat = idx.reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.shape[0]):
+            raise DataError(
+                f"Time index {int(flat.min())}..{int(flat.max())} outside {self.da.name!r}'s "
+                f"{self.shape[0]} steps."
+            )
+        steps, inverse = np.unique(flat, return_inverse=True)
+        values = np.asarray(self.da.isel(time=steps).values, dtype=np.float32)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            first = int(steps[np.nonzero(bad.reshape(len(steps), -1).any(axis=1))[0][0]])
+            raise DataError(
+                f"Variable {self.da.name!r} has NaN/inf values at time "
+                f"{self.da['time'].values[first]}. Fill or mask them, or exclude that time from "
+                "the data's periods; wpeft does not guess."
+            )
+        out = torch.from_numpy(np.ascontiguousarray(values[inverse]))
+        return out.reshape(*idx.shape, *self.shape[1:])
+
+
 @dataclasses.dataclass
 class Fields:
     """A dataset's variables as tensors, keyed by Aurora short name.
 
     Attributes:
-        surf: ``(N, H, W)`` per surface variable.
-        atmos: ``(N, C, H, W)`` per atmospheric variable, C = ``len(levels)``.
+        surf: ``(N, H, W)`` per surface variable (a tensor, or a :class:`LazyVariable`).
+        atmos: ``(N, C, H, W)`` per atmospheric variable, C = ``len(levels)`` (likewise).
         static: ``(H, W)`` per static variable.
         lat, lon: ``(H,)`` and ``(W,)`` coordinates (lat decreasing).
         levels: Pressure levels (hPa).
@@ -74,8 +118,13 @@ class Fields:
         surf_vars: Sequence[str],
         atmos_vars: Sequence[str],
         static_vars: Sequence[str] = (),
+        lazy: bool = False,
     ) -> Fields:
         """Load the named Aurora variables of ``ds`` into memory (float32), with checks.
+
+        With ``lazy=True`` surface and atmospheric variables stay in the store as
+        :class:`LazyVariable` (read per batch, checked for NaN/inf then); statics, coordinates
+        and times are loaded.
 
         Raises :class:`DataError` for missing variables or NaN/inf values, naming them.
         """
@@ -87,9 +136,13 @@ class Fields:
         validate_dataset(ds, require=[w for _, w in names])
 
         n_surf, n_atmos = len(surf_vars), len(atmos_vars)
-        surf = {v: load_t(ds, w, ("time", "latitude", "longitude")) for v, w in names[:n_surf]}
+
+        def read(name: str, dims: tuple[str, ...]) -> torch.Tensor | LazyVariable:
+            return LazyVariable(ds[name].transpose(*dims)) if lazy else load_t(ds, name, dims)
+
+        surf = {v: read(w, ("time", "latitude", "longitude")) for v, w in names[:n_surf]}
         atmos = {
-            v: load_t(ds, w, ("time", "level", "latitude", "longitude"))
+            v: read(w, ("time", "level", "latitude", "longitude"))
             for v, w in names[n_surf : n_surf + n_atmos]
         }
         static = {
