@@ -34,6 +34,7 @@ Conventions that are easy to get wrong, decided once here:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -117,7 +118,7 @@ class DataSource:
             setattr(self, s, _check_period(getattr(self, s), s))
         periods = self.periods
         if periods:
-            for a, b in zip(SPLIT_NAMES, SPLIT_NAMES[1:]):
+            for a, b in itertools.pairwise(SPLIT_NAMES):
                 if periods[b][0] <= periods[a][1]:
                     raise ConfigError(
                         f"data periods overlap or are out of order: {a} ends {periods[a][1].date()}"
@@ -295,7 +296,7 @@ def split_by_period(
         if inside.size == 0:
             raise DataError(
                 f"The {name} period {periods[name][0]} .. {periods[name][1]} holds no complete "
-                f"{what[:-1] if what.endswith('s') else what} (the {len(starts)} {what} span "
+                f"{what.removesuffix('s')} (the {len(starts)} {what} span "
                 f"{starts.min() if len(starts) else '-'} .. {ends.max() if len(ends) else '-'}, "
                 "inputs and targets included). Widen the period."
             )
