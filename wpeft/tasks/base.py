@@ -30,6 +30,7 @@ from aurora import Batch
 from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora
+from wpeft.data.source import DataSource, coerce_source
 from wpeft.errors import ConfigError, DataError
 
 __all__ = ["TASKS", "Split", "Task", "TaskBatch", "TaskConfig", "create_task", "register_task"]
@@ -39,10 +40,32 @@ Split = Literal["train", "val", "test"]
 
 @dataclass
 class TaskConfig:
-    """Settings shared by tasks. ``source``: ``"world"`` (embedded default) or a data path."""
+    """Settings shared by tasks.
+
+    Attributes:
+        source: ``"world"`` (the embedded world, default) or ``"data"`` (a real store; set
+            automatically when ``data`` is given).
+        seed: Seed of the task's own randomness.
+        data: The real store (a :class:`~wpeft.data.source.DataSource`, or a mapping of its
+            fields as in a YAML file, or a bare path); ``None``: the embedded world.
+    """
 
     source: str = "world"
     seed: int = 0
+    data: DataSource | None = None
+
+    def __post_init__(self) -> None:
+        """Coerce ``data`` and set ``source`` to match; subclasses call this first."""
+        self.data = coerce_source(self.data)
+        if self.data is not None:
+            if self.source not in ("world", "data"):
+                raise ConfigError(
+                    f"source={self.source!r} and data= were both given; drop source (data= "
+                    "describes the store)."
+                )
+            self.source = "data"
+        elif self.source == "data":
+            raise ConfigError("source='data' needs data= the store's description (path, ...).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

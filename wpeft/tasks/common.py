@@ -27,8 +27,9 @@ from aurora.model.util import init_weights
 from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, norm_key
-from wpeft.data.batch import check_grid
+from wpeft.data.batch import check_grid, wb2_name
 from wpeft.data.schema import VARIABLES, check_time_axis, describe_steps, regular_step
+from wpeft.data.source import split_by_period
 from wpeft.data.world import WorldConfig
 from wpeft.errors import ConfigError, DataError
 from wpeft.tasks.base import Split
@@ -48,6 +49,9 @@ __all__ = [
     "check_patch_grid",
     "check_split",
     "coerce_world",
+    "backbone_inputs",
+    "ConstantInputs",
+    "split_samples",
     "index_batches",
     "level_key",
     "make_batch",
@@ -178,6 +182,17 @@ def split_by_time(
     return out
 
 
+def split_samples(
+    starts: np.ndarray, ends: np.ndarray, config: Any, what: str = "samples"
+) -> dict[Split, np.ndarray]:
+    """The task's splits: by the periods of ``config.data`` when it has them (datetime64
+    ``starts`` / ``ends`` required then), else contiguous blocks by ``config.split_fractions``."""
+    source = getattr(config, "data", None)
+    if source is not None and source.periods is not None:
+        return split_by_period(starts, ends, source.periods, what)  # type: ignore[return-value]
+    return split_by_time(starts, ends, config.split_fractions, what)
+
+
 def index_batches(
     indices: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
 ) -> Iterator[np.ndarray]:
@@ -272,6 +287,74 @@ def register_norm(model: WpeftAurora, key: str, mean: float, std: float) -> None
     model.norm_std[key] = float(std)
     aurora_norm.locations.setdefault(key, 0.0)
     aurora_norm.scales.setdefault(key, 1.0)
+
+
+def backbone_inputs(model: WpeftAurora) -> dict[str, tuple[str, ...]]:
+    """The WB2 names of the variables the backbone embeds, by kind:
+    ``{"surface": (...), "atmos": (...), "static": (...)}`` (pseudo-variables excluded)."""
+    from wpeft.data.batch import wb2_name
+
+    c = model.config
+    return {
+        "surface": tuple(wb2_name(v, "surface") for v in c.surf_vars),
+        "atmos": tuple(wb2_name(v, "atmos") for v in c.atmos_vars),
+        "static": tuple(wb2_name(v, "static") for v in c.static_vars),
+    }
+
+
+class ConstantInputs:
+    """Inputs a real store lacks, fed as constant fields at the backbone's normalisation mean.
+
+    Only built when the user opted in (``data.fill_missing``); the names are recorded in the
+    run. In normalised units such a field is zero: the backbone gets "no information", not a
+    climatology of the region.
+
+    Args:
+        model: The backbone (its statistics give the constants).
+        lacking: WB2 names of the missing inputs (surface, atmospheric or static).
+        levels: Pressure levels of the batch's atmospheric variables.
+    """
+
+    def __init__(self, model: WpeftAurora, lacking: Sequence[str], levels: Sequence[int]) -> None:
+        self.names = tuple(lacking)
+        self.levels = tuple(int(x) for x in levels)
+        self.surf: dict[str, float] = {}
+        self.atmos: dict[str, list[float]] = {}
+        self.static: dict[str, float] = {}
+        for name in self.names:
+            s = VARIABLES[name]
+            if s.kind == "surface":
+                self.surf[s.aurora] = require_stats(model, s.aurora)[0]
+            elif s.kind == "static":
+                self.static[s.aurora] = require_stats(model, s.aurora)[0]
+            else:
+                self.atmos[s.aurora] = [require_stats(model, s.aurora, lv)[0] for lv in self.levels]
+
+    def complete(
+        self,
+        surf: dict[str, torch.Tensor],
+        atmos: dict[str, torch.Tensor],
+        static: dict[str, torch.Tensor],
+        leading: Sequence[int],
+        grid: tuple[int, int],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``surf``, ``atmos`` and ``static`` with the missing variables added: surface
+        ``(*leading, H, W)``, atmos ``(*leading, C, H, W)``, static ``(H, W)``."""
+        H, W = grid
+        surf = dict(surf) | {
+            v: torch.full((*leading, H, W), m, dtype=torch.float32) for v, m in self.surf.items()
+        }
+        atmos = dict(atmos) | {
+            v: torch.tensor(ms, dtype=torch.float32)
+            .view(*([1] * len(leading)), -1, 1, 1)
+            .expand(*leading, len(ms), H, W)
+            .clone()
+            for v, ms in self.atmos.items()
+        }
+        static = dict(static) | {
+            v: torch.full((H, W), m, dtype=torch.float32) for v, m in self.static.items()
+        }
+        return surf, atmos, static
 
 
 def channel_std(stds: Sequence[float], like: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,7 @@ class DownscalingConfig(TaskConfig):
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.source not in ("world", "era5-uk"):
             raise ConfigError(
                 f"source={self.source!r} must be 'world' or 'era5-uk' (with path= the ERA5 file)."

@@ -114,6 +114,7 @@ class PostprocessingConfig(TaskConfig):
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.source != "world":
             raise ConfigError(
                 f"source={self.source!r}: post-processing needs ensemble forecasts; only the "

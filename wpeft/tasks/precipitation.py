@@ -102,6 +102,7 @@ class PrecipitationConfig(TaskConfig):
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.source != "world":
             raise ConfigError(
                 f"source={self.source!r}: the precipitation task reads the embedded world ('world')."
