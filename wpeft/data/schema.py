@@ -74,6 +74,12 @@ VARIABLES: dict[str, VariableSpec] = {
             "total_precipitation_6hr", "tp", "surface", "mm", "6-hour accumulated precipitation",
             positive=True,
         ),
+        # Hourly accumulation (ARCO-ERA5, IFS-ENS): read as is, summed to 6 h by the tasks; never
+        # fed to the backbone under this name.
+        VariableSpec(
+            "total_precipitation", "tp1h", "surface", "mm", "1-hour accumulated precipitation",
+            positive=True,
+        ),
         VariableSpec("geopotential", "z", "atmos", "m2 s-2", "Geopotential"),
         VariableSpec("u_component_of_wind", "u", "atmos", "m s-1", "U component of wind"),
         VariableSpec("v_component_of_wind", "v", "atmos", "m s-1", "V component of wind"),

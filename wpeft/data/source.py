@@ -74,6 +74,9 @@ class DataSource:
             ``soil_type`` on the same grid, for stores that lack them.
         fill_missing: Feed inputs the store lacks as constant fields at the backbone's
             normalisation mean (recorded); ``False`` refuses them by name.
+        check_finite: Read the selected data once before training and refuse NaN/inf values
+            (named). Turn off for stores you do not want read twice: every batch is still checked
+            as it is read.
     """
 
     path: str
@@ -86,6 +89,7 @@ class DataSource:
     time_step_hours: int | None = None
     statics: str | None = None
     fill_missing: bool = False
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
@@ -129,8 +133,9 @@ class DataSource:
             raise ConfigError(f"data time_step_hours={step!r} must be a positive integer.")
         if self.statics is not None and (not isinstance(self.statics, str) or not self.statics):
             raise ConfigError(f"data statics={self.statics!r} must be a path.")
-        if not isinstance(self.fill_missing, bool):
-            raise ConfigError(f"data fill_missing={self.fill_missing!r} must be true or false.")
+        for flag in ("fill_missing", "check_finite"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"data {flag}={getattr(self, flag)!r} must be true or false.")
 
     @property
     def periods(self) -> dict[str, Period] | None:
