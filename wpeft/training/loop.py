@@ -315,12 +315,14 @@ def train(
     layout = RunLayout(out)
     check_run_dir(out, cfg, resume=resume, overwrite=overwrite)
     device, env = _device_for(cfg)
+    # Data, task and method are checked before the run directory is touched: a refused run
+    # (a missing variable, a bad period...) leaves no half-made run behind.
+    model, task, method, reference, budget_info = prepare_run(cfg)
     if env.is_main:
         if overwrite and out.exists():
             _remove_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
     env.barrier()
-    model, task, method, reference, budget_info = prepare_run(cfg)
     strategy = resolve_strategy(cfg.strategy, env, method)
     _to_device(model, method, device)
     _prepare_static_selection(method, task, model, cfg, device)
