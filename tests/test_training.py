@@ -9,7 +9,7 @@ import torch
 import xarray as xr
 from safetensors.torch import load_file
 
-from wpeft.errors import CheckpointError, ConfigError
+from wpeft.errors import CheckpointError, ConfigError, DataError
 from wpeft.methods.sfas import MaskedAdamW
 from wpeft.training.compare import CompareConfig, collect, compare, tables
 from wpeft.training.loop import TrainConfig, TrainingDiverged, _pack_bools, _unpack_bools, train
@@ -240,3 +240,17 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(
     a = load_file(str(tmp_path / "full" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "cut" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prefetched_batches_keep_their_order_and_raise_where_taken() -> None:
+    from wpeft.training.loop import _prefetched
+
+    def items():
+        yield from range(5)
+        raise DataError("store went away")
+
+    it = _prefetched(items())
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(DataError, match="went away"):
+        next(it)
+    assert list(_prefetched(iter(()))) == []

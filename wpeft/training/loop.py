@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,23 @@ def _batches(task: Task, cfg: TrainConfig, epoch: int, skip: int) -> Iterator[Ta
     for i, batch in enumerate(task.batches("train", cfg.batch_size, seed=cfg.seed * 100_003 + epoch)):
         if i >= skip:
             yield batch
+
+
+_END = object()
+
+
+def _prefetched(items: Iterator[TaskBatch]) -> Iterator[TaskBatch]:
+    """``items`` with the next one read in a background thread while the caller computes, so
+    a real store is read from disk (or the network) while the model trains on the last batch.
+    The order is unchanged; an error while reading is raised where that item is taken."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wpeft-prefetch")
+    try:
+        pending = pool.submit(next, items, _END)
+        while (item := pending.result()) is not _END:
+            pending = pool.submit(next, items, _END)
+            yield item
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _sparse_if_worth_it(t: torch.Tensor) -> torch.Tensor:
@@ -734,7 +752,7 @@ def _run_steps(
     params = method.trainable_parameters()
     bar = tqdm(total=cfg.steps, initial=position.step, disable=not progress or not env.is_main,
                unit="step", desc=f"{cfg.task}/{cfg.method}")
-    batches = _batches(task, cfg, position.epoch, position.in_epoch)
+    batches = _prefetched(_batches(task, cfg, position.epoch, position.in_epoch))
     started, seen = time.perf_counter(), 0
     net.train()
     while position.step < cfg.steps:
@@ -750,7 +768,7 @@ def _run_steps(
         batch = next(batches, None)
         if batch is None:
             position.epoch, position.in_epoch = position.epoch + 1, 0
-            batches = _batches(task, cfg, position.epoch, 0)
+            batches = _prefetched(_batches(task, cfg, position.epoch, 0))
             continue
         batch = shard_batch(batch, env).to(run.device)
         loss = task.loss(task.predict(net, batch), batch)
