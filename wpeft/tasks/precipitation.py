@@ -5,12 +5,48 @@ pretrained without ``tp``), sparse, skewed and non-negative -- the hardest kind 
 foundation model -- and the region is a crop of the grid it was trained on, so positional
 knowledge must transfer to a smaller domain.
 
-Set-up (the paper's, on the embedded world): a ``crop_size`` crop (default 16 x 32, centred on
-``crop_lat`` = 45°N, western edge ``crop_lon`` = 0°E; moved inside the grid if it would leave it)
-of the fine world grid. Inputs: two steps 12 h apart (``t − 12 h``, ``t``) of the surface (2t,
-10u, 10v, msl) and atmospheric (z, u, v, t, q) variables, precipitation and the statics.
-Targets: ``total_precipitation_6hr`` (rain over the 6 h ending at the valid time) at
-``t + 12 h``, ``t + 24 h``, ``t + 36 h`` (``leads_hours``).
+Two sources of data:
+
+* the embedded world (default): a ``crop_size`` crop (default 16 x 32, centred on ``crop_lat`` =
+  45°N, western edge ``crop_lon`` = 0°E; moved inside the grid if it would leave it) of the fine
+  world grid, held in memory;
+* a real ERA5 store, ``data=DataSource(...)`` (the paper's set-up: ERA5 0.25°, the China box of
+  240 x 240 points, e.g. ``region=(15.0, 74.75, 70.0, 129.75)``; bounds are inclusive). The region
+  is ``data.region`` (``crop_*`` are ignored); the store is read lazily, batch by batch.
+
+Inputs: two steps ``input_gap_hours`` apart (``t − 12 h``, ``t``) of every variable the backbone
+embeds (surface 2t, 10u, 10v, msl; atmospheric z, u, v, t, q at the backbone's pressure levels or
+``data.levels``; the statics lsm, z, slt), plus the precipitation history. Targets: the 6-hour
+accumulation ``total_precipitation_6hr`` (mm) at ``t + 12 h``, ``t + 24 h``, ``t + 36 h``
+(``leads_hours``).
+
+Precipitation in a real store, in this order of preference:
+
+* ``total_precipitation_6hr`` (WeatherBench2): read as is;
+* ``total_precipitation`` (ARCO-ERA5 hourly): summed to 6 hours. ERA5's hourly value at ``t`` is
+  the accumulation over the hour ending at ``t`` (ECMWF's documentation of ERA5 accumulations),
+  so the 6-hour accumulation at ``t`` is the sum of the six hourly values at ``t − 5 h .. t``,
+  i.e. rain over ``(t − 6 h, t]``: the trailing window WeatherBench2 uses for its own
+  ``total_precipitation_6hr`` (a rolling sum labelled at its end). The sums are formed per batch
+  (and lazily with dask for the statistics), from the hourly data, *before* any thinning:
+  ``data.time_step_hours`` only chooses which times serve as inputs and targets.
+
+``data.variables`` may name one of the two to choose; every other variable is the backbone's.
+
+Units. The reader (:func:`wpeft.data.era5.open_era5`) converts by the store's ``units``
+attribute (``m`` -> mm; WeatherBench2 and ARCO-ERA5 store metres). Before training the task
+refuses precipitation
+
+* whose units attribute is neither ``m`` nor ``mm`` after reading (e.g. ``kg m-2``, ``inches``);
+* whose 6-hour accumulations over the training period are implausible for mm: a maximum below
+  1 mm (metres labelled ``mm``, or no units attribute -- which the reader takes as mm -- on data
+  in metres: ERA5's wettest 6 hours are far below 1 m, while any region's training period has some
+  6 hours with more than 1 mm; a region that dry could not be scored by SEEPS either), a maximum
+  above 1000 mm (mm labelled ``m``, i.e. multiplied by 1000 once too often) or a minimum below
+  −0.1 mm (rounding aside, accumulations are not negative).
+
+A percentile rule (e.g. the 99.9th percentile below 0.01) was not used: it needs a sort of the
+whole training record, and in metres a wet region's 99.9th percentile (~0.02 m) passes it.
 
 How it maps onto Aurora: the decoder predicts exactly the variables in the batch, one head each,
 so each lead is a pseudo-variable ``"tp_12h"``, ``"tp_24h"``, ``"tp_36h"`` with a NEW embedding
@@ -19,34 +55,53 @@ is fed the precipitation history ``(tp(t − 12 h), tp(t))``: that is how precip
 encoder (no separate ``"tp"`` input, which would need a fourth head that nothing trains), and with
 the residual ``tiny`` backbone each output is ``tp(t)`` (persistence) plus a learned correction.
 The pseudo-variables are normalised with the train split's ``tp`` statistics (plain
-normalisation, as in the paper; no log transform) registered in the backbone; the other
-variables keep the backbone's statistics. The backbone also predicts its usual variables from the
-batch; they are ignored.
+normalisation, as in the paper; no log transform; computed once, when the data are loaded)
+registered in the backbone; the other variables keep the backbone's statistics. The backbone
+also predicts its usual variables from the batch; they are ignored.
 
 Loss: L1 on normalised precipitation, averaged over leads. Predictions are clipped at 0 in
 :meth:`Precipitation.evaluate` (not in training, where the clip would kill gradients).
-Scores: area-weighted RMSE per lead (``"rmse/total_precipitation_6hr_12h"``...) and the
-persistence baseline (``"rmse_persistence/..."``); the Dataset keeps the fields for ACC/SEEPS.
+Scores: area-weighted RMSE per lead (``"rmse/total_precipitation_6hr_12h"``...), ACC against the
+training period's mean and SEEPS with the training period's climatology (dry < 0.1 mm; points
+with a dry fraction outside (0.1, 0.85) masked), and the same for the persistence baseline
+(``"rmse_persistence/..."``); the Dataset keeps the fields.
 
-Splits are contiguous time blocks (70/15/15); a sample touches ``t − 12 h`` .. ``t + 36 h`` and
-samples reaching into the previous block are dropped, so no time step serves two splits.
+Splits: ``data``'s periods when given (a sample belongs to a split when every time it touches,
+``t − 12 h`` .. ``t + 36 h``, lies in its period; accumulations are labelled by the end of their
+window), else contiguous time blocks (``split_fractions``, 70/15/15) from which samples reaching
+into the previous block are dropped, so no time step serves two splits.
+
+Real data are set up by :meth:`Precipitation.setup`, which needs the backbone (its inputs and
+levels decide what is read): the store is opened, the region checked against the patch size, the
+data checked for NaN (``data.check_finite``) and the units, and the statistics computed, before
+anything trains. Inputs the store lacks are refused by name unless ``data.fill_missing`` (then
+fed as constant fields at the backbone's normalisation mean and listed in :meth:`describe`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from collections.abc import Iterator
+import operator
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import dask
 import numpy as np
 import torch
 import xarray as xr
+from aurora import normalisation as aurora_norm
 from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, norm_key
-from wpeft.data.batch import Fields
+from wpeft.data.batch import Fields, LazyVariable
+from wpeft.data.era5 import check_finite, open_era5
+from wpeft.data.schema import regular_step, spec
+from wpeft.data.source import DataSource, open_source
 from wpeft.data.stats import compute_stats
 from wpeft.data.world import WorldConfig, open_world
 from wpeft.errors import ConfigError, DataError
@@ -58,8 +113,10 @@ from wpeft.tasks.common import (
     SPLITS,
     STATIC_VARS,
     SURF_VARS,
+    ConstantInputs,
     TaskHead,
     add_variable,
+    backbone_inputs,
     check_fractions,
     check_patch_grid,
     check_split,
@@ -67,22 +124,36 @@ from wpeft.tasks.common import (
     index_batches,
     make_batch,
     register_norm,
-    split_by_time,
+    split_samples,
     time_step,
     var_attrs,
 )
 
-__all__ = ["TARGET", "Precipitation", "PrecipitationConfig"]
+__all__ = ["HOURLY", "TARGET", "Precipitation", "PrecipitationConfig"]
 
-#: WB2 name of the predicted variable.
+#: WB2 name of the predicted variable (6-hour accumulations, mm).
 TARGET = "total_precipitation_6hr"
+#: WB2 / ARCO-ERA5 name of hourly accumulations, summed to 6 hours by the task.
+HOURLY = "total_precipitation"
 #: Prefix of the per-lead pseudo-variables (``"tp_12h"``).
 PSEUDO_PREFIX = "tp_"
+#: Hours summed into one accumulation.
+WINDOW_HOURS = 6
+#: Plausible 6-hour accumulations (mm): the training period's maximum must lie in
+#: [MIN_WETTEST, MAX_WETTEST] and its minimum be at least MIN_VALUE (see the module docstring).
+MIN_WETTEST, MAX_WETTEST, MIN_VALUE = 1.0, 1000.0, -0.1
+#: Elements of one dask chunk when the store is read for checks and statistics (~64 MB).
+_CHUNK_ELEMENTS = 2**24
 
 
 @dataclass
 class PrecipitationConfig(TaskConfig):
-    """Settings of the regional precipitation task (``source`` must be ``"world"``)."""
+    """Settings of the regional precipitation task.
+
+    ``data`` (a :class:`~wpeft.data.source.DataSource` or a mapping of its fields) reads a real
+    ERA5 store over ``data.region``; without it the embedded ``world`` is cropped by
+    ``crop_size`` / ``crop_lat`` / ``crop_lon``.
+    """
 
     #: Embedded world to crop.
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -96,17 +167,27 @@ class PrecipitationConfig(TaskConfig):
     input_gap_hours: int = 12
     #: Lead times (hours after the latest input) of the predicted 6-hour accumulations.
     leads_hours: tuple[int, ...] = (12, 24, 36)
-    #: Train, val, test fractions of the time-ordered samples (contiguous blocks).
+    #: Train, val, test fractions of the time-ordered samples (contiguous blocks); used when
+    #: ``data`` gives no periods.
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     #: Cache directory of the embedded world (default: ``$WPEFT_CACHE_DIR`` or the user cache).
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.source != "world":
+        if self.source not in ("world", "data"):
             raise ConfigError(
-                f"source={self.source!r}: the precipitation task reads the embedded world ('world')."
+                f"source={self.source!r}: the precipitation task reads the embedded world "
+                "('world') or a real store (data=...)."
             )
+        if self.data is not None and self.data.variables is not None:
+            names = self.data.variables
+            if len(names) != 1 or names[0] not in (TARGET, HOURLY):
+                raise ConfigError(
+                    f"data variables={list(names)}: the precipitation task learns {TARGET!r} "
+                    f"(6-hour accumulations) or sums {HOURLY!r} (hourly ones) to it; name one of "
+                    "them, or leave variables out (the store's is found)."
+                )
         self.world = coerce_world(self.world)
         self.split_fractions = check_fractions(self.split_fractions)  # type: ignore[assignment]
         crop = tuple(self.crop_size)
@@ -114,7 +195,7 @@ class PrecipitationConfig(TaskConfig):
             not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in crop
         ):
             raise ConfigError(f"crop_size={self.crop_size!r} must be two positive integers.")
-        if crop[0] > self.world.nlat or crop[1] > self.world.nlon:
+        if self.data is None and (crop[0] > self.world.nlat or crop[1] > self.world.nlon):
             raise ConfigError(
                 f"crop_size={crop} is larger than the world's {self.world.nlat} x {self.world.nlon} grid."
             )
@@ -146,22 +227,61 @@ class PrecipitationConfig(TaskConfig):
 
 @dataclass
 class _Data:
-    """The cropped fields in memory.
+    """The region's fields (in memory for the world, read per batch for a real store).
 
     Attributes:
-        fields: Surface (incl. ``tp``) ``(N, H, W)``, atmos ``(N, C, H, W)``, statics ``(H, W)``.
-        gap / leads: Input gap and leads in time steps.
-        anchors: ``(S,)`` indices of the latest input ``t`` of all samples.
-        splits: Positions into ``anchors`` per split.
-        tp_stats: Area-weighted mean and std of ``tp`` over the train split's time steps.
+        fields: Surface ``(N, H, W)`` and atmospheric ``(N, C, H, W)`` inputs, statics ``(H, W)``
+            (the world's ``fields.surf`` also holds ``tp``, which :attr:`tp` serves).
+        tp: ``(N, H, W)`` 6-hour accumulations (mm) by time position: a tensor, a
+            :class:`~wpeft.data.batch.LazyVariable` or :class:`_HourlySums`.
+        inputs: ``(S, 2)`` time positions of the two inputs ``t − gap``, ``t`` of each sample.
+        targets: ``(S, L)`` time positions of the targets ``t + lead``.
+        splits: Positions into the S samples per split.
+        tp_stats: Area-weighted mean and std of ``tp`` over the times the train split touches.
+        climate: ``(time, latitude, longitude)`` 6-hour accumulations of the training record
+            (numpy- or dask-backed), for ACC's mean and SEEPS' climatology.
+        lat, lon: ``(H,)``, ``(W,)`` float64 coordinates of the outputs.
+        levels: Pressure levels of the atmospheric inputs.
+        fill: Constant inputs for variables the store lacks (``data.fill_missing``), or None.
+        info: What :meth:`Precipitation.describe` records about a real store.
     """
 
     fields: Fields
-    gap: int
-    leads: tuple[int, ...]
-    anchors: np.ndarray
+    tp: Any
+    inputs: np.ndarray
+    targets: np.ndarray
     splits: dict[Split, np.ndarray]
     tp_stats: tuple[float, float]
+    climate: xr.DataArray
+    lat: np.ndarray
+    lon: np.ndarray
+    levels: tuple[int, ...]
+    fill: ConstantInputs | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class _HourlySums:
+    """6-hour accumulations from hourly ones, read per batch.
+
+    ``sums[index]`` (integer tensor or array of time positions, any shape) is the sum of the
+    hourly values at positions ``p − 5 .. p`` (the six hours ending at time ``p``), in float64,
+    returned as float32 of shape ``index.shape + (H, W)``. The caller guarantees that these
+    positions are the six consecutive hours (see :func:`_sample_positions`).
+    """
+
+    def __init__(self, hourly: LazyVariable, hours: int = WINDOW_HOURS) -> None:
+        self.hourly = hourly
+        self.hours = hours
+        self.shape = hourly.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: torch.Tensor | np.ndarray) -> torch.Tensor:
+        idx = torch.as_tensor(np.asarray(index.cpu() if torch.is_tensor(index) else index))
+        offsets = torch.arange(-(self.hours - 1), 1, dtype=idx.dtype)
+        values = self.hourly[idx.unsqueeze(-1) + offsets]  # (*idx, hours, H, W)
+        return values.double().sum(dim=idx.dim()).float()
 
 
 @register_task
@@ -177,16 +297,22 @@ class Precipitation(Task):
         super().__init__(config, **kwargs)
         self._data: _Data | None = None
         self._std: float | None = None
+        self._climatology: tuple[xr.DataArray, xr.DataArray, xr.DataArray] | None = None
 
     # --- data -------------------------------------------------------------------------------
 
     @property
     def data(self) -> _Data:
         if self._data is None:
-            self._data = self._load()
+            if self.config.data is not None:
+                raise ConfigError(
+                    "Call task.setup(model) first: with data= the inputs read from the store "
+                    "depend on the backbone (its variables and pressure levels)."
+                )
+            self._data = self._load_world()
         return self._data
 
-    def _load(self) -> _Data:
+    def _load_world(self) -> _Data:
         cfg = self.config
         cache = Path(cfg.cache_dir) if cfg.cache_dir else None
         ds = open_world(cfg.world, cache_dir=cache, progress=False)
@@ -203,13 +329,115 @@ class Precipitation(Task):
         anchors = np.arange(gap, len(fields) - leads[-1], dtype=np.int64)
         if anchors.size == 0:
             raise DataError(f"{len(fields)} time steps are too few for the input gap and leads.")
-        splits = split_by_time(anchors - gap, anchors + leads[-1], cfg.split_fractions)
+        splits = split_samples(anchors - gap, anchors + leads[-1], cfg)
         train = anchors[splits["train"]]
         steps = slice(int(train.min()) - gap, int(train.max()) + leads[-1] + 1)
         stats = compute_stats(ds[[TARGET]].isel(time=steps))
-        tp_stats = (stats.mean["tp"], stats.std["tp"])
+        lat = fields.lat.numpy().astype(np.float64)
+        lon = fields.lon.numpy().astype(np.float64)
+        tp = fields.surf["tp"]
+        # Climatology of the training record: every step up to the last training anchor.
+        climate = xr.DataArray(
+            tp[: int(train.max()) + 1].numpy(),
+            dims=("time", "latitude", "longitude"),
+            coords={"latitude": lat, "longitude": lon},
+        )
         return _Data(
-            fields=fields, gap=gap, leads=leads, anchors=anchors, splits=splits, tp_stats=tp_stats
+            fields=fields,
+            tp=tp,
+            inputs=np.stack([anchors - gap, anchors], axis=1),
+            targets=np.stack([anchors + lead for lead in leads], axis=1),
+            splits=splits,
+            tp_stats=(stats.mean["tp"], stats.std["tp"]),
+            climate=climate,
+            lat=lat,
+            lon=lon,
+            levels=fields.levels,
+        )
+
+    def _load_data(self, model: WpeftAurora) -> _Data:
+        """Open ``config.data`` for ``model``'s inputs and run every check before training."""
+        cfg = self.config
+        source: DataSource = cfg.data  # type: ignore[assignment]
+        inputs = backbone_inputs(model)
+        levels = _levels(model, source)
+        precip = _precipitation_variable(source)
+        hourly = precip == HOURLY
+        # Thinning comes after summing: open every time step, choose the sample times below.
+        ds, lacking = open_source(
+            dataclasses.replace(source, time_step_hours=None),
+            required=[precip],
+            optional=[*inputs["surface"], *inputs["atmos"], *inputs["static"]],
+            levels=levels,
+        )
+        where = ds.attrs.get("source_path", source.path)
+        _check_units(ds[precip], where)
+        grid = (ds.sizes["latitude"], ds.sizes["longitude"])
+        _check_region_grid(model, grid, ds, source)
+        times = np.asarray(ds["time"].values, dtype="datetime64[ns]")
+        step_hours = _time_step_hours(times, source, cfg, hourly, where)
+        window, targets = _sample_positions(times, step_hours, cfg, hourly, where)
+        splits = split_samples(times[window[:, 0]], times[targets[:, -1]], cfg)
+        back = WINDOW_HOURS - 1 if hourly else 0  # hourly steps read before each tp time
+
+        if source.check_finite:
+            used = np.concatenate([_touched(window[s], targets[s], back) for s in splits.values()])
+            check_finite(_chunked(ds.isel(time=np.unique(used))))
+
+        train = splits["train"]
+        record = np.unique(np.concatenate([window[train].ravel(), targets[train].ravel()]))
+        climate = _accumulations(ds[precip], record, hourly)
+        _check_plausible(climate, precip, where, times[record[[0, -1]]])
+        stats = compute_stats(xr.Dataset({TARGET: climate}))
+
+        def names(kind: str) -> list[str]:
+            return [spec(n).aurora for n in inputs[kind] if n in ds.data_vars]
+
+        fields = Fields.from_dataset(
+            ds,
+            surf_vars=names("surface"),
+            atmos_vars=names("atmos"),
+            static_vars=names("static"),
+            lazy=True,
+        )
+        lazy_tp = LazyVariable(ds[precip].transpose("time", "latitude", "longitude"))
+        levels = fields.levels or levels
+        fill = ConstantInputs(model, lacking, levels) if lacking else None
+        mean, std = stats.mean["tp"], stats.std["tp"]
+        info = {
+            "store": where,
+            "precipitation": {
+                "variable": precip,
+                "accumulation": (
+                    f"sum of the {WINDOW_HOURS} hourly values ending at each valid time"
+                    if hourly
+                    else "6-hour accumulations as stored"
+                ),
+                "units": "mm",
+            },
+            "time_step_hours": step_hours,
+            "grid": list(grid),
+            "levels": list(levels),
+            "filled_inputs": list(lacking),
+            "tp_stats": {
+                "mean": mean,
+                "std": std,
+                "period": [str(t) for t in times[record[[0, -1]]]],
+            },
+        }
+        return _Data(
+            fields=fields,
+            tp=_HourlySums(lazy_tp) if hourly else lazy_tp,
+            inputs=window,
+            targets=targets,
+            splits=splits,
+            tp_stats=(mean, std),
+            climate=climate,
+            lat=np.asarray(ds["latitude"].values, dtype=np.float64),
+            lon=np.asarray(ds["longitude"].values, dtype=np.float64),
+            levels=tuple(levels),
+            fill=fill,
+            info=info,
         )
 
     # --- the Task API -----------------------------------------------------------------------
@@ -218,15 +446,21 @@ class Precipitation(Task):
         """Install one pseudo-variable per lead (``"tp_12h"``...: Aurora-initialised embedding
         kernel and decoder head) normalised with the train split's ``tp`` statistics.
 
+        With ``data=`` this first opens and checks the store for ``model``'s inputs (see the
+        module docstring); every refusal happens here, before the backbone is changed.
+
         Returns:
             A :class:`TaskHead` with ``len(leads_hours)`` kernels and heads.
         """
+        if self._data is None and self.config.data is not None:
+            self._data = self._load_data(model)
         data = self.data
         check_patch_grid(model, *data.fields.grid)
-        missing = [v for v in SURF_VARS if v not in model.encoder.surf_token_embeds.weights]
-        missing += [v for v in ATMOS_VARS if v not in model.encoder.atmos_token_embeds.weights]
-        if missing:
-            raise ConfigError(f"The backbone has no embedding for {missing}.")
+        if self.config.data is None:
+            missing = [v for v in SURF_VARS if v not in model.encoder.surf_token_embeds.weights]
+            missing += [v for v in ATMOS_VARS if v not in model.encoder.atmos_token_embeds.weights]
+            if missing:
+                raise ConfigError(f"The backbone has no embedding for {missing}.")
         head = TaskHead()
         mean, std = data.tp_stats
         for name in self.config.pseudo_variables:
@@ -252,20 +486,24 @@ class Precipitation(Task):
         positions = data.splits[check_split(split)]
         shuffle = split == "train" if shuffle is None else shuffle
         for chunk in index_batches(positions, batch_size, shuffle=shuffle, seed=seed):
-            yield self._batch(data.anchors[chunk])
+            yield self._batch(chunk)
 
-    def _batch(self, anchors: np.ndarray) -> TaskBatch:
+    def _batch(self, samples: np.ndarray) -> TaskBatch:
         data, f = self.data, self.data.fields
-        idx = torch.as_tensor(anchors, dtype=torch.long)
-        window = torch.stack([idx - data.gap, idx], dim=1)  # (B, 2)
-        surf = {k: f.surf[k][window] for k in SURF_VARS}
-        tp_history = f.surf["tp"][window]
+        window = torch.as_tensor(data.inputs[samples], dtype=torch.long)  # (B, 2)
+        surf = {k: v[window] for k, v in f.surf.items() if k != "tp"}
+        tp_history = data.tp[window]
         for name in self.config.pseudo_variables:
             surf[name] = tp_history
         atmos = {k: v[window] for k, v in f.atmos.items()}
-        target = torch.stack([f.surf["tp"][idx + lead] for lead in data.leads], dim=1)
-        times = f.times[anchors]
-        inputs = make_batch(surf, atmos, dict(f.static), f.lat, f.lon, f.levels, times)
+        static = dict(f.static)
+        if data.fill is not None:
+            surf, atmos, static = data.fill.complete(
+                surf, atmos, static, tuple(window.shape), f.grid
+            )
+        target = data.tp[torch.as_tensor(data.targets[samples], dtype=torch.long)]
+        times = f.times[data.inputs[samples, 1]]
+        inputs = make_batch(surf, atmos, static, f.lat, f.lon, data.levels, times)
         return TaskBatch(inputs=inputs, targets={TARGET: target}, times=times)
 
     def predict(self, model: WpeftAurora, batch: TaskBatch) -> dict[str, torch.Tensor]:
@@ -325,8 +563,8 @@ class Precipitation(Task):
             "time": time,
             "prediction_timedelta": leads,
             "valid_time": (("time", "prediction_timedelta"), time[:, None] + leads[None, :]),
-            "latitude": data.fields.lat.numpy().astype(np.float64),
-            "longitude": data.fields.lon.numpy().astype(np.float64),
+            "latitude": data.lat,
+            "longitude": data.lon,
         }
         pred = xr.DataArray(
             np.concatenate(preds), dims=dims, attrs=var_attrs(TARGET, "(predicted, clipped at 0)")
@@ -344,16 +582,7 @@ class Precipitation(Task):
             dims=dims[:1] + dims[2:],
             coords={k: coords[k] for k in ("time", "latitude", "longitude")},
         ).broadcast_like(ds[TARGET])
-        # Climatology of the training record (every step up to the last training anchor):
-        # its mean for ACC, its dry fraction and wet threshold per point for SEEPS.
-        last = int(data.anchors[data.splits["train"]].max()) + 1
-        climate = xr.DataArray(
-            data.fields.surf["tp"][:last].numpy().astype(np.float64),
-            dims=("time", "latitude", "longitude"),
-            coords={k: coords[k] for k in ("latitude", "longitude")},
-        )
-        p1, wet = seeps_climatology(climate)
-        mean_climate = climate.mean("time")
+        p1, wet, mean_climate = self._climate()
         target_da = ds[f"{TARGET}_target"]
         scores: dict[str, float] = {}
         by_lead = {"preserve_dims": ["prediction_timedelta"]}
@@ -369,16 +598,264 @@ class Precipitation(Task):
                     scores[f"{name}/{TARGET}_{h}h"] = float(value)
         return ds, scores
 
+    def _climate(self) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+        """SEEPS' dry fraction and wet threshold and ACC's mean, per grid point, of the training
+        record (computed once; a real store's record is read with dask, whole in time)."""
+        if self._climatology is None:
+            data = self.data
+            climate = data.climate.astype(np.float64).assign_coords(
+                latitude=data.lat, longitude=data.lon
+            )
+            if climate.chunks is not None:  # quantiles over time need the time axis whole
+                n, _, w = climate.shape
+                rows = max(1, _CHUNK_ELEMENTS // max(1, n * w))
+                climate = climate.chunk({"time": -1, "latitude": rows, "longitude": -1})
+            p1, wet = seeps_climatology(climate)
+            mean = climate.mean("time")
+            self._climatology = dask.compute(p1, wet, mean)
+        return self._climatology  # type: ignore[return-value]
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         if self._data is not None:
-            f = self._data.fields
+            d = self._data
             out["samples"] = {s: self.num_samples(s) for s in SPLITS}
             out["region"] = {
-                "lat": [float(f.lat[0]), float(f.lat[-1])],
-                "lon": [float(f.lon[0]), float(f.lon[-1])],
+                "lat": [float(d.lat[0]), float(d.lat[-1])],
+                "lon": [float(d.lon[0]), float(d.lon[-1])],
             }
+            out.update(d.info)
         return out
+
+
+# --- real stores -------------------------------------------------------------------------------
+
+
+def _levels(model: WpeftAurora, source: DataSource) -> tuple[int, ...]:
+    """The pressure levels to read: ``data.levels`` if given, else every level the backbone has
+    statistics for (all its atmospheric variables); levels it lacks are refused."""
+    keys = model.norm_mean if model.norm_mean else aurora_norm.locations
+    known: set[int] | None = None
+    for v in model.config.atmos_vars:
+        lv = {
+            int(k[len(v) + 1 :])
+            for k in keys
+            if k.startswith(f"{v}_") and k[len(v) + 1 :].isdigit()
+        }
+        known = lv if known is None else known & lv
+    backbone = tuple(sorted(known or (), reverse=True))
+    if not backbone:
+        raise ConfigError(
+            "The backbone has no pressure levels with statistics for all of "
+            f"{list(model.config.atmos_vars)}; use a backbone trained on levels."
+        )
+    if source.levels is None:
+        return backbone
+    unknown = [x for x in source.levels if x not in backbone]
+    if unknown:
+        raise ConfigError(
+            f"data levels {unknown} hPa are not levels of the backbone ({list(backbone)}); "
+            "choose data.levels among them, or leave levels out."
+        )
+    return tuple(source.levels)
+
+
+def _precipitation_variable(source: DataSource) -> str:
+    """``total_precipitation_6hr`` if the store has it, else ``total_precipitation``
+    (``data.variables`` decides when given); refused when the store has neither."""
+    if source.variables is not None:
+        return source.variables[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(dropped|Dropping|unconverted).*")
+        have = set(map(str, open_era5(source.path, chunks=None).data_vars))
+    for name in (TARGET, HOURLY):
+        if name in have:
+            return name
+    raise DataError(
+        f"{source.path} holds no precipitation: neither {TARGET!r} (6-hour accumulations, "
+        f"WeatherBench2) nor {HOURLY!r} (hourly, ARCO-ERA5); it has {sorted(have)}. Point "
+        "data.path at a store with one of them (WeatherBench2 names)."
+    )
+
+
+def _check_units(da: xr.DataArray, where: str) -> None:
+    """The reader converted precipitation to mm; any other units attribute is refused."""
+    units = str(da.attrs.get("units", ""))
+    if units.strip() != "mm":
+        raise DataError(
+            f"{da.name!r} in {where} has units {units!r}, which wpeft cannot convert to mm; set "
+            "the variable's units attribute to 'm' (ERA5, WeatherBench2) or 'mm', as the values are."
+        )
+
+
+def _check_region_grid(
+    model: WpeftAurora, grid: tuple[int, int], ds: xr.Dataset, source: DataSource
+) -> None:
+    """The region's grid fits the patch size; else the region, its grid and a box that fits."""
+    try:
+        check_patch_grid(model, *grid)
+    except DataError:
+        p = model.patch_size
+        h, w = (max(3, n // p) * p for n in grid)
+        lat, lon = ds["latitude"].values, ds["longitude"].values
+        what = f"region {list(source.region)}" if source.region else "the whole grid"
+        fix = (
+            f"e.g. region [{lat[h - 1]:g}, {lat[0]:g}, {lon[0]:g}, {lon[w - 1]:g}] "
+            f"({h} x {w} points)"
+            if h <= grid[0] and w <= grid[1]
+            else f"a larger region (at least {3 * p} x {3 * p} points)"
+        )
+        raise DataError(
+            f"The {what} of {source.path} gives a {grid[0]} x {grid[1]} grid, which does not fit "
+            f"the backbone's patch size {p}: rows and columns must be multiples of {p}, at least "
+            f"3 patches each way. Set data.region to a box that fits, {fix}."
+        ) from None
+
+
+def _time_step_hours(
+    times: np.ndarray, source: DataSource, cfg: PrecipitationConfig, hourly: bool, where: str
+) -> int:
+    """The hours between sample times: ``data.time_step_hours`` or the store's step. It must be
+    a multiple of the store's step and divide the input gap and the leads; hourly
+    precipitation needs an hourly store."""
+    step, _ = regular_step(times)
+    if step is None:
+        raise DataError(f"{where} has a single time; the task needs a time series.")
+    store = np.timedelta64(step, "ns")
+    hour = np.timedelta64(1, "h")
+    if hourly and store != hour:
+        raise DataError(
+            f"{where} holds hourly {HOURLY!r} but its time step is "
+            f"{store / hour:g} h: 6-hour sums need every hour. Use the hourly store, or one with "
+            f"{TARGET!r}."
+        )
+    wanted = source.time_step_hours
+    if wanted is not None:
+        if np.timedelta64(wanted, "h") % store:
+            raise DataError(
+                f"data.time_step_hours={wanted} is not a multiple of {where}'s step "
+                f"{store / hour:g} h."
+            )
+        hours = wanted
+    else:
+        if store % hour:
+            raise DataError(
+                f"{where}'s time step {store / hour:g} h is not whole hours; set "
+                "data.time_step_hours."
+            )
+        hours = int(store // hour)
+    spans = (cfg.input_gap_hours, *cfg.leads_hours)
+    if any(s % hours for s in spans):
+        raise DataError(
+            f"The time step {hours} h does not divide input_gap_hours={cfg.input_gap_hours} and "
+            f"leads_hours={list(cfg.leads_hours)}; set data.time_step_hours to 6 (or another "
+            "divisor of them)."
+        )
+    return hours
+
+
+def _lookup(times: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Positions of ``wanted`` in the sorted ``times`` (-1 where absent)."""
+    pos = np.minimum(np.searchsorted(times, wanted), len(times) - 1)
+    return np.where(times[pos] == wanted, pos, -1)
+
+
+def _sample_positions(
+    times: np.ndarray, step_hours: int, cfg: PrecipitationConfig, hourly: bool, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(S, 2)`` input and ``(S, L)`` target time positions of every complete sample.
+
+    A sample's latest input ``t`` is a store time on the ``step_hours`` grid (hours since
+    1970-01-01 divisible by it); it is kept when ``t − gap`` and every ``t + lead`` are in the
+    store, and, for hourly precipitation, the five hours before each of these times too (a time
+    series with gaps is fine: samples across a gap are left out).
+    """
+    hour = np.timedelta64(1, "h")
+    ns = times.astype("datetime64[ns]").astype(np.int64)
+    anchors = np.nonzero(ns % (step_hours * 3_600_000_000_000) == 0)[0]
+    t = times[anchors]
+    inputs = np.stack([_lookup(times, t - cfg.input_gap_hours * hour), anchors], axis=1)
+    targets = np.stack([_lookup(times, t + h * hour) for h in cfg.leads_hours], axis=1)
+    ok = (inputs >= 0).all(axis=1) & (targets >= 0).all(axis=1)
+    if hourly:
+        for pos in (*inputs.T, *targets.T):
+            first = _lookup(times, times[pos] - (WINDOW_HOURS - 1) * hour)
+            ok &= (pos >= 0) & (first >= 0) & (pos - first == WINDOW_HOURS - 1)
+    if not ok.any():
+        need = f"t − {cfg.input_gap_hours} h .. t + {cfg.leads_hours[-1]} h"
+        if hourly:
+            need += f" (and the {WINDOW_HOURS - 1} hours before each precipitation time)"
+        raise DataError(
+            f"{where} ({len(times)} times, {times[0]} .. {times[-1]}) holds no complete sample: "
+            f"each needs the times {need} on a {step_hours}-hourly step. Use a longer stretch."
+        )
+    return inputs[ok].astype(np.int64), targets[ok].astype(np.int64)
+
+
+def _touched(inputs: np.ndarray, targets: np.ndarray, back: int) -> np.ndarray:
+    """Every time position the samples read (from ``back`` steps before their first time to
+    their last), as a contiguous range per block of samples."""
+    lo, hi = int(inputs.min()) - back, int(targets.max())
+    return np.arange(lo, hi + 1)
+
+
+def _chunked(ds: xr.Dataset | xr.DataArray, dim: str = "time") -> Any:
+    """``ds`` as dask arrays of about 64 MB along ``dim`` (read once, streamed)."""
+    arrays = ds.data_vars.values() if isinstance(ds, xr.Dataset) else [ds]
+    per_step = max(
+        (int(np.prod([a.sizes[d] for d in a.dims if d != dim])) for a in arrays if dim in a.dims),
+        default=1,
+    )
+    return ds.chunk({dim: max(1, _CHUNK_ELEMENTS // max(1, per_step))})
+
+
+def _accumulations(da: xr.DataArray, positions: np.ndarray, hourly: bool) -> xr.DataArray:
+    """Lazy (dask) ``(time, latitude, longitude)`` 6-hour accumulations at time ``positions``:
+    the stored values, or the sums of the six hourly values ending there."""
+    da = da.transpose("time", "latitude", "longitude")
+    base = _chunked(da.isel(time=positions))
+    if hourly:
+        parts = [
+            _chunked(da.isel(time=positions - k)).data.astype(np.float64)
+            for k in range(WINDOW_HOURS)
+        ]
+        total = functools.reduce(operator.add, parts).astype(np.float32)
+        base = base.copy(data=total)
+    return base.rename(TARGET).assign_attrs(var_attrs(TARGET))
+
+
+def _check_plausible(
+    climate: xr.DataArray, precip: str, where: str, period: Sequence[np.datetime64]
+) -> None:
+    """Refuse accumulations implausible for mm (see the module docstring), naming the values."""
+    high, low = (float(v) for v in dask.compute(climate.max(), climate.min()))
+    span = f"{np.datetime_as_string(period[0], 'h')} .. {np.datetime_as_string(period[1], 'h')}"
+    if not math.isfinite(high):
+        return  # all NaN: the finite checks name it
+    fix = (
+        "Set the store's units attribute of the precipitation to what the values are: 'm' "
+        "(ERA5 and WeatherBench2 store metres) or 'mm'."
+    )
+    if high < MIN_WETTEST:
+        raise DataError(
+            f"{precip!r} in {where}: the wettest 6 hours of the training period ({span}) bring "
+            f"only {high:.3g} mm; values this small look like metres read as mm (a units "
+            f"attribute 'mm', or none, on data in metres). {fix}"
+        )
+    if high > MAX_WETTEST:
+        raise DataError(
+            f"{precip!r} in {where}: the training period ({span}) has {high:.4g} mm in 6 hours, "
+            f"more than {MAX_WETTEST:g} mm: values this large look like mm labelled 'm' (converted "
+            f"to mm a second time). {fix}"
+        )
+    if low < MIN_VALUE:
+        raise DataError(
+            f"{precip!r} in {where}: the training period ({span}) has accumulations down to "
+            f"{low:.3g} mm; precipitation is not negative. Check the store's sign and units. {fix}"
+        )
+
+
+# --- the embedded world --------------------------------------------------------------------------
 
 
 def _crop_slices(ds: xr.Dataset, size: tuple[int, int], lat: float, lon: float) -> dict[str, slice]:
