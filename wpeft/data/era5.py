@@ -79,7 +79,10 @@ _CONVERSIONS = {
     ("hPa", "Pa"): (100.0, 0.0),
     ("degC", "K"): (1.0, 273.15),
 }
-_UNIT_ALIASES = {"m/s": "m s-1", "(0 - 1)": "1", "~": "1", "dimensionless": "1", "": "1"}
+_UNIT_ALIASES = {
+    "m/s": "m s-1", "(0 - 1)": "1", "~": "1", "dimensionless": "1", "": "1",
+    "kg m-2": "mm",  # precipitation as water mass per area: 1 kg m-2 of water is 1 mm
+}
 
 _SCHEMA_COORDS = ("time", "level", "latitude", "longitude", *EXTRA_DIMS)
 # Forecast lead axes: WB2 forecast stores, cfgrib (``step``, kept only for ensembles).

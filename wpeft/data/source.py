@@ -197,7 +197,7 @@ def open_source(
     where = path or source.path
     wanted = list(dict.fromkeys([*required, *optional]))
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*dropped.*")  # other variables: not wanted
+        warnings.filterwarnings("ignore", message="Dropping")  # other variables: not wanted
         ds = open_era5(where, chunks=None)
     have = set(map(str, ds.data_vars))
     missing_required = [n for n in required if n not in have]
@@ -392,7 +392,7 @@ def _check_periods_inside(ds: xr.Dataset, periods: Mapping[str, Period], where: 
 def _merge_statics(ds: xr.Dataset, path: str, names: Sequence[str]) -> xr.Dataset:
     """Add static fields from a separate file; its grid must equal the data's (before cropping)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*dropped.*")
+        warnings.filterwarnings("ignore", message="Dropping")
         st = open_era5(path, chunks=None)
     present = [n for n in names if n in st.data_vars]
     if not present:
