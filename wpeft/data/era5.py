@@ -2,7 +2,9 @@
 
 ERA5 reaches users in many spellings: WeatherBench2 and ARCO-ERA5 zarr stores use long names and
 latitude increasing; CDS netCDF uses short names (``t2m``), ``valid_time`` and ``pressure_level``;
-cfgrib gives ``time`` + ``step`` + ``valid_time``, ``isobaricInhPa`` and longitudes in [-180, 180).
+cfgrib gives ``time`` + ``step`` + ``valid_time``, ``isobaricInhPa`` and longitudes in [-180, 180);
+WeatherBench v1 is a folder of yearly netCDF files per variable; ensembles (WB2 IFS ENS, ENS-10)
+add ``number`` and a lead axis. :mod:`wpeft.data.layouts` writes small stores in each layout.
 :func:`open_era5` turns all of them into the one layout of :mod:`wpeft.data.schema`, so nothing
 downstream has to care where the data came from. Everything stays lazy (xarray + dask): only
 coordinates are read when opening, so a multi-terabyte store costs nothing until it is indexed.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -20,7 +23,15 @@ import dask
 import numpy as np
 import xarray as xr
 
-from wpeft.data.schema import VARIABLES, check_time_axis, duplicated, spec, validate_dataset
+from wpeft.data.schema import (
+    DIM_ORDER,
+    EXTRA_DIMS,
+    VARIABLES,
+    check_time_axis,
+    duplicated,
+    spec,
+    validate_dataset,
+)
 from wpeft.errors import DataError
 
 __all__ = ["check_finite", "open_era5", "write_wb2_zarr"]
@@ -57,9 +68,8 @@ _ATMOS_SOURCE_NAMES = {"z", "t", "u", "v", "q"} | {
 
 # Why some common variables are not mapped; added to the "dropped" warning.
 _NOT_MAPPED_NOTES = {
-    "tp": "ERA5 'tp' is an hourly accumulation; sum it to 6 hours and name it "
-    "'total_precipitation_6hr'",
-    "total_precipitation": "hourly precipitation; sum it to 6 hours and name it "
+    "tp": "ERA5 'tp' is an hourly accumulation (in forecasts: accumulated since the start); "
+    "rename an hourly one to 'total_precipitation', or sum it to 6 hours and name it "
     "'total_precipitation_6hr'",
 }
 
@@ -71,8 +81,10 @@ _CONVERSIONS = {
 }
 _UNIT_ALIASES = {"m/s": "m s-1", "(0 - 1)": "1", "~": "1", "dimensionless": "1", "": "1"}
 
-_SCHEMA_COORDS = ("time", "level", "latitude", "longitude", "member")
-_SCHEMA_DIM_ORDER = ("member", "time", "level", "latitude", "longitude")  # WB2's, member first
+_SCHEMA_COORDS = ("time", "level", "latitude", "longitude", *EXTRA_DIMS)
+# Forecast lead axes: WB2 forecast stores, cfgrib (``step``, kept only for ensembles).
+_LEAD_AXES = ("prediction_timedelta", "step")
+_WB1_STATIC_FOLDER = "constants"
 _ZARR_SUFFIXES = {".zarr"}
 _NETCDF_SUFFIXES = {".nc", ".nc4", ".netcdf", ".cdf"}
 _GRIB_SUFFIXES = {".grib", ".grb", ".grib1", ".grib2", ".grb2"}
@@ -90,8 +102,11 @@ def open_era5(
 
     Args:
         path: A ``.zarr`` directory (zarr v2 or v3; a ``scheme://`` URL is passed to
-            :func:`xarray.open_zarr` as is), a netCDF file or a GRIB file. The format is taken
-            from the suffix, else from the content.
+            :func:`xarray.open_zarr` as is), a netCDF file, a GRIB file, a WeatherBench v1
+            folder (``{res}deg/{variable}/{variable}_{year}_{res}deg.nc``; the ``{res}deg``
+            folder itself or its parent, if that holds one resolution) or an ENS-10 folder
+            (``output.{pl,sfc}.2018MMDD[.nc]``). The format is taken from the suffix, else from
+            the content.
         variables: WeatherBench2 names to keep; ``None`` keeps every schema variable in the
             file and drops the rest with a warning.
         levels: Pressure levels (hPa) to keep, in this order; ``None`` keeps all, ascending.
@@ -100,7 +115,15 @@ def open_era5(
 
     Returns:
         A dataset that passes :func:`~wpeft.data.schema.validate_dataset`, with ``units`` and
-        ``long_name`` on every variable and ``attrs["source_path"]``.
+        ``long_name`` on every variable and ``attrs["source_path"]``. Ensembles have a
+        ``member`` dim (cfgrib/WB2 ``number``, values kept as stored: 1..M for ECMWF
+        perturbed members). Forecast stores keep their lead axis as ``lead_time``
+        (timedelta64; WB2 ``prediction_timedelta`` always, cfgrib ``step`` when the data has
+        members) and ``time`` is then the initialisation time, which ``time=`` selects;
+        a deterministic cfgrib forecast is flattened to valid times instead. Dims follow
+        :data:`~wpeft.data.schema.DIM_ORDER`. Static fields stored with a time axis (ARCO-ERA5)
+        keep their first time; ERA5's hourly ``total_precipitation`` (m) becomes the schema's
+        ``total_precipitation`` (mm per hour, not summed).
 
     Raises:
         DataError: Missing or unreadable path, unknown variable or level requested, empty time
@@ -111,7 +134,12 @@ def open_era5(
             no window across them.
     """
     source, engine = _resolve(path)
-    ds = _open(source, engine, chunks)
+    if engine == "wb1":
+        ds = _open_wb1(source, variables, chunks)
+    elif engine == "ens10":
+        ds = _open_ens10(source, chunks)
+    else:
+        ds = _open(source, engine, chunks)
     ds = _normalise_coords(ds)
     ds = _normalise_time(ds)
     ds = _promote_scalar_level(ds)
@@ -125,7 +153,7 @@ def open_era5(
     if time is not None:
         ds = _select_time(ds, time)
     ds = _fix_units(ds)
-    ds = ds.transpose(*[d for d in _SCHEMA_DIM_ORDER if d in ds.dims], ...)
+    ds = ds.transpose(*[d for d in DIM_ORDER if d in ds.dims], ...)
     ds.attrs["source_path"] = source
     return validate_dataset(ds)
 
@@ -190,7 +218,15 @@ def _resolve(path: str | Path) -> tuple[str, str]:
             (p / m).exists() for m in ("zarr.json", ".zgroup", ".zmetadata")
         ):
             return source, "zarr"
-        raise DataError(f"{source} is a directory but not a zarr store (no zarr.json/.zgroup).")
+        if _ens10_files(p):
+            return source, "ens10"
+        if any(p.rglob("*.nc")):
+            return source, "wb1"
+        raise DataError(
+            f"{source} is a directory but neither a zarr store (no zarr.json/.zgroup), an ENS-10 "
+            "folder (output.pl.*/output.sfc.* files) nor a WeatherBench folder: no .nc files "
+            "under it (expected {res}deg/{variable}/{variable}_{year}_{res}deg.nc)."
+        )
     if suffix in _NETCDF_SUFFIXES:
         return source, "netcdf"
     if suffix in _GRIB_SUFFIXES:
@@ -258,6 +294,167 @@ def _open(source: str, fmt: str, chunks: dict | str | None) -> xr.Dataset:
         ) from e
 
 
+def _file_format(path: Path) -> str:
+    """``netcdf`` or ``grib`` for one file of a folder layout, from its suffix or content."""
+    suffix = path.suffix.lower()
+    if suffix in _NETCDF_SUFFIXES:
+        return "netcdf"
+    if suffix in _GRIB_SUFFIXES:
+        return "grib"
+    with open(path, "rb") as f:
+        return "grib" if f.read(4) == b"GRIB" else "netcdf"
+
+
+def _open_files(
+    files: Sequence[Path], chunks: dict | str | None, where: str, **combine: object
+) -> xr.Dataset:
+    """Open several netCDF (or GRIB) files as one dataset with :func:`xarray.open_mfdataset`."""
+    fmt = _file_format(files[0])
+    if fmt == "grib":
+        try:
+            import cfgrib  # noqa: F401
+        except ImportError as e:
+            raise DataError(
+                f"Reading GRIB ({files[0]}) needs cfgrib and eccodes: pip install 'wpeft[grib]'."
+            ) from e
+        engine, kwargs = "cfgrib", {"backend_kwargs": {"indexpath": ""}}
+    else:
+        engine, kwargs = _netcdf_engine(), {}
+    try:
+        return xr.open_mfdataset(
+            [str(f) for f in files], engine=engine, chunks=chunks, data_vars="minimal",
+            coords="minimal", compat="override", join="exact", **combine, **kwargs,
+        )
+    except Exception as e:  # every backend has its own exception types
+        raise DataError(
+            f"Could not read the {len(files)} file(s) of {where} with engine {engine!r} "
+            f"(first: {files[0].name}): {type(e).__name__}: {e}"
+        ) from e
+
+
+def _merge_parts(parts: Sequence[xr.Dataset], where: str) -> xr.Dataset:
+    try:
+        return xr.merge(parts, join="exact", compat="override", combine_attrs="drop_conflicts")
+    except ValueError as e:
+        raise DataError(
+            f"The files of {where} do not share their coordinates (times, levels or grid): {e}"
+        ) from e
+
+
+# WeatherBench v1: {res}deg/{variable}/{variable}_{year}_{res}deg.nc, statics in constants/.
+
+
+def _wb1_variable_folders(root: Path) -> tuple[Path, dict[str, list[Path]], bool]:
+    """The ``{res}deg`` folder of a WeatherBench v1 tree, its ``{variable: files}`` and whether
+    ``root`` is one variable folder.
+
+    ``root`` may be the tree (holding one ``{res}deg`` folder), a ``{res}deg`` folder, or one
+    variable folder (files directly inside, e.g. ``5.625deg/2m_temperature``).
+    """
+    resolutions = sorted(
+        d for d in root.iterdir() if d.is_dir() and d.name.endswith("deg") and any(d.rglob("*.nc"))
+    )
+    if len(resolutions) > 1:
+        raise DataError(
+            f"The WeatherBench folder {root} holds several resolutions "
+            f"({', '.join(d.name for d in resolutions)}); pass one of them, e.g. {resolutions[0]}."
+        )
+    folder = resolutions[0] if resolutions else root
+    variables = {
+        d.name: sorted(d.glob("*.nc")) for d in sorted(folder.iterdir()) if d.is_dir()
+    }
+    variables = {name: files for name, files in variables.items() if files}
+    if not variables and any(folder.glob("*.nc")):  # a single variable folder
+        return folder, {folder.name: sorted(folder.glob("*.nc"))}, True
+    if not variables:
+        raise DataError(
+            f"No .nc files in the variable folders of the WeatherBench folder {folder} "
+            "(expected {variable}/{variable}_{year}_{res}deg.nc)."
+        )
+    return folder, variables, False
+
+
+def _open_wb1(
+    source: str, variables: Sequence[str] | None, chunks: dict | str | None
+) -> xr.Dataset:
+    """Open the yearly files of the requested variable folders (all schema ones by default).
+
+    Inside the files variables have short names (``t2m``, ``z``); a folder named after a schema
+    variable gives its one data variable that name (``total_precipitation/tp`` -> hourly
+    ``total_precipitation``). Statics come from ``constants/``.
+    """
+    folder, available, single = _wb1_variable_folders(Path(source))
+    if single:  # its files' variables are selected by name later, like those of one file
+        wanted = list(available)
+    elif variables is not None:
+        wanted, missing = [], []
+        for name in [variables] if isinstance(variables, str) else variables:
+            if name in available:
+                wanted.append(name)
+            elif name in VARIABLES and VARIABLES[name].kind == "static" and (
+                _WB1_STATIC_FOLDER in available
+            ):
+                wanted.append(_WB1_STATIC_FOLDER)
+            else:
+                missing.append(name)
+        if missing:
+            raise DataError(
+                f"Variable(s) {missing} not found in the WeatherBench folder {folder}; its "
+                f"variable folders: {sorted(available)}."
+            )
+    else:
+        wanted = [n for n in available if n in VARIABLES or n == _WB1_STATIC_FOLDER]
+        skipped = sorted(set(available) - set(wanted))
+        if skipped:
+            warnings.warn(
+                f"Skipping {len(skipped)} folder(s) of {folder} not named after a wpeft schema "
+                f"variable: {_short_list(skipped)}.",
+                stacklevel=3,
+            )
+        if not wanted:
+            raise DataError(
+                f"No folder of the WeatherBench folder {folder} is named after a variable wpeft "
+                f"knows (it has {_short_list(sorted(available))}); known: {sorted(VARIABLES)}."
+            )
+    parts = []
+    for name in dict.fromkeys(wanted):
+        part = _open_files(available[name], chunks, f"{folder / name}", combine="by_coords")
+        if name in VARIABLES and len(part.data_vars) == 1:
+            (inner,) = part.data_vars
+            part = part.rename({inner: name}) if inner != name else part
+        parts.append(part)
+    return _merge_parts(parts, str(folder))
+
+
+# ENS-10: output.pl.2018MMDD / output.sfc.2018MMDD (GRIB1, or netCDF written by cfgrib names).
+
+_ENS10_FILE = re.compile(r"^output\.(pl|sfc)\.\d{8}(\.nc|\.grib|\.grb)?$")
+
+
+def _ens10_files(folder: Path) -> dict[str, list[Path]]:
+    """``{"pl": [...], "sfc": [...]}`` of an ENS-10 folder (empty if it is not one)."""
+    out: dict[str, list[Path]] = {}
+    for f in sorted(folder.iterdir()):
+        match = _ENS10_FILE.match(f.name)
+        if match and f.is_file():
+            out.setdefault(match.group(1), []).append(f)
+    return out
+
+
+def _open_ens10(source: str, chunks: dict | str | None) -> xr.Dataset:
+    """Pressure-level and surface files, each concatenated along ``time`` (init) and merged.
+
+    One file per day of year holds that date's inits of every year, so the files' times
+    interleave: they are concatenated, then sorted.
+    """
+    parts = [
+        _open_files(files, chunks, f"{source} ({kind})", combine="nested", concat_dim="time")
+        .sortby("time")
+        for kind, files in _ens10_files(Path(source)).items()
+    ]
+    return _merge_parts(parts, source)
+
+
 def _netcdf_engine() -> str:
     for engine, module in (("netcdf4", "netCDF4"), ("h5netcdf", "h5netcdf"), ("scipy", "scipy")):
         try:
@@ -286,8 +483,39 @@ def _normalise_coords(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
+def _lead_axis(ds: xr.Dataset) -> str | None:
+    """The forecast lead axis kept as ``lead_time``: WB2's, or cfgrib's ``step`` in ensembles."""
+    for name in _LEAD_AXES:
+        if (name in ds.coords or name in ds.dims) and (name != "step" or "member" in ds.dims):
+            return name
+    return None
+
+
+def _keep_lead_axis(ds: xr.Dataset, lead: str) -> xr.Dataset:
+    """A forecast store: ``time`` is the init time, the lead axis becomes ``lead_time``."""
+    if "time" not in ds.coords:
+        raise DataError(
+            f"The forecast data has a {lead!r} axis but no 'time' (initialisation time) "
+            f"coordinate (coords: {sorted(map(str, ds.coords))})."
+        )
+    ds = ds.drop_vars("valid_time", errors="ignore")
+    for dim in (lead, "time"):  # cfgrib squeezes a single step or init to a scalar
+        if dim not in ds.dims:
+            ds = ds.expand_dims(dim)
+    ds = ds.rename({lead: "lead_time"})
+    if not np.issubdtype(ds["lead_time"].dtype, np.timedelta64):
+        raise DataError(
+            f"The lead axis {lead!r} holds {ds['lead_time'].dtype} values, not timedeltas; "
+            "give it CF units (e.g. 'hours') so that it decodes to timedelta64."
+        )
+    return ds
+
+
 def _normalise_time(ds: xr.Dataset) -> xr.Dataset:
-    """Make ``time`` the valid time, whatever the source called it."""
+    """Make ``time`` the valid time, or the init time of a forecast store with a lead axis."""
+    lead = _lead_axis(ds)
+    if lead is not None:
+        return _keep_lead_axis(ds, lead)
     if "time" in ds.dims and "step" in ds.dims:
         # Forecast-style GRIB (e.g. accumulations): flatten (time, step) to valid times.
         if "valid_time" not in ds.coords:

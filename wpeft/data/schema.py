@@ -5,7 +5,9 @@ metrics and the backbone see one thing:
 
 * dims ``time`` (strictly increasing, see :func:`check_time_axis`), ``level`` (hPa, int),
   ``latitude`` (degrees north, strictly decreasing), ``longitude`` (degrees east, strictly
-  increasing in [0, 360)); ensembles add ``member``;
+  increasing in [0, 360)); ensembles add ``member``, and forecast stores (WB2 IFS ENS, ENS-10)
+  add ``lead_time`` (timedelta64), in which case ``time`` is the initialisation time. Dims come
+  in the order of :data:`DIM_ORDER`;
 * variables named as in WeatherBench2 (``2m_temperature``, ``geopotential`` with a ``level`` axis,
   ...), each with the ``kind`` Aurora gives it: ``surface`` (time, lat, lon), ``atmos``
   (time, level, lat, lon) or ``static`` (lat, lon);
@@ -26,6 +28,8 @@ import xarray as xr
 from wpeft.errors import DataError
 
 __all__ = [
+    "DIM_ORDER",
+    "EXTRA_DIMS",
     "VARIABLES",
     "Kind",
     "VariableSpec",
@@ -40,6 +44,12 @@ __all__ = [
 ]
 
 Kind = Literal["surface", "atmos", "static"]
+
+#: Dims a variable may carry besides those of its kind: ensemble member, forecast lead time.
+EXTRA_DIMS = ("member", "lead_time")
+#: The order of dims in every variable (WB2's, with ``member`` first and ``lead_time`` after the
+#: init ``time``, as WB2 forecast stores put ``prediction_timedelta``).
+DIM_ORDER = ("member", "time", "lead_time", "level", "latitude", "longitude")
 
 
 @dataclass(frozen=True)
@@ -74,8 +84,9 @@ VARIABLES: dict[str, VariableSpec] = {
             "total_precipitation_6hr", "tp", "surface", "mm", "6-hour accumulated precipitation",
             positive=True,
         ),
-        # Hourly accumulation (ARCO-ERA5, IFS-ENS): read as is, summed to 6 h by the tasks; never
-        # fed to the backbone under this name.
+        # Hourly stores (ARCO-ERA5, WeatherBench v1) hold this; sum six of them (the hours ending
+        # at t) to get total_precipitation_6hr at t. Not an Aurora variable: "tp1h" only keeps
+        # the (kind, short name) pairs unique.
         VariableSpec(
             "total_precipitation", "tp1h", "surface", "mm", "1-hour accumulated precipitation",
             positive=True,
@@ -113,9 +124,10 @@ def variables_of_kind(names: Iterable[str], kind: Kind) -> tuple[str, ...]:
 def validate_dataset(ds: xr.Dataset, *, require: Iterable[str] = ()) -> xr.Dataset:
     """Check that ``ds`` follows the schema; return it unchanged or raise :class:`DataError`.
 
-    Checks: required variables present, every variable known, dims per kind, latitude strictly
-    decreasing within [-90, 90], longitude strictly increasing within [0, 360). The time axis is
-    checked where stores are opened (:func:`check_time_axis`).
+    Checks: required variables present, every variable known, dims per kind (plus any of
+    :data:`EXTRA_DIMS`; a ``lead_time`` axis must hold timedeltas), latitude strictly decreasing
+    within [-90, 90], longitude strictly increasing within [0, 360). The time axis is checked
+    where stores are opened (:func:`check_time_axis`); dim order is not checked.
     """
     missing = [n for n in require if n not in ds.data_vars]
     if missing:
@@ -141,9 +153,14 @@ def validate_dataset(ds: xr.Dataset, *, require: Iterable[str] = ()) -> xr.Datas
             f"Longitude outside [0, 360): min {lon.min()}, max {lon.max()}. "
             "Convert with ds.assign_coords(longitude=ds.longitude % 360).sortby('longitude')."
         )
+    if "lead_time" in ds.dims and not np.issubdtype(ds["lead_time"].dtype, np.timedelta64):
+        raise DataError(
+            f"The lead_time axis must hold timedeltas (numpy timedelta64); it has dtype "
+            f"{ds['lead_time'].dtype}."
+        )
     for name in ds.data_vars:
         s = spec(str(name))
-        dims = set(ds[name].dims) - {"member"}
+        dims = set(ds[name].dims) - set(EXTRA_DIMS)
         expected = {
             "surface": {"time", "latitude", "longitude"},
             "atmos": {"time", "level", "latitude", "longitude"},
