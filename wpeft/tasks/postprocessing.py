@@ -37,6 +37,32 @@ How it maps onto Aurora:
 init time, lead ``ensemble_lead_hours``); splits are contiguous blocks of init times (2/3, 1/6,
 1/6: 32/8/8 of the default 48), dropping forecasts whose ``[init, valid]`` window overlaps the
 previous block's.
+
+Real ensembles (the paper's set-up: ENS-10, 10 members, +48 h, ERA5 truth). ``data=`` describes
+the ensemble store (WB2 IFS ENS zarr, ENS-10 folder; :func:`~wpeft.data.era5.open_era5` gives it
+a ``member`` dim, a ``lead_time`` dim and ``time`` = init time), ``truth_path=`` an ERA5 store
+with the truth, ``lead_hours`` the lead (default 48). The backbone decides what is read, so the
+data is opened in :meth:`Postprocessing.setup`:
+
+* Inputs as above for every surface and atmospheric variable the backbone embeds, at
+  ``data.levels`` or else the store's levels the backbone has statistics for (ENS-10 has 11,
+  Aurora 13); inputs and statics the store lacks (statics may come from ``data.statics``) are
+  refused unless ``data.fill_missing`` (then fed as constants, recorded).
+* Targets ``data.variables``, default T2m, temperature and geopotential (METHOD.md §4: T850,
+  Z500, T2m), trained and scored at every level read: the ``paper-postprocessing`` recipe reads
+  ``levels: [500, 850]``. The other inputs get log-scale heads too (their spread is an input)
+  but no loss.
+* The truth is read at init + lead; missing valid times, another grid (after the region crop)
+  and a store without members, with one member or without the lead are refused by name.
+  Splits are by init time: periods (a forecast belongs to a period when its init and valid
+  times lie inside) or ``split_fractions``.
+* Everything stays lazy: the ensemble mean and spread are dask graphs over the store, one init
+  per chunk, read per batch (the spread floored then). Reading happens up front only for
+  ``data.check_finite`` (one pass over the selected ensemble and truth) and for the train-split
+  statistics: the climatological std of the truth (of the ensemble mean for inputs the truth
+  lacks, e.g. ENS-10's ERA5 files with the targets only) and then the log-spread statistics.
+  :meth:`Postprocessing.describe` records them with the paths, lead, members, levels and the
+  filled inputs.
 """
 
 from __future__ import annotations
@@ -310,7 +336,9 @@ class Postprocessing(Task):
             splits=splits,
         )
 
-    def _load_store(self, inputs: dict[str, tuple[str, ...]], backbone_levels: tuple[int, ...]) -> _Data:
+    def _load_store(
+        self, inputs: dict[str, tuple[str, ...]], backbone_levels: tuple[int, ...]
+    ) -> _Data:
         """Open the ensemble store and the truth lazily, select the lead, check and split them,
         and compute the train-split statistics (one pass over the truth, one over the ensemble).
 
@@ -324,7 +352,9 @@ class Postprocessing(Task):
         assert src is not None and cfg.truth_path is not None and cfg.lead_hours is not None
         targets = cfg.targets
         not_embedded = [
-            n for n in targets if n not in inputs[VARIABLES[n].kind]  # type: ignore[index]
+            n
+            for n in targets
+            if n not in inputs[VARIABLES[n].kind]  # type: ignore[index]
         ]
         if not_embedded:
             raise ConfigError(
@@ -347,9 +377,7 @@ class Postprocessing(Task):
             )
         members = int(ens.sizes["member"])
         if members < 2:
-            raise DataError(
-                f"{where} has {members} ensemble member; a spread needs at least 2."
-            )
+            raise DataError(f"{where} has {members} ensemble member; a spread needs at least 2.")
         ens = _select_lead(ens, cfg.lead_hours, where)
         ens = _select_levels(ens, src.levels, backbone_levels, where)
         levels = tuple(int(x) for x in ens["level"].values) if "level" in ens.coords else ()
