@@ -380,11 +380,15 @@ class Postprocessing(Task):
             raise DataError(f"{where} has {members} ensemble member; a spread needs at least 2.")
         ens = _select_lead(ens, cfg.lead_hours, where)
         ens = _select_levels(ens, src.levels, backbone_levels, where)
-        levels = tuple(int(x) for x in ens["level"].values) if "level" in ens.coords else ()
+        if "level" in ens.dims:
+            levels = tuple(int(x) for x in ens["level"].values)
+        else:  # no atmospheric variable in the store: those filled are fed at these levels
+            levels = src.levels or backbone_levels
         lead = np.timedelta64(cfg.lead_hours, "h")
         init_times = np.asarray(ens["time"].values, dtype="datetime64[ns]")
         valid_times = init_times + lead
-        truth = _open_truth(cfg.truth_path, src, targets, optional, levels, ens, valid_times)
+        others = [n for n in optional if n in ens.data_vars]
+        truth = _open_truth(cfg.truth_path, src, targets, others, levels, ens, valid_times)
         splits = split_samples(init_times, valid_times, cfg, "ensemble forecasts")
         used = np.unique(np.concatenate(list(splits.values())))
         ens_vars = [n for n in ens.data_vars if VARIABLES[str(n)].kind != "static"]
@@ -780,8 +784,8 @@ def _open_truth(
     ens: xr.Dataset,
     valid_times: np.ndarray,
 ) -> xr.Dataset:
-    """The truth at ``valid_times``, lazily: the targets (required) and those of the other
-    inputs it holds (their climatological std), at ``levels``, on the ensemble's grid.
+    """The truth at ``valid_times``, lazily: the targets (required) and those of the ensemble's
+    other inputs it holds (their climatological std), at ``levels``, on the ensemble's grid.
 
     Raises:
         DataError: Targets or levels missing (named), another grid (both named), valid times
