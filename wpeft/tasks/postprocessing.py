@@ -37,24 +37,55 @@ How it maps onto Aurora:
 init time, lead ``ensemble_lead_hours``); splits are contiguous blocks of init times (2/3, 1/6,
 1/6: 32/8/8 of the default 48), dropping forecasts whose ``[init, valid]`` window overlaps the
 previous block's.
+
+Real ensembles (the paper's set-up: ENS-10, 10 members, +48 h, ERA5 truth). ``data=`` describes
+the ensemble store (WB2 IFS ENS zarr, ENS-10 folder; :func:`~wpeft.data.era5.open_era5` gives it
+a ``member`` dim, a ``lead_time`` dim and ``time`` = init time), ``truth_path=`` an ERA5 store
+with the truth, ``lead_hours`` the lead (default 48). The backbone decides what is read, so the
+data is opened in :meth:`Postprocessing.setup`:
+
+* Inputs as above for every surface and atmospheric variable the backbone embeds, at
+  ``data.levels`` or else the store's levels the backbone has statistics for (ENS-10 has 11,
+  Aurora 13); inputs and statics the store lacks (statics may come from ``data.statics``) are
+  refused unless ``data.fill_missing`` (then fed as constants, recorded).
+* Targets ``data.variables``, default T2m, temperature and geopotential (METHOD.md §4: T850,
+  Z500, T2m), trained and scored at every level read: the ``paper-postprocessing`` recipe reads
+  ``levels: [500, 850]``. The other inputs get log-scale heads too (their spread is an input)
+  but no loss.
+* The truth is read at init + lead; missing valid times, another grid (after the region crop)
+  and a store without members, with one member or without the lead are refused by name.
+  Splits are by init time: periods (a forecast belongs to a period when its init and valid
+  times lie inside) or ``split_fractions``.
+* Everything stays lazy: the ensemble mean and spread are dask graphs over the store, one init
+  per chunk, read per batch (the spread floored then). Reading happens up front only for
+  ``data.check_finite`` (one pass over the selected ensemble and truth) and for the train-split
+  statistics: the climatological std of the truth (of the ensemble mean for inputs the truth
+  lacks, e.g. ENS-10's ERA5 files with the targets only) and then the log-spread statistics.
+  :meth:`Postprocessing.describe` records them with the paths, lead, members, levels and the
+  filled inputs.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import dask
 import numpy as np
 import torch
 import xarray as xr
+from aurora import normalisation as aurora_norm
 from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, norm_key
-from wpeft.data.batch import Fields, wb2_name
+from wpeft.data.batch import Fields, load_t, wb2_name
+from wpeft.data.era5 import check_finite, open_era5
 from wpeft.data.schema import VARIABLES
+from wpeft.data.source import DataSource, open_source, select_region
 from wpeft.data.stats import compute_stats
 from wpeft.data.world import WorldConfig, open_world, open_world_ensemble
 from wpeft.errors import ConfigError, DataError
@@ -66,8 +97,10 @@ from wpeft.tasks.common import (
     SPLITS,
     STATIC_VARS,
     SURF_VARS,
+    ConstantInputs,
     TaskHead,
     add_variable,
+    backbone_inputs,
     channel_std,
     check_fractions,
     check_patch_grid,
@@ -79,6 +112,7 @@ from wpeft.tasks.common import (
     register_norm,
     require_stats,
     split_by_time,
+    split_samples,
     var_attrs,
 )
 
@@ -87,6 +121,11 @@ __all__ = ["LOGSCALE_SUFFIX", "Postprocessing", "PostprocessingConfig", "gaussia
 #: Suffix of the pseudo-variables whose heads predict the log scale ``s``.
 LOGSCALE_SUFFIX = "_logscale"
 _S_CLAMP = 10.0
+#: The paper's lead (ENS-10 forecasts at +48 h) and targets (T2m, T850, Z500: METHOD.md §4, the
+#: ENS-10 benchmark's). Atmospheric targets are trained and scored at every level read, so the
+#: paper's set-up reads ``data.levels: [500, 850]`` (as the ``paper-postprocessing`` recipe does).
+DEFAULT_LEAD_HOURS = 48
+DEFAULT_TARGETS: tuple[str, ...] = ("2m_temperature", "temperature", "geopotential")
 _INV_SQRT_PI = 1.0 / math.sqrt(math.pi)
 
 
@@ -101,53 +140,115 @@ def gaussian_crps(mu: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> tor
 
 @dataclass
 class PostprocessingConfig(TaskConfig):
-    """Settings of the ensemble post-processing task (``source`` must be ``"world"``)."""
+    """Settings of the ensemble post-processing task.
+
+    ``source="world"`` (default) post-processes the embedded world's ensemble; ``data=`` (a
+    :class:`~wpeft.data.source.DataSource` of an ensemble store) with ``truth_path`` a real one
+    (see "Real ensembles" in the module docstring).
+    """
 
     #: Embedded world whose ensemble forecasts (``ensemble_*`` fields) are post-processed.
     world: WorldConfig = field(default_factory=WorldConfig)
-    #: Train, val, test fractions of the time-ordered forecasts (default 32/8/8 of 48).
+    #: Train, val, test fractions of the time-ordered forecasts (default 32/8/8 of 48); real
+    #: data with periods (``data.train`` ...) split by init time instead.
     split_fractions: tuple[float, float, float] = (2 / 3, 1 / 6, 1 / 6)
     #: Floor of the ensemble spread, as a fraction of the variable's climatological std
     #: (train split), so that ``σ = exp(s) σ_ens`` and ``log σ_ens`` stay finite.
     sigma_floor: float = 0.01
     #: Cache directory of the embedded world (default: ``$WPEFT_CACHE_DIR`` or the user cache).
     cache_dir: str | None = None
+    #: Real data: an ERA5 store or file with the truth at the forecasts' valid times (the
+    #: target variables at the same levels, on the same grid once the region is cropped).
+    truth_path: str | None = None
+    #: Real data: the lead (hours) to post-process, one of the store's leads (``None``: 48, the
+    #: paper's). The embedded world has one lead, ``world.ensemble_lead_hours``; a different
+    #: value is refused.
+    lead_hours: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.source != "world":
+        if self.source not in ("world", "data"):
             raise ConfigError(
-                f"source={self.source!r}: post-processing needs ensemble forecasts; only the "
-                "embedded world ('world') provides them."
+                f"source={self.source!r}: post-processing reads the embedded world ('world') "
+                "or a real ensemble store given as data= (with truth_path=)."
             )
         self.world = coerce_world(self.world)
         self.split_fractions = check_fractions(self.split_fractions)  # type: ignore[assignment]
         f = self.sigma_floor
         if not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 < f < 1:
             raise ConfigError(f"sigma_floor={f!r} must be a number in (0, 1).")
+        lead = self.lead_hours
+        if lead is not None and (not isinstance(lead, int) or isinstance(lead, bool) or lead < 1):
+            raise ConfigError(f"lead_hours={lead!r} must be a positive integer (hours).")
+        if self.data is None:
+            if self.truth_path is not None:
+                raise ConfigError(
+                    "truth_path= is the truth of a real ensemble store: give data= (the store) "
+                    "too, or drop truth_path for the embedded world."
+                )
+            if lead is not None and lead != self.world.ensemble_lead_hours:
+                raise ConfigError(
+                    f"lead_hours={lead}: the embedded world's ensemble has one lead, "
+                    f"world.ensemble_lead_hours={self.world.ensemble_lead_hours}; set that instead."
+                )
+            return
+        if not isinstance(self.truth_path, str) or not self.truth_path.strip():
+            raise ConfigError(
+                f"truth_path={self.truth_path!r}: a real ensemble needs the truth at its valid "
+                "times, an ERA5 store or file (same variables, levels and region as data)."
+            )
+        if lead is None:
+            self.lead_hours = DEFAULT_LEAD_HOURS
+        bad = [n for n in self.targets if VARIABLES[n].kind not in ("surface", "atmos")]
+        if bad:
+            raise ConfigError(
+                f"data variables {bad} are static fields; the targets of post-processing are "
+                "surface or atmospheric variables (default: "
+                f"{list(DEFAULT_TARGETS)})."
+            )
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """WB2 names of the variables post-processed, scored and trained on: ``data.variables``
+        (default :data:`DEFAULT_TARGETS`) for real data, every ensemble variable for the world."""
+        if self.data is None:
+            return tuple(wb2_name(v, "surface") for v in SURF_VARS) + tuple(
+                wb2_name(v, "atmos") for v in ATMOS_VARS
+            )
+        return self.data.variables or DEFAULT_TARGETS
 
 
 @dataclass
 class _Data:
-    """Ensemble statistics and truth in memory (surface ``(N, H, W)``, atmos ``(N, C, H, W)``).
+    """Ensemble statistics and truth (surface ``(N, H, W)``, atmos ``(N, C, H, W)``), in memory
+    for the embedded world, :class:`~wpeft.data.batch.LazyVariable` views for real stores.
 
     Attributes:
-        mean / spread: Ensemble mean and floored spread (``spread`` has no statics).
-        truth: Truth at the valid times, with the statics.
+        mean / spread: Ensemble mean and spread of the inputs the store holds (the world's
+            spread is floored already; real spreads are floored per batch).
+        truth: Truth of the targets at the valid times (the world's: every variable).
+        static: Static fields ``(H, W)`` by Aurora name (those the data holds).
+        levels: Pressure levels of the atmospheric variables.
         logscale: ``{pseudo name: (mean, std)}`` of the log-spread input per stats key.
-        clim_std: Climatological std of the truth (train split) per stats key (``"2t"``,
-            ``"z_500"``): the unit of the log spread and of the floor.
+        clim_std: Climatological std (train split) per stats key (``"2t"``, ``"z_500"``): the
+            unit of the log spread and of the floor.
         init_times: ``(N,)`` init times; ``truth.times`` are the valid times.
         splits: Forecast positions per split.
+        lacking: Backbone inputs the data lacks, fed as constants (``data.fill_missing``).
+        info: What :meth:`Postprocessing.describe` records about the data.
     """
 
     mean: Fields
     spread: Fields
     truth: Fields
+    static: dict[str, torch.Tensor]
+    levels: tuple[int, ...]
     logscale: dict[str, tuple[float, float]]
     clim_std: dict[str, float]
     init_times: np.ndarray
     splits: dict[Split, np.ndarray]
+    lacking: tuple[str, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @register_task
@@ -163,16 +264,27 @@ class Postprocessing(Task):
         super().__init__(config, **kwargs)
         self._data: _Data | None = None
         self._std: dict[str, float] | None = None
+        self._fill: ConstantInputs | None = None
+        #: What the real data was read for: the backbone's inputs and levels (set by setup).
+        self._reads: tuple[dict[str, tuple[str, ...]], tuple[int, ...]] | None = None
 
     # --- data -------------------------------------------------------------------------------
 
     @property
     def data(self) -> _Data:
         if self._data is None:
-            self._data = self._load()
+            if self.config.data is not None:
+                if self._reads is None:
+                    raise ConfigError(
+                        "Call task.setup(model) first: on a real store the backbone decides which "
+                        "inputs and levels are read."
+                    )
+                self._data = self._load_store(*self._reads)
+            else:
+                self._data = self._load_world()
         return self._data
 
-    def _load(self) -> _Data:
+    def _load_world(self) -> _Data:
         cfg = self.config
         cache = Path(cfg.cache_dir) if cfg.cache_dir else None
         ens = open_world_ensemble(cfg.world, cache_dir=cache, progress=False)
@@ -182,9 +294,7 @@ class Postprocessing(Task):
                 "(WorldConfig(ensemble_members=...))."
             )
         truth_ds = open_world(cfg.world, cache_dir=cache, progress=False).sel(time=ens["time"])
-        names = [wb2_name(v, "surface") for v in SURF_VARS] + [
-            wb2_name(v, "atmos") for v in ATMOS_VARS
-        ]
+        names = list(cfg.targets)
         init_times = np.asarray(ens["init_time"].values)
         valid_times = np.asarray(ens["time"].values)
         splits = split_by_time(init_times, valid_times, cfg.split_fractions, "ensemble forecasts")
@@ -218,42 +328,159 @@ class Postprocessing(Task):
             mean=mean,
             spread=spread_f,
             truth=truth,
+            static=dict(truth.static),
+            levels=levels,
             logscale=logscale,
             clim_std=dict(clim.std),
             init_times=init_times,
             splits=splits,
         )
 
+    def _load_store(
+        self, inputs: dict[str, tuple[str, ...]], backbone_levels: tuple[int, ...]
+    ) -> _Data:
+        """Open the ensemble store and the truth lazily, select the lead, check and split them,
+        and compute the train-split statistics (one pass over the truth, one over the ensemble).
+
+        Args:
+            inputs: WB2 names the backbone embeds, by kind (:func:`backbone_inputs`).
+            backbone_levels: Levels the backbone has statistics for (used when
+                ``data.levels`` is not set: the store's levels among them).
+        """
+        cfg = self.config
+        src = cfg.data
+        assert src is not None and cfg.truth_path is not None and cfg.lead_hours is not None
+        targets = cfg.targets
+        not_embedded = [
+            n
+            for n in targets
+            if n not in inputs[VARIABLES[n].kind]  # type: ignore[index]
+        ]
+        if not_embedded:
+            raise ConfigError(
+                f"data variables {not_embedded} are not inputs of the backbone, whose decoder "
+                "heads give μ; post-process variables it embeds: "
+                f"{[*inputs['surface'], *inputs['atmos']]}."
+            )
+        optional = [
+            n for n in (*inputs["surface"], *inputs["atmos"], *inputs["static"]) if n not in targets
+        ]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*dropped.*")
+            ens, lacking = open_source(src, required=targets, optional=optional)
+        where = src.path
+        if "member" not in ens.dims:
+            raise DataError(
+                f"{where} needs a member dimension (number / member) for an ensemble spread; it "
+                f"has dims {sorted(map(str, ens.dims))}. Point data.path at an ensemble store "
+                "(WB2 IFS ENS zarr, ENS-10 folder)."
+            )
+        members = int(ens.sizes["member"])
+        if members < 2:
+            raise DataError(f"{where} has {members} ensemble member; a spread needs at least 2.")
+        ens = _select_lead(ens, cfg.lead_hours, where)
+        ens = _select_levels(ens, src.levels, backbone_levels, where)
+        if "level" in ens.dims:
+            levels = tuple(int(x) for x in ens["level"].values)
+        else:  # no atmospheric variable in the store: those filled are fed at these levels
+            levels = src.levels or backbone_levels
+        lead = np.timedelta64(cfg.lead_hours, "h")
+        init_times = np.asarray(ens["time"].values, dtype="datetime64[ns]")
+        valid_times = init_times + lead
+        others = [n for n in optional if n in ens.data_vars]
+        truth = _open_truth(cfg.truth_path, src, targets, others, levels, ens, valid_times)
+        splits = split_samples(init_times, valid_times, cfg, "ensemble forecasts")
+        used = np.unique(np.concatenate(list(splits.values())))
+        ens_vars = [n for n in ens.data_vars if VARIABLES[str(n)].kind != "static"]
+        truth_vars = [n for n in truth.data_vars if VARIABLES[str(n)].kind != "static"]
+        if src.check_finite:  # one pass over the selected forecasts and truth, before training
+            check_finite(ens[ens_vars].isel(time=used).chunk({"time": 1}))
+            check_finite(truth[truth_vars].isel(time=used).chunk({"time": _TRUTH_CHUNK}))
+
+        # lazy mean and spread: dask graphs over the store, one init per chunk, read per batch
+        forecast = ens[ens_vars].chunk({"time": 1})
+        mean_ds = forecast.mean("member")
+        spread_ds = forecast.std("member", ddof=1)
+        surf = [VARIABLES[str(n)].aurora for n in ens_vars if VARIABLES[str(n)].kind == "surface"]
+        atmos = [VARIABLES[str(n)].aurora for n in ens_vars if VARIABLES[str(n)].kind == "atmos"]
+        statics = [str(n) for n in ens.data_vars if VARIABLES[str(n)].kind == "static"]
+
+        # climatological std (train split): the truth's where it holds the variable, else the
+        # ensemble mean's; then the log-spread statistics with it
+        train = splits["train"]
+        in_truth = [str(n) for n in truth_vars]
+        clim = compute_stats(truth[in_truth].isel(time=train).chunk({"time": _TRUTH_CHUNK})).std
+        from_mean = [str(n) for n in ens_vars if str(n) not in in_truth]
+        if from_mean:
+            clim = clim | compute_stats(mean_ds[from_mean].isel(time=train)).std
+        logscale = _logscale_stats(spread_ds.isel(time=train), clim, cfg.sigma_floor)
+
+        truth_sel = truth[truth_vars]
+        t_surf = [VARIABLES[n].aurora for n in targets if VARIABLES[n].kind == "surface"]
+        t_atmos = [VARIABLES[n].aurora for n in targets if VARIABLES[n].kind == "atmos"]
+        static = {VARIABLES[n].aurora: load_t(ens, n, ("latitude", "longitude")) for n in statics}
+        info = {
+            "data_path": where,
+            "truth_path": cfg.truth_path,
+            "lead_hours": cfg.lead_hours,
+            "members": members,
+            "levels": list(levels),
+            "targets": list(targets),
+            "filled": list(lacking),
+            "forecasts": len(init_times),
+            "init_times": [str(init_times[0]), str(init_times[-1])],
+            "clim_std_from_ensemble_mean": from_mean,
+        }
+        return _Data(
+            mean=Fields.from_dataset(mean_ds, surf_vars=surf, atmos_vars=atmos, lazy=True),
+            spread=Fields.from_dataset(spread_ds, surf_vars=surf, atmos_vars=atmos, lazy=True),
+            truth=Fields.from_dataset(truth_sel, surf_vars=t_surf, atmos_vars=t_atmos, lazy=True),
+            static=static,
+            levels=levels,
+            logscale=logscale,
+            clim_std=dict(clim),
+            init_times=init_times,
+            splits=splits,
+            lacking=tuple(lacking),
+            info=info,
+        )
+
     # --- the Task API -----------------------------------------------------------------------
 
     def setup(self, model: WpeftAurora) -> nn.Module:
-        """Install one ``<name>_logscale`` pseudo-variable per surface and atmospheric variable
+        """Install one ``<name>_logscale`` pseudo-variable per surface and atmospheric input
         (zero-initialised embedding kernel + zero-initialised decoder head) and register the
-        log-spread statistics; take the other statistics from the backbone.
+        log-spread statistics; take the other statistics from the backbone. On a real store this
+        first reads the data for the backbone's inputs and levels.
 
         Returns:
-            A :class:`TaskHead` with ``len(SURF_VARS) + len(ATMOS_VARS)`` kernels and heads.
+            A :class:`TaskHead` with one kernel and head per ensemble input (the world: 9).
         """
+        if self.config.data is not None:
+            reads = (backbone_inputs(model), _backbone_levels(model))
+            if self._reads != reads:
+                self._reads, self._data = reads, None
         data = self.data
         check_patch_grid(model, *data.truth.grid)
-        missing = [v for v in SURF_VARS if v not in model.encoder.surf_token_embeds.weights]
-        missing += [v for v in ATMOS_VARS if v not in model.encoder.atmos_token_embeds.weights]
+        missing = [v for v in data.mean.surf if v not in model.encoder.surf_token_embeds.weights]
+        missing += [v for v in data.mean.atmos if v not in model.encoder.atmos_token_embeds.weights]
         if missing:
             raise ConfigError(
                 f"The backbone has no embedding for {missing}; it cannot read the ensemble."
             )
         std: dict[str, float] = {}
-        for k in SURF_VARS:
+        for k in data.mean.surf:
             std[norm_key(k)] = require_stats(model, k)[1]
-        for k in ATMOS_VARS:
-            for lv in data.truth.levels:
+        for k in data.mean.atmos:
+            for lv in data.levels:
                 std[norm_key(k, lv)] = require_stats(model, k, lv)[1]
+        self._fill = ConstantInputs(model, data.lacking, data.levels) if data.lacking else None
         head = TaskHead()
-        for k in SURF_VARS:
+        for k in data.mean.surf:
             add_variable(
                 model, head, k + LOGSCALE_SUFFIX, "surface", embed_init="zeros", head_init="zeros"
             )
-        for k in ATMOS_VARS:
+        for k in data.mean.atmos:
             add_variable(
                 model, head, k + LOGSCALE_SUFFIX, "atmos", embed_init="zeros", head_init="zeros"
             )
@@ -272,9 +499,10 @@ class Postprocessing(Task):
         """Batches of ``split``.
 
         Inputs: ``<v>`` = (μ_ens − σ_ens, μ_ens) and ``<v>_logscale`` = log(σ_ens / clim std)
-        twice, surface ``(B, 2, H, W)``, atmos ``(B, 2, C, H, W)``. Targets: truth at the
-        valid times, ``(B, H, W)`` / ``(B, C, H, W)``. Extra: ``<wb2>_ens_mean`` and
-        ``<wb2>_ens_spread`` (floored), same shapes, physical units.
+        twice, surface ``(B, 2, H, W)``, atmos ``(B, 2, C, H, W)``, for every input the data
+        holds (real stores: missing ones as constants, see ``data.fill_missing``). Targets: truth
+        at the valid times, ``(B, H, W)`` / ``(B, C, H, W)``. Extra: ``<wb2>_ens_mean`` and
+        ``<wb2>_ens_spread`` (floored) of the targets, same shapes, physical units.
         """
         data = self.data
         positions = data.splits[check_split(split)]
@@ -285,7 +513,8 @@ class Postprocessing(Task):
     def _batch(self, positions: np.ndarray) -> TaskBatch:
         data = self.data
         idx = torch.as_tensor(positions, dtype=torch.long)
-        levels = data.truth.levels
+        levels = data.levels
+        floor = self.config.sigma_floor  # the world's spreads are floored at load, real ones here
         surf: dict[str, torch.Tensor] = {}
         atmos: dict[str, torch.Tensor] = {}
         targets: dict[str, torch.Tensor] = {}
@@ -295,56 +524,65 @@ class Postprocessing(Task):
             ("atmos", data.mean.atmos, data.spread.atmos, data.truth.atmos, atmos),
         ):
             for k in means:
-                mu, sd = means[k][idx], spreads[k][idx]
+                lvs = levels if kind == "atmos" else None
+                mu = means[k][idx]
+                sd = torch.maximum(spreads[k][idx], self._clim_tensor(k, lvs, scale=floor))
                 out[k] = torch.stack([mu - sd, mu], dim=1)
-                log_ratio = torch.log(
-                    sd / self._clim_tensor(k, levels if kind == "atmos" else None)
-                )
+                log_ratio = torch.log(sd / self._clim_tensor(k, lvs))
                 out[k + LOGSCALE_SUFFIX] = torch.stack([log_ratio, log_ratio], dim=1)
-                name = wb2_name(k, kind)  # type: ignore[arg-type]
-                targets[name] = truths[k][idx]
-                extra[f"{name}_ens_mean"] = mu
-                extra[f"{name}_ens_spread"] = sd
+                if k in truths:
+                    name = wb2_name(k, kind)  # type: ignore[arg-type]
+                    targets[name] = truths[k][idx]
+                    extra[f"{name}_ens_mean"] = mu
+                    extra[f"{name}_ens_spread"] = sd
+        static = dict(data.static)
+        if self._fill is not None:
+            surf, atmos, static = self._fill.complete(
+                surf, atmos, static, (len(positions), 2), data.truth.grid
+            )
         times = data.truth.times[positions]
-        inputs = make_batch(
-            surf, atmos, dict(data.truth.static), data.truth.lat, data.truth.lon, levels, times
-        )
+        inputs = make_batch(surf, atmos, static, data.truth.lat, data.truth.lon, levels, times)
         return TaskBatch(inputs=inputs, targets=targets, times=times, extra=extra)
 
-    def _clim_tensor(self, k: str, levels: tuple[int, ...] | None) -> torch.Tensor | float:
-        """Climatological std of ``k``: a float, or ``(C, 1, 1)`` over ``levels``."""
+    def _clim_tensor(
+        self, k: str, levels: tuple[int, ...] | None, scale: float = 1.0
+    ) -> torch.Tensor:
+        """``scale`` times the climatological std of ``k``: a scalar tensor, or ``(C, 1, 1)``
+        over ``levels`` (float32 of the float64 product, as a clamp to it gives)."""
         clim = self.data.clim_std
         if levels is None:
-            return clim[norm_key(k)]
-        return torch.tensor([clim[norm_key(k, lv)] for lv in levels]).view(-1, 1, 1)
+            return torch.tensor(scale * clim[norm_key(k)])
+        return torch.tensor([scale * clim[norm_key(k, lv)] for lv in levels]).view(-1, 1, 1)
 
     def predict(self, model: WpeftAurora, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        """Gaussian parameters per variable, physical units: ``<wb2>`` = μ and
+        """Gaussian parameters per target, physical units: ``<wb2>`` = μ and
         ``<wb2>_sigma`` = σ, surface ``(B, H, W)``, atmos ``(B, C, H, W)``."""
         std = self._require_std()
         out = model(batch.inputs)
         levels = batch.inputs.metadata.atmos_levels
         pred: dict[str, torch.Tensor] = {}
-        for kind, outputs, inputs in (
-            ("surface", out.surf_vars, batch.inputs.surf_vars),
-            ("atmos", out.atmos_vars, batch.inputs.atmos_vars),
-        ):
-            for k in SURF_VARS if kind == "surface" else ATMOS_VARS:
-                x = outputs[k][:, 0]
-                mu_ens = inputs[k][:, -1].to(x.device)
-                ls = k + LOGSCALE_SUFFIX
-                xs, ls_in = outputs[ls][:, 0], inputs[ls][:, -1].to(x.device)
-                if kind == "surface":
-                    s_m, s_s = std[norm_key(k)], std[norm_key(ls)]
-                else:
-                    s_m = channel_std([std[norm_key(k, lv)] for lv in levels], x)
-                    s_s = channel_std([std[norm_key(ls, lv)] for lv in levels], x)
-                name = wb2_name(k, kind)  # type: ignore[arg-type]
-                sd = batch.extra[f"{name}_ens_spread"].to(x.device)
-                m = (x - mu_ens) / s_m
-                s = ((xs - ls_in) / s_s).clamp(-_S_CLAMP, _S_CLAMP)
-                pred[name] = mu_ens + m * sd
-                pred[f"{name}_sigma"] = torch.exp(s) * sd
+        for name in self._names():
+            kind = VARIABLES[name].kind
+            k = VARIABLES[name].aurora
+            outputs, inputs = (
+                (out.surf_vars, batch.inputs.surf_vars)
+                if kind == "surface"
+                else (out.atmos_vars, batch.inputs.atmos_vars)
+            )
+            x = outputs[k][:, 0]
+            mu_ens = inputs[k][:, -1].to(x.device)
+            ls = k + LOGSCALE_SUFFIX
+            xs, ls_in = outputs[ls][:, 0], inputs[ls][:, -1].to(x.device)
+            if kind == "surface":
+                s_m, s_s = std[norm_key(k)], std[norm_key(ls)]
+            else:
+                s_m = channel_std([std[norm_key(k, lv)] for lv in levels], x)
+                s_s = channel_std([std[norm_key(ls, lv)] for lv in levels], x)
+            sd = batch.extra[f"{name}_ens_spread"].to(x.device)
+            m = (x - mu_ens) / s_m
+            s = ((xs - ls_in) / s_s).clamp(-_S_CLAMP, _S_CLAMP)
+            pred[name] = mu_ens + m * sd
+            pred[f"{name}_sigma"] = torch.exp(s) * sd
         return pred
 
     def loss(self, prediction: dict[str, torch.Tensor], batch: TaskBatch) -> torch.Tensor:
@@ -414,10 +652,11 @@ class Postprocessing(Task):
         coords: dict[str, Any] = {
             "time": data.truth.times[positions],
             "init_time": ("time", data.init_times[positions]),
-            "level": np.asarray(data.truth.levels, dtype=np.int64),
             "latitude": data.truth.lat.numpy().astype(np.float64),
             "longitude": data.truth.lon.numpy().astype(np.float64),
         }
+        if data.levels:
+            coords["level"] = np.asarray(data.levels, dtype=np.int64)
         variables = {}
         for (name, suffix), arrays in parts.items():
             dims = ("time", "latitude", "longitude")
@@ -440,16 +679,23 @@ class Postprocessing(Task):
             scores |= per_level_scores("rmse_raw", name, rmse(ds[f"{name}_ens_mean"], y))
         return ds, scores
 
-    @staticmethod
-    def _names() -> tuple[str, ...]:
-        return tuple(wb2_name(v, "surface") for v in SURF_VARS) + tuple(
-            wb2_name(v, "atmos") for v in ATMOS_VARS
-        )
+    def _names(self) -> tuple[str, ...]:
+        """The targets (WB2 names): every ensemble variable for the world, the data's targets
+        for a real store."""
+        return self.config.targets
 
     def describe(self) -> dict[str, Any]:
+        """The task config, samples per split and, for a real store, what was read: paths,
+        lead, members, levels, targets, filled inputs and the train-split statistics."""
         out = super().describe()
         if self._data is not None:
             out["samples"] = {s: self.num_samples(s) for s in SPLITS}
+            if self._data.info:
+                out["data"] = {
+                    **self._data.info,
+                    "clim_std": dict(self._data.clim_std),
+                    "logscale": {k: list(v) for k, v in self._data.logscale.items()},
+                }
         return out
 
 
@@ -458,3 +704,173 @@ def _mean_std(x: torch.Tensor) -> tuple[float, float]:
     m = float(x.double().mean())
     s = float(x.double().std()) if x.numel() > 1 else 0.0
     return m, s if s > 1e-12 else 1.0
+
+
+# --- real ensemble stores ----------------------------------------------------------------------
+
+#: Valid times per dask chunk when the truth is checked or its statistics computed.
+_TRUTH_CHUNK = 8
+
+
+def _backbone_levels(model: WpeftAurora) -> tuple[int, ...]:
+    """Pressure levels at which the backbone has statistics for every atmospheric variable it
+    embeds (its own ``norm_mean``, or Aurora's ERA5 tables for a released checkpoint)."""
+    keys = model.norm_mean.keys() if model.norm_mean else aurora_norm.locations.keys()
+    atmos = model.config.atmos_vars
+    found: dict[str, set[int]] = {v: set() for v in atmos}
+    for key in keys:
+        name, _, level = str(key).rpartition("_")
+        if name in found and level.isdigit():
+            found[name].add(int(level))
+    common = set.intersection(*found.values()) if found else set()
+    return tuple(sorted(common, reverse=True))
+
+
+def _select_lead(ens: xr.Dataset, lead_hours: int, where: str) -> xr.Dataset:
+    """The forecasts at ``lead_hours`` (``time`` stays the init time), or :class:`DataError`
+    naming the store's leads."""
+    if "lead_time" not in ens.dims:
+        raise DataError(
+            f"{where} has no lead axis (lead_time, from prediction_timedelta / step); it has "
+            f"dims {sorted(map(str, ens.dims))}. Post-processing reads forecasts by init time "
+            "and lead."
+        )
+    leads = np.asarray(ens["lead_time"].values).astype("timedelta64[ns]")
+    lead = np.timedelta64(lead_hours, "h").astype("timedelta64[ns]")
+    hits = np.nonzero(leads == lead)[0]
+    if hits.size == 0:
+        have = [f"{x / np.timedelta64(1, 'h'):g}" for x in leads]
+        shown = ", ".join(have[:20]) + (f", ... ({len(have)} leads)" if len(have) > 20 else "")
+        raise DataError(
+            f"lead_hours={lead_hours} is not a lead of {where}; it has leads (hours): {shown}."
+        )
+    return ens.isel(lead_time=int(hits[0]), drop=True)
+
+
+def _select_levels(
+    ens: xr.Dataset,
+    wanted: tuple[int, ...] | None,
+    backbone_levels: tuple[int, ...],
+    where: str,
+) -> xr.Dataset:
+    """``data.levels`` as given (open_source checked them), else the store's levels that the
+    backbone knows (ENS-10 has 11, Aurora 13, the tiny backbone 3)."""
+    if wanted is not None or "level" not in ens.dims:
+        return ens
+    have = [int(x) for x in ens["level"].values]
+    keep = [lv for lv in have if lv in backbone_levels]
+    if not keep:
+        raise DataError(
+            f"{where} has levels {have} hPa and the backbone knows {list(backbone_levels)}: none "
+            "in common. Use a backbone trained on the store's levels."
+        )
+    return ens.sel(level=keep)
+
+
+def _grid_text(ds: xr.Dataset) -> str:
+    lat, lon = ds["latitude"].values, ds["longitude"].values
+    return (
+        f"{lat.size} x {lon.size} (latitudes {lat[0]:g}..{lat[-1]:g}, longitudes "
+        f"{lon[0]:g}..{lon[-1]:g})"
+    )
+
+
+def _open_truth(
+    path: str,
+    source: DataSource,
+    targets: tuple[str, ...],
+    optional: list[str],
+    levels: tuple[int, ...],
+    ens: xr.Dataset,
+    valid_times: np.ndarray,
+) -> xr.Dataset:
+    """The truth at ``valid_times``, lazily: the targets (required) and those of the ensemble's
+    other inputs it holds (their climatological std), at ``levels``, on the ensemble's grid.
+
+    Raises:
+        DataError: Targets or levels missing (named), another grid (both named), valid times
+            missing (the first few named).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*dropped.*")
+        truth = open_era5(path, chunks=None)
+    have = set(map(str, truth.data_vars))
+    missing = [n for n in targets if n not in have]
+    if missing:
+        raise DataError(
+            f"The truth {path} lacks {missing}; it has {sorted(have)}. truth_path must hold the "
+            "targets (data.variables) at the forecasts' valid times."
+        )
+    if "member" in truth.dims or "lead_time" in truth.dims:
+        raise DataError(
+            f"The truth {path} is a forecast store (dims {sorted(map(str, truth.dims))}); "
+            "truth_path must be an analysis (ERA5) at valid times."
+        )
+    names = [*targets, *(n for n in optional if n in have and VARIABLES[n].kind != "static")]
+    truth = truth[names]
+    if levels and "level" in truth.dims:
+        available = [int(x) for x in truth["level"].values]
+        absent = [lv for lv in levels if lv not in available]
+        if absent:
+            raise DataError(
+                f"The truth {path} has no level(s) {absent} hPa; it has {available}, the "
+                f"ensemble is read at {list(levels)}."
+            )
+        truth = truth.sel(level=list(levels))
+    if source.region is not None:
+        truth = select_region(truth, source.region, where=f"the truth {path}")
+    same = all(
+        truth[c].size == ens[c].size
+        and np.allclose(truth[c].values, ens[c].values, rtol=0, atol=1e-6)
+        for c in ("latitude", "longitude")
+    )
+    if not same:
+        raise DataError(
+            f"The truth {path} is on grid {_grid_text(truth)}, the ensemble {source.path} on "
+            f"{_grid_text(ens)} (after the region crop); they must match exactly. Regrid the "
+            "truth to the ensemble's grid."
+        )
+    times = np.asarray(truth["time"].values, dtype="datetime64[ns]")
+    absent_t = valid_times[~np.isin(valid_times, times)]
+    if absent_t.size:
+        first = ", ".join(str(t)[:19] for t in absent_t[:3])
+        raise DataError(
+            f"The truth {path} lacks {absent_t.size} of the {valid_times.size} valid times "
+            f"(init + lead), first {first}; it covers {str(times[0])[:19]} .. "
+            f"{str(times[-1])[:19]}. Give a truth that covers them, or periods inside it."
+        )
+    truth = truth.sel(time=valid_times)
+    return truth.assign_coords(latitude=ens["latitude"], longitude=ens["longitude"])
+
+
+def _logscale_stats(
+    spread: xr.Dataset, clim: dict[str, float], floor: float
+) -> dict[str, tuple[float, float]]:
+    """Mean and std (ddof 1; 1 for a constant) of ``log(max(σ_ens, floor c) / c)`` per variable
+    and level over the given forecasts and the grid, in one lazy pass."""
+    lazy: dict[str, Any] = {}
+    for name in map(str, spread.data_vars):
+        da = spread[name].astype(np.float64)
+        k = VARIABLES[name].aurora
+        if "level" in da.dims:
+            levels = [int(lv) for lv in da["level"].values]
+            c = xr.DataArray(
+                [clim[norm_key(k, lv)] for lv in levels], dims="level", coords={"level": levels}
+            )
+        else:
+            levels, c = [None], xr.DataArray(clim[norm_key(k)])
+        lg = np.log(np.maximum(da, floor * c) / c)
+        reduce = [d for d in lg.dims if d != "level"]
+        lazy[name] = (levels, lg.mean(reduce).data, lg.std(reduce, ddof=1).data)
+    (computed,) = dask.compute({n: (m, s) for n, (_, m, s) in lazy.items()})
+    out: dict[str, tuple[float, float]] = {}
+    for name, (levels, _, _) in lazy.items():
+        means, stds = (np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in computed[name])
+        pseudo = VARIABLES[name].aurora + LOGSCALE_SUFFIX
+        for i, level in enumerate(levels):
+            s = float(stds[i])
+            out[norm_key(pseudo, level)] = (
+                float(means[i]),
+                s if math.isfinite(s) and s > 1e-12 else 1.0,
+            )
+    return out
