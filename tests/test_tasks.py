@@ -8,6 +8,7 @@ runs on the ERA5 UK sample when the shared folder is present and is skipped othe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import xarray as xr
 
 from wpeft.backbones.pretrain import load_pretrained
+from wpeft.data.batch import random_batch
 from wpeft.data.regrid import upsample_bilinear
 from wpeft.data.schema import VARIABLES
 from wpeft.data.world import WorldConfig, open_world, open_world_ensemble
@@ -514,3 +516,27 @@ def test_evaluate_returns_dataset(downscaling: Downscaling) -> None:
     assert np.all(np.diff(ds["latitude"].values) < 0)
     assert np.all(np.diff(ds["longitude"].values) > 0)
     assert ds["2m_temperature"].attrs["units"] == "K"
+
+
+def test_a_released_style_backbone_takes_new_variables_and_keeps_aurora_tables_for_the_rest() -> None:
+    """A backbone without its own statistics (as built for a released Aurora checkpoint) gets a
+    task's new variable registered; every other key still uses Aurora's ERA5 tables."""
+    from aurora import normalisation as aurora_norm
+
+    from wpeft.backbones.aurora_adapter import build_backbone
+    from wpeft.tasks.common import backbone_stats, register_norm
+
+    model = build_backbone("tiny")
+    assert not model.own_stats and model.norm_mean == {}
+    before = backbone_stats(model, "t", 850)
+    assert before == (float(aurora_norm.locations["t_850"]), float(aurora_norm.scales["t_850"]))
+    register_norm(model, "tp_12h", 0.5, 2.0)
+    assert backbone_stats(model, "tp_12h") == (0.5, 2.0)
+    assert backbone_stats(model, "t", 850) == before  # unchanged by the registration
+    c = model.config
+    batch = random_batch(c.surf_vars, c.static_vars, c.atmos_vars, batch_size=1, grid=(8, 16), levels=(850,))
+    tp = torch.full((1, 2, 8, 16), 4.5)
+    batch = dataclasses.replace(batch, surf_vars=batch.surf_vars | {"tp_12h": tp})
+    mapped = model._remap(batch, forward=True)
+    torch.testing.assert_close(mapped.surf_vars["tp_12h"], (tp - 0.5) / 2.0)
+    torch.testing.assert_close(mapped.surf_vars["2t"], batch.surf_vars["2t"])

@@ -112,6 +112,9 @@ class WpeftAurora(Aurora):
         self.config = config
         self.norm_mean = dict(norm_mean or {})
         self.norm_std = dict(norm_std or {})
+        #: Whether the backbone came with its own statistics (a wpeft-trained one); without
+        #: them (a released checkpoint) every key a task does not register uses Aurora's tables.
+        self.own_stats = bool(self.norm_mean)
         for key in self.norm_mean:
             # Variables unknown to Aurora get the identity there, so ours is the only one applied.
             aurora_norm.locations.setdefault(key, 0.0)

@@ -250,7 +250,7 @@ def backbone_stats(
     key = norm_key(name, level)
     if key in model.norm_mean:
         return float(model.norm_mean[key]), float(model.norm_std[key])
-    if not model.norm_mean:
+    if not model.own_stats:
         if level is None and name in model.surf_stats:
             loc, scale = model.surf_stats[name]
             return float(loc), float(scale)
@@ -278,11 +278,8 @@ def register_norm(model: WpeftAurora, key: str, mean: float, std: float) -> None
     """
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
         raise DataError(f"Statistics for {key!r} must be finite with std > 0; got {mean}, {std}.")
-    if not model.norm_mean:
-        raise ConfigError(
-            "The backbone uses Aurora's built-in ERA5 statistics (empty norm_mean); new variables "
-            "need a backbone that carries its own statistics (a wpeft-trained backbone)."
-        )
+    # On a released checkpoint (Aurora's own tables) only registered keys are remapped
+    # (WpeftAurora._remap leaves every other key to Aurora's normalisation).
     model.norm_mean[key] = float(mean)
     model.norm_std[key] = float(std)
     aurora_norm.locations.setdefault(key, 0.0)
@@ -292,8 +289,6 @@ def register_norm(model: WpeftAurora, key: str, mean: float, std: float) -> None
 def backbone_inputs(model: WpeftAurora) -> dict[str, tuple[str, ...]]:
     """The WB2 names of the variables the backbone embeds, by kind:
     ``{"surface": (...), "atmos": (...), "static": (...)}`` (pseudo-variables excluded)."""
-    from wpeft.data.batch import wb2_name
-
     c = model.config
     return {
         "surface": tuple(wb2_name(v, "surface") for v in c.surf_vars),
