@@ -174,9 +174,7 @@ def coarsen_conservative(ds: xr.Dataset, factor: int) -> xr.Dataset:
         res.encoding = {}
         out_vars[str(name)] = res
 
-    coords = {
-        k: v for k, v in ds.coords.items() if _LAT not in v.dims and _LON not in v.dims
-    }
+    coords = {k: v for k, v in ds.coords.items() if _LAT not in v.dims and _LON not in v.dims}
     coords[_LAT] = xr.DataArray(new_lat.astype(ds[_LAT].dtype), dims=_LAT, attrs=ds[_LAT].attrs)
     coords[_LON] = xr.DataArray(new_lon.astype(ds[_LON].dtype), dims=_LON, attrs=ds[_LON].attrs)
     out = xr.Dataset(out_vars, coords=coords, attrs=dict(ds.attrs))
