@@ -147,8 +147,13 @@ def test_time_step_refuses_a_gap_naming_it() -> None:
     ("cls", "kwargs", "match"),
     [
         (Downscaling, {"split_fractions": (0.5, 0.5, 0.5)}, "split_fractions"),
-        (Downscaling, {"source": "era5-uk"}, "path"),
+        (Downscaling, {"source": "era5-uk"}, "data="),
+        (Downscaling, {"source": "data"}, "data="),
         (Downscaling, {"source": "nowhere"}, "nowhere"),
+        (Downscaling, {"coarse_factor": 4}, "world.coarse_factor"),
+        (Downscaling, {"data": "store.zarr"}, "coarse_path= .* or coarse_factor="),
+        (Downscaling, {"data": "s.zarr", "coarse_factor": 4, "coarse_path": "c.zarr"}, "exactly one"),
+        (Downscaling, {"data": "store.zarr", "coarse_factor": 1}, "coarse_factor=1"),
         (Downscaling, {"era5_crop": (30, 40)}, "era5_crop"),
         (Downscaling, {"surface_weight": -1.0}, "surface_weight"),
         (Downscaling, {"bogus": 1}, "bogus"),
@@ -479,7 +484,12 @@ def _era5_sample() -> Path:
 
 
 def test_downscaling_era5_uk_runs_one_forward_pass() -> None:
-    task = Downscaling(source="era5-uk", path=str(_era5_sample()))
+    # the UK sample spans 10W-2E; a region cannot cross 0 deg, so take 350-359.75 E (32 x 40)
+    uk = {"path": str(_era5_sample()), "region": [50.25, 58.0, 350.0, 359.75]}
+    task = Downscaling(data=uk, coarse_factor=4)
+    with pytest.raises(DataError, match=r"lacks \['10m_u_component_of_wind'.*fill_missing"):
+        task.setup(load_pretrained("tiny"))  # only 2 m temperature: the other inputs are refused
+    task = Downscaling(data={**uk, "fill_missing": True}, coarse_factor=4)
     with pytest.raises(ConfigError, match="setup"):
         next(task.batches("train", 2))
     model, head = prepared(task)
@@ -506,6 +516,9 @@ def test_downscaling_era5_uk_runs_one_forward_pass() -> None:
     bilinear = x.surf_vars["2t"][:, 1]
     assert float((bilinear - y).pow(2).mean().sqrt()) < 3.0
     assert isinstance(batch, TaskBatch) and isinstance(task.describe()["task_config"], dict)
+    data = task.describe()["data"]
+    assert data["variables"] == ["2m_temperature"] and data["grid"] == [32, 40]
+    assert "mean_sea_level_pressure" in data["filled"] and "land_sea_mask" in data["filled"]
 
 
 def test_evaluate_returns_dataset(downscaling: Downscaling) -> None:

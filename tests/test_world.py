@@ -397,3 +397,22 @@ def test_upsample_bilinear_exact_for_linear_fields() -> None:
     frac = (lon_f[wrap] - lon_c[-1]) / (360.0 - lon_c[-1])
     expect = (1 - frac) * (2.0 * lon_c[-1] + 1.0) + frac * (2.0 * lon_c[0] + 1.0)
     np.testing.assert_allclose(out["a"].values[5, wrap], expect)
+
+
+def test_upsample_bilinear_clamps_a_regional_grid_instead_of_wrapping() -> None:
+    """A regional source (longitudes that do not close the circle) must not borrow from its
+    opposite edge: beyond the outermost columns the values are those columns'."""
+    lon_c = 350.375 + np.arange(10.0)  # 1 degree cells over 350..360
+    lon_f = 350.125 + 0.25 * np.arange(40)  # 0.25 degree cells, the same box
+    lat = np.array([55.0, 54.0])
+    values = np.broadcast_to(2.0 * lon_c + 1.0, (2, 10))
+    ds = xr.Dataset({"a": (("latitude", "longitude"), values)},
+                    coords={"latitude": lat, "longitude": lon_c})
+    like = xr.Dataset(coords={"latitude": lat, "longitude": lon_f})
+    out = upsample_bilinear(ds, like)["a"].values[0]
+    inside = (lon_f >= lon_c[0]) & (lon_f <= lon_c[-1])
+    np.testing.assert_allclose(out[inside], 2.0 * lon_f[inside] + 1.0)
+    np.testing.assert_allclose(out[lon_f > lon_c[-1]], 2.0 * lon_c[-1] + 1.0)
+    np.testing.assert_allclose(out[lon_f < lon_c[0]], 2.0 * lon_c[0] + 1.0)
+    wrapped = upsample_bilinear(ds, like, periodic=True)["a"].values[0]
+    assert wrapped[-1] < 2.0 * lon_c[-1] + 1.0  # forced periodic: pulled towards 350.375

@@ -7,8 +7,9 @@ cover that:
 * :func:`coarsen_conservative` -- an area-weighted block mean, which for regular cell-centred grids
   is exactly first-order conservative remapping (as used for the WeatherBench regridding): the
   area-weighted global mean, and every coarse cell's area-weighted content, are preserved.
-* :func:`upsample_bilinear` -- bilinear interpolation onto a finer grid, periodic in longitude and
-  clamped to the edge cells in latitude, used as the classic baseline of the downscaling task.
+* :func:`upsample_bilinear` -- bilinear interpolation onto a finer grid, periodic in longitude on a
+  global grid (clamped at the edge columns of a regional one) and clamped to the edge cells in
+  latitude, used as the classic baseline of the downscaling task.
 
 Grids follow :mod:`wpeft.data.schema`: latitude strictly decreasing, longitude increasing in
 ``[0, 360)``. Cells are centred on the coordinates; a cell centred at ``lat`` with height ``dlat``
@@ -18,12 +19,21 @@ sines of those edges.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import xarray as xr
 
 from wpeft.errors import DataError
 
-__all__ = ["cell_area_weights", "coarsen_conservative", "upsample_bilinear"]
+__all__ = [
+    "BilinearPlan",
+    "bilinear_plan",
+    "cell_area_weights",
+    "coarsen_conservative",
+    "covers_circle",
+    "upsample_bilinear",
+]
 
 _LAT, _LON = "latitude", "longitude"
 
@@ -164,9 +174,7 @@ def coarsen_conservative(ds: xr.Dataset, factor: int) -> xr.Dataset:
         res.encoding = {}
         out_vars[str(name)] = res
 
-    coords = {
-        k: v for k, v in ds.coords.items() if _LAT not in v.dims and _LON not in v.dims
-    }
+    coords = {k: v for k, v in ds.coords.items() if _LAT not in v.dims and _LON not in v.dims}
     coords[_LAT] = xr.DataArray(new_lat.astype(ds[_LAT].dtype), dims=_LAT, attrs=ds[_LAT].attrs)
     coords[_LON] = xr.DataArray(new_lon.astype(ds[_LON].dtype), dims=_LON, attrs=ds[_LON].attrs)
     out = xr.Dataset(out_vars, coords=coords, attrs=dict(ds.attrs))
@@ -186,28 +194,56 @@ def _interp_indices(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.nd
     return i0, i1, np.clip(w, 0.0, 1.0)
 
 
-def upsample_bilinear(ds: xr.Dataset, like: xr.Dataset) -> xr.Dataset:
-    """Bilinear interpolation of every latitude/longitude variable onto ``like``'s grid.
+def covers_circle(lon: np.ndarray) -> bool:
+    """Whether regular longitudes close the circle (``n`` points spaced ``360 / n``): a global
+    grid, whose interpolation wraps from the last column to the first."""
+    lon = np.sort(np.asarray(lon, dtype=np.float64) % 360.0)
+    if lon.size < 2:
+        return False
+    spacing = (lon[-1] - lon[0]) / (lon.size - 1)
+    return bool(abs(spacing * lon.size - 360.0) <= 1e-3 * spacing)
 
-    Longitude is periodic: a wrap column (the first column at ``lon + 360``) closes the circle, so
-    targets between the last source longitude and 360 interpolate towards the first column.
-    Latitudes beyond the outermost source cell centres (the polar half cells) are clamped to the
-    edge row. Works lazily for dask-backed inputs (index selection plus weighted sums).
+
+@dataclass(frozen=True)
+class BilinearPlan:
+    """Where each destination point reads from in a bilinear interpolation between two grids.
+
+    Destination row ``r`` is ``(1 - wy[r]) * src[j0[r]] + wy[r] * src[j1[r]]`` and likewise for
+    columns with ``i0, i1, wx``; computed once by :func:`bilinear_plan`, applied to an xarray
+    Dataset by :func:`upsample_bilinear` or to tensors by the tasks, per batch.
+    """
+
+    j0: np.ndarray
+    j1: np.ndarray
+    wy: np.ndarray
+    i0: np.ndarray
+    i1: np.ndarray
+    wx: np.ndarray
+    periodic: bool
+
+
+def bilinear_plan(
+    src_lat: np.ndarray,
+    src_lon: np.ndarray,
+    dst_lat: np.ndarray,
+    dst_lon: np.ndarray,
+    *,
+    periodic: bool | None = None,
+) -> BilinearPlan:
+    """Indices and weights of a bilinear interpolation from ``(src_lat, src_lon)`` points to
+    ``(dst_lat, dst_lon)`` points (see :func:`upsample_bilinear` for the conventions).
 
     Args:
-        ds: Source dataset, variables ``(..., H, W)``.
-        like: Dataset (or anything with ``latitude``/``longitude`` coordinates) giving the target
-            grid ``(H', W')``.
-
-    Returns:
-        Dataset with the same variables on ``(H', W')``, attributes kept, dtypes kept.
+        periodic: Wrap in longitude (a wrap column at ``src_lon[0] + 360``); ``None``: when the
+            source longitudes close the circle (:func:`covers_circle`), else clamp at the edge
+            columns as latitude is (a regional grid must not borrow from its opposite edge).
     """
-    _check_latlon(ds, "upsample_bilinear")
-    _check_latlon(like, "upsample_bilinear (target)")
-    src_lat = np.asarray(ds[_LAT].values, dtype=np.float64)
-    src_lon = np.asarray(ds[_LON].values, dtype=np.float64)
-    dst_lat = np.asarray(like[_LAT].values, dtype=np.float64)
-    dst_lon = np.asarray(like[_LON].values, dtype=np.float64) % 360.0
+    src_lat = np.asarray(src_lat, dtype=np.float64)
+    src_lon = np.asarray(src_lon, dtype=np.float64)
+    dst_lat = np.asarray(dst_lat, dtype=np.float64)
+    dst_lon = np.asarray(dst_lon, dtype=np.float64) % 360.0
+    if periodic is None:
+        periodic = covers_circle(src_lon)
 
     # latitude: work in increasing order, map back to the original row indices
     order = np.argsort(src_lat)
@@ -218,20 +254,57 @@ def upsample_bilinear(ds: xr.Dataset, like: xr.Dataset) -> xr.Dataset:
         j0 = j1 = np.zeros(dst_lat.size, dtype=int)
         wy = np.zeros(dst_lat.size)
 
-    # longitude: periodic, via a wrap column at src_lon[0] + 360
     lon_order = np.argsort(src_lon)
     lon_sorted = src_lon[lon_order] % 360.0
-    ext = np.concatenate([lon_sorted, [lon_sorted[0] + 360.0]])
-    x = np.where(dst_lon < lon_sorted[0], dst_lon + 360.0, dst_lon)
-    i0, i1, wx = _interp_indices(ext, x)
     n = src_lon.size
-    i0, i1 = lon_order[i0 % n], lon_order[i1 % n]
+    if periodic:  # via a wrap column at src_lon[0] + 360
+        ext = np.concatenate([lon_sorted, [lon_sorted[0] + 360.0]])
+        x = np.where(dst_lon < lon_sorted[0], dst_lon + 360.0, dst_lon)
+        i0, i1, wx = _interp_indices(ext, x)
+        i0, i1 = lon_order[i0 % n], lon_order[i1 % n]
+    elif n > 1:
+        i0, i1, wx = _interp_indices(lon_sorted, dst_lon)
+        i0, i1 = lon_order[i0], lon_order[i1]
+    else:
+        i0 = i1 = np.zeros(dst_lon.size, dtype=int)
+        wx = np.zeros(dst_lon.size)
+    return BilinearPlan(j0=j0, j1=j1, wy=wy, i0=i0, i1=i1, wx=wx, periodic=bool(periodic))
+
+
+def upsample_bilinear(
+    ds: xr.Dataset, like: xr.Dataset, *, periodic: bool | None = None
+) -> xr.Dataset:
+    """Bilinear interpolation of every latitude/longitude variable onto ``like``'s grid.
+
+    Longitude is periodic on a global source grid: a wrap column (the first column at
+    ``lon + 360``) closes the circle, so targets between the last source longitude and 360
+    interpolate towards the first column. On a regional source grid (longitudes that do not close
+    the circle) targets beyond the outermost columns are clamped to them, as latitudes beyond the
+    outermost source cell centres (the polar half cells) are clamped to the edge row. ``periodic``
+    forces either behaviour. Works lazily for dask-backed inputs (index selection plus weighted
+    sums).
+
+    Args:
+        ds: Source dataset, variables ``(..., H, W)``.
+        like: Dataset (or anything with ``latitude``/``longitude`` coordinates) giving the target
+            grid ``(H', W')``.
+        periodic: See :func:`bilinear_plan`.
+
+    Returns:
+        Dataset with the same variables on ``(H', W')``, attributes kept, dtypes kept.
+    """
+    _check_latlon(ds, "upsample_bilinear")
+    _check_latlon(like, "upsample_bilinear (target)")
+    plan = bilinear_plan(
+        ds[_LAT].values, ds[_LON].values, like[_LAT].values, like[_LON].values, periodic=periodic
+    )
+    j0, j1, i0, i1 = plan.j0, plan.j1, plan.i0, plan.i1
 
     def take(da: xr.DataArray, jj: np.ndarray, ii: np.ndarray) -> xr.DataArray:
         return da.isel({_LAT: xr.DataArray(jj, dims=_LAT), _LON: xr.DataArray(ii, dims=_LON)})
 
-    wy_da = xr.DataArray(wy, dims=_LAT)
-    wx_da = xr.DataArray(wx, dims=_LON)
+    wy_da = xr.DataArray(plan.wy, dims=_LAT)
+    wx_da = xr.DataArray(plan.wx, dims=_LON)
     out_vars: dict[str, xr.DataArray] = {}
     for name, da in ds.data_vars.items():
         if _LAT not in da.dims or _LON not in da.dims:
