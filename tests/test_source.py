@@ -198,3 +198,12 @@ def test_lazy_variable_names_the_time_of_a_nan(world) -> None:
     var[torch.tensor([1, 2])]  # clean steps read fine
     with pytest.raises(DataError, match=str(da["time"].values[7])[:13]):
         var[torch.tensor([[6, 7]])]
+
+
+def test_on_earth_tells_real_data_from_the_world() -> None:
+    from wpeft.data.source import on_earth
+
+    assert not on_earth({})
+    assert not on_earth({"source": "world", "split_fractions": [0.7, 0.15, 0.15]})
+    assert on_earth({"data": {"path": "era5.zarr"}})
+    assert on_earth({"source": "data", "data": "era5.zarr"})

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from wpeft.data.source import on_earth
 from wpeft.errors import DataError, WpeftError
 from wpeft.runs.layout import FIELDS, RECORD_KINDS, RunLayout, run_directories
 
@@ -312,7 +313,7 @@ class Catalog:
             method=ident.method,
             budget=ident.budget,
             seed=ident.seed,
-            earth=ident.task_options.get("source", "world") != "world",
+            earth=on_earth(ident.task_options),
             finished=layout.finished,
             has_fisher=layout.has_records("fisher"),
             has_attention=layout.has_records("attention"),

@@ -49,7 +49,15 @@ from wpeft.data.era5 import open_era5
 from wpeft.data.schema import VARIABLES, spec
 from wpeft.errors import ConfigError, DataError
 
-__all__ = ["DataSource", "Period", "coerce_source", "open_source", "select_region", "split_by_period"]
+__all__ = [
+    "DataSource",
+    "Period",
+    "coerce_source",
+    "on_earth",
+    "open_source",
+    "select_region",
+    "split_by_period",
+]
 
 SPLIT_NAMES = ("train", "val", "test")
 Period = tuple[pd.Timestamp, pd.Timestamp]
@@ -166,6 +174,12 @@ def coerce_source(value: DataSource | Mapping[str, Any] | str | None) -> DataSou
     raise ConfigError(
         f"data must be a mapping of DataSource fields or a path, got {type(value).__name__}."
     )
+
+
+def on_earth(task_options: Mapping[str, Any]) -> bool:
+    """Whether a run's task options describe real data (a ``data`` store), not the embedded
+    world: maps of such runs get coastlines and a projection."""
+    return task_options.get("data") is not None or task_options.get("source", "world") != "world"
 
 
 def open_source(

@@ -14,6 +14,7 @@ from pathlib import Path
 import xarray as xr
 from matplotlib.figure import Figure
 
+from wpeft.data.source import on_earth
 from wpeft.runs import Run, skill_difference, skill_fields
 from wpeft.runs import open as open_run
 from wpeft.runs import table as runs_table
@@ -33,7 +34,7 @@ def _headline(run: Run) -> tuple[str, ...]:
 
 
 def _earth(run: Run) -> bool:
-    return run.config.get("task_options", {}).get("source", "world") != "world"
+    return on_earth(run.config.get("task_options", {}))
 
 
 def _field(skill: xr.Dataset, name: str, metric: str) -> xr.DataArray | None:
