@@ -333,3 +333,26 @@ def test_gathered_state_keeps_trainable_tensors_inside_checkpoint_wrappers() -> 
     state, _ = _gather_full_state(module, method.optimizer(1e-3))
     assert len(state) == sum(p.requires_grad for p in module.parameters())
     assert not any("_checkpoint" in k for k in state)
+
+
+@pytest.mark.slow
+def test_two_rank_run_on_a_real_layout_store_equals_one_rank(tmp_path, reference) -> None:
+    """Downscaling read lazily from a store in WeatherBench2's on-disk layout (the small world
+    of these tests, written by ``write_layout``): 2 ranks over gloo train as one process does."""
+    from wpeft.data.layouts import write_layout
+    from wpeft.data.world import WorldConfig, open_world
+
+    world = open_world(WorldConfig(**WORLD), progress=False)
+    store = write_layout(world.isel(time=slice(0, 24)).load(), "wb2", tmp_path / "era5.zarr")
+    cfg = config(
+        budget=0.04,
+        task_options={"data": {"path": str(store), "levels": [850, 500, 250]}, "coarse_factor": 4},
+    )
+    one_dir, one, _ = reference(cfg)
+    assert one["data"]["path"] == str(store) and one["data"]["grid"] == [16, 32]
+    run_ranks(cfg, tmp_path / "two")
+    two = json_load(tmp_path / "two" / "summary.json")
+    assert two["world_size"] == 2 and two["data"] == one["data"]
+    compare_adapters(one_dir, tmp_path / "two", atol=1e-4)
+    for key, value in one["scores"].items():
+        assert two["scores"][key] == pytest.approx(value, rel=1e-4), key
