@@ -37,7 +37,8 @@ def unfinished_run(tmp_path) -> Path:
 
 TRAIN = ["train", "--steps", "2"]
 
-# (arguments with {tmp} / {file} / {unfinished} placeholders, message fragment)
+# (arguments with {tmp} / {file} / {unfinished} / {bad_yaml} / {list_yaml} / {typo_yaml} /
+# {corrupt} placeholders, message fragment)
 CASES = [
     (TRAIN + ["--task", "nosuch", "--out", "{tmp}/a"], "Unknown task 'nosuch'"),
     (TRAIN + ["--method", "nosuch", "--out", "{tmp}/a"], "Unknown method 'nosuch'"),
@@ -59,17 +60,50 @@ CASES = [
     (TRAIN + ["--out", "{unfinished}"], "holds an unfinished run; give --resume"),
     (TRAIN + ["--out", "{unfinished}", "--resume", "--overwrite"], "contradict each other"),
     (TRAIN + ["--out", "{tmp}"], "is not empty and holds no wpeft run"),
+    (TRAIN + ["--data", "{tmp}/nosuch.yaml", "--out", "{tmp}/a"],
+     "nosuch.yaml: the file does not exist"),
+    (TRAIN + ["--data", "{bad_yaml}", "--out", "{tmp}/a"],
+     "bad.yaml: not valid YAML (expected ',' or ']', but got ':' at line 2, column 2)"),
+    (TRAIN + ["--data", "{list_yaml}", "--out", "{tmp}/a"],
+     "list.yaml: the top level is a list, not a mapping of settings"),
+    (TRAIN + ["--data", "{typo_yaml}", "--out", "{tmp}/a"], "has no setting(s) ['surfce_weight']"),
+    (TRAIN + ["--task-option", "world=3", "--out", "{tmp}/a"],
+     "world=3 is not a WorldConfig or a mapping of its fields"),
+    (TRAIN + ["--task-option", 'world={{"nlta": 16}}', "--out", "{tmp}/a"],
+     "world has no setting(s) ['nlta']"),
+    (TRAIN + ["--task-option", "seed=3", "--out", "{tmp}/a"], "give --seed"),
+    (TRAIN + ["--backbone", "huge", "--out", "{tmp}/a"], "Unknown backbone 'huge'"),
+    (TRAIN + ["--backbone", "1.3b", "--out", "{tmp}/a"], "has no weights shipped with wpeft"),
+    (TRAIN + ["--checkpoint", "{tmp}/nosuch.ckpt", "--out", "{tmp}/a"],
+     "nosuch.ckpt does not exist; download it once from the Aurora model card"),
+    (TRAIN + ["--checkpoint", "{tmp}", "--out", "{tmp}/a"], "is a directory, not a weights file"),
+    (TRAIN + ["--checkpoint", "{corrupt}", "--out", "{tmp}/a"],
+     "The file is corrupt or not a checkpoint"),
     (["compare", "--root", "{tmp}/c", "--methods", "nosuch"], "Unknown method 'nosuch'"),
     (["compare", "--root", "{tmp}/c", "--seeds", "0"], "number of seeds must be >= 1"),
+    (["compare", "--root", "{tmp}/a", "--task-option", "surfce_weight=1"],
+     "has no setting(s) ['surfce_weight']; its settings: ['atmos_weight'"),
+    (["compare", "--root", "{tmp}/a", "--data", "{list_yaml}"], "the top level is a list"),
+    (["compare", "--root", "{tmp}/a", "--checkpoint", "{tmp}/nosuch.ckpt"], "does not exist"),
+    (["compare", "--root", "{tmp}/a", "--checkpoint", "{corrupt}"], "corrupt or not a checkpoint"),
     (["figures", "{tmp}/nosuch", "--out", "{tmp}/figs"], "does not exist"),
     (["figures", "{unfinished}", "--out", "{tmp}/figs"], "nothing to draw"),
 ]
 
 
 def _fill(args: list[str], tmp: Path, unfinished: Path) -> list[str]:
-    file = tmp / "a-file"
-    file.write_text("not a directory")
-    return [a.format(tmp=tmp, file=file, unfinished=unfinished) for a in args]
+    files = {
+        "file": ("a-file", "not a directory"),
+        "bad_yaml": ("bad.yaml", "a: [1, 2\nb: 3\n"),
+        "list_yaml": ("list.yaml", "- surface_weight\n- 0.5\n"),
+        "typo_yaml": ("typo.yaml", "surfce_weight: 0.5\n"),
+        "corrupt": ("corrupt.safetensors", "not a safetensors file"),
+    }
+    paths = {}
+    for key, (name, text) in files.items():
+        paths[key] = tmp / name
+        paths[key].write_text(text)
+    return [a.format(tmp=tmp, unfinished=unfinished, **paths) for a in args]
 
 
 @pytest.mark.parametrize(("args", "fragment"), CASES, ids=[" ".join(c[0][:6]) for c in CASES])

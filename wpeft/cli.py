@@ -130,7 +130,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def task_settings(args: argparse.Namespace) -> dict:
+    """The task settings of ``--data FILE`` merged with ``--task-option KEY=VALUE``: the file's
+    top-level keys first, then each ``--task-option``, which wins over the file for its key and
+    replaces that key's value whole (a mapping such as ``world`` is not merged key by key)."""
+    from wpeft.options import load_settings_file, parse_key_values
+
+    from_file = load_settings_file(args.data, "--data") if args.data is not None else {}
+    return {**from_file, **parse_key_values(args.task_option, "--task-option")}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """One run. Task settings come from ``--data FILE.yaml`` and ``--task-option KEY=VALUE``
+    (the option wins for its key, see :func:`task_settings`); ``--checkpoint PATH`` gives the
+    backbone's weights (a local file of the ``--backbone`` architecture)."""
     from wpeft.options import parse_key_values
     from wpeft.training.loop import TrainConfig, train
 
@@ -139,7 +152,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         method=args.method,
         budget=args.budget,
         method_options=parse_key_values(args.method_option, "--method-option"),
-        task_options=parse_key_values(args.task_option, "--task-option"),
+        task_options=task_settings(args),
+        backbone=args.backbone,
+        checkpoint=args.checkpoint,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -178,11 +193,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Run (or resume) a tasks x methods x budgets x seeds matrix and write the tables."""
+    """Run (or resume) a tasks x methods x budgets x seeds matrix and write the tables. The task
+    settings (``--data`` merged with ``--task-option``, see :func:`task_settings`) and the
+    backbone (``--backbone``, ``--checkpoint``) apply to every run."""
     from wpeft.training.compare import CompareConfig, collect, compare, tables, write_tables
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: the number of seeds must be >= 1.")
+    settings = task_settings(args)
     cfg = CompareConfig(
         tasks=tuple(args.tasks),
         methods=tuple(args.methods),
@@ -191,6 +209,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        task_options={task: dict(settings) for task in args.tasks} if settings else {},
+        backbone=args.backbone,
+        checkpoint=args.checkpoint,
     )
     n = len(cfg.cells())
     print(f"wpeft compare: {n} runs under {args.root} (finished ones are skipped)")
@@ -248,6 +269,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_task_and_backbone_arguments(p: argparse.ArgumentParser, every: str = "") -> None:
+    """``--task-option``, ``--data``, ``--backbone`` and ``--checkpoint`` (train and compare)."""
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"a setting{every} (repeatable; VALUE is read as JSON where it can be); "
+                        "wins over --data for its key")
+    p.add_argument("--data", default=None, metavar="FILE.yaml",
+                   help=f"YAML or JSON file whose top level maps setting names{every} to values "
+                        "(nested mappings and lists allowed, e.g. world: {nlat: 16})")
+    p.add_argument("--backbone", default="tiny",
+                   help="architecture: tiny (weights ship with wpeft), small or 1.3b (give "
+                        "--checkpoint)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="local weights of the --backbone architecture (safetensors or Aurora "
+                        ".ckpt, downloaded once from the Aurora model card); Aurora's own "
+                        "normalisation; recorded with its sha256 in the run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wpeft",
@@ -287,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--budget", type=float, default=None,
                    help="fraction of backbone parameters, e.g. 0.003 or 0.04 (default: method default)")
     t.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE")
-    t.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
+    _add_task_and_backbone_arguments(t)
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -321,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=4)
     c.add_argument("--lr", type=float, default=None,
                    help="learning rate of every run (default: each method's default_lr)")
+    _add_task_and_backbone_arguments(c, every=" of every task")
     c.add_argument("--tables", default=None, help="write markdown/CSV/netCDF tables here")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)

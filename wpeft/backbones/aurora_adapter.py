@@ -35,6 +35,7 @@ __all__ = [
     "BlockInfo",
     "WpeftAurora",
     "build_backbone",
+    "check_weights_file",
     "file_sha256",
     "load_weights",
     "nonfinite_tensors",
@@ -248,6 +249,57 @@ def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
         for name, t in state.items()
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
     )
+
+
+#: How a message says where released weights come from.
+GET_WEIGHTS = "download it once from the Aurora model card and pass the local path"
+
+
+def check_weights_file(path: str | Path) -> Path:
+    """Refuse a missing or unreadable checkpoint cheaply, without loading its tensors.
+
+    A safetensors file's header is read and checked against the file's length; any other file
+    (Aurora's ``.ckpt``) is opened with ``torch.load(..., mmap=True, weights_only=True)``, which
+    maps the tensors instead of reading them (an old non-zip file is read whole). Whether the
+    tensors fit an architecture is checked when they are loaded (:func:`load_weights`).
+
+    Returns:
+        The path.
+
+    Raises:
+        CheckpointError: one line naming the file and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} {what}; {GET_WEIGHTS} (wpeft never fetches weights)."
+        )
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            keys = list(state) if isinstance(state, dict) else []
+    except Exception as e:  # safetensors and torch raise many types for corrupt files
+        raise CheckpointError(
+            f"Could not read checkpoint {str(path)!r} ({type(e).__name__}: "
+            f"{' '.join(str(e).split())}). The file is corrupt or not a checkpoint; "
+            f"{GET_WEIGHTS} again."
+        ) from e
+    if not keys:
+        raise CheckpointError(f"Checkpoint {str(path)!r} holds no tensors; {GET_WEIGHTS} again.")
+    return path
 
 
 def load_weights(model: WpeftAurora, path: str | Path) -> None:

@@ -2,8 +2,11 @@
 
 Each cell is an ordinary run directory (``<root>/<task>/<method>-<budget>-s<seed>``); cells with
 a ``summary.json`` are skipped, so an interrupted comparison resumes where it stopped. The
+settings every cell shares (task settings, backbone and its weights) are not in the cell's
+name: a root whose finished cells ran with other ones is refused before any run starts. The
 tables (markdown + CSV + netCDF) hold mean ± std over seeds of every headline score and the
-trainable fraction of backbone parameters.
+trainable fraction of backbone parameters; the netCDF's attributes hold each task's settings
+and the backbone weights the runs recorded.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from wpeft.backbones.aurora_adapter import check_weights_file
+from wpeft.errors import ConfigError
 from wpeft.methods.base import method_class
-from wpeft.runs.layout import SUMMARY, RunLayout
+from wpeft.runs.layout import SUMMARY, RunFileError, RunLayout, read_json_object
 from wpeft.training.loop import TrainConfig, train
 
 __all__ = ["CompareConfig", "collect", "compare", "tables"]
@@ -26,7 +31,14 @@ __all__ = ["CompareConfig", "collect", "compare", "tables"]
 
 @dataclass
 class CompareConfig:
-    """The matrix and the settings shared by its runs (see :class:`TrainConfig`)."""
+    """The matrix and the settings shared by its runs (see :class:`TrainConfig`).
+
+    ``task_options`` maps a task of ``tasks`` to its settings (``{"downscaling": {"world":
+    {"nlat": 16}}}``), applied to every cell of that task; ``wpeft compare --task-option`` /
+    ``--data`` give every task the same ones. ``backbone`` / ``checkpoint`` as in
+    :class:`TrainConfig`. Every cell's config is checked when :meth:`cells` builds them, so a
+    bad setting is refused before any run starts.
+    """
 
     tasks: Sequence[str] = ("downscaling",)
     methods: Sequence[str] = ("weatherpeft", "full", "lora")
@@ -37,6 +49,24 @@ class CompareConfig:
     lr: float | None = None  # None: each method's default_lr (Full-Tuning 3e-4, others 1e-3)
     record_every: int = 10  # interval of the Fisher-mask records (selection methods), in steps
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backbone: str = "tiny"
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task_options, dict):
+            raise ConfigError(
+                f"task_options={self.task_options!r} must map task names to their settings."
+            )
+        for task, options in self.task_options.items():
+            if task not in self.tasks:
+                raise ConfigError(
+                    f"task_options names task {task!r}, which is not in tasks "
+                    f"{list(self.tasks)}; key the settings by a task of the matrix."
+                )
+            if not isinstance(options, dict):
+                raise ConfigError(
+                    f"task_options[{task!r}]={options!r} must be a mapping of that task's settings."
+                )
 
     def cells(self) -> list[TrainConfig]:
         """Every run of the matrix; methods without a size knob run once, at their own size."""
@@ -56,6 +86,7 @@ class CompareConfig:
                                 steps=self.steps, batch_size=self.batch_size, lr=lr,
                                 record_every=self.record_every,
                                 task_options=dict(self.task_options.get(task, {})),
+                                backbone=self.backbone, checkpoint=self.checkpoint,
                             )
                         )
         return out
@@ -66,11 +97,38 @@ def run_dir(root: Path, cfg: TrainConfig) -> Path:
     return root / cfg.task / f"{cfg.method}-{budget}-s{cfg.seed}"
 
 
+def check_finished_cells(cells: Sequence[TrainConfig], root: Path) -> None:
+    """Refuse finished cells under ``root`` that ran with other settings than ``cells`` (task
+    settings, backbone, weights, batch size: what is not in a cell's name), as a resume would
+    (:meth:`TrainConfig.same_run`): learning rate and length may differ. A cell whose
+    ``config.json`` cannot be read is left alone."""
+    for cfg in cells:
+        d = RunLayout(run_dir(root, cfg))
+        if not d.finished:
+            continue
+        try:
+            previous = read_json_object(d.config)
+        except RunFileError:
+            continue
+        differ = cfg.differences(previous) if previous is not None else []
+        if differ:
+            raise ConfigError(
+                f"{d.path} holds a finished run with other settings ({', '.join(differ)} "
+                "differ); use another --root for these settings, or remove that run."
+            )
+
+
 def compare(config: CompareConfig, root: str | Path, *, progress: bool = True) -> list[dict]:
-    """Run (or resume) every cell; return the summaries."""
+    """Run (or resume) every cell; return the summaries. Every cell's settings, the backbone
+    checkpoint (readable) and the finished cells under ``root`` (:func:`check_finished_cells`)
+    are checked before the first run starts."""
     root = Path(root)
+    cells = config.cells()
+    if config.checkpoint is not None:
+        check_weights_file(cells[0].checkpoint if cells else config.checkpoint)
+    check_finished_cells(cells, root)
     summaries = []
-    for cfg in config.cells():
+    for cfg in cells:
         d = RunLayout(run_dir(root, cfg))
         if d.finished:
             summaries.append(json.loads(d.summary.read_text()))
@@ -103,7 +161,25 @@ def collect(root: str | Path) -> xr.Dataset:
     return xr.Dataset(
         {k.replace("/", ":"): (dims, v) for k, v in data.items()},
         coords={"task": tasks, "method": methods, "budget": budgets, "seed": seeds},
+        attrs=_shared_settings(rows, tasks),
     )
+
+
+def _shared_settings(rows: list[dict], tasks: list[str]) -> dict[str, str]:
+    """JSON text of what the runs recorded about their task (``task_config:<task>``) and
+    backbone weights (``backbone_weights``): the one value all runs share, or a JSON list of
+    the different values when runs differ."""
+
+    def one_or_all(values: list[Any]) -> str:
+        texts = list(dict.fromkeys(json.dumps(v, sort_keys=True) for v in values))
+        return texts[0] if len(texts) == 1 else "[" + ", ".join(texts) + "]"
+
+    attrs = {
+        f"task_config:{task}": one_or_all([r.get("task_config") for r in rows if r["task"] == task])
+        for task in tasks
+    }
+    attrs["backbone_weights"] = one_or_all([r.get("backbone_weights") for r in rows])
+    return attrs
 
 
 #: Scores of a reference that does not depend on the method (shown once, as its own row).

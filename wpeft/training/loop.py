@@ -36,8 +36,15 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone
-from wpeft.backbones.pretrain import load_pretrained
+from wpeft.backbones.aurora_adapter import (
+    GET_WEIGHTS,
+    WpeftAurora,
+    build_backbone,
+    check_weights_file,
+    file_sha256,
+)
+from wpeft.backbones.configs import get_config
+from wpeft.backbones.pretrain import load_pretrained, pretrained_card
 from wpeft.distributed.runtime import DistEnv, init_from_env, shard_batch
 from wpeft.distributed.strategy import STRATEGIES, TrainingModule, resolve_strategy, wrap
 from wpeft.errors import CheckpointError, ConfigError, WpeftError
@@ -46,6 +53,7 @@ from wpeft.methods.adapter_file import save_adapter
 from wpeft.methods.base import PEFTMethod, method_class, plain_name
 from wpeft.methods.budget import match_budget
 from wpeft.options import check_settings
+from wpeft.paths import package_data_dir
 from wpeft.runs.layout import RunFileError, RunLayout, partial, read_json_object
 from wpeft.runs.recorders import Recorders, attach_recorders
 from wpeft.runs.store import write_json_atomic
@@ -53,7 +61,17 @@ from wpeft.tasks import TaskBatch, create_task
 from wpeft.tasks.base import Task
 from wpeft.training.common import lr_factor, save_torch_atomic
 
-__all__ = ["RESUMABLE_CHANGES", "Checkpointer", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "check_run_dir", "train"]
+__all__ = [
+    "RESUMABLE_CHANGES",
+    "Checkpointer",
+    "TrainConfig",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "backbone_weights",
+    "check_run_dir",
+    "load_backbone",
+    "train",
+]
 
 
 @dataclass
@@ -64,8 +82,18 @@ class TrainConfig:
         task / method: Registered names (``wpeft methods`` lists the methods).
         budget: Target fraction of backbone parameters for the method's size knob (e.g.
             0.003, 0.04); None keeps the method's default size.
-        method_options / task_options: Further config fields of the method / task.
-        backbone: Pretrained backbone name (``tiny`` ships with wpeft).
+        method_options / task_options: Further config fields of the method / task. Values
+            may nest (``{"world": {"nlat": 16}}``: a mapping for a dataclass-typed field).
+        backbone: Backbone architecture (``tiny``, ``small``, ``1.3b``). Without ``checkpoint``
+            its pretrained weights ship with wpeft (only ``tiny`` has them).
+        checkpoint: A local weights file (safetensors, or a released Aurora ``.ckpt``) of the
+            ``backbone`` architecture, e.g. Aurora 1.3B downloaded once from its model card;
+            None uses the shipped weights. Such a backbone normalises with Aurora's own ERA5
+            statistics (``aurora.normalisation``: ``WpeftAurora`` without ``norm_mean`` /
+            ``norm_std`` leaves Aurora's normalisation as it is), not the world's. Stored as
+            an absolute path; the run records it with its sha256 (``backbone_weights`` in
+            ``summary.json``), hashed once per start or resume, and a resume refuses another
+            path or a file whose content changed.
         steps, batch_size, lr, weight_decay, warmup_steps, grad_clip: Optimisation.
         eval_every / checkpoint_every: Intervals in optimiser steps (0: only at the end).
         seed: Seeds data order, new modules and the method's noise.
@@ -84,6 +112,7 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
     backbone: str = "tiny"
+    checkpoint: str | None = None
     steps: int = 200
     batch_size: int = 4
     lr: float = 1e-3
@@ -122,7 +151,28 @@ class TrainConfig:
                 f"strategy {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}."
             )
         _check_device(self.device)
+        self._check_backbone()
         self._check_names_and_settings()
+
+    def _check_backbone(self) -> None:
+        """The architecture is known and its weights are there: a checkpoint that is a file, or
+        weights shipped with wpeft. Whether the file is readable is checked by :func:`train`
+        before the run directory is made (reading it is not a config check)."""
+        get_config(self.backbone)
+        if self.checkpoint is None:
+            if not (package_data_dir() / f"{self.backbone}.json").is_file():
+                raise ConfigError(
+                    f"backbone {self.backbone!r} has no weights shipped with wpeft (only tiny "
+                    f"has); give --checkpoint PATH: {GET_WEIGHTS}."
+                )
+            return
+        if not isinstance(self.checkpoint, (str, os.PathLike)) or not str(self.checkpoint):
+            raise ConfigError(f"checkpoint={self.checkpoint!r} must be the path of a weights file.")
+        self.checkpoint = os.path.abspath(os.path.expanduser(os.fspath(self.checkpoint)))
+        path = Path(self.checkpoint)
+        if not path.is_file():
+            what = "is a directory, not a weights file" if path.is_dir() else "does not exist"
+            raise CheckpointError(f"--checkpoint {path} {what}; {GET_WEIGHTS}.")
 
     def _check_names_and_settings(self) -> None:
         """Task, method and their settings are checked before anything is built."""
@@ -133,6 +183,11 @@ class TrainConfig:
         method_cls, task_cls = method_class(self.method), TASKS[self.task]
         check_settings(method_cls.Config, self.method_options, f"method {self.method!r}")
         check_settings(task_cls.Config, self.task_options, f"task {self.task!r}")
+        if "seed" in self.task_options:
+            raise ConfigError(
+                f"task option seed={self.task_options['seed']!r}: a task is seeded by the run's "
+                "seed; give --seed (TrainConfig.seed) instead."
+            )
         try:  # the configs' own checks (ranges, paths, ...)
             task_cls.Config(**self.task_options)
             method_cls.Config(**self.method_options)
@@ -150,16 +205,33 @@ class TrainConfig:
         """Whether ``other`` (a checkpoint's config) describes this run: everything that shapes
         the model, data or method agrees; the parallel layout and :data:`RESUMABLE_CHANGES`
         may differ."""
+        return not self.differences(other)
+
+    def differences(self, other: dict[str, Any]) -> list[str]:
+        """The fields (sorted) in which ``other`` describes another run (see :meth:`same_run`).
+        A run written before a field existed ran with its default; tuples read back from JSON
+        are lists: both sides are compared as JSON values."""
         free = ("strategy", "shard_optimizer", *RESUMABLE_CHANGES)
-        mine = {k: v for k, v in self.to_dict().items() if k not in free}
-        theirs = {k: v for k, v in other.items() if k not in free}
-        return mine == theirs
+        defaults = {f.name: _field_default(f) for f in dataclasses.fields(self)}
+        mine = _as_json({k: v for k, v in self.to_dict().items() if k not in free})
+        theirs = _as_json({k: v for k, v in {**defaults, **other}.items() if k not in free})
+        return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
 
     def changes_from(self, other: dict[str, Any]) -> dict[str, list[Any]]:
         """``{field: [old, new]}`` of the :data:`RESUMABLE_CHANGES` between ``other`` (a
         checkpoint's config) and this config."""
         mine = self.to_dict()
         return {k: [other.get(k), mine[k]] for k in RESUMABLE_CHANGES if other.get(k) != mine[k]}
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 #: Settings a resumed run may change (recorded in its summary under ``resumes``): the learning
@@ -265,10 +337,34 @@ def _unpack_bools(obj: Any) -> Any:
     return obj
 
 
+def load_backbone(cfg: TrainConfig) -> WpeftAurora:
+    """The run's pristine backbone in eval mode: the shipped pretrained ``cfg.backbone``, or
+    that architecture with the weights of ``cfg.checkpoint`` and Aurora's own normalisation."""
+    if cfg.checkpoint is None:
+        return load_pretrained(cfg.backbone)
+    model = build_backbone(get_config(cfg.backbone), checkpoint=cfg.checkpoint)
+    model.eval()
+    return model
+
+
+def backbone_weights(cfg: TrainConfig) -> dict[str, Any]:
+    """What the run's backbone weights are, as recorded in ``summary.json``, the adapter's
+    metadata and the run's checkpoints: architecture name, file and sha256. A ``checkpoint``
+    file is checked to be readable and hashed here (once; a few seconds per GB); the shipped
+    weights are named by their card's sha256, which :func:`load_pretrained` verifies."""
+    if cfg.checkpoint is None:
+        card = pretrained_card(cfg.backbone)
+        return {"name": cfg.backbone, "source": "shipped", "file": card["weights"],
+                "sha256": card["sha256"]}
+    path = check_weights_file(cfg.checkpoint)
+    return {"name": cfg.backbone, "source": "checkpoint", "file": str(path),
+            "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
 def prepare_run(cfg: TrainConfig) -> tuple[WpeftAurora, Task, PEFTMethod, dict, dict[str, Any]]:
     """Backbone, task (with its head installed), applied method and the pristine reference."""
     torch.manual_seed(cfg.seed)
-    model = load_pretrained(cfg.backbone)
+    model = load_backbone(cfg)
     task = create_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     head = task.setup(model)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -332,7 +428,12 @@ def train(
     out = Path(run_dir)
     layout = RunLayout(out)
     check_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+    if cfg.checkpoint is not None:  # a missing or corrupt file is refused before any folder
+        check_weights_file(cfg.checkpoint)
     device, env = _device_for(cfg)
+    weights = _agreed(env, backbone_weights(cfg) if env.is_main else None)
+    ckpt_path = layout.checkpoint  # a resume with another config is refused before any set-up
+    state = _read_checkpoint(ckpt_path, cfg, weights) if resume and ckpt_path.exists() else None
     # Data, task and method are checked before the run directory is touched: a refused run
     # (a missing variable, a bad period...) leaves no half-made run behind.
     model, task, method, reference, budget_info = prepare_run(cfg)
@@ -344,9 +445,8 @@ def train(
     strategy = resolve_strategy(cfg.strategy, env, method)
     _to_device(model, method, device)
     _prepare_static_selection(method, task, model, cfg, device)
-    ckpt_path = layout.checkpoint
-    state = _read_checkpoint(ckpt_path, cfg, strategy) if resume and ckpt_path.exists() else None
     if state is not None:
+        _check_strategy(ckpt_path, state, strategy)
         _restore_method_state(method, state)
     elif env.is_main:  # a fresh start: metrics of an earlier attempt go
         layout.metrics.unlink(missing_ok=True)
@@ -367,9 +467,9 @@ def train(
         write_json_atomic(layout.config, cfg.to_dict())
     checkpointer = Checkpointer(
         ckpt_path, cfg, env, strategy, method, reference, unwrapped, opt, sched, resumes,
-        last_step=position.step if state is not None else None,
+        last_step=position.step if state is not None else None, backbone_weights=weights,
     )
-    run = _Run(cfg, layout, env, device, strategy, task, model, method)
+    run = _Run(cfg, layout, env, device, strategy, task, model, method, weights)
     started = time.perf_counter()
     with _StopOnSignal(env) as stop, _recording(run, position.step) as recorders:
         _run_steps(run, net, opt, sched, checkpointer, position, stop, recorders, progress)
@@ -479,8 +579,20 @@ def _prepare_static_selection(
     method.prepare(prep_loss, prep, len(prep))
 
 
-def _read_checkpoint(path: Path, cfg: TrainConfig, strategy: str) -> dict[str, Any]:
-    """A checkpoint of this run, checked against the config and the strategy."""
+def _agreed(env: DistEnv, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a collective call under torchrun)."""
+    if not env.distributed:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _read_checkpoint(
+    path: Path, cfg: TrainConfig, weights: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A checkpoint of this run, checked against the config and the backbone weights (their
+    sha256, when the checkpoint records it)."""
     try:
         with warnings.catch_warnings():  # torch's note that it validates sparse tensors
             warnings.filterwarnings("ignore", message="Validating sparse tensor")
@@ -492,6 +604,18 @@ def _read_checkpoint(path: Path, cfg: TrainConfig, strategy: str) -> dict[str, A
             f"{path} belongs to a run with another config (only {', '.join(RESUMABLE_CHANGES)} "
             "may change on --resume); use a new run directory."
         )
+    was = state.get("backbone_weights") or {}
+    if weights is not None and was.get("sha256") and was["sha256"] != weights["sha256"]:
+        raise CheckpointError(
+            f"{path} belongs to a run on backbone weights {was.get('file')} with sha256 "
+            f"{was['sha256'][:12]}..., but {weights['file']} now has {weights['sha256'][:12]}...: "
+            "the file changed since the run started; restore it or use a new run directory."
+        )
+    return state
+
+
+def _check_strategy(path: Path, state: dict[str, Any], strategy: str) -> None:
+    """Refuse to resume a checkpoint under a strategy that cannot read it."""
     fsdp_written = "full_state" in state
     if fsdp_written and strategy == "ddp":
         raise CheckpointError(
@@ -502,7 +626,6 @@ def _read_checkpoint(path: Path, cfg: TrainConfig, strategy: str) -> dict[str, A
             f"{path} was written by a {state.get('strategy', 'DDP or one-process')} run; "
             "resume it with that strategy (FSDP resumes FSDP checkpoints)."
         )
-    return state
 
 
 def _restore_method_state(method: PEFTMethod, state: dict[str, Any]) -> None:
@@ -603,11 +726,13 @@ class Checkpointer:
         sched: torch.optim.lr_scheduler.LRScheduler,
         resumes: list[dict],
         last_step: int | None = None,
+        backbone_weights: dict[str, Any] | None = None,
     ) -> None:
         self.path, self.cfg, self.env, self.strategy = path, cfg, env, strategy
         self.method, self.reference, self.module = method, reference, module
         self.opt, self.sched, self.resumes = opt, sched, resumes
         self.last_step = last_step
+        self.backbone_weights = backbone_weights
 
     def last_good(self) -> str:
         """Where the last finite state is, in words (for messages)."""
@@ -636,6 +761,7 @@ class Checkpointer:
             **dataclasses.asdict(position),
             "world_size": self.env.world_size,
             "resumes": self.resumes,
+            "backbone_weights": self.backbone_weights,
         }
         gathered = None
         if self.strategy == "fsdp":  # every rank takes part in gathering the shards
@@ -712,6 +838,7 @@ class _Run:
     task: Task
     model: WpeftAurora
     method: PEFTMethod
+    backbone_weights: dict[str, Any]
 
 
 @contextlib.contextmanager
@@ -825,11 +952,12 @@ def _finish(
         os.replace(tmp, layout.fields)
         adapter_path = save_adapter(
             method, reference, layout.adapter, task=cfg.task, budget=cfg.budget,
-            seed=cfg.seed, variables=list(task.headline),
+            seed=cfg.seed, variables=list(task.headline), backbone_weights=run.backbone_weights,
         )
         summary = {
             **task.describe(),
             **method.describe(reference),
+            "backbone_weights": run.backbone_weights,
             "budget": cfg.budget,
             "budget_match": budget_info,
             "seed": cfg.seed,
