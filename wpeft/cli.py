@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -134,10 +135,13 @@ def task_settings(args: argparse.Namespace) -> dict:
     """The task settings of ``--data FILE`` merged with ``--task-option KEY=VALUE``: the file's
     top-level keys first, then each ``--task-option``, which wins over the file for its key and
     replaces that key's value whole (a mapping such as ``world`` is not merged key by key)."""
-    from wpeft.options import load_settings_file, parse_key_values
+    from wpeft.options import load_settings_file, parse_key_values, set_dotted
 
     from_file = load_settings_file(args.data, "--data") if args.data is not None else {}
-    return {**from_file, **parse_key_values(args.task_option, "--task-option")}
+    settings = dict(from_file)
+    for key, value in parse_key_values(args.task_option, "--task-option").items():
+        set_dotted(settings, key, value)  # data.region=[...] changes one field of data
+    return settings
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -147,17 +151,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from wpeft.options import parse_key_values
     from wpeft.training.loop import TrainConfig, train
 
-    cfg = TrainConfig(
-        task=args.task,
-        method=args.method,
-        budget=args.budget,
-        method_options=parse_key_values(args.method_option, "--method-option"),
-        task_options=task_settings(args),
-        backbone=args.backbone,
+    given = {
+        name: getattr(args, name)
+        for name in _RECIPE_OVERRIDABLE
+        if getattr(args, name) is not None
+    }
+    common = dict(
         checkpoint=args.checkpoint,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
@@ -165,13 +165,41 @@ def cmd_train(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         shard_optimizer=args.shard_optimizer,
     )
+    method_options = parse_key_values(args.method_option, "--method-option")
+    if args.recipe is not None:
+        from wpeft.recipes import get_recipe
+
+        recipe = get_recipe(args.recipe)
+        paths = {name: getattr(args, f"{name}_path") for name in _RECIPE_PATHS}
+        paths = {k: v for k, v in paths.items() if v is not None}
+        options = recipe.train_options(
+            paths, task_options=task_settings(args), method_options=method_options, **given
+        )
+        cfg = TrainConfig(**options, **common)
+    else:
+        for name in _RECIPE_PATHS:
+            if getattr(args, f"{name}_path") is not None:
+                raise ConfigError(
+                    f"--{name}-path belongs to a recipe (--recipe NAME, see `wpeft recipes`); "
+                    "without one, give the data with --data FILE.yaml or --task-option data.path=..."
+                )
+        cfg = TrainConfig(
+            **(_TRAIN_DEFAULTS | given),
+            method_options=method_options,
+            task_options=task_settings(args),
+            **common,
+        )
     if not args.dry_run and args.out is None:
         raise ConfigError("wpeft train needs --out RUN_DIR (or --dry-run to print the plan).")
     if args.dry_run:
         from wpeft.distributed.launch import launch_plan
 
         plan = launch_plan(cfg)
-        print(f"wpeft train --dry-run: {cfg.task} / {cfg.method} on the {cfg.backbone} backbone")
+        recipe = f" (recipe {args.recipe})" if args.recipe else ""
+        print(f"wpeft train --dry-run{recipe}: {cfg.task} / {cfg.method} on the {cfg.backbone} backbone")
+        print(f"  {'task settings':<26}{json.dumps(cfg.task_options)}")
+        if cfg.method_options:
+            print(f"  {'method settings':<26}{json.dumps(cfg.method_options)}")
         for key, value in plan.items():
             print(f"  {key:<26}{value}")
         return 0
@@ -189,6 +217,33 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{100 * summary['budget_fraction']:.3f}% ({t['total'] - t['head']:,} trainable outside the head)")
     for key, value in summary["scores"].items():
         print(f"  {key:<40}{value:.5g}")
+    return 0
+
+
+#: ``wpeft train`` options a recipe sets and the command line may override, with their
+#: defaults when no recipe is given.
+_TRAIN_DEFAULTS = {
+    "task": "downscaling", "method": "weatherpeft", "budget": None, "backbone": "tiny",
+    "steps": 200, "batch_size": 4, "lr": 1e-3,
+}
+_RECIPE_OVERRIDABLE = tuple(_TRAIN_DEFAULTS)
+#: The path names recipes take (``--data-path``, ...).
+_RECIPE_PATHS = ("data", "coarse", "truth")
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the recipes: task, what they set, the paths they need and an example command."""
+    from wpeft.recipes import RECIPES
+
+    for recipe in RECIPES.values():
+        paths = " ".join(
+            f"--{name}-path {recipe.example.get(name, 'PATH')}" for name in recipe.paths
+        )
+        print(f"{recipe.name}  ({recipe.task}, {recipe.method}, {recipe.backbone}, "
+              f"budget {recipe.budget})")
+        print(f"  {recipe.summary}")
+        print(f"  wpeft train --recipe {recipe.name} {paths} \\")
+        print(f"      --checkpoint aurora-0.25-pretrained.ckpt --out runs/{recipe.task}")
     return 0
 
 
@@ -269,7 +324,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_task_and_backbone_arguments(p: argparse.ArgumentParser, every: str = "") -> None:
+def _add_task_and_backbone_arguments(
+    p: argparse.ArgumentParser, every: str = "", backbone_default: str | None = "tiny"
+) -> None:
     """``--task-option``, ``--data``, ``--backbone`` and ``--checkpoint`` (train and compare)."""
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help=f"a setting{every} (repeatable; VALUE is read as JSON where it can be); "
@@ -277,9 +334,9 @@ def _add_task_and_backbone_arguments(p: argparse.ArgumentParser, every: str = ""
     p.add_argument("--data", default=None, metavar="FILE.yaml",
                    help=f"YAML or JSON file whose top level maps setting names{every} to values "
                         "(nested mappings and lists allowed, e.g. world: {nlat: 16})")
-    p.add_argument("--backbone", default="tiny",
-                   help="architecture: tiny (weights ship with wpeft), small or 1.3b (give "
-                        "--checkpoint)")
+    p.add_argument("--backbone", default=backbone_default,
+                   help="architecture: tiny (default; weights ship with wpeft), small or 1.3b "
+                        "(give --checkpoint)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="local weights of the --backbone architecture (safetensors or Aurora "
                         ".ckpt, downloaded once from the Aurora model card); Aurora's own "
@@ -320,15 +377,21 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(func=cmd_pretrain)
 
     t = sub.add_parser("train", help="fine-tune a backbone on a task with a method")
-    t.add_argument("--task", default="downscaling", help="downscaling, postprocessing, precipitation")
-    t.add_argument("--method", default="weatherpeft", help="see `wpeft methods`")
+    t.add_argument("--recipe", default=None, metavar="NAME",
+                   help="start from a named set-up (see `wpeft recipes`); options given here "
+                        "override it")
+    for name in _RECIPE_PATHS:
+        t.add_argument(f"--{name}-path", default=None, metavar="PATH",
+                       help=f"the recipe's {name} store or file (see `wpeft recipes`)")
+    t.add_argument("--task", default=None, help="downscaling (default), postprocessing, precipitation")
+    t.add_argument("--method", default=None, help="see `wpeft methods` (default: weatherpeft)")
     t.add_argument("--budget", type=float, default=None,
                    help="fraction of backbone parameters, e.g. 0.003 or 0.04 (default: method default)")
     t.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE")
-    _add_task_and_backbone_arguments(t)
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--lr", type=float, default=1e-3)
+    _add_task_and_backbone_arguments(t, backbone_default=None)
+    t.add_argument("--steps", type=int, default=None, help="optimiser steps (default 200)")
+    t.add_argument("--batch-size", type=int, default=None, help="global batch (default 4)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
     t.add_argument("--eval-every", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--seed", type=int, default=0)
@@ -348,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove the run already in --out and start again")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("recipes", help="the paper's set-ups: what each needs and how to start it")
+    r.set_defaults(func=cmd_recipes)
 
     c = sub.add_parser("compare", help="tasks x methods x budgets x seeds, with paper-style tables")
     c.add_argument("--root", required=True, help="directory of the run directories")

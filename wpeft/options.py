@@ -41,6 +41,21 @@ def parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
     return out
 
 
+def set_dotted(options: dict[str, Any], key: str, value: Any) -> None:
+    """``options["data"]["path"] = value`` for ``key="data.path"``: a dotted key reaches into
+    nested mappings (made where missing), so one field of a nested setting can be changed."""
+    *parents, last = key.split(".")
+    node = options
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"Setting {part!r} is not a mapping; cannot set {key!r}.")
+        node = child
+    node[last] = value
+
+
 class _SettingsLoader(yaml.SafeLoader):
     """PyYAML's safe loader (YAML 1.1) with two YAML 1.2 habits that settings need: ``1e-3``
     is a number (1.1 reads it as text), and a date such as ``2020-01-01`` stays text (JSON, in

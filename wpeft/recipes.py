@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wpeft.errors import ConfigError
+from wpeft.options import set_dotted
 
 __all__ = ["RECIPES", "Recipe", "get_recipe"]
 
@@ -75,8 +76,10 @@ class Recipe:
 
         Args:
             paths: ``{path name: path}``; names must be among :attr:`paths`, the first required.
-            overrides: ``TrainConfig`` fields to change (``steps=2``, ``backbone="tiny"``,
-                ``task_options={...}`` merged into the recipe's, ``data`` keys included).
+            overrides: ``TrainConfig`` fields to change (``steps=2``, ``backbone="tiny"``).
+                ``task_options`` are merged into the recipe's key by key, nested mappings too
+                (``{"data": {"train": [...]}}`` or ``{"data.train": [...]}`` change the
+                training period and keep the rest of ``data``).
 
         Raises:
             ConfigError: a missing or unknown path name.
@@ -93,10 +96,8 @@ class Recipe:
             )
         task_options = copy.deepcopy(dict(self.task_options))
         for name, path in paths.items():
-            _set_dotted(task_options, self.paths[name], str(path))
-        extra = dict(overrides.pop("task_options", None) or {})
-        for key, value in extra.items():
-            _set_dotted(task_options, key, value)
+            set_dotted(task_options, self.paths[name], str(path))
+        _deep_update(task_options, overrides.pop("task_options", None) or {})
         method_options = dict(self.method_options) | dict(overrides.pop("method_options", None) or {})
         options: dict[str, Any] = dict(
             task=self.task,
@@ -113,18 +114,16 @@ class Recipe:
         return options
 
 
-def _set_dotted(options: dict[str, Any], key: str, value: Any) -> None:
-    """``options["data"]["path"] = value`` for ``key="data.path"`` (nested mappings made)."""
-    *parents, last = key.split(".")
-    node = options
-    for part in parents:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"Task option {part!r} is not a mapping; cannot set {key!r}.")
-        node = child
-    node[last] = value
+def _deep_update(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    """Merge ``extra`` into ``base`` in place: nested mappings key by key, dotted keys into
+    nested mappings, anything else replaced."""
+    for key, value in extra.items():
+        if "." in key:
+            set_dotted(base, key, copy.deepcopy(value))
+        elif isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -169,7 +168,7 @@ RECIPES: dict[str, Recipe] = {
                 "lead_hours": 48,
             },
             method_options={"num_prompts": 5},
-            example={"data": "ens10/output.pl.2018MMDD + output.sfc.2018MMDD", "truth": "era5-0.5deg.zarr"},
+            example={"data": "ens10/", "truth": "era5-0.5deg.zarr"},
         ),
         Recipe(
             name="paper-precipitation",
