@@ -182,3 +182,25 @@ def test_the_checkpoint_backbone_uses_auroras_normalisation(tiny_checkpoint) -> 
     assert backbone_stats(model, "t", 850) == t850
     shipped = load_pretrained("tiny")
     assert all(torch.equal(v, shipped.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_checkpoint_with_other_variables_is_refused_before_a_run_directory(
+    tmp_path, world_yaml, capsys
+) -> None:
+    """Weights of a backbone that embeds another set of variables (here one surface variable
+    more) do not fit: refused in one line, and no run directory is left behind."""
+    import dataclasses
+
+    from wpeft.backbones.aurora_adapter import build_backbone
+    from wpeft.backbones.configs import get_config
+
+    other = dataclasses.replace(get_config("tiny"), surf_vars=("2t", "10u", "10v", "msl", "tp"))
+    path = tmp_path / "other-variables.safetensors"
+    state = build_backbone(other).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    run = tmp_path / "run"
+    code = main(["train", *SMALL, "--data", str(world_yaml), "--checkpoint", str(path),
+                 "--out", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "tp" in err and err.count("\n") == 1
+    assert not run.exists()
