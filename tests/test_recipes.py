@@ -171,3 +171,19 @@ def test_world_arguments_still_default_without_a_recipe(tmp_path, capsys) -> Non
     out = capsys.readouterr().out
     assert "downscaling / weatherpeft on the tiny backbone" in out
 
+
+
+def test_a_store_the_recipe_cannot_use_leaves_no_run_directory(stores, tmp_path, capsys) -> None:
+    """The ARCO store has no ensemble members: post-processing refuses it in one line while
+    reading the data, before the run directory is made (``wpeft serve`` shows nothing)."""
+    run = tmp_path / "run"
+    code = main([
+        "train", "--recipe", "paper-postprocessing", "--data-path", stores["arco"],
+        "--truth-path", stores["truth"], *SMALL_RUN, "--out", str(run),
+        *opt("data.train", ["2000-01-01", "2000-01-07"]),
+        *opt("data.val", ["2000-01-08", "2000-01-10"]),
+        *opt("data.test", ["2000-01-11", "2000-01-15"]),
+    ])
+    err = capsys.readouterr().err
+    assert code == 2 and "member" in err and err.count("\n") == 1
+    assert not run.exists()
