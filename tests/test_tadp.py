@@ -207,7 +207,7 @@ def test_e_covers_the_tasks_new_variables_after_setup(cache: str) -> None:
 
 
 def test_e_order_and_size_on_post_processing(cache: str) -> None:
-    model, _, head, method, _ = set_up("postprocessing", cache)
+    model, _, _, method, _ = set_up("postprocessing", cache)
     gens = method.prompt_generators
     own = len(model.config.variables)
     surf = [("surface", f"{v}_logscale") for v in model.config.surf_vars]
@@ -249,7 +249,7 @@ def test_e_differs_between_tasks_and_moves_with_the_head(cache: str) -> None:
 @pytest.mark.parametrize("task,p", [("downscaling", 30), ("postprocessing", 5), ("precipitation", 20)])
 def test_runs_use_the_tasks_prompt_count(task: str, p: int, cache: str) -> None:
     cfg = TrainConfig(task=task, method="weatherpeft", task_options=task_options(task, cache))
-    model, t, method, _, _ = prepare_run(cfg)
+    _, t, method, _, _ = prepare_run(cfg)
     assert t.num_prompts == p and method.num_prompts == p
     assert all(g.to_prompts.out_features == p for g in method.prompt_generators)
     described = method.describe()  # what summary.json records
@@ -277,11 +277,11 @@ def test_tadp_ablation_is_the_tadp_inside_weatherpeft(cache: str) -> None:
     runs = {}
     for name, budget in (("tadp", 0.003), ("tadp", 0.04), ("weatherpeft", 0.04)):
         cfg = TrainConfig(task="precipitation", method=name, budget=budget, task_options=opts)
-        model, _, method, _, match = prepare_run(cfg)
-        runs[name, budget] = (model, method, match)
-    wp_model, wp, wp_match = runs["weatherpeft", 0.04]
+        _, _, method, _, match = prepare_run(cfg)
+        runs[name, budget] = (method, match)
+    wp, wp_match = runs["weatherpeft", 0.04]
     for budget in (0.003, 0.04):
-        model, tadp, match = runs["tadp", budget]
+        tadp, match = runs["tadp", budget]
         assert match["knob"] is None and match["value"] is None  # no size knob: its own size
         assert match["achieved"] == pytest.approx(tadp.budget_fraction(), abs=1e-12)
         assert tadp.num_prompts == wp.num_prompts == 20
@@ -304,7 +304,7 @@ def test_tadp_ablation_is_the_tadp_inside_weatherpeft(cache: str) -> None:
 
 
 def test_adapter_from_one_task_is_refused_on_a_task_with_other_variables(tmp_path, cache: str) -> None:
-    model, task, head, method, reference = set_up("precipitation", cache)
+    model, task, _, method, reference = set_up("precipitation", cache)
     with torch.no_grad():
         for p in method.prompt_generators.parameters():
             p.add_(0.01)

@@ -187,7 +187,7 @@ class WpeftAurora(Aurora):
                 ("surface", self.encoder.surf_token_embeds),
                 ("atmos", self.encoder.atmos_token_embeds),
             )
-            for name in embed.weights.keys()
+            for name in embed.weights
             if (kind, name) not in known
         ]
         return tuple(own + added)
