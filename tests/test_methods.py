@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -164,6 +165,13 @@ def test_methods_declare_what_they_can_do(name: str) -> None:
     if generators is not None:
         assert generators is method.added["tadp"] and len(generators) == len(model.blocks)
         assert all(g.to_prompts.out_features == method.num_prompts for g in generators)
+    # TADP takes its prompt count from the task; its adapters record the variables E reads
+    task = SimpleNamespace(num_prompts=20)
+    assert method.task_settings(task) == ({"num_prompts": 20} if name in TADP else {})
+    recorded = method.adapter_metadata()
+    assert recorded == (
+        {"prompt_variables": [list(v) for v in model.embedding_variables()]} if name in TADP else {}
+    )
     total = method.selection.total if method.selection is not None else 0
     expected = {"sfas": 6, "weatherpeft": 6, "fish": 2, "child_tuning_d": 2}.get(name, 0) * total
     assert method.state_bytes() == expected  # (fp32 importance +) mask + union per entry

@@ -4,6 +4,7 @@ What PEFT methods need from a weather foundation model, exposed in one place:
 
 * ``embedding_kernels()``: the per-variable patch-embedding kernels E stacked to
   ``(D, V, T, P, P)`` (surface, static, then atmospheric), recomputed from the live weights;
+  ``embedding_variables()`` names every kernel the encoder holds, a task's new ones included;
 * ``blocks``: the Swin3D blocks in execution order with their width, heads and window attention;
 * ``parameter_groups()``: encoder / backbone / decoder parameters, selected by module;
 * checkpoints from a local file (safetensors or Aurora's ``.ckpt``), never from a hub.
@@ -166,12 +167,41 @@ class WpeftAurora(Aurora):
 
     # --- what PEFT methods need -------------------------------------------------------------
 
-    def embedding_kernels(self, variables: Sequence[str] | None = None) -> torch.Tensor:
+    def embedding_variables(self) -> tuple[tuple[str, str], ...]:
+        """Every variable the encoder holds a patch-embedding kernel for, as ``(embedding,
+        name)`` pairs; ``embedding`` is ``"surface"`` (``surf_token_embeds``: surface and
+        static variables) or ``"atmos"`` (``atmos_token_embeds``).
+
+        Order: the backbone's own variables as in :meth:`embedding_kernels` (surface, static,
+        atmospheric, ``config`` order), then the variables a task added since
+        (:func:`wpeft.tasks.common.add_variable`: ``tp_12h``, ``2t_logscale``...), those of the
+        surface embedding first, each group in the order they were added.
+        """
+        c = self.config
+        own = [("surface", v) for v in c.surf_vars + c.static_vars]
+        own += [("atmos", v) for v in c.atmos_vars]
+        known = set(own)
+        added = [
+            (kind, name)
+            for kind, embed in (
+                ("surface", self.encoder.surf_token_embeds),
+                ("atmos", self.encoder.atmos_token_embeds),
+            )
+            for name in embed.weights
+            if (kind, name) not in known
+        ]
+        return tuple(own + added)
+
+    def embedding_kernels(
+        self, variables: Sequence[str] | Sequence[tuple[str, str]] | None = None
+    ) -> torch.Tensor:
         """Stacked patch-embedding kernels E of shape ``(D, V, T, P, P)``.
 
-        Order: surface, static, then atmospheric variables (``config.variables``), or the order
-        of ``variables`` (Aurora short names, surface/static names first; an atmospheric name
-        is looked up in the atmospheric embedding only after the surface/static ones run out).
+        Order: surface, static, then atmospheric variables (``config.variables``: the
+        backbone's own, without any a task added), or the order of ``variables``: either
+        ``(embedding, name)`` pairs as :meth:`embedding_variables` gives them, or Aurora short
+        names (surface/static names first; an atmospheric name is looked up in the atmospheric
+        embedding only after the backbone's surface/static ones run out).
         Recomputed from the live parameters on every call (differentiable).
         """
         surf_embed = self.encoder.surf_token_embeds.weights
@@ -179,6 +209,11 @@ class WpeftAurora(Aurora):
         if variables is None:
             kernels = [surf_embed[v] for v in self.config.surf_vars + self.config.static_vars]
             kernels += [atmos_embed[v] for v in self.config.atmos_vars]
+        elif all(isinstance(v, tuple) for v in variables):
+            kernels = [
+                (surf_embed if kind == "surface" else atmos_embed)[name]
+                for kind, name in variables  # type: ignore[misc]
+            ]
         else:
             n_surface = len(self.config.surf_vars) + len(self.config.static_vars)
             kernels = [

@@ -278,6 +278,8 @@ def inventory(
         decoder_trainable=_any_grad(model.decoder),
         prompts=m.num_prompts,
         generators=tuple(generators) if generators is not None else (),
-        kernel_shape=tuple(model.embedding_kernels().shape),
+        kernel_shape=tuple(
+            (generators.kernels(model) if generators is not None else model.embedding_kernels()).shape
+        ),
         budget=budget_info,
     )

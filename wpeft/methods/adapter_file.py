@@ -6,7 +6,8 @@ An adapter is two files side by side:
   flat indices + ``<name>.values``, prompt generators, LoRA weights, heads);
 * ``<stem>.json`` — metadata: the backbone config, fingerprint and a checksum of the pristine
   backbone weights, a checksum of the adapter's own tensors (``adapter_checksum``, from format
-  version 2), the method and its config, budget, task and variables.
+  version 2), the method and its config (and what the method records about the model it was
+  applied to: TADP's ``prompt_variables``, the rows of E), budget, task and variables.
 
 Selection indices are stored compactly (format version 3), in whichever of three encodings is
 smallest for that tensor, named by the key's suffix (so the checksum covers the choice):
@@ -24,7 +25,8 @@ turns every encoding back into int64 ``<name>.indices``.
 
 Loading applies the same method to a *pristine* backbone and writes the tensors back, which
 reproduces the fine-tuned outputs exactly. A different backbone, tensors modified since they
-were saved, NaN/inf values and selection indices out of range are refused with a
+were saved, NaN/inf values, selection indices out of range and TADP generators built for other
+variables than the model's encoder feeds (another task's) are refused with a
 :class:`CheckpointError` before anything is written into the model.
 """
 
@@ -43,7 +45,13 @@ from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, nonfinite_tensors
 from wpeft.errors import CheckpointError, ConfigError
-from wpeft.methods.base import PEFTMethod, check_selection, create_method, plain_name
+from wpeft.methods.base import (
+    PEFTMethod,
+    check_selection,
+    create_method,
+    method_class,
+    plain_name,
+)
 
 __all__ = [
     "INDEX_ENCODINGS",
@@ -263,6 +271,7 @@ def save_adapter(
         "adapter_checksum": state_checksum(stored),  # what the file holds
         "method": method.name,
         "method_config": method.config.to_dict(),
+        **method.adapter_metadata(),
         "trainable": method.trainable(),
         "changed": method.changed(reference),
         "stored_scalars": sum(v.numel() for v in state.values()),
@@ -332,6 +341,7 @@ def load_adapter(
     if head is not None:
         sizes.update({f"head.{n}": p.numel() for n, p in head.named_parameters()})
     check_selection(state, sizes)
+    method_class(meta["method"]).check_adapter_metadata(meta, model)
     method = create_method(meta["method"], **meta["method_config"])
     method.apply(model, head)
     method.load_adapter_state(state)

@@ -27,7 +27,12 @@ recorders, distributed strategy and memory planner ask instead of probing:
   (None without) and the prompt tokens prepended to every attention window (0 without);
 * :meth:`PEFTMethod.state_bytes`: the method's own training state for the memory planner;
 * :meth:`PEFTMethod.check_strategy`: refuses a data-parallel strategy the method cannot run under;
-* :attr:`PEFTMethod.default_lr`: the learning rate comparisons use for it.
+* :attr:`PEFTMethod.default_lr`: the learning rate comparisons use for it;
+* :meth:`PEFTMethod.task_settings`: config values a run takes from its task where the user left
+  them at None (TADP's prompt count);
+* :meth:`PEFTMethod.adapter_metadata` / :meth:`PEFTMethod.check_adapter_metadata`: what an
+  adapter file records about the model the method was applied to, and the check that refuses
+  loading it into another one (TADP: the variables its generators read).
 
 Every config field carries its help text (``field(metadata={"help": ...})``, as peft's configs
 do); :func:`settings` lists them (``wpeft methods --help-method NAME``).
@@ -307,6 +312,24 @@ class PEFTMethod:
                 flat[state[f"{name}.indices"]] = state[f"{name}.values"].to(flat.dtype)
 
     # --- declared capabilities ----------------------------------------------------------------
+
+    @classmethod
+    def task_settings(cls, task: Any) -> dict[str, Any]:
+        """Config values the method takes from ``task`` (a :class:`~wpeft.tasks.base.Task`)
+        where the run's options leave them unset or None; the training loop applies them when
+        it creates the method. None by default."""
+        return {}
+
+    def adapter_metadata(self) -> dict[str, Any]:
+        """JSON-serialisable facts about the applied method that an adapter file records and
+        :meth:`check_adapter_metadata` checks on loading; nothing by default."""
+        return {}
+
+    @classmethod
+    def check_adapter_metadata(cls, meta: dict[str, Any], model: WpeftAurora) -> None:
+        """Raise :class:`~wpeft.errors.CheckpointError` when an adapter with metadata ``meta``
+        cannot be loaded into ``model`` (a pristine backbone, with the task's head installed);
+        called before the method touches the model. Accepts everything by default."""
 
     @property
     def selection(self) -> EntrySelection | None:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from wpeft.backbones.aurora_adapter import WpeftAurora
 from wpeft.errors import ConfigError
 from wpeft.methods.base import create_method, method_class
@@ -36,16 +38,21 @@ class BudgetMatch:
         return dataclasses.asdict(self)
 
 
-def _fraction(name: str, model_fn: Callable[[], WpeftAurora], **kwargs: Any) -> tuple[float, dict]:
+ModelFn = Callable[[], "WpeftAurora | tuple[WpeftAurora, nn.Module]"]
+
+
+def _fraction(name: str, model_fn: ModelFn, **kwargs: Any) -> tuple[float, dict]:
     method = create_method(name, **kwargs)
-    method.apply(model_fn())
+    built = model_fn()
+    model, head = built if isinstance(built, tuple) else (built, None)
+    method.apply(model, head)
     return method.budget_fraction(), method.trainable()
 
 
 def match_budget(
     name: str,
     target: float,
-    model_fn: Callable[[], WpeftAurora],
+    model_fn: ModelFn,
     **fixed: Any,
 ) -> BudgetMatch:
     """The knob value of method ``name`` whose budget fraction is closest to ``target``.
@@ -53,7 +60,11 @@ def match_budget(
     Args:
         name: Registered method.
         target: Fraction of backbone parameters, in (0, 1] (e.g. 0.003 or 0.04).
-        model_fn: Builds a fresh backbone (the method is applied to new copies).
+        model_fn: Builds a fresh backbone (the method is applied to new copies), or a
+            ``(backbone, head)`` pair with a task's variables installed
+            (:func:`wpeft.tasks.common.copy_task_variables`): methods whose size depends on
+            them (TADP's generators read every variable the encoder holds) are then probed at
+            the task's size.
         fixed: Other config fields, held fixed.
     """
     if not 0.0 < target <= 1.0:

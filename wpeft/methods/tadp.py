@@ -2,7 +2,22 @@
 
 Each backbone block owns a prompt generator that turns the encoder's patch-embedding kernels
 E ``(D_e, V, T, P_h, P_w)`` — recomputed from the live weights at every forward — into P prompt
-tokens ``(P, D_b)`` that are prepended to every attention window of that block:
+tokens ``(P, D_b)`` that are prepended to every attention window of that block.
+
+E is task-adaptive: its V variables are every variable the task feeds the encoder, in the order
+of :meth:`~wpeft.backbones.aurora_adapter.WpeftAurora.embedding_variables`: the backbone's own
+(surface, static, atmospheric) and then the task's new ones (precipitation's ``tp_<lead>h``,
+post-processing's ``<var>_logscale``), whose kernels are trainable parameters of the task head.
+So E differs between tasks and changes during training even with the encoder frozen. The
+generators are built when the method is applied, i.e. after ``task.setup(model)`` installed the
+task's variables; they record their variables (:attr:`TADPGenerators.variables`) and an adapter
+saved with them is refused on a model whose encoder holds other ones.
+
+The prompt count P is the task's (``Task.num_prompts``: downscaling 30, post-processing 5,
+precipitation 20) unless given; applied without a task (tests, ``wpeft methods``) it is
+:data:`DEFAULT_PROMPTS`.
+
+Per generator:
 
 1. internal mode: three hierarchical adapters ``h = LN(x); x' = h + Up(GELU(Down(h)))`` over the
    space axis S = T·P_h·P_w (hidden 8), the variable axis V (hidden V//2) and the feature axis
@@ -16,7 +31,8 @@ tokens ``(P, D_b)`` that are prepended to every attention window of that block:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,13 +42,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from wpeft.backbones.aurora_adapter import BlockInfo, WpeftAurora
-from wpeft.errors import ConfigError
+from wpeft.errors import CheckpointError, ConfigError
 from wpeft.methods.base import MethodConfig, PEFTMethod, register
 from wpeft.methods.prompt_injection import PromptInjector
 
 __all__ = [
+    "DEFAULT_PROMPTS",
     "TADPConfig",
     "TADPGenerator",
+    "TADPGenerators",
     "TADPOnly",
     "TADPPrompted",
     "install_tadp",
@@ -112,14 +130,19 @@ class TADPGenerator(nn.Module):
         return (prompts, attn) if return_attention else prompts
 
 
+#: Prompt tokens per block when neither the config nor a task gives them (the paper's
+#: downscaling value).
+DEFAULT_PROMPTS = 30
+
+
 @dataclass
 class TADPConfig(MethodConfig):
     """TADP settings."""
 
-    num_prompts: int = field(
-        default=30,
-        metadata={"help": "Prompt tokens P per block (paper: downscaling 30, precipitation 20, "
-                          "post-processing 5)."},
+    num_prompts: int | None = field(
+        default=None,
+        metadata={"help": "Prompt tokens P per block; None: the task's (downscaling 30, "
+                          "post-processing 5, precipitation 20; 30 without a task)."},
     )
     space_hidden: int = field(
         default=8, metadata={"help": "Hidden width of the adapter over the space axis S."}
@@ -138,8 +161,9 @@ class TADPConfig(MethodConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.num_prompts < 1:
-            raise ConfigError(f"num_prompts must be >= 1, got {self.num_prompts}.")
+        n = self.num_prompts
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"num_prompts must be an integer >= 1 (or None), got {n!r}.")
         for name in ("space_hidden", "feature_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -149,67 +173,173 @@ class TADPConfig(MethodConfig):
             )
 
 
-def install_tadp(model: WpeftAurora, config: TADPConfig, added: nn.ModuleDict) -> PromptInjector:
-    """Create one generator per block in ``added["tadp"]`` and hook them into the attention."""
-    kernels = model.embedding_kernels()
+class TADPGenerators(nn.ModuleList):
+    """The generators of all blocks, with the variables (rows of E) they were built for.
+
+    Attributes:
+        variables: ``(embedding, name)`` pairs, as
+            :meth:`~wpeft.backbones.aurora_adapter.WpeftAurora.embedding_variables`.
+    """
+
+    def __init__(self, generators: Iterable[nn.Module], variables: Sequence[tuple[str, str]]) -> None:
+        super().__init__(generators)
+        self.variables = tuple((str(k), str(n)) for k, n in variables)
+
+    def kernels(self, model: WpeftAurora) -> torch.Tensor:
+        """E ``(D_e, V, T, P_h, P_w)`` over :attr:`variables`, from ``model``'s live weights."""
+        return model.embedding_kernels(self.variables)
+
+    @property
+    def variable_names(self) -> tuple[str, ...]:
+        """``"surface:2t"``, ``"atmos:z"``, ``"surface:tp_12h"``... (the rows of E)."""
+        return tuple(f"{k}:{n}" for k, n in self.variables)
+
+
+def install_tadp(
+    model: WpeftAurora, config: TADPConfig, added: nn.ModuleDict
+) -> PromptInjector:
+    """Create one generator per block in ``added["tadp"]`` and hook them into the attention.
+
+    E covers every variable ``model``'s encoder holds (:meth:`WpeftAurora.embedding_variables`:
+    the backbone's, then those a task added), so call this after ``task.setup(model)``.
+    """
+    variables = model.embedding_variables()
+    kernels = model.embedding_kernels(variables)
     d_e, v = kernels.shape[:2]
     space = kernels[0, 0].numel()
-    generators = nn.ModuleList(
-        TADPGenerator(
-            d_e,
-            v,
-            space,
-            config.num_prompts,
-            info.dim,
-            config.space_hidden,
-            config.variable_hidden,
-            config.feature_hidden,
-            config.external,
-        )
-        for info in model.blocks
+    num_prompts = DEFAULT_PROMPTS if config.num_prompts is None else config.num_prompts
+    generators = TADPGenerators(
+        (
+            TADPGenerator(
+                d_e,
+                v,
+                space,
+                num_prompts,
+                info.dim,
+                config.space_hidden,
+                config.variable_hidden,
+                config.feature_hidden,
+                config.external,
+            )
+            for info in model.blocks
+        ),
+        variables,
     )
     added["tadp"] = generators
 
     def prompts(info: BlockInfo) -> torch.Tensor:
-        return generators[info.index](model.embedding_kernels())
+        return generators[info.index](generators.kernels(model))
 
     return PromptInjector(model.blocks, prompts).install()
 
 
+def _variable_list(pairs: Sequence[tuple[str, str]]) -> str:
+    """``tp_12h, tp_24h``; a name both embeddings hold (static and atmospheric ``z``) says
+    which: ``z (atmos)``."""
+    names = [n for _, n in pairs]
+    return ", ".join(f"{n} ({k})" if names.count(n) > 1 or n == "z" else n for k, n in pairs)
+
+
 class TADPPrompted(PEFTMethod):
     """Base of the methods with TADP generators: installs them after the rest of ``_apply``
-    and declares them (:attr:`prompt_generators`, :attr:`num_prompts`)."""
+    and declares them (:attr:`prompt_generators`, :attr:`num_prompts`).
+
+    ``num_prompts=None`` takes the task's count (:meth:`task_settings`, applied where a run
+    creates the method); applied without a task the method runs with :data:`DEFAULT_PROMPTS`,
+    and its config then says so (``config.num_prompts`` is concrete once applied)."""
 
     config: TADPConfig
 
+    @classmethod
+    def task_settings(cls, task: Any) -> dict[str, Any]:
+        """The task's prompt count (``task.num_prompts``) for ``num_prompts`` left at None."""
+        return {"num_prompts": int(task.num_prompts)}
+
     def _apply(self, model: WpeftAurora) -> None:
+        if self.config.num_prompts is None:
+            self.config = dataclasses.replace(self.config, num_prompts=DEFAULT_PROMPTS)
         super()._apply(model)
         self.injector = install_tadp(model, self.config, self.added)
 
     @property
-    def prompt_generators(self) -> nn.ModuleList | None:
+    def prompt_generators(self) -> TADPGenerators | None:
         """``added["tadp"]``: one generator per backbone block (None before ``apply``)."""
         return self.added["tadp"] if "tadp" in self.added else None  # noqa: SIM401 (no .get)
 
     @property
     def num_prompts(self) -> int:
-        return self.config.num_prompts
+        n = self.config.num_prompts
+        return DEFAULT_PROMPTS if n is None else n
+
+    def describe(self, reference: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """The base record plus the prompt count and the variables E reads (rows of E)."""
+        out = super().describe(reference)
+        out["num_prompts"] = self.num_prompts
+        generators = self.prompt_generators
+        if generators is not None:
+            out["prompt_variables"] = list(generators.variable_names)
+        return out
+
+    def adapter_metadata(self) -> dict[str, Any]:
+        """``prompt_variables``: the ``[embedding, name]`` rows of E the generators read."""
+        generators = self.prompt_generators
+        if generators is None:
+            return {}
+        return {"prompt_variables": [list(v) for v in generators.variables]}
+
+    @classmethod
+    def check_adapter_metadata(cls, meta: dict[str, Any], model: WpeftAurora) -> None:
+        """Refuse an adapter whose generators read other variables than ``model``'s encoder
+        feeds (another task's, or the backbone's alone from before E covered a task's)."""
+        stored = meta.get("prompt_variables")
+        # adapters written before E covered the task's variables read the backbone's only
+        theirs = (
+            tuple((str(k), str(n)) for k, n in stored)
+            if stored is not None
+            else model.embedding_variables()[: len(model.config.variables)]
+        )
+        mine = model.embedding_variables()
+        if theirs == mine:
+            return
+        task = meta.get("task")
+        lacking = [v for v in theirs if v not in mine]
+        extra = [v for v in mine if v not in theirs]
+        details = []
+        if lacking:
+            details.append(f"the model lacks {_variable_list(lacking)}")
+        if extra:
+            details.append(f"it has {_variable_list(extra)}, which the adapter never saw")
+        if not details:
+            details.append("the same variables in another order")
+        origin = (
+            "were built before TADP read a task's variables: they read the backbone's "
+            f"{len(theirs)}"
+            if stored is None
+            else f"read {len(theirs)} variables" + (f" (task {task!r})" if task else "")
+        )
+        raise CheckpointError(
+            f"Adapter's TADP prompt generators {origin}; this model's encoder feeds "
+            f"{len(mine)}: {'; '.join(details)}. Load it into a backbone set up by the task it "
+            "was trained for (head = task.setup(model), then load_adapter(path, model, head))."
+        )
 
 
 @register
 class TADPOnly(TADPPrompted):
-    """Ablation: TADP prompts alone (the backbone stays frozen)."""
+    """Ablation: TADP prompts alone (the backbone stays frozen) -- the same TADP as inside
+    WeatherPEFT at that task (the task's P), so it has no size knob: it runs at its own size
+    at every budget."""
 
     name = "tadp"
     Config = TADPConfig
-    size_knob = "num_prompts"
-    summary = "TADP prompts only (ablation)"
+    size_knob = None
+    summary = "TADP prompts only (ablation; WeatherPEFT's TADP at the task's P)"
 
 
 @contextmanager
 def record_prompt_attention(
     model: WpeftAurora,
-    generators: nn.ModuleList,
+    generators: TADPGenerators,
     blocks: Sequence[int] | None = None,
     max_windows: int = 16,
 ) -> Iterator[dict[int, dict[str, Any]]]:
@@ -235,7 +365,7 @@ def record_prompt_attention(
             x = args[0]  # (B·nW, P + N_w, D_b), prompts already prepended by the injector
             gen = generators[info.index]
             with torch.no_grad():
-                _, external = gen(model.embedding_kernels(), return_attention=True)
+                _, external = gen(generators.kernels(model), return_attention=True)
                 n_prompt = gen.to_prompts.out_features
                 xs = x[:max_windows]
                 heads = module.num_heads

@@ -28,8 +28,11 @@ the first, a middle and the last), in ``<run>/records/attention/``:
   ``latent_level`` axis (level 0 is Aurora's surface token level, 1.. the latent atmospheric
   levels of the Perceiver aggregation).
 
-Variables are labelled with WeatherBench2 names (``geopotential_at_surface`` for the static z,
-``geopotential`` for the atmospheric z), with ``aurora_name`` and ``kind`` as extra coordinates.
+The variables are the rows of E the generators read: the backbone's, then the task's new ones
+(precipitation's ``tp_<lead>h``, post-processing's ``<var>_logscale``). They are labelled with
+WeatherBench2 names (``geopotential_at_surface`` for the static z, ``geopotential`` for the
+atmospheric z; ``"<name> (<kind>)"`` for a task's pseudo-variable), with ``aurora_name`` and
+``kind`` as extra coordinates.
 ``step`` is the number of optimiser steps completed before the recording.
 """
 
@@ -52,6 +55,7 @@ from wpeft.runs.store import RecordStore
 
 if TYPE_CHECKING:
     from wpeft.methods.base import PEFTMethod
+    from wpeft.methods.tadp import TADPGenerators
 
 __all__ = [
     "AttentionRecorder",
@@ -152,22 +156,29 @@ def reduce_external(
     return var_var, var_patch
 
 
-def variable_labels(model: Any) -> tuple[list[str], list[str], list[str]]:
-    """WB2 names, Aurora names and kinds of the V kernel variables (``model.config.variables``
-    order: surface, static, atmospheric)."""
+def variable_labels(
+    model: Any, variables: Sequence[tuple[str, str]] | None = None
+) -> tuple[list[str], list[str], list[str]]:
+    """WB2 names, Aurora names and kinds of the V kernel variables: ``variables`` as
+    ``(embedding, name)`` pairs (the generators' :attr:`~wpeft.methods.tadp.TADPGenerators.
+    variables`: the backbone's, then a task's new ones), or ``model.config.variables`` order
+    (surface, static, atmospheric). A task's pseudo-variable without a WB2 name is labelled
+    ``"<name> (<kind>)"``."""
     from wpeft.data.batch import wb2_name
 
     cfg = model.config
+    if variables is None:
+        variables = [("surface", v) for v in cfg.surf_vars + cfg.static_vars]
+        variables += [("atmos", v) for v in cfg.atmos_vars]
     names, aurora, kinds = [], [], []
-    groups = (("surface", cfg.surf_vars), ("static", cfg.static_vars), ("atmos", cfg.atmos_vars))
-    for kind, group in groups:
-        for v in group:
-            try:
-                names.append(wb2_name(v, kind))
-            except DataError:
-                names.append(f"{v} ({kind})")
-            aurora.append(v)
-            kinds.append(kind)
+    for embedding, v in variables:
+        kind = "atmos" if embedding == "atmos" else "static" if v in cfg.static_vars else "surface"
+        try:
+            names.append(wb2_name(v, kind))
+        except DataError:
+            names.append(f"{v} ({kind})")
+        aurora.append(v)
+        kinds.append(kind)
     return names, aurora, kinds
 
 
@@ -178,7 +189,7 @@ def _patch_centres(values: torch.Tensor, n: int, patch: int) -> np.ndarray:
 
 def record_attention(
     model: Any,
-    generators: torch.nn.ModuleList,
+    generators: TADPGenerators,
     batch: Any,
     predict: Callable[[Any], Any],
     blocks: Sequence[int] | None = None,
@@ -228,7 +239,7 @@ def record_attention(
             h.remove()
         model.train(was_training)
 
-    kernels = model.embedding_kernels()
+    kernels = generators.kernels(model)  # E over the generators' variables (a task's included)
     _, V, T, Ph, Pw = kernels.shape
     P = model.config.patch_size
     lat, lon = batch.inputs.metadata.lat, batch.inputs.metadata.lon
@@ -251,7 +262,7 @@ def record_attention(
         maps.append(grid.numpy())
         strides.append(stride)
 
-    names, aurora, kinds = variable_labels(model)
+    names, aurora, kinds = variable_labels(model, generators.variables)
     maps_arr = np.stack(maps).astype(np.float32)  # (block, prompt, level, lat, lon)
     ds = xr.Dataset(
         {

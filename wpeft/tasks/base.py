@@ -171,6 +171,10 @@ class Task:
     Config: ClassVar[type[TaskConfig]] = TaskConfig
     #: Variables (WB2 names) scored in the comparison tables, e.g. ("2m_temperature", ...).
     headline: ClassVar[tuple[str, ...]] = ()
+    #: Prompt tokens P per block that prompt methods (TADP: ``tadp``, ``weatherpeft``) use on
+    #: this task unless told otherwise (the paper: downscaling 30, post-processing 5,
+    #: precipitation 20); see :meth:`wpeft.methods.base.PEFTMethod.task_settings`.
+    num_prompts: ClassVar[int] = 30
 
     def __init__(self, config: TaskConfig | None = None, **kwargs: Any) -> None:
         known = {f.name for f in dataclasses.fields(self.Config)}

@@ -43,6 +43,7 @@ __all__ = [
     "SURF_VARS",
     "TaskHead",
     "add_variable",
+    "copy_task_variables",
     "backbone_stats",
     "channel_std",
     "check_fractions",
@@ -434,6 +435,22 @@ def add_variable(
     else:
         head.atmos_embeds[name] = kernel
         head.atmos_heads[name] = new_head
+
+
+def copy_task_variables(source: WpeftAurora, target: WpeftAurora) -> TaskHead:
+    """Give ``target`` (a fresh backbone of the same config) the variables a task added to
+    ``source`` (:meth:`~wpeft.backbones.aurora_adapter.WpeftAurora.embedding_variables` beyond
+    the backbone's own), in the same order, with zero kernels and heads: the shapes a method
+    sees after ``task.setup``, without reading the task's data (budget probes).
+
+    Returns:
+        The new variables as a :class:`TaskHead` (the probe's ``head`` group).
+    """
+    head = TaskHead()
+    own = len(source.config.variables)
+    for kind, name in source.embedding_variables()[own:]:
+        add_variable(target, head, name, kind, embed_init="zeros", head_init="zeros")  # type: ignore[arg-type]
+    return head
 
 
 def check_patch_grid(model: WpeftAurora, height: int, width: int) -> None:

@@ -276,6 +276,7 @@ class Downscaling(Task):
     name: ClassVar[str] = "downscaling"
     Config: ClassVar[type[TaskConfig]] = DownscalingConfig
     headline: ClassVar[tuple[str, ...]] = GLOBAL_HEADLINE
+    num_prompts: ClassVar[int] = 30  # TADP prompt tokens (the paper's P for this task)
     config: DownscalingConfig
 
     def __init__(self, config: TaskConfig | None = None, **kwargs: Any) -> None:

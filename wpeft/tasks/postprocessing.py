@@ -258,6 +258,7 @@ class Postprocessing(Task):
     name: ClassVar[str] = "postprocessing"
     Config: ClassVar[type[TaskConfig]] = PostprocessingConfig
     headline: ClassVar[tuple[str, ...]] = GLOBAL_HEADLINE
+    num_prompts: ClassVar[int] = 5  # TADP prompt tokens (the paper's P for this task)
     config: PostprocessingConfig
 
     def __init__(self, config: TaskConfig | None = None, **kwargs: Any) -> None:

@@ -291,6 +291,7 @@ class Precipitation(Task):
     name: ClassVar[str] = "precipitation"
     Config: ClassVar[type[TaskConfig]] = PrecipitationConfig
     headline: ClassVar[tuple[str, ...]] = tuple(f"{TARGET}_{h}h" for h in (12, 24, 36))
+    num_prompts: ClassVar[int] = 20  # TADP prompt tokens (the paper's P for this task)
     config: PrecipitationConfig
 
     def __init__(self, config: TaskConfig | None = None, **kwargs: Any) -> None:

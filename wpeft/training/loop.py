@@ -59,6 +59,7 @@ from wpeft.runs.recorders import Recorders, attach_recorders
 from wpeft.runs.store import write_json_atomic
 from wpeft.tasks import TaskBatch, create_task
 from wpeft.tasks.base import Task
+from wpeft.tasks.common import copy_task_variables
 from wpeft.training.common import lr_factor, save_torch_atomic
 
 __all__ = [
@@ -371,15 +372,22 @@ def prepare_run(cfg: TrainConfig) -> tuple[WpeftAurora, Task, PEFTMethod, dict, 
     for name, p in head.named_parameters():
         reference.setdefault(f"head.{name}", p.detach().clone())
     options = dict(cfg.method_options)
+    method_cls = method_class(cfg.method)
+    for key, value in method_cls.task_settings(task).items():  # TADP: the task's prompt count
+        if options.get(key) is None:
+            options[key] = value
     budget_info: dict[str, Any] = {}
     if cfg.budget is not None:
-        match = match_budget(
-            cfg.method, cfg.budget, lambda: build_backbone(model.config), **options
-        )
+
+        def probe() -> tuple[WpeftAurora, nn.Module]:  # a fresh backbone with the task's variables
+            fresh = build_backbone(model.config)
+            return fresh, copy_task_variables(model, fresh)
+
+        match = match_budget(cfg.method, cfg.budget, probe, **options)
         if match.knob is not None:
             options[match.knob] = match.value
         budget_info = match.to_dict()
-    if "seed" in {f.name for f in dataclasses.fields(method_class(cfg.method).Config)}:
+    if "seed" in {f.name for f in dataclasses.fields(method_cls.Config)}:
         options.setdefault("seed", cfg.seed)  # methods with their own randomness (SFAS noise)
     method = create_method(cfg.method, **options)
     method.apply(model, head)
