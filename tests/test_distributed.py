@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from test_training import WORLD, small_cache  # noqa: F401  (small_cache: autouse fixture)
 from test_training import config as single_config
 
-from wpeft.distributed.runtime import DistEnv, shard_batch
+from wpeft.distributed.runtime import DistEnv
 from wpeft.distributed.strategy import resolve_strategy
 from wpeft.errors import ConfigError
 from wpeft.methods import METHODS, create_method
@@ -204,12 +204,12 @@ def test_two_rank_fsdp2_equals_one_rank(tmp_path, reference, method, budget) -> 
         assert (fisher / "masks" / "first.npz").exists()  # gathered full masks on disk
 
 
-def test_shard_batch_splits_the_global_batch_evenly() -> None:
+def test_each_rank_reads_its_contiguous_share_of_the_global_batch() -> None:
     from wpeft.tasks import create_task
 
     task = create_task("downscaling", world=WORLD)
     batch = next(iter(task.batches("train", 4, seed=0)))
-    parts = [shard_batch(batch, DistEnv(rank=r, world_size=2)) for r in range(2)]
+    parts = [next(iter(task.batches("train", 4, seed=0, shard=(r, 2)))) for r in range(2)]
     for name, full in batch.targets.items():
         assert torch.equal(torch.cat([p.targets[name] for p in parts]), full)
     for name, full in batch.inputs.surf_vars.items():
@@ -217,7 +217,7 @@ def test_shard_batch_splits_the_global_batch_evenly() -> None:
         assert parts[0].inputs.surf_vars[name].shape[0] == 2
     assert parts[1].inputs.metadata.time == batch.inputs.metadata.time[2:]
     with pytest.raises(ConfigError, match="not divisible by world size 3"):
-        shard_batch(batch, DistEnv(rank=0, world_size=3))
+        next(iter(task.batches("train", 4, seed=0, shard=(0, 3))))
 
 
 def test_strategy_choice_and_refusals() -> None:

@@ -17,18 +17,16 @@ the same data as a run on one, and a checkpoint resumes on any world size that d
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from wpeft.errors import ConfigError
 
-__all__ = ["DistEnv", "current", "env_int", "init_from_env", "shard_batch", "shutdown"]
+__all__ = ["DistEnv", "current", "env_int", "init_from_env", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -111,44 +109,3 @@ def shutdown() -> None:
     """Destroy the process group if this module's caller created one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _slice(x: Any, start: int, stop: int) -> Any:
-    if torch.is_tensor(x):
-        return x[start:stop]
-    if isinstance(x, dict):
-        return {k: _slice(v, start, stop) for k, v in x.items()}
-    return x[start:stop]
-
-
-def shard_batch(batch: Any, env: DistEnv) -> Any:
-    """This rank's contiguous slice of a global :class:`~wpeft.tasks.TaskBatch`.
-
-    ``inputs`` (an ``aurora.Batch``: surface ``(B, T, H, W)``, atmospheric ``(B, T, C, H, W)``,
-    static ``(H, W)`` shared), ``targets`` and ``extra`` ``(B, ...)`` and ``times`` ``(B,)`` are
-    cut along the batch axis; B must be divisible by the world size.
-    """
-    if not env.distributed:
-        return batch
-    inputs = batch.inputs
-    size = next(iter(inputs.surf_vars.values())).shape[0]
-    if size % env.world_size:
-        raise ConfigError(
-            f"Global batch {size} is not divisible by world size {env.world_size}; choose a "
-            "batch_size that is a multiple of the number of processes."
-        )
-    per = size // env.world_size
-    lo, hi = env.rank * per, (env.rank + 1) * per
-    sliced_inputs = dataclasses.replace(
-        inputs,
-        surf_vars=_slice(inputs.surf_vars, lo, hi),
-        atmos_vars=_slice(inputs.atmos_vars, lo, hi),
-        metadata=dataclasses.replace(inputs.metadata, time=tuple(inputs.metadata.time[lo:hi])),
-    )
-    return dataclasses.replace(
-        batch,
-        inputs=sliced_inputs,
-        targets=_slice(batch.targets, lo, hi),
-        times=batch.times[lo:hi] if batch.times is not None else None,
-        extra=_slice(batch.extra, lo, hi),
-    )

@@ -189,9 +189,18 @@ class Task:
         raise NotImplementedError
 
     def batches(
-        self, split: Split, batch_size: int, *, seed: int = 0, shuffle: bool | None = None
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[TaskBatch]:
-        """One pass over ``split`` (shuffled with ``seed`` for training by default)."""
+        """One pass over ``split`` (shuffled with ``seed`` for training by default).
+
+        ``shard=(rank, world_size)``: yield only this rank's contiguous share of each global
+        batch of ``batch_size`` samples, reading nothing else (``index_batches`` does it)."""
         raise NotImplementedError
 
     def num_samples(self, split: Split) -> int:

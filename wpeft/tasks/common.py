@@ -41,18 +41,17 @@ __all__ = [
     "SPLITS",
     "STATIC_VARS",
     "SURF_VARS",
+    "ConstantInputs",
     "TaskHead",
     "add_variable",
-    "copy_task_variables",
+    "backbone_inputs",
     "backbone_stats",
     "channel_std",
     "check_fractions",
     "check_patch_grid",
     "check_split",
     "coerce_world",
-    "backbone_inputs",
-    "ConstantInputs",
-    "split_samples",
+    "copy_task_variables",
     "index_batches",
     "level_key",
     "make_batch",
@@ -60,6 +59,7 @@ __all__ = [
     "register_norm",
     "require_stats",
     "split_by_time",
+    "split_samples",
     "time_step",
     "var_attrs",
 ]
@@ -195,9 +195,19 @@ def split_samples(
 
 
 def index_batches(
-    indices: np.ndarray, batch_size: int, *, shuffle: bool, seed: int
+    indices: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[np.ndarray]:
-    """Chunks of ``indices`` of at most ``batch_size`` (the last one may be smaller)."""
+    """Chunks of ``indices`` of at most ``batch_size`` (the last one may be smaller).
+
+    With ``shard=(rank, world_size)`` each chunk is the global batch's contiguous share of this
+    rank (the first ``B / world_size`` samples to rank 0, and so on), so a rank reads
+    only its own samples; the global batch must then divide evenly.
+    """
     if (
         not isinstance(batch_size, (int, np.integer))
         or isinstance(batch_size, bool)
@@ -208,7 +218,18 @@ def index_batches(
     if shuffle:
         order = order[np.random.default_rng(seed).permutation(len(order))]
     for start in range(0, len(order), int(batch_size)):
-        yield order[start : start + int(batch_size)]
+        chunk = order[start : start + int(batch_size)]
+        if shard is None:
+            yield chunk
+            continue
+        rank, world = shard
+        if len(chunk) % world:
+            raise ConfigError(
+                f"Global batch {len(chunk)} is not divisible by world size {world}; choose a "
+                "batch_size that is a multiple of the number of processes."
+            )
+        per = len(chunk) // world
+        yield chunk[rank * per : (rank + 1) * per]
 
 
 def make_batch(

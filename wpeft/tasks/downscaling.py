@@ -464,14 +464,20 @@ class Downscaling(Task):
         return int(self.data.splits[check_split(split)].size)
 
     def batches(
-        self, split: Split, batch_size: int, *, seed: int = 0, shuffle: bool | None = None
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[TaskBatch]:
         """Batches of ``split``. Inputs: surface ``(B, 2, H, W)``, atmos ``(B, 2, C, H, W)``;
         targets (fine ``t + 6 h``): surface ``(B, H, W)``, atmos ``(B, C, H, W)``, physical."""
         data = self.data
         positions = data.splits[check_split(split)]
         shuffle = split == "train" if shuffle is None else shuffle
-        for chunk in index_batches(positions, batch_size, shuffle=shuffle, seed=seed):
+        for chunk in index_batches(positions, batch_size, shuffle=shuffle, seed=seed, shard=shard):
             yield self._batch(chunk)
 
     def _batch(self, rows: np.ndarray) -> TaskBatch:

@@ -495,7 +495,13 @@ class Postprocessing(Task):
         return int(self.data.splits[check_split(split)].size)
 
     def batches(
-        self, split: Split, batch_size: int, *, seed: int = 0, shuffle: bool | None = None
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[TaskBatch]:
         """Batches of ``split``.
 
@@ -508,7 +514,7 @@ class Postprocessing(Task):
         data = self.data
         positions = data.splits[check_split(split)]
         shuffle = split == "train" if shuffle is None else shuffle
-        for chunk in index_batches(positions, batch_size, shuffle=shuffle, seed=seed):
+        for chunk in index_batches(positions, batch_size, shuffle=shuffle, seed=seed, shard=shard):
             yield self._batch(chunk)
 
     def _batch(self, positions: np.ndarray) -> TaskBatch:

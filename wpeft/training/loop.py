@@ -45,7 +45,7 @@ from wpeft.backbones.aurora_adapter import (
 )
 from wpeft.backbones.configs import get_config
 from wpeft.backbones.pretrain import load_pretrained, pretrained_card
-from wpeft.distributed.runtime import DistEnv, init_from_env, shard_batch
+from wpeft.distributed.runtime import DistEnv, init_from_env
 from wpeft.distributed.strategy import STRATEGIES, TrainingModule, resolve_strategy, wrap
 from wpeft.errors import CheckpointError, ConfigError, WpeftError
 from wpeft.methods import create_method
@@ -260,9 +260,15 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _batches(task: Task, cfg: TrainConfig, epoch: int, skip: int) -> Iterator[TaskBatch]:
-    """The training batches of one epoch (reproducible from seed and epoch), after ``skip``."""
-    for i, batch in enumerate(task.batches("train", cfg.batch_size, seed=cfg.seed * 100_003 + epoch)):
+def _batches(
+    task: Task, cfg: TrainConfig, epoch: int, skip: int, env: DistEnv | None = None
+) -> Iterator[TaskBatch]:
+    """The training batches of one epoch (reproducible from seed and epoch), after ``skip``;
+    with a distributed ``env`` this rank's share of each global batch, the only samples it
+    reads."""
+    shard = (env.rank, env.world_size) if env is not None and env.distributed else None
+    seed = cfg.seed * 100_003 + epoch
+    for i, batch in enumerate(task.batches("train", cfg.batch_size, seed=seed, shard=shard)):
         if i >= skip:
             yield batch
 
@@ -887,7 +893,7 @@ def _run_steps(
     params = method.trainable_parameters()
     bar = tqdm(total=cfg.steps, initial=position.step, disable=not progress or not env.is_main,
                unit="step", desc=f"{cfg.task}/{cfg.method}")
-    batches = _prefetched(_batches(task, cfg, position.epoch, position.in_epoch))
+    batches = _prefetched(_batches(task, cfg, position.epoch, position.in_epoch, env))
     started, seen = time.perf_counter(), 0
     net.train()
     while position.step < cfg.steps:
@@ -903,9 +909,9 @@ def _run_steps(
         batch = next(batches, None)
         if batch is None:
             position.epoch, position.in_epoch = position.epoch + 1, 0
-            batches = _prefetched(_batches(task, cfg, position.epoch, 0))
+            batches = _prefetched(_batches(task, cfg, position.epoch, 0, env))
             continue
-        batch = shard_batch(batch, env).to(run.device)
+        batch = batch.to(run.device)  # this rank's share, read by _batches
         loss = task.loss(task.predict(net, batch), batch)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
