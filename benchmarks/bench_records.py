@@ -57,8 +57,8 @@ def timed_train(cfg: TrainConfig, run_dir: Path, *, record: bool, every: int) ->
     _INSIDE["seconds"] = 0.0
     real_prepare = loop.prepare_run
 
-    def prepare(c: TrainConfig):
-        model, task, method, reference, info = real_prepare(c)
+    def prepare(c: TrainConfig, *args: Any):
+        model, task, method, reference, info = real_prepare(c, *args)
         real_optimizer = method.optimizer
 
         def optimizer(lr: float, weight_decay: float = 0.0):

@@ -7,6 +7,7 @@ computed by hand, the train-split statistics, and one clear refusal per kind of 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -270,3 +271,27 @@ def test_a_real_store_is_read_at_setup(stores: dict) -> None:
     task = Postprocessing(data=source(stores), truth_path=stores["truth"])
     with pytest.raises(ConfigError, match="setup"):
         task.num_samples("train")
+
+
+def test_restored_statistics_are_used_instead_of_a_new_pass(stores: dict, monkeypatch) -> None:
+    """A resumed run hands the task the statistics its start computed: no pass over the
+    training split (compute_stats / the log-spread pass) happens again, and they are the same."""
+    import wpeft.tasks.postprocessing as pp
+
+    options = {"data": source(stores), "truth_path": stores["truth"]}
+    first, _ = ready(**options)
+    saved = json.loads(json.dumps(first.statistics()))  # as written to and read from the file
+    assert set(saved) == {"train"} and saved["train"]["clim_std"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the training split was read again")
+
+    monkeypatch.setattr(pp, "compute_stats", refuse)
+    monkeypatch.setattr(pp, "_logscale_stats", refuse)
+    task = Postprocessing(**options)
+    task.restore_statistics(saved)
+    task.setup(load_pretrained("tiny"))
+    assert task.data.clim_std == pytest.approx(first.data.clim_std)
+    assert task.data.logscale.keys() == first.data.logscale.keys()
+    for key, value in first.data.logscale.items():
+        assert task.data.logscale[key] == pytest.approx(value), key

@@ -333,8 +333,8 @@ def train_with_recorders(cfg: TrainConfig, run_dir: Path, monkeypatch):
     real_prepare = loop.prepare_run
     held: dict = {}
 
-    def prepare(c):
-        model, task, method, reference, info = real_prepare(c)
+    def prepare(c, *args):
+        model, task, method, reference, info = real_prepare(c, *args)
         history = MaskRecorder()
         method.add_mask_callback(history)
         held.update(history=history, method=method)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -254,3 +255,30 @@ def test_prefetched_batches_keep_their_order_and_raise_where_taken() -> None:
     with pytest.raises(DataError, match="went away"):
         next(it)
     assert list(_prefetched(iter(()))) == []
+
+
+def test_task_statistics_are_written_beside_the_run_and_not_recomputed_on_resume(
+    tmp_path, monkeypatch
+) -> None:
+    """Precipitation's training-period statistics (tp mean and std) are computed once, written
+    to ``task-statistics.json`` before training, and read back by ``--resume``."""
+    import wpeft.tasks.precipitation as precipitation
+    from wpeft.runs.layout import RunLayout
+
+    run = tmp_path / "run"
+    world = {**WORLD, "days": 24}  # precipitation's samples span 48 h: a longer record
+    cfg = config(task="precipitation", method="bitfit", steps=2, checkpoint_every=1,
+                 task_options={"world": world})
+    summary = train(cfg, run, progress=False)
+    stats = json.loads(RunLayout(run).task_statistics.read_text())
+    assert set(stats) == {"tp"} and stats["tp"]["std"] > 0
+    assert list(summary["task_config"]["leads_hours"]) == [12, 24, 36]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the statistics were computed again")
+
+    monkeypatch.setattr(precipitation, "_mean_std", refuse)
+    RunLayout(run).summary.unlink()  # as if killed after its last checkpoint
+    resumed = train(dataclasses.replace(cfg, steps=3), run, progress=False, resume=True)
+    assert resumed["steps"] == 3
+    assert json.loads(RunLayout(run).task_statistics.read_text()) == stats

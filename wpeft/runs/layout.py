@@ -3,6 +3,7 @@
 ::
 
     <run>/config.json            the TrainConfig (written first: the directory is a run)
+    <run>/task-statistics.json   the task's training-period statistics (read again on resume)
     <run>/metrics.jsonl          one JSON line per evaluation (appended while training)
     <run>/checkpoint.pt          the last checkpoint (what ``resume`` continues from)
     <run>/adapter.safetensors    the trained adapter (+ adapter.json; stem ``adapter``)
@@ -42,6 +43,7 @@ __all__ = [
     "RECORD_KINDS",
     "SKIP_DIRS",
     "SUMMARY",
+    "TASK_STATISTICS",
     "RunFileError",
     "RunLayout",
     "names_a_run",
@@ -55,6 +57,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
+TASK_STATISTICS = "task-statistics.json"
 FIELDS = "fields.nc"
 #: The adapter's file stem (:func:`wpeft.methods.adapter_file.save_adapter` adds the suffixes).
 ADAPTER_STEM = "adapter"
@@ -170,6 +173,10 @@ class RunLayout:
         return self.path / SUMMARY
 
     @property
+    def task_statistics(self) -> Path:
+        return self.path / TASK_STATISTICS
+
+    @property
     def fields(self) -> Path:
         return self.path / FIELDS
 
@@ -222,8 +229,9 @@ class RunLayout:
 
     @property
     def has_run_files(self) -> bool:
-        """Files only training writes exist (metrics, checkpoint, summary, fields, records)."""
-        files = (self.metrics, self.checkpoint, self.summary, self.fields)
+        """Files only training writes exist (metrics, checkpoint, summary, fields, task
+        statistics, records)."""
+        files = (self.metrics, self.checkpoint, self.summary, self.fields, self.task_statistics)
         return any(p.is_file() for p in files) or self.records.is_dir()
 
     @property

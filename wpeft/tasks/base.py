@@ -19,7 +19,7 @@ keys such as ``"<var>_sigma"``), in physical units.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -182,6 +182,25 @@ class Task:
         if unknown:
             raise ConfigError(f"Task {self.name!r} has no setting(s) {unknown}; settings: {sorted(known)}.")
         self.config = config if config is not None else self.Config(**kwargs)
+        self._statistics: dict[str, Any] = {}
+
+    def cached_statistics(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` (statistics of the training period: a JSON-able value) once per run.
+
+        A resumed run gets the values its start computed (:meth:`restore_statistics`, from the
+        run's statistics file) instead of reading the training period again; a fresh one computes
+        them and the loop writes :meth:`statistics` beside the run."""
+        if key not in self._statistics:
+            self._statistics[key] = compute()
+        return self._statistics[key]
+
+    def statistics(self) -> dict[str, Any]:
+        """The statistics computed (or restored) so far, by key."""
+        return dict(self._statistics)
+
+    def restore_statistics(self, values: Mapping[str, Any]) -> None:
+        """Use ``values`` (what :meth:`statistics` gave when the run started) from now on."""
+        self._statistics.update(values)
 
     def setup(self, model: WpeftAurora) -> nn.Module:
         """Install new embeddings/decoder heads into ``model`` and return them as one module

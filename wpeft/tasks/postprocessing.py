@@ -410,11 +410,22 @@ class Postprocessing(Task):
         # ensemble mean's; then the log-spread statistics with it
         train = splits["train"]
         in_truth = [str(n) for n in truth_vars]
-        clim = compute_stats(truth[in_truth].isel(time=train).chunk({"time": _TRUTH_CHUNK})).std
         from_mean = [str(n) for n in ens_vars if str(n) not in in_truth]
-        if from_mean:
-            clim = clim | compute_stats(mean_ds[from_mean].isel(time=train)).std
-        logscale = _logscale_stats(spread_ds.isel(time=train), clim, cfg.sigma_floor)
+
+        def train_statistics() -> dict[str, Any]:
+            truth_train = truth[in_truth].isel(time=train).chunk({"time": _TRUTH_CHUNK})
+            clim = dict(compute_stats(truth_train).std)
+            if from_mean:
+                clim |= compute_stats(mean_ds[from_mean].isel(time=train)).std
+            logscale = _logscale_stats(spread_ds.isel(time=train), clim, cfg.sigma_floor)
+            return {
+                "clim_std": {k: float(v) for k, v in clim.items()},
+                "logscale": {k: [float(m), float(sd)] for k, (m, sd) in logscale.items()},
+            }
+
+        cached = self.cached_statistics("train", train_statistics)
+        clim = {k: float(v) for k, v in cached["clim_std"].items()}
+        logscale = {k: (float(m), float(sd)) for k, (m, sd) in cached["logscale"].items()}
 
         truth_sel = truth[truth_vars]
         t_surf = [VARIABLES[n].aurora for n in targets if VARIABLES[n].kind == "surface"]

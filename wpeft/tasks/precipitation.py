@@ -333,7 +333,7 @@ class Precipitation(Task):
         splits = split_samples(anchors - gap, anchors + leads[-1], cfg)
         train = anchors[splits["train"]]
         steps = slice(int(train.min()) - gap, int(train.max()) + leads[-1] + 1)
-        stats = compute_stats(ds[[TARGET]].isel(time=steps))
+        tp_stats = self.cached_statistics("tp", lambda: _mean_std(ds[[TARGET]].isel(time=steps)))
         lat = fields.lat.numpy().astype(np.float64)
         lon = fields.lon.numpy().astype(np.float64)
         tp = fields.surf["tp"]
@@ -349,7 +349,7 @@ class Precipitation(Task):
             inputs=np.stack([anchors - gap, anchors], axis=1),
             targets=np.stack([anchors + lead for lead in leads], axis=1),
             splits=splits,
-            tp_stats=(stats.mean["tp"], stats.std["tp"]),
+            tp_stats=(tp_stats["mean"], tp_stats["std"]),
             climate=climate,
             lat=lat,
             lon=lon,
@@ -388,8 +388,12 @@ class Precipitation(Task):
         train = splits["train"]
         record = np.unique(np.concatenate([window[train].ravel(), targets[train].ravel()]))
         climate = _accumulations(ds[precip], record, hourly)
-        _check_plausible(climate, precip, where, times[record[[0, -1]]])
-        stats = compute_stats(xr.Dataset({TARGET: climate}))
+
+        def train_statistics() -> dict[str, float]:
+            _check_plausible(climate, precip, where, times[record[[0, -1]]])
+            return _mean_std(xr.Dataset({TARGET: climate}))
+
+        tp_stats = self.cached_statistics("tp", train_statistics)
 
         def names(kind: str) -> list[str]:
             return [spec(n).aurora for n in inputs[kind] if n in ds.data_vars]
@@ -404,7 +408,7 @@ class Precipitation(Task):
         lazy_tp = LazyVariable(ds[precip].transpose("time", "latitude", "longitude"))
         levels = fields.levels or levels
         fill = ConstantInputs(model, lacking, levels) if lacking else None
-        mean, std = stats.mean["tp"], stats.std["tp"]
+        mean, std = tp_stats["mean"], tp_stats["std"]
         info = {
             "store": where,
             "precipitation": {
@@ -878,3 +882,9 @@ def _crop_slices(ds: xr.Dataset, size: tuple[int, int], lat: float, lon: float) 
     east = np.nonzero(lons >= lon - 1e-9)[0]
     j0 = min(int(east[0]) if east.size else lons.size - w, lons.size - w)
     return {"latitude": slice(i0, i0 + h), "longitude": slice(j0, j0 + w)}
+
+
+def _mean_std(ds: xr.Dataset) -> dict[str, float]:
+    """Area-weighted mean and std of the precipitation in ``ds`` (one pass)."""
+    stats = compute_stats(ds)
+    return {"mean": float(stats.mean["tp"]), "std": float(stats.std["tp"])}

@@ -368,11 +368,16 @@ def backbone_weights(cfg: TrainConfig) -> dict[str, Any]:
             "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def prepare_run(cfg: TrainConfig) -> tuple[WpeftAurora, Task, PEFTMethod, dict, dict[str, Any]]:
-    """Backbone, task (with its head installed), applied method and the pristine reference."""
+def prepare_run(
+    cfg: TrainConfig, statistics: dict[str, Any] | None = None
+) -> tuple[WpeftAurora, Task, PEFTMethod, dict, dict[str, Any]]:
+    """Backbone, task (with its head installed), applied method and the pristine reference.
+    ``statistics``: the task's training-period statistics of a resumed run (not recomputed)."""
     torch.manual_seed(cfg.seed)
     model = load_backbone(cfg)
     task = create_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+    if statistics:
+        task.restore_statistics(statistics)
     head = task.setup(model)
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, p in head.named_parameters():
@@ -450,11 +455,14 @@ def train(
     state = _read_checkpoint(ckpt_path, cfg, weights) if resume and ckpt_path.exists() else None
     # Data, task and method are checked before the run directory is touched: a refused run
     # (a missing variable, a bad period...) leaves no half-made run behind.
-    model, task, method, reference, budget_info = prepare_run(cfg)
+    statistics = _read_task_statistics(layout) if state is not None else None
+    model, task, method, reference, budget_info = prepare_run(cfg, statistics)
     if env.is_main:
         if overwrite and out.exists():
             _remove_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
+        if task.statistics():
+            write_json_atomic(layout.task_statistics, task.statistics())
     env.barrier()
     strategy = resolve_strategy(cfg.strategy, env, method)
     _to_device(model, method, device)
@@ -491,6 +499,18 @@ def train(
     if on_trained is not None:
         on_trained(method, env, opt)
     return _finish(run, reference, budget_info, gathered, resumes, time.perf_counter() - started)
+
+
+def _read_task_statistics(layout: RunLayout) -> dict[str, Any] | None:
+    """The task statistics a run wrote when it started; ``None`` (computed again) when the file
+    is missing or unreadable, which costs a pass over the training period, not the run."""
+    if not layout.task_statistics.exists():
+        return None
+    try:
+        return read_json_object(layout.task_statistics)
+    except RunFileError as e:
+        warnings.warn(f"{e}; the task's statistics are computed again.", stacklevel=2)
+        return None
 
 
 class TrainingDiverged(WpeftError, FloatingPointError):
