@@ -55,6 +55,7 @@ __all__ = [
     "coerce_source",
     "on_earth",
     "open_source",
+    "open_store",
     "select_region",
     "split_by_period",
 ]
@@ -182,6 +183,14 @@ def on_earth(task_options: Mapping[str, Any]) -> bool:
     return task_options.get("data") is not None or task_options.get("source", "world") != "world"
 
 
+def open_store(path: str) -> xr.Dataset:
+    """``open_era5(path)`` lazily with every schema variable, without the reader's warning about
+    the variables outside the schema: a task takes what it needs from it and names what lacks."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Dropping")
+        return open_era5(path, chunks=None)
+
+
 def open_source(
     source: DataSource,
     *,
@@ -210,9 +219,7 @@ def open_source(
     """
     where = path or source.path
     wanted = list(dict.fromkeys([*required, *optional]))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Dropping")  # other variables: not wanted
-        ds = open_era5(where, chunks=None)
+    ds = open_store(where)
     have = set(map(str, ds.data_vars))
     missing_required = [n for n in required if n not in have]
     if missing_required:
@@ -405,9 +412,7 @@ def _check_periods_inside(ds: xr.Dataset, periods: Mapping[str, Period], where: 
 
 def _merge_statics(ds: xr.Dataset, path: str, names: Sequence[str]) -> xr.Dataset:
     """Add static fields from a separate file; its grid must equal the data's (before cropping)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Dropping")
-        st = open_era5(path, chunks=None)
+    st = open_store(path)
     present = [n for n in names if n in st.data_vars]
     if not present:
         raise DataError(

@@ -72,7 +72,6 @@ The helpers the tasks share (splits, batching, statistics, new variables) live i
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,10 +85,10 @@ from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, norm_key
 from wpeft.data.batch import Fields, wb2_name
-from wpeft.data.era5 import check_finite, open_era5
+from wpeft.data.era5 import check_finite
 from wpeft.data.regrid import bilinear_plan, cell_area_weights, upsample_bilinear
 from wpeft.data.schema import VARIABLES
-from wpeft.data.source import DataSource, open_source
+from wpeft.data.source import DataSource, open_source, open_store
 from wpeft.data.world import WorldConfig, open_world
 from wpeft.errors import ConfigError, DataError
 from wpeft.metrics import rmse
@@ -641,9 +640,7 @@ def _targets(source: DataSource, dynamic: Sequence[str]) -> tuple[str, ...]:
                 f"variables {list(dynamic)}; downscaling learns those (it adds no new heads)."
             )
         return tuple(source.variables)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Dd]ropp.*")  # variables outside the schema
-        have = set(map(str, open_era5(source.path, chunks=None).data_vars))
+    have = set(map(str, open_store(source.path).data_vars))
     targets = tuple(n for n in dynamic if n in have)
     if not targets:
         raise DataError(

@@ -68,7 +68,6 @@ data is opened in :meth:`Postprocessing.setup`:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +82,9 @@ from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, norm_key
 from wpeft.data.batch import Fields, load_t, wb2_name
-from wpeft.data.era5 import check_finite, open_era5
+from wpeft.data.era5 import check_finite
 from wpeft.data.schema import VARIABLES
-from wpeft.data.source import DataSource, open_source, select_region
+from wpeft.data.source import DataSource, open_source, open_store, select_region
 from wpeft.data.stats import compute_stats
 from wpeft.data.world import WorldConfig, open_world, open_world_ensemble
 from wpeft.errors import ConfigError, DataError
@@ -366,9 +365,7 @@ class Postprocessing(Task):
         optional = [
             n for n in (*inputs["surface"], *inputs["atmos"], *inputs["static"]) if n not in targets
         ]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*dropped.*")
-            ens, lacking = open_source(src, required=targets, optional=optional)
+        ens, lacking = open_source(src, required=targets, optional=optional)
         where = src.path
         if "member" not in ens.dims:
             raise DataError(
@@ -809,9 +806,7 @@ def _open_truth(
         DataError: Targets or levels missing (named), another grid (both named), valid times
             missing (the first few named).
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*dropped.*")
-        truth = open_era5(path, chunks=None)
+    truth = open_store(path)
     have = set(map(str, truth.data_vars))
     missing = [n for n in targets if n not in have]
     if missing:

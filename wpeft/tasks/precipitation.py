@@ -99,9 +99,9 @@ from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, norm_key
 from wpeft.data.batch import Fields, LazyVariable
-from wpeft.data.era5 import check_finite, open_era5
+from wpeft.data.era5 import check_finite
 from wpeft.data.schema import regular_step, spec
-from wpeft.data.source import DataSource, open_source
+from wpeft.data.source import DataSource, open_source, open_store
 from wpeft.data.stats import compute_stats
 from wpeft.data.world import WorldConfig, open_world
 from wpeft.errors import ConfigError, DataError
@@ -676,9 +676,9 @@ def _precipitation_variable(source: DataSource) -> str:
     (``data.variables`` decides when given); refused when the store has neither."""
     if source.variables is not None:
         return source.variables[0]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(dropped|Dropping|unconverted).*")
-        have = set(map(str, open_era5(source.path, chunks=None).data_vars))
+    with warnings.catch_warnings():  # units are checked by this task (_check_units)
+        warnings.filterwarnings("ignore", message=".*unconverted")
+        have = set(map(str, open_store(source.path).data_vars))
     for name in (TARGET, HOURLY):
         if name in have:
             return name
