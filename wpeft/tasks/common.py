@@ -32,7 +32,7 @@ from wpeft.data.schema import VARIABLES, check_time_axis, describe_steps, regula
 from wpeft.data.source import split_by_period
 from wpeft.data.world import WorldConfig
 from wpeft.errors import ConfigError, DataError
-from wpeft.tasks.base import Split
+from wpeft.tasks.base import Split, TaskConfig
 
 __all__ = [
     "ATMOS_VARS",
@@ -184,11 +184,11 @@ def split_by_time(
 
 
 def split_samples(
-    starts: np.ndarray, ends: np.ndarray, config: Any, what: str = "samples"
+    starts: np.ndarray, ends: np.ndarray, config: TaskConfig, what: str = "samples"
 ) -> dict[Split, np.ndarray]:
     """The task's splits: by the periods of ``config.data`` when it has them (datetime64
     ``starts`` / ``ends`` required then), else contiguous blocks by ``config.split_fractions``."""
-    source = getattr(config, "data", None)
+    source = config.data
     if source is not None and source.periods is not None:
         return split_by_period(starts, ends, source.periods, what)  # type: ignore[return-value]
     return split_by_time(starts, ends, config.split_fractions, what)
