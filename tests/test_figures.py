@@ -15,7 +15,7 @@ def test_figure_set_of_two_runs(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("WPEFT_CACHE_DIR", str(tmp_path / "cache"))
     common = dict(
         task="downscaling", steps=4, batch_size=2, warmup_steps=1, checkpoint_every=0,
-        task_options={"world": WORLD}, device="cpu", record_every=2,
+        task_options={"world": WORLD}, device="cpu", record_every=2, eval_every=2,
     )
     a, b = tmp_path / "weatherpeft", tmp_path / "full"
     train(TrainConfig(method="weatherpeft", method_options={"num_prompts": 3}, **common), a, progress=False)
@@ -27,4 +27,5 @@ def test_figure_set_of_two_runs(tmp_path, monkeypatch) -> None:
     assert "weatherpeft-rmse-2m_temperature" in names and "full-rmse-temperature_850" in names
     assert "downscaling-weatherpeft-vs-full-2m_temperature" in names
     assert "downscaling-budget-vs-skill" in names
+    assert "downscaling-learning-curves" in names  # eval_every: validation lines at step 2
     assert not any(n.startswith("full-fisher") for n in names)  # Full-Tuning selects nothing

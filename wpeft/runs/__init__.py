@@ -9,7 +9,8 @@ records, and per-grid-point skill.
 Modules: :mod:`~wpeft.runs.layout` (the files of a run directory, :class:`RunLayout`),
 :mod:`~wpeft.runs.store` (append-only records, :class:`Run`, ``open``, ``scan``, ``table``),
 :mod:`~wpeft.runs.fisher_records`, :mod:`~wpeft.runs.attention_records`,
-:mod:`~wpeft.runs.skill`, :mod:`~wpeft.runs.recorders` (``attach_recorders`` for the loop).
+:mod:`~wpeft.runs.skill`, :mod:`~wpeft.runs.recorders` (``attach_recorders`` for the loop),
+:mod:`~wpeft.runs.curves` (validation curves, ``curves_table``).
 
 Names are imported on first use, so reading the layout (:mod:`wpeft.runs.layout`, e.g. the
 dashboard's run discovery) does not import torch.
@@ -27,6 +28,7 @@ _NAMES = {
     "Run": ("store", "Run"),
     "RunLayout": ("layout", "RunLayout"),
     "attach_recorders": ("recorders", "attach_recorders"),
+    "curves_table": ("curves", "curves_table"),
     "open": ("store", "open_run"),
     "scan": ("store", "scan"),
     "skill_difference": ("skill", "skill_difference"),
@@ -40,6 +42,7 @@ __all__ = [
     "Run",
     "RunLayout",
     "attach_recorders",
+    "curves_table",
     "open",
     "scan",
     "skill_difference",

@@ -5,7 +5,7 @@ One function per view, in two flavours:
 * matplotlib (``plot_*``, return a :class:`matplotlib.figure.Figure` made without pyplot, so they
   work headless, in notebooks and in Panel): :mod:`~wpeft.viz.fisher` (Fisher-mask records),
   :mod:`~wpeft.viz.attention` (TADP prompt attention), :mod:`~wpeft.viz.skill` (skill maps,
-  comparisons, budget vs skill); ``earth=True`` maps use cartopy with **local** coastline data
+  comparisons, budget vs skill), :mod:`~wpeft.viz.curves` (validation learning curves); ``earth=True`` maps use cartopy with **local** coastline data
   only (:mod:`~wpeft.viz.maps`);
 * HoloViews (``hv_*``, return HoloViews objects for the bokeh backend):
   :mod:`~wpeft.viz.interactive`.
@@ -15,6 +15,7 @@ Needs the ``viz`` extra (matplotlib; cartopy for Earth maps; holoviews + bokeh f
 """
 
 from wpeft.viz.attention import plot_patch_attention, plot_prompt_map, plot_variable_attention
+from wpeft.viz.curves import plot_learning_curves
 from wpeft.viz.fisher import (
     plot_mask_heatmap,
     plot_mask_image,
@@ -50,6 +51,7 @@ __all__ = [
     "hv_skill_map",
     "hv_variable_attention",
     "plot_budget_vs_skill",
+    "plot_learning_curves",
     "plot_mask_heatmap",
     "plot_mask_image",
     "plot_mask_layers",

@@ -3,7 +3,8 @@
 Per run: Fisher-mask heatmap, overlap curves and mask images (selection methods), prompt
 attention per recorded block (TADP methods), and skill maps of the task's headline variables.
 Across runs of one task: the first run against each other one (A, B and A − B with the
-paired-test significance hatched), and budget vs skill for all runs.
+paired-test significance hatched), budget vs skill for all runs, and the validation learning
+curves of the runs that recorded them (``--eval-every``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from wpeft.data.source import on_earth
 from wpeft.runs import Run, skill_difference, skill_fields
 from wpeft.runs import open as open_run
 from wpeft.runs import table as runs_table
+from wpeft.runs.curves import curves_table
 from wpeft.viz.attention import plot_patch_attention, plot_prompt_map, plot_variable_attention
+from wpeft.viz.curves import plot_learning_curves
 from wpeft.viz.fisher import plot_mask_heatmap, plot_mask_image, plot_overlap_curves
 from wpeft.viz.skill import plot_budget_vs_skill, plot_skill_comparison, plot_skill_map
 from wpeft.viz.style import save_figure
@@ -108,4 +111,7 @@ def write_figure_set(
         score = next((f"rmse/{v}" for v in _headline(first) if f"rmse/{v}" in frame), None)
         if score is not None and len(frame) > 1:
             save(plot_budget_vs_skill(frame, score=score), f"{task}-budget-vs-skill")
+    curves = curves_table(runs)
+    for task in dict.fromkeys(curves["task"]):
+        save(plot_learning_curves(curves, task=task, title=task), f"{task}-learning-curves")
     return written
