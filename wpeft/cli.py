@@ -251,7 +251,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run (or resume) a tasks x methods x budgets x seeds matrix and write the tables. The task
     settings (``--data`` merged with ``--task-option``, see :func:`task_settings`) and the
     backbone (``--backbone``, ``--checkpoint``) apply to every run."""
-    from wpeft.training.compare import CompareConfig, collect, compare, tables, write_tables
+    from wpeft.training.compare import (
+        CompareConfig,
+        collect,
+        compare,
+        lr_selection_table,
+        tables,
+        write_tables,
+    )
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: the number of seeds must be >= 1.")
@@ -264,18 +271,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        lrs=tuple(args.lrs) if args.lrs else None,
+        eval_every=args.eval_every,
         task_options={task: dict(settings) for task in args.tasks} if settings else {},
         backbone=args.backbone,
         checkpoint=args.checkpoint,
     )
-    n = len(cfg.cells())
+    n = cfg.planned_runs()
     print(f"wpeft compare: {n} runs under {args.root} (finished ones are skipped)")
     compare(cfg, args.root, progress=not args.quiet)
     results = collect(args.root)
     for task, table in tables(results).items():
         print(f"\n{task}\n{table}")
+    if "lr_selection" in results.attrs:
+        selection = json.loads(results.attrs["lr_selection"])
+        print(f"\nlearning rate chosen on the validation split\n{lr_selection_table(selection)}")
     if args.tables:
-        for path in write_tables(results, args.tables):
+        for path in write_tables(results, args.tables, runs_root=args.root):
             print(f"wrote {path}")
     return 0
 
@@ -425,8 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=4)
     c.add_argument("--lr", type=float, default=None,
                    help="learning rate of every run (default: each method's default_lr)")
+    c.add_argument("--lrs", nargs="+", type=float, default=None, metavar="LR",
+                   help="learning rates to choose from on the validation split: every one runs "
+                        "at the first seed, the best headline validation score's runs the other "
+                        "seeds (needs --eval-every; written to ROOT/lr-selection.json)")
+    c.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="evaluate the validation split every N steps in every run (learning "
+                        "curves in metrics.jsonl; 0: never)")
     _add_task_and_backbone_arguments(c, every=" of every task")
-    c.add_argument("--tables", default=None, help="write markdown/CSV/netCDF tables here")
+    c.add_argument("--tables", default=None,
+                   help="write markdown/CSV/netCDF tables here (with the lr choice and the "
+                        "learning curves, when there are)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
 

@@ -1,7 +1,15 @@
 """The paper-style comparison: a matrix of tasks x methods x budgets x seeds.
 
 Each cell is an ordinary run directory (``<root>/<task>/<method>-<budget>-s<seed>``); cells with
-a ``summary.json`` are skipped, so an interrupted comparison resumes where it stopped. The
+a ``summary.json`` are skipped, so an interrupted comparison resumes where it stopped. With
+``eval_every`` every run records its validation curve (``metrics.jsonl``).
+
+**Learning rate chosen on the validation split** (``lrs``): per (task, method, budget) every lr
+runs at the first seed (``<method>-<budget>-lr<lr>-s<seed>``); the lr whose last validation line
+has the lowest headline validation score (:func:`wpeft.runs.curves.headline_val_score`: mean
+over the headline variables of score / reference score, e.g. RMSE / bilinear RMSE) is chosen,
+written to ``<root>/lr-selection.json``, and only it runs the other seeds; the tables hold the
+runs at the chosen lr only. A run that diverges is never chosen. The test split plays no part. The
 settings every cell shares (task settings, backbone and its weights) are not in the cell's
 name: a root whose finished cells ran with other ones is refused before any run starts. The
 tables (markdown + CSV + netCDF) hold mean ± std over seeds of every headline score and the
@@ -21,12 +29,20 @@ import numpy as np
 import xarray as xr
 
 from wpeft.backbones.aurora_adapter import check_weights_file
-from wpeft.errors import ConfigError
+from wpeft.errors import ConfigError, DataError
 from wpeft.methods.base import method_class
+from wpeft.runs.curves import headline_val_score, task_headline, val_lines
 from wpeft.runs.layout import SUMMARY, RunFileError, RunLayout, read_json_object
-from wpeft.training.loop import TrainConfig, train
+from wpeft.runs.store import Run, write_json_atomic
+from wpeft.training.loop import TrainConfig, TrainingDiverged, train
 
-__all__ = ["CompareConfig", "collect", "compare", "tables"]
+__all__ = [
+    "LR_SELECTION", "CompareConfig", "choose_lrs", "collect", "compare", "lr_selection_table",
+    "read_lr_selection", "tables", "write_tables",
+]
+
+#: The learning-rate choice of a comparison with ``lrs``, in its root.
+LR_SELECTION = "lr-selection.json"
 
 
 @dataclass
@@ -38,6 +54,11 @@ class CompareConfig:
     ``--data`` give every task the same ones. ``backbone`` / ``checkpoint`` as in
     :class:`TrainConfig`. Every cell's config is checked when :meth:`cells` builds them, so a
     bad setting is refused before any run starts.
+
+    ``eval_every``: every run evaluates the validation split every that many steps (0: never),
+    appending to its ``metrics.jsonl``. ``lrs``: learning rates to choose from on the
+    validation split (see the module doc; exclusive with ``lr``; needs ``0 < eval_every <
+    steps``, since the loop evaluates strictly before the last step).
     """
 
     tasks: Sequence[str] = ("downscaling",)
@@ -48,6 +69,8 @@ class CompareConfig:
     batch_size: int = 4
     lr: float | None = None  # None: each method's default_lr (Full-Tuning 3e-4, others 1e-3)
     record_every: int = 10  # interval of the Fisher-mask records (selection methods), in steps
+    eval_every: int = 0  # interval of the validation evaluations (metrics.jsonl), in steps
+    lrs: Sequence[float] | None = None  # learning rates chosen from on the validation split
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     backbone: str = "tiny"
     checkpoint: str | None = None
@@ -67,9 +90,36 @@ class CompareConfig:
                 raise ConfigError(
                     f"task_options[{task!r}]={options!r} must be a mapping of that task's settings."
                 )
+        self._check_lr_search()
 
+    def _check_lr_search(self) -> None:
+        """``lrs``: distinct positive numbers, not with ``lr``, with validation lines to read."""
+        if self.lrs is None:
+            return
+        self.lrs = tuple(self.lrs)
+        if self.lr is not None:
+            raise ConfigError(
+                f"lr={self.lr} and lrs={list(self.lrs)} exclude each other: give one learning "
+                "rate for every run (--lr) or several to choose from (--lrs)."
+            )
+        if len(self.lrs) < 2 or len(set(self.lrs)) != len(self.lrs):
+            raise ConfigError(
+                f"lrs={list(self.lrs)} must be at least two different learning rates to choose "
+                "from; for one, give --lr."
+            )
+        bad = [x for x in self.lrs if not (isinstance(x, (int, float)) and 0 < x < float("inf"))]
+        if bad:
+            raise ConfigError(f"lrs has {bad[0]!r}: every learning rate must be a number > 0.")
+        if not 0 < self.eval_every < self.steps:
+            raise ConfigError(
+                f"lrs needs validation lines to choose by: eval_every={self.eval_every} must be "
+                f"in 1..{self.steps - 1} (the loop evaluates every eval_every steps before the "
+                f"last of steps={self.steps}); give e.g. --eval-every {max(1, self.steps // 4)}."
+            )
     def cells(self) -> list[TrainConfig]:
-        """Every run of the matrix; methods without a size knob run once, at their own size."""
+        """Every run of the matrix; methods without a size knob run once, at their own size.
+        With ``lrs``: every seed at every lr (what :func:`compare` may run; it runs the first
+        seed at each lr and the other seeds at the chosen one, see :meth:`planned_runs`)."""
         import wpeft.methods  # noqa: F401  (registration)
 
         out = []
@@ -79,31 +129,49 @@ class CompareConfig:
                 budgets = self.budgets if cls.size_knob else (None,)
                 for budget in budgets:
                     for seed in self.seeds:
-                        lr = cls.default_lr if self.lr is None else self.lr
-                        out.append(
-                            TrainConfig(
-                                task=task, method=method, budget=budget, seed=seed,
-                                steps=self.steps, batch_size=self.batch_size, lr=lr,
-                                record_every=self.record_every,
-                                task_options=dict(self.task_options.get(task, {})),
-                                backbone=self.backbone, checkpoint=self.checkpoint,
+                        for lr in self._lrs_of(cls.default_lr):
+                            out.append(
+                                TrainConfig(
+                                    task=task, method=method, budget=budget, seed=seed,
+                                    steps=self.steps, batch_size=self.batch_size, lr=lr,
+                                    record_every=self.record_every, eval_every=self.eval_every,
+                                    task_options=dict(self.task_options.get(task, {})),
+                                    backbone=self.backbone, checkpoint=self.checkpoint,
+                                )
                             )
-                        )
         return out
 
+    def _lrs_of(self, default_lr: float) -> tuple[float, ...]:
+        """The learning rates a method runs at: ``lrs``, else ``lr``, else its default."""
+        if self.lrs is not None:
+            return tuple(self.lrs)
+        return (default_lr if self.lr is None else self.lr,)
 
-def run_dir(root: Path, cfg: TrainConfig) -> Path:
+    def planned_runs(self) -> int:
+        """How many runs :func:`compare` makes (with ``lrs``: per (task, method, budget) one per
+        lr at the first seed plus one per further seed)."""
+        n = len(self.cells())
+        if self.lrs is None:
+            return n
+        groups = n // (len(self.lrs) * len(self.seeds))
+        return groups * (len(self.lrs) + len(self.seeds) - 1)
+
+
+def run_dir(root: Path, cfg: TrainConfig, *, with_lr: bool = False) -> Path:
+    """``<root>/<task>/<method>-<budget>-s<seed>``, with ``-lr<lr>`` before the seed for a
+    comparison that chooses the learning rate (``lrs``)."""
     budget = "default" if cfg.budget is None else f"{100 * cfg.budget:g}pct"
-    return root / cfg.task / f"{cfg.method}-{budget}-s{cfg.seed}"
+    lr = f"-lr{cfg.lr:g}" if with_lr else ""
+    return root / cfg.task / f"{cfg.method}-{budget}{lr}-s{cfg.seed}"
 
 
-def check_finished_cells(cells: Sequence[TrainConfig], root: Path) -> None:
+def check_finished_cells(cells: Sequence[TrainConfig], root: Path, *, with_lr: bool = False) -> None:
     """Refuse finished cells under ``root`` that ran with other settings than ``cells`` (task
     settings, backbone, weights, batch size: what is not in a cell's name), as a resume would
     (:meth:`TrainConfig.same_run`): learning rate and length may differ. A cell whose
     ``config.json`` cannot be read is left alone."""
     for cfg in cells:
-        d = RunLayout(run_dir(root, cfg))
+        d = RunLayout(run_dir(root, cfg, with_lr=with_lr))
         if not d.finished:
             continue
         try:
@@ -126,33 +194,186 @@ def compare(config: CompareConfig, root: str | Path, *, progress: bool = True) -
     cells = config.cells()
     if config.checkpoint is not None:
         check_weights_file(cells[0].checkpoint if cells else config.checkpoint)
-    check_finished_cells(cells, root)
+    check_finished_cells(cells, root, with_lr=config.lrs is not None)
+    if config.lrs is not None:
+        return _compare_choosing_lr(config, cells, root, progress=progress)
+    return [_run_cell(root, cfg, progress=progress) for cfg in cells]
+
+
+def _run_cell(root: Path, cfg: TrainConfig, *, progress: bool, with_lr: bool = False) -> dict:
+    """The summary of one cell: read if finished, else trained (an interrupted cell continues,
+    or restarts if killed before its first checkpoint)."""
+    d = RunLayout(run_dir(root, cfg, with_lr=with_lr))
+    if d.finished:
+        return json.loads(d.summary.read_text())
+    return train(cfg, d.path, resume=d.path.exists(), progress=progress)
+
+
+def _group_key(cfg: TrainConfig) -> tuple[str, str, float | None]:
+    return cfg.task, cfg.method, cfg.budget
+
+
+def _compare_choosing_lr(
+    config: CompareConfig, cells: Sequence[TrainConfig], root: Path, *, progress: bool
+) -> list[dict]:
+    """Every lr at the first seed, the choice (:func:`choose_lrs`, written to
+    :data:`LR_SELECTION`), then the other seeds at the chosen lr. A first-seed run that
+    diverges is left unfinished and never chosen."""
+    first = config.seeds[0]
     summaries = []
     for cfg in cells:
-        d = RunLayout(run_dir(root, cfg))
-        if d.finished:
-            summaries.append(json.loads(d.summary.read_text()))
+        if cfg.seed != first:
             continue
-        # an interrupted cell continues (or restarts, if killed before its first checkpoint)
-        summaries.append(train(cfg, d.path, resume=d.path.exists(), progress=progress))
+        try:
+            summaries.append(_run_cell(root, cfg, progress=progress, with_lr=True))
+        except TrainingDiverged as e:
+            print(f"wpeft compare: lr {cfg.lr:g} diverged ({e}); it is not chosen.")
+    selection = choose_lrs(config, root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / LR_SELECTION, selection)
+    chosen = _chosen_lrs(selection)
+    for cfg in cells:
+        if cfg.seed != first and cfg.lr == chosen[_group_key(cfg)]:
+            summaries.append(_run_cell(root, cfg, progress=progress, with_lr=True))
     return summaries
+
+
+#: How :func:`choose_lrs` chooses (recorded in :data:`LR_SELECTION`).
+LR_RULE = (
+    "lowest headline validation score of the last val line of metrics.jsonl at the first seed: "
+    "mean over the task's headline variables of score / reference score "
+    "(wpeft.runs.curves.headline_val_score); ties go to the first lr given; diverged runs are "
+    "never chosen"
+)
+
+
+def choose_lrs(config: CompareConfig, root: str | Path) -> dict[str, Any]:
+    """The learning rate of every (task, method, budget) of ``config`` (which has ``lrs``),
+    from the first-seed runs under ``root``; reads only their ``metrics.jsonl`` val lines.
+
+    Returns:
+        ``{"rule", "seed", "lrs", "choices": [{"task", "method", "budget", "lr", "basis",
+        "candidates": [{"lr", "run", "step", "val_score", "diverged"}, ...]}, ...]}`` (what
+        :data:`LR_SELECTION` holds; ``val_score`` None for a diverged run).
+
+    Raises:
+        DataError: a finished first-seed run has no validation line, or no lr of a group
+            gave a finite score.
+    """
+    if config.lrs is None:
+        raise ConfigError("choose_lrs needs a CompareConfig with lrs (learning rates to choose from).")
+    root, first = Path(root), config.seeds[0]
+    groups: dict[tuple[str, str, float | None], list[TrainConfig]] = {}
+    for cfg in config.cells():
+        if cfg.seed == first:
+            groups.setdefault(_group_key(cfg), []).append(cfg)
+    choices = []
+    for (task, method, budget), group in groups.items():
+        headline, candidates, bases = task_headline(task), [], set()
+        for cfg in group:
+            path = run_dir(root, cfg, with_lr=True)
+            entry: dict[str, Any] = {"lr": cfg.lr, "run": f"{task}/{path.name}", "step": None,
+                                     "val_score": None, "diverged": False}
+            layout = RunLayout(path)
+            if not layout.path.exists():
+                raise DataError(f"{path} has not run yet; compare() runs every lr before choosing.")
+            if not layout.finished:  # compare() ran it and it did not finish: it diverged
+                entry["diverged"] = True
+            else:
+                lines = val_lines(Run(path))
+                if not lines:
+                    raise DataError(
+                        f"{path} has no validation line in its metrics.jsonl, so its lr cannot "
+                        f"be compared; remove that run and run the comparison again with "
+                        f"--eval-every {config.eval_every}."
+                    )
+                score, basis = headline_val_score(lines[-1], headline)
+                entry.update(step=lines[-1]["step"], val_score=score if np.isfinite(score) else None)
+                bases.add(basis)
+            candidates.append(entry)
+        finite = [c for c in candidates if c["val_score"] is not None]
+        if not finite:
+            tried = ", ".join(f"{c['lr']:g}" for c in candidates)
+            raise DataError(
+                f"No learning rate of {task} / {method} / budget {budget} gave a finite "
+                f"validation score ({tried} diverged or scored NaN); give lower --lrs."
+            )
+        best = min(finite, key=lambda c: c["val_score"])  # the first of equal scores
+        choices.append({"task": task, "method": method, "budget": budget, "lr": best["lr"],
+                        "basis": " | ".join(sorted(bases)), "candidates": candidates})
+    return {"rule": LR_RULE, "seed": first, "lrs": list(config.lrs), "choices": choices}
+
+
+def read_lr_selection(root: str | Path) -> dict[str, Any] | None:
+    """``<root>/lr-selection.json`` (None if there is none), checked to hold ``choices``."""
+    path = Path(root) / LR_SELECTION
+    try:
+        selection = read_json_object(path)
+    except RunFileError as e:
+        raise DataError(f"{e}; run the comparison again to write it anew.") from None
+    if selection is None:
+        return None
+    choices = selection.get("choices")
+    if not isinstance(choices, list) or not all(
+        isinstance(c, dict) and {"task", "method", "budget", "lr"} <= c.keys() for c in choices
+    ):
+        raise DataError(
+            f"{path} has no list of choices with task, method, budget and lr; remove it and run "
+            "the comparison again to write it anew."
+        )
+    return selection
+
+
+def _chosen_lrs(selection: dict[str, Any] | None) -> dict[tuple[str, str, float | None], float]:
+    """(task, method, budget) -> the chosen lr of a selection (empty without one)."""
+    if selection is None:
+        return {}
+    return {(c["task"], c["method"], c["budget"]): c["lr"] for c in selection["choices"]}
+
+
+def _summaries_at_chosen_lr(root: Path) -> tuple[list[dict], dict[str, Any] | None]:
+    """The summaries of the finished runs under ``root`` and its lr selection; with one, of a
+    chosen (task, method, budget) only the runs at its chosen lr. Two runs of the same task,
+    method, budget and seed are refused (they would be one cell of the tables)."""
+    selection = read_lr_selection(root)
+    chosen = _chosen_lrs(selection)
+    rows, seen = [], {}
+    for d in sorted(root.glob("*/*")):
+        layout = RunLayout(d)
+        if not layout.finished:
+            continue
+        row = json.loads(layout.summary.read_text())
+        key = (row["task"], row["method"], row["budget"])
+        if key in chosen and (read_json_object(layout.config) or {}).get("lr") != chosen[key]:
+            continue
+        cell = (*key, row["seed"])
+        if cell in seen:
+            raise DataError(
+                f"{seen[cell]} and {d} are both runs of {row['task']} / {row['method']} / budget "
+                f"{row['budget']} / seed {row['seed']} (at other learning rates?); an interrupted "
+                f"`wpeft compare --lrs` has not written {LR_SELECTION} yet: run it again to "
+                "finish, or remove one of the runs."
+            )
+        seen[cell] = d
+        rows.append(row)
+    return rows, selection
 
 
 def collect(root: str | Path) -> xr.Dataset:
     """All finished runs under ``root`` as one Dataset with dims (task, method, budget, seed):
-    one variable per score plus ``budget_percent`` (trainable share of the backbone)."""
-    layouts = [RunLayout(d) for d in sorted(Path(root).glob("*/*"))]
-    rows = [json.loads(d.summary.read_text()) for d in layouts if d.finished]
+    one variable per score plus ``budget_percent`` (trainable share of the backbone). With an
+    :data:`LR_SELECTION` only the runs at each chosen lr, and the choice in ``attrs["lr_selection"]``."""
+    rows, selection = _summaries_at_chosen_lr(Path(root))
     if not rows:
         raise FileNotFoundError(f"No finished runs ({SUMMARY}) under {root}.")
     tasks = sorted({r["task"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    budgets = sorted({"default" if r["budget"] is None else f"{100 * r['budget']:g}%" for r in rows})
+    budgets = sorted({_budget_label(r["budget"]) for r in rows})
     seeds = sorted({r["seed"] for r in rows})
     keys = sorted({k for r in rows for k in r["scores"]}) + ["budget_percent"]
     data = {k: np.full((len(tasks), len(methods), len(budgets), len(seeds)), np.nan) for k in keys}
     for r in rows:
-        b = "default" if r["budget"] is None else f"{100 * r['budget']:g}%"
+        b = _budget_label(r["budget"])
         idx = (tasks.index(r["task"]), methods.index(r["method"]), budgets.index(b), seeds.index(r["seed"]))
         for k, v in r["scores"].items():
             data[k][idx] = v
@@ -161,8 +382,13 @@ def collect(root: str | Path) -> xr.Dataset:
     return xr.Dataset(
         {k.replace("/", ":"): (dims, v) for k, v in data.items()},
         coords={"task": tasks, "method": methods, "budget": budgets, "seed": seeds},
-        attrs=_shared_settings(rows, tasks),
+        attrs={**_shared_settings(rows, tasks), **_selection_attrs(selection)},
     )
+
+
+def _selection_attrs(selection: dict[str, Any] | None) -> dict[str, str]:
+    """``lr_selection``: the lr choice as JSON text (none without one)."""
+    return {} if selection is None else {"lr_selection": json.dumps(selection, sort_keys=True)}
 
 
 def _shared_settings(rows: list[dict], tasks: list[str]) -> dict[str, str]:
@@ -253,8 +479,82 @@ def tables(results: xr.Dataset) -> dict[str, str]:
     return out
 
 
-def write_tables(results: xr.Dataset, out_dir: str | Path) -> list[Path]:
-    """Markdown and CSV per task plus the whole Dataset as netCDF; returns the paths."""
+def _budget_label(budget: float | None) -> str:
+    """``"default"`` or the budget in percent (``"0.3%"``), as the tables' ``budget``."""
+    return "default" if budget is None else f"{100 * budget:g}%"
+
+
+def lr_selection_table(selection: dict[str, Any]) -> str:
+    """The lr choice as one markdown table: task, method, budget, each lr's validation score
+    (``diverged`` for a run that did not finish) and the chosen lr."""
+    lrs = list(selection.get("lrs") or dict.fromkeys(
+        c["lr"] for choice in selection["choices"] for c in choice.get("candidates", [])
+    ))
+    head = ["task", "method", "budget", *(f"val score lr {lr:g}" for lr in lrs), "chosen lr"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for choice in selection["choices"]:
+        by_lr = {c["lr"]: c for c in choice.get("candidates", [])}
+        scores = []
+        for lr in lrs:
+            c = by_lr.get(lr)
+            if c is None:
+                scores.append("-")
+            elif c.get("diverged"):
+                scores.append("diverged")
+            else:
+                scores.append("-" if c.get("val_score") is None else f"{c['val_score']:.4g}")
+        budget = _budget_label(choice["budget"])
+        lines.append(f"| {choice['task']} | {choice['method']} | {budget} | "
+                     + " | ".join(scores) + f" | {choice['lr']:g} |")
+    return "\n".join(lines)
+
+
+def _write_lr_selection(results: xr.Dataset, out: Path) -> list[Path]:
+    """``lr-selection.md`` from ``results.attrs["lr_selection"]`` (nothing without it)."""
+    if "lr_selection" not in results.attrs:
+        return []
+    path = out / "lr-selection.md"
+    path.write_text(lr_selection_table(json.loads(results.attrs["lr_selection"])) + "\n")
+    return [path]
+
+
+def _write_curves(results: xr.Dataset, runs_root: Path, out: Path) -> list[Path]:
+    """``<task>-curves.csv`` (every validation line of the task's runs) and ``<task>-curves.png``
+    (the runs at the chosen lr; needs matplotlib) for each task whose runs have curves."""
+    from wpeft.runs.curves import curves_table
+
+    selection = results.attrs.get("lr_selection")
+    chosen = _chosen_lrs(json.loads(selection) if selection else None)
+    paths = []
+    for task in map(str, results.task.values):
+        df = curves_table(runs_root / task)
+        if df.empty:
+            continue
+        csv = out / f"{task}-curves.csv"
+        df.to_csv(csv, index=False)
+        paths.append(csv)
+        keep = [
+            chosen.get((t, m, None if np.isnan(b) else b), lr) == lr
+            for t, m, b, lr in zip(df["task"], df["method"], df["budget"], df["lr"])
+        ]
+        try:
+            from wpeft.viz.curves import plot_learning_curves
+            from wpeft.viz.style import save_figure
+        except ImportError:  # matplotlib is the viz extra: the CSV is written without it
+            continue
+        png = out / f"{task}-curves.png"
+        save_figure(plot_learning_curves(df[keep], title=task), png)
+        paths.append(png)
+    return paths
+
+
+def write_tables(
+    results: xr.Dataset, out_dir: str | Path, *, runs_root: str | Path | None = None
+) -> list[Path]:
+    """Markdown and CSV per task plus the whole Dataset as netCDF; with an lr choice
+    (``results.attrs["lr_selection"]``) ``lr-selection.md``; with ``runs_root`` (what
+    :func:`collect` read) the learning curves ``<task>-curves.csv`` / ``.png`` of the tasks whose
+    runs recorded validation lines. Returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -269,5 +569,8 @@ def write_tables(results: xr.Dataset, out_dir: str | Path) -> list[Path]:
     nc = out / "comparison.nc"
     results.to_netcdf(nc)
     paths.append(nc)
+    paths += _write_lr_selection(results, out)
+    if runs_root is not None:
+        paths += _write_curves(results, Path(runs_root), out)
     return paths
 
