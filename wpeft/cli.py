@@ -272,10 +272,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"wpeft compare: {n} runs under {args.root} (finished ones are skipped)")
     compare(cfg, args.root, progress=not args.quiet)
     results = collect(args.root)
-    for task, table in tables(results).items():
+    reference = None if args.reference.lower() == "none" else args.reference
+    for task, table in tables(results, reference).items():
         print(f"\n{task}\n{table}")
     if args.tables:
-        for path in write_tables(results, args.tables):
+        for path in write_tables(results, args.tables, reference):
             print(f"wrote {path}")
     return 0
 
@@ -427,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of every run (default: each method's default_lr)")
     _add_task_and_backbone_arguments(c, every=" of every task")
     c.add_argument("--tables", default=None, help="write markdown/CSV/netCDF tables here")
+    c.add_argument("--reference", default="full",
+                   help="method whose scores the tables test the others against, marking "
+                        "significant differences with * (default full; 'none': no markers)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
 
