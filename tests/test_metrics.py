@@ -29,6 +29,11 @@ from wpeft.metrics import (
     twcrps_ensemble,
     twcrps_gaussian,
 )
+from wpeft.metrics.significance import (
+    ar1_effective_sample_size,
+    lag1_autocorrelation,
+    paired_ttest_ar1,
+)
 
 W60, W0 = 2 / 3, 4 / 3  # latitude weights of rows 60° and 0° on a (60, 0) grid
 SQRT_PI = math.sqrt(math.pi)
@@ -489,3 +494,75 @@ def test_other_bad_inputs_raise():
         rmse(forecast.values, observed)
     with pytest.raises(DataError, match="tail"):
         twcrps_gaussian(_point(0.0), 1.0, _point(0.0), 0.0, tail="middle")
+
+
+# --- significance: paired t-test with the AR(1) effective sample size -----------------------------
+
+
+def _ar1(rng: np.random.Generator, rho: float, shape: tuple[int, ...]) -> np.ndarray:
+    """Stationary unit-variance AR(1) series along axis 0."""
+    x = np.empty(shape)
+    x[0] = rng.normal(size=shape[1:])
+    innovations = rng.normal(size=shape) * math.sqrt(1 - rho**2)
+    for t in range(1, shape[0]):
+        x[t] = rho * x[t - 1] + innovations[t]
+    return x
+
+
+def test_effective_sample_size_by_hand():
+    # d = 1, 2, 3, 4: deviations -1.5 -0.5 0.5 1.5; Σ dev² = 5, Σ dev_t dev_t+1 = 1.25
+    assert float(lag1_autocorrelation([1.0, 2.0, 3.0, 4.0])) == pytest.approx(0.25)
+    assert float(ar1_effective_sample_size([1.0, 2.0, 3.0, 4.0])) == pytest.approx(
+        4 * 0.75 / 1.25)  # 2.4
+    # along another axis, one series per row; alternating signs: ρ₁ = -3/4, clipped to 0 -> n
+    d = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, -1.0, 1.0, -1.0], [5.0, 5.0, 5.0, 5.0]])
+    assert float(lag1_autocorrelation(d[1])) == pytest.approx(-0.75)
+    np.testing.assert_allclose(ar1_effective_sample_size(d, axis=1), [2.4, 4.0, 4.0])
+    with pytest.raises(DataError, match="at least 2"):
+        ar1_effective_sample_size([1.0])
+    with pytest.raises(DataError, match="NaN"):
+        ar1_effective_sample_size([1.0, np.nan, 2.0])
+
+
+def test_effective_sample_size_of_a_known_ar1_series():
+    rho, n = 0.8, 2000
+    x = _ar1(np.random.default_rng(0), rho, (n,))
+    ratio = float(ar1_effective_sample_size(x)) / n
+    assert ratio == pytest.approx((1 - rho) / (1 + rho), abs=0.02)  # 1/9
+
+
+def test_ar1_ttest_equals_ttest_rel_without_autocorrelation():
+    from scipy.stats import ttest_rel
+
+    rng = np.random.default_rng(3)
+    b = rng.normal(size=4)
+    d0 = np.array([1.5, 0.5, -0.5, 0.5])  # deviations 1 0 -1 0: ρ₁ = 0 exactly
+    d1 = np.array([0.3, 1.2, -0.4, 0.9])  # ρ₁ < 0: clipped, n_eff = n as well
+    for d in (d0, d1):
+        assert float(lag1_autocorrelation(d)) <= 0
+        r = paired_ttest_ar1(b + d, b)
+        ref = ttest_rel(b + d, b)
+        assert float(r.n_eff) == 4 and float(r.df) == 3
+        assert float(r.statistic) == pytest.approx(ref.statistic, rel=1e-12)
+        assert float(r.pvalue) == pytest.approx(ref.pvalue, rel=1e-12)
+    # autocorrelated differences: a smaller sample, a larger p-value than ttest_rel
+    d = np.array([1.0, 1.2, 1.1, 0.2, 0.1, 0.3, 1.0, 1.3])
+    r, ref = paired_ttest_ar1(b.repeat(2) + d, b.repeat(2)), ttest_rel(b.repeat(2) + d, b.repeat(2))
+    assert float(r.n_eff) < 8 and float(r.pvalue) > ref.pvalue
+    # identical series: undefined, NaN (never significant)
+    assert np.isnan(paired_ttest_ar1(b, b).pvalue)
+    with pytest.raises(DataError, match="same shape"):
+        paired_ttest_ar1(b, b[:3])
+
+
+def test_ar1_ttest_false_positive_rate_under_autocorrelated_null():
+    """Independent AR(1) pairs with equal means (ρ = 0.6, 200 times, 2000 pairs): the plain paired
+    t-test rejects far more often than alpha; the AR(1) test close to alpha."""
+    from scipy.stats import ttest_rel
+
+    rng = np.random.default_rng(42)
+    a, b = _ar1(rng, 0.6, (200, 2000)), _ar1(rng, 0.6, (200, 2000))
+    fpr_ar1 = float((paired_ttest_ar1(a, b).pvalue < 0.05).mean())
+    fpr_plain = float((ttest_rel(a, b).pvalue < 0.05).mean())
+    assert abs(fpr_ar1 - 0.05) < 0.025
+    assert fpr_plain > 0.25

@@ -755,6 +755,62 @@ def test_skill_difference_sign_and_significance(tmp_path) -> None:
     np.testing.assert_allclose(skill["2m_temperature_rmse"].values, rmse_a, rtol=1e-6)
 
 
+def test_skill_difference_default_test_allows_for_autocorrelation() -> None:
+    """The default is the AR(1) t-test: recorded in the attrs with n_eff; on slowly varying
+    (autocorrelated) error differences its p-values exceed the plain t-test's."""
+    from scipy.stats import ttest_rel
+
+    from wpeft.metrics.significance import paired_ttest_ar1
+
+    rng = np.random.default_rng(5)
+    T = 60
+    truth = rng.normal(280, 5, (T, 2, 3))
+    drift = np.cumsum(rng.normal(0, 0.3, (T, 2, 3)), axis=0)  # slowly varying error of A
+    a, b = _fields(truth + 1.0 + drift, truth), _fields(truth + rng.normal(0, 1.0, (T, 2, 3)), truth)
+    out = runs.skill_difference(a, b, "rmse")
+    assert out.attrs["test"] == "ttest_ar1"
+    assert out.attrs["test_name"] == "paired t-test with AR(1) effective sample size"
+    assert "AR(1)" in out.significant.attrs["long_name"]
+    sq_a, sq_b = ((truth + 1.0 + drift - truth) ** 2), (b["2m_temperature"] - truth).values ** 2
+    expected = paired_ttest_ar1(sq_a, sq_b)
+    np.testing.assert_allclose(out.p_value.sel(variable="2m_temperature"), expected.pvalue)
+    np.testing.assert_allclose(out.n_eff.sel(variable="2m_temperature"), expected.n_eff)
+    assert out.attrs["n_eff_median"] == pytest.approx(float(np.median(expected.n_eff)))
+    assert out.attrs["n_eff_min"] < out.attrs["n_eff_median"] < T
+    plain = runs.skill_difference(a, b, "rmse", test="ttest")
+    assert plain.attrs["test"] == "ttest" and "n_eff" not in plain and "n_eff_median" not in plain.attrs
+    np.testing.assert_allclose(plain.p_value.sel(variable="2m_temperature"),
+                               ttest_rel(sq_a, sq_b).pvalue)
+    assert bool((out.p_value > plain.p_value).all())
+    with pytest.raises(ConfigError, match="ttest_ar1"):
+        runs.skill_difference(a, b, test="bootstrap")
+
+
+def test_domain_mean_losses_and_forecast_leads() -> None:
+    """Per-time latitude-weighted domain means (their time mean squared-rooted is the RMSE
+    score); forecast leads are flattened like the summary scores (``<var>_<hours>h``)."""
+    from wpeft.metrics import rmse
+    from wpeft.runs.skill import domain_mean_losses
+
+    rng = np.random.default_rng(2)
+    truth = rng.normal(size=(6, 2, 3))
+    pred = truth + rng.normal(size=(6, 2, 3))
+    a = _fields(pred, truth, lat=(60.0, 0.0))
+    mse = domain_mean_losses(a, "rmse")["2m_temperature"]
+    w = np.cos(np.deg2rad([60.0, 0.0]))
+    by_hand = (((pred - truth) ** 2) * (w / w.mean())[None, :, None]).mean(axis=(1, 2))
+    np.testing.assert_allclose(mse.values, by_hand)
+    assert float(np.sqrt(mse.mean())) == pytest.approx(
+        float(rmse(a["2m_temperature"], a["2m_temperature_target"])))
+    leads = np.array([6, 12], dtype="timedelta64[h]").astype("timedelta64[ns]")
+    stacked = xr.concat([a, a + 1], dim=xr.DataArray(leads, dims="prediction_timedelta"))
+    losses = domain_mean_losses(stacked, "mae")
+    assert sorted(losses) == ["2m_temperature_12h", "2m_temperature_6h"]
+    np.testing.assert_allclose(losses["2m_temperature_6h"], domain_mean_losses(a, "mae")["2m_temperature"])
+    diff = runs.skill_difference(stacked, stacked, "rmse", variables="2m_temperature")
+    assert list(diff.variable.values) == ["2m_temperature_6h", "2m_temperature_12h"]
+
+
 def test_skill_difference_refuses_other_grids_and_times() -> None:
     rng = np.random.default_rng(1)
     truth = rng.normal(size=(5, 2, 3))

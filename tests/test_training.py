@@ -282,3 +282,72 @@ def test_task_statistics_are_written_beside_the_run_and_not_recomputed_on_resume
     resumed = train(dataclasses.replace(cfg, steps=3), run, progress=False, resume=True)
     assert resumed["steps"] == 3
     assert json.loads(RunLayout(run).task_statistics.read_text()) == stats
+
+
+def _fake_cell(root, method: str, seed: int, truth, pred) -> None:
+    """A finished downscaling run directory: summary.json (RMSE score) and fields.nc."""
+    import numpy as np
+
+    d = root / "downscaling" / f"{method}-default-s{seed}"
+    d.mkdir(parents=True)
+    T, H, W = truth.shape
+    coords = {
+        "time": np.datetime64("2000-01-01T00", "ns") + np.arange(T) * np.timedelta64(6, "h"),
+        "latitude": np.linspace(60.0, -60.0, H), "longitude": np.arange(W) * 360.0 / W,
+    }
+    dims = ("time", "latitude", "longitude")
+    xr.Dataset(
+        {"2m_temperature": (dims, pred, {"units": "K"}), "2m_temperature_target": (dims, truth)},
+        coords=coords,
+    ).to_netcdf(d / "fields.nc")
+    score = float(np.sqrt(((pred - truth) ** 2).mean()))
+    (d / "summary.json").write_text(json.dumps({
+        "task": "downscaling", "method": method, "budget": None, "seed": seed,
+        "scores": {"rmse/2m_temperature": score}, "budget_fraction": 0.01,
+    }))
+
+
+def test_compare_tables_mark_significant_differences_from_the_reference(tmp_path) -> None:
+    """LoRA, far worse than Full-Tuning, is marked; BitFit, identical to it, is not; VPT's mark
+    follows the AR(1) t-test of the seed-averaged domain-mean squared errors per time."""
+    import numpy as np
+
+    from wpeft.metrics.significance import paired_ttest_ar1
+    from wpeft.training.compare import MARKER, reference_marks
+
+    rng = np.random.default_rng(0)
+    T, H, W = 30, 4, 8
+    truth = rng.normal(280, 5, (T, H, W))
+    w = np.cos(np.deg2rad(np.linspace(60.0, -60.0, H)))
+    mse = {}
+    for seed in (0, 1):
+        full = truth + rng.normal(0, 1.0, (T, H, W))
+        vpt = truth + rng.normal(0, 1.05, (T, H, W))
+        for method, pred in (("full", full), ("bitfit", full.copy()), ("vpt", vpt),
+                             ("lora", truth + rng.normal(0, 3.0, (T, H, W)))):
+            _fake_cell(tmp_path, method, seed, truth, pred)
+            e2 = ((pred - truth) ** 2 * (w / w.mean())[None, :, None]).mean(axis=(1, 2))
+            mse.setdefault(method, []).append(e2)
+    results = collect(tmp_path)
+    assert results.attrs["root"] == str(tmp_path.resolve())
+    table = tables(results)["downscaling"]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert f"{MARKER} |" in rows["lora"] and MARKER not in rows["bitfit"] + rows["full"]
+    assert "| lora | default | 2 |" in rows["lora"]  # the structure is kept
+    assert table.splitlines()[-2] == ""  # one line under the table says what the marker means
+    assert table.splitlines()[-1].startswith(
+        f"Scores marked {MARKER} differ from full's at p < 0.05 (paired t-test with AR(1) "
+        "effective sample size")
+    # seeds paired and averaged per time, then the AR(1) test on the domain means
+    p = float(paired_ttest_ar1(np.mean(mse["vpt"], axis=0), np.mean(mse["full"], axis=0)).pvalue)
+    column = ["rmse:2m_temperature"]
+    assert reference_marks(results, "downscaling", column, "full", alpha=p * 1.001)[0] == {
+        ("lora", "default", "rmse:2m_temperature"): MARKER,
+        ("vpt", "default", "rmse:2m_temperature"): MARKER,
+    }
+    assert ("vpt", "default", column[0]) not in reference_marks(
+        results, "downscaling", column, "full", alpha=p * 0.999)[0]
+    # no reference in the matrix (or none asked for): the plain table, no error
+    plain = tables(results, reference="dora")["downscaling"]
+    assert MARKER not in plain and plain == tables(results, reference=None)["downscaling"]
+    assert table.replace(MARKER, "").splitlines()[:-2] == plain.splitlines()

@@ -433,6 +433,12 @@ def test_skill_comparison_three_panels_shared_limits_and_hatching(tmp_path, no_n
     n_hatched = int((~hatches[0].get_array().mask).sum())
     assert n_hatched == int((~diff.significant).sum())
     assert p["difference"].get_legend().get_texts()[0].get_text() == "not significant"
+    # a difference from wpeft.runs.skill_difference names its test in the legend
+    named = diff.copy()
+    named["significant"].attrs["long_name"] = "paired t-test with AR(1) effective sample size, p < 0.05"
+    legend = _panels(viz.plot_skill_comparison(a, b, named, earth=False))["difference"].get_legend()
+    assert " ".join(legend.get_texts()[0].get_text().split()) == (
+        "not significant (paired t-test with AR(1) effective sample size, p < 0.05)")
     assert sorted(colorbar_labels(fig)) == ["RMSE of 2 metre temperature (K)",
                                            "Δ RMSE of 2 metre temperature (K)"]
     assert fig.get_suptitle() == "RMSE of 2 metre temperature (K)"
@@ -597,6 +603,11 @@ def test_hv_skill_views(hv, tmp_path):
     lo, hi = dimg.range(dimg.vdims[0])
     assert lo == -hi and hi == pytest.approx(float(abs(diff.difference).max()))
     assert isinstance(pts, hv.Points) and len(pts) == int((~diff.significant).sum())
+    assert pts.label == "not significant"
+    named = diff.copy()
+    named["significant"].attrs["long_name"] = "paired t-test, p < 0.05"
+    _, _, (_, named_pts) = viz.hv_skill_comparison(a, b, named)
+    assert named_pts.label == "not significant (paired t-test, p < 0.05)"
 
     scat = viz.hv_budget_vs_skill(_runs())
     scatters = [el for el in scat if isinstance(el, hv.Scatter)]

@@ -509,6 +509,8 @@ def test_workbench_views_follow_the_selection(workbench_factory) -> None:
     skill.metric.value = "bias"
     assert wb.sel.variable == "temperature" and wb.sel.level == "850"
     assert "temperature_850" in skill.caption.object and "bias" in skill.caption.object
+    assert "paired t-test with AR(1) effective sample size" in skill.caption.object
+    assert "median n_eff" in skill.caption.object
 
     wb.sel.view = "budget"
     budget = wb.views["budget"]

@@ -281,13 +281,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"wpeft compare: {n} runs under {args.root} (finished ones are skipped)")
     compare(cfg, args.root, progress=not args.quiet)
     results = collect(args.root)
-    for task, table in tables(results).items():
+    reference = None if args.reference.lower() == "none" else args.reference
+    for task, table in tables(results, reference).items():
         print(f"\n{task}\n{table}")
     if "lr_selection" in results.attrs:
         selection = json.loads(results.attrs["lr_selection"])
         print(f"\nlearning rate chosen on the validation split\n{lr_selection_table(selection)}")
     if args.tables:
-        for path in write_tables(results, args.tables, runs_root=args.root):
+        for path in write_tables(results, args.tables, reference, runs_root=args.root):
             print(f"wrote {path}")
     return 0
 
@@ -448,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tables", default=None,
                    help="write markdown/CSV/netCDF tables here (with the lr choice and the "
                         "learning curves, when there are)")
+    c.add_argument("--reference", default="full",
+                   help="method whose scores the tables test the others against, marking "
+                        "significant differences with * (default full; 'none': no markers)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
 

@@ -75,7 +75,6 @@ _CSS = """
 """
 
 METRIC_LABELS = {"rmse": "RMSE", "bias": "bias (mean error)", "crps": "CRPS (Gaussian)"}
-_TESTS = {"ttest": "t-test", "wilcoxon": "Wilcoxon signed-rank test"}
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -634,13 +633,14 @@ class SkillView(View):
             _skill_named(d["metric_a"], name, metric), _skill_named(d["metric_b"], name, metric),
             d, labels=(a.name, b.name), earth=a.earth).cols(2)  # A | B, then A − B
         share = float(d["significant"].mean())
+        n_eff = f", median n_eff {float(d['n_eff'].median()):.1f}" if "n_eff" in d else ""
         self.caption.object = (
             f"{label} of **{_md(name)}**: **{_md(a.name)}** ({_md(a.method)}) vs "
             f"**{_md(b.name)}** ({_md(b.method)}) and "
             f"A − B ({d['difference'].attrs.get('description', 'negative: A better')}; "
             f"dots: not significant at p < {diff.attrs['alpha']}, "
-            f"paired {_TESTS.get(diff.attrs['test'], diff.attrs['test'])} over "
-            f"{diff.attrs['n_time']} test times; {100 * share:.0f}% of points significant)"
+            f"{diff.attrs['test_name']} over {diff.attrs['n_time']} test times"
+            f"{n_eff}; {100 * share:.0f}% of points significant)"
         )
 
 

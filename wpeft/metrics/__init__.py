@@ -12,7 +12,8 @@ Inputs on different grids or times, or with NaNs, raise :class:`wpeft.errors.Dat
 
 Modules: :mod:`~wpeft.metrics.weights` (latitude weights), :mod:`~wpeft.metrics.deterministic`
 (RMSE, bias, ACC), :mod:`~wpeft.metrics.probabilistic` (Gaussian and ensemble CRPS, plain and
-threshold-weighted), :mod:`~wpeft.metrics.precipitation` (SEEPS and its climatology).
+threshold-weighted), :mod:`~wpeft.metrics.precipitation` (SEEPS and its climatology),
+:mod:`~wpeft.metrics.significance` (paired tests over time with the AR(1) effective sample size).
 """
 
 from wpeft.metrics.deterministic import acc, bias, rmse
@@ -23,14 +24,17 @@ from wpeft.metrics.probabilistic import (
     twcrps_ensemble,
     twcrps_gaussian,
 )
+from wpeft.metrics.significance import ar1_effective_sample_size, paired_ttest_ar1
 from wpeft.metrics.weights import latitude_weights
 
 __all__ = [
     "acc",
+    "ar1_effective_sample_size",
     "bias",
     "crps_ensemble",
     "crps_gaussian",
     "latitude_weights",
+    "paired_ttest_ar1",
     "rmse",
     "seeps",
     "seeps_climatology",

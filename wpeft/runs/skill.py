@@ -11,15 +11,22 @@
 
 Paired test. At each grid point the per-time losses of the two runs are paired by valid time:
 squared errors for ``rmse``, signed errors for ``bias``, absolute errors for ``mae``, pointwise
-Gaussian CRPS for ``crps``. ``test="ttest"`` (default) is the paired t-test
-(:func:`scipy.stats.ttest_rel`, two-sided) of "mean loss A = mean loss B" (for ``rmse``: equal
-MSE; for ``bias``: equal bias); ``test="wilcoxon"`` the Wilcoxon signed-rank test of the paired
-differences. ``significant = p < alpha`` (default 0.05); points where the test is undefined (all
-paired differences equal, e.g. identical forecasts) are not significant. ``correction="fdr_bh"``
-applies the Benjamini-Hochberg false-discovery-rate control over all grid points (and variables)
-instead of a per-point alpha. Serial correlation in time is ignored (consecutive 6-hourly errors
-are not independent), so per-point p-values are optimistic: prefer ``fdr_bh`` and read maps as
-indicative.
+Gaussian CRPS for ``crps``, and "mean loss A = mean loss B" is tested two-sided (for ``rmse``:
+equal MSE; for ``bias``: equal bias). ``test="ttest_ar1"`` (default) is the paired t-test with
+the AR(1) effective sample size of the paired differences
+(:func:`wpeft.metrics.significance.paired_ttest_ar1`): consecutive 6-hourly errors are not
+independent, and ``n_eff = n (1 − ρ₁)/(1 + ρ₁)`` replaces the number of times in the standard
+error and the degrees of freedom. ``test="ttest"`` is the plain paired t-test
+(:func:`scipy.stats.ttest_rel`) and ``test="wilcoxon"`` the Wilcoxon signed-rank test; both
+ignore serial correlation, so their p-values are optimistic on 6-hourly series.
+``significant = p < alpha`` (default 0.05); points where the test is undefined (all paired
+differences equal, e.g. identical forecasts) are not significant. ``correction="fdr_bh"`` applies
+the Benjamini-Hochberg false-discovery-rate control over all grid points (and variables) instead
+of a per-point alpha (the maps test many points at once).
+
+:func:`domain_mean_losses`: the same per-time losses, latitude-weighted mean over the domain (as
+the task scores average them), one ``(time,)`` series per variable, for tests of whole-domain
+scores (:func:`wpeft.training.compare.tables`).
 
 Levels are flattened into variable names as in the summary scores (``temperature_850``), so the
 result is one array ``(variable, latitude, longitude)``.
@@ -37,12 +44,20 @@ import xarray as xr
 from scipy import stats
 
 from wpeft.errors import ConfigError, DataError
-from wpeft.metrics import bias, crps_gaussian, rmse
+from wpeft.metrics import bias, crps_gaussian, latitude_weights, rmse
+from wpeft.metrics.significance import TEST_NAMES, paired_ttest_ar1
 from wpeft.runs.layout import CONFIG, FIELDS, RunLayout, read_json_object
 
-__all__ = ["benjamini_hochberg", "predicted_variables", "skill_difference", "skill_fields"]
+__all__ = [
+    "benjamini_hochberg",
+    "domain_mean_losses",
+    "predicted_variables",
+    "skill_difference",
+    "skill_fields",
+]
 
 Metric = Literal["rmse", "bias", "mae", "crps"]
+Test = Literal["ttest_ar1", "ttest", "wilcoxon"]
 
 
 def _as_fields(obj: Any) -> tuple[xr.Dataset, str]:
@@ -102,14 +117,24 @@ def skill_fields(obj: Any, metrics: Sequence[str] = ("rmse", "bias", "crps")) ->
 
 
 def _flat(fields: xr.Dataset, v: str, suffix: str = "") -> dict[str, xr.DataArray]:
-    """``<v><suffix>`` as (time, latitude, longitude) arrays, one per level (``<v>_<level>``)."""
+    """``<v><suffix>`` as (time, latitude, longitude) arrays, one per level (``<v>_<level>``) or
+    per forecast lead (``<v>_<hours>h``, precipitation's ``prediction_timedelta``), named as in
+    the summary scores."""
     da = fields[f"{v}{suffix}"]
-    if "level" not in da.dims:
-        return {v: da.transpose("time", "latitude", "longitude")}
-    return {
-        f"{v}_{int(lv)}": da.sel(level=lv, drop=True).transpose("time", "latitude", "longitude")
-        for lv in da["level"].values
-    }
+    dims = ("time", "latitude", "longitude")
+    if "level" in da.dims:
+        return {
+            f"{v}_{int(lv)}": da.sel(level=lv, drop=True).transpose(*dims)
+            for lv in da["level"].values
+        }
+    if "prediction_timedelta" in da.dims:
+        return {
+            f"{v}_{int(lead / np.timedelta64(1, 'h'))}h": da.sel(
+                prediction_timedelta=lead, drop=True
+            ).transpose(*dims)
+            for lead in da["prediction_timedelta"].values
+        }
+    return {v: da.transpose(*dims)}
 
 
 def _losses(fields: xr.Dataset, metric: Metric) -> dict[str, xr.DataArray]:
@@ -135,8 +160,32 @@ def _losses(fields: xr.Dataset, metric: Metric) -> dict[str, xr.DataArray]:
     return out
 
 
+def domain_mean_losses(obj: Any, metric: Metric = "rmse") -> dict[str, xr.DataArray]:
+    """Per-time losses of a run, latitude-weighted mean over the domain.
+
+    The pointwise loss is the one :func:`skill_difference` pairs (squared error for ``rmse``, so
+    the series is the per-time MSE whose time mean is the square of the task's RMSE score; signed
+    error for ``bias``; absolute error for ``mae``; Gaussian CRPS for ``crps``), averaged with
+    the weights ``cos φ / mean cos φ`` of :func:`wpeft.metrics.latitude_weights`.
+
+    Args:
+        obj: A :class:`~wpeft.runs.store.Run`, run directory, ``fields.nc`` path or Dataset.
+        metric: ``rmse``, ``bias``, ``mae`` or ``crps`` (variables without ``<var>_sigma`` are
+            left out for ``crps``).
+
+    Returns:
+        ``{flattened name: (time,) DataArray}``, names as in the summary scores
+        (``2m_temperature``, ``temperature_850``, ``total_precipitation_6hr_12h``).
+    """
+    fields, _ = _as_fields(obj)
+    return {
+        name: loss.weighted(latitude_weights(loss["latitude"])).mean(("latitude", "longitude"))
+        for name, loss in _losses(fields, metric).items()
+    }
+
+
 def _check_same(a: xr.Dataset, b: xr.Dataset, la: str, lb: str) -> None:
-    for dim in ("time", "latitude", "longitude", "level"):
+    for dim in ("time", "latitude", "longitude", "level", "prediction_timedelta"):
         if (dim in a.dims) != (dim in b.dims):
             raise DataError(f"{la} and {lb} differ: only one has a {dim!r} dimension.")
         if dim not in a.dims:
@@ -182,7 +231,7 @@ def skill_difference(
     *,
     variables: str | Iterable[str] | None = None,
     alpha: float = 0.05,
-    test: Literal["ttest", "wilcoxon"] = "ttest",
+    test: Test = "ttest_ar1",
     correction: Literal["none", "fdr_bh"] = "none",
 ) -> xr.Dataset:
     """``metric(A) − metric(B)`` per grid point, with a paired significance test over time.
@@ -195,21 +244,25 @@ def skill_difference(
         variables: Flattened names (``2m_temperature``, ``temperature_850``) or base names
             (``temperature``: every level) to keep; default all shared ones.
         alpha: Significance level (per point, or the FDR with ``correction="fdr_bh"``).
-        test: ``ttest`` (paired t-test) or ``wilcoxon`` (signed-rank), see the module docstring.
+        test: ``ttest_ar1`` (paired t-test with the AR(1) effective sample size), ``ttest``
+            (plain paired t-test) or ``wilcoxon`` (signed-rank), see the module docstring.
         correction: ``none`` or ``fdr_bh`` (Benjamini-Hochberg over all points and variables).
 
     Returns:
         Dataset on ``(variable, latitude, longitude)``: ``difference`` (A − B, units of the
-        variable), ``significant`` (bool), ``p_value``, ``metric_a``, ``metric_b``; attrs name
-        the runs, metric, test, alpha and the number of paired times.
+        variable), ``significant`` (bool), ``p_value``, ``metric_a``, ``metric_b`` and, for
+        ``ttest_ar1``, ``n_eff`` (effective sample size); attrs name the runs, metric, test (and
+        ``test_name``, its caption), alpha, the number of paired times ``n_time`` and, for
+        ``ttest_ar1``, the median and minimum n_eff over the points (``n_eff_median``,
+        ``n_eff_min``).
 
     Raises:
         DataError: the runs are on different grids / times / levels or share no variable.
     """
     if not 0 < alpha < 1:
         raise ConfigError(f"alpha must be in (0, 1), got {alpha}.")
-    if test not in ("ttest", "wilcoxon"):
-        raise ConfigError(f"test must be 'ttest' or 'wilcoxon', got {test!r}.")
+    if test not in TEST_NAMES:
+        raise ConfigError(f"test must be one of {sorted(TEST_NAMES)}, got {test!r}.")
     if correction not in ("none", "fdr_bh"):
         raise ConfigError(f"correction must be 'none' or 'fdr_bh', got {correction!r}.")
     fa, la = _as_fields(run_a)
@@ -233,14 +286,14 @@ def skill_difference(
     mean_a, mean_b = a.mean(0), b.mean(0)
     if metric == "rmse":
         mean_a, mean_b = np.sqrt(mean_a), np.sqrt(mean_b)
-    p = _paired_p_values(a, b, test)
+    p, n_eff = _paired_p_values(a, b, test)
     if correction == "fdr_bh":
         significant = benjamini_hochberg(p, alpha)
     else:
         significant = np.nan_to_num(p, nan=1.0) < alpha
     template = loss_a[names[0]]
     dims = ("variable", "latitude", "longitude")
-    sig_name = f"paired {test} p < {alpha}"
+    sig_name = f"{TEST_NAMES[test]}, p < {alpha}"
     if correction == "fdr_bh":
         sig_name += " (Benjamini-Hochberg FDR)"
     units = [str(fa[_base(n, fa)].attrs.get("units", "")) for n in names]
@@ -251,7 +304,7 @@ def skill_difference(
                 "long_name": f"{metric} of A minus {metric} of B", "description": better}),
             "significant": (dims, significant, {"long_name": sig_name}),
             "p_value": (dims, p, {
-                "units": "1", "long_name": f"paired {test} p-value",
+                "units": "1", "long_name": f"{TEST_NAMES[test]} p-value",
                 "description": "NaN where the test is undefined (constant paired differences)"}),
             "metric_a": (dims, mean_a, {"long_name": f"{metric} of A over time"}),
             "metric_b": (dims, mean_b, {"long_name": f"{metric} of B over time"}),
@@ -263,39 +316,51 @@ def skill_difference(
             "longitude": ("longitude", template["longitude"].values, {"units": "degrees_east"}),
         },
         attrs={
-            "run_a": la, "run_b": lb, "metric": metric, "test": test, "alpha": alpha,
-            "correction": correction, "n_time": n_time,
+            "run_a": la, "run_b": lb, "metric": metric, "test": test,
+            "test_name": TEST_NAMES[test], "alpha": alpha, "correction": correction,
+            "n_time": n_time,
         },
     )
+    if n_eff is not None:
+        out["n_eff"] = (dims, n_eff, {
+            "units": "1", "long_name": "AR(1) effective sample size of the paired differences"})
+        out.attrs.update(n_eff_median=float(np.median(n_eff)), n_eff_min=float(n_eff.min()))
     return out
 
 
 def _select(names: list[str], variables: str | Iterable[str] | None) -> list[str]:
-    """Flattened names matching ``variables`` (a flattened name, or a base name: every level)."""
+    """Flattened names matching ``variables`` (a flattened name, or a base name: every level or
+    lead)."""
     if variables is None:
         return names
     wanted = [variables] if isinstance(variables, str) else list(variables)
 
     def matches(name: str, w: str) -> bool:
-        return name == w or (name.startswith(f"{w}_") and name[len(w) + 1 :].isdigit())
+        rest = name[len(w) + 1 :].removesuffix("h")  # a level or a lead in hours
+        return name == w or (name.startswith(f"{w}_") and rest.isdigit())
 
     return [n for n in names if any(matches(n, w) for w in wanted)]
 
 
-def _paired_p_values(a: np.ndarray, b: np.ndarray, test: str) -> np.ndarray:
-    """Two-sided p-values of the paired test over axis 0; NaN where the paired differences are
-    all equal (zero variance: the t-test is undefined, and nothing can be concluded)."""
+def _paired_p_values(a: np.ndarray, b: np.ndarray, test: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Two-sided p-values of the paired test over axis 0 (and, for ``ttest_ar1``, the effective
+    sample sizes, else None); NaN where the paired differences are all equal (zero variance: the
+    test is undefined, and nothing can be concluded)."""
     d = a - b
+    n_eff = None
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
-        if test == "ttest":
+        if test == "ttest_ar1":
+            result = paired_ttest_ar1(a, b, axis=0)
+            p, n_eff = result.pvalue, result.n_eff
+        elif test == "ttest":
             p = np.asarray(stats.ttest_rel(a, b, axis=0).pvalue, dtype=np.float64)
         else:
             p = np.full(d.shape[1:], np.nan)
             varying = ~np.all(d == d[:1], axis=0)
             if varying.any():
                 p[varying] = stats.wilcoxon(d[:, varying], axis=0, zero_method="wilcox").pvalue
-    return np.where(np.all(d == d[:1], axis=0), np.nan, p)
+    return np.where(np.all(d == d[:1], axis=0), np.nan, p), n_eff
 
 
 def _base(flat: str, fields: xr.Dataset) -> str:

@@ -14,7 +14,9 @@ settings every cell shares (task settings, backbone and its weights) are not in 
 name: a root whose finished cells ran with other ones is refused before any run starts. The
 tables (markdown + CSV + netCDF) hold mean ± std over seeds of every headline score and the
 trainable fraction of backbone parameters; the netCDF's attributes hold each task's settings
-and the backbone weights the runs recorded.
+and the backbone weights the runs recorded. Score cells that differ significantly from a
+reference method (Full-Tuning by default) are marked, tested on the runs' test fields with the
+paired t-test with AR(1) effective sample size over the test times (:func:`reference_marks`).
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ from wpeft.backbones.aurora_adapter import check_weights_file
 from wpeft.errors import ConfigError, DataError
 from wpeft.methods.base import method_class
 from wpeft.runs.curves import headline_val_score, task_headline, val_lines
-from wpeft.runs.layout import SUMMARY, RunFileError, RunLayout, read_json_object
+from wpeft.runs.layout import FIELDS, SUMMARY, RunFileError, RunLayout, read_json_object
 from wpeft.runs.store import Run, write_json_atomic
 from wpeft.training.loop import TrainConfig, TrainingDiverged, train
 
 __all__ = [
     "LR_SELECTION", "CompareConfig", "choose_lrs", "collect", "compare", "lr_selection_table",
-    "read_lr_selection", "tables", "write_tables",
+    "read_lr_selection", "reference_marks", "tables", "write_tables",
 ]
 
 #: The learning-rate choice of a comparison with ``lrs``, in its root.
@@ -359,10 +361,16 @@ def _summaries_at_chosen_lr(root: Path) -> tuple[list[dict], dict[str, Any] | No
     return rows, selection
 
 
+def _budget_label(budget: float | None) -> str:
+    """The ``budget`` coordinate of :func:`collect` for a run's recorded budget fraction."""
+    return "default" if budget is None else f"{100 * budget:g}%"
+
+
 def collect(root: str | Path) -> xr.Dataset:
     """All finished runs under ``root`` as one Dataset with dims (task, method, budget, seed):
     one variable per score plus ``budget_percent`` (trainable share of the backbone). With an
-    :data:`LR_SELECTION` only the runs at each chosen lr, and the choice in ``attrs["lr_selection"]``."""
+    :data:`LR_SELECTION` only the runs at each chosen lr, and the choice in ``attrs["lr_selection"]``;
+    the ``root`` attribute names the directory (where :func:`tables` finds the runs' test fields)."""
     rows, selection = _summaries_at_chosen_lr(Path(root))
     if not rows:
         raise FileNotFoundError(f"No finished runs ({SUMMARY}) under {root}.")
@@ -382,7 +390,8 @@ def collect(root: str | Path) -> xr.Dataset:
     return xr.Dataset(
         {k.replace("/", ":"): (dims, v) for k, v in data.items()},
         coords={"task": tasks, "method": methods, "budget": budgets, "seed": seeds},
-        attrs={**_shared_settings(rows, tasks), **_selection_attrs(selection)},
+        attrs={**_shared_settings(rows, tasks), **_selection_attrs(selection),
+               "root": str(Path(root).resolve())},
     )
 
 
@@ -439,13 +448,17 @@ def _headline_columns(sub: xr.Dataset, task: str) -> tuple[list[str], dict[str, 
     return main, refs
 
 
-def tables(results: xr.Dataset) -> dict[str, str]:
+def tables(results: xr.Dataset, reference: str | None = "full") -> dict[str, str]:
     """One markdown table per task: rows method x budget, columns the trainable share of the
-    backbone and the headline scores, cells mean ± std over seeds; references last."""
+    backbone and the headline scores, cells mean ± std over seeds; references last. Score cells
+    significantly different from method ``reference`` carry a :data:`MARKER`, explained by a
+    line under the table (:func:`reference_marks`; none when ``reference`` is None or not in
+    the matrix)."""
     out = {}
     for task in results.task.values:
         sub = results.sel(task=task)
         main, refs = _headline_columns(sub, str(task))
+        marks, note = reference_marks(results, str(task), main, reference)
         cols = ["budget_percent"] + main
         names = ["trainable % of backbone"] + [c.replace(":", " ") for c in main]
         lines = ["| method | budget | seeds | " + " | ".join(names) + " |", "|---" * (len(cols) + 3) + "|"]
@@ -461,7 +474,7 @@ def tables(results: xr.Dataset) -> dict[str, str]:
                 cell = sub.sel({"method": method, "budget": budget})
                 n = int(np.isfinite(cell["budget_percent"]).sum())
                 if n:
-                    vals = [fmt(cell[c].values) for c in cols]
+                    vals = [fmt(cell[c].values) + marks.get((method, budget, c), "") for c in cols]
                     lines.append(f"| {method} | {budget} | {n} | " + " | ".join(vals) + " |")
         labels = dict.fromkeys(REFERENCES[p][0] for p in refs)
         for label in labels:
@@ -475,13 +488,10 @@ def tables(results: xr.Dataset) -> dict[str, str]:
                 x = x[np.isfinite(x)]
                 vals.append(f"{x[0]:.4g}" if len(x) else "-")  # the same for every method
             lines.append(f"| *{label}* | - | - | " + " | ".join(vals) + " |")
+        if note:
+            lines += ["", note]
         out[str(task)] = "\n".join(lines)
     return out
-
-
-def _budget_label(budget: float | None) -> str:
-    """``"default"`` or the budget in percent (``"0.3%"``), as the tables' ``budget``."""
-    return "default" if budget is None else f"{100 * budget:g}%"
 
 
 def lr_selection_table(selection: dict[str, Any]) -> str:
@@ -548,17 +558,137 @@ def _write_curves(results: xr.Dataset, runs_root: Path, out: Path) -> list[Path]
     return paths
 
 
+#: Marks a score cell that differs significantly from the reference method (:func:`reference_marks`).
+MARKER = "*"
+#: Score metrics with a per-time loss to pair (:func:`wpeft.runs.skill.domain_mean_losses`);
+#: the others (acc, seeps) are not tested.
+_PAIRED_METRICS = ("rmse", "mae", "crps", "bias")
+
+
+def _runs_with_fields(task_dir: Path) -> dict[tuple[str, str, int], Path]:
+    """``fields.nc`` of the finished runs in ``task_dir`` by (method, budget label, seed); after
+    an lr search only the runs at the chosen lr (as :func:`collect`)."""
+    out = {}
+    chosen = _chosen_lrs(read_lr_selection(task_dir.parent))
+    for d in sorted(task_dir.glob("*")):
+        layout = RunLayout(d)
+        if layout.finished and layout.has_fields:
+            r = json.loads(layout.summary.read_text())
+            key = (r["task"], r["method"], r["budget"])
+            if key in chosen and (read_json_object(layout.config) or {}).get("lr") != chosen[key]:
+                continue  # another lr of an lr search: not in the tables
+            out[(r["method"], _budget_label(r["budget"]), int(r["seed"]))] = layout.fields
+    return out
+
+
+def reference_marks(
+    results: xr.Dataset,
+    task: str,
+    columns: Sequence[str],
+    reference: str | None = "full",
+    alpha: float = 0.05,
+) -> tuple[dict[tuple[str, str, str], str], str]:
+    """Which score cells of ``task`` differ significantly from the ``reference`` method.
+
+    For each row (method, budget) and score column ``<metric>:<variable>`` with a per-time loss
+    (rmse: squared error, mae, crps, bias), the latitude-weighted domain mean of the loss per
+    test time (:func:`wpeft.runs.skill.domain_mean_losses`) of the method is paired over test
+    times with the reference's and tested two-sided with the paired t-test with the AR(1)
+    effective sample size (:func:`wpeft.metrics.significance.paired_ttest_ar1`). With several
+    seeds, only the seeds both have are used: the per-time losses are averaged over them on
+    each side (seed paired with seed) before the test. The reference is taken at the row's
+    budget, or at its only one (e.g. Full-Tuning's ``default``). Rows of the reference itself,
+    cells whose runs have no ``fields.nc`` (under ``results.attrs["root"]``) or other test times,
+    and columns without a per-time loss (acc, seeps) are not marked.
+
+    Returns:
+        ``{(method, budget, column): MARKER}`` for significant cells, and the line to print under
+        the table (empty when ``reference`` is None or not a method of ``results``).
+    """
+    from wpeft.metrics.significance import TEST_NAMES, paired_ttest_ar1
+    from wpeft.runs.skill import domain_mean_losses
+
+    if reference is None or reference not in results.method.values:
+        return {}, ""
+    root = results.attrs.get("root")
+    runs = _runs_with_fields(Path(root) / task) if root else {}
+    metrics = sorted({c.partition(":")[0] for c in columns} & set(_PAIRED_METRICS))
+    cache: dict[Path, dict[str, dict[str, xr.DataArray]]] = {}
+
+    def seed_mean(method: str, budget: str, seeds: list[int], column: str) -> xr.DataArray | None:
+        """Per-time loss ``(time,)`` of ``column`` averaged over ``seeds``; None where a run
+        lacks it."""
+        metric, _, var = column.partition(":")
+        series = []
+        for s in seeds:
+            path = runs[method, budget, s]
+            if path not in cache:  # every needed metric at once: the file is read once
+                with xr.open_dataset(path, engine="netcdf4") as ds:
+                    cache[path] = {m: domain_mean_losses(ds, m) for m in metrics}  # type: ignore[arg-type]
+            series.append(cache[path][metric].get(var))
+        if any(x is None for x in series):
+            return None
+        return xr.concat(series, dim="seed", join="exact").mean("seed")
+
+    ref_budgets = sorted({b for m, b, _ in runs if m == reference})
+    marks: dict[tuple[str, str, str], str] = {}
+    tested = 0
+    for method, budget in sorted({(m, b) for m, b, _ in runs if m != reference}):
+        if budget in ref_budgets:
+            ref_budget = budget
+        elif len(ref_budgets) == 1:
+            ref_budget = ref_budgets[0]
+        else:  # no reference run, or at other budgets only: nothing clear to compare with
+            continue
+        seeds = sorted(
+            s for m, b, s in runs
+            if (m, b) == (method, budget) and (reference, ref_budget, s) in runs
+        )
+        for column in columns:
+            if column.partition(":")[0] not in metrics or not seeds:
+                continue
+            try:
+                a = seed_mean(method, budget, seeds, column)
+                b = seed_mean(reference, ref_budget, seeds, column)
+                if a is None or b is None:
+                    continue
+                a, b = xr.align(a, b, join="exact")  # the same test times
+                p = paired_ttest_ar1(a.values, b.values).pvalue
+            except (ValueError, DataError):  # other test times, or a single one
+                continue
+            tested += 1
+            if p < alpha:
+                marks[method, budget, column] = MARKER
+    if not tested:
+        return {}, (
+            f"No significance markers: no pair of runs of {reference} and another method with "
+            f"test fields ({FIELDS}) on the same test times under {root}, or no score with a "
+            "per-time loss (rmse, mae, crps, bias)."
+        )
+    untested = sorted({c.partition(":")[0] for c in columns} - set(_PAIRED_METRICS))
+    return marks, (
+        f"Scores marked {MARKER} differ from {reference}'s at p < {alpha} "
+        f"({TEST_NAMES['ttest_ar1']} over the test times of the latitude-weighted domain-mean "
+        "loss per time, squared error for rmse; seeds paired and their losses averaged per time)"
+        + (f"; {', '.join(untested)} not tested." if untested else ".")
+    )
+
+
 def write_tables(
-    results: xr.Dataset, out_dir: str | Path, *, runs_root: str | Path | None = None
+    results: xr.Dataset,
+    out_dir: str | Path,
+    reference: str | None = "full",
+    *,
+    runs_root: str | Path | None = None,
 ) -> list[Path]:
-    """Markdown and CSV per task plus the whole Dataset as netCDF; with an lr choice
-    (``results.attrs["lr_selection"]``) ``lr-selection.md``; with ``runs_root`` (what
-    :func:`collect` read) the learning curves ``<task>-curves.csv`` / ``.png`` of the tasks whose
-    runs recorded validation lines. Returns the paths."""
+    """Markdown (:func:`tables`, markers against ``reference``) and CSV per task plus the whole
+    Dataset as netCDF; with an lr choice (``results.attrs["lr_selection"]``) ``lr-selection.md``;
+    with ``runs_root`` (what :func:`collect` read) the learning curves ``<task>-curves.csv`` /
+    ``.png`` of the tasks whose runs recorded validation lines. Returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for task, md in tables(results).items():
+    for task, md in tables(results, reference).items():
         p = out / f"{task}.md"
         p.write_text(md + "\n")
         paths.append(p)

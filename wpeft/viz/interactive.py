@@ -38,7 +38,13 @@ from wpeft.viz.maps import (
     is_global,
     latlon_field,
 )
-from wpeft.viz.skill import BUDGET_LABEL, _as_difference, _is_signed, budget_table
+from wpeft.viz.skill import (
+    BUDGET_LABEL,
+    _as_difference,
+    _is_signed,
+    budget_table,
+    not_significant_label,
+)
 from wpeft.viz.style import (
     DIVERGING,
     MASK,
@@ -310,7 +316,8 @@ def hv_skill_comparison(
     variable: str | None = None,
 ) -> Any:
     """hv.Layout of three maps: A, B (one vdim range) and A − B (symmetric range, ``RdBu_r``),
-    the last overlaid with hv.Points (stipples) at non-significant grid points (if any). A and B use
+    the last overlaid with hv.Points (stipples) at non-significant grid points (if any; labelled
+    with the test, :func:`~wpeft.viz.skill.not_significant_label`). A and B use
     ``viridis``, or ``RdBu_r`` on a range symmetric about zero when they hold both signs
     (bias)."""
     hv = _hv()
@@ -335,7 +342,7 @@ def hv_skill_comparison(
         ns = display_longitudes(~significant.astype(bool)).stack(point=("latitude", "longitude"))
         ns = ns[ns.values]
         pts = hv.Points((ns["longitude"].values, ns["latitude"].values),
-                        kdims=["longitude", "latitude"], label="not significant")
+                        kdims=["longitude", "latitude"], label=not_significant_label(significant))
         d = d * pts.opts(color="black", size=2, marker="dot", backend="bokeh")
     return hv.Layout(panels + [d]).cols(3)
 

@@ -7,6 +7,7 @@ their ``long_name`` / ``units`` attrs label the colourbars (falling back to the 
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ from wpeft.viz.style import (
 __all__ = [
     "BUDGET_LABEL",
     "budget_table",
+    "not_significant_label",
     "plot_budget_vs_skill",
     "plot_skill_comparison",
     "plot_skill_map",
@@ -120,6 +122,14 @@ def _as_difference(
     return latlon_field(difference["difference"]), None if sig is None else latlon_field(sig)
 
 
+def not_significant_label(significant: xr.DataArray | None) -> str:
+    """Legend label of the non-significant points, naming the test when ``significant`` says
+    which (its ``long_name`` from :func:`wpeft.runs.skill_difference`, e.g. "paired t-test with
+    AR(1) effective sample size, p < 0.05")."""
+    test = None if significant is None else significant.attrs.get("long_name")
+    return f"not significant ({test})" if test else "not significant"
+
+
 def plot_skill_comparison(
     field_a: xr.DataArray | xr.Dataset,
     field_b: xr.DataArray | xr.Dataset,
@@ -135,7 +145,8 @@ def plot_skill_comparison(
     """Three panels: A, B (shared colour limits and colourbar) and A − B.
 
     The difference uses ``RdBu_r`` with limits symmetric about zero; grid cells where
-    ``difference["significant"]`` is False are hatched (``///``). ``difference`` may also be a
+    ``difference["significant"]`` is False are hatched (``///``); the legend names the test
+    (:func:`not_significant_label`). ``difference`` may also be a
     plain DataArray (no hatching) or ``None`` (computed as A − B, no hatching).
 
     Args:
@@ -179,7 +190,8 @@ def plot_skill_comparison(
         hatch_cells(axes[2], ~significant.astype(bool), earth=earth)
         axes[2].legend(
             handles=[
-                Patch(facecolor="none", edgecolor="0.3", hatch="///", label="not significant")
+                Patch(facecolor="none", edgecolor="0.3", hatch="///",
+                      label=textwrap.fill(not_significant_label(significant), 34))
             ],
             loc="lower left", fontsize="x-small", framealpha=0.8,
         )
