@@ -59,8 +59,8 @@ class CompareConfig:
 
     ``eval_every``: every run evaluates the validation split every that many steps (0: never),
     appending to its ``metrics.jsonl``. ``lrs``: learning rates to choose from on the
-    validation split (see the module doc; exclusive with ``lr``; needs ``0 < eval_every <
-    steps``, since the loop evaluates strictly before the last step).
+    validation split (see the module doc; exclusive with ``lr``; needs ``eval_every >= 1``;
+    the loop evaluates every ``eval_every`` steps and at the last step).
     """
 
     tasks: Sequence[str] = ("downscaling",)
@@ -112,12 +112,13 @@ class CompareConfig:
         bad = [x for x in self.lrs if not (isinstance(x, (int, float)) and 0 < x < float("inf"))]
         if bad:
             raise ConfigError(f"lrs has {bad[0]!r}: every learning rate must be a number > 0.")
-        if not 0 < self.eval_every < self.steps:
+        if self.eval_every < 1:
             raise ConfigError(
                 f"lrs needs validation lines to choose by: eval_every={self.eval_every} must be "
-                f"in 1..{self.steps - 1} (the loop evaluates every eval_every steps before the "
-                f"last of steps={self.steps}); give e.g. --eval-every {max(1, self.steps // 4)}."
+                f">= 1 (the loop evaluates every eval_every steps and at the last step); give "
+                f"e.g. --eval-every {max(1, self.steps // 4)}."
             )
+
     def cells(self) -> list[TrainConfig]:
         """Every run of the matrix; methods without a size knob run once, at their own size.
         With ``lrs``: every seed at every lr (what :func:`compare` may run; it runs the first

@@ -96,7 +96,8 @@ class TrainConfig:
             ``summary.json``), hashed once per start or resume, and a resume refuses another
             path or a file whose content changed.
         steps, batch_size, lr, weight_decay, warmup_steps, grad_clip: Optimisation.
-        eval_every / checkpoint_every: Intervals in optimiser steps (0: only at the end).
+        eval_every / checkpoint_every: Intervals in optimiser steps (0: only at the end);
+            validation also runs at the last step when ``eval_every`` is set.
         seed: Seeds data order, new modules and the method's noise.
         device: ``cpu``, ``cuda`` or ``auto``.
         record_every: Interval of the Fisher-mask records (selection methods), in steps.
@@ -950,7 +951,8 @@ def _run_steps(
         seen += cfg.batch_size
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - started):.1f}")
-        if cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < cfg.steps:
+        # every eval_every steps and at the last one, so a curve ends on the final weights
+        if cfg.eval_every and (position.step % cfg.eval_every == 0 or position.step == cfg.steps):
             scores = _evaluate(task, run.model, "val", cfg, env, run.strategy)[1]
             if env.is_main:
                 row = {"step": position.step, "split": "val", "loss": loss.item(), **scores}
