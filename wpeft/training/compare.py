@@ -5,8 +5,10 @@ a ``summary.json`` are skipped, so an interrupted comparison resumes where it st
 settings every cell shares (task settings, backbone and its weights) are not in the cell's
 name: a root whose finished cells ran with other ones is refused before any run starts. The
 tables (markdown + CSV + netCDF) hold mean ± std over seeds of every headline score and the
-trainable fraction of backbone parameters; the netCDF's attributes hold each task's settings
-and the backbone weights the runs recorded.
+three sizes of every run (:func:`wpeft.runs.store.run_sizes`: per-step k and the union of
+changed entries as % of the backbone, the adapter file in MB and as % of the full fine-tuned
+checkpoint); the netCDF's attributes hold each task's settings and the backbone weights the
+runs recorded.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from wpeft.backbones.aurora_adapter import check_weights_file
 from wpeft.errors import ConfigError
 from wpeft.methods.base import method_class
 from wpeft.runs.layout import SUMMARY, RunFileError, RunLayout, read_json_object
+from wpeft.runs.store import run_sizes
 from wpeft.training.loop import TrainConfig, train
 
 __all__ = ["CompareConfig", "collect", "compare", "tables"]
@@ -138,9 +141,20 @@ def compare(config: CompareConfig, root: str | Path, *, progress: bool = True) -
     return summaries
 
 
+#: The size variables of :func:`collect`: name -> (``run_sizes`` key, scale, units, long name).
+SIZE_VARIABLES = {
+    "budget_percent": ("budget_fraction", 100.0, "%", "per-step k, % of backbone"),
+    "changed_percent": ("changed_fraction", 100.0, "%", "changed (union), % of backbone"),
+    "adapter_bytes": ("adapter_bytes", 1.0, "B", "adapter file size"),
+    "adapter_percent": ("adapter_fraction", 100.0, "%", "adapter, % of the full checkpoint"),
+}
+
+
 def collect(root: str | Path) -> xr.Dataset:
     """All finished runs under ``root`` as one Dataset with dims (task, method, budget, seed):
-    one variable per score plus ``budget_percent`` (trainable share of the backbone)."""
+    one variable per score plus the sizes of :data:`SIZE_VARIABLES` (``budget_percent``: per-step
+    k, ``changed_percent``: union of changed entries, both % of backbone; ``adapter_bytes`` and
+    ``adapter_percent`` of the full checkpoint; NaN where a run did not record what it needs)."""
     layouts = [RunLayout(d) for d in sorted(Path(root).glob("*/*"))]
     rows = [json.loads(d.summary.read_text()) for d in layouts if d.finished]
     if not rows:
@@ -149,20 +163,25 @@ def collect(root: str | Path) -> xr.Dataset:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     budgets = sorted({"default" if r["budget"] is None else f"{100 * r['budget']:g}%" for r in rows})
     seeds = sorted({r["seed"] for r in rows})
-    keys = sorted({k for r in rows for k in r["scores"]}) + ["budget_percent"]
+    keys = sorted({k for r in rows for k in r["scores"]}) + list(SIZE_VARIABLES)
     data = {k: np.full((len(tasks), len(methods), len(budgets), len(seeds)), np.nan) for k in keys}
     for r in rows:
         b = "default" if r["budget"] is None else f"{100 * r['budget']:g}%"
         idx = (tasks.index(r["task"]), methods.index(r["method"]), budgets.index(b), seeds.index(r["seed"]))
         for k, v in r["scores"].items():
             data[k][idx] = v
-        data["budget_percent"][idx] = 100 * r["budget_fraction"]
+        sizes = run_sizes(r)
+        for name, (key, scale, _, _) in SIZE_VARIABLES.items():
+            data[name][idx] = scale * sizes[key]
     dims = ("task", "method", "budget", "seed")
-    return xr.Dataset(
+    out = xr.Dataset(
         {k.replace("/", ":"): (dims, v) for k, v in data.items()},
         coords={"task": tasks, "method": methods, "budget": budgets, "seed": seeds},
         attrs=_shared_settings(rows, tasks),
     )
+    for name, (_, _, units, long_name) in SIZE_VARIABLES.items():
+        out[name].attrs.update(units=units, long_name=long_name)
+    return out
 
 
 def _shared_settings(rows: list[dict], tasks: list[str]) -> dict[str, str]:
@@ -201,7 +220,7 @@ def _headline_columns(sub: xr.Dataset, task: str) -> tuple[list[str], dict[str, 
     headline = getattr(TASKS.get(task), "headline", ())
     main, refs = [], {}
     for v in sub.data_vars:
-        if v == "budget_percent" or not np.isfinite(sub[v]).any():
+        if v in SIZE_VARIABLES or not np.isfinite(sub[v]).any():
             continue
         prefix, _, var = str(v).partition(":")
         if headline and not any(var == h or var.startswith(f"{h}_") for h in headline):
@@ -213,16 +232,38 @@ def _headline_columns(sub: xr.Dataset, task: str) -> tuple[list[str], dict[str, 
     return main, refs
 
 
+#: The size columns of :func:`tables` (see :func:`size_cells`).
+SIZE_COLUMNS = ("k % (per step)", "changed % (union)", "adapter MB (% of full)")
+
+
+def _spread(x: np.ndarray) -> str:
+    """Finite values of a size: one value when every seed agrees, else mean ± std ('-': none)."""
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return "-"
+    return f"{x[0]:.4g}" if np.all(x == x[0]) else f"{x.mean():.4g} ± {x.std():.2g}"
+
+
+def size_cells(cell: xr.Dataset) -> list[str]:
+    """The :data:`SIZE_COLUMNS` cells of one (method, budget) over its seeds: k %, changed %,
+    and ``<MB> (<%>%)`` of the adapter (``<MB>`` alone when the full checkpoint is unknown)."""
+    mb = _spread(cell["adapter_bytes"].values / 1e6)
+    percent = _spread(cell["adapter_percent"].values)
+    adapter = mb if mb == "-" or percent == "-" else f"{mb} ({percent}%)"
+    k, changed = _spread(cell["budget_percent"].values), _spread(cell["changed_percent"].values)
+    return [k, changed, adapter]
+
+
 def tables(results: xr.Dataset) -> dict[str, str]:
-    """One markdown table per task: rows method x budget, columns the trainable share of the
-    backbone and the headline scores, cells mean ± std over seeds; references last."""
+    """One markdown table per task: rows method x budget, columns the three sizes
+    (:data:`SIZE_COLUMNS`) and the headline scores, cells mean ± std over seeds (sizes: one
+    value when the seeds agree); references last."""
     out = {}
     for task in results.task.values:
         sub = results.sel(task=task)
         main, refs = _headline_columns(sub, str(task))
-        cols = ["budget_percent"] + main
-        names = ["trainable % of backbone"] + [c.replace(":", " ") for c in main]
-        lines = ["| method | budget | seeds | " + " | ".join(names) + " |", "|---" * (len(cols) + 3) + "|"]
+        names = list(SIZE_COLUMNS) + [c.replace(":", " ") for c in main]
+        lines = ["| method | budget | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
 
         def fmt(x: np.ndarray) -> str:
             x = x[np.isfinite(x)]
@@ -235,11 +276,11 @@ def tables(results: xr.Dataset) -> dict[str, str]:
                 cell = sub.sel({"method": method, "budget": budget})
                 n = int(np.isfinite(cell["budget_percent"]).sum())
                 if n:
-                    vals = [fmt(cell[c].values) for c in cols]
+                    vals = size_cells(cell) + [fmt(cell[c].values) for c in main]
                     lines.append(f"| {method} | {budget} | {n} | " + " | ".join(vals) + " |")
         labels = dict.fromkeys(REFERENCES[p][0] for p in refs)
         for label in labels:
-            vals = ["-"]
+            vals = ["-"] * len(SIZE_COLUMNS)
             for c in main:
                 metric, _, var = c.partition(":")
                 ref = next(
