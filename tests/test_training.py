@@ -137,14 +137,13 @@ def test_compare_writes_tables_and_resumes(tmp_path) -> None:
                 return f"{values[0]:.4g}"
             return f"{np.mean(values):.4g} ± {np.std(values):.2g}"
 
-        def size(key: str, scale: float) -> str:
-            return cell_text([scale * x[key] for x in saved])
-
+        k, union, mb, percent = (
+            cell_text([scale * x[key] for x in saved])
+            for key, scale in (("budget_fraction", 100), ("changed_fraction", 100),
+                               ("adapter_bytes", 1e-6), ("adapter_fraction", 100))
+        )
         row = next(r for r in rows if r.startswith(f"| {method} |")).split(" | ")
-        assert row[3:6] == [
-            size("budget_fraction", 100), size("changed_fraction", 100),
-            f"{size('adapter_bytes', 1e-6)} ({size('adapter_fraction', 100)}%)",
-        ]
+        assert row[3:6] == [k, union, f"{mb} ({percent}%)"]
     # Full-Tuning stores the whole backbone (and encoder, decoder and head): over 100 % of it
     assert results["adapter_percent"].sel({"method": "full"}).min() > 100
     assert results["adapter_percent"].sel({"method": "bitfit"}).max() < 5
