@@ -30,7 +30,7 @@ from wpeft.runs.attention_records import (
 )
 from wpeft.runs.fisher_records import FisherRecorder, bin_edges, classify, jaccard, pool_mask
 from wpeft.runs.layout import RunLayout, run_directories
-from wpeft.runs.store import RecordStore
+from wpeft.runs.store import SIZES, RecordStore
 from wpeft.training import loop
 from wpeft.training.loop import TrainConfig
 
@@ -337,7 +337,7 @@ def train_with_recorders(cfg: TrainConfig, run_dir: Path, monkeypatch):
         model, task, method, reference, info = real_prepare(c, *args)
         history = MaskRecorder()
         method.add_mask_callback(history)
-        held.update(history=history, method=method)
+        held.update(history=history, method=method, reference=reference)
         return model, task, method, reference, info
 
     monkeypatch.setattr(loop, "prepare_run", prepare)
@@ -447,6 +447,65 @@ def test_runs_open_scan_and_table(weatherpeft_run) -> None:
         runs.open(run_dir / "records")
 
 
+# --- the three sizes of a run ---------------------------------------------------------------------
+
+
+def test_run_sizes_by_hand() -> None:
+    summary = {
+        "budget_fraction": 0.02,
+        "changed": {"backbone": 40, "encoder": 0, "decoder": 0, "head": 10, "added": 20,
+                    "total": 70},
+        "backbone_parameters": 1000,
+        "adapter_bytes": 500,
+        "full_checkpoint_bytes": 4000,
+    }
+    assert runs.run_sizes(summary) == {
+        "budget_fraction": 0.02,
+        "changed_fraction": 0.06,  # (70 - 10) / 1000: backbone and added, not the head
+        "adapter_bytes": 500,
+        "adapter_fraction": 0.125,  # 500 / 4000
+    }
+    # what a summary records is taken as it is
+    recorded = runs.run_sizes({**summary, "changed_fraction": 0.5, "adapter_fraction": 0.25})
+    assert (recorded["changed_fraction"], recorded["adapter_fraction"]) == (0.5, 0.25)
+    # a run still training, a summary without the counts, values of the wrong type: NaN
+    for partial_summary in (None, {}, {"changed": None, "adapter_bytes": "big",
+                                       "backbone_parameters": 0, "full_checkpoint_bytes": 0}):
+        sizes = runs.run_sizes(partial_summary)
+        assert set(sizes) == set(SIZES) and all(np.isnan(v) for v in sizes.values())
+
+
+def test_a_run_reports_its_three_sizes(weatherpeft_run) -> None:
+    run_dir, summary, held = weatherpeft_run
+    method, reference = held["method"], held["reference"]
+    # changed: the entries that differ from the pretrained weights, counted here from the model
+    differing = sum(
+        int((p.detach() != reference[f"backbone.{name}"]).sum())
+        for name, p in method.model.backbone.named_parameters()
+    )
+    changed = summary["changed"]
+    assert changed["backbone"] == differing > 0
+    assert summary["backbone_parameters"] == sum(
+        v.numel() for k, v in reference.items() if k.startswith("backbone.")
+    )
+    assert summary["changed_fraction"] == pytest.approx(
+        (changed["total"] - changed["head"]) / summary["backbone_parameters"], rel=1e-12
+    )
+    # a selection method changes at least its per-step k (and here TADP's generators too)
+    assert summary["changed_fraction"] >= summary["budget_fraction"] > 0
+    # the adapter file's bytes, and the full checkpoint's: the backbone in float32
+    assert summary["adapter_bytes"] == (run_dir / "adapter.safetensors").stat().st_size
+    assert summary["full_checkpoint_bytes"] == 4 * summary["backbone_parameters"]
+    assert summary["adapter_fraction"] == pytest.approx(
+        summary["adapter_bytes"] / summary["full_checkpoint_bytes"], rel=1e-12
+    )
+    assert 0 < summary["adapter_fraction"] < 1
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert runs.run_sizes(saved) == {k: saved[k] for k in SIZES}
+    row = runs.table([runs.open(run_dir)]).iloc[0]
+    assert {k: row[k] for k in SIZES} == {k: saved[k] for k in SIZES}
+
+
 # --- run directories written by earlier releases -------------------------------------------------
 
 #: A run directory written by wpeft 0.1.0 (weatherpeft, 4 steps; see the commit that added it).
@@ -479,6 +538,11 @@ def test_run_directories_of_wpeft_0_1_still_open(old_runs) -> None:
     assert df.loc[0, "changed_total"] == summary["changed"]["total"]
     assert df.loc[0, "budget_fraction"] == summary["budget_fraction"]
     assert df.loc[0, "rmse/2m_temperature"] == summary["scores"]["rmse/2m_temperature"]
+    # sizes of a run written before they were recorded: from its counts where it has them
+    assert df.loc[0, "changed_fraction"] == pytest.approx(186051 / 4969216)
+    assert df.loc[0, "adapter_bytes"] == 773660
+    assert np.isnan(df.loc[0, "adapter_fraction"])  # no full_checkpoint_bytes: unknown
+    assert pd.isna(df.loc[0, "problem"])
 
 
 def _damage(run: Path, case: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 import xarray as xr
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from wpeft.errors import CheckpointError, ConfigError, DataError
 from wpeft.methods.sfas import MaskedAdamW
-from wpeft.training.compare import CompareConfig, collect, compare, tables
+from wpeft.training.compare import CompareConfig, collect, compare, tables, write_tables
 from wpeft.training.loop import TrainConfig, TrainingDiverged, _pack_bools, _unpack_bools, train
 
 WORLD = {"nlat": 16, "nlon": 32, "days": 12, "spinup_days": 1, "ensemble_inits": 8, "ensemble_members": 3}
@@ -114,9 +115,93 @@ def test_compare_writes_tables_and_resumes(tmp_path) -> None:
     assert results.sizes == {"task": 1, "method": 2, "budget": 1, "seed": 2}
     table = tables(results)["downscaling"]
     assert "| full | default | 2 |" in table and "±" in table
+    header, _, *rows = table.splitlines()
+    assert header.startswith(
+        "| method | budget | seeds | k % (per step) | changed % (union) | adapter MB (% of full) |"
+    )
+    for method in ("bitfit", "full"):
+        runs = [tmp_path / "downscaling" / f"{method}-default-s{s}" for s in (0, 1)]
+        saved = [json.loads((r / "summary.json").read_text()) for r in runs]
+        for r, summary in zip(runs, saved):  # the sizes each run recorded
+            assert summary["adapter_bytes"] == (r / "adapter.safetensors").stat().st_size
+            changed = summary["changed"]["total"] - summary["changed"]["head"]
+            assert summary["changed_fraction"] == changed / summary["backbone_parameters"]
+        cell = results.sel({"method": method, "budget": "default", "task": "downscaling"})
+        assert list(cell["changed_percent"].values) == [100 * x["changed_fraction"] for x in saved]
+        assert list(cell["adapter_bytes"].values) == [x["adapter_bytes"] for x in saved]
+        assert list(cell["adapter_percent"].values) == pytest.approx(
+            [100 * x["adapter_bytes"] / x["full_checkpoint_bytes"] for x in saved], rel=1e-12
+        )
+        def cell_text(values: list[float]) -> str:  # one value if the seeds agree
+            if values[0] == values[1]:
+                return f"{values[0]:.4g}"
+            return f"{np.mean(values):.4g} ± {np.std(values):.2g}"
+
+        k, union, mb, percent = (
+            cell_text([scale * x[key] for x in saved])
+            for key, scale in (("budget_fraction", 100), ("changed_fraction", 100),
+                               ("adapter_bytes", 1e-6), ("adapter_fraction", 100))
+        )
+        row = next(r for r in rows if r.startswith(f"| {method} |")).split(" | ")
+        assert row[3:6] == [k, union, f"{mb} ({percent}%)"]
+    # Full-Tuning stores the whole backbone (and encoder, decoder and head): over 100 % of it
+    assert results["adapter_percent"].sel({"method": "full"}).min() > 100
+    assert results["adapter_percent"].sel({"method": "bitfit"}).max() < 5
     rmse = results["rmse:2m_temperature"].sel({"method": "bitfit"}).values.ravel()
     expected = [json.loads((tmp_path / "downscaling" / f"bitfit-default-s{s}" / "summary.json").read_text())["scores"]["rmse/2m_temperature"] for s in (0, 1)]
     assert list(rmse) == expected
+
+
+def _summary(method: str, seed: int, **sizes) -> dict:
+    """A finished run's summary.json with the counts the size columns are made from."""
+    return {
+        "task": "downscaling", "method": method, "budget": 0.04, "seed": seed,
+        "scores": {"rmse/2m_temperature": 1.0 + seed},
+        "budget_fraction": 0.04, "backbone_parameters": 1000,
+        "changed": {"head": 5, "total": 5 + sizes.pop("changed")}, **sizes,
+    }
+
+
+def test_compare_tables_show_the_three_sizes_by_hand(tmp_path) -> None:
+    cells = {
+        # seeds that agree on every size: one value
+        "sfas-4pct-s0": _summary("sfas", 0, changed=300, adapter_bytes=2_000_000,
+                                 full_checkpoint_bytes=4_000_000),
+        "sfas-4pct-s1": _summary("sfas", 1, changed=300, adapter_bytes=2_000_000,
+                                 full_checkpoint_bytes=4_000_000),
+        # seeds that differ: mean ± std (population std, as for the scores)
+        "fish-4pct-s0": _summary("fish", 0, changed=100, adapter_bytes=1_000_000,
+                                 full_checkpoint_bytes=4_000_000),
+        "fish-4pct-s1": _summary("fish", 1, changed=300, adapter_bytes=3_000_000,
+                                 full_checkpoint_bytes=4_000_000),
+        # written before the sizes were recorded: no full checkpoint bytes, no backbone count
+        "lora-4pct-s0": {k: v for k, v in _summary("lora", 0, changed=40, adapter_bytes=500_000)
+                         .items() if k != "backbone_parameters"},
+    }
+    for name, summary in cells.items():
+        run = tmp_path / "downscaling" / name
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps(summary))
+    results = collect(tmp_path)
+    assert results["adapter_bytes"].attrs["units"] == "B"
+    assert results["changed_percent"].sel({"method": "fish", "budget": "4%"}).values.ravel().tolist() == [
+        10.0, 30.0
+    ]
+    lines = tables(results)["downscaling"].splitlines()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[3:6] for line in lines[2:]}
+    assert rows["sfas"] == ["4", "30", "2 (50%)"]
+    assert rows["fish"] == ["4", "20 ± 10", "2 ± 1 (50 ± 25%)"]
+    assert rows["lora"] == ["4", "-", "0.5"]
+    assert lines[1] == "|---" * 7 + "|"
+    out = tmp_path / "tables"
+    write_tables(results, out)
+    back = xr.open_dataset(out / "comparison.nc")
+    assert back["adapter_percent"].sel({"method": "fish", "task": "downscaling"}).values.ravel().tolist() == [
+        25.0, 75.0
+    ]
+    back.close()
+    csv = (out / "downscaling.csv").read_text().splitlines()[0].split(",")
+    assert {"budget_percent", "changed_percent", "adapter_bytes", "adapter_percent"} <= set(csv)
 
 
 def test_compare_cells_carry_the_record_interval() -> None:

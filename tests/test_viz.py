@@ -532,6 +532,23 @@ def test_budget_vs_skill(tmp_path):
         viz.plot_budget_vs_skill(_runs().drop(columns="score"))
 
 
+def test_budget_table_takes_the_size_for_its_x() -> None:
+    from wpeft.viz.skill import budget_table
+
+    runs = pd.DataFrame({
+        "method": ["sfas", "lora"], "score": [1.0, 2.0],
+        "budget_fraction": [0.04, 0.01], "changed_fraction": [0.8, 0.01],
+        "adapter_fraction": [0.12, 0.04],
+    })
+    assert budget_table(runs)["budget_percent"].tolist() == [4.0, 1.0]
+    assert budget_table(runs, size="changed_fraction")["budget_percent"].tolist() == [80.0, 1.0]
+    assert budget_table(runs, size="adapter_fraction")["budget_percent"].tolist() == [12.0, 4.0]
+    with pytest.raises(DataError, match="Unknown size 'adapter_bytes'"):
+        budget_table(runs, size="adapter_bytes")
+    with pytest.raises(DataError, match="lacks column 'changed_fraction'"):
+        budget_table(runs.drop(columns="changed_fraction"), size="changed_fraction")
+
+
 # --------------------------------------------------------------------------- HoloViews
 
 

@@ -90,6 +90,8 @@ def make_run(root: Path, name: str, method: str, *, budget: float | None, seed: 
             "trainable": {"backbone": int(fraction * 5e6), "total": int(fraction * 5.3e6)},
             "changed": {"backbone": int(fraction * 4e6), "total": int(fraction * 4.2e6)},
             "budget_fraction": fraction, "encoder_decoder_policy": "frozen",
+            "backbone_parameters": 5_000_000, "adapter_bytes": int(fraction * 1e7),
+            "full_checkpoint_bytes": 20_000_000,
             "scores": {"rmse/2m_temperature": 1.0 + seed, "rmse/temperature_850": 2.0 + seed},
         }))
     return run
@@ -518,6 +520,54 @@ def test_workbench_views_follow_the_selection(workbench_factory) -> None:
     assert "budget vs rmse/2m_temperature" in budget.plot.object.opts.get().kwargs["title"]
     budget.score.value = "rmse/temperature_850"
     assert "rmse/temperature_850" in budget.plot.object.opts.get().kwargs["title"]
+
+
+def test_runs_table_and_budget_plot_show_the_three_sizes(workbench_factory, runs_root) -> None:
+    import holoviews as hv
+
+    # a run written before the sizes were recorded (no backbone or full checkpoint bytes)
+    old = make_run(runs_root, "downscaling/old-lora", "lora", budget=0.01, seed=2, records=False)
+    summary = json.loads((old / "summary.json").read_text())
+    del summary["backbone_parameters"], summary["full_checkpoint_bytes"]
+    (old / "summary.json").write_text(json.dumps(summary))
+    wb = workbench_factory()
+    shown = wb.views["overview"].table.value.set_index("run")
+    sizes = ["k_%", "changed_%", "adapter_MB", "adapter_%"]
+    after = list(shown.columns).index("steps") + 1
+    assert list(shown.columns[after:after + 4]) == sizes  # beside the identity columns
+    # by hand from make_run: changed total int(f * 4.2e6) of 5e6 backbone parameters, the
+    # adapter int(f * 1e7) bytes of a 2e7-byte full checkpoint
+    expected = {
+        "downscaling/weatherpeft-4pct": [4.0, 100 * 168_000 / 5e6, 0.4, 2.0],
+        "downscaling/full": [106.0, 100 * 4_452_000 / 5e6, 10.6, 53.0],
+    }
+    for run, values in expected.items():
+        assert shown.loc[run, sizes].tolist() == pytest.approx(values, rel=1e-12), run
+    assert shown.loc["downscaling/old-lora", "k_%"] == pytest.approx(1.0)
+    assert shown.loc["downscaling/old-lora", "adapter_MB"] == pytest.approx(0.1)
+    assert shown.loc["downscaling/old-lora", ["changed_%", "adapter_%"]].isna().all()
+
+    wb.sel.view = "budget"
+    budget = wb.views["budget"]
+    assert budget.size.value == "budget_fraction" and wb.sel.size == "budget_fraction"
+
+    def xs() -> dict[str, float]:
+        """The x of each method's one run."""
+        scatters = [el for el in budget.plot.object if isinstance(el, hv.Scatter)]
+        assert all(len(el) == 1 for el in scatters)
+        return {el.label: float(el.dimension_values(0)[0]) for el in scatters}
+
+    assert xs() == pytest.approx({"weatherpeft": 4.0, "full": 106.0, "lora": 1.0})
+    assert "per-step k" in budget.caption.object
+    budget.size.value = "changed_fraction"
+    assert wb.sel.size == "changed_fraction"
+    assert xs() == pytest.approx({"weatherpeft": 3.36, "full": 89.04})  # old-lora: unknown
+    assert budget.plot.object.get(0).kdims[0].label.startswith("changed parameters")
+    assert "2 finished downscaling runs" in budget.caption.object
+    budget.size.value = "adapter_fraction"
+    assert xs() == pytest.approx({"weatherpeft": 2.0, "full": 53.0})
+    wb.sel.size = "nonsense"  # e.g. from a URL: back to the default
+    assert budget.size.value == "budget_fraction" and wb.sel.size == "budget_fraction"
 
 
 @pytest.mark.parametrize(

@@ -521,12 +521,13 @@ class Catalog:
         more = [layout.metrics, *(layout.record_index(k) for k in RECORD_KINDS)] if table else []
         return file_signature(layout.config, layout.summary, *more)
 
-    def budget_table(self, task: str, score: str) -> pd.DataFrame:
-        """Finished runs of ``task`` with a trainable fraction > 0 and a finite ``score``."""
+    def budget_table(self, task: str, score: str, size: str = "budget_fraction") -> pd.DataFrame:
+        """Finished runs of ``task`` with a ``size`` > 0 (a column of
+        :func:`~wpeft.runs.store.run_sizes`: per-step k by default) and a finite ``score``."""
         df = self.table()
-        if df.empty or score not in df.columns:
+        if df.empty or score not in df.columns or size not in df.columns:
             return df.iloc[0:0]
-        frac = pd.to_numeric(df["budget_fraction"], errors="coerce")
+        frac = pd.to_numeric(df[size], errors="coerce")
         vals = pd.to_numeric(df[score], errors="coerce")
         keep = (df["task"] == task) & (frac > 0) & np.isfinite(vals)
         return df[keep.fillna(False)].reset_index(drop=True)

@@ -12,7 +12,8 @@ code lives here):
   token's attention map, per block and record step;
 * **Skill maps** — run A and run B side by side and A − B with the paired-test significance,
   per variable, level / lead and metric (one run alone: its map);
-* **Budget vs skill** — every finished run of a task on one plot.
+* **Budget vs skill** — every finished run of a task on one plot, x the size the user picks
+  (per-step k, the union of changed entries, or the adapter file's share of a full checkpoint).
 
 Design. :func:`build_workbench` makes everything a session owns (a :class:`Selection`, the
 widgets, the panes) inside the call, so sessions never share state; the data behind them come
@@ -60,8 +61,22 @@ VIEWS = {
 _RUN_COLUMNS = (
     "run", "path", "task", "method", "budget", "seed", "finished", "steps",
     "trainable_backbone", "trainable_total", "changed_backbone", "changed_total",
-    "budget_fraction", "encoder_decoder_policy", "train_seconds", "problem",
+    "budget_fraction", "changed_fraction", "adapter_bytes", "adapter_fraction",
+    "encoder_decoder_policy", "train_seconds", "problem",
 )
+#: The three sizes as the runs table shows them: ``run_sizes`` key -> (column, scale).
+_SIZE_COLUMNS = {
+    "budget_fraction": ("k_%", 100.0),
+    "changed_fraction": ("changed_%", 100.0),
+    "adapter_bytes": ("adapter_MB", 1e-6),
+    "adapter_fraction": ("adapter_%", 100.0),
+}
+#: Choices of the budget-vs-skill x axis: label -> ``run_sizes`` key.
+_SIZE_CHOICES = {
+    "per-step k": "budget_fraction",
+    "changed (union)": "changed_fraction",
+    "adapter (% of full)": "adapter_fraction",
+}
 _SELECTION_METHODS = "weatherpeft, sfas, fish and child_tuning_d"
 _NO_RUN = "— choose a run —"
 _NO_RUN_B = "— none (one run only) —"
@@ -165,6 +180,8 @@ class Selection(param.Parameterized):
     metric = param.Parameter(default="rmse", doc="Skill metric.")
     task = param.Parameter(default="", doc="Task of the budget-vs-skill plot.")
     score = param.Parameter(default="", doc="Score column of the budget-vs-skill plot.")
+    size = param.Parameter(default="budget_fraction",
+                           doc="Size on the budget-vs-skill x axis: one of _SIZE_CHOICES' values.")
 
 
 #: Parameters mirrored in the URL (query name = parameter name).
@@ -291,18 +308,23 @@ class OverviewView(View):
         self.content.objects = [self.table]
 
     def frame(self):
-        """The runs table as shown: identity, counts, budget in percent, then every score."""
+        """The runs table as shown: identity, counts, the three sizes (``k_%`` and
+        ``changed_%`` of the backbone, ``adapter_MB`` and ``adapter_%`` of the full checkpoint),
+        budget in percent, then every score."""
         df = self.cat.table()
         if df.empty:
             return df
         df = df.copy()
         df["budget"] = 100.0 * df["budget"]
-        df["budget_fraction"] = 100.0 * df["budget_fraction"]
-        df = df.rename(columns={"budget": "budget_%", "budget_fraction": "trainable_%"})
+        for key, (column, scale) in _SIZE_COLUMNS.items():
+            values = df.pop(key) if key in df.columns else pd.Series(float("nan"), df.index)
+            df[column] = scale * pd.to_numeric(values, errors="coerce")
+        df = df.rename(columns={"budget": "budget_%"})
         if "problem" in df.columns and df["problem"].isna().all():
             df = df.drop(columns="problem")  # shown only when a run has one
+        sizes = [column for column, _ in _SIZE_COLUMNS.values()]
         first = ["run", "problem", "task", "method", "budget_%", "seed", "finished", "steps",
-                 "trainable_backbone", "changed_backbone", "trainable_%", "trainable_total",
+                 *sizes, "trainable_backbone", "changed_backbone", "trainable_total",
                  "changed_total", "encoder_decoder_policy", "train_seconds"]
         first = [c for c in first if c in df.columns]
         return df[first + [c for c in df.columns if c not in first]]
@@ -646,7 +668,7 @@ class SkillView(View):
 
 class BudgetView(View):
     key = "budget"
-    watches = ("task", "score")
+    watches = ("task", "score", "size")
 
     def __init__(self, wb: Workbench) -> None:
         super().__init__(wb)
@@ -654,16 +676,20 @@ class BudgetView(View):
                                       width=200)
         self.score = pn.widgets.Select(label="Score", options=[""], css_classes=["wb-score"],
                                        width=320)
+        self.size = pn.widgets.Select(label="x: size", options=_SIZE_CHOICES,
+                                      value="budget_fraction", css_classes=["wb-size"], width=200)
         _bind(self.task, self.sel, "task")
         _bind(self.score, self.sel, "score")
+        _bind(self.size, self.sel, "size")
         self.plot = _plot_pane("wb-budget-plot")
-        self.content.objects = [pn.Row(self.task, self.score), self.plot]
+        self.content.objects = [pn.Row(self.task, self.score, self.size), self.plot]
 
     def on_selection(self, names: set[str]) -> None:
         self.draw()
 
     def draw(self) -> None:
         from wpeft.viz.interactive import hv_budget_vs_skill
+        from wpeft.viz.skill import SIZE_AXES
 
         df = self.cat.table()
         if df.empty:
@@ -678,17 +704,23 @@ class BudgetView(View):
                   if c not in _RUN_COLUMNS and rows[c].notna().any()]
         preferred = [c for c in scores if "bilinear" not in c and "persistence" not in c]
         score = _pick(self.sel.score, scores, (preferred or scores or [""])[0])
+        size = _pick(self.sel.size, list(_SIZE_CHOICES.values()))
         _set(self.task, options=tasks, value=task)
         _set(self.score, options=scores or [""], value=score)
-        self.sel.param.update(task=task, score=score)
-        frame = self.cat.budget_table(task, score)
+        _set(self.size, value=size)
+        self.sel.param.update(task=task, score=score, size=size)
+        frame = self.cat.budget_table(task, score, size)
         if frame.empty:
-            raise DataError(f"No finished {task} run has a {score!r} score.")
-        self.plot.object = hv_budget_vs_skill(frame, score=score,
+            which = next(k for k, v in _SIZE_CHOICES.items() if v == size)
+            raise DataError(
+                f"No finished {task} run has a {score!r} score and a known size {which!r} "
+                "(runs written before it was recorded lack it); choose another x axis."
+            )
+        self.plot.object = hv_budget_vs_skill(frame, score=score, size=size,
                                               title=f"{task}: budget vs {score}")
         self.caption.object = (
-            f"**{len(frame)} finished {_md(task)} runs** · x: trainable parameters achieved "
-            f"(% of backbone, log scale) · y: **{_md(score)}** · line: mean over seeds per budget"
+            f"**{len(frame)} finished {_md(task)} runs** · x: {SIZE_AXES[size]} (log scale) · "
+            f"y: **{_md(score)}** · line: mean over seeds per budget"
         )
 
 

@@ -164,6 +164,7 @@ class PEFTMethod:
         self.model: WpeftAurora | None = None
         self.head: nn.Module | None = None
         self.backbone_size = 0
+        self.backbone_bytes = 0
         self._group_of: dict[int, str] = {}
         self._pristine_name: dict[int, str] = {}
 
@@ -185,7 +186,10 @@ class PEFTMethod:
         model.applied_method = self.name
         self.model, self.head = model, head
         self.backbone_size = model.num_parameters()["backbone"]  # before any injection
-        for group, params in model.named_parameter_groups().items():
+        groups = model.named_parameter_groups()
+        # what a fully fine-tuned backbone's checkpoint stores: its parameters in their dtype
+        self.backbone_bytes = sum(p.numel() * p.element_size() for _, p in groups["backbone"])
+        for group, params in groups.items():
             for name, p in params:
                 self._group_of[id(p)] = group
                 self._pristine_name[id(p)] = name
@@ -398,8 +402,10 @@ class PEFTMethod:
 
     def describe(self, reference: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """What a run records about the method (its part of ``summary.json``): name, config,
-        encoder/decoder policy, trainable counts and budget fraction, and with ``reference``
-        (the pristine state) the changed counts."""
+        encoder/decoder policy, trainable counts and budget fraction, the backbone's parameter
+        count and bytes (``full_checkpoint_bytes``: the backbone's parameters in their dtype, what
+        a fully fine-tuned backbone's checkpoint stores), and with ``reference`` (the pristine
+        state) the changed counts."""
         out = {
             "method": self.name,
             "method_config": self.config.to_dict(),
@@ -407,6 +413,7 @@ class PEFTMethod:
             "trainable": self.trainable(),
             "budget_fraction": self.budget_fraction(),
             "backbone_parameters": self.backbone_size,
+            "full_checkpoint_bytes": self.backbone_bytes,
         }
         if reference is not None:
             out["changed"] = self.changed(reference)

@@ -7,7 +7,8 @@ records, and per-grid-point skill.
 >>> runs.table(runs.scan("results"))                               # doctest: +SKIP
 
 Modules: :mod:`~wpeft.runs.layout` (the files of a run directory, :class:`RunLayout`),
-:mod:`~wpeft.runs.store` (append-only records, :class:`Run`, ``open``, ``scan``, ``table``),
+:mod:`~wpeft.runs.store` (append-only records, :class:`Run`, ``open``, ``scan``, ``table``,
+``run_sizes``),
 :mod:`~wpeft.runs.fisher_records`, :mod:`~wpeft.runs.attention_records`,
 :mod:`~wpeft.runs.skill`, :mod:`~wpeft.runs.recorders` (``attach_recorders`` for the loop),
 :mod:`~wpeft.runs.curves` (validation curves, ``curves_table``).
@@ -30,6 +31,7 @@ _NAMES = {
     "attach_recorders": ("recorders", "attach_recorders"),
     "curves_table": ("curves", "curves_table"),
     "open": ("store", "open_run"),
+    "run_sizes": ("store", "run_sizes"),
     "scan": ("store", "scan"),
     "skill_difference": ("skill", "skill_difference"),
     "skill_fields": ("skill", "skill_fields"),
@@ -44,6 +46,7 @@ __all__ = [
     "attach_recorders",
     "curves_table",
     "open",
+    "run_sizes",
     "scan",
     "skill_difference",
     "skill_fields",

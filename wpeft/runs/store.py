@@ -48,7 +48,8 @@ from wpeft.runs.layout import (
 from wpeft.runs.skill import skill_fields
 
 __all__ = [
-    "RECORDS_DIR", "RecordStore", "Run", "RunIdentity", "open_run", "scan", "sort_table", "table",
+    "RECORDS_DIR", "SIZES", "RecordStore", "Run", "RunIdentity", "open_run", "run_sizes", "scan",
+    "sort_table", "table",
 ]
 
 _FORMAT = 1
@@ -342,15 +343,66 @@ class RunIdentity:
         return cls(UNKNOWN, UNKNOWN, None, 0, None, {}, (problem,))
 
 
+#: The three sizes every run reports (:func:`run_sizes`): ``summary.json`` key -> what it is.
+SIZES = {
+    "budget_fraction": "per-step k: scalars allowed to change outside the task head (at the "
+                       "last step), as a fraction of the backbone's parameters",
+    "changed_fraction": "union: scalars outside the task head that differ from the pretrained "
+                        "weights after training, as a fraction of the backbone's parameters",
+    "adapter_bytes": "bytes of the adapter file (adapter.safetensors)",
+    "adapter_fraction": "adapter bytes as a fraction of the full fine-tuned checkpoint's bytes "
+                        "(the backbone's parameters in their dtype, full_checkpoint_bytes)",
+}
+
+
+def run_sizes(summary: dict[str, Any] | None) -> dict[str, float]:
+    """The three sizes of a run from its ``summary.json`` (keys of :data:`SIZES`).
+
+    A size the summary records is taken as it is; otherwise it is computed from the counts:
+    ``changed_fraction = (changed.total - changed.head) / backbone_parameters`` (the same
+    entries ``budget_fraction`` counts: backbone, added modules, encoder/decoder under the
+    ``train`` policy) and ``adapter_fraction = adapter_bytes / full_checkpoint_bytes``. What
+    cannot be had (a run still training, or written before a key existed, or a value of the
+    wrong type) is NaN.
+
+    Example: ``{"changed": {"head": 10, "total": 60}, "backbone_parameters": 1000,
+    "adapter_bytes": 500, "full_checkpoint_bytes": 4000, "budget_fraction": 0.02}`` gives
+    budget 0.02, changed 0.05, adapter 500 bytes and 0.125 of the full checkpoint.
+    """
+    s = summary or {}
+
+    def value(key: str) -> float:
+        v = s.get(key)
+        return float(v) if _number(v) else math.nan
+
+    def ratio(num: float, den: float) -> float:
+        return num / den if math.isfinite(num) and math.isfinite(den) and den > 0 else math.nan
+
+    changed = s.get("changed")
+    changed = changed if isinstance(changed, dict) else {}
+    outside_head = (
+        changed["total"] - changed.get("head", 0)
+        if _number(changed.get("total")) and _number(changed.get("head", 0)) else math.nan
+    )
+    sizes = {
+        "budget_fraction": value("budget_fraction"),
+        "changed_fraction": ratio(outside_head, value("backbone_parameters")),
+        "adapter_bytes": value("adapter_bytes"),
+        "adapter_fraction": ratio(value("adapter_bytes"), value("full_checkpoint_bytes")),
+    }
+    recorded = {k: value(k) for k in sizes if k in s}
+    return {**sizes, **{k: v for k, v in recorded.items() if math.isfinite(v)}}
+
+
 def _summary_columns(
     summary: dict[str, Any] | None,
 ) -> tuple[dict[str, Any], dict[str, float], list[str]]:
     """The runs-table columns of a ``summary.json`` (None while training: all NaN).
 
     Returns:
-        The count / budget-fraction / policy / time columns, the scores, and what is wrong: a
-        key of :data:`SUMMARY_KEYS` missing or a value of the wrong type (read as NaN), one
-        line each.
+        The count / size (:func:`run_sizes`) / policy / time columns, the scores, and what is
+        wrong: a key of :data:`SUMMARY_KEYS` missing or a value of the wrong type (read as
+        NaN), one line each.
     """
     s = summary or {}
     problems = []
@@ -384,6 +436,7 @@ def _summary_columns(
         "changed_total": number("changed.total", changed.get("total")),
         "budget_fraction": number("budget_fraction", s.get("budget_fraction"),
                                   null_ok="budget_fraction" not in s),
+        **{k: v for k, v in run_sizes(s).items() if k != "budget_fraction"},
         "encoder_decoder_policy": policy,
         "train_seconds": number("train_seconds", s.get("train_seconds")),
     }
@@ -625,7 +678,8 @@ def sort_table(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 def table(runs: str | Path | Iterable[Run]) -> pd.DataFrame:
     """A runs table: one row per run (:meth:`Run.row`): task, method, budget, seed, trainable /
-    changed counts, budget fraction and every score; ``runs`` is a root directory or runs."""
+    changed counts, the three sizes (:func:`run_sizes`) and every score; ``runs`` is a root
+    directory or runs."""
     if isinstance(runs, (str, Path)):
         runs = scan(runs)
     return sort_table(r.row() for r in runs)

@@ -13,8 +13,11 @@ runs at the chosen lr only. A run that diverges is never chosen. The test split 
 settings every cell shares (task settings, backbone and its weights) are not in the cell's
 name: a root whose finished cells ran with other ones is refused before any run starts. The
 tables (markdown + CSV + netCDF) hold mean ± std over seeds of every headline score and the
-trainable fraction of backbone parameters; the netCDF's attributes hold each task's settings
-and the backbone weights the runs recorded. Score cells that differ significantly from a
+three sizes of every run (:func:`wpeft.runs.store.run_sizes`: per-step k and the union of
+changed entries as % of the backbone, the adapter file in MB and as % of the full fine-tuned
+checkpoint); the netCDF's attributes hold each task's settings and the backbone weights the
+runs recorded.
+Score cells that differ significantly from a
 reference method (Full-Tuning by default) are marked, tested on the runs' test fields with the
 paired t-test with AR(1) effective sample size over the test times (:func:`reference_marks`).
 """
@@ -35,7 +38,7 @@ from wpeft.errors import ConfigError, DataError
 from wpeft.methods.base import method_class
 from wpeft.runs.curves import headline_val_score, task_headline, val_lines
 from wpeft.runs.layout import FIELDS, SUMMARY, RunFileError, RunLayout, read_json_object
-from wpeft.runs.store import Run, write_json_atomic
+from wpeft.runs.store import Run, run_sizes, write_json_atomic
 from wpeft.training.loop import TrainConfig, TrainingDiverged, train
 
 __all__ = [
@@ -367,11 +370,23 @@ def _budget_label(budget: float | None) -> str:
     return "default" if budget is None else f"{100 * budget:g}%"
 
 
+#: The size variables of :func:`collect`: name -> (``run_sizes`` key, scale, units, long name).
+SIZE_VARIABLES = {
+    "budget_percent": ("budget_fraction", 100.0, "%", "per-step k, % of backbone"),
+    "changed_percent": ("changed_fraction", 100.0, "%", "changed (union), % of backbone"),
+    "adapter_bytes": ("adapter_bytes", 1.0, "B", "adapter file size"),
+    "adapter_percent": ("adapter_fraction", 100.0, "%", "adapter, % of the full checkpoint"),
+}
+
+
 def collect(root: str | Path) -> xr.Dataset:
     """All finished runs under ``root`` as one Dataset with dims (task, method, budget, seed):
-    one variable per score plus ``budget_percent`` (trainable share of the backbone). With an
-    :data:`LR_SELECTION` only the runs at each chosen lr, and the choice in ``attrs["lr_selection"]``;
-    the ``root`` attribute names the directory (where :func:`tables` finds the runs' test fields)."""
+    one variable per score plus the sizes of :data:`SIZE_VARIABLES` (``budget_percent``: per-step
+    k, ``changed_percent``: union of changed entries, both % of backbone; ``adapter_bytes`` and
+    ``adapter_percent`` of the full checkpoint; NaN where a run did not record what it needs).
+    With an :data:`LR_SELECTION` only the runs at each chosen lr, and the choice in
+    ``attrs["lr_selection"]``; the ``root`` attribute names the directory (where :func:`tables`
+    finds the runs' test fields)."""
     rows, selection = _summaries_at_chosen_lr(Path(root))
     if not rows:
         raise FileNotFoundError(f"No finished runs ({SUMMARY}) under {root}.")
@@ -379,21 +394,26 @@ def collect(root: str | Path) -> xr.Dataset:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     budgets = sorted({_budget_label(r["budget"]) for r in rows})
     seeds = sorted({r["seed"] for r in rows})
-    keys = sorted({k for r in rows for k in r["scores"]}) + ["budget_percent"]
+    keys = sorted({k for r in rows for k in r["scores"]}) + list(SIZE_VARIABLES)
     data = {k: np.full((len(tasks), len(methods), len(budgets), len(seeds)), np.nan) for k in keys}
     for r in rows:
         b = _budget_label(r["budget"])
         idx = (tasks.index(r["task"]), methods.index(r["method"]), budgets.index(b), seeds.index(r["seed"]))
         for k, v in r["scores"].items():
             data[k][idx] = v
-        data["budget_percent"][idx] = 100 * r["budget_fraction"]
+        sizes = run_sizes(r)
+        for name, (key, scale, _, _) in SIZE_VARIABLES.items():
+            data[name][idx] = scale * sizes[key]
     dims = ("task", "method", "budget", "seed")
-    return xr.Dataset(
+    out = xr.Dataset(
         {k.replace("/", ":"): (dims, v) for k, v in data.items()},
         coords={"task": tasks, "method": methods, "budget": budgets, "seed": seeds},
         attrs={**_shared_settings(rows, tasks), **_selection_attrs(selection),
                "root": str(Path(root).resolve())},
     )
+    for name, (_, _, units, long_name) in SIZE_VARIABLES.items():
+        out[name].attrs.update(units=units, long_name=long_name)
+    return out
 
 
 def _selection_attrs(selection: dict[str, Any] | None) -> dict[str, str]:
@@ -437,7 +457,7 @@ def _headline_columns(sub: xr.Dataset, task: str) -> tuple[list[str], dict[str, 
     headline = getattr(TASKS.get(task), "headline", ())
     main, refs = [], {}
     for v in sub.data_vars:
-        if v == "budget_percent" or not np.isfinite(sub[v]).any():
+        if v in SIZE_VARIABLES or not np.isfinite(sub[v]).any():
             continue
         prefix, _, var = str(v).partition(":")
         if headline and not any(var == h or var.startswith(f"{h}_") for h in headline):
@@ -449,20 +469,41 @@ def _headline_columns(sub: xr.Dataset, task: str) -> tuple[list[str], dict[str, 
     return main, refs
 
 
+#: The size columns of :func:`tables` (see :func:`size_cells`).
+SIZE_COLUMNS = ("k % (per step)", "changed % (union)", "adapter MB (% of full)")
+
+
+def _spread(x: np.ndarray) -> str:
+    """Finite values of a size: one value when every seed agrees, else mean ± std ('-': none)."""
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return "-"
+    return f"{x[0]:.4g}" if np.all(x == x[0]) else f"{x.mean():.4g} ± {x.std():.2g}"
+
+
+def size_cells(cell: xr.Dataset) -> list[str]:
+    """The :data:`SIZE_COLUMNS` cells of one (method, budget) over its seeds: k %, changed %,
+    and ``<MB> (<%>%)`` of the adapter (``<MB>`` alone when the full checkpoint is unknown)."""
+    mb = _spread(cell["adapter_bytes"].values / 1e6)
+    percent = _spread(cell["adapter_percent"].values)
+    adapter = mb if mb == "-" or percent == "-" else f"{mb} ({percent}%)"
+    k, changed = _spread(cell["budget_percent"].values), _spread(cell["changed_percent"].values)
+    return [k, changed, adapter]
+
+
 def tables(results: xr.Dataset, reference: str | None = "full") -> dict[str, str]:
-    """One markdown table per task: rows method x budget, columns the trainable share of the
-    backbone and the headline scores, cells mean ± std over seeds; references last. Score cells
-    significantly different from method ``reference`` carry a :data:`MARKER`, explained by a
-    line under the table (:func:`reference_marks`; none when ``reference`` is None or not in
-    the matrix)."""
+    """One markdown table per task: rows method x budget, columns the three sizes
+    (:data:`SIZE_COLUMNS`) and the headline scores, cells mean ± std over seeds (sizes: one
+    value when the seeds agree); references last. Score cells significantly different from
+    method ``reference`` carry a :data:`MARKER`, explained by a line under the table
+    (:func:`reference_marks`; none when ``reference`` is None or not in the matrix)."""
     out = {}
     for task in results.task.values:
         sub = results.sel(task=task)
         main, refs = _headline_columns(sub, str(task))
         marks, note = reference_marks(results, str(task), main, reference)
-        cols = ["budget_percent"] + main
-        names = ["trainable % of backbone"] + [c.replace(":", " ") for c in main]
-        lines = ["| method | budget | seeds | " + " | ".join(names) + " |", "|---" * (len(cols) + 3) + "|"]
+        names = list(SIZE_COLUMNS) + [c.replace(":", " ") for c in main]
+        lines = ["| method | budget | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
 
         def fmt(x: np.ndarray) -> str:
             x = x[np.isfinite(x)]
@@ -475,11 +516,13 @@ def tables(results: xr.Dataset, reference: str | None = "full") -> dict[str, str
                 cell = sub.sel({"method": method, "budget": budget})
                 n = int(np.isfinite(cell["budget_percent"]).sum())
                 if n:
-                    vals = [fmt(cell[c].values) + marks.get((method, budget, c), "") for c in cols]
+                    vals = size_cells(cell) + [
+                        fmt(cell[c].values) + marks.get((method, budget, c), "") for c in main
+                    ]
                     lines.append(f"| {method} | {budget} | {n} | " + " | ".join(vals) + " |")
         labels = dict.fromkeys(REFERENCES[p][0] for p in refs)
         for label in labels:
-            vals = ["-"]
+            vals = ["-"] * len(SIZE_COLUMNS)
             for c in main:
                 metric, _, var = c.partition(":")
                 ref = next(

@@ -7,7 +7,8 @@ trains (adapter tensors, their optimiser state, the method's selection state, RN
 position). ``resume=True`` continues a killed run to the same result as an uninterrupted one.
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON line per evaluation),
-``summary.json`` (trainable / changed counts, budget, encoder-decoder policy, final scores),
+``summary.json`` (trainable / changed counts, the three sizes of
+:func:`wpeft.runs.store.run_sizes`, budget, encoder-decoder policy, final scores),
 ``adapter.safetensors`` + ``adapter.json`` and ``fields.nc`` (test predictions and targets).
 """
 
@@ -56,7 +57,7 @@ from wpeft.options import check_settings
 from wpeft.paths import package_data_dir
 from wpeft.runs.layout import RunFileError, RunLayout, partial, read_json_object
 from wpeft.runs.recorders import Recorders, attach_recorders
-from wpeft.runs.store import write_json_atomic
+from wpeft.runs.store import run_sizes, write_json_atomic
 from wpeft.tasks import TaskBatch, create_task
 from wpeft.tasks.base import Task
 from wpeft.tasks.common import copy_task_variables
@@ -1005,6 +1006,9 @@ def _finish(
             "strategy": strategy,
             "resumes": resumes,
         }
+        sizes = run_sizes(summary)  # the sizes besides budget_fraction and adapter_bytes
+        summary.update(changed_fraction=sizes["changed_fraction"],
+                       adapter_fraction=sizes["adapter_fraction"])
         write_json_atomic(layout.summary, summary)
     if env.distributed:
         box = [summary]

@@ -39,7 +39,7 @@ from wpeft.viz.maps import (
     latlon_field,
 )
 from wpeft.viz.skill import (
-    BUDGET_LABEL,
+    SIZE_AXES,
     _as_difference,
     _is_signed,
     budget_table,
@@ -354,16 +354,17 @@ def hv_budget_vs_skill(
     score_label: str | None = None,
     methods: Sequence[str] | None = None,
     title: str = "",
+    size: str = "budget_fraction",
 ) -> Any:
-    """hv.Overlay of one hv.Scatter per method (every run), kdim ``budget_percent`` (log x),
-    vdim ``score``, plus an hv.Curve through the method's mean score per budget; ``title``
-    names the plot."""
+    """hv.Overlay of one hv.Scatter per method (every run), kdim ``budget_percent`` (log x: the
+    ``size`` of :data:`~wpeft.viz.skill.SIZE_AXES` in %, per-step k by default), vdim ``score``,
+    plus an hv.Curve through the method's mean score per budget; ``title`` names the plot."""
     hv = _hv()
-    df = budget_table(table, score)
+    df = budget_table(table, score, size)
     label = score_label or df.attrs["score_label"]
     order = list(methods) if methods is not None else list(dict.fromkeys(map(str, df["method"])))
     styles = method_style(order)
-    x = hv.Dimension("budget_percent", label=BUDGET_LABEL)
+    x = hv.Dimension("budget_percent", label=SIZE_AXES[size])
     y = hv.Dimension("score", label=label)
     layers = []
     for m in order:

@@ -34,6 +34,7 @@ from wpeft.viz.style import (
 
 __all__ = [
     "BUDGET_LABEL",
+    "SIZE_AXES",
     "budget_table",
     "not_significant_label",
     "plot_budget_vs_skill",
@@ -42,6 +43,12 @@ __all__ = [
 ]
 
 BUDGET_LABEL = "trainable parameters (% of backbone)"
+#: The x axes budget vs skill can have: a size of :func:`wpeft.runs.store.run_sizes` -> label.
+SIZE_AXES = {
+    "budget_fraction": "per-step k: " + BUDGET_LABEL,
+    "changed_fraction": "changed parameters, union over training (% of backbone)",
+    "adapter_fraction": "adapter file (% of the full fine-tuned checkpoint)",
+}
 
 
 def _is_signed(values: Any) -> bool:
@@ -199,12 +206,16 @@ def plot_skill_comparison(
     return fig
 
 
-def budget_table(table: pd.DataFrame | xr.Dataset, score: str = "score") -> pd.DataFrame:
+def budget_table(
+    table: pd.DataFrame | xr.Dataset, score: str = "score", size: str = "budget_fraction"
+) -> pd.DataFrame:
     """A DataFrame with columns ``method``, ``budget_percent`` and ``score`` (float).
 
     Accepts a DataFrame or a Dataset (one row per element of its dim); ``score`` names the score
     column (e.g. ``"2m_temperature_rmse"`` in :func:`wpeft.runs.table`), and ``budget_percent``
-    is taken as ``100 * budget_fraction`` when only that column exists. The score label goes to
+    is taken as ``100 * budget_fraction`` when only that column exists. Another ``size`` of
+    :data:`SIZE_AXES` (``changed_fraction``, ``adapter_fraction``: columns of a runs table)
+    gives ``budget_percent = 100 * <size>`` instead, the x of the plot. The score label goes to
     ``attrs["score_label"]`` (from the table's attrs, the Dataset variable's ``long_name``, or
     the schema).
     """
@@ -215,9 +226,16 @@ def budget_table(table: pd.DataFrame | xr.Dataset, score: str = "score") -> pd.D
             attrs.setdefault("score_label", table[score].attrs.get("long_name"))
         table = table.to_dataframe().reset_index()
     attrs.update(getattr(table, "attrs", {}) or {})
+    if size not in SIZE_AXES:
+        raise DataError(f"Unknown size {size!r} for the x axis; one of {list(SIZE_AXES)}.")
     df = table.copy()
-    if "budget_percent" not in df.columns and "budget_fraction" in df.columns:
-        df["budget_percent"] = 100.0 * pd.to_numeric(df["budget_fraction"], errors="coerce")
+    use_size = size != "budget_fraction" or "budget_percent" not in df.columns
+    if use_size and size in df.columns:
+        df["budget_percent"] = 100.0 * pd.to_numeric(df[size], errors="coerce")
+    elif size != "budget_fraction":
+        raise DataError(
+            f"The runs table lacks column {size!r}; it has {list(map(str, df.columns))}."
+        )
     missing = [c for c in ("method", "budget_percent", score) if c not in df.columns]
     if missing:
         raise DataError(
