@@ -119,6 +119,8 @@ def test_a_recipe_dry_run_prints_what_it_would_train(capsys, tmp_path) -> None:
     assert code == 0
     assert "recipe paper-precipitation" in out and "1.3b" in out
     assert '"region": [15.25, 75.0, 70.0, 129.75]' in out and '"num_prompts": 20' in out
+    # the recipe's 0.3 % is feasible on 1.3b (TADP at 20 prompts is 0.11 %): matched on meta
+    assert "budget: target 0.3 %, achieved 0.3 % (keep_ratio=" in out and "= tadp 0.1093 %" in out
 
 
 def test_recipe_overrides_merge_into_nested_settings() -> None:

@@ -207,6 +207,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         match = probe_budget(cfg)  # None without --budget; refuses an infeasible one
         if match is not None:
             print(f"  {match.describe()}")
+            print("    (probed on the backbone's variables; the run matches again with the "
+                  "task's, which TADP's generators read)")
         return 0
     from wpeft.distributed.runtime import shutdown
 

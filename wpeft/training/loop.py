@@ -46,6 +46,7 @@ from wpeft.backbones.aurora_adapter import (
 )
 from wpeft.backbones.configs import get_config
 from wpeft.backbones.pretrain import load_pretrained, pretrained_card
+from wpeft.distributed.inventory import params_on_meta
 from wpeft.distributed.runtime import DistEnv, init_from_env
 from wpeft.distributed.strategy import STRATEGIES, TrainingModule, resolve_strategy, wrap
 from wpeft.errors import CheckpointError, ConfigError, WpeftError
@@ -410,11 +411,18 @@ def probe_setup(cfg: TrainConfig) -> tuple[Task, WpeftAurora]:
 
 
 def probe_budget(cfg: TrainConfig) -> BudgetMatch | None:
-    """:func:`match_run_budget` on :func:`probe_setup`, without preparing the run (``wpeft
-    train --dry-run``); None without ``cfg.budget``."""
+    """The budget match of ``cfg`` without reading weights or data (``wpeft train --dry-run``):
+    probed on backbones of ``cfg.backbone``'s architecture on the meta device, at the run's
+    method settings (the task's prompt count included), but without the variables a task adds
+    when it is set up (TADP's generators grow with them; the run matches again, with them).
+    None without ``cfg.budget``; refuses a budget the method cannot reach."""
     if cfg.budget is None:
         return None
-    return match_run_budget(cfg, *probe_setup(cfg))
+    task = create_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+    config = get_config(cfg.backbone)
+    with params_on_meta():
+        return match_budget(cfg.method, cfg.budget, lambda: build_backbone(config),
+                            **run_method_options(cfg, task))
 
 
 def prepare_run(
