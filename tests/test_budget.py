@@ -6,9 +6,11 @@ import pytest
 from torch import nn
 
 from wpeft.backbones.aurora_adapter import build_backbone
+from wpeft.cli import main
 from wpeft.errors import ConfigError
 from wpeft.methods import create_method
-from wpeft.methods.budget import match_budget
+from wpeft.methods.budget import BudgetInfeasible, match_budget, readable_bound
+from wpeft.training.compare import CompareConfig, compare
 
 
 def tiny():
@@ -84,3 +86,101 @@ def test_weatherpeft_is_tadp_plus_sfas() -> None:
     # the prompt generators are never selection candidates
     eligible = {id(p) for p in wp.model.backbone.parameters()}
     assert not any(id(p) in eligible for p in wp.added.parameters())
+
+
+# --- no clamp: refusals with the smallest feasible budget ---------------------------------------
+
+WORLD = {"nlat": 16, "nlon": 32, "days": 12, "spinup_days": 1, "ensemble_inits": 8, "ensemble_members": 3}
+
+
+@pytest.fixture
+def small_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("WPEFT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "world-cache"))
+
+
+def fraction(name: str, **kwargs) -> float:
+    method = create_method(name, **kwargs)
+    method.apply(tiny())
+    return method.budget_fraction()
+
+
+@pytest.mark.parametrize("value,up,expected", [
+    (0.0374401, True, 0.038), (0.0057718, True, 0.0058), (0.038, True, 0.038),
+    (0.0999, True, 0.1), (0.0374401, False, 0.037), (0.99, False, 0.99),
+])
+def test_readable_bound(value: float, up: bool, expected: float) -> None:
+    assert readable_bound(value, up) == expected
+
+
+def test_lora_below_rank_one_is_refused_with_the_smallest_budget() -> None:
+    floor = fraction("lora", rank=1)  # 0.577 % of tiny
+    assert 0.0057 < floor < 0.0058  # so the readable smallest budget is 0.0058
+    with pytest.raises(BudgetInfeasible, match=rf"rank=1\) it trains {100 * floor:.4g}% of the "
+                                               r"backbone; use --budget 0\.0058 or more") as e:
+        match_budget("lora", 0.003, tiny)
+    assert e.value.smallest == 0.0058 and e.value.largest is None
+    m = match_budget("lora", 0.0058, tiny)  # the advised budget is feasible: rank 1, within it
+    assert m.value == 1 and m.achieved == pytest.approx(floor) and m.achieved <= 0.0058
+
+
+def test_weatherpeft_refusal_names_tadp_share_and_the_prompts_that_fit() -> None:
+    n = tiny().num_parameters()["backbone"]
+    tadp30, tadp29 = fraction("tadp", num_prompts=30), fraction("tadp", num_prompts=29)
+    per_prompt = tadp30 - tadp29
+    intercept = tadp30 - 30 * per_prompt
+    smallest = tadp30 + 1 / n  # TADP plus one SFAS entry
+    assert 0.037 < smallest < 0.038
+    fits = int((0.02 - 1 / n - intercept) // per_prompt)
+    assert fits == 11
+    with pytest.raises(BudgetInfeasible) as e:
+        match_budget("weatherpeft", 0.02, tiny, num_prompts=30)
+    text = str(e.value)
+    assert f"alone take {100 * tadp30:.4g}%" in text and "(30 per block)" in text
+    assert "use --budget 0.038 or more" in text and "num_prompts=11" in text
+    assert e.value.smallest == 0.038
+    # the advice holds: 11 prompts fit 2 %, 12 do not
+    m = match_budget("weatherpeft", 0.02, tiny, num_prompts=11)
+    assert abs(m.achieved - 0.02) <= 1 / n
+    with pytest.raises(BudgetInfeasible, match="at most 11 prompts"):
+        match_budget("weatherpeft", 0.02, tiny, num_prompts=12)
+    # below TADP at one prompt: said so
+    with pytest.raises(BudgetInfeasible, match=r"even 1 prompt per block does not fit 0\.3% "
+                                               rf"\(TADP at 1 prompt: {100 * (intercept + per_prompt):.4g}%\)"):
+        match_budget("weatherpeft", 0.003, tiny, num_prompts=30)
+
+
+def test_weatherpeft_split_is_tadp_then_sfas() -> None:
+    m = match_budget("weatherpeft", 0.04, tiny, num_prompts=30)
+    assert set(m.split) == {"tadp", "sfas"}
+    assert m.split["tadp"] == pytest.approx(fraction("tadp", num_prompts=30))
+    assert m.split["tadp"] + m.split["sfas"] == pytest.approx(m.achieved, abs=1e-15)
+    assert m.split["sfas"] * tiny().num_parameters()["backbone"] == pytest.approx(
+        m.trainable["backbone"])
+    assert abs(m.achieved - 0.04) <= 1e-6
+    lora = create_method("lora")
+    lora.apply(tiny())
+    assert lora.budget_split() is None  # one part
+    assert "budget: target 4 %, achieved 4 % (keep_ratio=" in m.describe()
+
+
+def test_compare_refuses_an_infeasible_matrix_before_any_run(tmp_path, small_cache) -> None:
+    cfg = CompareConfig(tasks=("downscaling",), methods=("weatherpeft", "lora", "bitfit"),
+                        budgets=(0.003,), steps=1, batch_size=2,
+                        task_options={"downscaling": {"world": WORLD}})
+    root = tmp_path / "root"
+    with pytest.raises(ConfigError) as e:
+        compare(cfg, root, progress=False)
+    text = str(e.value)
+    assert "2 cell(s)" in text and "no run was started" in text
+    assert "downscaling / weatherpeft / budget 0.003: smallest feasible budget 0.038" in text
+    assert "downscaling / lora / budget 0.003: smallest feasible budget 0.0058" in text
+    assert "bitfit" not in text and "--budgets 0.038 or more" in text
+    assert not root.exists()
+
+
+def test_planner_prints_the_refusal(capsys) -> None:
+    code = main(["plan", "--backbone", "tiny", "--method", "lora", "--budget", "0.003",
+                 "--grid", "32x64", "--levels", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "use --budget 0.0058 or more" in err
+    assert "Traceback" not in err and err.count("\n") == 1

@@ -204,3 +204,22 @@ def test_a_checkpoint_with_other_variables_is_refused_before_a_run_directory(
     err = capsys.readouterr().err
     assert code == 2 and "tp" in err and err.count("\n") == 1
     assert not run.exists()
+
+
+def test_dry_run_prints_the_budget_match_or_its_refusal(capsys) -> None:
+    assert main(["train", "--method", "lora", "--budget", "0.04", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "  budget: target 4 %, achieved 4.039 % (rank=7)" in out
+    assert main(["train", "--method", "lora", "--budget", "0.003", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "below what 'lora' can reach" in err and "use --budget 0.0058 or more" in err
+
+
+def test_compare_default_budgets_are_feasible_on_tiny(capsys) -> None:
+    from wpeft.cli import build_parser
+
+    args = build_parser().parse_args(["compare", "--root", "r"])
+    assert args.budgets == [0.04]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--help"])
+    assert "is refused before any run starts" in " ".join(capsys.readouterr().out.split())

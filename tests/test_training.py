@@ -34,19 +34,25 @@ def config(**kw) -> TrainConfig:
 
 
 def test_run_directory_holds_everything(tmp_path) -> None:
-    summary = train(config(budget=0.01), tmp_path / "run", progress=False)
+    summary = train(config(budget=0.04), tmp_path / "run", progress=False)
     run = tmp_path / "run"
     for name in ("config.json", "summary.json", "adapter.safetensors", "adapter.json", "fields.nc", "checkpoint.pt"):
         assert (run / name).exists(), name
     assert summary["encoder_decoder_policy"] == "frozen"
-    assert summary["budget_fraction"] == pytest.approx(0.01, abs=1e-3) or summary["budget_match"]["achieved"] > 0.01
+    # target and achieved, and WeatherPEFT's split (TADP at the task's 30 prompts, then SFAS)
+    written = json.loads((run / "summary.json").read_text())
+    match = written["budget_match"]
+    assert written["budget"] == match["target"] == 0.04 and match["knob"] == "keep_ratio"
+    assert match["achieved"] == pytest.approx(0.04, abs=1e-6) == written["budget_fraction"]
+    assert written["num_prompts"] == 30 and written["budget_split"] == match["split"]
+    assert sum(match["split"].values()) == pytest.approx(match["achieved"], abs=1e-15)
     t, c = summary["trainable"], summary["changed"]
     assert c["encoder"] == c["decoder"] == 0 and 0 < c["backbone"] <= 4 * t["backbone"]
     fields = xr.open_dataset(run / "fields.nc")
     assert "2m_temperature_target" in fields and fields.sizes["latitude"] == 16
     assert all(k.startswith(("rmse/", "rmse_bilinear/")) for k in summary["scores"])
     with pytest.raises(ConfigError, match="already holds a finished run"):
-        train(config(budget=0.01), run, progress=False)
+        train(config(budget=0.04), run, progress=False)
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch) -> None:

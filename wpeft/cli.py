@@ -202,6 +202,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"  {'method settings':<26}{json.dumps(cfg.method_options)}")
         for key, value in plan.items():
             print(f"  {key:<26}{value}")
+        from wpeft.training.loop import probe_budget
+
+        match = probe_budget(cfg)  # None without --budget; refuses an infeasible one
+        if match is not None:
+            print(f"  {match.describe()}")
+            print("    (probed on the backbone's variables; the run matches again with the "
+                  "task's, which TADP's generators read)")
         return 0
     from wpeft.distributed.runtime import shutdown
 
@@ -215,6 +222,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     t = summary["trainable"]
     print(f"run {args.out}: {summary['method']} on {summary['task']}, budget "
           f"{100 * summary['budget_fraction']:.3f}% ({t['total'] - t['head']:,} trainable outside the head)")
+    if summary.get("budget_match"):
+        from wpeft.methods.budget import describe_budget
+
+        print(f"  {describe_budget(summary['budget_match'])}")
     for key, value in summary["scores"].items():
         print(f"  {key:<40}{value:.5g}")
     return 0
@@ -399,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", default=None, help="downscaling (default), postprocessing, precipitation")
     t.add_argument("--method", default=None, help="see `wpeft methods` (default: weatherpeft)")
     t.add_argument("--budget", type=float, default=None,
-                   help="fraction of backbone parameters, e.g. 0.003 or 0.04 (default: method default)")
+                   help="fraction of backbone parameters, e.g. 0.04 (default: method default); "
+                        "a budget below the method's smallest size (WeatherPEFT: below TADP's "
+                        "share) is refused with the smallest feasible one")
     t.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE")
     _add_task_and_backbone_arguments(t, backbone_default=None)
     t.add_argument("--steps", type=int, default=None, help="optimiser steps (default 200)")
@@ -432,7 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--root", required=True, help="directory of the run directories")
     c.add_argument("--tasks", nargs="+", default=["downscaling"])
     c.add_argument("--methods", nargs="+", default=["weatherpeft", "full", "lora"])
-    c.add_argument("--budgets", nargs="*", type=float, default=[0.003, 0.04])
+    c.add_argument("--budgets", nargs="*", type=float, default=[0.04],
+                   help="budgets of the methods with a size knob (default 0.04, feasible on tiny "
+                        "for the default methods); a budget below a method's smallest size "
+                        "(WeatherPEFT: TADP's share, about 3.7%% on tiny at 30 prompts) is "
+                        "refused before any run starts, with the smallest feasible budget")
     c.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...)")
     c.add_argument("--steps", type=int, default=200)
     c.add_argument("--batch-size", type=int, default=4)

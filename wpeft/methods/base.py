@@ -273,6 +273,11 @@ class PEFTMethod:
         t = self.trainable()
         return (t["total"] - t["head"]) / self.backbone_size
 
+    def budget_split(self) -> dict[str, float] | None:
+        """The named parts of :meth:`budget_fraction` of a composed method (they sum to it);
+        None for a method of one part."""
+        return None
+
     # --- adapter state ----------------------------------------------------------------------
 
     def adapter_state(self, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -415,6 +420,9 @@ class PEFTMethod:
             "backbone_parameters": self.backbone_size,
             "full_checkpoint_bytes": self.backbone_bytes,
         }
+        split = self.budget_split()
+        if split is not None:
+            out["budget_split"] = split
         if reference is not None:
             out["changed"] = self.changed(reference)
         return out

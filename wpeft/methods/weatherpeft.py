@@ -36,3 +36,15 @@ class WeatherPEFT(TADPPrompted, SFAS):
     size_knob = "keep_ratio"
     summary = "TADP prompts + SFAS annealed Fisher selection (the paper's method)"
     config: WeatherPEFTConfig
+
+    def budget_split(self) -> dict[str, float]:
+        """``{"tadp": generators, "sfas": selected backbone entries}`` as fractions of the
+        backbone (plus ``"encoder_decoder"`` when the policy trains them); they sum to
+        :meth:`budget_fraction`. The budget matcher sizes TADP first (the task's prompt
+        count) and gives SFAS the rest."""
+        assert self.model is not None, "apply the method first"
+        t = self.trainable()
+        split = {"tadp": t["added"] / self.backbone_size, "sfas": t["backbone"] / self.backbone_size}
+        if t["encoder"] or t["decoder"]:
+            split["encoder_decoder"] = (t["encoder"] + t["decoder"]) / self.backbone_size
+        return split

@@ -33,16 +33,24 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from wpeft.backbones.aurora_adapter import check_weights_file
+from wpeft.backbones.aurora_adapter import WpeftAurora, check_weights_file
 from wpeft.errors import ConfigError, DataError
 from wpeft.methods.base import method_class
+from wpeft.methods.budget import BudgetInfeasible
 from wpeft.runs.curves import headline_val_score, task_headline, val_lines
 from wpeft.runs.layout import FIELDS, SUMMARY, RunFileError, RunLayout, read_json_object
 from wpeft.runs.store import Run, run_sizes, write_json_atomic
-from wpeft.training.loop import TrainConfig, TrainingDiverged, train
+from wpeft.tasks.base import Task
+from wpeft.training.loop import (
+    TrainConfig,
+    TrainingDiverged,
+    match_run_budget,
+    probe_setup,
+    train,
+)
 
 __all__ = [
-    "LR_SELECTION", "CompareConfig", "choose_lrs", "collect", "compare", "lr_selection_table",
+    "LR_SELECTION", "CompareConfig", "check_budgets", "choose_lrs", "collect", "compare", "lr_selection_table",
     "read_lr_selection", "reference_marks", "tables", "write_tables",
 ]
 
@@ -192,15 +200,50 @@ def check_finished_cells(cells: Sequence[TrainConfig], root: Path, *, with_lr: b
             )
 
 
+def check_budgets(cells: Sequence[TrainConfig]) -> None:
+    """Refuse, in one :class:`ConfigError`, every (task, method, budget) of ``cells`` that the
+    method cannot reach, each with its smallest (or largest) feasible budget. Budgets are
+    matched on probes with the task's variables (:func:`match_run_budget`; each task is set up
+    once, :func:`probe_setup`), before any run."""
+    probes: dict[str, tuple[Task, WpeftAurora]] = {}
+    seen: set[tuple[str, str, float]] = set()
+    refused: list[str] = []
+    smallest: list[float] = []
+    for cfg in cells:
+        if cfg.budget is None or (cfg.task, cfg.method, cfg.budget) in seen:
+            continue
+        seen.add((cfg.task, cfg.method, cfg.budget))
+        if cfg.task not in probes:
+            probes[cfg.task] = probe_setup(cfg)
+        try:
+            match_run_budget(cfg, *probes[cfg.task])
+        except BudgetInfeasible as e:
+            if e.smallest is not None:
+                smallest.append(e.smallest)
+                bound = f"smallest feasible budget {e.smallest:g}"
+            else:
+                bound = f"largest feasible budget {e.largest:g}"
+            refused.append(f"  {cfg.task} / {cfg.method} / budget {cfg.budget:g}: {bound}")
+    if refused:
+        hint = f" (--budgets {max(smallest):g} or more suits them)" if smallest else ""
+        raise ConfigError(
+            f"{len(refused)} cell(s) of the comparison ask for a budget their method cannot "
+            "reach; no run was started:\n" + "\n".join(refused) + "\nGive budgets every "
+            f"method can reach{hint}, or leave those methods out."
+        )
+
+
 def compare(config: CompareConfig, root: str | Path, *, progress: bool = True) -> list[dict]:
     """Run (or resume) every cell; return the summaries. Every cell's settings, the backbone
-    checkpoint (readable) and the finished cells under ``root`` (:func:`check_finished_cells`)
-    are checked before the first run starts."""
+    checkpoint (readable), the finished cells under ``root`` (:func:`check_finished_cells`)
+    and every budget (:func:`check_budgets`) are checked before the first run starts."""
     root = Path(root)
     cells = config.cells()
     if config.checkpoint is not None:
         check_weights_file(cells[0].checkpoint if cells else config.checkpoint)
-    check_finished_cells(cells, root, with_lr=config.lrs is not None)
+    with_lr = config.lrs is not None
+    check_finished_cells(cells, root, with_lr=with_lr)
+    check_budgets([c for c in cells if not RunLayout(run_dir(root, c, with_lr=with_lr)).finished])
     if config.lrs is not None:
         return _compare_choosing_lr(config, cells, root, progress=progress)
     return [_run_cell(root, cfg, progress=progress) for cfg in cells]

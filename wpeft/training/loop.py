@@ -8,7 +8,8 @@ position). ``resume=True`` continues a killed run to the same result as an unint
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON line per evaluation),
 ``summary.json`` (trainable / changed counts, the three sizes of
-:func:`wpeft.runs.store.run_sizes`, budget, encoder-decoder policy, final scores),
+:func:`wpeft.runs.store.run_sizes`, budget target and achieved fraction with the knob value in
+``budget_match``, encoder-decoder policy, final scores),
 ``adapter.safetensors`` + ``adapter.json`` and ``fields.nc`` (test predictions and targets).
 """
 
@@ -46,13 +47,14 @@ from wpeft.backbones.aurora_adapter import (
 )
 from wpeft.backbones.configs import get_config
 from wpeft.backbones.pretrain import load_pretrained, pretrained_card
+from wpeft.distributed.inventory import params_on_meta
 from wpeft.distributed.runtime import DistEnv, init_from_env
 from wpeft.distributed.strategy import STRATEGIES, TrainingModule, resolve_strategy, wrap
 from wpeft.errors import CheckpointError, ConfigError, WpeftError
 from wpeft.methods import create_method
 from wpeft.methods.adapter_file import save_adapter
 from wpeft.methods.base import PEFTMethod, method_class, plain_name
-from wpeft.methods.budget import match_budget
+from wpeft.methods.budget import BudgetMatch, describe_budget, match_budget
 from wpeft.options import check_settings
 from wpeft.paths import package_data_dir
 from wpeft.runs.layout import RunFileError, RunLayout, partial, read_json_object
@@ -72,6 +74,10 @@ __all__ = [
     "backbone_weights",
     "check_run_dir",
     "load_backbone",
+    "match_run_budget",
+    "probe_budget",
+    "probe_setup",
+    "run_method_options",
     "train",
 ]
 
@@ -83,7 +89,8 @@ class TrainConfig:
     Attributes:
         task / method: Registered names (``wpeft methods`` lists the methods).
         budget: Target fraction of backbone parameters for the method's size knob (e.g.
-            0.003, 0.04); None keeps the method's default size.
+            0.04); None keeps the method's default size. A budget the method cannot reach
+            (below its smallest size; for WeatherPEFT below TADP's share) is refused.
         method_options / task_options: Further config fields of the method / task. Values
             may nest (``{"world": {"nlat": 16}}``: a mapping for a dataclass-typed field).
         backbone: Backbone architecture (``tiny``, ``small``, ``1.3b``). Without ``checkpoint``
@@ -370,6 +377,56 @@ def backbone_weights(cfg: TrainConfig) -> dict[str, Any]:
             "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
+def run_method_options(cfg: TrainConfig, task: Task) -> dict[str, Any]:
+    """The method's settings of a run: ``cfg.method_options``, plus the task's
+    (:meth:`PEFTMethod.task_settings`, TADP's prompt count) where those leave a key unset or None."""
+    options = dict(cfg.method_options)
+    for key, value in method_class(cfg.method).task_settings(task).items():
+        if options.get(key) is None:
+            options[key] = value
+    return options
+
+
+def match_run_budget(cfg: TrainConfig, task: Task, model: WpeftAurora) -> BudgetMatch | None:
+    """The budget match of ``cfg`` (None without ``cfg.budget``), probed on fresh backbones of
+    ``model``'s config with the variables ``task.setup(model)`` installed, at the run's method
+    settings (:func:`run_method_options`). Raises :class:`BudgetInfeasible` for a budget the
+    method cannot reach."""
+    if cfg.budget is None:
+        return None
+
+    def probe() -> tuple[WpeftAurora, nn.Module]:  # a fresh backbone with the task's variables
+        fresh = build_backbone(model.config)
+        return fresh, copy_task_variables(model, fresh)
+
+    return match_budget(cfg.method, cfg.budget, probe, **run_method_options(cfg, task))
+
+
+def probe_setup(cfg: TrainConfig) -> tuple[Task, WpeftAurora]:
+    """``cfg``'s task set up on a backbone of ``cfg.backbone``'s architecture, for budget
+    probes (:func:`match_run_budget`) before a run: no weights are read (the task reads its
+    data)."""
+    model = build_backbone(get_config(cfg.backbone))
+    task = create_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+    task.setup(model)
+    return task, model
+
+
+def probe_budget(cfg: TrainConfig) -> BudgetMatch | None:
+    """The budget match of ``cfg`` without reading weights or data (``wpeft train --dry-run``):
+    probed on backbones of ``cfg.backbone``'s architecture on the meta device, at the run's
+    method settings (the task's prompt count included), but without the variables a task adds
+    when it is set up (TADP's generators grow with them; the run matches again, with them).
+    None without ``cfg.budget``; refuses a budget the method cannot reach."""
+    if cfg.budget is None:
+        return None
+    task = create_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+    config = get_config(cfg.backbone)
+    with params_on_meta():
+        return match_budget(cfg.method, cfg.budget, lambda: build_backbone(config),
+                            **run_method_options(cfg, task))
+
+
 def prepare_run(
     cfg: TrainConfig, statistics: dict[str, Any] | None = None
 ) -> tuple[WpeftAurora, Task, PEFTMethod, dict, dict[str, Any]]:
@@ -384,19 +441,11 @@ def prepare_run(
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, p in head.named_parameters():
         reference.setdefault(f"head.{name}", p.detach().clone())
-    options = dict(cfg.method_options)
     method_cls = method_class(cfg.method)
-    for key, value in method_cls.task_settings(task).items():  # TADP: the task's prompt count
-        if options.get(key) is None:
-            options[key] = value
+    options = run_method_options(cfg, task)
+    match = match_run_budget(cfg, task, model)
     budget_info: dict[str, Any] = {}
-    if cfg.budget is not None:
-
-        def probe() -> tuple[WpeftAurora, nn.Module]:  # a fresh backbone with the task's variables
-            fresh = build_backbone(model.config)
-            return fresh, copy_task_variables(model, fresh)
-
-        match = match_budget(cfg.method, cfg.budget, probe, **options)
+    if match is not None:
         if match.knob is not None:
             options[match.knob] = match.value
         budget_info = match.to_dict()
@@ -459,6 +508,8 @@ def train(
     # (a missing variable, a bad period...) leaves no half-made run behind.
     statistics = _read_task_statistics(layout) if state is not None else None
     model, task, method, reference, budget_info = prepare_run(cfg, statistics)
+    if env.is_main and progress and budget_info:
+        tqdm.write(describe_budget(budget_info))
     if env.is_main:
         if overwrite and out.exists():
             _remove_run_dir(out)
