@@ -474,13 +474,13 @@ def train(
     env.barrier()
     strategy = resolve_strategy(cfg.strategy, env, method)
     _to_device(model, method, device)
-    if state is None:  # a resumed run has its mask in the checkpoint
-        _prepare_static_selection(method, preparation, task, model, cfg, device, env, progress)
-    if state is not None:
+    if state is not None:  # a resumed run has its static mask in the checkpoint
         _check_strategy(ckpt_path, state, strategy)
         _restore_method_state(method, state)
-    elif env.is_main:  # a fresh start: metrics of an earlier attempt go
-        layout.metrics.unlink(missing_ok=True)
+    else:
+        _prepare_static_selection(method, preparation, task, model, cfg, device, env, progress)
+        if env.is_main:  # a fresh start: metrics of an earlier attempt go
+            layout.metrics.unlink(missing_ok=True)
     position = _Position.of(state)
     resumes = _resume_history(cfg, state, position.step)
 
