@@ -7,6 +7,7 @@ parameters are perturbed first so gradients reach every block (random init makes
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -555,7 +556,7 @@ def test_fish_mask_depends_on_the_samples_it_averages() -> None:
         model = pretrained_like()  # the same weights every time
         method = FishMask(keep_ratio=0.002, fisher_samples=n)
         method.apply(model)
-        sets[n] = flat_set(method.prepare(lambda b: loss_of(model, b), iter(samples)))
+        sets[n] = flat_set(method.prepare(functools.partial(loss_of, model), iter(samples)))
         assert method.selection.prepared == {"fisher_samples_used": min(n, 3)}
     assert sets[1] != sets[3]  # one sample's Fisher is not three samples'
     assert sets[3] == sets[100]  # asking for more than there are uses them all
