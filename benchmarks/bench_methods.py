@@ -52,7 +52,7 @@ def measure(name: str, backbone: str, batch_size: int, steps: int, device: str) 
         pred = model(batch)
         return sum(v.pow(2).mean() for v in pred.surf_vars.values())
 
-    if method.preparation_batches:
+    if method.preparation(1, 1) is not None:  # static masks select before training
         method.prepare(loss_fn, n_batches=1)
     opt = method.optimizer(lr=1e-4, weight_decay=0.01)
     if device == "cuda":

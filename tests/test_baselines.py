@@ -47,6 +47,7 @@ class Case:
     count: Any  # (**config) -> expected trainable scalars
     at_init: str  # "equal" (bitwise), "close" (up to rounding) or "differs"
     knob_values: list[dict[str, Any]] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # config of the trained instance
 
 
 CASES = {
@@ -68,8 +69,9 @@ CASES = {
         Case(
             "ssf",  # scale and shift per output channel
             lambda sublayers=("qkv", "proj", "fc1", "fc2"): 2 * out_features(sublayers),
-            "equal",
+            "equal",  # with init="identity"; the paper's init is tested below
             [{"sublayers": ("fc1",)}, {"sublayers": ("qkv", "proj")}],
+            {"init": "identity"},
         ),
         Case(
             "vpt",  # P prompts of width D_b per block
@@ -146,7 +148,7 @@ def trained(name: str, batch) -> Trained:
         model = pretrained_like()
         reference = {k: v.clone() for k, v in model.state_dict().items()}
         pristine = dict(model.named_parameters())
-        method = METHODS[name]()
+        method = METHODS[name](**CASES[name].options)
         method.apply(model)
         added_at_init = {
             n: p.detach().clone()
@@ -243,7 +245,7 @@ def test_adapter_reload_is_exact(name: str, batch) -> None:
 
     torch.manual_seed(123)  # a different init of the fresh method's modules
     model = pretrained_like()
-    method = METHODS[name]()
+    method = METHODS[name](seed=123) if name == "ssf" else METHODS[name]()
     method.apply(model)
     method.load_adapter_state(state)
     with torch.no_grad():
@@ -294,6 +296,9 @@ def test_config_round_trips_through_json(name: str) -> None:
         ("dora", "rank", -3),
         ("ssf", "sublayers", ()),
         ("ssf", "sublayers", ("fc1", "fc1")),
+        ("ssf", "init", "zeros"),
+        ("ssf", "init_std", 0.0),
+        ("ssf", "init_std", float("inf")),
         ("vpt", "num_prompts", 0),
         ("vpt", "num_prompts", True),
         ("adaptformer", "bottleneck", 0),
@@ -305,3 +310,46 @@ def test_bad_config_raises(name: str, field_name: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"{field_name} must")) as info:
         METHODS[name](**{field_name: value})
     assert repr(value) in str(info.value)
+
+
+# --- SSF's init ---------------------------------------------------------------------------------
+
+
+def ssf_tensors(**options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """All scales and all shifts of SSF applied to the tiny backbone, concatenated."""
+    method = METHODS["ssf"](**options)
+    method.apply(build_backbone("tiny"))
+    affines = [m for m in method.added.modules() if isinstance(m, ssf.ScaleShift)]
+    return (torch.cat([a.scale.detach() for a in affines]),
+            torch.cat([a.shift.detach() for a in affines]))
+
+
+def test_ssf_paper_init_is_normal_around_identity_and_seeded(batch, base_output) -> None:
+    scale, shift = ssf_tensors()  # init="paper", init_std=0.02, seed=0
+    assert scale.numel() == shift.numel() == out_features() == 9 * sum(DIMS) == 16_128
+    # 16,128 draws: the sample mean is within 4.5 standard errors (0.02 / sqrt(n) = 1.6e-4)
+    assert abs(float(scale.mean()) - 1.0) < 7e-4 and abs(float(shift.mean())) < 7e-4
+    # the sample std within 2 % (3.6 standard errors of a std, 1 / sqrt(2n) = 0.56 %)
+    assert float(scale.std()) == pytest.approx(0.02, rel=0.02)
+    assert float(shift.std()) == pytest.approx(0.02, rel=0.02)
+    again = ssf_tensors(seed=0)
+    assert torch.equal(again[0], scale) and torch.equal(again[1], shift)  # reproducible
+    other = ssf_tensors(seed=1)
+    assert not torch.equal(other[0], scale) and not torch.equal(other[1], shift)
+    wider = ssf_tensors(init_std=0.1)[0]
+    assert float(wider.std()) == pytest.approx(0.1, rel=0.02)
+    # the model no longer starts as the pretrained one
+    model = pretrained_like()
+    METHODS["ssf"]().apply(model)
+    with torch.no_grad():
+        out = predict(model, batch)
+    assert not torch.allclose(out, base_output, rtol=1e-3, atol=1e-3)
+
+
+def test_ssf_identity_init_is_exactly_identity(batch, base_output) -> None:
+    scale, shift = ssf_tensors(init="identity", seed=5)
+    assert torch.equal(scale, torch.ones_like(scale)) and torch.equal(shift, torch.zeros_like(shift))
+    model = pretrained_like()
+    METHODS["ssf"](init="identity").apply(model)
+    with torch.no_grad():
+        assert torch.equal(predict(model, batch), base_output)

@@ -49,7 +49,7 @@ def loss_of(model: WpeftAurora, batch) -> torch.Tensor:
 
 
 def train(method: PEFTMethod, model: WpeftAurora, batch, steps: int = STEPS) -> None:
-    if method.preparation_batches:  # static-mask methods select before training
+    if method.preparation(1, 1) is not None:  # static-mask methods select before training
         method.prepare(lambda: loss_of(model, batch), n_batches=1)
     opt = method.optimizer(lr=1e-2, weight_decay=0.1)
     for step in range(steps):
@@ -152,7 +152,7 @@ PROMPTED = {"tadp": 30, "weatherpeft": 30, "vpt": 10}
 def test_methods_declare_what_they_can_do(name: str) -> None:
     method = create_method(name)
     assert method.selection is None  # nothing is selected before apply
-    assert (method.preparation_batches > 0) == (name in PREPARED)
+    assert (method.preparation(10, 4) is not None) == (name in PREPARED)
     assert method.num_prompts == PROMPTED.get(name, 0)
     assert method.default_lr == (3e-4 if name == "full" else 1e-3)
     for strategy in ("none", "ddp", "fsdp"):

@@ -233,7 +233,7 @@ def test_real_selection_methods_record_k_and_fisher_mass(tmp_path, name) -> None
     def loss_fn():
         return sum(v.pow(2).mean() for v in model(batch).surf_vars.values())
 
-    if method.preparation_batches:
+    if method.preparation(1, 1) is not None:  # static masks select before training
         method.prepare(loss_fn, n_batches=1)
     rec = FisherRecorder(method, tmp_path, every=1).install()
     expected = []

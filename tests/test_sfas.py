@@ -7,6 +7,7 @@ parameters are perturbed first so gradients reach every block (random init makes
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -506,6 +507,102 @@ def test_fish_and_child_tuning_select_differently(batch) -> None:
         method.apply(model)
         sets.append(flat_set(method.prepare(lambda b: 1e3 * loss_of(model, b), [batch], 1)))
     assert sets[0] != sets[1]
+
+
+def noisy_batches(model: WpeftAurora, n: int, size: int = 1) -> list:
+    """``n`` random batches of ``size`` samples that differ from each other."""
+    out = []
+    for i in range(n):
+        b = random_batch(model.config, B=size, H=16, W=32)
+        g = torch.Generator().manual_seed(10 + i)
+        for v in b.surf_vars.values():
+            v.add_(torch.randn(v.shape, generator=g))
+        out.append(b)
+    return out
+
+
+def test_fish_fisher_is_the_mean_of_per_example_squared_gradients() -> None:
+    """Fed one-sample batches (what FishMask.preparation asks for), FISH's Fisher equals a hand
+    loop of per-example squared gradients over the first fisher_samples samples."""
+    model = pretrained_like()
+    method = FishMask(keep_ratio=0.002, fisher_samples=3)
+    method.apply(model)
+    samples = noisy_batches(model, 4)
+    params = method.selection.params
+    hand = [torch.zeros_like(p) for p in params]
+    for b in samples[:3]:  # fisher_samples=3: the fourth is not used
+        for p in method.parameters():
+            p.grad = None
+        loss_of(model, b).backward()
+        for h, p in zip(hand, params):
+            h.add_(p.grad.pow(2))
+    for p in method.parameters():
+        p.grad = None
+    scores, used = method.fisher(lambda b: loss_of(model, b), iter(samples))
+    assert used == 3 and all(p.grad is None for p in method.parameters())
+    ours = method.selection.layout.split(scores)
+    for h, o in zip(hand, ours):
+        torch.testing.assert_close(o, h / 3, rtol=1e-6, atol=1e-6)
+    masks = method.prepare(lambda b: loss_of(model, b), iter(samples))
+    assert method.selection.prepared == {"fisher_samples_used": 3}
+    assert method.describe()["selection"]["fisher_samples_used"] == 3
+    assert sum(int(m.sum()) for m in masks) == method.selection.k
+
+
+def test_fish_mask_depends_on_the_samples_it_averages() -> None:
+    samples = noisy_batches(pretrained_like(), 3)
+    sets = {}
+    for n in (1, 3, 100):
+        model = pretrained_like()  # the same weights every time
+        method = FishMask(keep_ratio=0.002, fisher_samples=n)
+        method.apply(model)
+        sets[n] = flat_set(method.prepare(functools.partial(loss_of, model), iter(samples)))
+        assert method.selection.prepared == {"fisher_samples_used": min(n, 3)}
+    assert sets[1] != sets[3]  # one sample's Fisher is not three samples'
+    assert sets[3] == sets[100]  # asking for more than there are uses them all
+
+
+@pytest.mark.parametrize(
+    ("method", "train_samples", "batch_size", "expected"),
+    [
+        (FishMask(), 33, 2, (1, 33)),  # fewer samples than N = 1024: all of them
+        (FishMask(fisher_samples=8), 33, 2, (1, 8)),
+        (FishMask(), 5000, 16, (1, 1024)),
+        (ChildTuningD(), 33, 2, (2, 17)),  # one pass: ceil(33 / 2) batches, the last of one
+        (ChildTuningD(), 32, 4, (4, 8)),
+        (ChildTuningD(fisher_batches=5), 33, 2, (2, 5)),
+        (ChildTuningD(fisher_batches=17), 33, 2, (2, 17)),
+    ],
+)
+def test_static_masks_ask_for_their_papers_data(method, train_samples, batch_size, expected):
+    plan = method.preparation(train_samples, batch_size)
+    assert (plan.batch_size, plan.batches) == expected
+
+
+def test_child_tuning_refuses_more_batches_than_the_split_has() -> None:
+    with pytest.raises(ConfigError, match=r"fisher_batches=18 is more than the 17 batches of 2 "
+                                          r"samples in the training split \(33 samples\)"):
+        ChildTuningD(fisher_batches=18).preparation(33, 2)
+
+
+def test_fish_fisher_batches_of_older_configs_is_refused_naming_fisher_samples() -> None:
+    with pytest.raises(ConfigError, match="fisher_batches=8 no longer exists.*fisher_samples"):
+        FishMask(fisher_batches=8)
+    with pytest.raises(ConfigError, match="fisher_samples must be an integer >= 1.*got 0"):
+        FishMaskConfig(fisher_samples=0)
+
+
+def test_prepared_counts_travel_with_the_selection_state() -> None:
+    model = pretrained_like()
+    method = ChildTuningD(keep_ratio=0.002)
+    method.apply(model)
+    method.prepare(lambda b: loss_of(model, b), noisy_batches(model, 2, size=2))
+    assert method.describe()["selection"]["fisher_batches_used"] == 2
+    other = ChildTuningD(keep_ratio=0.002)
+    other.apply(pretrained_like())
+    other.selection.load_state_dict(method.selection.state_dict())
+    assert other.selection.prepared == {"fisher_batches_used": 2}
+    assert flat_set(other.masks) == flat_set(method.masks)
 
 
 # --- configs ------------------------------------------------------------------------------------

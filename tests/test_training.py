@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,10 +13,22 @@ import torch
 import xarray as xr
 from safetensors.torch import load_file
 
+from wpeft.distributed.runtime import DistEnv
 from wpeft.errors import CheckpointError, ConfigError, DataError
-from wpeft.methods.sfas import MaskedAdamW
+from wpeft.methods.sfas import FishMask, MaskedAdamW
+from wpeft.tasks import create_task
+from wpeft.tasks.downscaling import Downscaling
 from wpeft.training.compare import CompareConfig, collect, compare, tables, write_tables
-from wpeft.training.loop import TrainConfig, TrainingDiverged, _pack_bools, _unpack_bools, train
+from wpeft.training.loop import (
+    TrainConfig,
+    TrainingDiverged,
+    _epoch_seed,
+    _pack_bools,
+    _prepare_static_selection,
+    _unpack_bools,
+    prepare_run,
+    train,
+)
 
 WORLD = {"nlat": 16, "nlon": 32, "days": 12, "spinup_days": 1, "ensemble_inits": 8, "ensemble_members": 3}
 
@@ -227,6 +241,104 @@ def test_compare_cells_take_each_methods_default_lr() -> None:
 def test_every_kind_of_method_trains_through_the_loop(tmp_path, method: str) -> None:
     summary = train(config(method=method, steps=2, checkpoint_every=0), tmp_path / method, progress=False)
     assert summary["method"] == method and summary["changed"]["total"] > 0
+
+
+def _batch_size(batch) -> int:
+    return next(iter(batch.targets.values())).shape[0]
+
+
+def test_child_tuning_fisher_is_one_pass_over_the_training_split(tmp_path, monkeypatch) -> None:
+    """fisher_batches=None: every training batch once, at the run's batch size, then training."""
+    sizes: list[int] = []
+    real_loss = Downscaling.loss
+
+    def counting_loss(self, prediction, batch):
+        sizes.append(_batch_size(batch))
+        return real_loss(self, prediction, batch)
+
+    monkeypatch.setattr(Downscaling, "loss", counting_loss)
+    cfg = config(method="child_tuning_d", steps=1, checkpoint_every=0)
+    summary = train(cfg, tmp_path / "r", progress=False)
+    n = create_task("downscaling", world=WORLD).num_samples("train")
+    assert n == 33  # 16 batches of 2 and a last one of 1
+    assert sizes == [2] * 16 + [1] + [2]  # the Fisher pass, then the one training step
+    assert summary["selection"]["fisher_batches_used"] == 17
+
+
+def test_fish_fisher_in_the_loop_is_per_example_over_the_first_samples() -> None:
+    """The loop gives FISH one-sample batches in the first epoch's order; its Fisher equals a
+    hand loop of per-example squared gradients over the first fisher_samples of them."""
+    cfg = config(method="fish", method_options={"fisher_samples": 3})
+    model, task, method, _, _ = prepare_run(cfg)
+    plan = method.preparation(task.num_samples("train"), cfg.batch_size)
+    assert (plan.batch_size, plan.batches) == (1, 3)
+    seen: dict[str, Any] = {}
+    real_fisher = method.fisher
+
+    def spy(loss_fn, batches=None, n_batches=None):
+        sizes = []
+
+        def loss(batch):
+            sizes.append(_batch_size(batch))
+            return loss_fn(batch)
+
+        scores, used = real_fisher(loss, batches, n_batches)
+        seen.update(scores=[s.clone() for s in scores], sizes=sizes)
+        return scores, used
+
+    method.fisher = spy
+    _prepare_static_selection(method, plan, task, model, cfg, torch.device("cpu"), DistEnv(),
+                              progress=False)
+    assert seen["sizes"] == [1, 1, 1]
+    assert method.selection.prepared == {"fisher_samples_used": 3}
+    params = method.selection.params
+    hand = [torch.zeros_like(p) for p in params]
+    for batch in itertools.islice(task.batches("train", 1, seed=_epoch_seed(cfg, 0)), 3):
+        for p in method.parameters():
+            p.grad = None
+        task.loss(task.predict(model, batch), batch).backward()
+        for h, p in zip(hand, params):
+            h.add_(p.grad.pow(2))
+    for h, ours in zip(hand, method.selection.layout.split(seen["scores"])):
+        torch.testing.assert_close(ours, h / 3, rtol=1e-6, atol=1e-6)
+
+
+def test_static_mask_settings_are_checked_before_the_run_directory(tmp_path) -> None:
+    cfg = config(method="child_tuning_d", method_options={"fisher_batches": 18})
+    with pytest.raises(ConfigError, match="fisher_batches=18 is more than the 17 batches"):
+        train(cfg, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="method 'fish': setting fisher_batches=8 no longer "
+                                          "exists.*fisher_samples.*cannot be resumed"):
+        config(method="fish", method_options={"fisher_batches": 8})
+
+
+def test_a_resumed_static_mask_run_keeps_its_mask_and_record(tmp_path, monkeypatch) -> None:
+    """A resume takes the mask (and what its Fisher used) from the checkpoint; no second pass."""
+    cfg = config(method="fish", method_options={"fisher_samples": 4}, steps=3, checkpoint_every=1)
+    full = train(cfg, tmp_path / "full", progress=False)
+    calls = {"n": 0}
+    real_step = MaskedAdamW.step
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # killed during step 3, after the step-2 checkpoint
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaskedAdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(MaskedAdamW, "step", real_step)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("a resumed run selected its static mask again")
+
+    monkeypatch.setattr(FishMask, "prepare", no_second_pass)
+    resumed = train(cfg, tmp_path / "killed", resume=True, progress=False)
+    assert resumed["selection"] == full["selection"]
+    assert resumed["selection"]["fisher_samples_used"] == 4
+    assert resumed["scores"] == full["scores"] and resumed["changed"] == full["changed"]
 
 
 def test_unknown_method_is_a_clear_error(tmp_path) -> None:

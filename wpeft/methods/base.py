@@ -21,8 +21,9 @@ recorders, distributed strategy and memory planner ask instead of probing:
 
 * :attr:`PEFTMethod.selection`: the :class:`~wpeft.methods.sfas.EntrySelection` of a
   Fisher-selection method once applied (masks over backbone entries), else None;
-* :attr:`PEFTMethod.preparation_batches` / :meth:`PEFTMethod.prepare`: a step run once before
-  training (static Fisher masks), on that many batches; 0 and a no-op by default;
+* :meth:`PEFTMethod.preparation` / :meth:`PEFTMethod.prepare`: a step run once before
+  training (static Fisher masks) on the training batches ``preparation`` asks for (a
+  :class:`Preparation`); None and a no-op by default;
 * :attr:`PEFTMethod.prompt_generators` / :attr:`PEFTMethod.num_prompts`: the TADP generators
   (None without) and the prompt tokens prepended to every attention window (0 without);
 * :meth:`PEFTMethod.state_bytes`: the method's own training state for the memory planner;
@@ -59,6 +60,7 @@ __all__ = [
     "METHODS",
     "MethodConfig",
     "PEFTMethod",
+    "Preparation",
     "Setting",
     "check_selection",
     "create_method",
@@ -113,7 +115,13 @@ def check_selection(state: Mapping[str, torch.Tensor], numel: Mapping[str, int])
 
 @dataclass
 class MethodConfig:
-    """Settings shared by every method (each field's help is in its ``metadata["help"]``)."""
+    """Settings shared by every method (each field's help is in its ``metadata["help"]``).
+
+    ``removed_settings``: ``{name: what replaced it}`` of settings an earlier wpeft had, so a
+    config that still gives one (an old run's command) is refused naming the replacement.
+    """
+
+    removed_settings: ClassVar[dict[str, str]] = {}
 
     train_encoder_decoder: bool = field(
         default=False,
@@ -123,6 +131,25 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def refuse_removed(cls, settings: Mapping[str, Any], what: str) -> None:
+        """Raise ConfigError for a setting of ``settings`` that ``removed_settings`` lists."""
+        for name in sorted(set(settings) & set(cls.removed_settings)):
+            raise ConfigError(
+                f"{what}: setting {name}={settings[name]!r} no longer exists: "
+                f"{cls.removed_settings[name]}"
+            )
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """The training data a method's :meth:`PEFTMethod.prepare` reads before the first step: the
+    first ``batches`` batches of ``batch_size`` samples of the training split, in the first
+    epoch's order (the last one may be smaller when the split does not divide)."""
+
+    batch_size: int
+    batches: int
 
 
 class PEFTMethod:
@@ -140,11 +167,9 @@ class PEFTMethod:
     summary: ClassVar[str] = ""
     #: Learning rate a comparison (``wpeft compare``, ``wpeft demo``) uses unless told one.
     default_lr: ClassVar[float] = 1e-3
-    #: Batches the training loop hands to :meth:`prepare` before the first step (0: the method
-    #: has no preparation step).
-    preparation_batches: ClassVar[int] = 0
 
     def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
+        self.Config.refuse_removed(kwargs, f"Method {self.name!r}")
         known = {f.name for f in dataclasses.fields(self.Config)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -372,7 +397,17 @@ class PEFTMethod:
         n_batches: int | None = None,
     ) -> Any:
         """Work done once after ``apply`` and before the first step, from ``loss_fn(batch)`` on
-        ``batches`` (see :attr:`preparation_batches`); nothing by default."""
+        ``batches`` (the ones :meth:`preparation` asks for); nothing by default."""
+        return None
+
+    def preparation(self, train_samples: int, batch_size: int) -> Preparation | None:
+        """The training batches :meth:`prepare` reads before the first step, for a training split
+        of ``train_samples`` samples and a run of global batch size ``batch_size``; None (the
+        default): the method has no preparation step.
+
+        Raises:
+            ConfigError: the method's config asks for more data than the split holds.
+        """
         return None
 
     # --- training hooks ----------------------------------------------------------------------

@@ -5,11 +5,13 @@
   released code) is normalised by its global max, perturbed by annealed noise
   γ(1 − n/N)·U, and the global top-k becomes the mask; only masked entries are updated. The
   mask is redrawn every ``refresh_every`` steps, so the set of touched entries grows.
-* :class:`FishMask` (``"fish"``) — FISH mask (Sung et al., 2021): one fixed mask from g²
-  averaged over a few batches *before* training, sparse-safe updates.
+* :class:`FishMask` (``"fish"``) — FISH mask (Sung et al., 2021): one fixed mask from the
+  per-example empirical Fisher, g² of each sample's own gradient averaged over N training samples
+  (``fisher_samples``, the paper's N = 1024) *before* training, sparse-safe updates.
 * :class:`ChildTuningD` (``"child_tuning_d"``) — Child-Tuning_D (Xu et al., 2021): one fixed
-  mask from g² (each tensor's gradient clipped to norm ``clip_grad_norm`` first) averaged over
-  the whole training set, before training. Its original optimiser multiplies the gradients by
+  mask from g² of each batch's gradient (each tensor's gradient clipped to norm
+  ``clip_grad_norm`` first) averaged over one pass of the whole training set at the run's batch
+  size (``fisher_batches=None``; or over its first ``fisher_batches`` batches), before training. Its original optimiser multiplies the gradients by
   the mask inside a dense AdamW; that is the default here (``dense_update=True``) so the baseline
   is the published one. With a mask fixed from step 0 the Adam moments of unselected entries stay
   exactly zero, so the only leak is decoupled weight decay: with ``weight_decay=0`` the delta is
@@ -26,7 +28,9 @@ What a training loop must call (every method here):
 1. ``method.apply(model, head)``;
 2. static masks only: ``method.prepare(loss_fn, batches, n_batches)`` once before the first
    step (``loss_fn(batch) -> loss``; or ``method.prepare(closure, n_batches=n)`` with a
-   zero-argument closure) — it runs forward/backward itself and leaves no gradients behind;
+   zero-argument closure) — it runs forward/backward itself and leaves no gradients behind.
+   ``method.preparation(train_samples, batch_size)`` says which batches: FISH one sample per
+   batch, Child-Tuning_D batches of the run's size;
 3. after data-parallel wrapping, ``method.on_wrapped()`` (under FSDP2 the selection follows the
    sharded parameters: each rank then keeps importance, masks and optimiser state of its
    shards only, and the top-k stays global, see :mod:`wpeft.methods.shards`);
@@ -43,17 +47,18 @@ The current masks (``method.selection.masks``, per tensor, aligned with
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora
 from wpeft.errors import ConfigError
-from wpeft.methods.base import MethodConfig, PEFTMethod, register
+from wpeft.methods.base import MethodConfig, PEFTMethod, Preparation, register
 from wpeft.methods.fisher import (
     DEFAULT_CHUNK_NUMEL,
     FlatLayout,
@@ -191,11 +196,20 @@ class FishMaskConfig(MethodConfig):
         metadata={"help": "Fraction of the eligible backbone entries in the fixed mask (the "
                           "size knob)."},
     )
-    fisher_batches: int = field(
-        default=16,
-        metadata={"help": "Batches whose g² is averaged by prepare() when it is not told "
-                          "n_batches (batch size 1 gives the per-example empirical Fisher of the "
-                          "FISH paper); the training loop passes its own 8."},
+    removed_settings: ClassVar[dict[str, str]] = {
+        "fisher_batches": "FISH's Fisher is now the per-example g² over fisher_samples training "
+                          "samples (default 1024, the FISH paper's N), not batch-mean gradients "
+                          "over batches. Give fisher_samples instead; a run started with "
+                          "fisher_batches cannot be resumed by this version: start it again "
+                          "(--overwrite) or in a new run directory.",
+    }
+
+    fisher_samples: int = field(
+        default=1024,
+        metadata={"help": "Training samples N whose per-example g² (one backward pass per "
+                          "sample) is averaged into the Fisher (the FISH paper's N = 1024); the "
+                          "whole training split when it holds fewer. The number used is "
+                          "recorded (summary.json: selection.fisher_samples_used)."},
     )
     dense_update: bool = field(
         default=False,
@@ -210,8 +224,11 @@ class FishMaskConfig(MethodConfig):
     def __post_init__(self) -> None:
         _check_keep_ratio(self.keep_ratio)
         _check_chunk(self.chunk_numel)
-        if self.fisher_batches < 1:
-            raise ConfigError(f"fisher_batches must be >= 1, got {self.fisher_batches}.")
+        if isinstance(self.fisher_samples, bool) or self.fisher_samples < 1:
+            raise ConfigError(
+                f"fisher_samples must be an integer >= 1 (training samples in the Fisher), got "
+                f"{self.fisher_samples!r}."
+            )
 
 
 @dataclass
@@ -225,9 +242,10 @@ class ChildTuningDConfig(MethodConfig):
     )
     fisher_batches: int | None = field(
         default=None,
-        metadata={"help": "Batches averaged by prepare() when not told n_batches; None = every "
-                          "batch it is given (the whole training set, as in Child-Tuning_D); the "
-                          "training loop passes its own 8."},
+        metadata={"help": "Training batches (of the run's batch size) whose g² is averaged "
+                          "into the Fisher; None = one pass over the whole training split, as in "
+                          "Child-Tuning_D. The number used is recorded (summary.json: "
+                          "selection.fisher_batches_used)."},
     )
     clip_grad_norm: float | None = field(
         default=1.0,
@@ -312,6 +330,10 @@ class EntrySelection:
         #: One small record per refresh: step, seconds, new entries, union size.
         self.log: list[dict[str, Any]] = []
         self.callbacks: list[MaskCallback] = []
+        #: What the Fisher of a static mask was estimated from (``{"fisher_samples_used": 1024}``,
+        #: ``{"fisher_batches_used": 250}``), None for other selections; saved with the masks, so
+        #: a resumed run reports it too.
+        self.prepared: dict[str, int] | None = None
 
     @property
     def sharded(self) -> bool:
@@ -500,6 +522,7 @@ class EntrySelection:
             "masks": None if full is None else full[0],
             "union": None if full is None else full[1],
             "refreshes": self.refreshes,
+            "prepared": self.prepared,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -509,6 +532,7 @@ class EntrySelection:
                 [m.to(self.device, torch.bool) for m in state["union"]],
             )
         self.refreshes = int(state.get("refreshes", 0))
+        self.prepared = state.get("prepared", self.prepared)  # absent in older checkpoints
 
 
 class MaskRecorder:
@@ -632,6 +656,7 @@ class _SelectionMethod(PEFTMethod):
                 "k": sel.k,
                 "refreshes": sel.refreshes,
                 "union": sel.union_size(),
+                **(sel.prepared or {}),
             }
         return out
 
@@ -702,36 +727,38 @@ class SFAS(_SelectionMethod):
 
 
 class _StaticFisherMethod(_SelectionMethod):
-    """A mask selected once before training from g² averaged over batches."""
+    """A mask selected once before training from g² averaged over batches.
 
-    #: The training loop selects the mask on its first 8 global batches.
-    preparation_batches = 8
+    Subclasses say which training batches that takes (:meth:`preparation`), how many
+    :meth:`prepare` uses when not told (:meth:`_default_batches`) and how the count is recorded
+    (:attr:`_used_key`)."""
 
-    def prepare(
+    #: Key of ``selection.prepared`` (and of ``summary.json``'s ``selection``) for the count.
+    _used_key: ClassVar[str] = "fisher_batches_used"
+
+    def _default_batches(self) -> int | None:
+        """Batches :meth:`prepare` averages when not told ``n_batches`` (None: all given)."""
+        raise NotImplementedError
+
+    def fisher(
         self,
         loss_fn: Callable[..., torch.Tensor],
         batches: Iterable[Any] | None = None,
         n_batches: int | None = None,
-    ) -> list[torch.Tensor]:
-        """Select the fixed mask. Call once, after ``apply`` and before the first step.
-
-        Runs ``loss_fn(batch).backward()`` for the first ``n_batches`` of ``batches`` (or
-        ``loss_fn().backward()`` ``n_batches`` times when ``batches`` is None), averages the
-        backbone's g², all-reduces it over data-parallel ranks, takes the global top-k and
-        clears every gradient it produced.
-
-        Args:
-            loss_fn: ``batch -> scalar loss`` (or a zero-argument closure).
-            batches: Iterable of batches; None to call ``loss_fn()`` without arguments.
-            n_batches: Batches to use; default ``config.fisher_batches`` (None: all of them).
+    ) -> tuple[list[torch.Tensor], int]:
+        """This process's Fisher estimate: g² of the backbone's gradient of ``loss_fn(batch)``
+        (each tensor's gradient clipped first where the config has ``clip_grad_norm``), averaged
+        over the first ``n_batches`` of ``batches`` (or ``loss_fn()`` called ``n_batches``
+        times). Batches are consumed one at a time (stream them: nothing is kept); every
+        gradient it produced is cleared.
 
         Returns:
-            The per-tensor masks.
+            The mean importance as float32 buckets in ``selection.layout`` (per-tensor views:
+            ``selection.layout.split(buckets)``, shaped like the parameters) and the number of
+            batches it averaged.
         """
         sel = self._sel()
-        if sel.masks is not None:
-            raise ConfigError(f"Method {self.name!r} already selected its mask; prepare() once.")
-        n = n_batches if n_batches is not None else self.config.fisher_batches
+        n = n_batches if n_batches is not None else self._default_batches()
         if batches is None:
             if n is None:
                 raise ConfigError("prepare() with a closure needs n_batches (how many calls).")
@@ -751,10 +778,38 @@ class _StaticFisherMethod(_SelectionMethod):
             p.grad = None
         if acc.count == 0:
             raise ConfigError(f"prepare() of {self.name!r} got no batches.")
-        scores = acc.mean_()
+        return acc.mean_(), acc.count
+
+    def prepare(
+        self,
+        loss_fn: Callable[..., torch.Tensor],
+        batches: Iterable[Any] | None = None,
+        n_batches: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Select the fixed mask. Call once, after ``apply`` and before the first step.
+
+        Takes :meth:`fisher` over the batches, averages it over data-parallel ranks (when a
+        process group is up; the training loop gives every rank the same batches before
+        wrapping, so the ranks agree without it), takes the global top-k, and records the count
+        used in ``selection.prepared``.
+
+        Args:
+            loss_fn: ``batch -> scalar loss`` (or a zero-argument closure).
+            batches: Iterable of batches (those :meth:`preparation` asks for); None to call
+                ``loss_fn()`` without arguments.
+            n_batches: Batches to use; default from the config (see the subclass).
+
+        Returns:
+            The per-tensor masks.
+        """
+        sel = self._sel()
+        if sel.masks is not None:
+            raise ConfigError(f"Method {self.name!r} already selected its mask; prepare() once.")
+        scores, used = self.fisher(loss_fn, batches, n_batches)
         if not sel.sharded:  # replicas average their importance; shards hold reduced gradients
             all_reduce_mean_(scores)
         sel.select(scores, step=-1, broadcast=distributed_ready() and not sel.sharded)
+        sel.prepared = {self._used_key: used}
         assert sel.masks is not None
         return sel.masks
 
@@ -771,12 +826,29 @@ class _StaticFisherMethod(_SelectionMethod):
 
 @register
 class FishMask(_StaticFisherMethod):
-    """FISH mask: fixed top-k by g² over a few batches, sparse-safe AdamW."""
+    """FISH mask: fixed top-k by the per-example empirical Fisher, sparse-safe AdamW.
+
+    The Fisher is (1/N) Σ_n g_n² with g_n the gradient of sample n's own loss, over the first
+    N = min(``fisher_samples``, training samples) samples of the first epoch's order. Per-example
+    gradients are exact and simple: :meth:`preparation` asks for batches of one sample and each
+    takes one forward/backward pass (N passes; no ``torch.func`` vmap over the backbone, so it is
+    exact whatever the model does: activation checkpointing, autocast, hooks). A caller of :meth:`prepare` must give
+    one-sample batches too; batches of B samples would average squared batch-mean gradients
+    instead, which underweights per-sample disagreement by up to a factor B.
+    """
 
     name = "fish"
     Config = FishMaskConfig
     summary = "fixed Fisher top-k mask of backbone entries (FISH), selected before training"
     config: FishMaskConfig
+    _used_key = "fisher_samples_used"
+
+    def _default_batches(self) -> int:
+        return self.config.fisher_samples
+
+    def preparation(self, train_samples: int, batch_size: int) -> Preparation:
+        """One-sample batches, N = min(``fisher_samples``, ``train_samples``) of them."""
+        return Preparation(batch_size=1, batches=min(self.config.fisher_samples, train_samples))
 
 
 @register
@@ -788,3 +860,23 @@ class ChildTuningD(_StaticFisherMethod):
     Config = ChildTuningDConfig
     summary = "fixed Fisher child network of backbone entries, selected before training"
     config: ChildTuningDConfig
+
+    def _default_batches(self) -> int | None:
+        return self.config.fisher_batches
+
+    def preparation(self, train_samples: int, batch_size: int) -> Preparation:
+        """Batches of the run's ``batch_size``: all ceil(train_samples / batch_size) of one pass
+        (``fisher_batches=None``), or the first ``fisher_batches`` of them.
+
+        Raises:
+            ConfigError: ``fisher_batches`` is more than the split's batches.
+        """
+        available = math.ceil(train_samples / batch_size)
+        wanted = self.config.fisher_batches
+        if wanted is not None and wanted > available:
+            raise ConfigError(
+                f"Method {self.name!r}: fisher_batches={wanted} is more than the {available} "
+                f"batches of {batch_size} samples in the training split ({train_samples} "
+                f"samples); give at most {available}, or None for one pass over the whole split."
+            )
+        return Preparation(batch_size=batch_size, batches=available if wanted is None else wanted)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -53,7 +54,7 @@ from wpeft.distributed.strategy import STRATEGIES, TrainingModule, resolve_strat
 from wpeft.errors import CheckpointError, ConfigError, WpeftError
 from wpeft.methods import create_method
 from wpeft.methods.adapter_file import save_adapter
-from wpeft.methods.base import PEFTMethod, method_class, plain_name
+from wpeft.methods.base import PEFTMethod, Preparation, method_class, plain_name
 from wpeft.methods.budget import BudgetMatch, describe_budget, match_budget
 from wpeft.options import check_settings
 from wpeft.paths import package_data_dir
@@ -191,6 +192,7 @@ class TrainConfig:
         if self.task not in TASKS:
             raise ConfigError(f"Unknown task {self.task!r}; available: {', '.join(sorted(TASKS))}.")
         method_cls, task_cls = method_class(self.method), TASKS[self.task]
+        method_cls.Config.refuse_removed(self.method_options, f"method {self.method!r}")
         check_settings(method_cls.Config, self.method_options, f"method {self.method!r}")
         check_settings(task_cls.Config, self.task_options, f"task {self.task!r}")
         if "seed" in self.task_options:
@@ -276,10 +278,15 @@ def _batches(
     with a distributed ``env`` this rank's share of each global batch, the only samples it
     reads."""
     shard = (env.rank, env.world_size) if env is not None and env.distributed else None
-    seed = cfg.seed * 100_003 + epoch
+    seed = _epoch_seed(cfg, epoch)
     for i, batch in enumerate(task.batches("train", cfg.batch_size, seed=seed, shard=shard)):
         if i >= skip:
             yield batch
+
+
+def _epoch_seed(cfg: TrainConfig, epoch: int) -> int:
+    """The seed of the training split's order in ``epoch``."""
+    return cfg.seed * 100_003 + epoch
 
 
 _END = object()
@@ -508,6 +515,7 @@ def train(
     # (a missing variable, a bad period...) leaves no half-made run behind.
     statistics = _read_task_statistics(layout) if state is not None else None
     model, task, method, reference, budget_info = prepare_run(cfg, statistics)
+    preparation = method.preparation(task.num_samples("train"), cfg.batch_size)
     if env.is_main and progress and budget_info:
         tqdm.write(describe_budget(budget_info))
     if env.is_main:
@@ -519,12 +527,13 @@ def train(
     env.barrier()
     strategy = resolve_strategy(cfg.strategy, env, method)
     _to_device(model, method, device)
-    _prepare_static_selection(method, task, model, cfg, device)
-    if state is not None:
+    if state is not None:  # a resumed run has its static mask in the checkpoint
         _check_strategy(ckpt_path, state, strategy)
         _restore_method_state(method, state)
-    elif env.is_main:  # a fresh start: metrics of an earlier attempt go
-        layout.metrics.unlink(missing_ok=True)
+    else:
+        _prepare_static_selection(method, preparation, task, model, cfg, device, env, progress)
+        if env.is_main:  # a fresh start: metrics of an earlier attempt go
+            layout.metrics.unlink(missing_ok=True)
     position = _Position.of(state)
     resumes = _resume_history(cfg, state, position.step)
 
@@ -651,19 +660,35 @@ def _to_device(model: WpeftAurora, method: PEFTMethod, device: torch.device) -> 
 
 
 def _prepare_static_selection(
-    method: PEFTMethod, task: Task, model: WpeftAurora, cfg: TrainConfig, device: torch.device
+    method: PEFTMethod,
+    preparation: Preparation | None,
+    task: Task,
+    model: WpeftAurora,
+    cfg: TrainConfig,
+    device: torch.device,
+    env: DistEnv,
+    progress: bool,
 ) -> None:
-    """Static Fisher masks (FISH, Child-Tuning_D) are chosen before training, on the global
-    batches and before wrapping, so every rank computes the same mask alone."""
-    if not method.preparation_batches:
+    """Static Fisher masks (FISH, Child-Tuning_D) are chosen before training from the training
+    batches ``preparation`` asks for (the first epoch's order at its batch size), streamed: each
+    is read (one ahead, in the background), moved to the device when used and dropped.
+
+    Distributed runs: every rank makes the whole pass on the same global batches with its own
+    replica, before wrapping, so every rank computes the same mask alone (no collective in the
+    pass; the cost is that every rank does the whole pass)."""
+    if preparation is None:
         return
 
     def prep_loss(batch: TaskBatch) -> torch.Tensor:
         return task.loss(task.predict(model, batch), batch)
 
-    first = zip(range(method.preparation_batches), _batches(task, cfg, 0, 0))
-    prep = [b.to(device) for _, b in first]
-    method.prepare(prep_loss, prep, len(prep))
+    seed = _epoch_seed(cfg, 0)
+    read = itertools.islice(task.batches("train", preparation.batch_size, seed=seed),
+                            preparation.batches)
+    batches = tqdm((b.to(device) for b in _prefetched(read)), total=preparation.batches,
+                   disable=not progress or not env.is_main, unit="batch",
+                   desc=f"{cfg.method} Fisher", leave=False)
+    method.prepare(prep_loss, batches, preparation.batches)
 
 
 def _agreed(env: DistEnv, value: Any) -> Any:
