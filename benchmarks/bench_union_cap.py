@@ -92,19 +92,19 @@ def main() -> None:
 
     started = time.perf_counter()
     results: dict[float | None, list[dict[str, Any]]] = {}
-    for cap in CAPS:
-        for seed in range(args.seeds):
+    for seed in range(args.seeds):  # seeds outermost: the table after each seed compares all caps
+        for cap in CAPS:
             s = run(cap, seed, args.steps, args.root)
             results.setdefault(cap, []).append(s)
             print(f"cap={cap} seed={seed}: changed {s['changed']['backbone']:,}, adapter "
                   f"{s['adapter_bytes']:,} B, rmse t2m {s['scores']['rmse/2m_temperature']:.4f}",
                   flush=True)
-    text = table(results, args.steps, (time.perf_counter() - started) / 60)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print("wrote", args.out)
+        text = table(results, args.steps, (time.perf_counter() - started) / 60)
+        print(text, flush=True)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+            print("wrote", args.out, flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from test_training import small_cache  # noqa: F401  (autouse: a small world cac
 from wpeft.backbones.aurora_adapter import build_backbone
 from wpeft.errors import ConfigError
 from wpeft.methods import create_method
-from wpeft.methods.fisher import MaskedAdamW, capped_topk_masks, topk_masks
+from wpeft.methods.fisher import MaskedAdamW, _candidates, capped_topk_masks, topk_masks
 from wpeft.methods.sfas import SFAS, ChildTuningD, EntrySelection, FishMask, SFASConfig
 from wpeft.methods.shards import Collective
 from wpeft.methods.weatherpeft import WeatherPEFTConfig
@@ -86,6 +86,9 @@ def test_allowed_topk_matches_brute_force_with_ties_at_zero(compact: float) -> N
         assert not bool((flat(masks) & ~flat(allowed)).any())
     with pytest.raises(ValueError, match="allowed"):
         topk_masks(scores, TOTAL, allowed=allowed)
+    # the compaction gathers allowed entries only (a few, when a capped union is full)
+    gathered = _candidates(scores, 0, 1 << 31, 5, allowed)
+    assert sum(c.numel() for c in gathered) == int(flat(allowed).sum())
 
 
 def test_union_stays_within_cap_and_every_mask_has_k_entries() -> None:

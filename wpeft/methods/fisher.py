@@ -475,13 +475,15 @@ def _candidates(
     chunk_numel: int,
     allowed: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """Bit patterns in [lo, hi) (negative patterns as 0), one small tensor per device."""
+    """Bit patterns in [lo, hi) (negative patterns as 0; entries outside ``allowed`` left
+    out), one small tensor per device."""
     parts: dict[torch.device, list[torch.Tensor]] = {}
+    floor = lo if lo > 0 or allowed is not None else None  # masked chunks: excluded are -1
     for _, _, bits in _bit_chunks(scores, chunk_numel, allowed):
         if hi >= _INT32_LIMIT:  # no upper bound (2^31 itself does not fit an int32 compare)
-            inside = bits >= lo if lo > 0 else torch.ones_like(bits, dtype=torch.bool)
+            inside = bits >= floor if floor is not None else torch.ones_like(bits, dtype=torch.bool)
         else:
-            inside = bits < hi if lo == 0 else (bits >= lo) & (bits < hi)
+            inside = bits < hi if floor is None else (bits >= floor) & (bits < hi)
         parts.setdefault(bits.device, []).append(bits[inside])
     return [torch.cat(p).clamp_min_(0) for p in parts.values()]
 
