@@ -61,6 +61,7 @@ __all__ = [
     "all_reduce_mean_",
     "anneal_factor",
     "broadcast_mask",
+    "capped_topk_masks",
     "count_at_least",
     "distributed_ready",
     "noise_generator",
@@ -364,14 +365,25 @@ def perturb_(
 
 
 def _bit_chunks(
-    scores: Sequence[torch.Tensor], chunk_numel: int
+    scores: Sequence[torch.Tensor],
+    chunk_numel: int,
+    allowed: Sequence[torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(tensor index, start, int32 bit-pattern chunk)`` over all scores, in order."""
+    """``(tensor index, start, int32 bit-pattern chunk)`` over all scores, in order.
+
+    With ``allowed`` (bool masks shaped like ``scores``) a chunk is a masked copy: allowed
+    entries keep their pattern with negatives raised to 0, the others become -1 (below every
+    threshold, and told apart from the allowed zeros at a tie at 0).
+    """
     for i, s in enumerate(scores):
         bits = s.reshape(-1).view(torch.int32)
+        keep = None if allowed is None else allowed[i].reshape(-1)
         n = bits.numel()
         for start in range(0, n, chunk_numel):
-            yield i, start, bits[start : start + chunk_numel]
+            chunk = bits[start : start + chunk_numel]
+            if keep is not None:
+                chunk = torch.where(keep[start : start + chunk_numel], chunk.clamp_min(0), -1)
+            yield i, start, chunk
 
 
 class _Scratch:
@@ -395,14 +407,16 @@ def count_at_least(
     threshold: int,
     chunk_numel: int,
     scratch: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    allowed: Sequence[torch.Tensor] | None = None,
 ) -> int:
-    """Entries whose float32 bit pattern is >= ``threshold`` (an int in [1, 2^31)).
+    """Entries whose float32 bit pattern is >= ``threshold`` (an int in [1, 2^31)), among the
+    ``allowed`` ones (bool masks shaped like ``scores``; None: all).
 
     Counts per chunk with ``torch.count_nonzero`` (int64) into one int64 accumulator per
     device, summed into a Python int: no int32 overflow however many entries there are.
     """
     totals: dict[torch.device, torch.Tensor] = {}
-    for _, _, bits in _bit_chunks(scores, chunk_numel):
+    for _, _, bits in _bit_chunks(scores, chunk_numel, allowed):
         ge = bits >= threshold if scratch is None else torch.ge(bits, threshold, out=scratch(bits))
         c = torch.count_nonzero(ge)
         if bits.device in totals:
@@ -455,15 +469,21 @@ def search_threshold(
 
 
 def _candidates(
-    scores: Sequence[torch.Tensor], lo: int, hi: int, chunk_numel: int
+    scores: Sequence[torch.Tensor],
+    lo: int,
+    hi: int,
+    chunk_numel: int,
+    allowed: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """Bit patterns in [lo, hi) (negative patterns as 0), one small tensor per device."""
+    """Bit patterns in [lo, hi) (negative patterns as 0; entries outside ``allowed`` left
+    out), one small tensor per device."""
     parts: dict[torch.device, list[torch.Tensor]] = {}
-    for _, _, bits in _bit_chunks(scores, chunk_numel):
+    floor = lo if lo > 0 or allowed is not None else None  # masked chunks: excluded are -1
+    for _, _, bits in _bit_chunks(scores, chunk_numel, allowed):
         if hi >= _INT32_LIMIT:  # no upper bound (2^31 itself does not fit an int32 compare)
-            inside = bits >= lo if lo > 0 else torch.ones_like(bits, dtype=torch.bool)
+            inside = bits >= floor if floor is not None else torch.ones_like(bits, dtype=torch.bool)
         else:
-            inside = bits < hi if lo == 0 else (bits >= lo) & (bits < hi)
+            inside = bits < hi if floor is None else (bits >= floor) & (bits < hi)
         parts.setdefault(bits.device, []).append(bits[inside])
     return [torch.cat(p).clamp_min_(0) for p in parts.values()]
 
@@ -474,6 +494,7 @@ def topk_masks(
     chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     compact_fraction: float = 1 / 32,
     collective: Collective = LOCAL,
+    allowed: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Boolean masks marking exactly the k largest entries over all ``scores``.
 
@@ -495,6 +516,9 @@ def topk_masks(
         chunk_numel: Entries processed per kernel (bounds temporaries).
         compact_fraction: When to gather the undecided entries (0: never, pure bisection).
         collective: The ranks sharing the tensors (default: none).
+        allowed: Bool masks shaped like ``scores``: only these entries may be selected (the
+            k largest among them; k must not exceed their number). None: every entry. Costs
+            one masked chunk copy per counting pass.
 
     Returns:
         One bool tensor per score tensor, same shape. Entries tied at the threshold are taken in
@@ -503,25 +527,37 @@ def topk_masks(
     for s in scores:
         if s.dtype != torch.float32 or not s.is_contiguous():
             raise ValueError("topk_masks needs contiguous float32 scores.")
-    total = collective.sum_ints([sum(s.numel() for s in scores)])[0]
+    if allowed is None:
+        total = collective.sum_ints([sum(s.numel() for s in scores)])[0]
+    else:
+        if len(allowed) != len(scores) or any(
+            a.shape != s.shape or a.dtype != torch.bool for a, s in zip(allowed, scores)
+        ):
+            raise ValueError("allowed must be one bool mask per score tensor, of its shape.")
+        local = sum(int(torch.count_nonzero(a)) for a in allowed)
+        total = collective.sum_ints([local])[0]
     if not 0 <= k <= total:
-        raise ValueError(f"k must be in [0, {total}], got {k}.")
+        raise ValueError(f"k must be in [0, {total}] (the {'allowed ' * (allowed is not None)}"
+                         f"entries), got {k}.")
     masks = [torch.zeros(s.shape, dtype=torch.bool, device=s.device) for s in scores]
     if k == 0:
         return masks
     scratch = _Scratch(max(1, min(chunk_numel, max((s.numel() for s in scores), default=1))))
 
-    def count(candidates: Sequence[torch.Tensor], th: int, scratch: Any = None) -> int:
-        return collective.sum_ints([count_at_least(candidates, th, chunk_numel, scratch)])[0]
+    def count(
+        candidates: Sequence[torch.Tensor], th: int, scratch: Any = None, allowed: Any = None
+    ) -> int:
+        n = count_at_least(candidates, th, chunk_numel, scratch, allowed)
+        return collective.sum_ints([n])[0]
 
     lo, hi, _, above = search_threshold(
-        lambda th: count(scores, th, scratch),
+        lambda th: count(scores, th, scratch, allowed),
         k,
         lo_count=total,
         stop_below=min(chunk_numel, int(total * compact_fraction)),
     )
     if hi - lo > 1:  # finish on the few undecided entries
-        cand = _candidates(scores, lo, hi, chunk_numel)
+        cand = _candidates(scores, lo, hi, chunk_numel, allowed)
         lo, hi, _, cand_above = search_threshold(
             lambda th: count(cand, th), k - above, lo, hi
         )
@@ -531,13 +567,15 @@ def topk_masks(
 
     def ties_of(bits: torch.Tensor) -> torch.Tensor:
         buf = scratch(bits)
-        return torch.eq(bits, t, out=buf) if t > 0 else torch.le(bits, 0, out=buf)
+        if t > 0 or allowed is not None:  # masked chunks: allowed zeros are 0, the others -1
+            return torch.eq(bits, t, out=buf)
+        return torch.le(bits, 0, out=buf)
 
     # Ties per tensor on every rank, then this rank's quota of each tensor's ties.
     quota = [0] * len(scores)
     if remaining:
         local_ties = [0] * len(scores)
-        for i, _, bits in _bit_chunks(scores, chunk_numel):
+        for i, _, bits in _bit_chunks(scores, chunk_numel, allowed):
             local_ties[i] += int(torch.count_nonzero(ties_of(bits)))
         per_rank = collective.gather_ints(local_ties)
         if any(len(r) != len(scores) for r in per_rank):
@@ -551,7 +589,7 @@ def topk_masks(
     if remaining != 0:  # cannot happen for valid input; guards against NaN/concurrent writes
         raise RuntimeError(f"top-k selection left {remaining} ties unfilled; scores contain NaN?")
     flat_masks = [m.view(-1) for m in masks]
-    for i, start, bits in _bit_chunks(scores, chunk_numel):
+    for i, start, bits in _bit_chunks(scores, chunk_numel, allowed):
         out = flat_masks[i][start : start + bits.numel()]
         torch.gt(bits, t, out=out)
         if quota[i] == 0:
@@ -564,6 +602,53 @@ def topk_masks(
         out |= ties
         quota[i] -= n_ties
     return masks
+
+
+def capped_topk_masks(
+    scores: Sequence[torch.Tensor],
+    k: int,
+    union: Sequence[torch.Tensor],
+    cap: int,
+    chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+    compact_fraction: float = 1 / 32,
+    collective: Collective = LOCAL,
+) -> list[torch.Tensor]:
+    """The k largest ``scores`` such that ``union`` grown by them holds at most ``cap`` entries.
+
+    With u = |union| (over all ranks) and room = cap − u: if room >= k the plain top-k (it adds
+    at most k entries); otherwise only the ``room`` best entries outside the union may enter
+    (an exact top-``room`` among them), every other entry outside is excluded, and the exact
+    top-k is taken over the union and those. So the union never exceeds ``cap`` and exactly k
+    entries are selected; once the union is full (room = 0) every mask lies inside it. Both
+    top-k passes are :func:`topk_masks` with ``allowed`` masks, so the sharded path sums the
+    same counts over the ranks.
+
+    Args:
+        scores: As :func:`topk_masks`.
+        k: Entries to select.
+        union: Bool masks shaped like ``scores``: the entries selected so far.
+        cap: Largest union allowed, ``k <= cap``.
+
+    Returns:
+        One bool mask per score tensor, exactly k True over all ranks.
+    """
+    if len(union) != len(scores):
+        raise ValueError(f"Expected {len(scores)} union masks, got {len(union)}.")
+    u = collective.sum_ints([sum(int(torch.count_nonzero(m)) for m in union)])[0]
+    if not k <= cap or u > cap:
+        raise ValueError(f"Need k <= cap and |union| <= cap, got k={k}, cap={cap}, |union|={u}.")
+    room = cap - u
+    kw: dict[str, Any] = dict(
+        chunk_numel=chunk_numel, compact_fraction=compact_fraction, collective=collective
+    )
+    if room >= k:
+        return topk_masks(scores, k, **kw)
+    allowed = [m.clone() for m in union]
+    if room > 0:
+        entering = topk_masks(scores, room, allowed=[~m for m in union], **kw)
+        for a, e in zip(allowed, entering):
+            a |= e
+    return topk_masks(scores, k, allowed=allowed, **kw)
 
 
 # --- data parallelism ---------------------------------------------------------------------------

@@ -4,7 +4,18 @@
   after every ``loss.backward()`` the importance of every backbone scalar (g², or |g| as in the
   released code) is normalised by its global max, perturbed by annealed noise
   γ(1 − n/N)·U, and the global top-k becomes the mask; only masked entries are updated. The
-  mask is redrawn every ``refresh_every`` steps, so the set of touched entries grows.
+  mask is redrawn every ``refresh_every`` steps, so the set of touched entries (the union of
+  the masks, what the adapter stores) grows: at keep_ratio 0.3% the tiny backbone's union was
+  3.5% after 12 steps and 25% after 100.
+
+  ``union_cap`` (SFAS and WeatherPEFT; None = no cap) bounds that growth to
+  ``cap = round(union_cap · N)`` entries (keep_ratio <= union_cap <= 1). At each refresh, with
+  ``room = cap − |union|``: if room >= k the plain top-k is taken; otherwise only the ``room``
+  best entries outside the union (by the perturbed score) may enter, all others outside are
+  excluded, and the exact global top-k is taken over the union and those
+  (:func:`~wpeft.methods.fisher.capped_topk_masks`). So |union| <= cap and |mask| = k at every
+  refresh; once the union is full every later mask lies inside it (union_cap = keep_ratio: the
+  first mask is kept for good). The union is checkpointed, so a resumed run keeps the cap.
 * :class:`FishMask` (``"fish"``) — FISH mask (Sung et al., 2021): one fixed mask from the
   per-example empirical Fisher, g² of each sample's own gradient averaged over N training samples
   (``fisher_samples``, the paper's N = 1024) *before* training, sparse-safe updates.
@@ -66,6 +77,7 @@ from wpeft.methods.fisher import (
     MaskedAdamW,
     all_reduce_mean_,
     broadcast_mask,
+    capped_topk_masks,
     distributed_ready,
     normalise_by_global_max_,
     perturb_,
@@ -163,10 +175,26 @@ class SFASConfig(MethodConfig):
         metadata={"help": "Entries per score bucket / per top-k counting chunk (memory of "
                           "temporaries)."},
     )
+    union_cap: float | None = field(
+        default=None,
+        metadata={"help": "Largest fraction of the eligible backbone entries ever selected (the "
+                          "union of the masks, what the adapter stores; same unit as "
+                          "keep_ratio, keep_ratio <= union_cap <= 1). When a refresh would grow "
+                          "the union past round(union_cap · N), only the best (by perturbed "
+                          "score) cap − |union| entries outside it may enter and the top-k is "
+                          "taken over the union and those; once full, masks stay inside it "
+                          "(union_cap = keep_ratio: the first mask is kept). None: no cap."},
+    )
 
     def __post_init__(self) -> None:
         _check_keep_ratio(self.keep_ratio)
         _check_chunk(self.chunk_numel)
+        if self.union_cap is not None and not self.keep_ratio <= self.union_cap <= 1.0:
+            raise ConfigError(
+                f"union_cap={self.union_cap!r} must lie in [keep_ratio={self.keep_ratio!r}, 1]: "
+                "the union of the masks holds at least one mask of keep_ratio. Raise union_cap "
+                "(or lower keep_ratio), or leave it None for no cap."
+            )
         if self.importance not in ("fisher", "abs_grad"):
             raise ConfigError(
                 f"importance must be 'fisher' or 'abs_grad', got {self.importance!r}."
@@ -293,6 +321,8 @@ class EntrySelection:
             order of the top-k and the index of each tensor's noise stream).
         k: Entries per mask.
         chunk_numel: Bucket / chunk size.
+        cap: Largest union of the masks, in entries (``k <= cap``; None: no cap); see
+            :func:`~wpeft.methods.fisher.capped_topk_masks` for the policy.
     """
 
     def __init__(
@@ -300,6 +330,7 @@ class EntrySelection:
         named_params: Sequence[tuple[str, nn.Parameter]],
         k: int,
         chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+        cap: int | None = None,
     ) -> None:
         if not named_params:
             raise ConfigError("No eligible parameters to select from.")
@@ -319,6 +350,9 @@ class EntrySelection:
         if not 1 <= k <= self.total:
             raise ConfigError(f"k must be in [1, {self.total}], got {k}.")
         self.k = k
+        if cap is not None and not k <= cap <= self.total:
+            raise ConfigError(f"The union cap must be in [k={k}, {self.total}] entries, got {cap}.")
+        self.cap = cap
         self.chunk_numel = chunk_numel
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._mask_buckets: list[torch.Tensor] | None = None
@@ -461,9 +495,22 @@ class EntrySelection:
         broadcast: bool = False,
         started: float | None = None,
     ) -> None:
-        """Global top-k of bucketed ``scores`` (in ``layout``) becomes the mask (collective
-        under FSDP2)."""
-        buckets = topk_masks(scores, self.k, self.chunk_numel, collective=self.collective)
+        """Global top-k of bucketed ``scores`` (in ``layout``) becomes the mask, kept inside the
+        union cap when there is one (collective under FSDP2)."""
+        if self.cap is not None and self._union_buckets is not None:
+            try:
+                buckets = capped_topk_masks(
+                    scores, self.k, self._union_buckets, self.cap, self.chunk_numel,
+                    collective=self.collective,
+                )
+            except ValueError as e:  # a loaded union larger than the cap
+                raise ConfigError(
+                    f"Cannot keep the selection inside its union cap of {self.cap} entries: {e} "
+                    "A run resumed with a smaller union_cap cannot shrink its union; resume with "
+                    "the cap it was trained with."
+                ) from None
+        else:
+            buckets = topk_masks(scores, self.k, self.chunk_numel, collective=self.collective)
         if broadcast:
             if self.sharded:
                 raise ConfigError(
@@ -580,9 +627,18 @@ class _SelectionMethod(PEFTMethod):
         for _, p in named:
             p.requires_grad_(True)
         total = sum(p.numel() for _, p in named)
+        ratio = self._union_cap()
         self._selection = EntrySelection(
-            named, budget_k(self.config.keep_ratio, total), self.config.chunk_numel
+            named,
+            budget_k(self.config.keep_ratio, total),
+            self.config.chunk_numel,
+            cap=None if ratio is None else budget_k(ratio, total),
         )
+
+    def _union_cap(self) -> float | None:
+        """The cap on the union of the masks, as a fraction of the eligible entries (None: none;
+        a fixed mask is its own union)."""
+        return None
 
     def on_wrapped(self) -> None:
         """Follow the parameters FSDP2 replaced with shards (see :meth:`EntrySelection.rebind`)."""
@@ -656,6 +712,7 @@ class _SelectionMethod(PEFTMethod):
                 "k": sel.k,
                 "refreshes": sel.refreshes,
                 "union": sel.union_size(),
+                "union_cap": sel.cap,
                 **(sel.prepared or {}),
             }
         return out
@@ -674,6 +731,9 @@ class SFAS(_SelectionMethod):
     def _apply(self, model: WpeftAurora) -> None:
         super()._apply(model)
         self._new_accumulator()
+
+    def _union_cap(self) -> float | None:
+        return self.config.union_cap
 
     def state_bytes(self) -> int:
         """Mask and union plus the fp32 importance accumulated between refreshes."""
@@ -732,6 +792,15 @@ class _StaticFisherMethod(_SelectionMethod):
     Subclasses say which training batches that takes (:meth:`preparation`), how many
     :meth:`prepare` uses when not told (:meth:`_default_batches`) and how the count is recorded
     (:attr:`_used_key`)."""
+
+    def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
+        if "union_cap" in kwargs:
+            raise ConfigError(
+                f"Method {self.name!r} selects one fixed mask before training, so the union of "
+                f"its masks is that mask and union_cap={kwargs['union_cap']!r} has no meaning; "
+                "union_cap bounds the changing masks of 'sfas' and 'weatherpeft'. Drop it."
+            )
+        super().__init__(config, **kwargs)
 
     #: Key of ``selection.prepared`` (and of ``summary.json``'s ``selection``) for the count.
     _used_key: ClassVar[str] = "fisher_batches_used"
