@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from killing import train_killed_during_step
 from safetensors.torch import load_file
 
 from wpeft.distributed.runtime import DistEnv
@@ -73,19 +74,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
     cfg = config(steps=5, checkpoint_every=2)
     full = train(cfg, tmp_path / "full", progress=False)
 
-    calls = {"n": 0}
-    real_step = MaskedAdamW.step
-
-    def dying_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # killed during step 4, after the step-2 checkpoint
-            raise KeyboardInterrupt("killed")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(MaskedAdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(MaskedAdamW, "step", real_step)
+    train_killed_during_step(monkeypatch, cfg, tmp_path / "killed", 4)  # after the step-2 checkpoint
     resumed = train(cfg, tmp_path / "killed", resume=True, progress=False)
 
     a = load_file(str(tmp_path / "full" / "adapter.safetensors"))
@@ -317,19 +306,7 @@ def test_a_resumed_static_mask_run_keeps_its_mask_and_record(tmp_path, monkeypat
     """A resume takes the mask (and what its Fisher used) from the checkpoint; no second pass."""
     cfg = config(method="fish", method_options={"fisher_samples": 4}, steps=3, checkpoint_every=1)
     full = train(cfg, tmp_path / "full", progress=False)
-    calls = {"n": 0}
-    real_step = MaskedAdamW.step
-
-    def dying_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # killed during step 3, after the step-2 checkpoint
-            raise KeyboardInterrupt("killed")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(MaskedAdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(MaskedAdamW, "step", real_step)
+    train_killed_during_step(monkeypatch, cfg, tmp_path / "killed", 3)  # after the step-2 checkpoint
 
     def no_second_pass(*args, **kwargs):
         raise AssertionError("a resumed run selected its static mask again")

@@ -15,15 +15,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from killing import train_killed_during_step
 from safetensors.torch import load_file
 from test_backbone import random_batch
 from test_sfas import SHARD_SHAPES, _chunk_spans, changed_sets, loss_of, pretrained_like
 from test_training import config as train_config
 from test_training import small_cache  # noqa: F401  (autouse: a small world cache)
+
 from wpeft.backbones.aurora_adapter import build_backbone
 from wpeft.errors import ConfigError
 from wpeft.methods import create_method
-from wpeft.methods.fisher import MaskedAdamW, _candidates, capped_topk_masks, topk_masks
+from wpeft.methods.fisher import _candidates, capped_topk_masks, topk_masks
 from wpeft.methods.sfas import SFAS, ChildTuningD, EntrySelection, FishMask, SFASConfig
 from wpeft.methods.shards import Collective
 from wpeft.methods.weatherpeft import WeatherPEFTConfig
@@ -226,18 +228,7 @@ def test_resumed_run_keeps_the_cap(tmp_path, monkeypatch) -> None:
         unions.append((method.selection.union_size(), method.selection.cap))
 
     full = train(cfg, tmp_path / "full", progress=False, on_trained=union_of)
-    real_step, calls = MaskedAdamW.step, {"n": 0}
-
-    def dying_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(MaskedAdamW, "step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(MaskedAdamW, "step", real_step)
+    train_killed_during_step(monkeypatch, cfg, tmp_path / "killed", 3)  # after the step-2 checkpoint
     resumed = train(cfg, tmp_path / "killed", resume=True, progress=False, on_trained=union_of)
     a = load_file(str(tmp_path / "full" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "killed" / "adapter.safetensors"))

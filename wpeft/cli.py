@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from wpeft.errors import ConfigError, WpeftError
+from wpeft.runs.layout import METRICS
 
 __all__ = ["main"]
 
@@ -461,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "seeds (needs --eval-every; written to ROOT/lr-selection.json)")
     c.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="evaluate the validation split every N steps in every run (learning "
-                        "curves in metrics.jsonl; 0: never)")
+                        f"curves in {METRICS}; 0: never)")
     _add_task_and_backbone_arguments(c, every=" of every task")
     c.add_argument("--tables", default=None,
                    help="write markdown/CSV/netCDF tables here (with the lr choice and the "

@@ -237,7 +237,7 @@ class FishMaskConfig(MethodConfig):
         metadata={"help": "Training samples N whose per-example g² (one backward pass per "
                           "sample) is averaged into the Fisher (the FISH paper's N = 1024); the "
                           "whole training split when it holds fewer. The number used is "
-                          "recorded (summary.json: selection.fisher_samples_used)."},
+                          "recorded in the run summary (selection.fisher_samples_used)."},
     )
     dense_update: bool = field(
         default=False,
@@ -272,7 +272,7 @@ class ChildTuningDConfig(MethodConfig):
         default=None,
         metadata={"help": "Training batches (of the run's batch size) whose g² is averaged "
                           "into the Fisher; None = one pass over the whole training split, as in "
-                          "Child-Tuning_D. The number used is recorded (summary.json: "
+                          "Child-Tuning_D. The number used is recorded (run summary: "
                           "selection.fisher_batches_used)."},
     )
     clip_grad_norm: float | None = field(

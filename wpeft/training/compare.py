@@ -38,7 +38,7 @@ from wpeft.errors import ConfigError, DataError
 from wpeft.methods.base import method_class
 from wpeft.methods.budget import BudgetInfeasible
 from wpeft.runs.curves import headline_val_score, task_headline, val_lines
-from wpeft.runs.layout import FIELDS, SUMMARY, RunFileError, RunLayout, read_json_object
+from wpeft.runs.layout import FIELDS, METRICS, SUMMARY, RunFileError, RunLayout, read_json_object
 from wpeft.runs.store import Run, run_sizes, write_json_atomic
 from wpeft.tasks.base import Task
 from wpeft.training.loop import (
@@ -289,7 +289,7 @@ def _compare_choosing_lr(
 
 #: How :func:`choose_lrs` chooses (recorded in :data:`LR_SELECTION`).
 LR_RULE = (
-    "lowest headline validation score of the last val line of metrics.jsonl at the first seed: "
+    f"lowest headline validation score of the last val line of {METRICS} at the first seed: "
     "mean over the task's headline variables of score / reference score "
     "(wpeft.runs.curves.headline_val_score); ties go to the first lr given; diverged runs are "
     "never chosen"
@@ -332,7 +332,7 @@ def choose_lrs(config: CompareConfig, root: str | Path) -> dict[str, Any]:
                 lines = val_lines(Run(path))
                 if not lines:
                     raise DataError(
-                        f"{path} has no validation line in its metrics.jsonl, so its lr cannot "
+                        f"{path} has no validation line in its {METRICS}, so its lr cannot "
                         f"be compared; remove that run and run the comparison again with "
                         f"--eval-every {config.eval_every}."
                     )

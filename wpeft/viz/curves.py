@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from wpeft.errors import ConfigError, DataError
 from wpeft.runs.curves import CURVE_KEYS, VAL_SCORE, curves_table
+from wpeft.runs.layout import METRICS
 from wpeft.runs.store import Run
 from wpeft.viz.style import colorbar_label, method_style, new_figure
 
@@ -56,8 +57,8 @@ def plot_learning_curves(
     df = runs if isinstance(runs, pd.DataFrame) else curves_table(runs)
     if df.empty:
         raise DataError(
-            "No validation lines to draw: the runs have no metrics.jsonl val lines; train with "
-            "--eval-every N (N < --steps)."
+            f"No validation lines to draw: the runs have no {METRICS} val lines; train with "
+            "--eval-every N."
         )
     if (metric is None) != (variable is None):
         raise ConfigError(
