@@ -5,7 +5,7 @@ choice is made at seed 0 on the validation split, the other seeds run at the cho
 ``lr-selection.json``): Full-Tuning from {3e-4, 1e-3}, the PEFT methods from {1e-3, 3e-3}.
 Groups run in parallel worker processes of one thread each (two on a 2-core machine), each in
 ``WORK/<group>``; finished runs are skipped, so the script resumes. The groups are then merged
-into ``WORK/merged`` (links to the run directories and one ``lr-selection.json``) and the
+into ``WORK/merged`` (the run directories, their files hard-linked, and one ``lr-selection.json``) and the
 tables are written from it: sizes, mean ± std over seeds, scores marked where they differ from
 Full-Tuning's (paired t-test with AR(1) effective sample size), the lr choice and the
 validation curves::
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -49,18 +50,18 @@ def run_group(name: str, root: Path, settings: dict) -> str:
 
 
 def merge_roots(roots: list[Path], merged: Path) -> None:
-    """Links to every run directory of ``roots`` under ``merged`` and one ``lr-selection.json``
-    holding every group's choices (each group's rule and learning rates kept with its choices)."""
+    """Every run directory of ``roots`` under ``merged`` (files hard-linked: run discovery skips
+    symbolic links that leave the root) and one ``lr-selection.json`` holding every group's
+    choices."""
     from wpeft.training.compare import LR_SELECTION, read_lr_selection
 
     choices, lrs, rule = [], set(), None
     for root in roots:
         for run in sorted(root.glob("*/*")):
             if run.is_dir():
-                link = merged / run.parent.name / run.name
-                link.parent.mkdir(parents=True, exist_ok=True)
-                if not link.exists():
-                    link.symlink_to(run.resolve(), target_is_directory=True)
+                copy = merged / run.parent.name / run.name
+                if not copy.exists():
+                    shutil.copytree(run, copy, copy_function=os.link)
         selection = read_lr_selection(root)
         if selection is None:
             raise SystemExit(f"{root} has no {LR_SELECTION}: its comparison has not finished.")

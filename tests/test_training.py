@@ -531,3 +531,31 @@ def test_compare_tables_mark_significant_differences_from_the_reference(tmp_path
     plain = tables(results, reference="dora")["downscaling"]
     assert MARKER not in plain and plain == tables(results, reference=None)["downscaling"]
     assert table.replace(MARKER, "").splitlines()[:-2] == plain.splitlines()
+
+
+def test_compare_tables_flag_differences_too_autocorrelated_to_test(tmp_path) -> None:
+    """A method whose error swings slowly over the test times has loss differences with lag-1
+    autocorrelation near 1: the AR(1) effective sample size is below 1, the t-test has no degrees
+    of freedom, and the cell says so (UNTESTABLE) instead of passing as not significant."""
+    import numpy as np
+
+    from wpeft.metrics.significance import ar1_effective_sample_size
+    from wpeft.training.compare import MARKER, UNTESTABLE, reference_marks
+
+    rng = np.random.default_rng(1)
+    T, H, W = 30, 4, 8
+    truth = rng.normal(280, 5, (T, H, W))
+    full = truth + rng.normal(0, 0.1, (T, H, W))
+    offset = 4.0 + 2.0 * np.sin(2 * np.pi * np.arange(T) / T)  # one slow swing over the period
+    drift = truth + offset[:, None, None]
+    _fake_cell(tmp_path, "full", 0, truth, full)
+    _fake_cell(tmp_path, "lora", 0, truth, drift)
+    w = np.cos(np.deg2rad(np.linspace(60.0, -60.0, H)))[None, :, None]
+    d = (((drift - truth) ** 2 - (full - truth) ** 2) * w / w.mean()).mean(axis=(1, 2))
+    assert float(ar1_effective_sample_size(d, axis=0)) <= 1  # by hand: the premise holds
+    results = collect(tmp_path)
+    marks, note = reference_marks(results, "downscaling", ["rmse:2m_temperature"], "full")
+    assert marks == {("lora", "default", "rmse:2m_temperature"): UNTESTABLE}
+    assert f"{UNTESTABLE}: not testable" in note
+    table = tables(results)["downscaling"]
+    assert f"{UNTESTABLE} |" in table and f"{MARKER} |" not in table

@@ -647,6 +647,9 @@ def _write_curves(results: xr.Dataset, runs_root: Path, out: Path) -> list[Path]
 
 #: Marks a score cell that differs significantly from the reference method (:func:`reference_marks`).
 MARKER = "*"
+#: Marks a score cell whose paired losses are too autocorrelated to test: the AR(1) effective
+#: sample size is at most 1 (the differences vary, but carry one independent value or less).
+UNTESTABLE = "†"
 #: Score metrics with a per-time loss to pair (:func:`wpeft.runs.skill.domain_mean_losses`);
 #: the others (acc, seeps) are not tested.
 _PAIRED_METRICS = ("rmse", "mae", "crps", "bias")
@@ -689,7 +692,9 @@ def reference_marks(
     and columns without a per-time loss (acc, seeps) are not marked.
 
     Returns:
-        ``{(method, budget, column): MARKER}`` for significant cells, and the line to print under
+        ``{(method, budget, column): MARKER}`` for significant cells (:data:`UNTESTABLE` where
+        the differences vary but their AR(1) effective sample size is 1 or less, so the test has
+        no degrees of freedom), and the line to print under
         the table (empty when ``reference`` is None or not a method of ``results``).
     """
     from wpeft.metrics.significance import TEST_NAMES, paired_ttest_ar1
@@ -740,12 +745,14 @@ def reference_marks(
                 if a is None or b is None:
                     continue
                 a, b = xr.align(a, b, join="exact")  # the same test times
-                p = paired_ttest_ar1(a.values, b.values).pvalue
+                test = paired_ttest_ar1(a.values, b.values)
             except (ValueError, DataError):  # other test times, or a single one
                 continue
             tested += 1
-            if p < alpha:
+            if test.pvalue < alpha:
                 marks[method, budget, column] = MARKER
+            elif test.n_eff <= 1 and not np.all(a.values - b.values == (a.values - b.values)[0]):
+                marks[method, budget, column] = UNTESTABLE
     if not tested:
         return {}, (
             f"No significance markers: no pair of runs of {reference} and another method with "
@@ -757,7 +764,9 @@ def reference_marks(
         f"Scores marked {MARKER} differ from {reference}'s at p < {alpha} "
         f"({TEST_NAMES['ttest_ar1']} over the test times of the latitude-weighted domain-mean "
         "loss per time, squared error for rmse; seeds paired and their losses averaged per time)"
-        + (f"; {', '.join(untested)} not tested." if untested else ".")
+        + (f"; {', '.join(untested)} not tested" if untested else "")
+        + (f"; {UNTESTABLE}: not testable, the per-time loss differences are so autocorrelated "
+           "that their effective sample size is 1 or less." if UNTESTABLE in marks.values() else ".")
     )
 
 

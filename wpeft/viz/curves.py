@@ -84,7 +84,7 @@ def plot_learning_curves(
     )
     methods = list(dict.fromkeys(stats["method"]))
     styles = method_style(methods)
-    fig = new_figure((6.0, 4.2))
+    fig = new_figure((7.4, 4.2))  # room for the legend beside the axes
     ax = fig.add_subplot()
     for method in methods:
         of_method = stats[stats["method"] == method]
@@ -109,5 +109,5 @@ def plot_learning_curves(
     ax.grid(True, lw=0.4, alpha=0.5)
     if title:
         ax.set_title(title, fontsize="medium")
-    ax.legend(fontsize="small", loc="best")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never on a curve
     return fig
