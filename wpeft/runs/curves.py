@@ -40,6 +40,7 @@ __all__ = [
     "VAL_SCORE_PAIRS",
     "curves_table",
     "headline_val_score",
+    "is_headline",
     "task_headline",
     "val_lines",
 ]
@@ -65,7 +66,7 @@ def task_headline(task: str) -> tuple[str, ...]:
     return tuple(getattr(TASKS.get(task), "headline", ()))
 
 
-def _is_headline(variable: str, headline: Sequence[str]) -> bool:
+def is_headline(variable: str, headline: Sequence[str]) -> bool:
     """``temperature_850`` is a headline ``temperature_850`` or ``temperature`` (per level)."""
     return not headline or any(variable == h or variable.startswith(f"{h}_") for h in headline)
 
@@ -86,7 +87,7 @@ def headline_val_score(line: Mapping[str, Any], headline: Sequence[str]) -> tupl
         for key, value in line.items():
             prefix, _, variable = str(key).partition("/")
             ref = line.get(f"{reference}/{variable}")
-            if prefix != metric or not _is_headline(variable, headline) or ref is None:
+            if prefix != metric or not is_headline(variable, headline) or ref is None:
                 continue
             if _finite(value) and _finite(ref) and ref > 0:
                 ratios.append(value / ref)

@@ -37,7 +37,7 @@ from wpeft.backbones.aurora_adapter import WpeftAurora, check_weights_file
 from wpeft.errors import ConfigError, DataError
 from wpeft.methods.base import method_class
 from wpeft.methods.budget import BudgetInfeasible
-from wpeft.runs.curves import headline_val_score, task_headline, val_lines
+from wpeft.runs.curves import headline_val_score, is_headline, task_headline, val_lines
 from wpeft.runs.layout import FIELDS, METRICS, SUMMARY, RunFileError, RunLayout, read_json_object
 from wpeft.runs.store import Run, run_sizes, write_json_atomic
 from wpeft.tasks.base import Task
@@ -495,15 +495,13 @@ REFERENCES = {
 
 def _headline_columns(sub: xr.Dataset, task: str) -> tuple[list[str], dict[str, list[str]]]:
     """Score columns of the task's headline variables, and reference columns by prefix."""
-    from wpeft.tasks import TASKS
-
-    headline = getattr(TASKS.get(task), "headline", ())
+    headline = task_headline(task)
     main, refs = [], {}
     for v in sub.data_vars:
         if v in SIZE_VARIABLES or not np.isfinite(sub[v]).any():
             continue
         prefix, _, var = str(v).partition(":")
-        if headline and not any(var == h or var.startswith(f"{h}_") for h in headline):
+        if not is_headline(var, headline):
             continue
         if prefix in REFERENCES:
             refs.setdefault(prefix, []).append(str(v))

@@ -19,7 +19,7 @@ from wpeft.data.source import on_earth
 from wpeft.runs import Run, skill_difference, skill_fields
 from wpeft.runs import open as open_run
 from wpeft.runs import table as runs_table
-from wpeft.runs.curves import curves_table
+from wpeft.runs.curves import curves_table, task_headline
 from wpeft.viz.attention import plot_patch_attention, plot_prompt_map, plot_variable_attention
 from wpeft.viz.curves import plot_learning_curves
 from wpeft.viz.fisher import plot_mask_heatmap, plot_mask_image, plot_overlap_curves
@@ -27,13 +27,6 @@ from wpeft.viz.skill import plot_budget_vs_skill, plot_skill_comparison, plot_sk
 from wpeft.viz.style import save_figure
 
 __all__ = ["write_figure_set"]
-
-
-def _headline(run: Run) -> tuple[str, ...]:
-    from wpeft.tasks import TASKS
-
-    cls = TASKS.get(run.task)
-    return tuple(getattr(cls, "headline", ()))
 
 
 def _earth(run: Run) -> bool:
@@ -85,7 +78,7 @@ def write_figure_set(
                 save(plot_prompt_map(attention, block, prompt, earth=_earth(run)), f"{tag}-prompt{prompt}")
         if run.fields is not None:
             skill = skill_fields(run, metrics=("rmse",))
-            for var in _headline(run):
+            for var in task_headline(run.task):
                 da = _field(skill, var, "rmse")
                 if da is not None:
                     save(plot_skill_map(da, earth=_earth(run)), f"{name}-rmse-{var}")
@@ -98,7 +91,7 @@ def write_figure_set(
         first = group[0]
         for other in group[1:]:
             diff = skill_difference(first, other, "rmse")
-            for var in _headline(first):
+            for var in task_headline(first.task):
                 if var not in diff["variable"].values:
                     continue
                 d = diff.sel(variable=var)
@@ -108,7 +101,7 @@ def write_figure_set(
                 )
                 save(fig, f"{task}-{first.path.name}-vs-{other.path.name}-{var}")
         frame = runs_table(group)
-        score = next((f"rmse/{v}" for v in _headline(first) if f"rmse/{v}" in frame), None)
+        score = next((f"rmse/{v}" for v in task_headline(first.task) if f"rmse/{v}" in frame), None)
         if score is not None and len(frame) > 1:
             save(plot_budget_vs_skill(frame, score=score), f"{task}-budget-vs-skill")
     curves = curves_table(runs)
