@@ -97,11 +97,12 @@ def main() -> None:
     merged = args.work / "merged"
     merge_roots([args.work / f"root{g}" for g in GROUPS], merged)
     results = collect(merged)
-    for task, table in tables(results).items():
+    markdown = tables(results, "full")
+    for task, table in markdown.items():
         print(f"\n{task}\n{table}")
     print("\n" + lr_selection_table(json.loads(results.attrs["lr_selection"])))
     if args.out is not None:
-        for path in write_tables(results, args.out, "full", runs_root=merged):
+        for path in write_tables(results, args.out, "full", runs_root=merged, markdown=markdown):
             print(f"wrote {path}")
 
 

@@ -294,13 +294,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     compare(cfg, args.root, progress=not args.quiet)
     results = collect(args.root)
     reference = None if args.reference.lower() == "none" else args.reference
-    for task, table in tables(results, reference).items():
+    markdown = tables(results, reference)
+    for task, table in markdown.items():
         print(f"\n{task}\n{table}")
     if "lr_selection" in results.attrs:
         selection = json.loads(results.attrs["lr_selection"])
         print(f"\nlearning rate chosen on the validation split\n{lr_selection_table(selection)}")
     if args.tables:
-        for path in write_tables(results, args.tables, reference, runs_root=args.root):
+        for path in write_tables(results, args.tables, reference, runs_root=args.root,
+                                 markdown=markdown):
             print(f"wrote {path}")
     return 0
 

@@ -774,15 +774,18 @@ def write_tables(
     reference: str | None = "full",
     *,
     runs_root: str | Path | None = None,
+    markdown: dict[str, str] | None = None,
 ) -> list[Path]:
     """Markdown (:func:`tables`, markers against ``reference``) and CSV per task plus the whole
     Dataset as netCDF; with an lr choice (``results.attrs["lr_selection"]``) ``lr-selection.md``;
     with ``runs_root`` (what :func:`collect` read) the learning curves ``<task>-curves.csv`` /
-    ``.png`` of the tasks whose runs recorded validation lines. Returns the paths."""
+    ``.png`` of the tasks whose runs recorded validation lines. ``markdown``: what
+    ``tables(results, reference)`` already gave (the marks read every run's test fields, so a
+    caller that printed them need not read them again). Returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for task, md in tables(results, reference).items():
+    for task, md in (markdown if markdown is not None else tables(results, reference)).items():
         p = out / f"{task}.md"
         p.write_text(md + "\n")
         paths.append(p)
