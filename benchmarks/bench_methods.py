@@ -1,10 +1,18 @@
 """Cost of every fine-tuning method on one backbone and one batch shape, in one run.
 
-For each registered method (each in its own subprocess, so peak memory is its own):
-median training-step time (forward + backward + method hook + optimiser step), peak memory
-(CPU max RSS, or CUDA max allocated on a GPU), optimiser-state bytes, SFAS-style mask-refresh
-time (the ``after_backward`` hook), and adapter-file bytes. Prints a table with ratios against
-Full-Tuning and LoRA, and writes it as markdown with ``--out``.
+For each method (each in its own subprocess, so peak memory is its own): median training-step
+time (forward + backward + method hooks + optimiser step), peak memory (CPU max RSS, or CUDA max
+allocated on a GPU), optimiser-state bytes, the method's own selection state
+(``method.state_bytes()``: masks, union, importance buffer), mask-refresh time, and adapter-file
+bytes. Prints a table with ratios against Full-Tuning and LoRA, and writes it as markdown with
+``--out``.
+
+A method may carry settings after ``+``: ``sfas+lean`` is SFAS with ``lean=True``,
+``sfas+lean+r10`` also refreshes its mask every 10 steps (``refresh_every=10``).
+
+Refresh time: the dense selection's ``after_backward`` (importance, noise, exact top-k); the lean
+one's scoring inside the gradient hooks during backward plus its ``after_backward``
+(``LeanSelection.refresh_seconds``), over refresh steps only.
 
     python benchmarks/bench_methods.py --backbone tiny --batch 2 --steps 12 --out benchmarks/results/methods-cpu-tiny.md
 """
@@ -25,7 +33,21 @@ from pathlib import Path
 from report import write_report
 
 
-def measure(name: str, backbone: str, batch_size: int, steps: int, device: str) -> dict:
+def method_spec(spec: str) -> tuple[str, dict]:
+    """``"sfas+lean+r10"`` -> ``("sfas", {"lean": True, "refresh_every": 10})``."""
+    name, *flags = spec.split("+")
+    kwargs: dict = {}
+    for flag in flags:
+        if flag == "lean":
+            kwargs["lean"] = True
+        elif flag.startswith("r") and flag[1:].isdigit():
+            kwargs["refresh_every"] = int(flag[1:])
+        else:
+            raise SystemExit(f"Unknown setting {flag!r} in {spec!r}: use +lean or +r<steps>.")
+    return name, kwargs
+
+
+def measure(spec: str, backbone: str, batch_size: int, steps: int, device: str) -> dict:
     import torch
 
     from wpeft.backbones.aurora_adapter import build_backbone
@@ -44,7 +66,8 @@ def measure(name: str, backbone: str, batch_size: int, steps: int, device: str) 
     batch = random_batch(
         cfg.surf_vars, cfg.static_vars, cfg.atmos_vars, batch_size=batch_size
     ).to(device)
-    method = create_method(name)
+    name, kwargs = method_spec(spec)
+    method = create_method(name, **kwargs)
     method.apply(model)
     method.added.to(device)
 
@@ -57,12 +80,16 @@ def measure(name: str, backbone: str, batch_size: int, steps: int, device: str) 
     opt = method.optimizer(lr=1e-4, weight_decay=0.01)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step_times, hook_times = [], []
+    sel = method.selection
+    lean = getattr(sel, "lean", False)
+    refresh_every = getattr(method.config, "refresh_every", 1)
+    step_times, refresh_times = [], []
     for step in range(steps):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
+        method.before_backward(step, steps)
         loss_fn().backward()
         t1 = time.perf_counter()
         method.after_backward(step, steps)
@@ -73,7 +100,8 @@ def measure(name: str, backbone: str, batch_size: int, steps: int, device: str) 
         if device == "cuda":
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
-        hook_times.append(t2 - t1)
+        if step >= 2 and step % refresh_every == 0:
+            refresh_times.append(sel.refresh_seconds if lean else t2 - t1)
     warm = slice(2, None)  # first steps pay one-off allocation costs
     state_bytes = sum(
         t.numel() * t.element_size()
@@ -90,9 +118,10 @@ def measure(name: str, backbone: str, batch_size: int, steps: int, device: str) 
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
     return {
-        "method": name,
+        "method": spec,
         "step_s": statistics.median(step_times[warm]),
-        "hook_s": statistics.median(hook_times[warm]),
+        "hook_s": statistics.median(refresh_times) if refresh_times else 0.0,
+        "selection_state_bytes": method.state_bytes(),
         "peak_bytes": peak,
         "optimizer_state_bytes": state_bytes,
         "adapter_bytes": adapter_bytes,
@@ -107,22 +136,27 @@ def table(rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| method | budget % | step (ms) | step / full | step / lora | hook (ms) | peak (MB) "
-        "| peak / full | optim. state (MB) | state / full | adapter (MB) | adapter / full |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | budget % | step (ms) | step / full | step / lora | refresh (ms) "
+        "| refresh / step | peak (MB) | peak / full | peak / lora | optim. + sel. state (MB) "
+        "| state / full | adapter (MB) | adapter / full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    for r in rows:
+        r["state_bytes"] = r["optimizer_state_bytes"] + r.get("selection_state_bytes", 0)
 
     def ratio(a: float, b: dict | None, key: str) -> str:
         return f"{a / b[key]:.2f}" if b and b[key] else "-"
 
     for r in rows:
+        share = f"{r['hook_s'] / r['step_s']:.2f}" if r["hook_s"] else "-"
         lines.append(
             f"| {r['method']} | {100 * r['budget_fraction']:.3f} | {1e3 * r['step_s']:.1f} "
             f"| {ratio(r['step_s'], full, 'step_s')} | {ratio(r['step_s'], lora, 'step_s')} "
-            f"| {1e3 * r['hook_s']:.1f} | {r['peak_bytes'] / 2**20:.0f} "
+            f"| {1e3 * r['hook_s']:.1f} | {share} | {r['peak_bytes'] / 2**20:.0f} "
             f"| {ratio(r['peak_bytes'], full, 'peak_bytes')} "
-            f"| {r['optimizer_state_bytes'] / 2**20:.2f} "
-            f"| {ratio(r['optimizer_state_bytes'], full, 'optimizer_state_bytes')} "
+            f"| {ratio(r['peak_bytes'], lora, 'peak_bytes')} "
+            f"| {r['state_bytes'] / 2**20:.2f} "
+            f"| {ratio(r['state_bytes'], full, 'state_bytes')} "
             f"| {r['adapter_bytes'] / 2**20:.3f} | {ratio(r['adapter_bytes'], full, 'adapter_bytes')} |"
         )
     return "\n".join(lines)

@@ -416,8 +416,17 @@ class PEFTMethod:
         """Hook: called once on every rank after data-parallel wrapping, which may replace
         parameter objects (FSDP2 makes them DTensor shards). Per-parameter state follows here."""
 
+    def before_backward(self, step: int, total_steps: int) -> None:
+        """Runs before ``loss.backward()`` of optimiser step ``step`` (0-based); lean SFAS's
+        gradient hooks learn here whether the step refreshes the mask."""
+
     def after_backward(self, step: int, total_steps: int) -> None:
         """Runs after ``loss.backward()`` and before ``optimizer.step()`` (SFAS selects here)."""
+
+    def clip_grad_norm_(self, params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip the trained gradients to one global L2 norm (between :meth:`after_backward` and
+        ``optimizer.step()``); methods that hold gradients outside ``.grad`` include them."""
+        return torch.nn.utils.clip_grad_norm_(list(params), max_norm)
 
     def optimizer_recipe(
         self, lr: float, weight_decay: float = 0.0

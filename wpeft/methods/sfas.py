@@ -46,10 +46,14 @@ What a training loop must call (every method here):
    sharded parameters: each rank then keeps importance, masks and optimiser state of its
    shards only, and the top-k stays global, see :mod:`wpeft.methods.shards`);
    ``opt = method.optimizer(lr, weight_decay)`` (a :class:`MaskedAdamW`);
-4. per step: ``opt.zero_grad()``, ``loss.backward()``,
-   ``method.after_backward(step, total_steps)`` with ``step`` the 0-based optimiser step index
-   (under DDP: after the gradients are all-reduced, i.e. after backward outside ``no_sync``),
-   optional gradient clipping, ``opt.step()``.
+4. per step: ``opt.zero_grad()``, ``method.before_backward(step, total_steps)``,
+   ``loss.backward()``, ``method.after_backward(step, total_steps)`` with ``step`` the 0-based
+   optimiser step index (under DDP: after the gradients are all-reduced, i.e. after backward
+   outside ``no_sync``), optional ``method.clip_grad_norm_(params, max_norm)``, ``opt.step()``.
+
+``lean=True`` (SFAS / WeatherPEFT, one process) keeps state for the k selected entries only and
+consumes the gradients during backward (:mod:`wpeft.methods.lean`); the dense path below is the
+reference and serves data-parallel runs.
 
 The current masks (``method.selection.masks``, per tensor, aligned with
 ``method.selection.names``), their union and a callback hook at every refresh
@@ -175,6 +179,17 @@ class SFASConfig(MethodConfig):
         metadata={"help": "Entries per score bucket / per top-k counting chunk (memory of "
                           "temporaries)."},
     )
+    lean: bool = field(
+        default=False,
+        metadata={"help": "Lean state (one process): only the k selected entries hold state "
+                          "(indices, Adam moments, age; an entry that leaves the mask loses its "
+                          "moments), gradients are consumed by hooks during backward so no dense "
+                          "gradient set is alive, and between refreshes the linear layers' "
+                          "weight gradients are computed only at the selected entries. The "
+                          "top-k is streamed (always exactly k; proven equal to the dense "
+                          "top-k at most refreshes, counted in the summary). False: the dense "
+                          "reference implementation (MaskedAdamW), needed for ddp / fsdp."},
+    )
     union_cap: float | None = field(
         default=None,
         metadata={"help": "Largest fraction of the eligible backbone entries ever selected (the "
@@ -207,6 +222,21 @@ class SFASConfig(MethodConfig):
             raise ConfigError(f"gamma must be >= 0, got {self.gamma!r}.")
         if self.refresh_every < 1:
             raise ConfigError(f"refresh_every must be >= 1, got {self.refresh_every}.")
+        if self.lean:
+            clashes = {
+                "accumulate_batches": self.accumulate_batches != 1,
+                "union_cap": self.union_cap is not None,
+                "dense_update": self.dense_update,
+                "broadcast_masks": self.broadcast_masks,
+            }
+            bad = [name for name, clash in clashes.items() if clash]
+            if bad:
+                raise ConfigError(
+                    f"lean=True does not support {', '.join(bad)} (it scores one step's gradient "
+                    "as backward produces it and keeps no dense buffer); leave them at their "
+                    "defaults (accumulate_batches=1, union_cap=None, dense_update=False, "
+                    "broadcast_masks=False) or use lean=False."
+                )
         if not 1 <= self.accumulate_batches <= self.refresh_every:
             raise ConfigError(
                 f"accumulate_batches must be in [1, refresh_every={self.refresh_every}], got "
@@ -715,6 +745,11 @@ class _SelectionMethod(PEFTMethod):
                 "union_cap": sel.cap,
                 **(sel.prepared or {}),
             }
+            if getattr(sel, "lean", False):
+                out["selection"]["lean"] = {
+                    "exact_refreshes": sel.exact_refreshes,
+                    "candidates_last": sel.candidates,
+                }
         return out
 
 
@@ -729,19 +764,82 @@ class SFAS(_SelectionMethod):
     _accumulator: ImportanceAccumulator
 
     def _apply(self, model: WpeftAurora) -> None:
-        super()._apply(model)
-        self._new_accumulator()
+        if not self.config.lean:
+            super()._apply(model)
+            self._new_accumulator()
+            return
+        from wpeft.methods.lean import LeanSelection
+
+        named = [(f"model.backbone.{n}", p) for n, p in model.backbone.named_parameters()]
+        for _, p in named:
+            p.requires_grad_(True)
+        eligible = {id(p) for _, p in named}
+        linears = {
+            n: m for n, m in model.backbone.named_modules()
+            if isinstance(m, nn.Linear) and id(m.weight) in eligible
+        }
+        cfg = self.config
+        self._selection = LeanSelection(
+            named,
+            budget_k(cfg.keep_ratio, sum(p.numel() for _, p in named)),
+            linears=linears,
+            importance=cfg.importance,
+            noise=cfg.noise,
+            gamma=cfg.gamma,
+            seed=cfg.seed,
+            refresh_every=cfg.refresh_every,
+            chunk_numel=cfg.chunk_numel,
+        )
 
     def _union_cap(self) -> float | None:
         return self.config.union_cap
 
     def state_bytes(self) -> int:
-        """Mask and union plus the fp32 importance accumulated between refreshes."""
+        """Dense: mask and union plus the fp32 importance accumulated between refreshes. Lean:
+        the selected indices and the bit-packed union."""
         sel = self.selection
-        return 0 if sel is None else super().state_bytes() + 4 * sel.total
+        if sel is None:
+            return 0
+        if self.config.lean:
+            return sel.state_bytes()
+        return super().state_bytes() + 4 * sel.total
+
+    def optimizer_recipe(
+        self, lr: float, weight_decay: float = 0.0
+    ) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        if not self.config.lean:
+            return super().optimizer_recipe(lr, weight_decay)
+        from wpeft.methods.compact import CompactAdamW
+
+        return CompactAdamW, {"lr": lr, "weight_decay": weight_decay}
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.config.lean:
+            return super().bind_optimizer(optimizer)
+        optimizer.grad_of = self._sel().compact_grad_of
+
+    def before_backward(self, step: int, total_steps: int) -> None:
+        """Lean: tell the gradient hooks whether this step refreshes (nothing otherwise)."""
+        if self.config.lean:
+            self._sel().begin_step(step, total_steps)
+
+    def clip_grad_norm_(self, params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Lean: one global norm over the dense gradients and the selected entries' values."""
+        if not self.config.lean:
+            return super().clip_grad_norm_(params, max_norm)
+        from wpeft.methods.lean import clip_grad_norm_
+
+        return clip_grad_norm_(params, self._sel().compact_values(), max_norm)
 
     def check_strategy(self, strategy: str) -> None:
-        """FSDP shards the mask: broadcasting rank 0's has no meaning there."""
+        """Lean runs on one process; FSDP shards the mask: broadcasting rank 0's has no meaning
+        there."""
+        if self.config.lean and strategy != "none":
+            raise ConfigError(
+                f"Method {self.name!r} has lean=True, which runs on one process (its gradient "
+                f"hooks fire before {strategy} reduces the gradients). Use --strategy none, or "
+                "lean=False for data-parallel runs."
+            )
         if strategy == "fsdp" and self.config.broadcast_masks:
             raise ConfigError(
                 f"Method {self.name!r} has broadcast_masks=True, which has no meaning under FSDP: "
@@ -754,16 +852,21 @@ class SFAS(_SelectionMethod):
 
     def on_wrapped(self) -> None:
         super().on_wrapped()
-        self._new_accumulator()  # in the layout of this rank's shards
+        if not self.config.lean:
+            self._new_accumulator()  # in the layout of this rank's shards
 
     def after_backward(self, step: int, total_steps: int) -> None:
-        """Accumulate importance, redraw the mask when due, zero gradients outside it.
+        """Accumulate importance, redraw the mask when due, zero gradients outside it (lean:
+        finish the streamed selection, or the gathered values between refreshes).
 
         Args:
             step: 0-based index of this optimiser step.
             total_steps: Number of optimiser steps of the run (the annealing horizon).
         """
         sel, cfg = self._sel(), self.config
+        if cfg.lean:
+            sel.finish_step()
+            return
         started = time.perf_counter()
         refresh = sel.masks is None or step % cfg.refresh_every == 0
         in_window = (-step) % cfg.refresh_every < cfg.accumulate_batches

@@ -323,12 +323,16 @@ class FisherRecorder:
         original = self.method.after_backward
         self._replaced = self.method.__dict__.get("after_backward")  # an earlier instance wrapper
 
+        lean = getattr(self.selection, "lean", False)
+
         def after_backward(step: int, total_steps: int) -> None:
             due = self.due(step, total_steps)
-            if due:
+            if due and not lean:
                 self._totals = self._grad_square_sums(masks=None)
             original(step, total_steps)
             if due:
+                if lean:  # the hooks summed g² while backward ran (refresh steps only)
+                    self._totals = self._grad_square_sums(masks=None)
                 self._capture(step)
 
         self.method.after_backward = self._wrapper = after_backward
@@ -352,7 +356,11 @@ class FisherRecorder:
 
     def _grad_square_sums(self, masks: Sequence[torch.Tensor] | None) -> torch.Tensor:
         """``(n_tensors,)`` float64 Σ g² per tensor (inside ``masks`` if given; 0 if no grad);
-        this rank's shards only under FSDP2 (summed over ranks in :meth:`_capture`)."""
+        this rank's shards only under FSDP2 (summed over ranks in :meth:`_capture`). A lean
+        selection keeps no dense gradient: it gives the sums it took during backward (over all
+        entries only at refresh steps, NaN between them)."""
+        if getattr(self.selection, "lean", False):
+            return self.selection.grad_square_sums(masks).to(self.selection.device)
         out = []
         for i, g in enumerate(self.selection.grads()):
             if g is None:

@@ -1018,9 +1018,10 @@ def _run_steps(
                 "again (--overwrite), or check the inputs for NaNs."
             )
         opt.zero_grad(set_to_none=True)
+        method.before_backward(position.step, cfg.steps)
         loss.backward()
         method.after_backward(position.step, cfg.steps)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        method.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
         position.step, position.in_epoch = position.step + 1, position.in_epoch + 1
