@@ -1,0 +1,314 @@
+"""AdamW whose state covers only the selected entries of each backbone tensor (lean SFAS).
+
+:class:`~wpeft.methods.fisher.MaskedAdamW` keeps dense moments and an int32 step count for every
+entry of every masked tensor (12 bytes per entry, 1.5x Full-Tuning's optimiser state) and reads a
+dense gradient. :class:`CompactAdamW` instead receives, per parameter, the gradient at the
+selected entries only (:class:`CompactGrad`: sorted flat indices and their values) and keeps state
+for those entries only: int64 index, float32 first and second moments and an int32 Adam step
+count ("age") per entry — 20 bytes per selected entry, nothing of the parameter's size.
+
+State policy. An entry's Adam state lives only while it stays selected. When the selection of a
+parameter changes, the state is carried over to the new index set with :func:`remap_entries`: an
+entry in both keeps its moments and age; an entry that leaves the selection loses them; an entry
+that (re-)enters starts fresh (zero moments, age 0), so its first update is bias-corrected as
+Adam's step 1, i.e. ``p ← p(1 − lr·wd) − lr·g/(|g| + eps)``. (MaskedAdamW instead keeps the
+moments of deselected entries and resumes them when they return; the two agree exactly while the
+selection does not change.)
+
+Per entry the arithmetic is that of ``MaskedAdamW._sparse_update`` (decoupled weight decay on the
+updated entries only, bias correction with the entry's own age), in float32 whatever the
+parameter's dtype; the result is written back in the parameter's dtype. A parameter that gets a
+:class:`CompactGrad` is updated from it alone: any dense ``p.grad`` it also has is ignored (and
+left as it is). Parameters that get no compact gradient but have a dense ``p.grad`` (heads, prompt
+generators) get plain AdamW through ``MaskedAdamW._dense_update``, as ``torch.optim.AdamW``.
+
+Indices are flat indices into the parameter's local tensor (the shard, for an FSDP2 DTensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from wpeft.errors import ConfigError
+from wpeft.methods.fisher import MaskedAdamW
+from wpeft.methods.shards import local_tensor
+
+__all__ = ["COMPACT_STATE_BYTES_PER_ENTRY", "CompactAdamW", "CompactGrad", "remap_entries"]
+
+#: Bytes of compact state per selected entry: int64 index + two float32 moments + int32 age.
+COMPACT_STATE_BYTES_PER_ENTRY = 8 + 4 + 4 + 4
+
+#: Compact state keys and the dtype each must have (load_state_dict restores them).
+_COMPACT_DTYPES = {
+    "indices": torch.int64,
+    "exp_avg": torch.float32,
+    "exp_avg_sq": torch.float32,
+    "age": torch.int32,
+}
+
+
+@dataclass
+class CompactGrad:
+    """Gradient of one parameter at its selected entries."""
+
+    indices: torch.Tensor  # (k_p,) int64, strictly increasing flat indices into the parameter
+    values: torch.Tensor  # (k_p,) float32, dL/dp at those indices
+
+
+def remap_entries(
+    old: torch.Tensor, new: torch.Tensor, *values: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Carry per-entry values from one sorted index set to another.
+
+    Args:
+        old: ``(n,)`` int64, strictly increasing indices the ``values`` are aligned with.
+        new: ``(m,)`` int64, strictly increasing indices to align with.
+        values: Tensors ``(n,)`` each (any dtype), aligned with ``old``.
+
+    Returns:
+        One ``(m,)`` tensor per ``values`` (same dtype and device): an entry in both sets keeps its
+        value, an entry only in ``new`` gets 0. Only ``(m,)``-sized temporaries (searchsorted); no
+        tensor of the parameter's size. Sortedness is a precondition, not checked.
+    """
+    for name, t in (("old", old), ("new", new)):
+        if t.dim() != 1 or t.dtype != torch.int64:
+            raise ValueError(
+                f"remap_entries: {name} indices must be 1-D int64, got {tuple(t.shape)} {t.dtype}."
+            )
+    for i, v in enumerate(values):
+        if v.shape != old.shape:
+            raise ValueError(
+                f"remap_entries: values[{i}] has shape {tuple(v.shape)}, but must be aligned with "
+                f"old {tuple(old.shape)}."
+            )
+    m = new.numel()
+    if old.numel() == 0 or m == 0:
+        return tuple(torch.zeros(m, dtype=v.dtype, device=v.device) for v in values)
+    pos = torch.searchsorted(old, new).clamp_max_(old.numel() - 1)  # (m,) candidate slots in old
+    missing = old.index_select(0, pos) != new  # (m,) True where the entry is new
+    return tuple(v.index_select(0, pos).masked_fill_(missing, 0) for v in values)
+
+
+class CompactAdamW(torch.optim.Optimizer):
+    """AdamW with state only at the selected entries of each parameter (see the module docstring).
+
+    Per parameter ``p`` at each :meth:`step`: ``grad_of(p)`` returning a :class:`CompactGrad`
+    gives a compact update of those entries (state ``indices`` (k,) int64, ``exp_avg`` and
+    ``exp_avg_sq`` (k,) float32, ``age`` (k,) int32); otherwise a dense ``p.grad`` gives plain
+    AdamW; otherwise nothing happens. All compact gradients of a step are validated (one host
+    synchronisation) before any parameter is touched, so a bad one leaves everything unchanged.
+
+    Args:
+        params: Parameters or parameter groups.
+        lr, betas, eps, weight_decay: As ``torch.optim.AdamW`` (decoupled weight decay).
+        grad_of: ``param -> CompactGrad or None``; public attribute, may be set later.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        grad_of: Callable[[torch.Tensor], CompactGrad | None] | None = None,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ConfigError(
+                f"CompactAdamW: lr, eps and weight_decay must be >= 0, got lr={lr}, eps={eps}, "
+                f"weight_decay={weight_decay}; pass non-negative values."
+            )
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"CompactAdamW: betas must be two values in [0, 1), got {betas}.")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        #: ``param -> CompactGrad or None``; may be set after construction.
+        self.grad_of = grad_of
+
+    # --- stepping -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        compact: list[tuple[torch.Tensor, CompactGrad, dict[str, Any]]] = []
+        dense: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                cg = self.grad_of(p) if self.grad_of is not None else None
+                if cg is not None:
+                    compact.append((p, cg, group))
+                elif p.grad is not None:
+                    dense.append((p, group))
+        same = self._validate(compact)
+        for (p, cg, group), unchanged in zip(compact, same, strict=True):
+            self._compact_update(p, cg, self.state[p], group, unchanged)
+        for p, group in dense:
+            if p.grad.is_sparse:
+                raise RuntimeError("CompactAdamW does not support sparse (torch.sparse) gradients.")
+            state = self.state[p]
+            if "indices" in state:
+                raise RuntimeError(
+                    f"CompactAdamW: parameter {tuple(p.shape)} was updated from compact gradients "
+                    "and now has only a dense p.grad; switching to dense updates is not supported "
+                    "(its state covers the selected entries only). Keep returning a CompactGrad "
+                    "from grad_of (an empty one to update nothing)."
+                )
+            MaskedAdamW._dense_update(p, local_tensor(p.grad), state, group)
+        return loss
+
+    def _validate(
+        self, compact: list[tuple[torch.Tensor, CompactGrad, dict[str, Any]]]
+    ) -> list[bool]:
+        """Check every compact gradient; return, per entry of ``compact``, whether its indices
+        equal the stored ones (no remap needed). One host synchronisation for all of them."""
+        flags: list[torch.Tensor] = []  # per parameter: (4,) bool [sorted, >= 0, < numel, same]
+        for p, cg, _ in compact:
+            lp, idx, val = local_tensor(p), cg.indices, cg.values
+            where = f"CompactAdamW: parameter {tuple(lp.shape)}"
+            if not isinstance(idx, torch.Tensor) or not isinstance(val, torch.Tensor):
+                raise TypeError(f"{where}: CompactGrad indices and values must be tensors.")
+            if idx.dtype != torch.int64 or idx.dim() != 1:
+                raise ValueError(
+                    f"{where}: indices must be 1-D int64, got {tuple(idx.shape)} {idx.dtype}; "
+                    "pass flat indices as torch.int64."
+                )
+            if val.dim() != 1 or val.numel() != idx.numel() or not val.is_floating_point():
+                raise ValueError(
+                    f"{where}: values must be a 1-D float tensor as long as the {idx.numel()} "
+                    f"indices, got {tuple(val.shape)} {val.dtype}."
+                )
+            if idx.device != lp.device or val.device != lp.device:
+                raise ValueError(
+                    f"{where}: indices ({idx.device}) and values ({val.device}) must be on the "
+                    f"parameter's device {lp.device}."
+                )
+            state = self.state[p]
+            if state and "indices" not in state:
+                raise RuntimeError(
+                    f"{where} was updated densely before (its state is shaped like it); switching "
+                    "to compact updates is not supported. Return a CompactGrad for it from the "
+                    "first step on, or None every step."
+                )
+            if idx.numel() == 0:
+                ok = torch.ones(3, dtype=torch.bool, device=lp.device)
+            else:
+                ok = torch.stack([(idx[1:] > idx[:-1]).all(), idx[0] >= 0, idx[-1] < lp.numel()])
+            old = state.get("indices")
+            if old is not None and old.shape == idx.shape:
+                same = (old == idx).all().reshape(1)
+            else:
+                same = torch.zeros(1, dtype=torch.bool, device=lp.device)
+            flags.append(torch.cat([ok, same]))
+        if not flags:
+            return []
+        device = flags[0].device
+        checked = torch.stack([f.to(device) for f in flags]).tolist()  # the one synchronisation
+        problems = ("are not strictly increasing", "has a negative index", "has an index >= numel")
+        for (p, cg, _), row in zip(compact, checked, strict=True):
+            for good, problem in zip(row[:3], problems):
+                if not good:
+                    n = local_tensor(p).numel()
+                    raise ValueError(
+                        f"CompactAdamW: parameter {tuple(local_tensor(p).shape)}: CompactGrad "
+                        f"indices {problem} (need sorted unique flat indices in [0, {n})); got "
+                        f"min {int(cg.indices.min())}, max {int(cg.indices.max())}."
+                    )
+        return [bool(row[3]) for row in checked]
+
+    @staticmethod
+    def _compact_update(
+        p: torch.Tensor,
+        cg: CompactGrad,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        unchanged: bool,
+    ) -> None:
+        """AdamW on the entries ``cg.indices`` of ``p`` (gather, update in float32, scatter back)."""
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        lp = local_tensor(p)
+        if not lp.is_contiguous():
+            raise ValueError(
+                f"CompactAdamW: parameter {tuple(lp.shape)} is not contiguous; compact updates "
+                "scatter into p.view(-1). Make it contiguous (p.data = p.data.contiguous())."
+            )
+        idx = cg.indices
+        if not state:
+            k = idx.numel()
+            state["indices"] = idx.clone()
+            state["exp_avg"] = torch.zeros(k, dtype=torch.float32, device=lp.device)
+            state["exp_avg_sq"] = torch.zeros(k, dtype=torch.float32, device=lp.device)
+            state["age"] = torch.zeros(k, dtype=torch.int32, device=lp.device)
+        elif not unchanged:
+            m, v, age = remap_entries(
+                state["indices"], idx, state["exp_avg"], state["exp_avg_sq"], state["age"]
+            )
+            state.update(indices=idx.clone(), exp_avg=m, exp_avg_sq=v, age=age)
+        if idx.numel() == 0:
+            return
+        g = cg.values.to(torch.float32)
+        count = state["age"].add_(1)  # in place: the new ages
+        m = state["exp_avg"].lerp_(g, 1 - beta1)
+        v = state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+        c = count.to(torch.float32)
+        bias_correction1 = 1 - torch.pow(beta1, c)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, c)).sqrt_()
+        flat_p = lp.view(-1)
+        x = flat_p.index_select(0, idx).to(torch.float32)
+        x.mul_(1 - lr * wd)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        x.addcdiv_(m / bias_correction1, denom, value=-lr)
+        flat_p.index_copy_(0, idx, x.to(lp.dtype))
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def state_bytes(self) -> int:
+        """Bytes of every state tensor (compact and dense; a DTensor counts its local shard)."""
+        total = 0
+        for state in self.state.values():
+            for t in state.values():
+                if isinstance(t, torch.Tensor):
+                    t = local_tensor(t)
+                    total += t.numel() * t.element_size()
+        return total
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as ``torch.optim.Optimizer`` does, then restore the compact states exactly.
+
+        Torch casts every state tensor of a floating parameter to the parameter's dtype, which
+        would turn int64 indices and int32 ages into floats (indices above 2^24 — 256 in bfloat16 —
+        rounded) and bfloat16-parameter moments into bfloat16. The compact states are therefore
+        taken from ``state_dict`` with their own dtypes (int64, float32, float32, int32), copied
+        onto the parameter's device.
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        compact = {pid: st for pid, st in state_dict["state"].items() if "indices" in st}
+        rest = {pid: st for pid, st in state_dict["state"].items() if pid not in compact}
+        super().load_state_dict({**state_dict, "state": rest})
+        for pid, p in zip(saved_ids, params):
+            saved = compact.get(pid)
+            if saved is None:
+                continue
+            device = local_tensor(p).device
+            missing = sorted(set(_COMPACT_DTYPES) - set(saved))
+            k = saved["indices"].numel()
+            if missing or any(saved[key].shape != (k,) for key in _COMPACT_DTYPES):
+                raise ValueError(
+                    f"CompactAdamW.load_state_dict: compact state of parameter {tuple(p.shape)} "
+                    f"is malformed (missing {missing}, or its tensors are not all ({k},)); load a "
+                    "state dict saved by CompactAdamW.state_dict()."
+                )
+            self.state[p] = {
+                key: saved[key].to(device=device, dtype=dtype, copy=True)
+                for key, dtype in _COMPACT_DTYPES.items()
+            }
