@@ -29,6 +29,18 @@ from wpeft.methods.base import settings
 from wpeft.methods.sfas import EntrySelection
 
 STEPS = 3
+#: Every registered method, plus lean SFAS / WeatherPEFT (``+r2``: a mask refresh every 2 steps,
+#: so the sampled gradients between refreshes are exercised too).
+VARIANTS = sorted(METHODS) + ["sfas+lean", "sfas+lean+r2", "weatherpeft+lean"]
+
+
+def make(spec: str) -> PEFTMethod:
+    """``"sfas+lean+r2"`` -> ``create_method("sfas", lean=True, refresh_every=2)``."""
+    name, *flags = spec.split("+")
+    kwargs: dict = {}
+    for flag in flags:
+        kwargs.update({"lean": True} if flag == "lean" else {"refresh_every": int(flag[1:])})
+    return create_method(name, **kwargs)
 
 
 def pretrained_like(seed: int = 0) -> WpeftAurora:
@@ -54,6 +66,7 @@ def train(method: PEFTMethod, model: WpeftAurora, batch, steps: int = STEPS) -> 
     opt = method.optimizer(lr=1e-2, weight_decay=0.1)
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
+        method.before_backward(step, steps)
         loss_of(model, batch).backward()
         method.after_backward(step, steps)
         opt.step()
@@ -74,12 +87,12 @@ def batch():
     return random_batch(build_backbone("tiny").config, B=1)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", VARIANTS)
 def test_frozen_stays_frozen_and_counts_hold(name: str, batch) -> None:
     model = pretrained_like()
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     pristine = {pname: p for params in model.named_parameter_groups().values() for pname, p in params}
-    method = create_method(name)
+    method = make(name)
     method.apply(model)
     frozen = {pname: p for pname, p in pristine.items() if not p.requires_grad}
     train(method, model, batch)
@@ -99,21 +112,21 @@ def test_frozen_stays_frozen_and_counts_hold(name: str, batch) -> None:
     assert changed["total"] > 0, f"{name} changed nothing in {STEPS} steps"
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", VARIANTS)
 def test_adapter_round_trip_reproduces_outputs(name: str, batch, tmp_path) -> None:
     model = pretrained_like()
     reference = {k: v.clone() for k, v in model.state_dict().items()}
-    method = create_method(name)
+    method = make(name)
     method.apply(model)
     train(method, model, batch)
     model.eval()
     with torch.no_grad():
         expected = model(batch)
-    path = save_adapter(method, reference, tmp_path / name, task="test")
+    path = save_adapter(method, reference, tmp_path / name.replace("+", "-"), task="test")
 
     fresh = pretrained_like()
     loaded = load_adapter(path, fresh)
-    assert loaded.name == name
+    assert loaded.name == name.split("+")[0]
     fresh.eval()
     with torch.no_grad():
         got = fresh(batch)
