@@ -395,6 +395,8 @@ def test_bad_indices_name_the_module() -> None:
         sampled.set_indices({**good, "0": torch.tensor([3, 1])})
     with pytest.raises(ValueError, match="'0'.*strictly increasing"):
         sampled.set_indices({**good, "0": torch.tensor([1, 1])})
+    with pytest.raises(ValueError, match="'0'.*on meta.*move them"):
+        sampled.set_indices({**good, "0": torch.empty(0, dtype=torch.int64, device="meta")})
 
     sink = Recorder()  # a refused set_indices changed nothing: the good indices are in force
     sampled.sink = sink

@@ -103,8 +103,8 @@ def sampled_weight_grad(
     return _sampled_weight_grad(grad_out, x, indices, chunk)
 
 
-def _check_indices(indices: torch.Tensor, numel: int, device: torch.device, what: str) -> None:
-    """Refuse indices that are not 1-D int64 in ``[0, numel)`` on ``device`` (one host sync)."""
+def _check_form(indices: torch.Tensor, device: torch.device, what: str) -> None:
+    """Refuse indices that are not a 1-D int64 tensor on ``device`` (no host sync)."""
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
         desc = (
             f"{indices.dtype} {tuple(indices.shape)}"
@@ -119,12 +119,35 @@ def _check_indices(indices: torch.Tensor, numel: int, device: torch.device, what
         raise ValueError(
             f"{what} are on {indices.device} but the weight is on {device}; move them."
         )
-    if indices.numel() and not bool(((indices >= 0) & (indices < numel)).all()):
-        lo, hi = int(indices.min()), int(indices.max())
-        raise ValueError(
-            f"{what} range over [{lo}, {hi}] but must lie in [0, {numel}) (flat indices into "
-            "the weight); take them from a mask shaped like the weight."
-        )
+
+
+def _out_of_range(indices: torch.Tensor, numel: int) -> torch.Tensor:
+    """0-d bool on the indices' device: some index lies outside ``[0, numel)``."""
+    if not indices.numel():
+        return torch.zeros((), dtype=torch.bool, device=indices.device)
+    return (indices.min() < 0) | (indices.max() >= numel)
+
+
+def _not_increasing(indices: torch.Tensor) -> torch.Tensor:
+    """0-d bool on the indices' device: the indices are not strictly increasing."""
+    if indices.numel() < 2:
+        return torch.zeros((), dtype=torch.bool, device=indices.device)
+    return (indices[1:] <= indices[:-1]).any()
+
+
+def _range_error(indices: torch.Tensor, numel: int, what: str) -> ValueError:
+    lo, hi = int(indices.min()), int(indices.max())
+    return ValueError(
+        f"{what} range over [{lo}, {hi}] but must lie in [0, {numel}) (flat indices into the "
+        "weight); take them from a mask shaped like the weight."
+    )
+
+
+def _check_indices(indices: torch.Tensor, numel: int, device: torch.device, what: str) -> None:
+    """Refuse indices that are not 1-D int64 in ``[0, numel)`` on ``device`` (one host sync)."""
+    _check_form(indices, device, what)
+    if bool(_out_of_range(indices, numel)):
+        raise _range_error(indices, numel, what)
 
 
 # --- the autograd function ----------------------------------------------------------------------
@@ -282,13 +305,25 @@ class SampledLinearGrads:
                 f"set_indices got indices for {unknown}, which are not among the modules given "
                 f"to SampledLinearGrads ({len(self._slots)} installed, e.g. {self.names[:3]})."
             )
+        flags: dict[torch.device, list[torch.Tensor]] = {}  # per device: (range, order) pairs
+        where: dict[str, tuple[torch.device, int]] = {}
         for name, (module, _) in self._slots.items():
-            idx = indices[name]
-            _check_indices(idx, module.weight.numel(), module.weight.device, f"Indices of {name!r}")
-            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            idx, weight = indices[name], module.weight
+            _check_form(idx, weight.device, f"Indices of {name!r}")
+            pairs = flags.setdefault(weight.device, [])
+            where[name] = (weight.device, len(pairs))
+            pairs.append(torch.stack([_out_of_range(idx, weight.numel()), _not_increasing(idx)]))
+        bad = {dev: torch.stack(pairs).tolist() for dev, pairs in flags.items()}  # 1 sync/device
+        for name, (dev, i) in where.items():
+            out_of_range, unsorted = bad[dev][i]
+            module = self._slots[name][0]
+            what = f"Indices of {name!r}"
+            if out_of_range:
+                raise _range_error(indices[name], module.weight.numel(), what)
+            if unsorted:
                 raise ValueError(
-                    f"Indices of {name!r} must be strictly increasing (sorted, no duplicates); "
-                    "sort them (torch.unique does both)."
+                    f"{what} must be strictly increasing (sorted, no duplicates); sort them "
+                    "(torch.unique does both)."
                 )
         for name, (_, slot) in self._slots.items():
             slot.indices = indices[name]
