@@ -156,6 +156,22 @@ def test_inactive_is_bitwise_nn_linear(lead: tuple[int, ...]) -> None:
     assert not sink.calls
 
 
+def test_temporaries_are_capped() -> None:
+    model, plain = mlp(), mlp()
+    x, w = torch.randn(4, 7, 6), torch.randn(4, 7, 3)
+    run(plain, x, w)
+    sink = Recorder()
+    sampled = SampledLinearGrads(linears(model), sink, temp_numel=3 * 28)  # T = 28 positions
+    assert sampled.chunk_for(torch.empty(28, 8)) == 3
+    assert sampled.chunk_for(torch.empty(10**9, 0)) == 1
+    assert SampledLinearGrads({}, sink, chunk=5).chunk_for(torch.empty(28, 8)) == 5
+    indices = every_module_indices(model, 0.5)
+    sampled.set_indices(indices)
+    run(model, x, w)
+    for name, m in linears(plain).items():
+        torch.testing.assert_close(sink.calls[name][0], m.weight.grad.reshape(-1)[indices[name]])
+
+
 def test_inactive_is_bitwise_on_a_larger_layer() -> None:
     # Larger than the BLAS kernels' small-matrix paths, non-contiguous input.
     torch.manual_seed(3)
@@ -421,3 +437,5 @@ def test_bad_modules() -> None:
     with pytest.raises(ValueError, match="'m'.*installed twice"):
         SampledLinearGrads({"m": m}, Recorder())
     first.remove()
+    with pytest.raises(ConfigError, match="temp_numel=0"):
+        SampledLinearGrads({}, Recorder(), temp_numel=0)

@@ -38,9 +38,14 @@ from torch import nn
 
 from wpeft.errors import ConfigError
 
-__all__ = ["SampledLinearGrads", "sampled_weight_grad"]
+__all__ = ["DEFAULT_TEMP_NUMEL", "SampledLinearGrads", "sampled_weight_grad"]
 
 Sink = Callable[[str, torch.Tensor], None]
+
+#: Default cap on the entries of one ``(T, chunk)`` temporary of :class:`SampledLinearGrads`
+#: (16M float32 = 64 MB): with many positions T (a full-resolution backbone has ~10⁵ tokens) a
+#: fixed chunk of 2^14 indices would need gigabytes per temporary.
+DEFAULT_TEMP_NUMEL = 1 << 24
 
 
 # --- the sampled product ------------------------------------------------------------------------
@@ -188,7 +193,7 @@ class _SampledLinear(torch.autograd.Function):
             if slot.indices is None:
                 grad_w = g.t().mm(x.reshape(-1, x.shape[-1]))
             else:
-                values = _sampled_weight_grad(grad_out, x, slot.indices, slot.owner.chunk)
+                values = _sampled_weight_grad(grad_out, x, slot.indices, slot.owner.chunk_for(g))
                 slot.owner.sink(slot.name, values)
         if ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
@@ -204,8 +209,8 @@ def _cast_like_autocast(
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device)
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype) if t.is_floating_point() else t
+    def cast(t: torch.Tensor) -> torch.Tensor:  # autocast leaves float64 alone
+        return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
 
     return cast(x), cast(weight), None if bias is None else cast(bias)
 
@@ -227,17 +232,29 @@ class SampledLinearGrads:
     Args:
         modules: ``{name: nn.Linear}``; ``name`` is what the sink receives.
         sink: ``sink(name, values)``, called during backward.
-        chunk: Indices per chunk of :func:`sampled_weight_grad`.
+        chunk: Indices per chunk of :func:`sampled_weight_grad` (at most; see ``temp_numel``).
+        temp_numel: Cap on the entries of one ``(T, chunk)`` temporary: a backward with T
+            positions uses ``min(chunk, temp_numel // T)`` indices per chunk (at least 1).
 
     Raises:
         TypeError: A module is not an ``nn.Linear`` or overrides its ``forward``.
         ValueError: A module already has a forward of its own on the instance (installed twice).
     """
 
-    def __init__(self, modules: Mapping[str, nn.Linear], sink: Sink, chunk: int = 1 << 14) -> None:
-        if chunk < 1:
-            raise ConfigError(f"chunk must be >= 1 index, got {chunk}; use e.g. 1 << 14.")
-        self.sink, self.chunk = sink, chunk
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Linear],
+        sink: Sink,
+        *,
+        chunk: int = 1 << 14,
+        temp_numel: int = DEFAULT_TEMP_NUMEL,
+    ) -> None:
+        if chunk < 1 or temp_numel < 1:
+            raise ConfigError(
+                f"chunk and temp_numel must be >= 1, got chunk={chunk}, temp_numel={temp_numel}; "
+                f"use e.g. chunk=1 << 14, temp_numel={DEFAULT_TEMP_NUMEL}."
+            )
+        self.sink, self.chunk, self.temp_numel = sink, chunk, temp_numel
         self._slots: dict[str, tuple[nn.Linear, _Slot]] = {}
         self._frozen: set[str] = set()
         for name, module in modules.items():
@@ -266,6 +283,10 @@ class SampledLinearGrads:
 
         forward.__sampled_slot__ = slot  # type: ignore[attr-defined]
         return forward
+
+    def chunk_for(self, grad_out: torch.Tensor) -> int:
+        """Indices per chunk for ``grad_out`` ``(T, out)``: ``chunk``, fewer when T is large."""
+        return max(1, min(self.chunk, self.temp_numel // max(1, grad_out.shape[0])))
 
     @property
     def names(self) -> list[str]:
