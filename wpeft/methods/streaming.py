@@ -37,8 +37,11 @@ least its cap_t (the budget is held anyway, and a lower per-tensor bound makes `
 frequent when τ is off), and the cap is *global*. A tensor may contribute up to B
 candidates (the top-k often sits in a few tensors), and whenever the pool of candidates (``keep``
 entries aside) exceeds B it is pruned back to the best B by keys recomputed with the current
-running max (tighter bounds than the keys at add time). So at most B + |keep| candidates are held
-between calls (B + |keep| + min(n_t, B) inside one ``add``), about oversample·k + 64·T.
+running max (tighter bounds than the keys at add time). To keep that cheap the pool is pruned
+only when it exceeds 2B (so each prune drops at least B candidates), and once more, to B, in
+:meth:`StreamingTopK.finish`, where the recomputed keys are the true scores. So at most
+2B + |keep| candidates are held between calls (plus min(n_t, B) inside one ``add``) and B + |keep|
+reach the final top-k; B is about oversample·k + 64·T.
 
 The threshold τ carries over between refreshes: after a refresh it is the true score at rank
 ceil((1 + oversample)/2 · k) of the candidates (halved when the refresh was not exact), and at the
@@ -46,8 +49,10 @@ next :meth:`StreamingTopK.begin` it is lowered by the drop of the additive noise
 a = γ(1 − n_s/t_s) since then (every additive score loses at most that much); 0 at the first
 refresh (every entry passes, so the first refresh keeps min(n_t, B) per tensor).
 
-Costs per tensor: F, the key and U (three float32 temporaries of the tensor), a top-(m+1) of the
-key, two comparison passes, and Σg² in float64. Nothing of size N is ever allocated.
+Costs per tensor: the key (F turned into the key in place) and U, two float32 temporaries of the
+tensor, plus bool masks; a top-(m+1) of the key, two comparison passes, and Σg² accumulated in
+float64 by chunks. F, U and g of the kept entries are gathered (F recomputed from g there, the
+same bits). Nothing of size N is ever allocated.
 """
 
 from __future__ import annotations
@@ -77,8 +82,8 @@ class StreamedSelection:
         square_sums: ``(T,)`` float64: Σ g² over all entries of each tensor (NaN/inf gradients
             give NaN/inf here: the records show them).
         max_importance: M, the global max of the importance F this step.
-        candidates: Entries kept as candidates over all tensors when the last tensor was added
-            (``keep`` entries included).
+        candidates: Entries kept as candidates over all tensors for the final top-k (``keep``
+            entries included; at most the budget B plus the ``keep`` entries).
         exact: True when proven equal to the dense top-k (k-th selected score > every bound).
     """
 
@@ -125,8 +130,13 @@ class _Pool:
         return self.pos.numel()
 
 
-def _top_m(key: torch.Tensor, m: int) -> tuple[torch.Tensor, float]:
-    """The m largest of a 1-D ``key`` (ties at the cut in index order) and the largest left out.
+def _top_m(
+    key: torch.Tensor, m: int, order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
+    """The m largest of a 1-D ``key`` and the largest left out.
+
+    Ties at the cut are taken in index order, or in increasing ``order`` ((n,) int64, distinct)
+    when given.
 
     Returns:
         A ``(n,)`` bool mask with exactly m True, and the max key not selected (-inf if none).
@@ -141,8 +151,20 @@ def _top_m(key: torch.Tensor, m: int) -> tuple[torch.Tensor, float]:
     mask = key > cut
     need = m - int(torch.count_nonzero(mask))
     if need:
-        mask[torch.nonzero(key == cut).squeeze(1)[:need]] = True
+        ties = torch.nonzero(key == cut).squeeze(1)
+        if order is not None and ties.numel() > need:
+            ties = ties[torch.argsort(order[ties])]
+        mask[ties[:need]] = True
     return mask, left_out
+
+
+def _square_sum(g: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """Σ g² of a 1-D ``g`` in float64 (0-d), in chunks (no float64 copy of a large tensor)."""
+    total = torch.zeros((), dtype=torch.float64, device=g.device)
+    for start in range(0, g.numel(), chunk):
+        part = g[start : start + chunk].to(torch.float64)
+        total += torch.dot(part, part)
+    return total
 
 
 class StreamingTopK:
@@ -202,7 +224,9 @@ class StreamingTopK:
         self.offsets = [0]
         for n in self.numels[:-1]:
             self.offsets.append(self.offsets[-1] + n)
-        self._tau_score, self._tau_factor = 0.0, 0.0  # τ before the noise shift, and its factor
+        # τ's ingredients from the last refresh: a score, the same rank of F/M, the noise factor.
+        self._tau_score, self._tau_importance, self._tau_factor = 0.0, 0.0, 0.0
+        #: The threshold τ of this refresh (before the cut of the pool, see :meth:`add`).
         self.tau = 0.0
         self._step: int | None = None
 
@@ -214,8 +238,12 @@ class StreamingTopK:
         self._draws = self.noise == "multiplicative" or (
             self.noise == "additive" and self.factor != 0.0
         )
-        shift = self._tau_factor - self.factor if self.noise == "additive" else 0.0
-        self.tau = max(0.0, self._tau_score - max(0.0, shift))
+        tau = self._tau_score
+        if self.noise == "additive":  # every score loses at most the drop of the factor, and
+            # is at least F/M
+            shifted = self._tau_score - max(0.0, self._tau_factor - self.factor)
+            tau = max(shifted, self._tau_importance)
+        self.tau = max(0.0, tau)
         self._step = step
         self._added = [False] * len(self.shapes)
         self._sq: list[torch.Tensor | None] = [None] * len(self.shapes)
@@ -223,10 +251,22 @@ class StreamingTopK:
         self._parts: list[_Pool] = []
         self._loose = 0  # candidates that may be pruned (not forced)
         self._bound = -math.inf
+        self._cut: tuple[float, float] | None = None  # (min key kept, running max) of last prune
 
-    def _score(self, F: torch.Tensor, top: torch.Tensor, U: torch.Tensor | None) -> torch.Tensor:
-        """perturb(F / max(top, tiny)) with the dense path's float32 ops (new tensor)."""
-        s = F / top.clamp_min(_FLOAT32_TINY)
+    def _importance(self, g: torch.Tensor) -> torch.Tensor:
+        """F of ``g`` ((n,) any float dtype) as the dense accumulator makes it: (n,) float32,
+        NaN -> 0, +inf -> float32 max (one batch: the mean is the value itself)."""
+        F = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+        add_importance_(F, g, self.importance)  # type: ignore[arg-type]
+        return torch.nan_to_num_(F, nan=0.0, posinf=_FLOAT32_MAX)
+
+    def _score(
+        self, F: torch.Tensor, top: torch.Tensor, U: torch.Tensor | None, inplace: bool = False
+    ) -> torch.Tensor:
+        """perturb(F / max(top, tiny)) with the dense path's float32 ops (in ``F`` if
+        ``inplace``, else a new tensor)."""
+        divisor = top.clamp_min(_FLOAT32_TINY)
+        s = F.div_(divisor) if inplace else F / divisor
         if U is not None:
             if self.noise == "additive":
                 s.add_(U, alpha=self.factor)
@@ -272,52 +312,58 @@ class StreamingTopK:
                     f"[{int(keep.min())}, {int(keep.max())}]."
                 )
         self._added[index] = True
-        gd = g.to(torch.float64)
-        self._sq[index] = torch.dot(gd, gd)
-        del gd
+        self._sq[index] = _square_sum(g)
         if n == 0:
             return
-        F = torch.zeros(n, dtype=torch.float32, device=g.device)
-        add_importance_(F, g, self.importance)  # type: ignore[arg-type]
-        torch.nan_to_num_(F, nan=0.0, posinf=_FLOAT32_MAX)
-        top = F.max()
+        key = self._importance(g)  # F now, the key below (in place: one (n,) float32 buffer)
+        top = key.max()
         self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
         U = None
         if self._draws:  # drawn exactly as perturb_ draws tensor `index`'s noise
             gen = noise_generator(self.seed, self._step, index, g.device)
             U = torch.rand(self.shapes[index], generator=gen, device=g.device, dtype=torch.float32)
             U = U.reshape(-1)
-        key = self._score(F, self._m_run, U)
-        passing = int(torch.count_nonzero(key >= self.tau))
+        self._score(key, self._m_run, U, inplace=True)
+        tau = self.tau
+        if self._cut is not None:  # below the pool's cut, rescaled to this running max
+            tau = max(tau, self._cut[0] * self._cut[1] / max(float(self._m_run), _FLOAT32_TINY))
+        passing = int(torch.count_nonzero(key >= tau))
         m = min(max(passing, self.caps[index]), min(n, self.budget))
         chosen, left_out = _top_m(key, m)
         self._bound = max(self._bound, left_out)
-        forced = torch.zeros(n, dtype=torch.bool, device=g.device)
+        del key
         if keep is not None and keep.numel():
-            forced[keep.to(g.device)] = True
-        where = torch.nonzero(chosen | forced).squeeze(1)
+            keep = keep.to(g.device)
+            chosen[keep] = True
+            where = torch.nonzero(chosen).squeeze(1)
+            forced = torch.isin(where, keep)
+        else:
+            where = torch.nonzero(chosen).squeeze(1)
+            forced = torch.zeros(where.shape, dtype=torch.bool, device=g.device)
+        gw = g[where]
         part = _Pool(
             where + self.offsets[index],
-            F[where],
+            self._importance(gw),  # elementwise: the same bits as the full tensor's F
             None if U is None else U[where],
-            g[where].to(torch.float32),
-            forced[where],
+            gw.to(torch.float32),
+            forced,
         )
         self._parts.append(part)
         self._loose += len(part) - int(torch.count_nonzero(part.forced))
-        if self._loose > self.budget:
+        if self._loose > 2 * self.budget:  # amortised: each prune drops >= budget candidates
             self._prune()
 
     def _prune(self) -> None:
         """Cut the pool to the best ``budget`` non-forced candidates by keys recomputed with the
-        current running max; the best key cut becomes a bound."""
+        current running max (ties at the cut in (tensor, index) order); the best key cut
+        becomes a bound. Once every tensor is added, these keys are the true scores."""
         pool = _Pool.cat(self._parts)
-        pool = pool.take(torch.argsort(pool.pos))  # ties at the cut in (tensor, index) order
         assert self._m_run is not None
         loose = torch.nonzero(~pool.forced).squeeze(1)
         key = self._score(pool.F[loose], self._m_run, None if pool.U is None else pool.U[loose])
-        kept, left_out = _top_m(key, self.budget)
+        kept, left_out = _top_m(key, self.budget, pool.pos[loose])
         self._bound = max(self._bound, left_out)
+        self._cut = (float(key[kept].min()), max(float(self._m_run), _FLOAT32_TINY))
         survive = pool.forced.clone()
         survive[loose[kept]] = True
         self._parts = [pool.take(survive)]
@@ -334,6 +380,8 @@ class StreamingTopK:
                 f"({len(missing)} missing); add every tensor once before finish()."
             )
         assert self._m_run is not None  # k >= 1 implies a non-empty tensor
+        if self._loose > self.budget:
+            self._prune()
         pool = _Pool.cat(self._parts)
         pool = pool.take(torch.argsort(pool.pos))  # (tensor, flat index) order: dense tie order
         score = self._score(pool.F, self._m_run, pool.U)
@@ -344,7 +392,11 @@ class StreamingTopK:
         # τ for the next refresh: a score a little below this refresh's k-th.
         rank = min(len(pool), math.ceil((1 + self.oversample) / 2 * self.k))
         tau = float(torch.topk(score, rank, sorted=True).values[-1])
+        importance = float(torch.topk(pool.F, rank, sorted=True).values[-1]) / max(
+            float(self._m_run), _FLOAT32_TINY
+        )
         self._tau_score = tau if exact else 0.5 * min(tau, kth)
+        self._tau_importance = importance if exact else 0.5 * importance
         self._tau_factor = self.factor
         pos = pool.pos[chosen]
         values = pool.g[chosen]
