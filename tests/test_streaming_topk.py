@@ -270,3 +270,22 @@ def test_grad_not_referenced_after_add() -> None:
     g.zero_()  # a freed-and-reused buffer
     sel = topk.finish()
     assert torch.equal(sel.values[0], ref[sel.indices[0]])
+
+
+def test_bfloat16_gradients_and_empty_tensor() -> None:
+    """bf16 gradients are scored in float32 as the dense accumulator scores them; an empty
+    tensor gets no entries and a zero Σg²."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [torch.Size((300,)), torch.Size((0,)), torch.Size((12, 25))]
+    k = 7
+    topk = StreamingTopK(shapes, k, noise="multiplicative")
+    for step in range(3):
+        grads = [(torch.randn(s, generator=gen) * 3).to(torch.bfloat16) for s in shapes]
+        sel = stream(topk, grads, step, 3)
+        check_well_formed(sel, grads, k)
+        assert sel.indices[1].numel() == 0 and float(sel.square_sums[1]) == 0.0
+        ref, top = dense_reference(
+            grads, k, importance="fisher", noise="multiplicative", step=step, total_steps=3
+        )
+        assert sel.max_importance == top
+        assert all(torch.equal(a, b) for a, b in zip(as_masks(sel, shapes), ref))

@@ -44,10 +44,16 @@ only when it exceeds 2B (so each prune drops at least B candidates), and once mo
 reach the final top-k; B is about oversample·k + 64·T.
 
 The threshold τ carries over between refreshes: after a refresh it is the true score at rank
-ceil((1 + oversample)/2 · k) of the candidates (halved when the refresh was not exact), and at the
-next :meth:`StreamingTopK.begin` it is lowered by the drop of the additive noise factor
-a = γ(1 − n_s/t_s) since then (every additive score loses at most that much); 0 at the first
-refresh (every entry passes, so the first refresh keeps min(n_t, B) per tensor).
+r = ceil((1 + oversample)/2 · k) of the candidates (halved when the refresh was not exact). At the
+next :meth:`StreamingTopK.begin`, for additive noise, it is lowered by the drop of the factor
+a = γ(1 − n_s/t_s) since then (every additive score loses at most that much) but not below the
+rank-r value of F/M among the candidates (every additive score is at least F/M; this keeps τ
+useful at the last steps, where a reaches 0). It is 0 at the first refresh. Within a refresh,
+after a prune, entries whose key is below the smallest key the prune kept (rescaled by the
+running max then over the running max now) are not kept either: for noise "none" or
+multiplicative they could not survive the next prune anyway; for additive it is a heuristic
+(the bound still records whatever is dropped, so ``exact`` stays a proof). This makes the first
+refresh cost about what later ones cost.
 
 Costs per tensor: the key (F turned into the key in place) and U, two float32 temporaries of the
 tensor, plus bool masks; a top-(m+1) of the key, two comparison passes, and Σg² accumulated in
