@@ -1,0 +1,291 @@
+"""Streaming SFAS top-k (``wpeft.methods.streaming``) against the dense reference.
+
+The reference is today's dense refresh built from ``wpeft.methods.fisher`` on the same gradients:
+``ImportanceAccumulator`` (importance, NaN/inf mapping), ``normalise_by_global_max_``,
+``perturb_`` and ``topk_masks``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wpeft.errors import ConfigError
+from wpeft.methods.fisher import (
+    FlatLayout,
+    ImportanceAccumulator,
+    normalise_by_global_max_,
+    perturb_,
+    topk_masks,
+)
+from wpeft.methods.streaming import StreamedSelection, StreamingTopK
+
+SHAPES = [torch.Size(s) for s in [(40, 50), (300,), (17, 23), (64, 64), (5,), (900,), (3, 7, 11)]]
+
+
+def dense_reference(
+    grads: list[torch.Tensor],
+    k: int,
+    *,
+    importance: str,
+    noise: str,
+    step: int,
+    total_steps: int,
+    gamma: float = 0.2,
+    seed: int = 0,
+) -> tuple[list[torch.Tensor], float]:
+    """Today's dense refresh: per-tensor bool masks (exactly k True) and the global max M."""
+    layout = FlatLayout.plan([g.shape for g in grads])
+    acc = ImportanceAccumulator(layout, "cpu", importance)  # type: ignore[arg-type]
+    acc.add(grads)
+    scores = acc.mean_()
+    top = normalise_by_global_max_(scores)
+    views = layout.split(scores)
+    perturb_(views, step=step, total_steps=total_steps, gamma=gamma, kind=noise, seed=seed)  # type: ignore[arg-type]
+    return topk_masks(views, k), float(top)
+
+
+def stream(
+    topk: StreamingTopK,
+    grads: list[torch.Tensor],
+    step: int,
+    total_steps: int,
+    order: list[int] | None = None,
+    keep: list[torch.Tensor] | None = None,
+) -> StreamedSelection:
+    topk.begin(step, total_steps)
+    for i in order if order is not None else reversed(range(len(grads))):
+        topk.add(i, grads[i].clone(), None if keep is None else keep[i])
+    return topk.finish()
+
+
+def as_masks(sel: StreamedSelection, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    masks = []
+    for idx, shape in zip(sel.indices, shapes):
+        m = torch.zeros(shape.numel(), dtype=torch.bool)
+        m[idx] = True
+        masks.append(m.view(shape))
+    return masks
+
+
+def check_well_formed(sel: StreamedSelection, grads: list[torch.Tensor], k: int) -> None:
+    """Exactly k entries, strictly increasing int64 indices, values = g there, Σg² right."""
+    assert sum(i.numel() for i in sel.indices) == k
+    for idx, val, g in zip(sel.indices, sel.values, grads):
+        assert idx.dtype == torch.int64 and val.dtype == torch.float32
+        assert bool((idx[1:] > idx[:-1]).all())
+        assert torch.equal(val, g.reshape(-1)[idx].float())
+    dense_sums = torch.stack([g.double().square().sum() for g in grads])
+    assert sel.square_sums.dtype == torch.float64 and sel.square_sums.shape == (len(grads),)
+    torch.testing.assert_close(sel.square_sums, dense_sums, rtol=1e-12, atol=0, equal_nan=True)
+
+
+def heavy_tailed(shapes: list[torch.Size], gen: torch.Generator) -> list[torch.Tensor]:
+    """Heavy-tailed entries, with per-tensor scales spread over four decades."""
+    out = []
+    for s in shapes:
+        scale = 10 ** (4 * torch.rand((), generator=gen).item() - 2)
+        g = torch.randn(s, generator=gen) * torch.exp(2 * torch.randn(s, generator=gen))
+        out.append(g * scale)
+    return out
+
+
+def jaccard(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    inter = sum(int((x & y).sum()) for x, y in zip(a, b))
+    union = sum(int((x | y).sum()) for x, y in zip(a, b))
+    return inter / union
+
+
+@pytest.mark.parametrize("importance", ["fisher", "abs_grad"])
+@pytest.mark.parametrize("noise", ["additive", "multiplicative", "none"])
+def test_matches_dense_topk_over_refreshes(noise: str, importance: str) -> None:
+    """20 refreshes of fresh heavy-tailed gradients, tensors added in a random order with the
+    previous mask as ``keep``: exactly k always, equal to the dense mask whenever ``exact``."""
+    gen = torch.Generator().manual_seed(1234)
+    total = sum(s.numel() for s in SHAPES)
+    k = max(1, round(0.003 * total))
+    topk = StreamingTopK(SHAPES, k, importance=importance, noise=noise, seed=7)
+    refreshes, exact, overlaps, keep = 20, 0, [], None
+    for step in range(refreshes):
+        grads = heavy_tailed(SHAPES, gen)
+        order = torch.randperm(len(SHAPES), generator=gen).tolist()
+        sel = stream(topk, grads, step, refreshes, order, keep)
+        check_well_formed(sel, grads, k)
+        assert sel.candidates <= topk.budget + k  # keep = the previous k entries
+        ref, top = dense_reference(
+            grads, k, importance=importance, noise=noise, step=step, total_steps=refreshes, seed=7
+        )
+        assert sel.max_importance == top
+        got = as_masks(sel, SHAPES)
+        if sel.exact:
+            exact += 1
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"step {step}"
+        else:
+            overlaps.append(jaccard(got, ref))
+        keep = sel.indices
+    share = exact / refreshes
+    mean_overlap = sum(overlaps) / len(overlaps) if overlaps else 1.0
+    print(
+        f"\n{noise}/{importance}: exact {share:.0%}, mean Jaccard when inexact {mean_overlap:.3f}"
+    )
+    assert share >= 0.8
+
+
+def test_inexact_when_the_max_arrives_last() -> None:
+    """A huge gradient in the last tensor added makes the earlier tensors' bounds useless
+    (M ≫ M_run): ``exact`` is False, yet exactly k entries and a bounded candidate pool."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [torch.Size((1000,)), torch.Size((100,))]
+    grads = [torch.randn(1000, generator=gen), torch.randn(100, generator=gen) * 1e-3]
+    grads[1][17] = 1e6
+    k = 50
+    topk = StreamingTopK(shapes, k, noise="none", oversample=1.0)
+    assert topk.budget == (46 + 64) + (5 + 64)  # Σ min(n_t, ceil(k·n_t/N) + 64)
+    keep = [torch.tensor([3, 999]), torch.tensor([0])]
+    sel = stream(topk, grads, 0, 10, order=[0, 1], keep=keep)
+    check_well_formed(sel, grads, k)
+    assert not sel.exact
+    assert sel.candidates <= topk.budget + 3
+    assert 17 in sel.indices[1].tolist()
+    # Without noise the ranking is F's, and tensor 0's kept top-110 by F holds its top-49: the
+    # selection is still the dense one, only not provably so.
+    ref, _ = dense_reference(grads, k, importance="fisher", noise="none", step=0, total_steps=10)
+    assert all(torch.equal(a, b) for a, b in zip(as_masks(sel, shapes), ref))
+
+
+def test_keep_entries_survive_as_candidates() -> None:
+    """Additive noise with the max arriving last: tensor 0's true top entries (high U, small F)
+    rank low by their add-time key (F/M_run dominates) and are dropped, unless passed as
+    ``keep``; with keep = the dense mask the selection is the dense one."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [torch.Size((2000,)), torch.Size((10,))]
+    grads = [torch.randn(2000, generator=gen), torch.randn(10, generator=gen)]
+    grads[1][4] = 1e4
+    k, step, total = 5, 0, 10
+    ref, _ = dense_reference(
+        grads, k, importance="fisher", noise="additive", step=step, total_steps=total
+    )
+    ref_idx = [m.reshape(-1).nonzero().squeeze(1) for m in ref]
+    assert ref_idx[0].numel() == 4 and ref_idx[1].tolist() == [4]
+
+    plain = stream(StreamingTopK(shapes, k, oversample=1.0), grads, step, total, order=[0, 1])
+    check_well_formed(plain, grads, k)
+    assert not plain.exact
+    assert not torch.equal(plain.indices[0], ref_idx[0])  # dropped at add time
+
+    keep = [ref_idx[0], torch.empty(0, dtype=torch.int64)]
+    kept = stream(StreamingTopK(shapes, k, oversample=1.0), grads, step, total, [0, 1], keep)
+    check_well_formed(kept, grads, k)
+    assert torch.equal(kept.indices[0], ref_idx[0]) and kept.indices[1].tolist() == [4]
+
+
+@pytest.mark.parametrize("k", [1, 10, 40, 69])
+def test_ties_taken_in_tensor_then_index_order(k: int) -> None:
+    """All-zero gradients (and all-equal ones), no noise: exactly k, the first k entries in
+    (tensor, flat index) order, as ``topk_masks`` takes them; twice (τ carried over)."""
+    shapes = [torch.Size((7,)), torch.Size((3, 4)), torch.Size((50,))]
+    topk = StreamingTopK(shapes, k, noise="none")
+    for step, fill in enumerate([0.0, 0.0, -2.0]):
+        grads = [torch.full(s, fill) for s in shapes]
+        sel = stream(topk, grads, step, 5)
+        check_well_formed(sel, grads, k)
+        flat = torch.cat([as_masks(sel, shapes)[i].reshape(-1) for i in range(3)])
+        assert flat[:k].all() and not flat[k:].any()
+        ref, _ = dense_reference(
+            grads, k, importance="fisher", noise="none", step=step, total_steps=5
+        )
+        assert all(torch.equal(a, b) for a, b in zip(as_masks(sel, shapes), ref))
+
+
+@pytest.mark.parametrize("noise", ["additive", "multiplicative", "none"])
+def test_nan_and_inf_gradients_as_dense(noise: str) -> None:
+    """NaN importance counts as 0, +inf (and g² overflowing float32) as float32 max, as in the
+    dense path; Σg² shows the NaN/inf."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [torch.Size((30,)), torch.Size((8, 8)), torch.Size((40,))]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    grads[0][[2, 9]] = float("nan")
+    grads[1][3, 3] = float("inf")
+    grads[2][11] = 3e19  # g² overflows to inf -> float32 max
+    grads[2][12] = -float("inf")
+    k = 6
+    topk = StreamingTopK(shapes, k, noise=noise)
+    for step in range(3):
+        sel = stream(topk, grads, step, 4)
+        check_well_formed(sel, grads, k)
+        ref, top = dense_reference(
+            grads, k, importance="fisher", noise=noise, step=step, total_steps=4
+        )
+        assert sel.max_importance == top == torch.finfo(torch.float32).max
+        assert all(torch.equal(a, b) for a, b in zip(as_masks(sel, shapes), ref))
+        assert sel.square_sums[0].isnan() and sel.square_sums[1].isinf()
+        assert 2 not in sel.indices[0].tolist() and 9 not in sel.indices[0].tolist()
+
+
+def test_failure_modes() -> None:
+    shapes = [torch.Size((4, 5)), torch.Size((6,))]
+    for bad_k in (0, 27):
+        with pytest.raises(ConfigError, match=f"k={bad_k} is outside \\[1, 26\\]"):
+            StreamingTopK(shapes, bad_k)
+    with pytest.raises(ConfigError, match="oversample must be >= 1"):
+        StreamingTopK(shapes, 3, oversample=0.5)
+    with pytest.raises(ConfigError, match="importance"):
+        StreamingTopK(shapes, 3, importance="hessian")
+    with pytest.raises(ConfigError, match="noise"):
+        StreamingTopK(shapes, 3, noise="gaussian")
+
+    topk = StreamingTopK(shapes, 3)
+    with pytest.raises(RuntimeError, match=r"add\(0\) before begin"):
+        topk.add(0, torch.ones(4, 5))
+    with pytest.raises(RuntimeError, match="finish\\(\\) before begin"):
+        topk.finish()
+    topk.begin(0, 10)
+    with pytest.raises(ValueError, match="index 2 is out of range"):
+        topk.add(2, torch.ones(6))
+    with pytest.raises(ValueError, match="index -1 is out of range"):
+        topk.add(-1, torch.ones(6))
+    with pytest.raises(ValueError, match=r"tensor 1 has shape \(2, 3\), expected \(6,\)"):
+        topk.add(1, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="keep of tensor 1 holds indices outside"):
+        topk.add(1, torch.ones(6), keep=torch.tensor([6]))
+    with pytest.raises(ValueError, match="keep of tensor 1 must be"):
+        topk.add(1, torch.ones(6), keep=torch.tensor([1.0]))
+    topk.add(1, torch.ones(6))
+    with pytest.raises(RuntimeError, match="Tensor 1 was already added"):
+        topk.add(1, torch.ones(6))
+    with pytest.raises(RuntimeError, match=r"tensors \[0\] not added"):
+        topk.finish()
+    topk.add(0, torch.ones(4, 5))
+    assert sum(i.numel() for i in topk.finish().indices) == 3
+
+
+def test_grad_not_referenced_after_add() -> None:
+    """The caller can free the gradient: nothing the selector holds aliases its storage."""
+    shapes = [torch.Size((64,))]
+    topk = StreamingTopK(shapes, 4)
+    topk.begin(0, 2)
+    g = torch.randn(64)
+    ref = g.clone()
+    topk.add(0, g)
+    g.zero_()  # a freed-and-reused buffer
+    sel = topk.finish()
+    assert torch.equal(sel.values[0], ref[sel.indices[0]])
+
+
+def test_bfloat16_gradients_and_empty_tensor() -> None:
+    """bf16 gradients are scored in float32 as the dense accumulator scores them; an empty
+    tensor gets no entries and a zero Σg²."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [torch.Size((300,)), torch.Size((0,)), torch.Size((12, 25))]
+    k = 7
+    topk = StreamingTopK(shapes, k, noise="multiplicative")
+    for step in range(3):
+        grads = [(torch.randn(s, generator=gen) * 3).to(torch.bfloat16) for s in shapes]
+        sel = stream(topk, grads, step, 3)
+        check_well_formed(sel, grads, k)
+        assert sel.indices[1].numel() == 0 and float(sel.square_sums[1]) == 0.0
+        ref, top = dense_reference(
+            grads, k, importance="fisher", noise="multiplicative", step=step, total_steps=3
+        )
+        assert sel.max_importance == top
+        assert all(torch.equal(a, b) for a, b in zip(as_masks(sel, shapes), ref))
