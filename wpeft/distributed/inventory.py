@@ -133,6 +133,10 @@ class ModelInventory:
         generators: ``method.prompt_generators`` (meta modules; their batch-independent
             activations are measured on the CPU). kernel_shape: Shape of the kernels E they read.
         budget: The budget match, when a budget was asked for.
+        gradient_numel: Gradient entries alive at the optimiser step: ``with_grad``, or for
+            lean SFAS (gradients consumed by hooks during backward) the dense gradients outside
+            the backbone, the largest backbone tensor's (scored one at a time) and the k
+            selected values (None: ``with_grad``).
     """
 
     config: BackboneConfig
@@ -156,6 +160,7 @@ class ModelInventory:
     generators: tuple[Any, ...] = ()
     kernel_shape: tuple[int, ...] = ()
     budget: dict[str, Any] | None = None
+    gradient_numel: int | None = None
 
     @property
     def largest_block(self) -> int:
@@ -181,9 +186,16 @@ def _any_grad(module: nn.Module | None) -> bool:
 
 def _optimizer_bytes(method: PEFTMethod, opt: torch.optim.Optimizer) -> tuple[int, int, int]:
     """(state bytes, transient bytes of step(), masked entries) of the method's optimiser."""
+    from wpeft.methods.compact import COMPACT_STATE_BYTES_PER_ENTRY, CompactAdamW
     from wpeft.methods.fisher import MaskedAdamW
 
     params = [p for g in opt.param_groups for p in g["params"]]
+    if isinstance(opt, CompactAdamW):  # lean SFAS: state for the k selected entries only
+        selection = method.selection
+        assert selection is not None
+        state = COMPACT_STATE_BYTES_PER_ENTRY * selection.k
+        state += sum(2 * p.numel() * p.element_size() for p in params if p not in selection)
+        return state, 32 * max(selection.counts()), 0
     if isinstance(opt, MaskedAdamW):
         selection = method.selection
         state, masked = 0, 0
@@ -258,6 +270,12 @@ def inventory(
     autocast_numel += sum(p.numel() for p in m.added.parameters() if p.dim() >= 2)
 
     generators = m.prompt_generators
+    gradient_numel = None
+    selection = m.selection
+    if getattr(selection, "lean", False):
+        eligible = [p.numel() for p in selection.params]
+        with_grad = sum(p.numel() for p in params if p.requires_grad)
+        gradient_numel = with_grad - sum(eligible) + max(eligible) + selection.k
     return ModelInventory(
         config=config,
         method=method,
@@ -282,4 +300,5 @@ def inventory(
             (generators.kernels(model) if generators is not None else model.embedding_kernels()).shape
         ),
         budget=budget_info,
+        gradient_numel=gradient_numel,
     )

@@ -287,7 +287,7 @@ def _strategy(
     transient = act.backward_transient
     if not fsdp:
         weights = 4 * inv.total
-        gradients = 4 * inv.with_grad
+        gradients = 4 * (inv.with_grad if inv.gradient_numel is None else inv.gradient_numel)
         optimizer = inv.optimizer_bytes
         method_state = inv.method_state_bytes
         buffers = 0  # DDP's buckets are the gradients (gradient_as_bucket_view)

@@ -34,7 +34,7 @@ them): the dense selection serves data-parallel runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -243,7 +243,8 @@ class LeanSelection(EntrySelection):
                     "method.before_backward(step, total_steps) before loss.backward()."
                 )
             g = p.grad
-            assert g is not None
+            if g is None:  # a sampled weight: autograd accumulated nothing (values went to _sink)
+                return
             if self._refresh:
                 if self._seen[i]:
                     raise RuntimeError(
@@ -344,11 +345,14 @@ class LeanSelection(EntrySelection):
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def rebind(self, named_params: Any) -> None:
-        raise ConfigError(
-            "Lean SFAS runs on one process: data-parallel wrapping is not supported (use "
-            "lean=False for ddp / fsdp)."
-        )
+    def rebind(self, named_params: Mapping[str, nn.Parameter]) -> None:
+        """Nothing to follow on one process; parameters replaced by a data-parallel wrapper
+        are refused (the hooks sit on the originals)."""
+        if any(named_params.get(n) is not p for n, p in zip(self.names, self.params)):
+            raise ConfigError(
+                "Lean SFAS runs on one process: data-parallel wrapping replaced its parameters "
+                "(use lean=False for ddp / fsdp)."
+            )
 
     def _full_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         if self._indices is None or self.union_masks is None:
@@ -381,13 +385,16 @@ class LeanSelection(EntrySelection):
         if state.get("stream") is not None:
             self.load_stream_state(state["stream"])
 
-    def stream_state(self) -> dict[str, Any]:
-        """What the streaming top-k carries from one refresh to the next."""
-        return {"tau": float(getattr(self.stream, "_tau", 0.0))}
+    _STREAM_CARRY = ("_tau_score", "_tau_importance", "_tau_factor")
 
-    def load_stream_state(self, state: dict[str, Any]) -> None:
-        if hasattr(self.stream, "_tau"):
-            self.stream._tau = float(state["tau"])
+    def stream_state(self) -> dict[str, float]:
+        """What the streaming top-k carries from one refresh to the next (its threshold τ), so
+        a resumed run keeps the same candidates."""
+        return {name: float(getattr(self.stream, name)) for name in self._STREAM_CARRY}
+
+    def load_stream_state(self, state: dict[str, float]) -> None:
+        for name in self._STREAM_CARRY:
+            setattr(self.stream, name, float(state[name]))
 
 
 def clip_grad_norm_(
