@@ -209,3 +209,51 @@ def test_lean_weatherpeft_run_resumes_exactly_after_a_kill(tmp_path, monkeypatch
     assert selection["refreshes"] == 3 and 0 <= selection["lean"]["exact_refreshes"] <= 3
     # changed entries lie inside the union of the masks
     assert summary["changed"]["backbone"] <= selection["union"]
+
+
+@pytest.mark.parametrize("name", ["fish", "child_tuning_d"])
+def test_lean_static_masks_select_the_dense_mask_and_keep_k_sized_state(name: str, batch) -> None:
+    steps = 3
+    runs = {}
+    for lean in (False, True):
+        model = pretrained_like()
+        method = create_method(name, keep_ratio=0.003, lean=lean, dense_update=False)
+        method.apply(model)
+        method.prepare(lambda: loss_of(model, batch), n_batches=1)
+        prepared = [m.clone() for m in method.selection.masks]
+        opt = method.optimizer(lr=1e-2, weight_decay=0.1)
+        for step in range(steps):
+            step_once(method, model, batch, opt, step, steps)
+        runs[lean] = (model, method, opt, prepared)
+    dense_model, _, _, dense_mask = runs[False]
+    lean_model, method, opt, lean_mask = runs[True]
+    assert all(torch.equal(a, b) for a, b in zip(dense_mask, lean_mask))  # the same Fisher top-k
+    assert all(torch.equal(a, b) for a, b in zip(lean_mask, method.selection.masks))  # fixed
+    assert sum(int(m.sum()) for m in lean_mask) == method.selection.k
+    pristine = dict(pretrained_like().named_parameters())
+    for (n, p), q in zip(dense_model.named_parameters(), lean_model.parameters()):
+        # the same entries move, by the same updates up to float32 summation order
+        assert torch.equal(p != pristine[n], q != pristine[n]), n
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    params = list(method.selection.params)
+    assert all(p.grad is None for p in params)
+    full_state = 8 * sum(p.numel() for p in params)  # AdamW's two fp32 moments
+    state = opt.state_bytes() + method.state_bytes()
+    assert state / full_state < 0.05
+
+
+def test_the_planner_models_the_lean_state_as_measured(batch) -> None:
+    from wpeft.distributed.inventory import inventory
+
+    inv = inventory("tiny", "weatherpeft", method_options={"lean": True})
+    model = pretrained_like()
+    method = create_method("weatherpeft", lean=True)
+    method.apply(model)
+    opt = method.optimizer(lr=1e-3, weight_decay=0.01)
+    for step in range(2):
+        step_once(method, model, batch, opt, step, 2)
+    assert inv.optimizer == "CompactAdamW"
+    assert inv.optimizer_bytes == opt.state_bytes()  # every state tensor, counted exactly
+    assert inv.method_state_bytes == method.state_bytes()
+    eligible = [p.numel() for p in method.selection.params]
+    assert inv.gradient_numel == inv.with_grad - sum(eligible) + max(eligible) + method.selection.k

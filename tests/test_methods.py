@@ -31,7 +31,8 @@ from wpeft.methods.sfas import EntrySelection
 STEPS = 3
 #: Every registered method, plus lean SFAS / WeatherPEFT (``+r2``: a mask refresh every 2 steps,
 #: so the sampled gradients between refreshes are exercised too).
-VARIANTS = sorted(METHODS) + ["sfas+lean", "sfas+lean+r2", "weatherpeft+lean"]
+VARIANTS = sorted(METHODS) + ["sfas+lean", "sfas+lean+r2", "weatherpeft+lean", "fish+lean",
+                              "child_tuning_d+lean"]
 
 
 def make(spec: str) -> PEFTMethod:
@@ -40,6 +41,8 @@ def make(spec: str) -> PEFTMethod:
     kwargs: dict = {}
     for flag in flags:
         kwargs.update({"lean": True} if flag == "lean" else {"refresh_every": int(flag[1:])})
+    if name == "child_tuning_d" and kwargs.get("lean"):
+        kwargs["dense_update"] = False  # lean updates only the selected entries
     return create_method(name, **kwargs)
 
 

@@ -194,7 +194,8 @@ def _optimizer_bytes(method: PEFTMethod, opt: torch.optim.Optimizer) -> tuple[in
         selection = method.selection
         assert selection is not None
         state = COMPACT_STATE_BYTES_PER_ENTRY * selection.k
-        state += sum(2 * p.numel() * p.element_size() for p in params if p not in selection)
+        # other tensors: AdamW's two moments and a 4-byte step count
+        state += sum(2 * p.numel() * p.element_size() + 4 for p in params if p not in selection)
         return state, 32 * max(selection.counts()), 0
     if isinstance(opt, MaskedAdamW):
         selection = method.selection

@@ -33,8 +33,9 @@ them): the dense selection serves data-parallel runs.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -95,8 +96,9 @@ class LeanSelection(EntrySelection):
         k: Entries per mask.
         linears: The backbone's ``nn.Linear`` modules by name whose weights are eligible: their
             weight gradients are sampled at the selected entries between refreshes.
-        importance, noise, gamma, seed: SFAS's scoring (see :class:`SFASConfig`).
-        refresh_every: Steps between refreshes.
+        refresh_every: Steps between refreshes (SFAS), or None: one fixed mask, given once
+            through :meth:`set_masks` (FISH, Child-Tuning_D: their ``prepare``).
+        stream: The streaming top-k of a refreshing selection (None for a fixed mask).
     """
 
     lean = True
@@ -107,13 +109,12 @@ class LeanSelection(EntrySelection):
         k: int,
         *,
         linears: dict[str, nn.Linear],
-        importance: str,
-        noise: str,
-        gamma: float,
-        seed: int,
-        refresh_every: int,
+        refresh_every: int | None,
+        stream: StreamingTopK | None,
         chunk_numel: int = DEFAULT_CHUNK_NUMEL,
     ) -> None:
+        if (refresh_every is None) != (stream is None):
+            raise ConfigError("A refreshing lean selection needs a stream, a fixed one none.")
         self._indices: list[torch.Tensor] | None = None
         self._union_bits: list[torch.Tensor] | None = None
         self._mask_cache: list[torch.Tensor] | None = None
@@ -121,9 +122,8 @@ class LeanSelection(EntrySelection):
         super().__init__(named_params, k, chunk_numel)
         self.shapes = [p.shape for p in self.params]
         self.refresh_every = refresh_every
-        self.stream = StreamingTopK(
-            self.shapes, k, importance=importance, noise=noise, gamma=gamma, seed=seed
-        )
+        self.stream = stream
+        self._passive = False
         self.exact_refreshes = 0
         self.candidates = 0
         self.last: StreamedSelection | None = None
@@ -217,16 +217,38 @@ class LeanSelection(EntrySelection):
 
     # --- one training step --------------------------------------------------------------------
 
+    def set_masks(self, buckets: list[torch.Tensor], step: int, seconds: float = 0.0) -> None:
+        """Install a mask given as bool buckets in ``layout`` (a fixed mask's selection)."""
+        indices = [m.reshape(-1).nonzero().squeeze(1) for m in self.layout.split(buckets)]
+        self.set_indices(indices, step, seconds)
+
+    @contextlib.contextmanager
+    def dense_gradients(self) -> Iterator[None]:
+        """Inside, the hooks leave ``.grad`` alone (a static mask's Fisher pass reads it)."""
+        self._passive = True
+        try:
+            yield
+        finally:
+            self._passive = False
+
     def begin_step(self, step: int, total_steps: int) -> None:
         """Before ``loss.backward()``: is this a refresh step, and which gradients to gather."""
+        if self.stream is None and self._indices is None:
+            raise ConfigError(
+                "This lean selection has a fixed mask that was never selected: call "
+                "method.prepare(loss_fn, batches, n_batches) once before training."
+            )
         self._step, self._total_steps = step, total_steps
-        self._refresh = self._indices is None or step % self.refresh_every == 0
+        self._refresh = self.stream is not None and (
+            self._indices is None or step % self.refresh_every == 0  # type: ignore[operator]
+        )
         self._values = [None] * len(self.params)
         self._seen = [False] * len(self.params)
         self._mask_cache = self._union_cache = None
         self._started = time.perf_counter()
         self._scoring = 0.0
         if self._refresh:
+            assert self.stream is not None
             self.stream.begin(step, total_steps)
         if self.sampled is not None:
             assert self._indices is not None or self._refresh
@@ -237,6 +259,8 @@ class LeanSelection(EntrySelection):
 
     def _hook_for(self, i: int):
         def hook(p: torch.Tensor) -> None:
+            if self._passive:
+                return
             if self._step is None:
                 raise RuntimeError(
                     "Lean SFAS consumes gradients during backward: call "
@@ -246,6 +270,7 @@ class LeanSelection(EntrySelection):
             if g is None:  # a sampled weight: autograd accumulated nothing (values went to _sink)
                 return
             if self._refresh:
+                assert self.stream is not None
                 if self._seen[i]:
                     raise RuntimeError(
                         f"Lean SFAS got a second gradient for {self.names[i]!r} in refresh step "
@@ -281,6 +306,7 @@ class LeanSelection(EntrySelection):
                 "loss.backward() and method.after_backward(step, total_steps) after it."
             )
         if self._refresh:
+            assert self.stream is not None
             for i, seen in enumerate(self._seen):
                 if not seen:  # a tensor the loss does not depend on: zero gradient
                     p = self.params[i]
@@ -329,8 +355,9 @@ class LeanSelection(EntrySelection):
         ])
 
     def grads(self) -> list[torch.Tensor | None]:
-        """No dense gradient is kept: all None."""
-        return [None] * len(self.params)
+        """The ``.grad`` of the eligible tensors: all None after a lean backward (the hooks
+        consumed them), the dense gradients inside :meth:`dense_gradients`."""
+        return [p.grad for p in self.params]
 
     def zero_unselected_grads(self) -> None:
         """Nothing to zero: only the selected entries' gradients exist."""
@@ -387,14 +414,17 @@ class LeanSelection(EntrySelection):
 
     _STREAM_CARRY = ("_tau_score", "_tau_importance", "_tau_factor")
 
-    def stream_state(self) -> dict[str, float]:
+    def stream_state(self) -> dict[str, float] | None:
         """What the streaming top-k carries from one refresh to the next (its threshold τ), so
-        a resumed run keeps the same candidates."""
+        a resumed run keeps the same candidates (None for a fixed mask)."""
+        if self.stream is None:
+            return None
         return {name: float(getattr(self.stream, name)) for name in self._STREAM_CARRY}
 
     def load_stream_state(self, state: dict[str, float]) -> None:
-        for name in self._STREAM_CARRY:
-            setattr(self.stream, name, float(state[name]))
+        if self.stream is not None:
+            for name in self._STREAM_CARRY:
+                setattr(self.stream, name, float(state[name]))
 
 
 def clip_grad_norm_(

@@ -62,6 +62,7 @@ The current masks (``method.selection.masks``, per tensor, aligned with
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -274,6 +275,13 @@ class FishMaskConfig(MethodConfig):
         metadata={"help": "False: sparse-safe AdamW. True: dense AdamW on masked gradients "
                           "(weight decay moves unselected entries)."},
     )
+    lean: bool = field(
+        default=False,
+        metadata={"help": "Lean state (one process): the fixed mask as k indices, Adam state for "
+                          "those k entries only, gradients gathered at the mask by hooks during "
+                          "backward (linear layers: computed only there) so no dense gradient "
+                          "set is alive during training. Needs dense_update=False."},
+    )
     chunk_numel: int = field(
         default=DEFAULT_CHUNK_NUMEL,
         metadata={"help": "Entries per score bucket / per top-k counting chunk."},
@@ -282,6 +290,11 @@ class FishMaskConfig(MethodConfig):
     def __post_init__(self) -> None:
         _check_keep_ratio(self.keep_ratio)
         _check_chunk(self.chunk_numel)
+        if self.lean and self.dense_update:
+            raise ConfigError(
+                "lean=True updates only the k selected entries; dense_update=True (a dense "
+                "AdamW on masked gradients) contradicts it. Set dense_update=False, or lean=False."
+            )
         if isinstance(self.fisher_samples, bool) or self.fisher_samples < 1:
             raise ConfigError(
                 f"fisher_samples must be an integer >= 1 (training samples in the Fisher), got "
@@ -316,6 +329,13 @@ class ChildTuningDConfig(MethodConfig):
                           "gradients; only weight decay can move unselected entries. False: "
                           "sparse-safe AdamW."},
     )
+    lean: bool = field(
+        default=False,
+        metadata={"help": "Lean state (one process): the fixed mask as k indices, Adam state for "
+                          "those k entries only, gradients gathered at the mask by hooks during "
+                          "backward (linear layers: computed only there) so no dense gradient "
+                          "set is alive during training. Needs dense_update=False."},
+    )
     chunk_numel: int = field(
         default=DEFAULT_CHUNK_NUMEL,
         metadata={"help": "Entries per score bucket / per top-k counting chunk."},
@@ -324,6 +344,11 @@ class ChildTuningDConfig(MethodConfig):
     def __post_init__(self) -> None:
         _check_keep_ratio(self.keep_ratio)
         _check_chunk(self.chunk_numel)
+        if self.lean and self.dense_update:
+            raise ConfigError(
+                "lean=True updates only the k selected entries; dense_update=True (a dense "
+                "AdamW on masked gradients) contradicts it. Set dense_update=False, or lean=False."
+            )
         if self.fisher_batches is not None and self.fisher_batches < 1:
             raise ConfigError(f"fisher_batches must be >= 1 or None, got {self.fisher_batches}.")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
@@ -647,23 +672,75 @@ class _SelectionMethod(PEFTMethod):
         """The selection over every backbone entry (None before ``apply``)."""
         return self._selection
 
+    @property
+    def _lean(self) -> bool:
+        """Whether the config asks for the lean selection (:mod:`wpeft.methods.lean`)."""
+        return bool(getattr(self.config, "lean", False))
+
     def state_bytes(self) -> int:
-        """The mask and its union, one byte per eligible entry each."""
+        """Dense: the mask and its union, one byte per eligible entry each. Lean: the selected
+        indices (8 bytes each) and the bit-packed union."""
         sel = self.selection
-        return 0 if sel is None else 2 * sel.total
+        if sel is None:
+            return 0
+        return sel.state_bytes() if self._lean else 2 * sel.total
 
     def _apply(self, model: WpeftAurora) -> None:
         named = [(f"model.backbone.{n}", p) for n, p in model.backbone.named_parameters()]
         for _, p in named:
             p.requires_grad_(True)
         total = sum(p.numel() for _, p in named)
+        k = budget_k(self.config.keep_ratio, total)
+        if self._lean:
+            from wpeft.methods.lean import LeanSelection
+
+            self._named_eligible = [p for _, p in named]
+            eligible = {id(p) for _, p in named}
+            linears = {
+                n: m for n, m in model.backbone.named_modules()
+                if isinstance(m, nn.Linear) and id(m.weight) in eligible
+            }
+            every = self._refresh_every()
+            self._selection = LeanSelection(
+                named, k, linears=linears, refresh_every=every,
+                stream=None if every is None else self._stream(k),
+                chunk_numel=self.config.chunk_numel,
+            )
+            return
         ratio = self._union_cap()
         self._selection = EntrySelection(
-            named,
-            budget_k(self.config.keep_ratio, total),
-            self.config.chunk_numel,
-            cap=None if ratio is None else budget_k(ratio, total),
+            named, k, self.config.chunk_numel, cap=None if ratio is None else budget_k(ratio, total)
         )
+
+    def _refresh_every(self) -> int | None:
+        """Steps between mask refreshes (None: one fixed mask, selected by ``prepare``)."""
+        return None
+
+    def _stream(self, k: int) -> Any:
+        """The streaming top-k of a refreshing lean selection."""
+        raise NotImplementedError
+
+    def check_strategy(self, strategy: str) -> None:
+        """Lean runs on one process."""
+        if self._lean and strategy != "none":
+            raise ConfigError(
+                f"Method {self.name!r} has lean=True, which runs on one process (its gradient "
+                f"hooks fire before {strategy} reduces the gradients). Use --strategy none, or "
+                "lean=False for data-parallel runs."
+            )
+
+    def before_backward(self, step: int, total_steps: int) -> None:
+        """Lean: tell the gradient hooks what this step gathers (nothing otherwise)."""
+        if self._lean:
+            self._sel().begin_step(step, total_steps)
+
+    def clip_grad_norm_(self, params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Lean: one global norm over the dense gradients and the selected entries' values."""
+        if not self._lean:
+            return super().clip_grad_norm_(params, max_norm)
+        from wpeft.methods.lean import clip_grad_norm_
+
+        return clip_grad_norm_(params, self._sel().compact_values(), max_norm)
 
     def _union_cap(self) -> float | None:
         """The cap on the union of the masks, as a fraction of the eligible entries (None: none;
@@ -708,10 +785,17 @@ class _SelectionMethod(PEFTMethod):
     def optimizer_recipe(
         self, lr: float, weight_decay: float = 0.0
     ) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        if self._lean:
+            from wpeft.methods.compact import CompactAdamW
+
+            return CompactAdamW, {"lr": lr, "weight_decay": weight_decay}
         return MaskedAdamW, {"lr": lr, "weight_decay": weight_decay, "dense": self.config.dense_update}
 
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.mask_of = self._sel().mask_of
+        if self._lean:
+            optimizer.grad_of = self._sel().compact_grad_of
+        else:
+            optimizer.mask_of = self._sel().mask_of
 
     def adapter_state(self, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Backbone entries that differ from ``reference`` as ``<name>.indices`` (int64 flat,
@@ -745,7 +829,7 @@ class _SelectionMethod(PEFTMethod):
                 "union_cap": sel.cap,
                 **(sel.prepared or {}),
             }
-            if getattr(sel, "lean", False):
+            if self._lean and self._refresh_every() is not None:
                 out["selection"]["lean"] = {
                     "exact_refreshes": sel.exact_refreshes,
                     "candidates_last": sel.candidates,
@@ -764,32 +848,21 @@ class SFAS(_SelectionMethod):
     _accumulator: ImportanceAccumulator
 
     def _apply(self, model: WpeftAurora) -> None:
+        super()._apply(model)
         if not self.config.lean:
-            super()._apply(model)
             self._new_accumulator()
-            return
-        from wpeft.methods.lean import LeanSelection
 
-        named = [(f"model.backbone.{n}", p) for n, p in model.backbone.named_parameters()]
-        for _, p in named:
-            p.requires_grad_(True)
-        eligible = {id(p) for _, p in named}
-        linears = {
-            n: m for n, m in model.backbone.named_modules()
-            if isinstance(m, nn.Linear) and id(m.weight) in eligible
-        }
+    def _stream(self, k: int) -> Any:
+        from wpeft.methods.streaming import StreamingTopK
+
         cfg = self.config
-        self._selection = LeanSelection(
-            named,
-            budget_k(cfg.keep_ratio, sum(p.numel() for _, p in named)),
-            linears=linears,
-            importance=cfg.importance,
-            noise=cfg.noise,
-            gamma=cfg.gamma,
-            seed=cfg.seed,
-            refresh_every=cfg.refresh_every,
-            chunk_numel=cfg.chunk_numel,
+        return StreamingTopK(
+            [p.shape for p in self._named_eligible], k, importance=cfg.importance,
+            noise=cfg.noise, gamma=cfg.gamma, seed=cfg.seed,
         )
+
+    def _refresh_every(self) -> int | None:
+        return self.config.refresh_every
 
     def _union_cap(self) -> float | None:
         return self.config.union_cap
@@ -798,48 +871,14 @@ class SFAS(_SelectionMethod):
         """Dense: mask and union plus the fp32 importance accumulated between refreshes. Lean:
         the selected indices and the bit-packed union."""
         sel = self.selection
-        if sel is None:
-            return 0
-        if self.config.lean:
-            return sel.state_bytes()
+        if sel is None or self._lean:
+            return super().state_bytes()
         return super().state_bytes() + 4 * sel.total
-
-    def optimizer_recipe(
-        self, lr: float, weight_decay: float = 0.0
-    ) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-        if not self.config.lean:
-            return super().optimizer_recipe(lr, weight_decay)
-        from wpeft.methods.compact import CompactAdamW
-
-        return CompactAdamW, {"lr": lr, "weight_decay": weight_decay}
-
-    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self.config.lean:
-            return super().bind_optimizer(optimizer)
-        optimizer.grad_of = self._sel().compact_grad_of
-
-    def before_backward(self, step: int, total_steps: int) -> None:
-        """Lean: tell the gradient hooks whether this step refreshes (nothing otherwise)."""
-        if self.config.lean:
-            self._sel().begin_step(step, total_steps)
-
-    def clip_grad_norm_(self, params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """Lean: one global norm over the dense gradients and the selected entries' values."""
-        if not self.config.lean:
-            return super().clip_grad_norm_(params, max_norm)
-        from wpeft.methods.lean import clip_grad_norm_
-
-        return clip_grad_norm_(params, self._sel().compact_values(), max_norm)
 
     def check_strategy(self, strategy: str) -> None:
         """Lean runs on one process; FSDP shards the mask: broadcasting rank 0's has no meaning
         there."""
-        if self.config.lean and strategy != "none":
-            raise ConfigError(
-                f"Method {self.name!r} has lean=True, which runs on one process (its gradient "
-                f"hooks fire before {strategy} reduces the gradients). Use --strategy none, or "
-                "lean=False for data-parallel runs."
-            )
+        super().check_strategy(strategy)
         if strategy == "fsdp" and self.config.broadcast_masks:
             raise ConfigError(
                 f"Method {self.name!r} has broadcast_masks=True, which has no meaning under FSDP: "
@@ -938,14 +977,16 @@ class _StaticFisherMethod(_SelectionMethod):
         clip = getattr(self.config, "clip_grad_norm", None)
         acc = ImportanceAccumulator(sel.layout, sel.device, "fisher", clip_norm=clip)
         params = list(self.parameters())
-        for i, batch in enumerate(batches):
-            if n is not None and i >= n:
-                break
-            for p in params:
-                p.grad = None
-            loss = loss_fn() if batch is None else loss_fn(batch)
-            loss.backward()
-            acc.add(sel.grads())
+        dense = sel.dense_gradients() if self._lean else contextlib.nullcontext()
+        with dense:  # lean: its hooks leave the gradients alone for the Fisher pass
+            for i, batch in enumerate(batches):
+                if n is not None and i >= n:
+                    break
+                for p in params:
+                    p.grad = None
+                loss = loss_fn() if batch is None else loss_fn(batch)
+                loss.backward()
+                acc.add(sel.grads())
         for p in params:
             p.grad = None
         if acc.count == 0:
@@ -986,14 +1027,18 @@ class _StaticFisherMethod(_SelectionMethod):
         return sel.masks
 
     def after_backward(self, step: int, total_steps: int) -> None:
-        """Zero the gradients outside the fixed mask (the mask never changes)."""
+        """Zero the gradients outside the fixed mask (the mask never changes; lean: the
+        gradients at the mask were gathered during backward)."""
         sel = self._sel()
         if sel.masks is None:
             raise ConfigError(
                 f"Method {self.name!r} has no mask: call method.prepare(loss_fn, batches, "
                 "n_batches) once before training."
             )
-        sel.zero_unselected_grads()
+        if self._lean:
+            sel.finish_step()
+        else:
+            sel.zero_unselected_grads()
 
 
 @register
