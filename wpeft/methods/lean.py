@@ -191,9 +191,9 @@ class LeanSelection(EntrySelection):
         return int(sum(int(_POPCOUNT[b.long().cpu()].sum()) for b in self._union_bits))
 
     def state_bytes(self) -> int:
-        """Bytes of the selection's own state: indices and bit-packed union."""
-        idx = 0 if self._indices is None else sum(8 * i.numel() for i in self._indices)
-        return idx + sum((s.numel() + 7) // 8 for s in self.shapes)
+        """Bytes of the selection's own state: the k int64 indices of the mask (counted before
+        the first one too, so the planner sees them) and the bit-packed union."""
+        return 8 * self.k + sum((s.numel() + 7) // 8 for s in self.shapes)
 
     def set_indices(self, indices: list[torch.Tensor], step: int, seconds: float = 0.0) -> None:
         """Install a new mask (per tensor sorted int64 flat indices), grow the union, log, and run
