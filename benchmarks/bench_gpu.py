@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from report import write_report  # benchmarks/, beside this script
+from bench_methods import method_spec  # "weatherpeft+lean" -> ("weatherpeft", {"lean": True})
 from wpeft.backbones.aurora_adapter import build_backbone
 from wpeft.data.batch import random_batch
 from wpeft.distributed.plan import PlanRequest, parse_grid, plan
@@ -124,7 +125,8 @@ def measure(
         with torch.no_grad():  # leave Aurora's identity initialisation so every block matters
             for p in model.parameters():
                 p.add_(0.02 * torch.randn_like(p))
-        method = create_method(method_name)
+        name, kwargs = method_spec(method_name)
+        method = create_method(name, **kwargs)
         method.apply(model)
     model.autocast_backbone = precision == "bf16"
     if checkpointing:
@@ -145,6 +147,7 @@ def measure(
 
     def step(i: int) -> None:
         opt.zero_grad(set_to_none=True)
+        method.before_backward(i, total)
         _loss(model(batch)).backward()
         method.after_backward(i, total)
         opt.step()
@@ -173,7 +176,9 @@ def measure(
         try:
             with counter:
                 opt.zero_grad(set_to_none=True)
+                method.before_backward(total - 1, total)
                 _loss(model(batch)).backward()
+                method.after_backward(total - 1, total)
             flops = counter.get_total_flops()
         except torch.OutOfMemoryError:
             # Counting runs under a dispatch mode that can hold more than a plain step (seen
@@ -204,17 +209,19 @@ def planned_peak(
     checkpointing: bool,
 ) -> int | None:
     """The planner's one-GPU peak for the same configuration."""
+    name, options = method_spec(method)
     try:
         p = plan(
             PlanRequest(
                 backbone,
-                method,
+                name,
                 1,
                 batch,
                 grid,
                 precision=precision,
                 activation_checkpointing=checkpointing,
                 levels=levels,
+                method_options=options,
             )
         )
     except Exception as e:  # noqa: BLE001  (the benchmark reports, it does not stop)
@@ -290,7 +297,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--methods",
         nargs="+",
         default=None,
-        help="default: full lora weatherpeft sfas (--quick: without sfas)",
+        help="default: full lora weatherpeft weatherpeft+lean sfas sfas+lean sfas+lean+r10 (--quick: without sfas); +lean / +r<N> as in bench_methods.py",
     )
     p.add_argument(
         "--grid", default=None, help="HxW, e.g. 128x256 (default on CUDA) or 721x1440; 32x64 on CPU"
@@ -342,7 +349,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.levels is None:
         args.levels = 3 if cpu else 13
     if args.methods is None:
-        args.methods = ["full", "lora", "weatherpeft"] + ([] if args.quick else ["sfas"])
+        args.methods = ["full", "lora", "weatherpeft", "weatherpeft+lean"] + (
+            [] if args.quick else ["sfas", "sfas+lean", "sfas+lean+r10"]
+        )
     if args.steps is None:
         args.steps = 5 if args.quick else 10
     if args.warmup is None:
