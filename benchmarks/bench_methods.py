@@ -8,7 +8,8 @@ bytes. Prints a table with ratios against Full-Tuning and LoRA, and writes it as
 ``--out``.
 
 A method may carry settings after ``+``: ``sfas+lean`` is SFAS with ``lean=True``,
-``sfas+lean+r10`` also refreshes its mask every 10 steps (``refresh_every=10``).
+``sfas+lean+r10`` also refreshes its mask every 10 steps (``refresh_every=10``; its median step
+is then a step between refreshes); ``child_tuning_d+lean`` also sets ``dense_update=False``.
 
 Refresh time: the dense selection's ``after_backward`` (importance, noise, exact top-k); the lean
 one's scoring inside the gradient hooks during backward plus its ``after_backward``
@@ -44,6 +45,8 @@ def method_spec(spec: str) -> tuple[str, dict]:
             kwargs["refresh_every"] = int(flag[1:])
         else:
             raise SystemExit(f"Unknown setting {flag!r} in {spec!r}: use +lean or +r<steps>.")
+    if name == "child_tuning_d" and kwargs.get("lean"):
+        kwargs["dense_update"] = False  # lean updates only the selected entries
     return name, kwargs
 
 

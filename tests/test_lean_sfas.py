@@ -87,6 +87,7 @@ def test_no_backbone_gradient_outlives_its_hook_and_state_is_k_sized(batch) -> N
     method = create_method("weatherpeft", keep_ratio=0.003, lean=True)
     method.apply(model)
     params = backbone_params(method)
+    before = [p.detach().clone() for p in params]
     alive = []
 
     def spy(_p: torch.Tensor) -> None:  # runs after the method's hook on the same tensor
@@ -101,6 +102,12 @@ def test_no_backbone_gradient_outlives_its_hook_and_state_is_k_sized(batch) -> N
     assert alive and max(alive) == 0  # each gradient was consumed before the next one existed
     assert all(p.grad is None for p in params)
     sel = method.selection
+    moved = 0
+    for p, b, union in zip(params, before, sel.union_masks):
+        changed = p.detach() != b
+        assert not (changed & ~union).any()  # changed entries lie inside the union of the masks
+        moved += int(changed.sum())
+    assert 0 < moved <= sel.union_size()
     k = sel.k
     states = [opt.state[p] for p in params if p in opt.state]
     assert sum(s["indices"].numel() for s in states) <= k
