@@ -44,7 +44,9 @@ only when it exceeds 2B (so each prune drops at least B candidates), and once mo
 reach the final top-k; B is about oversample·k + 64·T.
 
 The threshold τ carries over between refreshes: after a refresh it is the true score at rank
-r = ceil((1 + oversample)/2 · k) of the candidates (halved when the refresh was not exact). At the
+r = ceil((oversample + 1/2) · k) of the candidates (halved when the refresh was not exact), so
+that a tensor's entries above τ usually outnumber its cap_t: it then keeps exactly those, found
+by the comparison with τ alone (the top-m would select the same set; no top-m is run). At the
 next :meth:`StreamingTopK.begin`, for additive noise, it is lowered by the drop of the factor
 a = γ(1 − n_s/t_s) since then (every additive score loses at most that much) but not below the
 rank-r value of F/M among the candidates (every additive score is at least F/M; this keeps τ
@@ -333,11 +335,18 @@ class StreamingTopK:
         tau = self.tau
         if self._cut is not None:  # below the pool's cut, rescaled to this running max
             tau = max(tau, self._cut[0] * self._cut[1] / max(float(self._m_run), _FLOAT32_TINY))
-        passing = int(torch.count_nonzero(key >= tau))
-        m = min(max(passing, self.caps[index]), min(n, self.budget))
-        chosen, left_out = _top_m(key, m)
+        above = key >= tau
+        passing = int(torch.count_nonzero(above))
+        if min(self.caps[index], n) <= passing <= min(n, self.budget) and passing < n:
+            # the top-m below would keep exactly the entries >= τ: take them by the comparison
+            # already made (no top-m), the bound is the largest key below τ
+            chosen = above
+            left_out = float(key.masked_fill_(above, -math.inf).max())
+        else:
+            m = min(max(passing, self.caps[index]), min(n, self.budget))
+            chosen, left_out = _top_m(key, m)
         self._bound = max(self._bound, left_out)
-        del key
+        del key, above
         if keep is not None and keep.numel():
             keep = keep.to(g.device)
             chosen[keep] = True
@@ -396,7 +405,7 @@ class StreamingTopK:
         kth = float(chosen_scores.min())
         exact = kth > self._bound
         # τ for the next refresh: a score a little below this refresh's k-th.
-        rank = min(len(pool), math.ceil((1 + self.oversample) / 2 * self.k))
+        rank = min(len(pool), math.ceil((self.oversample + 0.5) * self.k))
         tau = float(torch.topk(score, rank, sorted=True).values[-1])
         importance = float(torch.topk(pool.F, rank, sorted=True).values[-1]) / max(
             float(self._m_run), _FLOAT32_TINY
