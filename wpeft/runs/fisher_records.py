@@ -20,7 +20,9 @@ Variables of the record (dims ``(step, block, tensor)``, NaN where a block has n
   masking or clipping), i.e. the one-batch empirical Fisher diagonal. It is g² whatever the
   method's own ``importance`` setting (``abs_grad`` ranks by |g|) and it ignores SFAS's noise and
   accumulation window: it measures how much of this step's Fisher the update actually uses.
-  NaN where the group's gradient is exactly zero;
+  NaN where the group's gradient is exactly zero. A lean selection (``lean=True``) keeps no
+  dense gradient: its hooks sum g² while backward runs at a refresh, so ``fisher_mass`` is
+  recorded at refresh steps and is NaN at the steps between (and for lean static masks);
 * ``jaccard_previous``: |M ∩ M'| / |M ∪ M'| over the group's entries, M' the previously
   *recorded* mask (NaN at the first record, or where both are empty);
 * ``jaccard_first``: the same against the first recorded mask (1 at the first record, NaN
