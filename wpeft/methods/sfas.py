@@ -117,6 +117,14 @@ def _check_keep_ratio(value: float) -> None:
         )
 
 
+def _check_lean_update(lean: bool, dense_update: bool) -> None:
+    if lean and dense_update:
+        raise ConfigError(
+            "lean=True updates only the k selected entries; dense_update=True (a dense AdamW on "
+            "masked gradients) contradicts it. Set dense_update=False, or lean=False."
+        )
+
+
 def _check_chunk(value: int) -> None:
     if value < 1:
         raise ConfigError(f"chunk_numel must be >= 1, got {value}.")
@@ -290,11 +298,7 @@ class FishMaskConfig(MethodConfig):
     def __post_init__(self) -> None:
         _check_keep_ratio(self.keep_ratio)
         _check_chunk(self.chunk_numel)
-        if self.lean and self.dense_update:
-            raise ConfigError(
-                "lean=True updates only the k selected entries; dense_update=True (a dense "
-                "AdamW on masked gradients) contradicts it. Set dense_update=False, or lean=False."
-            )
+        _check_lean_update(self.lean, self.dense_update)
         if isinstance(self.fisher_samples, bool) or self.fisher_samples < 1:
             raise ConfigError(
                 f"fisher_samples must be an integer >= 1 (training samples in the Fisher), got "
@@ -344,11 +348,7 @@ class ChildTuningDConfig(MethodConfig):
     def __post_init__(self) -> None:
         _check_keep_ratio(self.keep_ratio)
         _check_chunk(self.chunk_numel)
-        if self.lean and self.dense_update:
-            raise ConfigError(
-                "lean=True updates only the k selected entries; dense_update=True (a dense "
-                "AdamW on masked gradients) contradicts it. Set dense_update=False, or lean=False."
-            )
+        _check_lean_update(self.lean, self.dense_update)
         if self.fisher_batches is not None and self.fisher_batches < 1:
             raise ConfigError(f"fisher_batches must be >= 1 or None, got {self.fisher_batches}.")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
