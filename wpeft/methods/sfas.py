@@ -132,6 +132,12 @@ def _check_chunk(value: int) -> None:
 
 # --- configs ------------------------------------------------------------------------------------
 
+_STATIC_LEAN_HELP = (
+    "Lean state (one process): the fixed mask as k indices, Adam state for those k entries "
+    "only, gradients gathered at the mask by hooks during backward (linear layers: computed "
+    "only there) so no dense gradient set is alive during training. Needs dense_update=False."
+)
+
 
 @dataclass
 class SFASConfig(MethodConfig):
@@ -283,13 +289,7 @@ class FishMaskConfig(MethodConfig):
         metadata={"help": "False: sparse-safe AdamW. True: dense AdamW on masked gradients "
                           "(weight decay moves unselected entries)."},
     )
-    lean: bool = field(
-        default=False,
-        metadata={"help": "Lean state (one process): the fixed mask as k indices, Adam state for "
-                          "those k entries only, gradients gathered at the mask by hooks during "
-                          "backward (linear layers: computed only there) so no dense gradient "
-                          "set is alive during training. Needs dense_update=False."},
-    )
+    lean: bool = field(default=False, metadata={"help": _STATIC_LEAN_HELP})
     chunk_numel: int = field(
         default=DEFAULT_CHUNK_NUMEL,
         metadata={"help": "Entries per score bucket / per top-k counting chunk."},
@@ -333,13 +333,7 @@ class ChildTuningDConfig(MethodConfig):
                           "gradients; only weight decay can move unselected entries. False: "
                           "sparse-safe AdamW."},
     )
-    lean: bool = field(
-        default=False,
-        metadata={"help": "Lean state (one process): the fixed mask as k indices, Adam state for "
-                          "those k entries only, gradients gathered at the mask by hooks during "
-                          "backward (linear layers: computed only there) so no dense gradient "
-                          "set is alive during training. Needs dense_update=False."},
-    )
+    lean: bool = field(default=False, metadata={"help": _STATIC_LEAN_HELP})
     chunk_numel: int = field(
         default=DEFAULT_CHUNK_NUMEL,
         metadata={"help": "Entries per score bucket / per top-k counting chunk."},
