@@ -3,8 +3,10 @@
 Per run: Fisher-mask heatmap, overlap curves and mask images (selection methods), prompt
 attention per recorded block (TADP methods), and skill maps of the task's headline variables.
 Across runs of one task: the first run against each other one (A, B and A − B with the
-paired-test significance hatched), budget vs skill for all runs, and the validation learning
-curves of the runs that recorded them (``--eval-every``).
+paired-test significance hatched), budget vs skill for all runs, the validation learning
+curves of the runs that recorded them (``--eval-every``), and the scorecard of every finished run
+against the first one (``scorecard``: its task's headline scores; the first finished run of each
+other task is that task's reference, ``<task>-scorecard``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from wpeft.data.source import on_earth
+from wpeft.errors import ConfigError
 from wpeft.runs import Run, skill_difference, skill_fields
 from wpeft.runs import open as open_run
 from wpeft.runs import table as runs_table
 from wpeft.runs.curves import curves_table, task_headline
+from wpeft.runs.scorecard import scorecard
 from wpeft.viz.attention import plot_patch_attention, plot_prompt_map, plot_variable_attention
 from wpeft.viz.curves import plot_learning_curves
 from wpeft.viz.fisher import plot_mask_heatmap, plot_mask_image, plot_overlap_curves
+from wpeft.viz.scorecard import plot_scorecard
 from wpeft.viz.skill import plot_budget_vs_skill, plot_skill_comparison, plot_skill_map
 from wpeft.viz.style import save_figure
 
@@ -107,4 +112,18 @@ def write_figure_set(
     curves = curves_table(runs)
     for task in dict.fromkeys(curves["task"]):
         save(plot_learning_curves(curves, task=task, title=task), f"{task}-learning-curves")
+    finished: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.finished:
+            finished.setdefault(run.task, []).append(run)
+    for i, (task, group) in enumerate(finished.items()):
+        if len(group) > 1:  # the first run given is the reference
+            headline = task_headline(task) or None
+            try:
+                card = scorecard(group[1:], group[0], variables=headline)
+            except ConfigError:
+                if headline is None:
+                    raise
+                card = scorecard(group[1:], group[0])  # runs without the headline variables
+            save(plot_scorecard(card), "scorecard" if i == 0 else f"{task}-scorecard")
     return written
