@@ -160,6 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     common = dict(
         checkpoint=args.checkpoint,
         eval_every=args.eval_every,
+        log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         device=args.device,
@@ -422,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None, help="global batch (default 4)")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
     t.add_argument("--eval-every", type=int, default=0)
+    t.add_argument("--log-every", type=int, default=0, metavar="N",
+                   help=f"append the training loss every N optimiser steps to {METRICS} "
+                        '(split "train"; 0: never)')
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
@@ -435,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run directory (required unless --dry-run)")
     t.add_argument("--resume", action="store_true",
                    help="continue the unfinished run in --out from its checkpoint (--lr, --steps, "
-                        "--checkpoint-every and --eval-every may change; recorded in the run)")
+                        "--checkpoint-every, --eval-every and --log-every may change; recorded "
+                        "in the run)")
     t.add_argument("--overwrite", action="store_true",
                    help="remove the run already in --out and start again")
     t.add_argument("--quiet", action="store_true")

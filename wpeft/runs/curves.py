@@ -8,6 +8,10 @@ test split is evaluated once, at the end, into ``summary.json``), e.g.::
     {"step": 20, "split": "val", "loss": 0.41, "rmse/2m_temperature": 1.9,
      "rmse_bilinear/2m_temperature": 2.6, ...}
 
+and, with ``log_every``, a training-loss line every ``log_every`` steps,
+``{"step": 5, "split": "train", "loss": 0.52}``: :func:`train_lines` reads those; every validation
+reader here (:func:`val_lines`, :func:`curves_table`) keeps ``split == "val"`` lines only.
+
 **The headline validation score** of such a line (:func:`headline_val_score`, lower is better)
 is the mean over the task's headline variables of the method's score divided by the score of
 the reference that does not depend on the method, carried by the same line: the first pair of
@@ -42,6 +46,7 @@ __all__ = [
     "headline_val_score",
     "is_headline",
     "task_headline",
+    "train_lines",
     "val_lines",
 ]
 
@@ -103,14 +108,24 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _lines(run: Run, split: str) -> list[dict[str, Any]]:
+    by_step: dict[int, dict[str, Any]] = {}
+    for row in run._read_metrics()[0]:
+        if row.get("split") == split and _finite(row.get("step")):
+            by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def val_lines(run: Run) -> list[dict[str, Any]]:
     """The ``split == "val"`` lines of a run's ``metrics.jsonl`` by step; a step logged twice
     (a resumed run evaluates it again) keeps its last line."""
-    by_step: dict[int, dict[str, Any]] = {}
-    for row in run._read_metrics()[0]:
-        if row.get("split") == "val" and _finite(row.get("step")):
-            by_step[int(row["step"])] = row
-    return [by_step[s] for s in sorted(by_step)]
+    return _lines(run, "val")
+
+
+def train_lines(run: Run) -> list[dict[str, Any]]:
+    """The ``split == "train"`` lines (``{"step", "split", "loss"}``, ``log_every``) of a run's
+    ``metrics.jsonl`` by step; a step logged twice keeps its last line, as :func:`val_lines`."""
+    return _lines(run, "train")
 
 
 def curves_table(runs: str | Path | Iterable[Run]) -> pd.DataFrame:

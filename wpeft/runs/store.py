@@ -527,8 +527,9 @@ class Run:
 
     @property
     def metrics(self) -> pd.DataFrame:
-        """``metrics.jsonl`` as a DataFrame (one row per evaluation; empty if none yet). A last
-        line still being written and lines that are not JSON objects are skipped."""
+        """``metrics.jsonl`` as a DataFrame (one row per line: validation lines have ``split``
+        ``"val"``, training-loss lines ``"train"``, see :mod:`wpeft.runs.curves`; empty if none
+        yet). A last line still being written and lines that are not JSON objects are skipped."""
         return pd.DataFrame(self._read_metrics()[0])
 
     def _read_metrics(self) -> tuple[list[dict[str, Any]], list[str]]:

@@ -6,7 +6,8 @@ throughput, evaluation at intervals, and atomic checkpoints that hold only what 
 trains (adapter tensors, their optimiser state, the method's selection state, RNG and data
 position). ``resume=True`` continues a killed run to the same result as an uninterrupted one.
 
-A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON line per evaluation),
+A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON line per evaluation and,
+with ``log_every``, per logged training loss),
 ``summary.json`` (trainable / changed counts, the three sizes of
 :func:`wpeft.runs.store.run_sizes`, budget target and achieved fraction with the knob value in
 ``budget_match``, encoder-decoder policy, final scores),
@@ -107,6 +108,9 @@ class TrainConfig:
         steps, batch_size, lr, weight_decay, warmup_steps, grad_clip: Optimisation.
         eval_every / checkpoint_every: Intervals in optimiser steps (0: only at the end);
             validation also runs at the last step when ``eval_every`` is set.
+        log_every: Every N optimiser steps append the training loss of that step (rank 0's
+            share of the batch under data parallelism) to ``metrics.jsonl`` as
+            ``{"step": s, "split": "train", "loss": value}``; 0: never.
         seed: Seeds data order, new modules and the method's noise.
         device: ``cpu``, ``cuda`` or ``auto``.
         record_every: Interval of the Fisher-mask records (selection methods), in steps.
@@ -131,6 +135,7 @@ class TrainConfig:
     warmup_steps: int = 10
     grad_clip: float = 1.0
     eval_every: int = 0
+    log_every: int = 0
     checkpoint_every: int = 50
     seed: int = 0
     device: str = "auto"
@@ -151,6 +156,10 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0: only at the end), got {getattr(self, name)}.")
+        if self.log_every < 0:
+            raise ConfigError(
+                f"log_every must be >= 0 (0: no training-loss lines), got {self.log_every}."
+            )
         if self.record_every < 1:
             raise ConfigError(f"record_every must be >= 1, got {self.record_every}.")
         if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
@@ -247,8 +256,8 @@ def _as_json(value: Any) -> Any:
 
 
 #: Settings a resumed run may change (recorded in its summary under ``resumes``): the learning
-#: rate, the schedule's length and the checkpoint / evaluation intervals.
-RESUMABLE_CHANGES = ("lr", "steps", "checkpoint_every", "eval_every")
+#: rate, the schedule's length and the checkpoint / evaluation / training-loss intervals.
+RESUMABLE_CHANGES = ("lr", "steps", "checkpoint_every", "eval_every", "log_every")
 
 
 def _check_device(name: str) -> None:
@@ -535,6 +544,8 @@ def train(
         if env.is_main:  # a fresh start: metrics of an earlier attempt go
             layout.metrics.unlink(missing_ok=True)
     position = _Position.of(state)
+    if state is not None and env.is_main:  # the steps after the checkpoint are logged again
+        _forget_train_lines(layout.metrics, after=position.step)
     resumes = _resume_history(cfg, state, position.step)
 
     # DDP / FSDP see the backbone (with the task's heads) and the method's added modules.
@@ -1029,18 +1040,62 @@ def _run_steps(
         seen += cfg.batch_size
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{seen / (time.perf_counter() - started):.1f}")
+        if cfg.log_every and position.step % cfg.log_every == 0 and env.is_main:
+            row = {"step": position.step, "split": "train", "loss": loss.item()}
+            _append_line(run.layout.metrics, row)
         # every eval_every steps and at the last one, so a curve ends on the final weights
         if cfg.eval_every and (position.step % cfg.eval_every == 0 or position.step == cfg.steps):
             scores = _evaluate(task, run.model, "val", cfg, env, run.strategy)[1]
             if env.is_main:
-                row = {"step": position.step, "split": "val", "loss": loss.item(), **scores}
-                with open(run.layout.metrics, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                _append_line(run.layout.metrics,
+                             {"step": position.step, "split": "val", "loss": loss.item(), **scores})
             net.train()
         if cfg.checkpoint_every and position.step % cfg.checkpoint_every == 0:
             checkpointer.save(position)
     bar.close()
     recorders.close(position.step)
+
+
+def _append_line(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line to ``metrics.jsonl`` (rank 0 only)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _forget_train_lines(path: Path, after: int) -> None:
+    """Drop the ``split == "train"`` lines of steps > ``after`` from ``metrics.jsonl``: a resumed
+    run does those steps again and logs them again (the records of :class:`RecordStore` are
+    truncated the same way). Every other line is kept as it is (validation lines of a re-done
+    step are superseded by the new ones on reading, :func:`wpeft.runs.curves.val_lines`); a last
+    line cut off by a kill is ended with a newline, or dropped if it is not JSON, so the next
+    line does not run into it. The file is replaced atomically, and only if something changes."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return
+    lines = raw.split(b"\n")
+    keep, changed = [], False
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if number == len(lines):  # after the last newline
+            if not line.strip():
+                break
+            changed = True  # a cut-off last line
+            if row is None:
+                break
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(row, dict) and row.get("split") == "train" and isinstance(step, int) \
+                and step > after:
+            changed = True
+            continue
+        keep.append(line)
+    if changed:
+        tmp = partial(path)
+        tmp.write_bytes(b"".join(line + b"\n" for line in keep))
+        os.replace(tmp, path)
 
 
 def _finish(
