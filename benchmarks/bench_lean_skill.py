@@ -59,12 +59,16 @@ def table(rows: list[dict], settings: dict) -> str:
     by = {(r["method"], r["lean"], r["seed"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows})
     lines = [
-        f"Downscaling on `tiny`, budget {settings['budget']:.0%}, {settings['steps']} steps of "
-        f"batch {settings['batch_size']}, lr {settings['lr']}, seeds {seeds}; test `{SCORE}` (K). "
-        "Lean − dense is paired by seed.",
+        (
+            f"Downscaling on `tiny`, budget {settings['budget']:.0%}, {settings['steps']} steps "
+            f"of batch {settings['batch_size']}, lr {settings['lr']}, seeds {seeds}; test "
+            f"`{SCORE}` (K). Lean − dense is paired by seed."
+        ),
         "",
-        "| method | dense (mean ± std) | lean (mean ± std) | lean − dense per seed | union dense / lean "
-        "| lean refreshes proven exact |",
+        (
+            "| method | dense (mean ± std) | lean (mean ± std) | lean − dense per seed "
+            "| union dense / lean | lean refreshes proven exact |"
+        ),
         "|---|---|---|---|---|---|",
     ]
     for method in METHODS:

@@ -12,12 +12,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from torch import nn
-
 from killing import train_killed_during_step
+from safetensors.torch import load_file
 from test_backbone import random_batch
 from test_methods import loss_of, pretrained_like
+from torch import nn
+
 from wpeft.backbones.aurora_adapter import build_backbone
 from wpeft.errors import ConfigError
 from wpeft.methods import create_method
@@ -226,7 +226,7 @@ def test_lean_static_masks_select_the_dense_mask_and_keep_k_sized_state(name: st
         model = pretrained_like()
         method = create_method(name, keep_ratio=0.003, lean=lean, dense_update=False)
         method.apply(model)
-        method.prepare(lambda: loss_of(model, batch), n_batches=1)
+        method.prepare(lambda model=model: loss_of(model, batch), n_batches=1)
         prepared = [m.clone() for m in method.selection.masks]
         opt = method.optimizer(lr=1e-2, weight_decay=0.1)
         for step in range(steps):

@@ -51,7 +51,7 @@ from wpeft.methods.streaming import StreamedSelection, StreamingTopK
 __all__ = ["LeanSelection", "clip_grad_norm_", "pack_bits", "set_bits_", "unpack_bits"]
 
 #: Set bits per byte value (popcount table for the bit-packed union).
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+_POPCOUNT = torch.tensor([i.bit_count() for i in range(256)], dtype=torch.int64)
 
 
 def pack_bits(indices: torch.Tensor, numel: int) -> torch.Tensor:
