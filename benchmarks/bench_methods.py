@@ -84,7 +84,7 @@ def measure(spec: str, backbone: str, batch_size: int, steps: int, device: str) 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sel = method.selection
-    lean = getattr(sel, "lean", False)
+    lean = sel is not None and sel.lean
     refresh_every = getattr(method.config, "refresh_every", 1)
     step_times, refresh_times = [], []
     for step in range(steps):

@@ -273,7 +273,7 @@ def inventory(
     generators = m.prompt_generators
     gradient_numel = None
     selection = m.selection
-    if getattr(selection, "lean", False):
+    if selection is not None and selection.lean:
         eligible = [p.numel() for p in selection.params]
         with_grad = sum(p.numel() for p in params if p.requires_grad)
         gradient_numel = with_grad - sum(eligible) + max(eligible) + selection.k

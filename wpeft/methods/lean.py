@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -101,7 +101,7 @@ class LeanSelection(EntrySelection):
         stream: The streaming top-k of a refreshing selection (None for a fixed mask).
     """
 
-    lean = True
+    lean: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -374,6 +374,10 @@ class EntrySelection:
             :func:`~wpeft.methods.fisher.capped_topk_masks` for the policy.
     """
 
+    #: Whether the selection is a :class:`~wpeft.methods.lean.LeanSelection` (index lists fed
+    #: by gradient hooks; no dense gradient after backward).
+    lean: ClassVar[bool] = False
+
     def __init__(
         self,
         named_params: Sequence[tuple[str, nn.Parameter]],
@@ -669,7 +673,7 @@ class _SelectionMethod(PEFTMethod):
     @property
     def _lean(self) -> bool:
         """Whether the config asks for the lean selection (:mod:`wpeft.methods.lean`)."""
-        return bool(getattr(self.config, "lean", False))
+        return bool(self.config.lean)
 
     def state_bytes(self) -> int:
         """Dense: the mask and its union, one byte per eligible entry each. Lean: the selected

@@ -325,7 +325,7 @@ class FisherRecorder:
         original = self.method.after_backward
         self._replaced = self.method.__dict__.get("after_backward")  # an earlier instance wrapper
 
-        lean = getattr(self.selection, "lean", False)
+        lean = self.selection.lean
 
         def after_backward(step: int, total_steps: int) -> None:
             due = self.due(step, total_steps)
@@ -361,7 +361,7 @@ class FisherRecorder:
         this rank's shards only under FSDP2 (summed over ranks in :meth:`_capture`). A lean
         selection keeps no dense gradient: it gives the sums it took during backward (over all
         entries only at refresh steps, NaN between them)."""
-        if getattr(self.selection, "lean", False):
+        if self.selection.lean:
             return self.selection.grad_square_sums(masks).to(self.selection.device)
         out = []
         for i, g in enumerate(self.selection.grads()):
