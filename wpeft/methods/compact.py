@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from wpeft.errors import ConfigError
-from wpeft.methods.fisher import MaskedAdamW
+from wpeft.methods.fisher import MaskedAdamW, adamw_entries_
 from wpeft.methods.shards import local_tensor
 
 __all__ = ["COMPACT_STATE_BYTES_PER_ENTRY", "CompactAdamW", "CompactGrad", "remap_entries"]
@@ -259,14 +259,9 @@ class CompactAdamW(torch.optim.Optimizer):
         m = state["exp_avg"].lerp_(g, 1 - beta1)
         v = state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
-        c = count.to(torch.float32)
-        bias_correction1 = 1 - torch.pow(beta1, c)
-        bias_correction2_sqrt = (1 - torch.pow(beta2, c)).sqrt_()
         flat_p = lp.view(-1)
         x = flat_p.index_select(0, idx).to(torch.float32)
-        x.mul_(1 - lr * wd)
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        x.addcdiv_(m / bias_correction1, denom, value=-lr)
+        adamw_entries_(x, m, v, count, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
         flat_p.index_copy_(0, idx, x.to(lp.dtype))
 
     # --- state ----------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ __all__ = [
     "MaskedAdamW",
     "NoiseKind",
     "add_importance_",
+    "adamw_entries_",
     "all_reduce_mean_",
     "anneal_factor",
     "broadcast_mask",
@@ -841,14 +842,37 @@ class MaskedAdamW(torch.optim.Optimizer):
         flat_m.index_copy_(0, idx, m)
         flat_v.index_copy_(0, idx, v)
 
-        c = count.to(torch.float32)
-        bias_correction1 = 1 - torch.pow(beta1, c)
-        bias_correction2_sqrt = (1 - torch.pow(beta2, c)).sqrt_()
         x = flat_p.index_select(0, idx)
-        x.mul_(1 - lr * wd)
-        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        x.addcdiv_(m / bias_correction1, denom, value=-lr)
+        adamw_entries_(x, m, v, count, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
         flat_p.index_copy_(0, idx, x)
+
+
+def adamw_entries_(
+    x: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW's parameter update of gathered entries, in place, with per-entry bias correction:
+    x ← x(1 − lr·wd) − lr · (m / (1 − β1^t)) / (√(v / (1 − β2^t)) + eps).
+
+    Args:
+        x: ``(n,)`` the entries' values (float32).
+        exp_avg, exp_avg_sq: ``(n,)`` their moments, already updated with this step's gradient.
+        steps: ``(n,)`` integer Adam step count t of each entry, this step included.
+    """
+    beta1, beta2 = betas
+    c = steps.to(torch.float32)
+    bias_correction1 = 1 - torch.pow(beta1, c)
+    bias_correction2_sqrt = (1 - torch.pow(beta2, c)).sqrt_()
+    x.mul_(1 - lr * weight_decay)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    x.addcdiv_(exp_avg / bias_correction1, denom, value=-lr)
 
 
 def _has_entry_steps(state: dict[str, Any]) -> bool:
