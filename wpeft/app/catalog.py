@@ -20,6 +20,7 @@ Panel: this is plain Python, unit-tested without a browser.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "catalog_for",
     "check_runs_dir",
     "file_signature",
+    "read_metrics_lines",
     "split_variable",
     "validate_run_name",
 ]
@@ -532,10 +534,85 @@ class Catalog:
         keep = (df["task"] == task) & (frac > 0) & np.isfinite(vals)
         return df[keep.fillna(False)].reset_index(drop=True)
 
-    def signature(self, names: Iterable[str] = ()) -> tuple[Any, ...]:
+    def curves(self, names: Iterable[str]) -> pd.DataFrame:
+        """The ``metrics.jsonl`` lines of runs ``names`` as one long table: columns ``run``,
+        ``method``, ``split`` (``train`` / ``val``), ``step``, ``column`` (``loss``,
+        ``rmse/2m_temperature``, ...) and ``value``, one row per finite number; a step logged
+        twice keeps its last line. Each run is read once per change of its ``metrics.jsonl``
+        (a training run appends: the next call rereads it). Lines that are not JSON are
+        skipped and named in ``frame.attrs["problems"]`` (run, file, line number)."""
+        entries = [self.resolve(n) for n in dict.fromkeys(map(str, names))]
+        parts, problems = [], []
+        for entry in entries:
+            path = RunLayout(entry.path).metrics
+            frame, found = self.cache.get(
+                ("curves", str(entry.path)), file_signature(path),
+                lambda entry=entry: self._curve_rows(entry),
+            )
+            parts.append(frame)
+            problems += [f"{entry.name}: {p}" for p in found]
+        out = pd.concat(parts, ignore_index=True) if parts else _curves_frame([])
+        out.attrs["problems"] = problems
+        return out
+
+    def _curve_rows(self, entry: RunEntry) -> tuple[pd.DataFrame, list[str]]:
+        path = self._file(entry.path, RunLayout(entry.path).metrics)
+        if path is None:
+            return _curves_frame([]), []
+        lines, problems = read_metrics_lines(path)
+        by_key: dict[tuple[str, int], dict[str, Any]] = {}
+        for line in lines:
+            split, step = line.get("split"), line.get("step")
+            if split in ("train", "val") and _number(step):
+                by_key[(str(split), int(step))] = line
+        rows = [
+            (entry.name, entry.method, split, step, str(k), float(v))
+            for (split, step), line in sorted(by_key.items())
+            for k, v in line.items()
+            if k not in ("split", "step") and _number(v)
+        ]
+        return _curves_frame(rows), problems
+
+    def scorecard(self, names: Iterable[str], reference: str) -> xr.Dataset:
+        """:func:`wpeft.runs.scorecard.scorecard` of runs ``names`` against ``reference``,
+        cached; rows are labelled with the run names of this catalog (``run`` and
+        ``attrs["reference"]``) and no server path is kept in it.
+
+        Raises:
+            ConfigError: see :func:`~wpeft.runs.scorecard.scorecard` (an unfinished run, another
+                task, other variables).
+        """
+        from wpeft.runs.scorecard import scorecard
+        from wpeft.runs.store import Run
+
+        ref = self.resolve(reference)
+        entries = [ref, *(e for e in map(self.resolve, dict.fromkeys(map(str, names)))
+                          if e.path != ref.path)]
+        files = []
+        for e in entries:
+            layout = RunLayout(e.path)
+            for p in (layout.summary, layout.fields):
+                self._file(e.path, p)  # a planted symlink is refused before anything is read
+            files += [layout.summary, layout.fields]
+
+        def load() -> xr.Dataset:
+            card = scorecard([Run(e.path) for e in entries[1:]], Run(ref.path))
+            card = card.drop_vars("run_path").assign_coords(run=[e.name for e in entries])
+            card.attrs.pop("reference_path", None)
+            card.attrs["reference"] = ref.name
+            return card
+
+        key = ("scorecard", *(str(e.path) for e in entries))
+        return self.cache.get(key, file_signature(*files), load)
+
+    def signature(
+        self, names: Iterable[str] = (), *, metrics: Iterable[str] = ()
+    ) -> tuple[Any, ...]:
         """A cheap fingerprint of what a session shows: the run list, each run's
-        ``config.json`` / ``summary.json`` and, for ``names``, their record indexes and
-        ``fields.nc``. Changes exactly when a view may need redrawing (used for polling)."""
+        ``config.json`` / ``summary.json``, for ``names`` their record indexes and
+        ``fields.nc``, and for ``metrics`` their ``metrics.jsonl`` (the curves of a training
+        run; watched only while they are shown, since a training run appends every few
+        steps). Changes exactly when a view may need redrawing (used for polling)."""
         entries = self.runs()
         by_name = {e.name: e for e in entries}
         sig: list[Any] = [(e.name, self._run_signature(e.path)) for e in entries]
@@ -545,7 +622,49 @@ class Catalog:
                 layout = RunLayout(e.path)
                 indexes = [layout.record_index(kind) for kind in RECORD_KINDS]
                 sig.append(file_signature(*indexes, layout.fields))
+        for n in metrics:
+            e = by_name.get(str(n))
+            if e is not None:
+                sig.append(("metrics", e.name, file_signature(RunLayout(e.path).metrics)))
         return tuple(sig)
+
+
+_CURVE_COLUMNS = ["run", "method", "split", "step", "column", "value"]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _curves_frame(rows: list[tuple[Any, ...]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=_CURVE_COLUMNS)
+    return frame.astype({"step": "int64", "value": "float64"})
+
+
+def read_metrics_lines(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The JSON objects of a ``metrics.jsonl`` and one problem per line that is not one,
+    naming the file and the line number (blank lines are skipped silently). A last line
+    without its newline that does not parse is reported too: the run was cut off there, or it
+    is being written right now (the next read has it)."""
+    name = path.name
+    raw = path.read_bytes()
+    lines, problems = [], []
+    chunks = raw.split(b"\n")
+    for number, chunk in enumerate(chunks, 1):
+        if not chunk.strip():
+            continue
+        try:
+            value = json.loads(chunk.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            value = None
+        if isinstance(value, dict):
+            lines.append(value)
+        elif number == len(chunks):
+            problems.append(f"{name} line {number} (the last) is cut off; skipped, the curves "
+                            "end at the line before it")
+        else:
+            problems.append(f"{name} line {number} is not a JSON object; skipped")
+    return lines, problems
 
 
 _CATALOGS: dict[Path, Catalog] = {}

@@ -29,6 +29,7 @@ and redraws the visible view only when a watched run wrote something new.
 from __future__ import annotations
 
 import html
+import io
 import json
 import logging
 import os
@@ -55,6 +56,8 @@ VIEWS = {
     "attention": "Prompt attention",
     "skill": "Skill maps",
     "budget": "Budget vs skill",
+    "curves": "Curves",
+    "scorecard": "Scorecard",
 }
 
 #: Columns of a runs table that are not scores (everything else is a score column).
@@ -182,6 +185,12 @@ class Selection(param.Parameterized):
     score = param.Parameter(default="", doc="Score column of the budget-vs-skill plot.")
     size = param.Parameter(default="budget_fraction",
                            doc="Size on the budget-vs-skill x axis: one of _SIZE_CHOICES' values.")
+    runs = param.Parameter(default="", doc="Comma-separated runs compared in Curves, Scorecard "
+                                            "and Budget vs skill ('' = each view's default).")
+    curve = param.Parameter(default="train:loss", doc="Curves: '<split>:<column>' plotted.")
+    logy = param.Parameter(default=False, doc="Curves: logarithmic y axis.")
+    smoothing = param.Parameter(default=0.0, doc="Curves: EMA weight in [0, 0.99] (0: raw).")
+    reference = param.Parameter(default="", doc="Scorecard reference run ('' = the default).")
 
 
 #: Parameters mirrored in the URL (query name = parameter name).
@@ -266,6 +275,74 @@ class View:
     def draw(self) -> None:
         raise NotImplementedError
 
+    def downloads(self, figure_fn: Callable[[], Any] | None, data_fn: Callable[[], Any],
+                  stem_fn: Callable[[], str], *, netcdf: bool = False) -> pn.Row:
+        """The "download figure" / "download data" row, computed on click: ``figure_fn()`` is a
+        matplotlib figure of :mod:`wpeft.viz` (saved as a 200-dpi PNG; None: no figure button)
+        and ``data_fn()`` a DataFrame (CSV) or an xarray object (netCDF); files are named
+        ``stem_fn()`` plus the suffix (``netcdf``: the data button says netCDF, not CSV)."""
+        data_label, suffix = ("data (netCDF)", "nc") if netcdf else ("data (CSV)", "csv")
+        self.download_data = pn.widgets.FileDownload(
+            callback=lambda: self._download(self.download_data, data_fn, stem_fn),
+            filename=f"{self.key}.{suffix}", label=f"Download {data_label}",
+            button_type="light", css_classes=["wb-download-data"], width=210)
+        buttons = [self.download_data]
+        self.download_figure = None
+        if figure_fn is not None:
+            self.download_figure = pn.widgets.FileDownload(
+                callback=lambda: self._download(self.download_figure, figure_fn, stem_fn),
+                filename=f"{self.key}.png", label="Download figure (PNG)", button_type="light",
+                css_classes=["wb-download-figure"], width=210)
+            buttons.insert(0, self.download_figure)
+        return pn.Row(*buttons, css_classes=["wb-downloads"])
+
+    def _download(self, button: pn.widgets.FileDownload, fn: Callable[[], Any],
+                  stem_fn: Callable[[], str]) -> io.BytesIO:
+        """Bytes of one download (the button's file name set to match); a failure is shown in
+        the view's message line and raised."""
+        try:
+            payload, suffix = file_bytes(fn())
+        except Exception as exc:  # shown in the page, then raised for the log
+            self.show_download_error(exc)
+            raise
+        button.filename = f"{_file_stem(stem_fn())}.{suffix}"
+        return io.BytesIO(payload)
+
+    def show_download_error(self, exc: BaseException) -> None:
+        text = (self.cat.sanitize(str(exc)) if isinstance(exc, WpeftError)
+                else f"The download failed ({type(exc).__name__}); the server log has details.")
+        self.message.object = alert_html(f"Download: {text}")
+        self.message.visible = True
+
+
+def file_bytes(obj: Any) -> tuple[bytes, str]:
+    """What a download holds: a matplotlib figure as a 200-dpi PNG, a DataFrame as CSV (no
+    index), an xarray Dataset / DataArray as netCDF; returns ``(bytes, suffix)``."""
+    import xarray as xr
+    from matplotlib.figure import Figure
+
+    if isinstance(obj, Figure):
+        buf = io.BytesIO()
+        obj.savefig(buf, format="png", dpi=200, bbox_inches="tight")
+        return buf.getvalue(), "png"
+    if isinstance(obj, pd.DataFrame):
+        return obj.to_csv(index=False).encode("utf-8"), "csv"
+    if isinstance(obj, xr.DataArray):
+        obj = obj.to_dataset(name=obj.name or "value")
+    if isinstance(obj, xr.Dataset):
+        return bytes(obj.to_netcdf()), "nc"
+    raise TypeError(f"cannot download a {type(obj).__name__}")
+
+
+def _file_stem(text: str) -> str:
+    """A file name from run names and choices: letters, digits, '.', '-' and '_' only."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text).strip("._") or "wpeft"
+
+
+def _split_names(value: Any) -> list[str]:
+    """``"a, b,a"`` -> ``["a", "b"]``: the run names of ``Selection.runs``."""
+    return list(dict.fromkeys(n.strip() for n in _text(value).split(",") if n.strip()))
+
 
 
 #: Widgets being updated from the selection (their change must not be copied back to it).
@@ -306,6 +383,7 @@ class OverviewView(View):
         )
         self.table.param.watch(self._row_selected, "selection")
         self.content.objects = [self.table]
+        self.content.append(self.downloads(None, self.frame, lambda: f"runs-{self.cat.root.name}"))
 
     def frame(self):
         """The runs table as shown: identity, counts, the three sizes (``k_%`` and
@@ -355,6 +433,13 @@ class OverviewView(View):
             self.sel.run = str(self.table.value["run"].iloc[row])
 
 
+def _drawn(data: Any) -> Any:
+    """What a view drew last, for its downloads (DataError before it drew anything)."""
+    if data is None:
+        raise DataError("This view shows nothing yet: choose a run that it can draw first.")
+    return data
+
+
 class FisherView(View):
     key = "fisher"
     watches = ("record", "tensor", "step", "matrix", "blocks")
@@ -397,6 +482,8 @@ class FisherView(View):
         ]
         self._data: tuple[RunEntry, Any] | None = None
         self._steps: list[int] | None = None
+        self.content.append(self.downloads(self._figure, lambda: _drawn(self._data)[1],
+                                           self._stem, netcdf=True))
 
     def _load(self) -> tuple[RunEntry, Any]:
         entry = self.wb.run_a()
@@ -499,6 +586,16 @@ class FisherView(View):
         for pane, panel in zip(self.curves, layout):
             pane.object = panel
 
+    def _figure(self) -> Any:
+        """The heatmap as shown (record, tensor kind), static."""
+        from wpeft.viz.fisher import plot_mask_heatmap
+
+        _, ds = _drawn(self._data)
+        return plot_mask_heatmap(ds, self.sel.record, self.sel.tensor or None)
+
+    def _stem(self) -> str:
+        return f"fisher-{self.sel.run}-{self.sel.record}-{self.sel.tensor or 'all'}"
+
 
 class AttentionView(View):
     key = "attention"
@@ -524,6 +621,8 @@ class AttentionView(View):
             self.var_patch,
         ]
         self._data: tuple[RunEntry, Any] | None = None
+        self.content.append(self.downloads(self._figure, lambda: _drawn(self._data)[1],
+                                           self._stem, netcdf=True))
 
     def draw(self) -> None:
         self._data = None
@@ -581,6 +680,17 @@ class AttentionView(View):
             f"**{self.sel.prompt}** of {len(self.prompt.options)}"
         )
 
+    def _figure(self) -> Any:
+        """The variable x variable attention of the shown block and step, static."""
+        from wpeft.viz.attention import plot_variable_attention
+
+        _, ds = _drawn(self._data)
+        step = _as_int(self.sel.att_step) if self.att_step.visible else None
+        return plot_variable_attention(ds, self.sel.block, step=step)
+
+    def _stem(self) -> str:
+        return f"attention-{self.sel.run}-{self.sel.block}"
+
 
 def _skill_named(da: Any, variable: str, metric: str) -> Any:
     """``da`` named ``<variable>_<metric>`` without its attributes, so the colour bar reads
@@ -608,6 +718,10 @@ class SkillView(View):
         self.maps = _plot_pane("wb-skill-maps")
         self.content.objects = [pn.Row(self.variable, self.level, self.metric),
                                 pn.Column(self.maps, scroll=True, sizing_mode="stretch_width")]
+        self._export: tuple[Callable[[], Any], Any] | None = None  # (static figure, data)
+        self.content.append(self.downloads(lambda: _drawn(self._export)[0](),
+                                           lambda: _drawn(self._export)[1], self._stem,
+                                           netcdf=True))
 
     def on_selection(self, names: set[str]) -> None:
         self.draw()
@@ -615,6 +729,7 @@ class SkillView(View):
     def draw(self) -> None:
         from wpeft.viz.interactive import hv_skill_comparison, hv_skill_map
 
+        self._export = None
         a = self.wb.run_a()
         b = self.wb.run_b()
         flat = self.cat.skill_variables(a.name)
@@ -641,6 +756,8 @@ class SkillView(View):
             field = _skill_named(self.cat.skill_map(a.name, name, metric), name, metric)
             self.maps.object = hv_skill_map(field, earth=a.earth,
                                             title=f"{a.name}: {label} of {name}")
+            self._export = (self._static(field, None, None, a, None,
+                                         f"{a.name}: {label} of {name}"), field)
             self.caption.object = (
                 f"**{_md(a.name)}** ({_md(a.method)}) · {label} of **{_md(name)}** over the "
                 "test period. "
@@ -654,6 +771,9 @@ class SkillView(View):
         self.maps.object = hv_skill_comparison(
             _skill_named(d["metric_a"], name, metric), _skill_named(d["metric_b"], name, metric),
             d, labels=(a.name, b.name), earth=a.earth).cols(2)  # A | B, then A − B
+        self._export = (self._static(_skill_named(d["metric_a"], name, metric),
+                                     _skill_named(d["metric_b"], name, metric), d, a, b,
+                                     f"{label} of {name}"), d)
         share = float(d["significant"].mean())
         n_eff = f", median n_eff {float(d['n_eff'].median()):.1f}" if "n_eff" in d else ""
         self.caption.object = (
@@ -664,6 +784,22 @@ class SkillView(View):
             f"{diff.attrs['test_name']} over {diff.attrs['n_time']} test times"
             f"{n_eff}; {100 * share:.0f}% of points significant)"
         )
+
+    @staticmethod
+    def _static(field: Any, field_b: Any, diff: Any, a: RunEntry, b: RunEntry | None,
+                title: str) -> Callable[[], Any]:
+        """The matplotlib counterpart of what is shown (drawn on click)."""
+        from wpeft.viz.skill import plot_skill_comparison, plot_skill_map
+
+        if b is None:
+            return lambda: plot_skill_map(field, earth=a.earth, title=title)
+        return lambda: plot_skill_comparison(field, field_b, diff, labels=(a.name, b.name),
+                                             earth=a.earth, title=title)
+
+    def _stem(self) -> str:
+        level = f"_{self.sel.level}" if self.sel.level else ""
+        runs = f"{self.sel.run}-vs-{self.sel.run_b}" if self.sel.run_b else f"{self.sel.run}"
+        return f"skill-{runs}-{self.sel.variable}{level}-{self.sel.metric}"
 
 
 class BudgetView(View):
@@ -683,6 +819,9 @@ class BudgetView(View):
         _bind(self.size, self.sel, "size")
         self.plot = _plot_pane("wb-budget-plot")
         self.content.objects = [pn.Row(self.task, self.score, self.size), self.plot]
+        self._frame: pd.DataFrame | None = None
+        self.content.append(self.downloads(self._figure, lambda: _drawn(self._frame),
+                                           lambda: f"budget-{self.sel.task}-{self.sel.score}"))
 
     def on_selection(self, names: set[str]) -> None:
         self.draw()
@@ -697,6 +836,14 @@ class BudgetView(View):
         finished = df[df["finished"].astype(bool)]
         if finished.empty:
             raise DataError("No run has finished yet; budget vs skill needs final scores.")
+        self._frame = None
+        chosen = [e.name for e in self.wb.chosen_runs()]
+        if chosen:  # the runs compared in the sidebar only
+            finished = finished[finished["run"].isin(chosen)]
+            if finished.empty:
+                raise DataError("None of the runs chosen under 'Compare runs' has finished; "
+                                "budget vs skill needs final scores (clear the choice to see "
+                                "every finished run).")
         tasks = sorted(map(str, finished["task"].unique()))
         task = _pick(self.sel.task or self.wb.default_task(), tasks)
         rows = finished[finished["task"] == task]
@@ -718,10 +865,185 @@ class BudgetView(View):
             )
         self.plot.object = hv_budget_vs_skill(frame, score=score, size=size,
                                               title=f"{task}: budget vs {score}")
+        self._frame = frame
         self.caption.object = (
             f"**{len(frame)} finished {_md(task)} runs** · x: {SIZE_AXES[size]} (log scale) · "
             f"y: **{_md(score)}** · line: mean over seeds per budget"
+            + (" · the runs chosen under *Compare runs*" if chosen else "")
         )
+
+    def _figure(self) -> Any:
+        """The plot as shown (task, score, x size), static."""
+        from wpeft.viz.skill import SIZE_AXES, plot_budget_vs_skill
+
+        frame = _drawn(self._frame)
+        size = self.sel.size
+        fig = plot_budget_vs_skill(frame.assign(budget_fraction=frame[size]),
+                                   score=self.sel.score,
+                                   title=f"{self.sel.task}: budget vs {self.sel.score}")
+        fig.axes[0].set_xlabel(SIZE_AXES[size])
+        return fig
+
+
+def _smoothing(value: Any) -> float:
+    """An EMA weight from the selection: a number in [0, 0.99], else 0 (raw lines)."""
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return weight if 0.0 <= weight <= 0.99 else 0.0
+
+
+class CurvesView(View):
+    """Training loss and validation scores against step for the compared runs (run A alone
+    when none is chosen), redrawn while a run trains (its ``metrics.jsonl`` is polled)."""
+
+    key = "curves"
+    watches = ("curve", "logy", "smoothing")
+
+    def __init__(self, wb: Workbench) -> None:
+        super().__init__(wb)
+        self.curve = pn.widgets.Select(label="Curve", options={"training loss": "train:loss"},
+                                       css_classes=["wb-curve"], width=320)
+        self.logy = pn.widgets.RadioButtonGroup(options={"linear y": False, "log y": True},
+                                                value=False, css_classes=["wb-logy"])
+        self.smoothing = pn.widgets.FloatSlider(
+            name="Smoothing (EMA weight)", start=0.0, end=0.99, step=0.01, value=0.0,
+            css_classes=["wb-smoothing"], width=240)
+        _bind(self.curve, self.sel, "curve")
+        _bind(self.logy, self.sel, "logy")
+        _bind(self.smoothing, self.sel, "smoothing")
+        self.plot = _plot_pane("wb-curves-plot")
+        self.content.objects = [pn.Row(self.curve, self.logy, self.smoothing), self.plot]
+        self._frame: pd.DataFrame | None = None
+        self.content.append(self.downloads(self._figure, lambda: _drawn(self._frame),
+                                           self._stem))
+
+    def entries(self) -> list[RunEntry]:
+        """The compared runs, else run A."""
+        return self.wb.chosen_runs() or [self.wb.run_a()]
+
+    def draw(self) -> None:
+        from wpeft.viz.curves import curve_label
+        from wpeft.viz.interactive import hv_curves
+
+        self._frame = None
+        entries = self.entries()
+        frame = self.cat.curves([e.name for e in entries])
+        if frame.empty:
+            names = ", ".join(e.name for e in entries)
+            raise DataError(
+                f"{names}: no training or validation lines in metrics.jsonl yet; train with "
+                "--log-every N (training loss) and --eval-every N (validation scores)."
+            )
+        pairs = dict.fromkeys(zip(frame["split"], frame["column"]))
+        ordered = sorted(pairs, key=lambda p: (p != ("train", "loss"), p[0] != "train"))
+        options = {curve_label(c, s): f"{s}:{c}" for s, c in ordered}
+        curve = _pick(self.sel.curve, list(options.values()))
+        logy = self.sel.logy is True
+        smoothing = _smoothing(self.sel.smoothing)
+        _set(self.curve, options=options, value=curve)
+        _set(self.logy, value=logy)
+        _set(self.smoothing, value=smoothing)
+        self.sel.param.update(curve=curve, logy=logy, smoothing=smoothing)
+        split, column = curve.split(":", 1)
+        self.plot.object = hv_curves(frame, column, split=split, logy=logy, smoothing=smoothing,
+                                     title=curve_label(column, split))
+        self._frame = frame
+        shown = set(frame.loc[(frame["split"] == split) & (frame["column"] == column), "run"])
+        missing = [e.name for e in entries if e.name not in shown]
+        training = [e.name for e in entries if not e.finished]
+        self.caption.object = (
+            f"**{len(shown)} run{'s' * (len(shown) != 1)}** · **{_md(curve_label(column, split))}"
+            f"** against the optimiser step · {'log' if logy else 'linear'} y · "
+            + (f"smoothing: EMA weight {smoothing:g} applied to the plotted lines (the data "
+               "download holds the raw values)" if smoothing else "no smoothing")
+            + (f" · no such lines: {_md(', '.join(missing))}" if missing else "")
+            + (" · *training: updates as lines arrive*" if training else "")
+            + ". Choose runs under *Compare runs* in the sidebar to overlay them."
+        )
+        problems = frame.attrs.get("problems", [])
+        if problems:
+            self.message.object = alert_html(
+                "Some lines could not be read; the curves show the others: "
+                + "; ".join(self.cat.sanitize(p) for p in problems) + ".", "info")
+            self.message.visible = True
+
+    def _figure(self) -> Any:
+        from wpeft.viz.curves import plot_training_curves
+
+        split, column = _text(self.sel.curve).split(":", 1)
+        return plot_training_curves(_drawn(self._frame), column, split=split,
+                                    log_y=self.sel.logy is True,
+                                    smoothing=_smoothing(self.sel.smoothing))
+
+    def _stem(self) -> str:
+        names = "+".join(e.name for e in self.entries())
+        return f"curves-{names}-{self.sel.curve}"
+
+
+class ScorecardView(View):
+    """The compared runs' test scores against a reference run, WeatherBench-X style."""
+
+    key = "scorecard"
+    watches = ("reference",)
+
+    def __init__(self, wb: Workbench) -> None:
+        super().__init__(wb)
+        self.reference = pn.widgets.Select(label="Reference run", options=[""],
+                                           css_classes=["wb-reference"], width=360)
+        _bind(self.reference, self.sel, "reference")
+        self.plot = _plot_pane("wb-scorecard-plot")
+        self.content.objects = [self.reference, self.plot]
+        self._card: Any = None
+        self.content.append(self.downloads(self._figure, self._table,
+                                           lambda: f"scorecard-{self.sel.reference}"))
+
+    def entries(self) -> list[RunEntry]:
+        """The compared runs, else every finished run of run A's task."""
+        chosen = self.wb.chosen_runs()
+        if chosen:
+            return chosen
+        task = self.wb.run_a().task
+        return [e for e in self.cat.runs() if e.finished and e.task == task]
+
+    def draw(self) -> None:
+        from wpeft.runs.scorecard import SCORECARD_BINS
+        from wpeft.viz.interactive import hv_scorecard
+
+        self._card = None
+        entries = self.entries()
+        if not entries:
+            raise DataError("No finished run to put on a scorecard yet.")
+        names = [e.name for e in entries]
+        a = _text(self.sel.run)
+        options = names + ([a] if a and a not in names and a in self.cat.names() else [])
+        default = next((e.name for e in entries if e.method == "full"), None)
+        reference = _pick(self.sel.reference, options, default or (a if a in options
+                                                                    else options[0]))
+        _set(self.reference, options=options, value=reference)
+        self.sel.reference = reference
+        card = self.cat.scorecard(names, reference)
+        self.plot.object = hv_scorecard(card, title=f"{card.attrs['task']} scorecard against "
+                                                    f"{reference}")
+        self._card = card
+        bins = ", ".join(f"{b:g}" for b in card.attrs.get("bins", SCORECARD_BINS))
+        self.caption.object = (
+            f"**{card.sizes['run']} runs** x {card.sizes['score']} test scores against "
+            f"**{_md(reference)}** (top row) · cell: the run's score · colour: its difference "
+            f"to the reference in %, binned at ±{bins} % · **blue = better than the reference** "
+            "(lower error, higher ACC), red = worse · •: significant "
+            f"({card.attrs['test_name']}, p < {card.attrs['alpha']})"
+        )
+
+    def _figure(self) -> Any:
+        from wpeft.viz.scorecard import plot_scorecard
+
+        return plot_scorecard(_drawn(self._card))
+
+    def _table(self) -> pd.DataFrame:
+        """The tidy scorecard: one row per (run, score)."""
+        return _drawn(self._card).to_dataframe().reset_index()
 
 
 # --------------------------------------------------------------------------- the session
@@ -748,12 +1070,18 @@ class Workbench:
         self.status = pn.pane.Markdown("", css_classes=["wb-status"], sizing_mode="stretch_width")
         _bind(self.run_select, self.sel, "run")
         _bind(self.run_b_select, self.sel, "run_b")
+        self.runs_select = pn.widgets.MultiChoice(
+            label="Compare runs (curves, scorecard, budget)", options={}, value=[],
+            css_classes=["wb-runs"], sizing_mode="stretch_width")
+        _bind(self.runs_select, self.sel, "runs", lambda v: ",".join(v))
         self.views: dict[str, View] = {
             "overview": OverviewView(self),
             "fisher": FisherView(self),
             "attention": AttentionView(self),
             "skill": SkillView(self),
             "budget": BudgetView(self),
+            "curves": CurvesView(self),
+            "scorecard": ScorecardView(self),
         }
         # A button bar and one slot rather than pn.Tabs: only the visible view is in the page
         # (bokeh's Tabs mis-lays out a grid of plots next to other plots in the same tab).
@@ -764,7 +1092,7 @@ class Workbench:
         self.main = pn.Column(self.nav, self.views["overview"].panel,
                               sizing_mode="stretch_width", css_classes=["wb-main"])
         self.sel.param.watch(self._view_changed, "view")
-        self.sel.param.watch(self._runs_changed, ["run", "run_b"])
+        self.sel.param.watch(self._runs_changed, ["run", "run_b", "runs"])
         location = pn.state.location if sync_url else None
         if location is not None:
             location.sync(self.sel, {p: p for p in URL_PARAMETERS})
@@ -778,7 +1106,7 @@ class Workbench:
                 self.sel.run = default
         self._show_run_state()
         self._view_changed()
-        self._signature = self.cat.signature([_text(self.sel.run), _text(self.sel.run_b)])
+        self._signature = self._poll_signature()
         self._update_status()
         if poll_ms and pn.state.curdoc is not None and pn.state.curdoc.session_context:
             pn.state.add_periodic_callback(self.poll, period=poll_ms)
@@ -825,11 +1153,29 @@ class Workbench:
              value=_pick(self.sel.run, list(a_opts.values()), ""))
         _set(self.run_b_select, options=b_opts,
              value=_pick(self.sel.run_b, list(b_opts.values()), ""))
+        self._sync_runs_select()
+
+    def _sync_runs_select(self) -> None:
+        options = {e.label: e.name for e in self.cat.runs()}
+        chosen = [n for n in _split_names(self.sel.runs) if n in options.values()]
+        _set(self.runs_select, options=options, value=chosen)
+
+    def chosen_runs(self) -> list[RunEntry]:
+        """The runs of ``Selection.runs`` that resolve, in order (refused names are named in
+        the sidebar, :meth:`_show_run_state`); empty when none is chosen."""
+        out = []
+        for name in _split_names(self.sel.runs):
+            try:
+                out.append(self.cat.resolve(name))
+            except RunNameError:
+                continue
+        return out
 
     def _runs_changed(self, *events: param.parameterized.Event) -> None:
         _set(self.run_select, value=_pick(self.sel.run, list(self.run_select.options.values()), ""))
         _set(self.run_b_select,
              value=_pick(self.sel.run_b, list(self.run_b_select.options.values()), ""))
+        self._sync_runs_select()
         self._show_run_state()
         for view in self.views.values():
             if view.key != "overview":
@@ -839,7 +1185,8 @@ class Workbench:
     def _show_run_state(self) -> None:
         """A sidebar message when a run name from the URL is refused."""
         problems = []
-        for label, value in (("Run", self.sel.run), ("Run B", self.sel.run_b)):
+        chosen = [("Compare runs", n) for n in _split_names(self.sel.runs)]
+        for label, value in (("Run", self.sel.run), ("Run B", self.sel.run_b), *chosen):
             if not _text(value):
                 continue
             try:
@@ -885,7 +1232,7 @@ class Workbench:
     def poll(self) -> bool:
         """Redraw if a watched run wrote something since the last call; True if it did."""
         try:
-            sig = self.cat.signature([_text(self.sel.run), _text(self.sel.run_b)])
+            sig = self._poll_signature()
         except OSError:
             log.exception("workbench poll failed")
             return False
@@ -900,6 +1247,15 @@ class Workbench:
         self._update_status()
         return True
 
+    def _poll_signature(self) -> tuple[Any, ...]:
+        """What :meth:`poll` compares: runs A and B and the compared runs, and the
+        ``metrics.jsonl`` of the curves' runs while the Curves view is shown."""
+        names = [_text(self.sel.run), _text(self.sel.run_b), *_split_names(self.sel.runs)]
+        curves = []
+        if self._view_key() == "curves":
+            curves = _split_names(self.sel.runs) or [_text(self.sel.run)]
+        return self.cat.signature(names, metrics=curves)
+
     def _update_status(self) -> None:
         runs = self.cat.runs()
         training = sum(not e.finished for e in runs)
@@ -913,7 +1269,7 @@ class Workbench:
     # --- page ---------------------------------------------------------------------------------
 
     def template(self) -> pn.template.BaseTemplate:
-        sidebar = [self.run_select, self.run_b_select, self.run_message, self.status]
+        sidebar = [self.run_select, self.run_b_select, self.runs_select, self.run_message, self.status]
         return pn.template.BootstrapTemplate(
             title=f"wpeft workbench · {self.cat.root.name}", sidebar=sidebar, main=[self.main],
             sidebar_width=330, header_background="#0072B2",

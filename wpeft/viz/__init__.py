@@ -15,7 +15,7 @@ Needs the ``viz`` extra (matplotlib; cartopy for Earth maps; holoviews + bokeh f
 """
 
 from wpeft.viz.attention import plot_patch_attention, plot_prompt_map, plot_variable_attention
-from wpeft.viz.curves import plot_learning_curves
+from wpeft.viz.curves import plot_learning_curves, plot_training_curves
 from wpeft.viz.fisher import (
     plot_mask_heatmap,
     plot_mask_image,
@@ -24,11 +24,13 @@ from wpeft.viz.fisher import (
 )
 from wpeft.viz.interactive import (
     hv_budget_vs_skill,
+    hv_curves,
     hv_mask_heatmap,
     hv_mask_image,
     hv_overlap_curves,
     hv_patch_attention,
     hv_prompt_map,
+    hv_scorecard,
     hv_skill_comparison,
     hv_skill_map,
     hv_variable_attention,
@@ -42,11 +44,13 @@ __all__ = [
     "display_longitudes",
     "find_coastlines",
     "hv_budget_vs_skill",
+    "hv_curves",
     "hv_mask_heatmap",
     "hv_mask_image",
     "hv_overlap_curves",
     "hv_patch_attention",
     "hv_prompt_map",
+    "hv_scorecard",
     "hv_skill_comparison",
     "hv_skill_map",
     "hv_variable_attention",
@@ -60,6 +64,7 @@ __all__ = [
     "plot_prompt_map",
     "plot_skill_comparison",
     "plot_skill_map",
+    "plot_training_curves",
     "plot_variable_attention",
     "save_figure",
 ]

@@ -16,7 +16,7 @@ from wpeft.runs.layout import METRICS
 from wpeft.runs.store import Run
 from wpeft.viz.style import colorbar_label, method_style, new_figure
 
-__all__ = ["VAL_SCORE_LABEL", "plot_learning_curves"]
+__all__ = ["VAL_SCORE_LABEL", "curve_label", "curve_lines", "ema", "plot_learning_curves", "plot_training_curves"]
 
 VAL_SCORE_LABEL = "headline validation score (score / reference; lower is better)"
 _LINESTYLES = ("-", "--", ":", "-.")
@@ -110,4 +110,103 @@ def plot_learning_curves(
     if title:
         ax.set_title(title, fontsize="medium")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # never on a curve
+    return fig
+
+
+# --------------------------------------------------------------------------- training curves
+# The long table of the workbench (wpeft.app.catalog.Catalog.curves: run, method, split, step,
+# column, value), one line per run; hv_curves (wpeft.viz.interactive) draws the same lines.
+
+_CURVES_NEEDED = ("run", "method", "split", "step", "column", "value")
+
+
+def ema(values: np.ndarray, weight: float) -> np.ndarray:
+    """Exponential moving average ``s_0 = y_0``, ``s_i = w s_(i-1) + (1 - w) y_i`` (weight 0:
+    the values themselves).
+
+    Raises:
+        ConfigError: ``weight`` is outside [0, 1).
+    """
+    if not 0.0 <= weight < 1.0:
+        raise ConfigError(f"smoothing weight must be in [0, 1), got {weight}.")
+    y = np.asarray(values, dtype=float)
+    out = np.empty_like(y)
+    acc = y[0] if y.size else 0.0
+    for i, v in enumerate(y):
+        acc = weight * acc + (1.0 - weight) * v
+        out[i] = acc
+    return out
+
+
+def curve_lines(
+    frame: pd.DataFrame, column: str, *, split: str = "val", smoothing: float = 0.0
+) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """``[(run, method, steps, values)]``: one line per run of ``column`` in ``split`` (in the
+    frame's run order), sorted by step, the values smoothed with :func:`ema`.
+
+    Raises:
+        DataError: the frame is not a curves table, or no run has ``column`` in ``split``.
+    """
+    missing = [c for c in _CURVES_NEEDED if c not in frame.columns]
+    if missing:
+        raise DataError(f"a curves table needs the columns {list(_CURVES_NEEDED)}; "
+                        f"this one lacks {missing}.")
+    rows = frame[(frame["split"] == split) & (frame["column"] == column)]
+    if rows.empty:
+        have = sorted({f"{s}: {c}" for s, c in zip(frame["split"], frame["column"])})
+        raise DataError(f"no run has {split} lines of {column!r}; the lines hold {have}.")
+    lines = []
+    for run in dict.fromkeys(rows["run"]):
+        line = rows[rows["run"] == run].sort_values("step")
+        lines.append((str(run), str(line["method"].iloc[0]), line["step"].to_numpy(),
+                      ema(line["value"].to_numpy(), smoothing)))
+    return lines
+
+
+def curve_label(column: str, split: str) -> str:
+    """``"training loss"``, ``"validation loss"``, ``"validation rmse/2m_temperature"``."""
+    return f"{'training' if split == 'train' else 'validation'} {column}"
+
+
+def plot_training_curves(
+    frame: pd.DataFrame,
+    column: str = "loss",
+    *,
+    split: str = "train",
+    log_y: bool = False,
+    smoothing: float = 0.0,
+    title: str | None = None,
+) -> Figure:
+    """``column`` of ``split`` lines against step, one line per run (colour per method, line
+    style per run of the same method), smoothed with :func:`ema` (``smoothing`` 0: raw).
+
+    Args:
+        frame: :meth:`wpeft.app.catalog.Catalog.curves` long table.
+        column: ``loss`` or a ``<metric>/<variable>`` of the lines.
+        split: ``train`` or ``val``.
+        log_y: Logarithmic y axis.
+        smoothing: EMA weight in [0, 1).
+        title: Axes title.
+
+    Raises:
+        DataError: no such lines. ConfigError: a bad ``smoothing``.
+    """
+    lines = curve_lines(frame, column, split=split, smoothing=smoothing)
+    styles = method_style(list(dict.fromkeys(m for _, m, _, _ in lines)))
+    seen: dict[str, int] = {}
+    fig = new_figure((7.4, 4.2))
+    ax = fig.add_subplot()
+    for run, method, steps, values in lines:
+        i = seen[method] = seen.get(method, -1) + 1
+        ax.plot(steps, values, color=styles[method]["color"], lw=1.3,
+                ls=_LINESTYLES[i % len(_LINESTYLES)], label=f"{run} ({method})")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    smooth = f" (EMA {smoothing:g})" if smoothing else ""
+    ax.set_ylabel(curve_label(column, split) + smooth)
+    ax.grid(True, lw=0.4, alpha=0.5)
+    if title:
+        ax.set_title(title, fontsize="medium")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig

@@ -60,11 +60,13 @@ from wpeft.viz.style import (
 
 __all__ = [
     "hv_budget_vs_skill",
+    "hv_curves",
     "hv_mask_heatmap",
     "hv_mask_image",
     "hv_overlap_curves",
     "hv_patch_attention",
     "hv_prompt_map",
+    "hv_scorecard",
     "hv_skill_comparison",
     "hv_skill_map",
     "hv_variable_attention",
@@ -381,3 +383,108 @@ def hv_budget_vs_skill(
             tools=["hover"], backend="bokeh"))
     return hv.Overlay(layers).opts(logx=True, width=600, height=420, legend_position="right",
                                    padding=0.1, title=title, backend="bokeh")
+
+
+_DASHES = ("solid", "dashed", "dotted", "dotdash")
+
+
+def hv_curves(
+    frame: Any,
+    column: str = "loss",
+    *,
+    split: str = "train",
+    logy: bool = False,
+    smoothing: float = 0.0,
+    title: str = "",
+) -> Any:
+    """hv.Overlay of one hv.Curve per run (kdim ``step``, vdim ``value``, label the run) of
+    ``column`` in ``split`` lines of a curves table (:func:`wpeft.viz.curves.curve_lines`:
+    the same lines, EMA-smoothed with weight ``smoothing``, as the static
+    :func:`~wpeft.viz.curves.plot_training_curves`); colour per method, dash per run of one
+    method.
+
+    Raises:
+        DataError: no such lines, or ``logy`` with a value <= 0.
+    """
+    from wpeft.errors import DataError
+    from wpeft.viz.curves import curve_label, curve_lines
+
+    hv = _hv()
+    lines = curve_lines(frame, column, split=split, smoothing=smoothing)
+    if logy and any((values <= 0).any() for _, _, _, values in lines):
+        raise DataError(f"{curve_label(column, split)} has values <= 0: a log y axis cannot "
+                        "show them; choose the linear axis.")
+    styles = method_style(list(dict.fromkeys(m for _, m, _, _ in lines)))
+    seen: dict[str, int] = {}
+    x = hv.Dimension("step", label="optimiser step")
+    y = hv.Dimension("value", label=curve_label(column, split))
+    layers = []
+    for run, method, steps, values in lines:
+        i = seen[method] = seen.get(method, -1) + 1
+        layers.append(hv.Curve((steps, values), kdims=[x], vdims=[y], label=run).opts(
+            color=styles[method]["color"], line_dash=_DASHES[i % len(_DASHES)], line_width=2,
+            tools=["hover"], backend="bokeh"))
+    return hv.Overlay(layers).opts(logy=logy, width=720, height=400, legend_position="right",
+                                   title=title, show_grid=True, backend="bokeh")
+
+
+def scorecard_colors(n: int) -> list[str]:
+    """``n`` colours sampled evenly from :data:`~wpeft.viz.style.DIVERGING` (one per bin)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cmap = colormaps[DIVERGING]
+    return [to_hex(cmap((i + 0.5) / n)) for i in range(n)]
+
+
+def hv_scorecard(card: xr.Dataset, *, title: str = "") -> Any:
+    """hv.HeatMap of a scorecard (:func:`wpeft.runs.scorecard.scorecard`): x the scores, y the
+    runs (reference on top), colour the ``oriented_difference`` binned at ±``attrs["bins"]`` %
+    (13 colours of the diverging map for the default bins, blue = better than the reference),
+    cell labels the absolute score, with a "•" where the difference is significant.
+
+    vdims: ``bin`` (index of the colour, NaN where no score), ``value``,
+    ``oriented_difference``, ``relative_difference``, ``significant`` and ``label``.
+
+    Raises:
+        DataError: ``card`` is not a scorecard.
+    """
+    import pandas as pd
+
+    from wpeft.errors import DataError
+    from wpeft.runs.scorecard import SCORECARD_BINS
+
+    needed = ("value", "oriented_difference", "relative_difference", "significant")
+    if any(v not in card for v in needed) or {"run", "score"} - set(card.dims):
+        raise DataError("hv_scorecard needs wpeft.runs.scorecard.scorecard(...) output on "
+                        f"(run, score) with {list(needed)}.")
+    hv = _hv()
+    bins = [float(b) for b in card.attrs.get("bins", SCORECARD_BINS)]
+    edges = np.array([-b for b in reversed(bins)] + bins)
+    runs = [str(r) for r in card["run"].values]
+    scores = [str(s) for s in card["score"].values]
+    rows = []
+    for i, run in enumerate(runs):
+        for j, score in enumerate(scores):
+            cell = card.isel(run=i, score=j)
+            diff = float(cell["oriented_difference"])
+            value = float(cell["value"])
+            sig = bool(cell["significant"])
+            index = float(np.searchsorted(edges, diff, side="right")) if np.isfinite(diff) \
+                else np.nan
+            text = "–" if not np.isfinite(value) else f"{value:.3g}"
+            rows.append((score, run, index, value, diff, float(cell["relative_difference"]),
+                         sig, text + (" •" if sig else "")))
+    columns = ["score", "run", "bin", "value", "oriented_difference", "relative_difference",
+               "significant", "label"]
+    cells = pd.DataFrame(rows, columns=columns)
+    vdims = [hv.Dimension("bin", range=(-0.5, len(edges) + 0.5)), "value",
+             hv.Dimension("oriented_difference", unit="%"),
+             hv.Dimension("relative_difference", unit="%"), "significant", "label"]
+    heat = hv.HeatMap(cells, kdims=["score", "run"], vdims=vdims)
+    labels = hv.Labels(cells, kdims=["score", "run"], vdims=["label"])
+    heat = heat.opts(cmap=scorecard_colors(len(edges) + 1), clim=(-0.5, len(edges) + 0.5),
+                     colorbar=False, tools=["hover"], invert_yaxis=True, xrotation=40,
+                     width=max(420, 110 * len(scores) + 260), height=90 + 40 * len(runs),
+                     title=title, backend="bokeh")
+    return heat * labels.opts(text_font_size="9pt", backend="bokeh")
