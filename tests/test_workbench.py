@@ -662,3 +662,218 @@ def test_build_workbench_refuses_a_missing_dir(tmp_path: Path, monkeypatch) -> N
     monkeypatch.delenv("WPEFT_RUNS_DIR", raising=False)
     with pytest.raises(SystemExit, match="runs directory"):
         runs_dir_from_argv([])
+
+
+# --------------------------------------------------------------------------- curves, scorecard,
+# N-run comparison and downloads
+
+
+def _write_metrics(run: Path, lines: list[dict], tail: str = "") -> None:
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + tail)
+
+
+_TRAIN = [{"step": s, "split": "train", "loss": v} for s, v in ((1, 1.0), (2, 0.5), (3, 0.25))]
+_VAL = [{"step": 2, "split": "val", "loss": 0.9, "rmse/2m_temperature": 3.0},
+        {"step": 2, "split": "val", "loss": 0.8, "rmse/2m_temperature": 2.0}]  # logged twice
+
+
+def test_catalog_curves_long_table_and_bad_lines(catalog: Catalog, runs_root: Path) -> None:
+    wp = runs_root / "downscaling/weatherpeft-4pct"
+    _write_metrics(wp, [_TRAIN[0], _VAL[0]], tail="not json\n")
+    with (wp / "metrics.jsonl").open("a") as f:  # line 3 garbled, then lines 4-6
+        f.write("".join(json.dumps(x) + "\n" for x in [*_TRAIN[1:], _VAL[1]]))
+        f.write('{"step": 4, "split": "tr')  # line 7: cut off
+    frame = catalog.curves(["downscaling/weatherpeft-4pct"])
+    assert list(frame.columns) == ["run", "method", "split", "step", "column", "value"]
+    train = frame[frame["split"] == "train"]
+    assert train["step"].tolist() == [1, 2, 3] and train["value"].tolist() == [1.0, 0.5, 0.25]
+    val = frame[frame["split"] == "val"].set_index("column")["value"]
+    assert val.to_dict() == {"loss": 0.8, "rmse/2m_temperature": 2.0}  # the last line of step 2
+    problems = frame.attrs["problems"]
+    assert len(problems) == 2
+    assert "downscaling/weatherpeft-4pct: metrics.jsonl line 3 is not a JSON object" in problems[0]
+    assert "metrics.jsonl line 7 (the last) is cut off" in problems[1]
+    # a run without metrics.jsonl adds no row; cached until the file changes
+    both = catalog.curves(["downscaling/weatherpeft-4pct", "downscaling/full"])
+    assert set(both["run"]) == {"downscaling/weatherpeft-4pct"}
+    misses = catalog.cache.misses
+    catalog.curves(["downscaling/weatherpeft-4pct"])
+    assert catalog.cache.misses == misses
+    _write_metrics(wp, _TRAIN)
+    assert len(catalog.curves(["downscaling/weatherpeft-4pct"])) == 3
+    assert catalog.curves(["downscaling/weatherpeft-4pct"]).attrs["problems"] == []
+
+
+def test_curves_view_smoothing_log_axis_and_warning(workbench_factory, runs_root) -> None:
+    import holoviews as hv
+
+    wp = runs_root / "downscaling/weatherpeft-4pct"
+    _write_metrics(wp, [*_TRAIN, _VAL[1]], tail='{"step": 4, "split"')
+    _write_metrics(runs_root / "downscaling/full",
+                   [{"step": 1, "split": "train", "loss": 2.0},
+                    {"step": 3, "split": "train", "loss": 1.0}])
+    wb = workbench_factory()
+    wb.sel.view = "curves"
+    view = wb.views["curves"]
+    assert view.content.visible  # drawn, with the warning above it
+    assert view.message.visible
+    assert "metrics.jsonl line 5 (the last) is cut off" in _plain(view.message.object)
+    assert list(view.curve.options.values()) == [
+        "train:loss", "val:loss", "val:rmse/2m_temperature"]
+    overlay = view.plot.object
+    assert isinstance(overlay, hv.Overlay) and len(overlay) == 1  # run A only by default
+    assert overlay.get(0).dimension_values(1).tolist() == [1.0, 0.5, 0.25]
+    view.smoothing.value = 0.5  # s0 = 1; s1 = .5 * 1 + .5 * .5 = .75; s2 = .5 * .75 + .5 * .25
+    assert wb.sel.smoothing == 0.5
+    assert view.plot.object.get(0).dimension_values(1).tolist() == pytest.approx([1, 0.75, 0.5])
+    assert "EMA weight 0.5 applied to the plotted lines" in view.caption.object
+    view.logy.value = True
+    assert wb.sel.logy is True and view.plot.object.opts.get().kwargs["logy"] is True
+    # N runs: one curve each, the method's colour
+    wb.runs_select.value = ["downscaling/weatherpeft-4pct", "downscaling/full"]
+    assert wb.sel.runs == "downscaling/weatherpeft-4pct,downscaling/full"
+    curves = list(view.plot.object)
+    assert [c.label for c in curves] == ["downscaling/weatherpeft-4pct", "downscaling/full"]
+    assert curves[1].dimension_values(1).tolist() == pytest.approx([2.0, 1.5])  # EMA 0.5
+    colors = {c.opts.get().kwargs["color"] for c in curves}
+    assert len(colors) == 2
+    view.curve.value = "val:rmse/2m_temperature"
+    assert len(view.plot.object) == 1 and "no such lines: downscaling/full" in _plain(
+        view.caption.object)
+    wb.sel.smoothing = 5  # e.g. from a URL: back to raw lines
+    assert view.smoothing.value == 0.0 and wb.sel.smoothing == 0.0
+
+
+def _rmse_by_hand(fields: xr.Dataset, var: str) -> tuple[float, np.ndarray]:
+    """Latitude-weighted (cos φ) RMSE over the test period and the per-time MSE, by hand."""
+    e2 = (fields[var] - fields[f"{var}_target"]).values ** 2
+    w = np.cos(np.deg2rad(fields["latitude"].values))
+    per_time = (e2 * w[None, :, None]).sum((1, 2)) / (w.sum() * e2.shape[2])
+    return float(np.sqrt(per_time.mean())), per_time
+
+
+def test_scorecard_view_cells_by_hand(workbench_factory, runs_root) -> None:
+    from wpeft.metrics.significance import paired_ttest_ar1
+
+    runs = {"full": runs_root / "downscaling/full", "wp": runs_root / "downscaling/weatherpeft-4pct"}
+    rmse, mse = {}, {}
+    for key, run in runs.items():  # the summaries' scores are the fields' RMSE
+        with xr.open_dataset(run / "fields.nc") as f:
+            rmse[key], mse[key] = _rmse_by_hand(f.load(), "2m_temperature")
+        summary = json.loads((run / "summary.json").read_text())
+        summary["scores"] = {"rmse/2m_temperature": rmse[key]}
+        (run / "summary.json").write_text(json.dumps(summary))
+    wb = workbench_factory()
+    wb.sel.view = "scorecard"
+    view = wb.views["scorecard"]
+    assert view.reference.value == "downscaling/full"  # the Full-Tuning run by default
+    heat = view.plot.object.get(0)
+    cells = heat.dframe().set_index("run")
+    assert list(cells.index) == ["downscaling/full", "downscaling/weatherpeft-4pct"]
+    diff = 100 * (rmse["wp"] - rmse["full"]) / rmse["full"]
+    p = float(paired_ttest_ar1(mse["wp"], mse["full"]).pvalue)
+    wp = cells.loc["downscaling/weatherpeft-4pct"]
+    assert wp["value"] == pytest.approx(rmse["wp"], rel=1e-5)
+    assert wp["oriented_difference"] == pytest.approx(diff, rel=1e-5)
+    assert bool(wp["significant"]) == (p < 0.05)
+    edges = [-50, -20, -10, -5, -2, -1, 1, 2, 5, 10, 20, 50]
+    assert wp["bin"] == sum(e <= diff for e in edges)  # colour index of the ±1..50 % bins
+    assert wp["label"] == f"{rmse['wp']:.3g}" + (" •" if p < 0.05 else "")
+    assert cells.loc["downscaling/full", "oriented_difference"] == 0.0
+    assert cells.loc["downscaling/full", "bin"] == 6  # the white middle bin
+    assert "blue = better than the reference" in view.caption.object
+    # the other run as reference: the sign flips, the card follows the URL value
+    wb.sel.reference = "downscaling/weatherpeft-4pct"
+    cells = view.plot.object.get(0).dframe().set_index("run")
+    assert cells.index[0] == "downscaling/weatherpeft-4pct"
+    assert cells.loc["downscaling/full", "oriented_difference"] == pytest.approx(
+        100 * (rmse["full"] - rmse["wp"]) / rmse["wp"], rel=1e-5)
+    # a refusal (another task) is the view's message
+    make_run(runs_root, "postprocessing/full", "full", budget=None, seed=2, records=False,
+             task="postprocessing")
+    wb.cat.discovery_ttl = 0
+    wb.sel.runs = "downscaling/full,postprocessing/full"
+    assert view.message.visible and "another task" in _plain(view.message.object)
+    assert str(runs_root.resolve()) not in view.message.object
+
+
+def test_runs_choice_unknown_names_and_budget_restriction(workbench_factory, runs_root) -> None:
+    import holoviews as hv
+
+    make_run(runs_root, "downscaling/lora", "lora", budget=0.01, seed=2, records=False)
+    wb = workbench_factory()
+    assert set(wb.runs_select.options.values()) == {
+        "downscaling/full", "downscaling/lora", "downscaling/weatherpeft-4pct"}
+    wb.sel.runs = "downscaling/lora, ../outside/run,downscaling/full"  # e.g. from a URL
+    assert [e.name for e in wb.chosen_runs()] == ["downscaling/lora", "downscaling/full"]
+    assert wb.runs_select.value == ["downscaling/lora", "downscaling/full"]
+    assert wb.run_message.visible
+    assert "Compare runs: Run name '../outside/run' points outside" in _plain(
+        wb.run_message.object)
+    assert wb.url_query()["runs"] == "downscaling/lora, ../outside/run,downscaling/full"
+    wb.sel.view = "budget"
+    labels = {el.label for el in wb.views["budget"].plot.object if isinstance(el, hv.Scatter)}
+    assert labels == {"lora", "full"}
+    assert "the runs chosen under *Compare runs*" in wb.views["budget"].caption.object
+    wb.runs_select.value = []
+    assert wb.sel.runs == "" and not wb.run_message.visible
+    labels = {el.label for el in wb.views["budget"].plot.object if isinstance(el, hv.Scatter)}
+    assert labels == {"lora", "full", "weatherpeft"}
+
+
+def test_downloads_give_png_csv_and_netcdf(workbench_factory, runs_root, tmp_path) -> None:
+    import matplotlib.image
+
+    _write_metrics(runs_root / "downscaling/weatherpeft-4pct", _TRAIN)
+    wb = workbench_factory()
+    wb.sel.view = "curves"
+    view = wb.views["curves"]
+    png = view.download_figure.callback().getvalue()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "curves.png").write_bytes(png)
+    image = matplotlib.image.imread(tmp_path / "curves.png")
+    assert image.ndim == 3 and image.shape[0] > 400  # 200 dpi
+    assert view.download_figure.filename == "curves-downscaling_weatherpeft-4pct-train_loss.png"
+    csv = view.download_data.callback().getvalue().decode()
+    back = pd.read_csv(__import__("io").StringIO(csv))
+    pd.testing.assert_frame_equal(back, wb.cat.curves(["downscaling/weatherpeft-4pct"]))
+    for key, suffix in [("fisher", "nc"), ("attention", "nc"), ("skill", "nc"),
+                        ("budget", "csv"), ("scorecard", "csv"), ("overview", "csv")]:
+        wb.sel.view = key
+        v = wb.views[key]
+        data = v.download_data.callback().getvalue()
+        assert v.download_data.filename.endswith(f".{suffix}"), key
+        if suffix == "nc":
+            assert data[:4] == b"\x89HDF", key
+            (tmp_path / f"{key}.nc").write_bytes(data)
+            with xr.open_dataset(tmp_path / f"{key}.nc") as ds:
+                assert ds.data_vars, key
+        else:
+            assert not pd.read_csv(__import__("io").StringIO(data.decode())).empty, key
+        if v.download_figure is not None:
+            assert v.download_figure.callback().getvalue()[:4] == b"\x89PNG", key
+    card = pd.read_csv(__import__("io").StringIO(
+        wb.views["scorecard"].download_data.callback().getvalue().decode()))
+    assert set(card["run"]) == {"downscaling/full", "downscaling/weatherpeft-4pct"}
+    assert str(runs_root.resolve()) not in card.to_csv()  # no server path in a download
+    # a view that drew nothing says so in its message instead of sending a file
+    wb.sel.run = "downscaling/full"
+    wb.sel.view = "fisher"
+    with pytest.raises(DataError):
+        wb.views["fisher"].download_figure.callback()
+    assert "shows nothing yet" in _plain(wb.views["fisher"].message.object)
+
+
+def test_poll_redraws_curves_while_a_run_trains(workbench_factory, runs_root) -> None:
+    wp = runs_root / "downscaling/weatherpeft-4pct"
+    _write_metrics(wp, _TRAIN[:2])
+    wb = workbench_factory()
+    wb.sel.view = "curves"
+    view = wb.views["curves"]
+    assert len(view.plot.object.get(0)) == 2
+    wb.poll()
+    assert wb.poll() is False
+    with (wp / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(_TRAIN[2]) + "\n")
+    assert wb.poll() is True
+    assert view.plot.object.get(0).dimension_values(0).tolist() == [1, 2, 3]

@@ -285,13 +285,13 @@ class View:
         self.download_data = pn.widgets.FileDownload(
             callback=lambda: self._download(self.download_data, data_fn, stem_fn),
             filename=f"{self.key}.{suffix}", label=f"Download {data_label}",
-            button_type="light", css_classes=["wb-download-data"], width=210)
+            color="light", css_classes=["wb-download-data"], width=210)
         buttons = [self.download_data]
         self.download_figure = None
         if figure_fn is not None:
             self.download_figure = pn.widgets.FileDownload(
                 callback=lambda: self._download(self.download_figure, figure_fn, stem_fn),
-                filename=f"{self.key}.png", label="Download figure (PNG)", button_type="light",
+                filename=f"{self.key}.png", label="Download figure (PNG)", color="light",
                 css_classes=["wb-download-figure"], width=210)
             buttons.insert(0, self.download_figure)
         return pn.Row(*buttons, css_classes=["wb-downloads"])
@@ -857,6 +857,8 @@ class BudgetView(View):
         _set(self.size, value=size)
         self.sel.param.update(task=task, score=score, size=size)
         frame = self.cat.budget_table(task, score, size)
+        if chosen:
+            frame = frame[frame["run"].isin(chosen)].reset_index(drop=True)
         if frame.empty:
             which = next(k for k, v in _SIZE_CHOICES.items() if v == size)
             raise DataError(
@@ -908,7 +910,7 @@ class CurvesView(View):
         self.logy = pn.widgets.RadioButtonGroup(options={"linear y": False, "log y": True},
                                                 value=False, css_classes=["wb-logy"])
         self.smoothing = pn.widgets.FloatSlider(
-            name="Smoothing (EMA weight)", start=0.0, end=0.99, step=0.01, value=0.0,
+            label="Smoothing (EMA weight)", start=0.0, end=0.99, step=0.01, value=0.0,
             css_classes=["wb-smoothing"], width=240)
         _bind(self.curve, self.sel, "curve")
         _bind(self.logy, self.sel, "logy")
