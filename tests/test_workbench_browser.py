@@ -112,7 +112,8 @@ def _train_runs(root: Path, cache: Path) -> None:
     mp.setenv("WPEFT_CACHE_DIR", str(cache))
     try:
         common = {"task": "downscaling", "batch_size": 2, "warmup_steps": 1,
-                  "checkpoint_every": 0, "task_options": {"world": WORLD}, "device": "cpu"}
+                  "checkpoint_every": 0, "task_options": {"world": WORLD}, "device": "cpu",
+                  "log_every": 1}  # training-loss lines for the Curves view
         train(TrainConfig(method="weatherpeft", budget=0.04, steps=12, record_every=3,
                           method_options={"num_prompts": 3}, **common), root / WP,
               progress=False)
@@ -447,3 +448,105 @@ def test_empty_runs_dir_says_how_to_make_a_run(app, page, tmp_path) -> None:
     message = text_of(page, ".wb-overview-message")
     assert "wpeft train --task downscaling" in message and "wpeft demo" in message
     shot(page, tmp_path, "empty")
+
+
+_LINES_JS = """(cls) => {
+  const out = [], seen = new Set();
+  function walk(v) {
+    if (!v || seen.has(v)) return; seen.add(v);
+    const m = v.model;
+    if (m && m.type === 'Figure' && (m.css_classes || []).includes(cls)) {
+      for (const r of m.renderers) {
+        if (!r.glyph || r.glyph.type !== 'Line') continue;
+        const d = r.data_source.data;
+        const cols = d instanceof Map ? Array.from(d.values()) : Object.values(d);
+        out.push(cols[0].length);
+      }
+    }
+    for (const c of (v.child_views || [])) walk(c);
+  }
+  for (const v of Object.values(Bokeh.index)) walk(v);
+  return out;
+}"""
+
+
+def line_lengths(page, cls: str) -> list[int]:
+    """The number of points of each line of the figure with css class ``cls``."""
+    return page.evaluate(_LINES_JS, cls)
+
+
+def _train_steps(run: Path) -> list[int]:
+    from wpeft.runs.curves import train_lines
+    from wpeft.runs.store import Run
+
+    return [int(line["step"]) for line in train_lines(Run(run))]
+
+
+def test_runs_round_trip_through_the_url(app, page, tmp_path) -> None:
+    n_wp, n_full = len(_train_steps(app["root"] / WP)), len(_train_steps(app["root"] / FULL))
+    assert n_wp and n_full  # the fixture's runs log their training loss
+    goto(page, app["base"], view="curves", runs=f"{WP},{FULL}")
+    wait_until(page, lambda: sorted(line_lengths(page, "wb-curves-plot")) == sorted(
+        [n_wp, n_full]), "one training-loss line per chosen run")
+    wait_query(page, view="curves", runs=f"{WP},{FULL}", curve="train:loss")
+    chosen = text_of(page, ".wb-runs")
+    assert WP in chosen and FULL in chosen
+    assert "2 runs" in text_of(page, ".wb-curves-caption")
+    shot(page, tmp_path, "curves-two-runs")
+    # the shared address restores the choice in a new session; an unknown name is named
+    goto(page, app["base"], view="curves", runs=f"{FULL},nope")
+    wait_until(page, lambda: line_lengths(page, "wb-curves-plot") == [n_full], "run FULL only")
+    assert "There is no run named 'nope'" in text_of(page, ".wb-run-message")
+    # the scorecard and the budget plot take the same choice
+    goto(page, app["base"], view="scorecard", runs=f"{WP},{FULL}")
+    wait_until(page, lambda: figure(page, "wb-scorecard-plot") is not None, "the scorecard")
+    assert figure(page, "wb-scorecard-plot")["title"] == f"downscaling scorecard against {FULL}"
+    caption = text_of(page, ".wb-scorecard-caption")
+    assert "blue = better than the reference" in caption and "2 runs" in caption
+    shot(page, tmp_path, "scorecard")
+
+
+def test_curves_update_while_a_run_trains(app, page, tmp_path) -> None:
+    root = app["root"]
+    live = root / "live" / "curves"
+    shutil.copytree(root / WP, live)
+    for name in ("summary.json", "fields.nc"):  # as if training were still going on
+        (live / name).unlink()
+    steps = _train_steps(live)
+    goto(page, app["base"], view="curves", run="live/curves")
+    wait_until(page, lambda: line_lengths(page, "wb-curves-plot") == [len(steps)],
+               "the training run's loss line")
+    assert "updates as lines arrive" in text_of(page, ".wb-curves-caption")
+    with (live / "metrics.jsonl").open("a") as f:
+        for step in (steps[-1] + 1, steps[-1] + 2):
+            f.write(json.dumps({"step": step, "split": "train", "loss": 0.5}) + "\n")
+    wait_until(page, lambda: line_lengths(page, "wb-curves-plot") == [len(steps) + 2],
+               "two new points without a reload")
+    with (live / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 99, "split": "tr')  # cut off (the loop is writing it)
+    wait_until(page, lambda: "line" in text_of(page, ".wb-curves-message")
+               and "cut off" in text_of(page, ".wb-curves-message"), "the cut-off line named")
+    assert line_lengths(page, "wb-curves-plot") == [len(steps) + 2]  # what parses is shown
+    shot(page, tmp_path, "curves-live")
+
+
+def test_download_buttons_send_png_and_csv(app, page, tmp_path) -> None:
+    import io
+
+    import matplotlib.image
+    import pandas as pd
+
+    goto(page, app["base"], view="budget")
+    wait_until(page, lambda: figure(page, "wb-budget-plot") is not None, "the budget plot")
+    with page.expect_download(timeout=60_000) as info:
+        page.locator(".wb-download-figure button").click()
+    png = tmp_path / info.value.suggested_filename
+    info.value.save_as(png)
+    assert png.suffix == ".png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(png).ndim == 3
+    with page.expect_download(timeout=60_000) as info:
+        page.locator(".wb-download-data button").click()
+    csv = tmp_path / info.value.suggested_filename
+    info.value.save_as(csv)
+    table = pd.read_csv(io.StringIO(csv.read_text()))
+    assert csv.suffix == ".csv" and set(table["run"]) == {WP, FULL}

@@ -438,8 +438,9 @@ def scorecard_colors(n: int) -> list[str]:
 
 
 def hv_scorecard(card: xr.Dataset, *, title: str = "") -> Any:
-    """hv.HeatMap of a scorecard (:func:`wpeft.runs.scorecard.scorecard`): x the scores, y the
-    runs (reference on top), colour the ``oriented_difference`` binned at ±``attrs["bins"]`` %
+    """hv.HeatMap of a scorecard (:func:`wpeft.runs.scorecard.scorecard`): x the runs (the
+    reference first), y the scores (the card's order from the top; scores outnumber runs, so
+    the card grows downwards), colour the ``oriented_difference`` binned at ±``attrs["bins"]`` %
     (13 colours of the diverging map for the default bins, blue = better than the reference),
     cell labels the absolute score, with a "•" where the difference is significant.
 
@@ -481,10 +482,10 @@ def hv_scorecard(card: xr.Dataset, *, title: str = "") -> Any:
     vdims = [hv.Dimension("bin", range=(-0.5, len(edges) + 0.5)), "value",
              hv.Dimension("oriented_difference", unit="%"),
              hv.Dimension("relative_difference", unit="%"), "significant", "label"]
-    heat = hv.HeatMap(cells, kdims=["score", "run"], vdims=vdims)
-    labels = hv.Labels(cells, kdims=["score", "run"], vdims=["label"])
+    heat = hv.HeatMap(cells, kdims=["run", "score"], vdims=vdims)
+    labels = hv.Labels(cells, kdims=["run", "score"], vdims=["label"])
     heat = heat.opts(cmap=scorecard_colors(len(edges) + 1), clim=(-0.5, len(edges) + 0.5),
-                     colorbar=False, tools=["hover"], invert_yaxis=True, xrotation=40,
-                     width=max(420, 110 * len(scores) + 260), height=90 + 40 * len(runs),
+                     colorbar=False, tools=["hover"], invert_yaxis=True, xrotation=15,
+                     width=max(480, 300 + 190 * len(runs)), height=140 + 26 * len(scores),
                      title=title, backend="bokeh")
-    return heat * labels.opts(text_font_size="9pt", backend="bokeh")
+    return heat * labels.opts(text_font_size="9pt", text_color="black", backend="bokeh")
