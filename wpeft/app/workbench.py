@@ -1019,7 +1019,8 @@ class ScorecardView(View):
             raise DataError("No finished run to put on a scorecard yet.")
         names = [e.name for e in entries]
         a = _text(self.sel.run)
-        options = names + ([a] if a and a not in names and a in self.cat.names() else [])
+        finished = {e.name for e in self.cat.runs() if e.finished}
+        options = names + ([a] if a in finished and a not in names else [])
         default = next((e.name for e in entries if e.method == "full"), None)
         reference = _pick(self.sel.reference, options, default or (a if a in options
                                                                     else options[0]))
