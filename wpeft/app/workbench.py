@@ -1,6 +1,6 @@
 """The workbench: a Panel dashboard over a runs directory, built once per browser session.
 
-Five views, each drawn with the HoloViews functions of :mod:`wpeft.viz.interactive` (no plotting
+Seven views, each drawn with the HoloViews functions of :mod:`wpeft.viz.interactive` (no plotting
 code lives here):
 
 * **Overview** — the runs table (:meth:`~wpeft.app.catalog.Catalog.table`) in a sortable
@@ -14,6 +14,14 @@ code lives here):
   per variable, level / lead and metric (one run alone: its map);
 * **Budget vs skill** — every finished run of a task on one plot, x the size the user picks
   (per-step k, the union of changed entries, or the adapter file's share of a full checkpoint).
+* **Curves** — training loss and validation scores per step of the runs chosen under
+  *Compare runs* (``Selection.runs``; run A alone by default), log/linear y, EMA smoothing,
+  redrawn while a run appends to ``metrics.jsonl``;
+* **Scorecard** — the chosen runs' test scores against a reference run
+  (:func:`wpeft.runs.scorecard.scorecard`), binned % difference, blue = better.
+
+Every view has "download figure" (the :mod:`wpeft.viz` matplotlib figure, PNG at 200 dpi) and
+"download data" (CSV or netCDF) buttons, computed on click (:meth:`View.downloads`).
 
 Design. :func:`build_workbench` makes everything a session owns (a :class:`Selection`, the
 widgets, the panes) inside the call, so sessions never share state; the data behind them come
