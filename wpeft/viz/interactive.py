@@ -142,7 +142,7 @@ def _sized(height: int | None = None, *, aspect: float | None = None) -> dict[st
 def _map_aspect(field: xr.DataArray) -> float:
     """Plot width / height of a map: the extent's lon / lat span (clipped to 0.8..2.4, so thin
     boxes stay usable) with room for the colour bar."""
-    lon0, lon1, lat0, lat1 = grid_extent(field)
+    lon0, lon1, lat0, lat1 = grid_extent(display_longitudes(latlon_field(field)))
     return 1.15 * float(np.clip((lon1 - lon0) / max(lat1 - lat0, 1e-6), 0.8, 2.4))
 
 
@@ -422,7 +422,8 @@ def hv_skill_comparison(
                             label=label)
         else:
             pts = hv.Points(xy, kdims=["longitude", "latitude"], label=label)
-        d = d * pts.opts(color="black", size=2, marker="dot", backend="bokeh")
+        d = (d * pts.opts(color="black", size=2, marker="dot", backend="bokeh")).opts(
+            **_sized(aspect=_map_aspect(diff)))
     return hv.Layout(panels + [d]).cols(3)
 
 
