@@ -93,6 +93,7 @@ def test_earth_comparison_stipples_share_the_map_crs(earth_data, no_network) -> 
     assert len(pts) == 1 and isinstance(pts[0], gv.Points)
     assert pts[0].crs == ccrs.PlateCarree()
     assert len(pts[0]) == int((~diff.significant).sum())
+    assert d.opts.get().kwargs["legend_position"] == "bottom"  # below the map, not over it
 
 
 # --------------------------------------------------------------------------- sizes

@@ -125,7 +125,7 @@ def log_ticks(lo: float, hi: float) -> list[float]:
 #: Projection of Earth maps, as in :func:`wpeft.viz.maps.map_axes` (a ``cartopy.crs`` name).
 MAP_PROJECTION = "PlateCarree"
 #: Smallest height (px) of a map; other plots' heights are given per function.
-MAP_MIN_HEIGHT = 260
+MAP_MIN_HEIGHT = 180
 
 
 def _sized(height: int | None = None, *, aspect: float | None = None) -> dict[str, Any]:
@@ -288,7 +288,7 @@ def hv_variable_attention(attention: xr.Dataset, block: Any, *, step: int | None
              hv.Dimension("variable_q", label="query variable")]
     return hv.HeatMap(df, kdims=kdims, vdims=[vdim]).opts(
         cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True, xrotation=45,
-        title=f"external attention between variables, {where}", **_sized(460),
+        title=f"external attention, {where}", **_sized(460),
     )
 
 
@@ -423,7 +423,7 @@ def hv_skill_comparison(
         else:
             pts = hv.Points(xy, kdims=["longitude", "latitude"], label=label)
         d = (d * pts.opts(color="black", size=2, marker="dot", backend="bokeh")).opts(
-            **_sized(aspect=_map_aspect(diff)))
+            legend_position="bottom", **_sized(aspect=_map_aspect(diff)))  # legend off the map
     return hv.Layout(panels + [d]).cols(3)
 
 
