@@ -14,8 +14,10 @@ NaN rows) read from the same shapefile as the static maps
 grid and in its longitude frame. They are drawn in PlateCarree (:data:`MAP_PROJECTION`), the
 projection of the cartopy figures (:func:`wpeft.viz.maps.map_axes`), so a map looks the same in
 the dashboard and in a figure. GeoViews reprojects the raster only when its longitudes leave
--180..180 (a global 0..360 grid; tens of ms at 180 x 360, see
-``benchmarks/bench_interactive_maps.py``), so nothing is cached. (Robinson is not offered:
+-180..180 (a global 0..360 grid) and projects the coastline at every draw: a global Earth map
+draws in ~0.26 s at 32 x 64 and at 180 x 360 alike (a synthetic one in ~0.04 s, the UK box in
+~0.1 s; ``benchmarks/bench_interactive_maps.py``, 2 CPU cores), under the 0.5 s where caching
+a projected copy would pay, so nothing is cached. (Robinson is not offered:
 GeoViews 1.15 with cartopy 0.26 fails to draw it in bokeh, ``KeyError: 'lon_0'``.) The synthetic
 world (``earth=False``) stays a plain ``hv.Image`` in longitude/latitude with no coastline.
 
