@@ -371,6 +371,55 @@ def _add_task_and_backbone_arguments(
                         "normalisation; recorded with its sha256 in the run")
 
 
+#: Where ``wpeft lab`` finds the notebooks: ``notebooks/`` of the source checkout.
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def lab_argv(port: int | None = None, *, browser: bool = True,
+             notebooks: Path | None = None) -> list[str]:
+    """The command ``wpeft lab`` runs: JupyterLab of this Python rooted at ``notebooks``
+    (default :data:`NOTEBOOKS_DIR`).
+
+    Raises:
+        ConfigError: JupyterLab is not installed, or ``notebooks`` is not a directory (wpeft
+            installed from a wheel has no notebooks: clone the repository).
+    """
+    if not _installed("jupyterlab"):
+        raise ConfigError(
+            "wpeft lab needs JupyterLab, which is not installed: pip install -e \".[app]\" "
+            "(from the repository's folder)."
+        )
+    notebooks = NOTEBOOKS_DIR if notebooks is None else notebooks
+    if not notebooks.is_dir():
+        raise ConfigError(
+            f"No notebooks folder at {notebooks}: wpeft lab opens notebooks/ of a source "
+            "checkout (git clone the repository and pip install -e \".[app]\" there)."
+        )
+    argv = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={notebooks}"]
+    if port is not None:
+        argv.append(f"--port={port}")
+    if not browser:
+        argv.append("--no-browser")
+    return argv
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    import subprocess
+
+    argv = lab_argv(args.port, browser=not args.no_browser)
+    print(" ".join(argv[1:]), flush=True)
+    try:
+        return subprocess.call(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wpeft",
@@ -504,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="the Panel workbench over a runs directory (127.0.0.1 by default)")
     serve_module.add_arguments(sv)
     sv.set_defaults(func=serve_module.main)
+
+    lab = sub.add_parser("lab", help="JupyterLab on the notebooks/ of this checkout (the app extra)")
+    lab.add_argument("--port", type=int, default=None, help="port (default: JupyterLab's, 8888)")
+    lab.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    lab.set_defaults(func=cmd_lab)
 
     w = sub.add_parser("world", help="generate (or open the cached) embedded world")
     w.add_argument("--seed", type=int, default=0)

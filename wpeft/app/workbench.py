@@ -150,7 +150,8 @@ def _message_pane(css_class: str) -> pn.pane.HTML:
 
 
 def _plot_pane(css_class: str) -> pn.pane.HoloViews:
-    return pn.pane.HoloViews(None, css_classes=["wb-plot", css_class], linked_axes=False)
+    return pn.pane.HoloViews(None, css_classes=["wb-plot", css_class], linked_axes=False,
+                             sizing_mode="stretch_width")
 
 
 def runs_dir_from_argv(argv: Sequence[str]) -> Path:
@@ -480,11 +481,11 @@ class FisherView(View):
         # the two panels of hv_overlap_curves in two panes: a bokeh GridPlot below other plots
         # in nested layouts renders with an empty frame (bokeh 3.9)
         self.curves = pn.Column(_plot_pane("wb-overlap-jaccard"), _plot_pane("wb-overlap-union"),
-                                css_classes=["wb-overlap-curves"])
+                                css_classes=["wb-overlap-curves"], sizing_mode="stretch_width")
         self.content.objects = [
             pn.Row(self.record, self.tensor),
             self.heatmap,
-            pn.Row(pn.Column(self.step, self.matrix), self.image),
+            pn.Row(pn.Column(self.step, self.matrix), self.image, sizing_mode="stretch_width"),
             self.blocks,
             self.curves,
         ]
@@ -625,7 +626,7 @@ class AttentionView(View):
         self.prompt_map = _plot_pane("wb-prompt-map")
         self.content.objects = [
             pn.Row(self.block, self.att_step, self.prompt),
-            pn.Row(self.var_var, self.prompt_map),
+            pn.Row(self.var_var, self.prompt_map, sizing_mode="stretch_width"),
             self.var_patch,
         ]
         self._data: tuple[RunEntry, Any] | None = None
@@ -1279,12 +1280,46 @@ class Workbench:
 
     # --- page ---------------------------------------------------------------------------------
 
-    def template(self) -> pn.template.BaseTemplate:
-        sidebar = [self.run_select, self.run_b_select, self.runs_select, self.run_message, self.status]
+    def template(self, theme: str | None = None) -> pn.template.BaseTemplate:
+        """The page; ``theme`` "light" or "dark" (None: the ``theme`` URL parameter, see
+        :func:`page_theme`). Plots follow the template's bokeh theme; colour maps stay those of
+        :mod:`wpeft.viz.style`."""
+        sidebar = [self.run_select, self.run_b_select, self.runs_select, self.run_message,
+                   self.status]
+        theme = page_theme() if theme is None else _pick(theme, THEMES, "light")
         return pn.template.BootstrapTemplate(
             title=f"wpeft workbench · {self.cat.root.name}", sidebar=sidebar, main=[self.main],
             sidebar_width=330, header_background="#0072B2",
+            theme="dark" if theme == "dark" else "default",
+            header=[theme_switch(theme)],
         )
+
+
+#: Page themes (the ``theme`` URL parameter), the default first.
+THEMES = ("light", "dark")
+
+
+def page_theme(args: dict[str, list[Any]] | None = None) -> str:
+    """The theme the session asked for in its URL (``?theme=dark``): one of :data:`THEMES`,
+    "light" when absent or unknown. ``args``: request arguments (default: the session's)."""
+    if args is None:
+        args = pn.state.session_args or {}
+    values = args.get("theme") or [b""]
+    value = values[-1]
+    return _pick(value.decode(errors="replace") if isinstance(value, bytes) else value, THEMES,
+                 "light")
+
+
+def theme_switch(theme: str) -> pn.widgets.Button:
+    """A header button that reloads the page in the other theme (a template picks its theme
+    when the page is made), keeping every other URL parameter."""
+    other = "light" if theme == "dark" else "dark"
+    button = pn.widgets.Button(label=f"{other} theme", color="light",
+                               css_classes=["wb-theme"], width=120, align="center")
+    button.js_on_click(args={"theme": other}, code=(
+        "const url = new URL(window.location.href);"
+        "url.searchParams.set('theme', theme); window.location.assign(url.href);"))
+    return button
 
 
 def build_workbench(

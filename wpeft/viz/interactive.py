@@ -7,11 +7,24 @@ Same inputs as the matplotlib views (see :mod:`wpeft.viz.fisher`, :mod:`~wpeft.v
 (nothing is rendered or shown). Colour limits are set as the value dimension's ``range``, so they
 hold for any backend; styling options are given for the bokeh backend (hover, colourbars).
 
-Earth maps overlay local coastlines as one ``hv.Path`` (lines separated by NaN rows) read from the
-same shapefile as the static maps (:func:`wpeft.viz.maps.coastline_lines`), clipped to the grid
-and in its longitude frame: no GeoViews, no network.
+Earth maps (``earth=True``) are GeoViews elements: the field as a ``gv.Image`` (``gv.QuadMesh`` on
+an irregular grid) in ``crs=PlateCarree`` and local coastlines as one ``gv.Path`` (lines separated by
+NaN rows) read from the same shapefile as the static maps
+(:func:`wpeft.viz.maps.coastline_lines`; never ``gv.feature``, which downloads), clipped to the
+grid and in its longitude frame. They are drawn in PlateCarree (:data:`MAP_PROJECTION`), the
+projection of the cartopy figures (:func:`wpeft.viz.maps.map_axes`), so a map looks the same in
+the dashboard and in a figure. GeoViews reprojects the raster only when its longitudes leave
+-180..180 (a global 0..360 grid) and projects the coastline at every draw: a global Earth map
+draws in ~0.26 s at 32 x 64 and at 180 x 360 alike (a synthetic one in ~0.04 s, the UK box in
+~0.1 s; ``benchmarks/bench_interactive_maps.py``, 2 CPU cores), under the 0.5 s where caching
+a projected copy would pay, so nothing is cached. (Robinson is not offered:
+GeoViews 1.15 with cartopy 0.26 fails to draw it in bokeh, ``KeyError: 'lon_0'``.) The synthetic
+world (``earth=False``) stays a plain ``hv.Image`` in longitude/latitude with no coastline.
 
-Needs ``holoviews`` and ``bokeh`` (the ``viz`` extra).
+Layout: every plot fills its container's width (``responsive``, :func:`_sized`); maps keep the
+aspect of their lon/lat extent, other plots have a fixed height.
+
+Needs ``holoviews`` and ``bokeh`` (the ``viz`` extra); Earth maps also ``geoviews`` (``app``).
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ from wpeft.viz.style import (
 )
 
 __all__ = [
+    "MAP_PROJECTION",
     "hv_budget_vs_skill",
     "hv_curves",
     "hv_mask_heatmap",
@@ -98,28 +112,91 @@ def _regular(values: np.ndarray) -> bool:
     return step.size == 0 or bool(np.allclose(step, step[0], rtol=1e-3, atol=0.0))
 
 
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks of a log axis over ``[lo, hi]`` (> 0): the 1-2-5 values of each decade inside it
+    plus the nearest one beyond each end (so a padded axis is labelled at both ends)."""
+    if not (0 < lo <= hi and np.isfinite(hi)):
+        raise ValueError(f"A log axis needs 0 < lo <= hi; got lo={lo}, hi={hi}.")
+    values = [m * 10.0**k for k in range(int(np.floor(np.log10(lo))) - 1,
+                                         int(np.ceil(np.log10(hi))) + 2) for m in (1, 2, 5)]
+    values = [float(f"{v:.6g}") for v in values]
+    inside = [v for v in values if lo <= v <= hi]
+    below = [v for v in values if v < lo][-1:]
+    above = [v for v in values if v > hi][:1]
+    return below + inside + above
+
+
+#: Projection of Earth maps, as in :func:`wpeft.viz.maps.map_axes` (a ``cartopy.crs`` name).
+MAP_PROJECTION = "PlateCarree"
+#: Smallest height (px) of a map; other plots' heights are given per function.
+MAP_MIN_HEIGHT = 180
+
+
+def _sized(height: int | None = None, *, aspect: float | None = None) -> dict[str, Any]:
+    """The shared bokeh size options: fill the container's width (``responsive``) at a fixed
+    ``height`` (px), or, with ``aspect`` (width / height), keep that aspect at any width."""
+    opts: dict[str, Any] = {"responsive": True, "backend": "bokeh"}
+    if aspect is not None:
+        opts.update(aspect=aspect, min_height=MAP_MIN_HEIGHT)
+    else:
+        opts.update(height=height, min_height=height)
+    return opts
+
+
+def _map_aspect(field: xr.DataArray) -> float:
+    """Plot width / height of a map: the extent's lon / lat span (clipped to 0.8..2.4, so thin
+    boxes stay usable) with room for the colour bar."""
+    lon0, lon1, lat0, lat1 = grid_extent(display_longitudes(latlon_field(field)))
+    return 1.15 * float(np.clip((lon1 - lon0) / max(lat1 - lat0, 1e-6), 0.8, 2.4))
+
+
+def _gv() -> tuple[Any, Any]:
+    """GeoViews (bokeh plots registered) and ``cartopy.crs``; ImportError naming the extra."""
+    _hv()
+    try:
+        import cartopy.crs as ccrs
+        import geoviews as gv
+        import geoviews.plotting.bokeh  # registers the geo plot classes
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "Earth maps in HoloViews need geoviews and cartopy: pip install -e '.[app]' "
+            "(or earth=False)."
+        ) from e
+    return gv, ccrs
+
+
+def _coast_path(field: xr.DataArray) -> np.ndarray:
+    """Local coastlines of ``field``'s extent as one (n, 2) array, lines split by NaN rows
+    (one path renders far faster than hundreds)."""
+    lines = coastline_lines(grid_extent(field), fine=not is_global(field))
+    gap = np.full((1, 2), np.nan)
+    return np.concatenate([p for line in lines for p in (line, gap)]) if lines else gap
+
+
 def _image(field: xr.DataArray, value: Any, *, earth: bool, cmap: str, title: str = "") -> Any:
-    """hv.Image of a (latitude, longitude) field (hv.QuadMesh if the grid is irregular), with
-    local coastlines overlaid when ``earth``."""
+    """hv.Image of a (latitude, longitude) field (hv.QuadMesh if the grid is irregular); with
+    ``earth`` a GeoViews overlay of gv.Image / gv.QuadMesh (``crs`` PlateCarree) and a gv.Path
+    of local coastlines, drawn in :data:`MAP_PROJECTION`."""
     hv = _hv()
     field = display_longitudes(latlon_field(field)).sortby("latitude")
     lon, lat = field["longitude"].values, field["latitude"].values
     xdim = hv.Dimension("longitude", label="longitude", unit="°E")
     ydim = hv.Dimension("latitude", label="latitude", unit="°N")
     data = (lon, lat, np.asarray(field.values, dtype=float))
-    element = hv.Image if _regular(lon) and _regular(lat) else hv.QuadMesh
-    img = element(data, kdims=[xdim, ydim], vdims=[value], label=title)
-    img = img.opts(cmap=cmap, colorbar=True, tools=["hover"], width=520, height=300,
-                   title=title, backend="bokeh")
+    regular = _regular(lon) and _regular(lat)
+    size = _sized(aspect=_map_aspect(field))
+    opts = {"cmap": cmap, "colorbar": True, "tools": ["hover"], "title": title, **size}
     if not earth:
-        return img
-    lines = coastline_lines(grid_extent(field), fine=not is_global(field))
-    # One path with NaN breaks renders far faster than hundreds of separate paths.
-    gap = np.full((1, 2), np.nan)
-    joined = np.concatenate([p for line in lines for p in (line, gap)]) if lines else gap
-    coast = hv.Path([joined], kdims=[xdim, ydim]).opts(color="black", line_width=0.7,
-                                                       backend="bokeh")
-    return (img * coast).opts(title=title, backend="bokeh")
+        element = hv.Image if regular else hv.QuadMesh
+        return element(data, kdims=[xdim, ydim], vdims=[value], label=title).opts(**opts)
+    gv, ccrs = _gv()
+    crs = projection = ccrs.PlateCarree()  # MAP_PROJECTION
+    element = gv.Image if regular else gv.QuadMesh
+    img = element(data, kdims=[xdim, ydim], vdims=[value], crs=crs, label=title)
+    coast = gv.Path([_coast_path(field)], kdims=[xdim, ydim], crs=crs)
+    return (img.opts(projection=projection, **opts)
+            * coast.opts(color="black", line_width=0.7, backend="bokeh")
+            ).opts(title=title, projection=projection, **size)
 
 
 # --------------------------------------------------------------------------- Fisher masks
@@ -146,9 +223,8 @@ def hv_mask_heatmap(
         "sum over tensor kinds" if variable == "fisher_mass" else "mean over tensor kinds"
     )
     return hv.HeatMap(df, kdims=kdims, vdims=[vdim]).opts(
-        cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True, width=650,
-        height=max(250, 22 * df["block"].nunique()), title=f"{vdim.label} ({which})",
-        backend="bokeh",
+        cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True,
+        title=f"{vdim.label} ({which})", **_sized(max(250, 22 * df["block"].nunique())),
     )
 
 
@@ -167,8 +243,8 @@ def hv_mask_image(fisher: xr.Dataset, matrix: str, step: int | None = None) -> A
                 img["row"].values if "row" in img.coords else np.arange(img.sizes["row"]),
                 np.asarray(img.values, dtype=float))
         return hv.Image(data, kdims=kdims, vdims=[vdim]).opts(
-            cmap=MASK, colorbar=True, invert_yaxis=True, tools=["hover"], width=420, height=380,
-            title=f"{matrix} mask at step {s}", backend="bokeh",
+            cmap=MASK, colorbar=True, invert_yaxis=True, tools=["hover"],
+            title=f"{matrix} mask at step {s}", **_sized(380),
         )
 
     if step is not None:
@@ -197,7 +273,7 @@ def hv_overlap_curves(
                                                           backend="bokeh"))
         bottom.append(hv.Curve((s["step"].values, s.values), kdims=[step], vdims=[union],
                                label=b).opts(color=color, backend="bokeh"))
-    opts = {"width": 600, "height": 260, "tools": ["hover"], "backend": "bokeh"}
+    opts = {"tools": ["hover"], "legend_position": "right", **_sized(260)}
     return (hv.Overlay(top).opts(title="mask overlap over training", **opts)
             + hv.Overlay(bottom).opts(title="union density", **opts)).cols(1)
 
@@ -216,8 +292,7 @@ def hv_variable_attention(attention: xr.Dataset, block: Any, *, step: int | None
              hv.Dimension("variable_q", label="query variable")]
     return hv.HeatMap(df, kdims=kdims, vdims=[vdim]).opts(
         cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True, xrotation=45,
-        width=600, height=460, title=f"external attention between variables, {where}",
-        backend="bokeh",
+        title=f"external attention, {where}", **_sized(460),
     )
 
 
@@ -244,9 +319,9 @@ def hv_patch_attention(
         kdims = [hv.Dimension("position", label=f"patch position (t, ph, pw; {nt}×{nph}×{npw})"),
                  hv.Dimension("variable")]
         return hv.HeatMap((pos.ravel(), var.ravel(), flat.ravel()), kdims=kdims, vdims=[vdim]).opts(
-            cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True, width=800,
-            height=max(220, 28 * len(names)),
-            title=f"external attention over patch positions, {where}", backend="bokeh",
+            cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True,
+            title=f"external attention over patch positions, {where}",
+            **_sized(max(220, 28 * len(names))),
         )
     wanted = [variable] if isinstance(variable, str) else list(variable)
     sub = da.sel(variable=wanted)
@@ -258,8 +333,8 @@ def hv_patch_attention(
             img = np.asarray(sub.sel(variable=name).isel(t=t).values, dtype=float)
             panels.append(hv.Image((np.arange(npw), np.arange(nph), img), kdims=kdims,
                                    vdims=[vdim]).opts(
-                cmap=SEQUENTIAL, colorbar=True, invert_yaxis=True, tools=["hover"], width=230,
-                height=200, title=f"{name}, t={t}", backend="bokeh"))
+                cmap=SEQUENTIAL, colorbar=True, invert_yaxis=True, tools=["hover"],
+                title=f"{name}, t={t}", **_sized(200)))
     return hv.Layout(panels).cols(nt)
 
 
@@ -343,9 +418,16 @@ def hv_skill_comparison(
     if significant is not None and not bool(significant.all()):
         ns = display_longitudes(~significant.astype(bool)).stack(point=("latitude", "longitude"))
         ns = ns[ns.values]
-        pts = hv.Points((ns["longitude"].values, ns["latitude"].values),
-                        kdims=["longitude", "latitude"], label=not_significant_label(significant))
-        d = d * pts.opts(color="black", size=2, marker="dot", backend="bokeh")
+        xy = (ns["longitude"].values, ns["latitude"].values)
+        label = not_significant_label(significant)
+        if earth:  # in the map's crs, so the dots follow the projected raster
+            gv, ccrs = _gv()
+            pts = gv.Points(xy, kdims=["longitude", "latitude"], crs=ccrs.PlateCarree(),
+                            label=label)
+        else:
+            pts = hv.Points(xy, kdims=["longitude", "latitude"], label=label)
+        d = (d * pts.opts(color="black", size=2, marker="dot", backend="bokeh")).opts(
+            legend_position="bottom", **_sized(aspect=_map_aspect(diff)))  # legend off the map
     return hv.Layout(panels + [d]).cols(3)
 
 
@@ -381,8 +463,9 @@ def hv_budget_vs_skill(
         layers.append(hv.Scatter(pts, kdims=[x], vdims=[y], label=m).opts(
             color=color, size=9, marker=_MARKERS.get(styles[m]["marker"], "circle"),
             tools=["hover"], backend="bokeh"))
-    return hv.Overlay(layers).opts(logx=True, width=600, height=420, legend_position="right",
-                                   padding=0.1, title=title, backend="bokeh")
+    ticks = log_ticks(float(df["budget_percent"].min()), float(df["budget_percent"].max()))
+    return hv.Overlay(layers).opts(logx=True, legend_position="right", padding=0.1, title=title,
+                                   xticks=[(t, f"{t:g}") for t in ticks], **_sized(420))
 
 
 _DASHES = ("solid", "dashed", "dotted", "dotdash")
@@ -424,8 +507,8 @@ def hv_curves(
         layers.append(hv.Curve((steps, values), kdims=[x], vdims=[y], label=run).opts(
             color=styles[method]["color"], line_dash=_DASHES[i % len(_DASHES)], line_width=2,
             tools=["hover"], backend="bokeh"))
-    return hv.Overlay(layers).opts(logy=logy, width=720, height=400, legend_position="right",
-                                   title=title, show_grid=True, backend="bokeh")
+    return hv.Overlay(layers).opts(logy=logy, legend_position="right", title=title,
+                                   show_grid=True, **_sized(400))
 
 
 def scorecard_colors(n: int) -> list[str]:
@@ -486,6 +569,5 @@ def hv_scorecard(card: xr.Dataset, *, title: str = "") -> Any:
     labels = hv.Labels(cells, kdims=["run", "score"], vdims=["label"])
     heat = heat.opts(cmap=scorecard_colors(len(edges) + 1), clim=(-0.5, len(edges) + 0.5),
                      colorbar=False, tools=["hover"], invert_yaxis=True, xrotation=15,
-                     width=max(480, 300 + 190 * len(runs)), height=140 + 26 * len(scores),
-                     title=title, backend="bokeh")
+                     title=title, **_sized(140 + 26 * len(scores)))
     return heat * labels.opts(text_font_size="9pt", text_color="black", backend="bokeh")

@@ -1,0 +1,107 @@
+"""The served workbench over a real-data run, in chromium: the skill map is a GeoViews map with
+the local coastline, plots fill the window, and ``?theme=dark`` gives a dark page.
+
+The run trains 2 steps on a zarr store written from a tiny embedded world with
+:func:`~wpeft.data.era5.write_wb2_zarr` (what ``data.path`` reads for ERA5), so the catalog
+treats it as real data (``earth``). Server, browser and page helpers are those of
+``test_workbench_browser.py``; skipped as it is when chromium or playwright is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import test_workbench_browser as wb
+from test_workbench_browser import WORLD, Server, figure, goto, query, shot, wait_until
+
+pytestmark = wb.pytestmark
+browser = wb.browser  # fixtures
+page = wb.page
+RUN = "downscaling/earth-4pct"
+
+_GLYPHS_JS = """() => {
+  const out = [], seen = new Set();
+  function walk(v) {
+    if (!v || seen.has(v)) return; seen.add(v);
+    const m = v.model;
+    if (m && m.type === 'Figure') {
+      const glyphs = m.renderers.filter(r => r.glyph).map(r => {
+        const g = {type: r.glyph.type};
+        if (g.type === 'MultiLine') g.points = r.data_source.data.xs.reduce((n, a) => n + a.length, 0);
+        return g;
+      });
+      out.push({cls: (m.css_classes || []).join(' '), glyphs: glyphs,
+                width: v.el.getBoundingClientRect().width, fill: m.background_fill_color,
+                x: [m.x_range.start, m.x_range.end]});
+    }
+    for (const c of (v.child_views || [])) walk(c);
+  }
+  for (const v of Object.values(Bokeh.index)) walk(v);
+  return out;
+}"""
+
+
+def _train_earth_run(root: Path, cache: Path) -> None:
+    from wpeft.data.era5 import write_wb2_zarr
+    from wpeft.data.world import WorldConfig, open_world
+    from wpeft.training.loop import TrainConfig, train
+
+    world = open_world(WorldConfig(**WORLD), cache_dir=cache, progress=False)
+    store = write_wb2_zarr(world.load(), root.parent / "earth.zarr")
+    cfg = TrainConfig(task="downscaling", method="weatherpeft", budget=0.04, steps=2,
+                      batch_size=2, warmup_steps=1, checkpoint_every=0, device="cpu",
+                      task_options={"data": {"path": str(store)}, "coarse_factor": 4})
+    train(cfg, root / RUN, progress=False)
+
+
+@pytest.fixture(scope="module")
+def earth_app(tmp_path_factory) -> Iterator[str]:
+    base = tmp_path_factory.mktemp("earth-workbench")
+    root = base / "runs"
+    root.mkdir()
+    _train_earth_run(root, base / "world-cache")
+    server = Server(root, base / "server.log")
+    try:
+        server.wait_ready()
+        yield server.base
+    finally:
+        server.stop()
+
+
+def glyph_figures(page) -> list[dict]:
+    return page.evaluate(_GLYPHS_JS)
+
+
+def test_real_data_skill_map_shows_the_coastline(earth_app, page, tmp_path) -> None:
+    goto(page, earth_app, view="skill", run=RUN)
+    wait_until(page, lambda: any("wb-skill-maps" in f["cls"] for f in glyph_figures(page)),
+               "the skill map")
+    (fig,) = [f for f in glyph_figures(page) if "wb-skill-maps" in f["cls"]]
+    types = [g["type"] for g in fig["glyphs"]]
+    assert "Image" in types and "MultiLine" in types  # the raster and the coastline over it
+    coast = next(g for g in fig["glyphs"] if g["type"] == "MultiLine")
+    assert coast["points"] > 1000  # a global map: every continent's crude GSHHS outline
+    assert -181 < fig["x"][0] < -170 and 170 < fig["x"][1] < 181  # PlateCarree, as the figures
+    # the map fills the main area (1500 px window minus the 330 px sidebar), not 520 px
+    assert fig["width"] > 900
+    assert page.external_requests == []  # coastlines from local files, nothing downloaded
+    shot(page, tmp_path, "earth-skill-map")
+
+
+def test_dark_theme_from_the_url_and_the_header_switch(earth_app, page, tmp_path) -> None:
+    goto(page, earth_app, view="skill", run=RUN, theme="dark")
+    wait_until(page, lambda: any("wb-skill-maps" in f["cls"] for f in glyph_figures(page)),
+               "the skill map")
+    (fig,) = [f for f in glyph_figures(page) if "wb-skill-maps" in f["cls"]]
+    assert fig["fill"] not in ("#ffffff", "white")  # the plot follows the page's dark theme
+    shot(page, tmp_path, "dark")
+    page.locator(".wb-theme button").first.click()  # "light theme"
+    wait_until(page, lambda: query(page).get("theme") == "light", "theme=light in the URL")
+    wait_until(page, lambda: any("wb-skill-maps" in f["cls"] for f in glyph_figures(page)),
+               "the skill map again")
+    assert query(page)["view"] == "skill" and query(page)["run"] == RUN  # the rest is kept
+    (fig,) = [f for f in glyph_figures(page) if "wb-skill-maps" in f["cls"]]
+    assert fig["fill"] in ("#ffffff", "white")
+    assert figure(page, "wb-skill-maps") is not None
