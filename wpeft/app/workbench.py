@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -780,8 +781,9 @@ class Workbench:
         self._view_changed()
         self._signature = self.cat.signature([_text(self.sel.run), _text(self.sel.run_b)])
         self._update_status()
-        if poll_ms and pn.state.curdoc is not None and pn.state.curdoc.session_context:
-            pn.state.add_periodic_callback(self.poll, period=poll_ms)
+        doc = pn.state.curdoc
+        if poll_ms and doc is not None and doc.session_context:
+            _watch_runs(self, doc, poll_ms / 1000)  # one watcher thread for all sessions
 
     def url_query(self) -> dict[str, str]:
         """The selection as URL query values (unset values left out)."""
@@ -930,3 +932,33 @@ def build_workbench(
     """
     pn.extension("tabulator", notifications=False)
     return Workbench(catalog_for(runs_dir), poll_ms=poll_ms, sync_url=sync_url).template()
+
+
+def _watch_runs(wb: Workbench, doc: Any, interval: float) -> None:
+    """Subscribe a session to its catalog's :class:`~wpeft.app.catalog.RunsWatcher`: when a
+    run it shows changes, :meth:`Workbench.poll` runs on the session's own document (under its
+    lock, as Bokeh requires); the subscription ends with the session. The watcher holds the
+    workbench weakly, so a session that ends without notice cannot keep it alive."""
+    from panel.io.state import set_curdoc
+
+    watcher = wb.cat.watcher(interval)
+    ref = weakref.ref(wb)
+
+    def names() -> tuple[str, ...]:
+        w = ref()
+        return (_text(w.sel.run), _text(w.sel.run_b)) if w is not None else ()
+
+    def poll_in_doc() -> None:
+        w = ref()
+        if w is not None:
+            with set_curdoc(doc):
+                w.poll()
+
+    def notify() -> None:
+        if ref() is None:
+            watcher.unsubscribe(token)
+        else:
+            doc.add_next_tick_callback(poll_in_doc)
+
+    token = watcher.subscribe(names, notify)
+    doc.on_session_destroyed(lambda _ctx: watcher.unsubscribe(token))
