@@ -8,8 +8,11 @@ and the load), it starts ``python -m wpeft.app.serve RUNS_DIR`` in a subprocess,
 concurrent sessions (one Debian chromium, S contexts, Playwright's async API) and measures per
 session:
 
+* the server's share of a first page: S concurrent ``GET /workbench`` without a browser (the
+  session's document is built before the HTML is sent);
 * first page: ``goto`` until the overview table shows its rows;
-* each view switch: click the nav button until the view's plot (or caption) shows;
+* each view switch: click the nav button until the view's plot (or caption) shows, and one
+  select change (the budget plot's score) until the caption shows the new score;
 * console errors, requests to non-loopback hosts (must be 0);
 * errors in the server log: tracebacks and Bokeh's "error handling message";
 * server RSS and CPU (psutil) during the load and during ``--idle-seconds`` with S tabs open.
@@ -165,6 +168,7 @@ class Server:
             [sys.executable, "-m", "wpeft.app.serve", str(root), "--port", str(self.port),
              *extra],
             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+            cwd=root.parent,  # not a source checkout: $PYTHONPATH picks the wpeft measured
         )
         self.ps = psutil.Process(self.proc.pid)
         self.rss_peak = 0
@@ -267,6 +271,22 @@ async def _session(browser, base: str, timeout_ms: int, start: asyncio.Event,
     return res
 
 
+def http_first_pages(base: str, sessions: int, timeout_s: float) -> list[float]:
+    """Seconds of S concurrent ``GET /workbench`` (no browser): the server's share of a first
+    page, since the session and its whole document are built before the HTML is sent."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    def get(_: int) -> float:
+        t = time.perf_counter()
+        with urllib.request.urlopen(f"{base}/workbench", timeout=timeout_s) as r:
+            r.read()
+        return time.perf_counter() - t
+
+    with ThreadPoolExecutor(sessions) as pool:
+        return list(pool.map(get, range(sessions)))
+
+
 def _client_cpu() -> float:
     """CPU seconds of this process's chromium processes (the sessions' rendering)."""
     total = 0.0
@@ -345,14 +365,16 @@ def summarise(sessions: int, results: list[SessionResult], stats: dict[str, floa
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    head = ("| sessions | first page median / p95 (s) | view switch median / p95 / max (s) | "
+    head = ("| sessions | server share of a first page (GET, no browser) median / p95 (s) | "
+            "first page median / p95 (s) | view switch median / p95 / max (s) | "
             "select change median (s) | timeouts | console errors | non-local requests | server tracebacks | "
             "'error handling message' | server CPU during load | browsers' CPU during load | "
             "server CPU idle (S tabs) | server RSS peak / idle (MB) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {r['sessions']} | {r['first_median']:.2f} / {r['first_p95']:.2f} | "
+            f"| {r['sessions']} | {r['http_median']:.2f} / {r['http_p95']:.2f} | "
+            f"{r['first_median']:.2f} / {r['first_p95']:.2f} | "
             f"{r['switch_median']:.2f} / {r['switch_p95']:.2f} / {r['switch_max']:.2f} | "
             f"{r['change_median']:.2f} | {r['failures']} | {r['console_errors']} | {r['external_requests']} | "
             f"{r['tracebacks']} | {r['error handling message']} | {r['load_cpu_pct']:.0f} % | "
@@ -395,12 +417,14 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(root, log, args.server_arg)
         try:
             server.wait_ready()
+            http = http_first_pages(server.base, s, args.timeout)
             results, stats = asyncio.run(_drive(server.base, s, args.timeout,
                                                 args.idle_seconds, server))
             errors = server.errors()
         finally:
             server.stop()
         row = summarise(s, results, stats, errors)
+        row["http_median"], row["http_p95"] = statistics.median(http), _pct(http, 0.95)
         rows.append(row)
         bad = sorted({u for r in results for u in r.external})[:5]
         fails = [f for r in results for f in r.failures][:5]

@@ -269,7 +269,7 @@ def _auth_provider(users: str, limiter: LoginLimiter) -> Any:
 
 def main(args: argparse.Namespace) -> int:
     """Serve the workbench until interrupted. Returns an exit code (2: bad arguments)."""
-    from wpeft.app.catalog import RunsDirError, check_runs_dir
+    from wpeft.app.catalog import RunsDirError, catalog_for, check_runs_dir
 
     try:
         root = check_runs_dir(args.runs_dir)
@@ -317,6 +317,7 @@ def main(args: argparse.Namespace) -> int:
     from wpeft.viz.interactive import _hv
 
     _hv()  # import HoloViews and its bokeh backend now, not in the first visitor's session
+    catalog_for(root).table()  # and read the runs table once for everyone
 
     poll_ms = int(1000 * args.poll_seconds)
 

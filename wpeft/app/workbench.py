@@ -22,8 +22,9 @@ The :class:`Selection` is the single source of truth: widgets write to it, views
 and ``pn.state.location.sync`` mirrors it in the URL query, so a view can be shared by copying
 the address. Values from the URL are untrusted: run names go through
 :meth:`~wpeft.app.catalog.Catalog.resolve` and any other unknown value falls back to a default.
-A periodic callback compares :meth:`~wpeft.app.catalog.Catalog.signature` (a few ``stat`` calls)
-and redraws the visible view only when a watched run wrote something new.
+One :class:`~wpeft.app.catalog.RunsWatcher` per server compares
+:meth:`~wpeft.app.catalog.Catalog.signature` (a few ``stat`` calls) for all sessions and has a
+session redraw its visible view only when a run it shows wrote something new.
 """
 
 from __future__ import annotations
@@ -733,7 +734,7 @@ class Workbench:
 
     Args:
         catalog: The shared catalog of RUNS_DIR.
-        poll_ms: Interval of the change check (0: no periodic callback; call :meth:`poll`).
+        poll_ms: Interval of the shared change check (0: not watched; call :meth:`poll`).
         sync_url: Mirror the selection in the URL (needs a server session).
     """
 
