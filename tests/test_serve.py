@@ -181,3 +181,34 @@ def test_basic_auth_rate_limits_failed_logins(auth_server) -> None:
     time.sleep(max(0.0, 4.2 - (time.monotonic() - start)))
     code, _, headers = _post(base, "ana", "correct horse battery")
     assert code == 302 and "user=" in headers.get("Set-Cookie", "")
+
+
+def test_a_session_polls_on_its_own_document_and_unsubscribes_when_it_ends(catalog) -> None:
+    pytest.importorskip("panel")
+    from bokeh.document import Document
+
+    from wpeft.app.workbench import Workbench, _watch_runs
+
+    class Doc(Document):  # records what the watcher hands to the session's document
+        def __init__(self) -> None:
+            super().__init__()
+            self.ticks: list = []
+
+        def add_next_tick_callback(self, callback):
+            self.ticks.append(callback)
+
+    wb = Workbench(catalog, poll_ms=0, sync_url=False)
+    wb.sel.param.update(run=WP, view="fisher")
+    doc = Doc()
+    _watch_runs(wb, doc, 60.0)
+    watcher = catalog.watcher()
+    watcher.stop()
+    assert len(watcher) == 1 and watcher.check() == 0 and doc.ticks == []
+    RecordStore(catalog.root / WP, "fisher").append(40, _fisher_steps()[-1])
+    assert watcher.check() == 1 and len(doc.ticks) == 1
+    assert wb.views["fisher"].step.options == [0, 10, 20, 30]  # nothing redrawn off the document
+    doc.ticks[0]()  # the document runs it: the session polls and redraws
+    assert wb.views["fisher"].step.options == [0, 10, 20, 30, 40]
+    for callback in doc.session_destroyed_callbacks:
+        callback(None)
+    assert len(watcher) == 0
