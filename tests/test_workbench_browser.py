@@ -550,3 +550,17 @@ def test_download_buttons_send_png_and_csv(app, page, tmp_path) -> None:
     info.value.save_as(csv)
     table = pd.read_csv(io.StringIO(csv.read_text()))
     assert csv.suffix == ".csv" and set(table["run"]) == {WP, FULL}
+
+
+def test_every_view_is_served_offline(app, page, tmp_path) -> None:
+    """Every asset of every view comes from the workbench server itself (no CDN)."""
+    goto(page, app["base"], run=WP)
+    wait_until(page, lambda: "runs" in text_of(page, ".wb-overview-caption"), "the overview")
+    for label, cls in [("Fisher masks", "wb-mask-image"), ("Prompt attention", "wb-prompt-map"),
+                       ("Budget vs skill", "wb-budget-plot")]:
+        page.locator(".wb-nav button", has_text=label).click()
+        wait_until(page, lambda cls=cls: figure(page, cls) is not None, label)
+    page.locator(".wb-nav button", has_text="Skill maps").click()
+    wait_until(page, lambda: any(t.startswith(f"{WP}: ") for t in titles(page)), "skill maps")
+    shot(page, tmp_path, "offline")
+    assert page.external_requests == []

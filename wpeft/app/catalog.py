@@ -48,6 +48,7 @@ __all__ = [
     "RunEntry",
     "RunNameError",
     "RunsDirError",
+    "RunsWatcher",
     "catalog_for",
     "check_runs_dir",
     "file_signature",
@@ -269,6 +270,7 @@ class Catalog:
         self._runs: list[RunEntry] = []
         self._scanned_at = -math.inf
         self._lock = threading.Lock()
+        self._watcher: RunsWatcher | None = None
 
     def __repr__(self) -> str:
         return f"Catalog({self.root.name!r}, {len(self._runs)} runs)"
@@ -392,9 +394,33 @@ class Catalog:
         def load() -> xr.Dataset | None:
             if self._index_files(entry, kind) is None:
                 return None
-            return RecordStore(entry.path, kind).open()
+            try:
+                return RecordStore(entry.path, kind).open()
+            except DataError:
+                raise
+            except (OSError, ValueError, KeyError) as e:  # a chunk cut short or damaged
+                raise DataError(
+                    f"The {kind} records of run {entry.name!r} cannot be read: "
+                    f"{self._bad_chunk(entry, kind)} is damaged or truncated "
+                    f"({type(e).__name__}). Its other views are unaffected; rewrite or remove "
+                    "the file (or the run's records) to show them."
+                ) from e
 
         return self.cache.get((kind, str(entry.path)), file_signature(index_path), load)
+
+    @staticmethod
+    def _bad_chunk(entry: RunEntry, kind: str) -> str:
+        """The first record chunk of ``entry`` that cannot be opened, relative to the run."""
+        from wpeft.runs.store import RecordStore
+
+        store = RecordStore(entry.path, kind)
+        for chunk in store.read_index()["chunks"]:
+            try:
+                with xr.open_dataset(store.path / chunk["file"]):
+                    pass
+            except (OSError, ValueError, KeyError):
+                return (store.path / chunk["file"]).relative_to(entry.path).as_posix()
+        return f"a record file of records/{kind}"
 
     def fisher(self, name: str) -> xr.Dataset | None:
         """Fisher-mask records (:attr:`wpeft.runs.Run.fisher`)."""
@@ -413,8 +439,15 @@ class Catalog:
             checked = self._file(entry.path, path)
             if checked is None:
                 return None
-            with xr.open_dataset(checked, engine="netcdf4") as ds:
-                out = ds.load()
+            try:
+                with xr.open_dataset(checked, engine="netcdf4") as ds:
+                    out = ds.load()
+            except (OSError, ValueError, KeyError) as e:  # cut short, or still being copied
+                raise DataError(
+                    f"{FIELDS} of run {entry.name!r} cannot be read ({type(e).__name__}: it is "
+                    "damaged or truncated, or still being copied); its skill maps are not "
+                    "shown, its records and scores are."
+                ) from e
             out.attrs["run"] = entry.name
             return out
 
@@ -522,6 +555,14 @@ class Catalog:
         layout = RunLayout(run_dir)
         more = [layout.metrics, *(layout.record_index(k) for k in RECORD_KINDS)] if table else []
         return file_signature(layout.config, layout.summary, *more)
+
+    def watcher(self, interval: float = 2.0) -> RunsWatcher:
+        """The one :class:`RunsWatcher` of this catalog (made on first use with ``interval``
+        seconds; later calls return it as it is)."""
+        with self._lock:
+            if self._watcher is None:
+                self._watcher = RunsWatcher(self, interval)
+            return self._watcher
 
     def budget_table(self, task: str, score: str, size: str = "budget_fraction") -> pd.DataFrame:
         """Finished runs of ``task`` with a ``size`` > 0 (a column of
@@ -665,6 +706,113 @@ def read_metrics_lines(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         else:
             problems.append(f"{name} line {number} is not a JSON object; skipped")
     return lines, problems
+
+
+@dataclass(frozen=True)
+class _Watched:
+    """What one subscriber of :class:`RunsWatcher` watches: run names (records, fields) and
+    runs whose ``metrics.jsonl`` counts too."""
+
+    names: Callable[[], Iterable[str]]
+    metrics: Callable[[], Iterable[str]] | None = None
+
+    def key(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(names, metrics)`` now: the arguments of :meth:`Catalog.signature`."""
+        metrics = () if self.metrics is None else tuple(str(n) for n in self.metrics())
+        return tuple(str(n) for n in self.names()), metrics
+
+
+class RunsWatcher:
+    """One thread per catalog that watches ``RUNS_DIR`` for every session of a server.
+
+    Each session subscribes (:meth:`subscribe`) with the run names it shows and a ``notify`` callback;
+    every ``interval`` seconds the thread computes :meth:`Catalog.signature` once per distinct
+    set of names (a few ``stat`` calls per run) and calls ``notify`` of only the subscribers
+    whose signature changed. ``notify`` runs on the watcher thread: a Panel session hands the
+    work to its own document (``doc.add_next_tick_callback``). Idle tabs cost nothing per tab.
+
+    Args:
+        catalog: The catalog whose runs are watched.
+        interval: Seconds between two checks.
+    """
+
+    def __init__(self, catalog: Catalog, interval: float = 2.0) -> None:
+        if interval <= 0:
+            raise ValueError(f"RunsWatcher interval {interval!r} must be positive (seconds).")
+        self.catalog = catalog
+        self.interval = interval
+        self.checks = 0
+        self._subs: dict[int, tuple[_Watched, Callable[[], None], Any]] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def __len__(self) -> int:
+        return len(self._subs)
+
+    def subscribe(
+        self,
+        names: Callable[[], Iterable[str]],
+        notify: Callable[[], None],
+        metrics: Callable[[], Iterable[str]] | None = None,
+    ) -> int:
+        """Watch the runs ``names()`` returns, and the ``metrics.jsonl`` of those ``metrics()``
+        returns (both asked at every check), and call ``notify`` when they or the run list
+        change; returns a token for :meth:`unsubscribe`. Starts the thread on the first
+        subscription."""
+        watched = _Watched(names, metrics)
+        names_now, metrics_now = watched.key()
+        sig = self.catalog.signature(names_now, metrics=metrics_now)
+        with self._lock:
+            token = self._next
+            self._next += 1
+            self._subs[token] = (watched, notify, sig)
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._loop, name="wpeft-runs-watcher",
+                                                daemon=True)
+                self._thread.start()
+        return token
+
+    def unsubscribe(self, token: int) -> None:
+        """Stop notifying a subscriber (unknown tokens are ignored: a session ends once)."""
+        with self._lock:
+            self._subs.pop(token, None)
+
+    def stop(self) -> None:
+        """Stop the thread (subscribers stay; a new subscription starts it again)."""
+        self._stop.set()
+
+    def check(self) -> int:
+        """One pass: notify the subscribers whose runs changed; returns how many."""
+        self.checks += 1
+        with self._lock:
+            subs = list(self._subs.items())
+        memo: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[Any, ...]] = {}
+        changed = []
+        for token, (watched, notify, old) in subs:
+            key = watched.key()
+            if key not in memo:
+                memo[key] = self.catalog.signature(key[0], metrics=key[1])
+            if memo[key] != old:
+                changed.append(notify)
+                with self._lock:
+                    if token in self._subs:
+                        self._subs[token] = (watched, notify, memo[key])
+        for notify in changed:
+            try:
+                notify()
+            except Exception:  # one session's failure must not stop the others
+                log.exception("runs watcher: a session's notification failed")
+        return len(changed)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # keep watching (e.g. RUNS_DIR briefly unreadable)
+                log.exception("runs watcher: check failed")
 
 
 _CATALOGS: dict[Path, Catalog] = {}

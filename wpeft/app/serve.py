@@ -20,10 +20,15 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["LoginLimiter", "add_arguments", "main"]
 
 DEFAULT_PORT = 5006
 
@@ -63,7 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="key that encrypts OAuth tokens in cookies "
                              "(default $PANEL_OAUTH_ENCRYPTION)")
     parser.add_argument("--poll-seconds", type=float, default=2.0,
-                        help="how often a page checks its runs for new records (default 2)")
+                        help="how often the server checks the runs for new records (default 2; "
+                             "one check for all pages)")
+    parser.add_argument("--login-attempts", type=int, default=5,
+                        help="failed --basic-auth logins one address may make within "
+                             "--login-window seconds before it must wait (default 5)")
+    parser.add_argument("--login-window", type=float, default=60.0,
+                        help="seconds the failed logins of --login-attempts are counted over, "
+                             "and the longest wait after them (default 60)")
     parser.add_argument("--show", action=argparse.BooleanOptionalAction, default=False,
                         help="open the page in a browser on start (default: --no-show)")
 
@@ -105,9 +117,159 @@ def _origins(args: argparse.Namespace, port: int) -> list[str] | None:
     return None  # Bokeh's default: localhost only
 
 
+@dataclass
+class LoginLimiter:
+    """Failed logins per client address: after ``attempts`` failures within ``window``
+    seconds that address is refused until the oldest of them is ``window`` seconds old (a
+    correct password included, so guessing cannot go on). Thread-safe; ``clock`` is for tests.
+    """
+
+    attempts: int = 5
+    window: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    _failures: dict[str, deque[float]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"--login-attempts {self.attempts} must be at least 1.")
+        if self.window <= 0:
+            raise ValueError(f"--login-window {self.window} must be positive (seconds).")
+
+    def _recent(self, address: str) -> deque[float]:
+        now = self.clock()
+        times = self._failures.get(address, deque())
+        while times and now - times[0] >= self.window:
+            times.popleft()
+        if times:
+            self._failures[address] = times
+        else:
+            self._failures.pop(address, None)
+        return times
+
+    def wait(self, address: str) -> float:
+        """Seconds ``address`` must wait before its next login (0: it may try now)."""
+        with self._lock:
+            times = self._recent(address)
+            if len(times) < self.attempts:
+                return 0.0
+            return max(0.0, times[-self.attempts] + self.window - self.clock())
+
+    def failed(self, address: str) -> int:
+        """Record a failed login; returns the attempts ``address`` has left in the window."""
+        with self._lock:
+            times = self._recent(address)
+            times.append(self.clock())
+            self._failures[address] = times
+            return max(0, self.attempts - len(times))
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
+
+
+_LOGIN_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>wpeft workbench: log in</title>
+<style>
+body {{ font-family: system-ui, sans-serif; background: #f4f6f8; display: flex;
+       justify-content: center; margin-top: 12vh; }}
+form {{ background: white; padding: 2em 2.5em; border-radius: 6px; min-width: 300px;
+       box-shadow: 0 1px 4px rgba(0, 0, 0, 0.15); }}
+h1 {{ font-size: 1.3em; color: #0072B2; margin-top: 0; }}
+label, input {{ display: block; width: 100%; box-sizing: border-box; }}
+input {{ margin: 0.3em 0 1em; padding: 0.5em; }}
+button {{ background: #0072B2; color: white; border: 0; padding: 0.6em 1.5em; border-radius: 4px; }}
+.error {{ background: #fdecea; border: 1px solid #f1aeb5; color: #58151c; padding: 0.5em;
+          border-radius: 4px; margin-bottom: 1em; }}
+</style></head>
+<body><form action="{action}" method="post" class="wb-login">
+<h1>wpeft workbench</h1>{message}
+<label for="username">User</label><input id="username" name="username" type="text" autofocus>
+<label for="password">Password</label><input id="password" name="password" type="password">
+<button type="submit">Log in</button></form></body></html>
+"""
+
+
+def _password_ok(users: str, username: str, password: str) -> bool:
+    """``password`` is ``username``'s in the ``--basic-auth`` file (read at every login, so
+    edits apply without a restart), or the one shared password."""
+    import hmac
+
+    path = Path(users).expanduser()
+    if path.is_file():
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        expected = table.get(username) if isinstance(table, dict) else None
+        return isinstance(expected, str) and hmac.compare_digest(expected, password)
+    return hmac.compare_digest(users, password)
+
+
+def _login_handler(users: str, limiter: LoginLimiter) -> type:
+    """Panel's basic-auth login handler with ``limiter`` applied and a login page of our own
+    (Panel's loads its logo and icon from a public CDN; this one needs nothing else)."""
+    import html
+
+    from panel.auth import BasicLoginHandler
+
+    class RateLimitedLoginHandler(BasicLoginHandler):
+        def _page(self, message: str, status: int = 200) -> None:
+            box = f'<p class="error" role="alert">{html.escape(message)}</p>' if message else ""
+            self.set_status(status)
+            self.write(_LOGIN_PAGE.format(action=html.escape(self._login_endpoint), message=box))
+
+        def get(self) -> None:
+            from panel.auth import _validate_next_url
+            from panel.io.state import state
+
+            next_url = _validate_next_url(self.get_argument("next", state.base_url))
+            if next_url:
+                self.set_cookie("next_url", next_url)
+            self._page(self.get_argument("error", ""))
+
+        def _validate(self, username: str, password: str) -> bool:
+            return _password_ok(users, username, password)
+
+        def post(self) -> None:
+            address = self.request.remote_ip or "unknown"
+            wait = limiter.wait(address)
+            if wait > 0:
+                self.set_header("Retry-After", str(int(wait) + 1))
+                self._page(f"Too many failed logins from your address: try again in "
+                           f"{int(wait) + 1} s.", status=429)
+                return
+            if self._validate(self.get_argument("username", ""),
+                              self.get_argument("password", "")):
+                limiter.succeeded(address)
+                super().post()
+                return
+            left = limiter.failed(address)
+            after = (f"{left} more {'try' if left == 1 else 'tries'} before a pause"
+                     if left else f"next try in {limiter.window:g} s")
+            self._page(f"Invalid user name or password ({after}).", status=401)
+
+    return RateLimitedLoginHandler
+
+
+def _auth_provider(users: str, limiter: LoginLimiter) -> Any:
+    """Panel's :class:`~panel.auth.BasicAuthProvider` serving :func:`_login_handler`."""
+    from panel.auth import BasicAuthProvider
+
+    handler = _login_handler(users, limiter)
+
+    class RateLimitedAuthProvider(BasicAuthProvider):
+        @property
+        def login_handler(self) -> type:
+            handler._login_endpoint = self._login_endpoint
+            return handler
+
+    return RateLimitedAuthProvider()
+
+
 def main(args: argparse.Namespace) -> int:
     """Serve the workbench until interrupted. Returns an exit code (2: bad arguments)."""
-    from wpeft.app.catalog import RunsDirError, check_runs_dir
+    from wpeft.app.catalog import RunsDirError, catalog_for, check_runs_dir
 
     try:
         root = check_runs_dir(args.runs_dir)
@@ -127,6 +289,11 @@ def main(args: argparse.Namespace) -> int:
             return 2
     if args.poll_seconds < 0.2:
         print("wpeft serve: --poll-seconds must be at least 0.2.", file=sys.stderr)
+        return 2
+    try:
+        limiter = LoginLimiter(args.login_attempts, args.login_window)
+    except ValueError as e:
+        print(f"wpeft serve: {e}", file=sys.stderr)
         return 2
     login = bool(args.basic_auth or args.oauth_provider)
     cookie_secret = args.cookie_secret
@@ -150,14 +317,14 @@ def main(args: argparse.Namespace) -> int:
     from wpeft.viz.interactive import _hv
 
     _hv()  # import HoloViews and its bokeh backend now, not in the first visitor's session
+    catalog_for(root).table()  # and read the runs table once for everyone
 
     poll_ms = int(1000 * args.poll_seconds)
 
     def app() -> object:  # a plain function: Panel calls it once per session
         return build_workbench(root, poll_ms=poll_ms)
 
-    auth = {
-        "basic_auth": args.basic_auth or None,
+    auth: dict[str, Any] = {
         "cookie_secret": cookie_secret,
         "oauth_provider": args.oauth_provider,
         "oauth_key": args.oauth_key,
@@ -165,6 +332,8 @@ def main(args: argparse.Namespace) -> int:
         "oauth_redirect_uri": args.oauth_redirect_uri,
         "oauth_encryption_key": args.oauth_encryption_key,
     }
+    if args.basic_auth:  # Panel's basic auth, with failed logins rate-limited per address
+        auth["auth_provider"] = _auth_provider(args.basic_auth, limiter)
     if args.port:
         print(f"wpeft serve: the workbench of {root.name!r} is at "
               f"http://{args.address}:{args.port}/workbench", flush=True)

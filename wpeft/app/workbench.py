@@ -30,8 +30,9 @@ The :class:`Selection` is the single source of truth: widgets write to it, views
 and ``pn.state.location.sync`` mirrors it in the URL query, so a view can be shared by copying
 the address. Values from the URL are untrusted: run names go through
 :meth:`~wpeft.app.catalog.Catalog.resolve` and any other unknown value falls back to a default.
-A periodic callback compares :meth:`~wpeft.app.catalog.Catalog.signature` (a few ``stat`` calls)
-and redraws the visible view only when a watched run wrote something new.
+One :class:`~wpeft.app.catalog.RunsWatcher` per server compares
+:meth:`~wpeft.app.catalog.Catalog.signature` (a few ``stat`` calls) for all sessions and has a
+session redraw its visible view only when a run it shows wrote something new.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -1066,7 +1068,7 @@ class Workbench:
 
     Args:
         catalog: The shared catalog of RUNS_DIR.
-        poll_ms: Interval of the change check (0: no periodic callback; call :meth:`poll`).
+        poll_ms: Interval of the shared change check (0: not watched; call :meth:`poll`).
         sync_url: Mirror the selection in the URL (needs a server session).
     """
 
@@ -1120,8 +1122,9 @@ class Workbench:
         self._view_changed()
         self._signature = self._poll_signature()
         self._update_status()
-        if poll_ms and pn.state.curdoc is not None and pn.state.curdoc.session_context:
-            pn.state.add_periodic_callback(self.poll, period=poll_ms)
+        doc = pn.state.curdoc
+        if poll_ms and doc is not None and doc.session_context:
+            _watch_runs(self, doc, poll_ms / 1000)  # one watcher thread for all sessions
 
     def url_query(self) -> dict[str, str]:
         """The selection as URL query values (unset values left out)."""
@@ -1259,13 +1262,18 @@ class Workbench:
         self._update_status()
         return True
 
-    def _poll_signature(self) -> tuple[Any, ...]:
-        """What :meth:`poll` compares: runs A and B and the compared runs, and the
-        ``metrics.jsonl`` of the curves' runs while the Curves view is shown."""
+    def watched(self) -> tuple[list[str], list[str]]:
+        """The runs this session watches: runs A and B and the compared runs, and (second) the
+        runs whose ``metrics.jsonl`` counts: the curves' runs while the Curves view is shown."""
         names = [_text(self.sel.run), _text(self.sel.run_b), *_split_names(self.sel.runs)]
         curves = []
         if self._view_key() == "curves":
             curves = _split_names(self.sel.runs) or [_text(self.sel.run)]
+        return names, curves
+
+    def _poll_signature(self) -> tuple[Any, ...]:
+        """What :meth:`poll` compares (see :meth:`watched`)."""
+        names, curves = self.watched()
         return self.cat.signature(names, metrics=curves)
 
     def _update_status(self) -> None:
@@ -1332,3 +1340,37 @@ def build_workbench(
     """
     pn.extension("tabulator", notifications=False)
     return Workbench(catalog_for(runs_dir), poll_ms=poll_ms, sync_url=sync_url).template()
+
+
+def _watch_runs(wb: Workbench, doc: Any, interval: float) -> None:
+    """Subscribe a session to its catalog's :class:`~wpeft.app.catalog.RunsWatcher`: when a
+    run it shows changes, :meth:`Workbench.poll` runs on the session's own document (under its
+    lock, as Bokeh requires); the subscription ends with the session. The watcher holds the
+    workbench weakly, so a session that ends without notice cannot keep it alive."""
+    from panel.io.state import set_curdoc
+
+    watcher = wb.cat.watcher(interval)
+    ref = weakref.ref(wb)
+
+    def names() -> list[str]:
+        w = ref()
+        return w.watched()[0] if w is not None else []
+
+    def metrics() -> list[str]:
+        w = ref()
+        return w.watched()[1] if w is not None else []
+
+    def poll_in_doc() -> None:
+        w = ref()
+        if w is not None:
+            with set_curdoc(doc):
+                w.poll()
+
+    def notify() -> None:
+        if ref() is None:
+            watcher.unsubscribe(token)
+        else:
+            doc.add_next_tick_callback(poll_in_doc)
+
+    token = watcher.subscribe(names, notify, metrics)
+    doc.on_session_destroyed(lambda _ctx: watcher.unsubscribe(token))

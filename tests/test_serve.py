@@ -1,0 +1,230 @@
+"""The workbench server's shared machinery: one runs watcher for all sessions, and the
+rate-limited basic-auth login (in process, then against a real ``python -m wpeft.app.serve``
+with urllib POSTs)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_workbench import _fisher_steps, make_run
+
+from wpeft.app.catalog import Catalog, DataCache, RunsWatcher
+from wpeft.app.serve import LoginLimiter
+from wpeft.runs.store import RecordStore
+
+WP, FULL = "downscaling/weatherpeft-4pct", "downscaling/full"
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    root = tmp_path / "runs"
+    make_run(root, WP, "weatherpeft", budget=0.04, seed=0)
+    make_run(root, FULL, "full", budget=None, seed=1, records=False)
+    return Catalog(root, cache=DataCache(), discovery_ttl=0)
+
+
+# --------------------------------------------------------------------------- runs watcher
+
+
+def test_watcher_notifies_only_sessions_whose_runs_changed(catalog, monkeypatch) -> None:
+    watcher = RunsWatcher(catalog, interval=60)  # no thread tick during the test: check() by hand
+    calls: list[tuple[str, ...]] = []
+    real = catalog.signature
+    monkeypatch.setattr(catalog, "signature", lambda names=(), metrics=():
+                        calls.append(tuple(names)) or real(names, metrics=metrics))
+    notified: list[str] = []
+    for who, names in [("a1", (WP, "")), ("a2", (WP, "")), ("b", (FULL, ""))]:
+        watcher.subscribe(lambda names=names: names, lambda who=who: notified.append(who))
+    watcher.stop()
+    assert len(watcher) == 3
+    calls.clear()
+    assert watcher.check() == 0 and notified == []
+    assert sorted(calls) == [(FULL, ""), (WP, "")]  # once per distinct selection, not per tab
+    RecordStore(catalog.root / WP, "fisher").append(40, _fisher_steps()[-1])
+    assert watcher.check() == 2 and sorted(notified) == ["a1", "a2"]
+    assert watcher.check() == 0  # told once per change
+    make_run(catalog.root, "downscaling/lora", "lora", budget=0.04, seed=2, records=False)
+    notified.clear()
+    assert watcher.check() == 3 and sorted(notified) == ["a1", "a2", "b"]  # the run list changed
+
+
+
+def test_watcher_watches_metrics_only_for_subscribers_that_ask(catalog) -> None:
+    """A session showing curves is told when ``metrics.jsonl`` grows; one showing only the
+    run's records and fields is not (training appends every few steps)."""
+    watcher = RunsWatcher(catalog, interval=60)
+    notified: list[str] = []
+    watcher.subscribe(lambda: (WP,), lambda: notified.append("curves"), lambda: (WP,))
+    watcher.subscribe(lambda: (WP,), lambda: notified.append("maps"))
+    watcher.stop()
+    assert watcher.check() == 0
+    metrics = catalog.root / WP / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 999, "split": "train", "loss": 0.5}\n')
+    assert watcher.check() == 1 and notified == ["curves"]
+    assert watcher.check() == 0
+
+def test_watcher_thread_calls_back_and_survives_a_failing_session(catalog) -> None:
+    watcher = catalog.watcher(0.05)
+    assert catalog.watcher(5.0) is watcher  # one per catalog
+    got = threading.Event()
+
+    def broken() -> None:
+        raise RuntimeError("a session that went away")
+
+    bad = watcher.subscribe(lambda: (WP,), broken)
+    token = watcher.subscribe(lambda: (WP,), got.set)
+    try:
+        RecordStore(catalog.root / WP, "fisher").append(40, _fisher_steps()[-1])
+        assert got.wait(10), "the watcher thread did not notify"
+        watcher.unsubscribe(token)
+        watcher.unsubscribe(bad)
+        watcher.unsubscribe(bad)  # twice: ignored
+        got.clear()
+        checks = watcher.checks
+        RecordStore(catalog.root / WP, "fisher").append(50, _fisher_steps()[-1])
+        deadline = time.monotonic() + 10
+        while watcher.checks < checks + 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watcher.checks >= checks + 3 and not got.is_set() and len(watcher) == 0
+    finally:
+        watcher.stop()
+    with pytest.raises(ValueError, match="interval 0"):
+        RunsWatcher(catalog, 0)
+
+
+# --------------------------------------------------------------------------- login limiter
+
+
+def test_login_limiter_refuses_the_sixth_failure_until_the_window_passes() -> None:
+    now = [100.0]
+    lim = LoginLimiter(attempts=5, window=60.0, clock=lambda: now[0])
+    assert [lim.failed("10.0.0.1") for _ in range(4)] == [4, 3, 2, 1]
+    assert lim.wait("10.0.0.1") == 0.0
+    now[0] += 10
+    assert lim.failed("10.0.0.1") == 0
+    assert lim.wait("10.0.0.1") == pytest.approx(50.0)  # until the oldest (t=100) is 60 s old
+    assert lim.wait("10.0.0.2") == 0.0  # per address
+    now[0] += 30
+    assert lim.wait("10.0.0.1") == pytest.approx(20.0)
+    now[0] += 20  # t=160: the four of t=100 are 60 s old, the one of t=110 still counts
+    assert lim.wait("10.0.0.1") == 0.0
+    assert lim.failed("10.0.0.1") == 3  # two in the window
+    lim.succeeded("10.0.0.1")
+    assert [lim.failed("10.0.0.1") for _ in range(5)][-1] == 0
+    for bad in ({"attempts": 0}, {"window": 0.0}):
+        with pytest.raises(ValueError, match="login"):
+            LoginLimiter(**bad)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _post(base: str, user: str, password: str) -> tuple[int, str, dict[str, str]]:
+    """Status, body and headers (``Set-Cookie`` lines joined) of a login POST."""
+    data = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(f"{base}/login", data=data, timeout=30) as r:
+            return r.status, r.read().decode(), _headers(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), _headers(e.headers)
+
+
+def _headers(msg) -> dict[str, str]:
+    return {**dict(msg), "Set-Cookie": "; ".join(msg.get_all("Set-Cookie") or [])}
+
+
+@pytest.fixture
+def auth_server(tmp_path: Path):
+    pytest.importorskip("panel")
+    from test_workbench_browser import _free_port
+
+    users = tmp_path / "users.json"
+    users.write_text(json.dumps({"ana": "correct horse battery"}))
+    (tmp_path / "runs").mkdir()
+    port = _free_port()
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wpeft.app.serve", str(tmp_path / "runs"), "--port", str(port),
+         "--basic-auth", str(users), "--login-attempts", "5", "--login-window", "4"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/login", timeout=10) as r:
+                    page = r.read().decode()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"no server:\n{log.read_text()}") from None
+                time.sleep(0.3)
+        yield base, page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_basic_auth_rate_limits_failed_logins(auth_server) -> None:
+    base, page = auth_server
+    assert 'name="password"' in page
+    assert not re.search(r"(src|href)=\"?https?://", page)  # the login page needs no CDN
+    codes = []
+    for i in range(5):
+        code, body, _ = _post(base, "ana", f"guess-{i}")
+        codes.append(code)
+        assert "Invalid user name or password" in body
+    assert codes == [401] * 5
+    start = time.monotonic()
+    code, body, headers = _post(base, "ana", "correct horse battery")  # 6th: even a right one
+    assert code == 429 and "Too many failed logins" in body
+    assert 1 <= int(headers["Retry-After"]) <= 5
+    time.sleep(max(0.0, 4.2 - (time.monotonic() - start)))
+    code, _, headers = _post(base, "ana", "correct horse battery")
+    assert code == 302 and "user=" in headers.get("Set-Cookie", "")
+
+
+def test_a_session_polls_on_its_own_document_and_unsubscribes_when_it_ends(catalog) -> None:
+    pytest.importorskip("panel")
+    from bokeh.document import Document
+
+    from wpeft.app.workbench import Workbench, _watch_runs
+
+    class Doc(Document):  # records what the watcher hands to the session's document
+        def __init__(self) -> None:
+            super().__init__()
+            self.ticks: list = []
+
+        def add_next_tick_callback(self, callback):
+            self.ticks.append(callback)
+
+    wb = Workbench(catalog, poll_ms=0, sync_url=False)
+    wb.sel.param.update(run=WP, view="fisher")
+    doc = Doc()
+    _watch_runs(wb, doc, 60.0)
+    watcher = catalog.watcher()
+    watcher.stop()
+    assert len(watcher) == 1 and watcher.check() == 0 and doc.ticks == []
+    RecordStore(catalog.root / WP, "fisher").append(40, _fisher_steps()[-1])
+    assert watcher.check() == 1 and len(doc.ticks) == 1
+    assert wb.views["fisher"].step.options == [0, 10, 20, 30]  # nothing redrawn off the document
+    doc.ticks[0]()  # the document runs it: the session polls and redraws
+    assert wb.views["fisher"].step.options == [0, 10, 20, 30, 40]
+    for callback in doc.session_destroyed_callbacks:
+        callback(None)
+    assert len(watcher) == 0
