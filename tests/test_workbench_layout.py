@@ -288,3 +288,7 @@ def test_lab_runs_jupyterlab_with_the_argv(monkeypatch, tmp_path: Path) -> None:
     assert cli.main(["lab", "--port", "8890", "--no-browser"]) == 0
     assert calls == [[sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={tmp_path}",
                       "--port=8890", "--no-browser"]]
+    # options after -- go to JupyterLab unchanged (e.g. --allow-root in a container)
+    calls.clear()
+    assert cli.main(["lab", "--port", "8890", "--", "--allow-root", "--ServerApp.token=x"]) == 0
+    assert calls[0][4:] == ["--port=8890", "--allow-root", "--ServerApp.token=x"]

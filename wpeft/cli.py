@@ -382,9 +382,10 @@ def _installed(module: str) -> bool:
 
 
 def lab_argv(port: int | None = None, *, browser: bool = True,
-             notebooks: Path | None = None) -> list[str]:
+             notebooks: Path | None = None, extra: Sequence[str] = ()) -> list[str]:
     """The command ``wpeft lab`` runs: JupyterLab of this Python rooted at ``notebooks``
-    (default :data:`NOTEBOOKS_DIR`).
+    (default :data:`NOTEBOOKS_DIR`), followed by ``extra`` JupyterLab options (a leading
+    ``--`` separator is dropped).
 
     Raises:
         ConfigError: JupyterLab is not installed, or ``notebooks`` is not a directory (wpeft
@@ -406,13 +407,14 @@ def lab_argv(port: int | None = None, *, browser: bool = True,
         argv.append(f"--port={port}")
     if not browser:
         argv.append("--no-browser")
-    return argv
+    extra = list(extra)
+    return argv + (extra[1:] if extra[:1] == ["--"] else extra)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
     import subprocess
 
-    argv = lab_argv(args.port, browser=not args.no_browser)
+    argv = lab_argv(args.port, browser=not args.no_browser, extra=args.jupyter_args)
     print(" ".join(argv[1:]), flush=True)
     try:
         return subprocess.call(argv)
@@ -557,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="JupyterLab on the notebooks/ of this checkout (the app extra)")
     lab.add_argument("--port", type=int, default=None, help="port (default: JupyterLab's, 8888)")
     lab.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER,
+                     help="further JupyterLab options after --, e.g. wpeft lab -- --allow-root")
     lab.set_defaults(func=cmd_lab)
 
     w = sub.add_parser("world", help="generate (or open the cached) embedded world")
