@@ -7,7 +7,9 @@ code lives here):
   Tabulator; clicking a row selects that run everywhere; a run whose files cannot be read is
   listed with its problem (a ``problem`` column next to its name);
 * **Fisher masks** — per-layer mask heatmap over training, a step player driving one weight
-  matrix's mask image, and the overlap curves;
+  matrix's mask image, and the overlap curves (image and curves are the :mod:`wpeft.viz.fisher`
+  figures as PNGs, rendered once per records version for all sessions:
+  :meth:`~wpeft.app.catalog.Catalog.record_png`);
 * **Prompt attention** — variable x variable and variable x patch attention and a prompt
   token's attention map, per block and record step;
 * **Skill maps** — run A and run B side by side and A − B with the paired-test significance,
@@ -26,6 +28,8 @@ Every view has "download figure" (the :mod:`wpeft.viz` matplotlib figure, PNG at
 Design. :func:`build_workbench` makes everything a session owns (a :class:`Selection`, the
 widgets, the panes) inside the call, so sessions never share state; the data behind them come
 from the process-wide :class:`~wpeft.app.catalog.Catalog` (read once, confined to RUNS_DIR).
+A view's widgets and panes are made when it is first opened (:class:`LazyViews`), and only the
+shown view is in the page.
 The :class:`Selection` is the single source of truth: widgets write to it, views redraw from it,
 and ``pn.state.location.sync`` mirrors it in the URL query, so a view can be shared by copying
 the address. Values from the URL are untrusted: run names go through
