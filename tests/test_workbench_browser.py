@@ -320,6 +320,38 @@ def test_overview_sorts_and_selects_a_run(app, page, tmp_path) -> None:
     assert page.external_requests == []  # everything is served by the workbench itself
 
 
+def test_overview_pages_and_selects_a_run_on_page_two(app, browser, tmp_path) -> None:
+    """25 runs: 20 rows a page; sorted, the second page's rows select their own run."""
+    root = tmp_path / "many"
+    for i in range(25):  # config and summary only: listed with their sizes and scores
+        run = root / "downscaling" / f"run-{i:02d}"
+        run.mkdir(parents=True)
+        config = json.loads((app["root"] / FULL / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "seed": i}))
+        shutil.copy(app["root"] / FULL / "summary.json", run / "summary.json")
+    server = Server(root, tmp_path / "many-server.log")
+    page = browser.new_page(viewport={"width": 1500, "height": 1400})
+    try:
+        server.wait_ready()
+        goto(page, server.base)
+        cells = page.locator('.wb-runs-table .tabulator-row .tabulator-cell[tabulator-field="run"]')
+        wait_until(page, lambda: cells.count() == 20, "the first page of 20 rows")
+        header = page.locator('.wb-runs-table .tabulator-col[tabulator-field="seed"]')
+        header.click()
+        header.click()  # descending: seeds 24..5 on page one, 4..0 on page two
+        wait_until(page, lambda: cells.nth(0).inner_text() == "downscaling/run-24", "sorting")
+        page.locator('.wb-runs-table .tabulator-page[data-page="next"]').click()
+        wait_until(page, lambda: cells.count() == 5, "the second page")
+        assert [cells.nth(i).inner_text() for i in range(5)] == [
+            f"downscaling/run-{i:02d}" for i in (4, 3, 2, 1, 0)]
+        cells.nth(1).click()
+        wait_query(page, run="downscaling/run-03")
+        assert "25 runs" in text_of(page, ".wb-overview-caption")
+    finally:
+        page.close()
+        server.stop()
+
+
 def test_fisher_view_step_player_and_selections(app, page, browser, tmp_path) -> None:
     from wpeft.viz.fisher import mask_image_png, overlap_curves_png
 
