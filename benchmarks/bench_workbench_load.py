@@ -15,7 +15,9 @@ session:
   select change (the budget plot's score) until the caption shows the new score;
 * console errors, requests to non-loopback hosts (must be 0);
 * errors in the server log: tracebacks and Bokeh's "error handling message";
-* server RSS and CPU (psutil) during the load and during ``--idle-seconds`` with S tabs open.
+* server RSS and CPU (psutil) during the load and during ``--idle-seconds`` with S tabs open;
+* with S = 1: the CPU seconds the browser (all chromium processes) and the server spend on the
+  first page and on each view switch: what one session costs each side.
 
 Prints a table (median, p95) and writes ``benchmarks/results/workbench-load-cpu.md``::
 
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -77,8 +80,16 @@ def _has_figure(cls: str) -> str:
     return f"{_FIGURES}.some(c => c.split(' ').includes({json.dumps(cls)}))"
 
 
+def _has_image(cls: str) -> str:
+    """A loaded image inside the pane with css class ``cls`` (a pre-rendered PNG)."""
+    return (f"{_DEEP}({json.dumps('.' + cls)}).some(el => {{ const i = (el.shadowRoot || el)"
+            ".querySelector('img'); return i && i.complete && i.naturalWidth > 0; })")
+
+
 VIEWS = {
-    "Fisher masks": _has_figure("wb-mask-image"),
+    # every part: the heatmap, and the mask image as a bokeh figure (up to e6cb152) or an image
+    "Fisher masks": f"{_has_figure('wb-fisher-heatmap')} && ({_has_figure('wb-mask-image')} "
+                    f"|| {_has_image('wb-mask-image')})",
     "Prompt attention": _has_figure("wb-prompt-map"),
     "Skill maps": f"{_shown('.wb-skill-caption')} && {_FIGURES}.length > 0",
     "Budget vs skill": _has_figure("wb-budget-plot"),
@@ -231,11 +242,24 @@ class SessionResult:
     failures: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
     external: list[str] = field(default_factory=list)
+    #: step ("first page", a view, "score select") -> (browsers', server's) CPU seconds in it;
+    #: a session's own cost only when it runs alone
+    cpu: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 async def _session(browser, base: str, timeout_ms: int, start: asyncio.Event,
-                   done: asyncio.Event, pages: list) -> SessionResult:
+                   done: asyncio.Event, pages: list,
+                   cpu: Callable[[], tuple[float, float]]) -> SessionResult:
     res = SessionResult()
+    marks: list[tuple[float, float]] = []
+
+    def mark() -> None:
+        marks.append(cpu())
+
+    def spent(step: str) -> None:
+        (c0, s0), (c1, s1) = marks[-1], cpu()
+        res.cpu[step] = (c1 - c0, s1 - s0)
+
     context = await browser.new_context(viewport={"width": 1400, "height": 1100})
     page = await context.new_page()
     pages.append(page)
@@ -243,26 +267,32 @@ async def _session(browser, base: str, timeout_ms: int, start: asyncio.Event,
     page.on("request", lambda r: None if urlparse(r.url).hostname in ("127.0.0.1", "localhost")
             or r.url.startswith(("data:", "blob:")) else res.external.append(r.url))
     await start.wait()
+    mark()
     t = time.perf_counter()
     try:
         await page.goto(f"{base}/workbench", timeout=timeout_ms)
         await page.wait_for_function(FIRST_PAGE, timeout=timeout_ms, polling=50)
         res.first_page = time.perf_counter() - t
+        spent("first page")
         for label, shown in VIEWS.items():
+            mark()
             t = time.perf_counter()
             await page.locator(".wb-nav button", has_text=label).click(timeout=timeout_ms)
             try:
                 await page.wait_for_function(shown, timeout=timeout_ms, polling=50)
                 res.switches[label] = time.perf_counter() - t
+                spent(label)
             except Exception as e:  # noqa: BLE001 -- a timeout is a result
                 res.failures.append(f"{label}: {type(e).__name__}")
             if label == "Budget vs skill":  # one select change: its update must arrive
+                mark()
                 t = time.perf_counter()
                 try:
                     await page.locator(".wb-score select").select_option(
                         label="rmse/temperature_850", timeout=timeout_ms)
                     await page.wait_for_function(_SCORE_SHOWN, timeout=timeout_ms, polling=50)
                     res.changes.append(time.perf_counter() - t)
+                    spent("score select")
                 except Exception as e:  # noqa: BLE001
                     res.failures.append(f"score select: {type(e).__name__}")
     except Exception as e:  # noqa: BLE001
@@ -308,8 +338,11 @@ async def _drive(base: str, sessions: int, timeout_s: float, idle_s: float,
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         start, pages = asyncio.Event(), []
         dones = [asyncio.Event() for _ in range(sessions)]
+        def cpu() -> tuple[float, float]:
+            return _client_cpu(), server.cpu_seconds()
+
         tasks = [asyncio.create_task(_session(browser, base, int(timeout_s * 1000), start,
-                                              d, pages)) for d in dones]
+                                              d, pages, cpu)) for d in dones]
         await asyncio.sleep(1.0)  # contexts open
         cpu0, t0, client0 = server.cpu_seconds(), time.perf_counter(), _client_cpu()
         start.set()
@@ -360,6 +393,7 @@ def summarise(sessions: int, results: list[SessionResult], stats: dict[str, floa
         "per_view_median": {v: statistics.median([r.switches[v] for r in results
                                                   if v in r.switches] or [float("nan")])
                             for v in VIEWS},
+        "cpu": results[0].cpu if len(results) == 1 else {},
         **errors, **stats,
     }
 
@@ -391,6 +425,21 @@ def per_view(rows: list[dict[str, object]]) -> str:
         med = r["per_view_median"]
         lines.append(f"| {r['sessions']} | " + " | ".join(f"{med[v]:.2f}" for v in VIEWS) + " |")
     return "\n".join(lines)
+
+
+def cpu_table(rows: list[dict[str, object]]) -> str:
+    """CPU seconds of each step of a session that runs alone: the browser's and the server's."""
+    steps = ["first page", *VIEWS, "score select"]
+    head = "| CPU seconds, one session alone | " + " | ".join(steps) + " |"
+    lines = [head, "|" + "---|" * (len(steps) + 1)]
+    for r in rows:
+        cpu = r["cpu"]
+        if not cpu:
+            continue
+        for i, who in enumerate(("browser (chromium)", "server")):
+            lines.append(f"| {who} | " + " | ".join(
+                f"{cpu[s][i]:.2f}" if s in cpu else "–" for s in steps) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,8 +486,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  server log: {log}")
     out = table(rows)
     views = per_view(rows)
+    cpus = cpu_table(rows)
     print(out)
     print(views)
+    print(cpus)
     load = os.getloadavg()
     text = (
         f"\n### {args.label or 'workbench load'}\n\n"
@@ -446,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{load[0]:.2f}; server args {args.server_arg or 'default'}; "
         f"idle window {args.idle_seconds:.0f} s; {time.strftime('%Y-%m-%d %H:%M')}\n\n"
         f"{out}\n\nMedian switch time per view (s):\n\n{views}\n"
+        + (f"\n{cpus}\n" if cpus else "")
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.append and args.out.exists():

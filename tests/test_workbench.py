@@ -7,6 +7,7 @@ the served page over real training runs."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import threading
 from pathlib import Path
@@ -483,12 +484,12 @@ def test_workbench_views_follow_the_selection(workbench_factory) -> None:
     assert wb.main[1] is fisher.panel and wb.nav.value == "fisher"
     assert list(fisher.step.options) == [0, 10, 20, 30] and fisher.step.value == 30
     assert isinstance(fisher.heatmap.object, hv.HeatMap)
-    assert "step 30" in fisher.image.object.opts.get().kwargs["title"]
+    assert fisher.image.alt_text.endswith("mask at step 30")  # a pre-rendered image
     fisher.step.value = 10  # the player
-    assert wb.sel.step == 10 and "step 10" in fisher.image.object.opts.get().kwargs["title"]
+    assert wb.sel.step == 10 and fisher.image.alt_text.endswith("mask at step 10")
     assert "**step 10**" in fisher.caption.object
     fisher.matrix.value = "decoder2.1/fc1"
-    assert fisher.image.object.opts.get().kwargs["title"] == "decoder2.1/fc1 mask at step 10"
+    assert fisher.image.alt_text == "decoder2.1/fc1 mask at step 10"
     wb.sel.step = 999  # e.g. from a shared URL of a longer run: falls back to the last step
     assert fisher.step.value == 30
 
@@ -877,3 +878,100 @@ def test_poll_redraws_curves_while_a_run_trains(workbench_factory, runs_root) ->
         f.write(json.dumps(_TRAIN[2]) + "\n")
     assert wb.poll() is True
     assert view.plot.object.get(0).dimension_values(0).tolist() == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- lighter sessions
+
+
+def test_a_view_is_built_only_when_it_is_opened(workbench_factory) -> None:
+    wb = workbench_factory()
+    assert [v.key for v in wb.views.built()] == ["overview"]  # the page shows the overview
+    assert "fisher" in wb.views and len(wb.views) == len(list(wb.views)) == 7
+    wb.sel.view = "budget"
+    assert [v.key for v in wb.views.built()] == ["overview", "budget"]
+    assert wb.main[1] is wb.views["budget"].panel
+    # a change of runs marks only the views made so far; the others draw when first opened
+    wb.sel.run = "downscaling/full"
+    assert [v.key for v in wb.views.built()] == ["overview", "budget"]
+    wb.sel.view = "attention"
+    assert "no prompt-attention records" in _plain(wb.views["attention"].message.object)
+    with pytest.raises(KeyError, match="no view 'nope'"):
+        wb.views["nope"]
+
+
+def test_a_url_view_builds_that_view_only(catalog) -> None:
+    from wpeft.app.workbench import Selection, Workbench
+
+    original = Selection.param.view.default
+    Selection.param.view.default = "fisher"  # as if the URL said ?view=fisher
+    try:
+        wb = Workbench(catalog, poll_ms=0, sync_url=False)
+    finally:
+        Selection.param.view.default = original
+    assert [v.key for v in wb.views.built()] == ["fisher"]
+    assert wb.main[1] is wb.views["fisher"].panel
+
+
+def test_fisher_images_are_the_viz_figures_rendered_once_for_all_sessions(
+        workbench_factory, catalog) -> None:
+    from wpeft.viz.fisher import (
+        figure_png,
+        mask_image_png,
+        overlap_curves_png,
+        plot_mask_image,
+        plot_overlap_curves,
+    )
+
+    one = workbench_factory()
+    one.sel.view = "fisher"
+    view = one.views["fisher"]
+    ds = catalog.fisher("downscaling/weatherpeft-4pct")
+    # the bytes shown are those of the wpeft.viz matplotlib figures (as `wpeft figures` draws)
+    assert view.image.object == figure_png(plot_mask_image(ds, one.sel.matrix, 30))
+    assert view.image.object == mask_image_png(ds, one.sel.matrix, 30)
+    assert view.curves.object == figure_png(plot_overlap_curves(ds, None, None))
+    assert view.image.object[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(io.BytesIO(view.image.object)).shape[:2] == (336, 384)
+    assert view.curves.alt_text == "mask overlap over training"
+    rendered = len(catalog.images)
+    assert rendered == 2 and catalog.images.misses == 2
+
+    two = workbench_factory()  # another session: the same bytes, nothing rendered again
+    two.sel.view = "fisher"
+    assert two.views["fisher"].image.object is view.image.object
+    assert len(catalog.images) == 2 and catalog.images.misses == 2 and catalog.images.hits == 2
+
+    view.step.value = 10  # a new step: one new image, the curves kept
+    assert catalog.images.misses == 3 and view.image.alt_text.endswith("at step 10")
+    view.tensor.value = "qkv"  # another tensor kind: new curves, titled with it
+    assert view.curves.alt_text == "mask overlap over training (qkv tensors)"
+    assert view.curves.object == overlap_curves_png(ds, None, "qkv")
+    assert catalog.images.misses == 4
+
+
+def test_record_images_follow_new_records(workbench_factory, catalog, runs_root) -> None:
+    wb = workbench_factory()
+    wb.sel.view = "fisher"
+    view = wb.views["fisher"]
+    before = view.curves.object
+    RecordStore(runs_root / "downscaling/weatherpeft-4pct", "fisher").append(
+        40, _fisher_steps()[0])  # a mask unlike the last one: the overlap curves change
+    assert wb.poll() is True and view.step.value == 40
+    assert view.image.alt_text.endswith("mask at step 40")
+    assert view.curves.object != before  # rendered again from the new records
+    with pytest.raises(DataError, match="no fisher records"):
+        catalog.record_png("downscaling/full", "fisher", ("x",), lambda ds: b"")
+
+
+def test_overview_table_pages_and_fixed_widths(workbench_factory, runs_root) -> None:
+    from wpeft.app.workbench import OVERVIEW_PAGE_SIZE, column_widths
+
+    wb = workbench_factory()
+    table = wb.views["overview"].table
+    assert table.pagination == "local" and table.page_size == OVERVIEW_PAGE_SIZE
+    assert set(table.widths) == set(table.value.columns)
+    df = pd.DataFrame({"run": ["a", "a" * 50], "x": [1.5, 2.25], "long_column_title": [1, 2]})
+    # 8 px a character + 24, clamped to [60, 320]: 50 chars -> 320, "2.25" -> 60, 17 -> 160
+    assert column_widths(df) == {"run": 320, "x": 60, "long_column_title": 160}

@@ -4,7 +4,8 @@ A module fixture trains two tiny real runs (WeatherPEFT at a 4 % budget with Fis
 attention records, and Full-Tuning), starts ``python -m wpeft.app.serve RUNS_DIR`` on a free
 loopback port (and a second server over an empty directory), and every test opens the page,
 changes selections and checks what the browser shows: plot titles and axis factors read from the
-live Bokeh views, caption text, the URL query. Screenshots go to each test's tmp dir.
+live Bokeh views, the alt text and bytes of the images pre-rendered on the server, caption text,
+the URL query. Screenshots go to each test's tmp dir.
 
 Skipped with a reason when /usr/bin/chromium or playwright is missing. Never runs
 ``playwright install``: the browser is the system one.
@@ -224,6 +225,42 @@ def figure(page, cls: str) -> dict | None:
     return next((f for f in figures(page) if cls in f["cls"].split()), None)
 
 
+_IMAGE_JS = """(cls) => {
+  const found = [];
+  (function walk(r) {
+    for (const el of r.querySelectorAll('*')) {
+      if (el.classList && el.classList.contains(cls) && el.shadowRoot) {
+        const img = el.shadowRoot.querySelector('img');
+        if (img && img.complete && img.naturalWidth > 0 && el.offsetParent !== null)
+          found.push({alt: img.alt, src: img.src, width: img.naturalWidth,
+                      height: img.naturalHeight});
+      }
+      if (el.shadowRoot) walk(el.shadowRoot);
+    }
+  })(document);
+  return found.length ? found[0] : null;
+}"""
+
+
+def image(page, cls: str) -> dict | None:
+    """The shown, loaded image of the pane with css class ``cls`` (Panel's PNG pane): alt
+    text, src (a data URL), natural width and height; None when there is none."""
+    return page.evaluate(_IMAGE_JS, cls)
+
+
+def image_alt(page, cls: str) -> str | None:
+    found = image(page, cls)
+    return None if found is None else found["alt"]
+
+
+def png_bytes(found: dict) -> bytes:
+    import base64
+
+    head, data = found["src"].split(",", 1)
+    assert head == "data:image/png;base64"
+    return base64.b64decode(data)
+
+
 def titles(page) -> list[str]:
     return [f["title"] for f in figures(page)]
 
@@ -244,6 +281,12 @@ def wait_title(page, cls: str, check: Callable[[str], bool], what: str) -> None:
 
 def shot(page, tmp_path: Path, name: str) -> None:
     page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+
+
+def _fisher(root: Path):
+    from wpeft import runs
+
+    return runs.open(root / WP).fisher
 
 
 def _records(root: Path) -> tuple[list[int], list[str]]:
@@ -277,13 +320,50 @@ def test_overview_sorts_and_selects_a_run(app, page, tmp_path) -> None:
     assert page.external_requests == []  # everything is served by the workbench itself
 
 
+def test_overview_pages_and_selects_a_run_on_page_two(app, browser, tmp_path) -> None:
+    """25 runs: 20 rows a page; sorted, the second page's rows select their own run."""
+    root = tmp_path / "many"
+    for i in range(25):  # config and summary only: listed with their sizes and scores
+        run = root / "downscaling" / f"run-{i:02d}"
+        run.mkdir(parents=True)
+        config = json.loads((app["root"] / FULL / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "seed": i}))
+        shutil.copy(app["root"] / FULL / "summary.json", run / "summary.json")
+    server = Server(root, tmp_path / "many-server.log")
+    page = browser.new_page(viewport={"width": 1500, "height": 1400})
+    try:
+        server.wait_ready()
+        goto(page, server.base)
+        cells = page.locator('.wb-runs-table .tabulator-row .tabulator-cell[tabulator-field="run"]')
+        wait_until(page, lambda: cells.count() == 20, "the first page of 20 rows")
+        header = page.locator('.wb-runs-table .tabulator-col[tabulator-field="seed"]')
+        header.click()
+        header.click()  # descending: seeds 24..5 on page one, 4..0 on page two
+        wait_until(page, lambda: cells.nth(0).inner_text() == "downscaling/run-24", "sorting")
+        page.locator('.wb-runs-table .tabulator-page[data-page="next"]').click()
+        wait_until(page, lambda: cells.count() == 5, "the second page")
+        assert [cells.nth(i).inner_text() for i in range(5)] == [
+            f"downscaling/run-{i:02d}" for i in (4, 3, 2, 1, 0)]
+        cells.nth(1).click()
+        wait_query(page, run="downscaling/run-03")
+        assert "25 runs" in text_of(page, ".wb-overview-caption")
+    finally:
+        page.close()
+        server.stop()
+
+
 def test_fisher_view_step_player_and_selections(app, page, browser, tmp_path) -> None:
+    from wpeft.viz.fisher import mask_image_png, overlap_curves_png
+
     steps, matrices = _records(app["root"])
     goto(page, app["base"], view="fisher", run=WP)
     wait_until(page, lambda: f"step {steps[-1]}" in text_of(page, ".wb-fisher-caption"),
                "the Fisher view")
-    image = figure(page, "wb-mask-image")
-    assert image["title"] == f"{matrices[0]} mask at step {steps[-1]}"
+    wait_until(page, lambda: image(page, "wb-mask-image") is not None, "the mask image")
+    shown = image(page, "wb-mask-image")  # pre-rendered on the server: the wpeft.viz figure
+    assert shown["alt"] == f"{matrices[0]} mask at step {steps[-1]}"
+    assert png_bytes(shown) == mask_image_png(_fisher(app["root"]), matrices[0], steps[-1])
+    assert (shown["width"], shown["height"]) == (384, 336)
     heat = figure(page, "wb-fisher-heatmap")
     assert heat["x"] == [str(s) for s in steps]  # one column per recorded step
     assert heat["title"].startswith("mask density")
@@ -291,15 +371,16 @@ def test_fisher_view_step_player_and_selections(app, page, browser, tmp_path) ->
     shot(page, tmp_path, "fisher-last-step")
 
     page.locator(".wb-step button.previous").click()  # the step player
-    wait_until(page, lambda: figure(page, "wb-mask-image")["title"]
+    wait_until(page, lambda: image_alt(page, "wb-mask-image")
                == f"{matrices[0]} mask at step {steps[-2]}", "the previous step's mask")
     wait_query(page, step=steps[-2])
     page.locator(".wb-step button.first").click()
     wait_query(page, step=steps[0])
-    wait_title(page, "wb-mask-image", lambda t: f"mask at step {steps[0]}" in t, "step 0")
+    wait_until(page, lambda: f"mask at step {steps[0]}" in image_alt(page, "wb-mask-image"),
+               "step 0")
 
     page.locator(".wb-matrix select").select_option(label=matrices[-1])
-    wait_until(page, lambda: figure(page, "wb-mask-image")["title"]
+    wait_until(page, lambda: image_alt(page, "wb-mask-image")
                == f"{matrices[-1]} mask at step {steps[0]}", "another matrix")
     wait_query(page, matrix=matrices[-1])
     page.locator(".wb-record select").select_option(label="share of Fisher mass")
@@ -309,27 +390,32 @@ def test_fisher_view_step_player_and_selections(app, page, browser, tmp_path) ->
     page.locator(".wb-tensor select").select_option(label="qkv")
     wait_until(page, lambda: "(qkv)" in figure(page, "wb-fisher-heatmap")["title"], "one kind")
     wait_query(page, tensor="qkv")
-    assert figure(page, "wb-overlap-jaccard")["title"] == "mask overlap over training"
+    wait_until(page, lambda: image_alt(page, "wb-overlap-curves")
+               == "mask overlap over training (qkv tensors)", "the overlap curves of qkv")
+    curves = image(page, "wb-overlap-curves")
+    assert png_bytes(curves) == overlap_curves_png(_fisher(app["root"]), None, "qkv")
     shot(page, tmp_path, "fisher-first-step")
 
     # another session is independent: it still shows the defaults
     other = browser.new_page(viewport={"width": 1500, "height": 1400})
     try:
         goto(other, app["base"], view="fisher", run=WP)
-        wait_until(other, lambda: figure(other, "wb-mask-image") is not None, "a second session")
-        assert figure(other, "wb-mask-image")["title"] == f"{matrices[0]} mask at step {steps[-1]}"
+        wait_until(other, lambda: image(other, "wb-mask-image") is not None, "a second session")
+        assert image_alt(other, "wb-mask-image") == f"{matrices[0]} mask at step {steps[-1]}"
+        wait_until(other, lambda: figure(other, "wb-fisher-heatmap") is not None, "its heatmap")
         assert figure(other, "wb-fisher-heatmap")["title"].startswith("mask density")
     finally:
         other.close()
-    assert figure(page, "wb-mask-image")["title"] == f"{matrices[-1]} mask at step {steps[0]}"
+    assert image_alt(page, "wb-mask-image") == f"{matrices[-1]} mask at step {steps[0]}"
 
 
 def test_a_shared_url_restores_the_view(app, page, tmp_path) -> None:
     steps, matrices = _records(app["root"])
     goto(page, app["base"], view="fisher", run=WP, step=steps[1], matrix=matrices[2],
          record="union_density")
-    wait_until(page, lambda: figure(page, "wb-mask-image") is not None, "the shared view")
-    assert figure(page, "wb-mask-image")["title"] == f"{matrices[2]} mask at step {steps[1]}"
+    wait_until(page, lambda: image(page, "wb-mask-image") is not None
+               and figure(page, "wb-fisher-heatmap") is not None, "the shared view")
+    assert image_alt(page, "wb-mask-image") == f"{matrices[2]} mask at step {steps[1]}"
     assert figure(page, "wb-fisher-heatmap")["title"].startswith("union density")
     assert page.locator(".wb-nav button.bk-active").inner_text() == "Fisher masks"
     shot(page, tmp_path, "shared-url")
@@ -403,7 +489,8 @@ def test_bad_run_names_show_a_clear_message(app, page, tmp_path, name, expected)
     goto(page, app["base"], view="fisher", run=name)
     wait_until(page, lambda: expected in text_of(page, ".wb-fisher-message"), "the message")
     assert expected in text_of(page, ".wb-run-message")
-    assert figure(page, "wb-mask-image") is None  # nothing drawn
+    assert image(page, "wb-mask-image") is None  # nothing drawn
+    assert figure(page, "wb-fisher-heatmap") is None
     shown = page.evaluate("""() => { let t = ''; (function walk(r) {
         for (const el of r.querySelectorAll('*')) { if (el.shadowRoot) walk(el.shadowRoot); }
         t += r.textContent || ''; })(document); return t; }""")
@@ -435,7 +522,7 @@ def test_live_refresh_without_reload(app, page, tmp_path) -> None:
     store.append(new, record)
     wait_until(page, lambda: figure(page, "wb-fisher-heatmap")["x"][-1] == str(new),
                "the new record in the heatmap")
-    wait_title(page, "wb-mask-image", lambda t: f"mask at step {new}" in t,
+    wait_until(page, lambda: f"mask at step {new}" in image_alt(page, "wb-mask-image"),
                "the mask image following the new last step")
     wait_query(page, step=new)
     shot(page, tmp_path, "live-refresh")
@@ -556,7 +643,10 @@ def test_every_view_is_served_offline(app, page, tmp_path) -> None:
     """Every asset of every view comes from the workbench server itself (no CDN)."""
     goto(page, app["base"], run=WP)
     wait_until(page, lambda: "runs" in text_of(page, ".wb-overview-caption"), "the overview")
-    for label, cls in [("Fisher masks", "wb-mask-image"), ("Prompt attention", "wb-prompt-map"),
+    page.locator(".wb-nav button", has_text="Fisher masks").click()
+    wait_until(page, lambda: image(page, "wb-mask-image") is not None
+               and figure(page, "wb-fisher-heatmap") is not None, "Fisher masks")
+    for label, cls in [("Prompt attention", "wb-prompt-map"),
                        ("Budget vs skill", "wb-budget-plot")]:
         page.locator(".wb-nav button", has_text=label).click()
         wait_until(page, lambda cls=cls: figure(page, cls) is not None, label)

@@ -212,6 +212,9 @@ class DataCache:
 
 #: The process-wide cache every :class:`Catalog` shares (all sessions of a server).
 CACHE = DataCache()
+#: The process-wide cache of pre-rendered images (PNG bytes, tens of kB each), apart from
+#: :data:`CACHE` so that a step player's images never push loaded data out.
+IMAGES = DataCache(max_entries=512)
 
 
 @dataclass(frozen=True)
@@ -258,14 +261,19 @@ class Catalog:
         root: ``RUNS_DIR`` (must exist; see :func:`check_runs_dir`).
         cache: Where loaded data live (default: the process-wide :data:`CACHE`).
         discovery_ttl: Seconds a directory walk is reused before ``RUNS_DIR`` is walked again.
+        images: Where pre-rendered images live (:meth:`record_png`; default: the process-wide
+            :data:`IMAGES`, or a cache of this catalog's own when ``cache`` is given).
     """
 
     def __init__(
         self, root: str | os.PathLike[str], *, cache: DataCache | None = None,
-        discovery_ttl: float = 3.0,
+        discovery_ttl: float = 3.0, images: DataCache | None = None,
     ) -> None:
         self.root = check_runs_dir(root)
         self.cache = CACHE if cache is None else cache
+        if images is None:
+            images = IMAGES if cache is None else DataCache(IMAGES.max_entries)
+        self.images = images
         self.discovery_ttl = discovery_ttl
         self._runs: list[RunEntry] = []
         self._scanned_at = -math.inf
@@ -421,6 +429,23 @@ class Catalog:
             except (OSError, ValueError, KeyError):
                 return (store.path / chunk["file"]).relative_to(entry.path).as_posix()
         return f"a record file of records/{kind}"
+
+    def record_png(self, name: str, kind: Literal["fisher", "attention"],
+                   what: tuple[Hashable, ...], render: Callable[[xr.Dataset], bytes]) -> bytes:
+        """``render(records)``: a picture of a run's records of one kind, rendered once per
+        version of the records for every session (cached in :attr:`images` under the run,
+        ``kind`` and ``what``, which must name everything the picture depends on).
+
+        Raises:
+            DataError: the run has no records of this kind.
+        """
+        entry = self.resolve(name)
+        signature = file_signature(RunLayout(entry.path).record_index(kind))  # before reading
+        records = self.records(name, kind)
+        if records is None:
+            raise DataError(f"Run {entry.name!r} has no {kind} records to draw.")
+        return self.images.get((kind, str(entry.path), *what), signature,
+                               lambda: render(records))
 
     def fisher(self, name: str) -> xr.Dataset | None:
         """Fisher-mask records (:attr:`wpeft.runs.Run.fisher`)."""

@@ -7,7 +7,9 @@ code lives here):
   Tabulator; clicking a row selects that run everywhere; a run whose files cannot be read is
   listed with its problem (a ``problem`` column next to its name);
 * **Fisher masks** — per-layer mask heatmap over training, a step player driving one weight
-  matrix's mask image, and the overlap curves;
+  matrix's mask image, and the overlap curves (image and curves are the :mod:`wpeft.viz.fisher`
+  figures as PNGs, rendered once per records version for all sessions:
+  :meth:`~wpeft.app.catalog.Catalog.record_png`);
 * **Prompt attention** — variable x variable and variable x patch attention and a prompt
   token's attention map, per block and record step;
 * **Skill maps** — run A and run B side by side and A − B with the paired-test significance,
@@ -26,6 +28,8 @@ Every view has "download figure" (the :mod:`wpeft.viz` matplotlib figure, PNG at
 Design. :func:`build_workbench` makes everything a session owns (a :class:`Selection`, the
 widgets, the panes) inside the call, so sessions never share state; the data behind them come
 from the process-wide :class:`~wpeft.app.catalog.Catalog` (read once, confined to RUNS_DIR).
+A view's widgets and panes are made when it is first opened (:class:`LazyViews`), and only the
+shown view is in the page.
 The :class:`Selection` is the single source of truth: widgets write to it, views redraw from it,
 and ``pn.state.location.sync`` mirrors it in the URL query, so a view can be shared by copying
 the address. Values from the URL are untrusted: run names go through
@@ -44,7 +48,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -382,6 +386,22 @@ def _set(widget: pn.widgets.Widget, **values: Any) -> None:
             _UPDATING.discard(id(widget))
 
 
+#: Rows per page of the runs table (the browser lays out one page at a time).
+OVERVIEW_PAGE_SIZE = 20
+
+
+def column_widths(df: pd.DataFrame, *, char_px: int = 8, pad_px: int = 24,
+                  least: int = 60, most: int = 320) -> dict[str, int]:
+    """Pixel width of each column of ``df`` from its longest text (title or value, as
+    ``str``): ``char_px`` per character plus ``pad_px`` (sort arrow, padding), clamped to
+    [``least``, ``most``]."""
+    out = {}
+    for column in df.columns:
+        longest = max([len(str(column)), *(len(str(v)) for v in df[column])])
+        out[str(column)] = int(min(most, max(least, char_px * longest + pad_px)))
+    return out
+
+
 class OverviewView(View):
     key = "overview"
 
@@ -390,7 +410,7 @@ class OverviewView(View):
         self.table = pn.widgets.Tabulator(
             pd.DataFrame(), disabled=True, selectable=1, show_index=False, frozen_columns=["run"],
             sizing_mode="stretch_width", height=420, layout="fit_data_table",
-            css_classes=["wb-runs-table"],
+            pagination="local", page_size=OVERVIEW_PAGE_SIZE, css_classes=["wb-runs-table"],
         )
         self.table.param.watch(self._row_selected, "selection")
         self.content.objects = [self.table]
@@ -423,7 +443,8 @@ class OverviewView(View):
         if df.empty:
             raise RunNameError("No run is selected.", "", "empty")  # shown as "no runs yet"
         if not df.equals(self.table.value):
-            self.table.value = df
+            # column widths given, so the browser does not measure every cell to fit them
+            self.table.param.update(value=df, widths=column_widths(df))
         done = int(df["finished"].sum())
         bad = int(df["problem"].notna().sum()) if "problem" in df.columns else 0
         problems = (
@@ -479,11 +500,13 @@ class FisherView(View):
         _bind(self.matrix, self.sel, "matrix")
         _bind(self.blocks, self.sel, "blocks", lambda v: ",".join(v))
         self.heatmap = _plot_pane("wb-fisher-heatmap")
-        self.image = _plot_pane("wb-mask-image")
-        # the two panels of hv_overlap_curves in two panes: a bokeh GridPlot below other plots
-        # in nested layouts renders with an empty frame (bokeh 3.9)
-        self.curves = pn.Column(_plot_pane("wb-overlap-jaccard"), _plot_pane("wb-overlap-union"),
-                                css_classes=["wb-overlap-curves"], sizing_mode="stretch_width")
+        # a pre-rendered PNG (cached for all sessions): the step player swaps one image
+        self.image = pn.pane.PNG(None, css_classes=["wb-plot", "wb-mask-image"], width=384,
+                                 height=336, fixed_aspect=True)
+        # the overlap curves pre-rendered too (two small line panels: an image draws in a
+        # fraction of the browser time of two more bokeh figures)
+        self.curves = pn.pane.PNG(None, css_classes=["wb-plot", "wb-overlap-curves"],
+                                  width=520, height=400, fixed_aspect=True)
         self.content.objects = [
             pn.Row(self.record, self.tensor),
             self.heatmap,
@@ -578,24 +601,29 @@ class FisherView(View):
         self.heatmap.object = hv_mask_heatmap(ds, self.sel.record, self.sel.tensor or None)
 
     def _draw_image(self) -> None:
-        from wpeft.viz.interactive import hv_mask_image
+        from wpeft.viz.fisher import mask_image_png, mask_image_title
 
-        _, ds = self._data  # type: ignore[misc]
+        entry, ds = self._data  # type: ignore[misc]
         if "mask_image" in ds and self.sel.matrix:
-            self.image.object = hv_mask_image(ds, self.sel.matrix, int(self.sel.step))
-            self.image.visible = True
+            matrix, step = _text(self.sel.matrix), int(self.sel.step)
+            png = self.cat.record_png(entry.name, "fisher", ("mask_image", matrix, step),
+                                      lambda records: mask_image_png(records, matrix, step))
+            self.image.param.update(object=png, alt_text=mask_image_title(matrix, step),
+                                    visible=True)
         else:
             self.image.visible = False
         self._caption()
 
     def _draw_curves(self) -> None:
-        from wpeft.viz.interactive import hv_overlap_curves
+        from wpeft.viz.fisher import overlap_curves_png, overlap_curves_title
 
-        _, ds = self._data  # type: ignore[misc]
-        chosen = [b for b in _text(self.sel.blocks).split(",") if b]
-        layout = hv_overlap_curves(ds, chosen or None, self.sel.tensor or None)
-        for pane, panel in zip(self.curves, layout):
-            pane.object = panel
+        entry, _ = self._data  # type: ignore[misc]
+        blocks = tuple(b for b in _text(self.sel.blocks).split(",") if b)
+        tensor = _text(self.sel.tensor) or None
+        png = self.cat.record_png(entry.name, "fisher", ("overlap", blocks, tensor),
+                                  lambda records: overlap_curves_png(records, blocks or None,
+                                                                     tensor))
+        self.curves.param.update(object=png, alt_text=overlap_curves_title(tensor))
 
     def _figure(self) -> Any:
         """The heatmap as shown (record, tensor kind), static."""
@@ -1062,6 +1090,47 @@ class ScorecardView(View):
 
 # --------------------------------------------------------------------------- the session
 
+#: View key -> its class.
+VIEW_CLASSES: dict[str, type[View]] = {
+    "overview": OverviewView,
+    "fisher": FisherView,
+    "attention": AttentionView,
+    "skill": SkillView,
+    "budget": BudgetView,
+    "curves": CurvesView,
+    "scorecard": ScorecardView,
+}
+
+
+class LazyViews(Mapping[str, View]):
+    """A session's views by key (those of :data:`VIEWS`), each made on first lookup: a view
+    never opened costs neither its widgets nor its Bokeh models."""
+
+    def __init__(self, wb: Workbench) -> None:
+        self._wb = wb
+        self._made: dict[str, View] = {}
+
+    def __getitem__(self, key: str) -> View:
+        if key not in VIEW_CLASSES:
+            raise KeyError(f"no view {key!r}; the views are {', '.join(VIEW_CLASSES)}")
+        view = self._made.get(key)
+        if view is None:
+            view = self._made[key] = VIEW_CLASSES[key](self._wb)
+        return view
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(VIEW_CLASSES)
+
+    def __len__(self) -> int:
+        return len(VIEW_CLASSES)
+
+    def __contains__(self, key: object) -> bool:
+        return key in VIEW_CLASSES
+
+    def built(self) -> list[View]:
+        """The views made so far (opened or looked up), in :data:`VIEWS` order."""
+        return [self._made[k] for k in VIEW_CLASSES if k in self._made]
+
 
 class Workbench:
     """Everything one browser session owns. Build it with :func:`build_workbench`.
@@ -1088,22 +1157,15 @@ class Workbench:
             label="Compare runs (curves, scorecard, budget)", options={}, value=[],
             css_classes=["wb-runs"], sizing_mode="stretch_width")
         _bind(self.runs_select, self.sel, "runs", lambda v: ",".join(v))
-        self.views: dict[str, View] = {
-            "overview": OverviewView(self),
-            "fisher": FisherView(self),
-            "attention": AttentionView(self),
-            "skill": SkillView(self),
-            "budget": BudgetView(self),
-            "curves": CurvesView(self),
-            "scorecard": ScorecardView(self),
-        }
+        # each view's widgets and panes are made when it is first opened (or looked up)
+        self.views = LazyViews(self)
         # A button bar and one slot rather than pn.Tabs: only the visible view is in the page
         # (bokeh's Tabs mis-lays out a grid of plots next to other plots in the same tab).
         self.nav = pn.widgets.RadioButtonGroup(
             options={title: key for key, title in VIEWS.items()}, value="overview",
             color="primary", variant="outline", css_classes=["wb-nav"])
         self.nav.param.watch(self._nav_changed, "value")
-        self.main = pn.Column(self.nav, self.views["overview"].panel,
+        self.main = pn.Column(self.nav, pn.Spacer(height=0),  # the shown view's panel
                               sizing_mode="stretch_width", css_classes=["wb-main"])
         self.sel.param.watch(self._view_changed, "view")
         self.sel.param.watch(self._runs_changed, ["run", "run_b", "runs"])
@@ -1192,7 +1254,7 @@ class Workbench:
              value=_pick(self.sel.run_b, list(self.run_b_select.options.values()), ""))
         self._sync_runs_select()
         self._show_run_state()
-        for view in self.views.values():
+        for view in self.views.built():
             if view.key != "overview":
                 view.stale = True
         self.views[self._view_key()].refresh()
@@ -1256,7 +1318,7 @@ class Workbench:
         self._signature = sig
         self._refresh_run_options()
         self._show_run_state()
-        for view in self.views.values():
+        for view in self.views.built():
             view.stale = True
         self.views[self._view_key()].refresh()
         self._update_status()

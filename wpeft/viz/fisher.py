@@ -223,7 +223,7 @@ def plot_mask_image(fisher: xr.Dataset, matrix: str, step: int | None = None) ->
     )
     ax.set_xlabel("input features (pooled columns)")
     ax.set_ylabel("output features (pooled rows)")
-    ax.set_title(f"{matrix} mask at step {step}", fontsize="medium")
+    ax.set_title(mask_image_title(matrix, step), fontsize="medium")
     fig.colorbar(im, ax=ax, label="local mask density (fraction selected)")
     return fig
 
@@ -272,8 +272,7 @@ def plot_overlap_curves(
         bottom.plot(u["step"], u, color=color, ls="-", marker=".", label=name)
     top.set_ylim(0.0, 1.02)
     top.set_ylabel("Jaccard overlap")
-    top.set_title("mask overlap over training" + (f" ({tensor} tensors)" if tensor else ""),
-                  fontsize="medium")
+    top.set_title(overlap_curves_title(tensor), fontsize="medium")
     style_legend = [
         Line2D([], [], color="0.3", ls="-", label="vs previous mask"),
         Line2D([], [], color="0.3", ls="--", label="vs first mask"),
@@ -285,3 +284,39 @@ def plot_overlap_curves(
     if len(series) > 1:
         bottom.legend(loc="upper left", fontsize="small", ncols=2)
     return fig
+
+
+#: Resolution of the pre-rendered images of :func:`figure_png` (the workbench's mask image).
+PNG_DPI = 80
+
+
+def figure_png(fig: Figure, *, dpi: int = PNG_DPI) -> bytes:
+    """``fig`` as PNG bytes (``dpi`` dots per inch, no timestamp: the same figure gives the same
+    bytes), for apps that show a pre-rendered image instead of an interactive plot."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def mask_image_png(fisher: xr.Dataset, matrix: str, step: int | None = None, *,
+                   dpi: int = PNG_DPI) -> bytes:
+    """:func:`plot_mask_image` as PNG bytes (see :func:`figure_png`)."""
+    return figure_png(plot_mask_image(fisher, matrix, step), dpi=dpi)
+
+
+def mask_image_title(matrix: str, step: int) -> str:
+    """The title of :func:`plot_mask_image` (also the alt text of its pre-rendered image)."""
+    return f"{matrix} mask at step {step}"
+
+
+def overlap_curves_title(tensor: str | None = None) -> str:
+    """The title of :func:`plot_overlap_curves` (also the alt text of its pre-rendered image)."""
+    return "mask overlap over training" + (f" ({tensor} tensors)" if tensor else "")
+
+
+def overlap_curves_png(fisher: xr.Dataset, blocks: Sequence[str] | None = None,
+                       tensor: str | None = None, *, dpi: int = PNG_DPI) -> bytes:
+    """:func:`plot_overlap_curves` as PNG bytes (see :func:`figure_png`)."""
+    return figure_png(plot_overlap_curves(fisher, blocks, tensor), dpi=dpi)
