@@ -228,3 +228,31 @@ def test_a_session_polls_on_its_own_document_and_unsubscribes_when_it_ends(catal
     for callback in doc.session_destroyed_callbacks:
         callback(None)
     assert len(watcher) == 0
+
+
+def test_a_write_to_a_closed_tab_is_not_logged_as_a_traceback() -> None:
+    """Closing a tab while Bokeh still writes to it raises WebSocketClosedError in a task
+    nobody awaits; the server's loop handler turns that into a debug line and passes every
+    other loop error on unchanged."""
+    import asyncio
+
+    from tornado.websocket import WebSocketClosedError
+
+    from wpeft.app.serve import _quiet_closed_tabs, closed_tab_exception
+
+    assert closed_tab_exception({"exception": WebSocketClosedError()})
+    assert not closed_tab_exception({"exception": RuntimeError("boom")})
+    assert not closed_tab_exception({"message": "no exception at all"})
+    loop = asyncio.new_event_loop()
+    try:
+        passed_on: list[dict] = []
+        loop.set_exception_handler(lambda _loop, ctx: passed_on.append(ctx))
+        _quiet_closed_tabs(loop)
+        loop.call_exception_handler({"message": "Task exception was never retrieved",
+                                     "exception": WebSocketClosedError()})
+        assert passed_on == []
+        other = {"message": "Task exception was never retrieved", "exception": KeyError("x")}
+        loop.call_exception_handler(other)
+        assert passed_on == [other]
+    finally:
+        loop.close()

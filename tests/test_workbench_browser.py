@@ -142,7 +142,8 @@ def app(tmp_path_factory) -> Iterator[dict]:
         servers.append(server)
         server.wait_ready()
         empty_server.wait_ready()
-        yield {"base": server.base, "empty": empty_server.base, "root": root}
+        yield {"base": server.base, "empty": empty_server.base, "root": root,
+               "log": server.log}
     finally:
         for s in servers:
             s.stop()
@@ -654,3 +655,36 @@ def test_every_view_is_served_offline(app, page, tmp_path) -> None:
     wait_until(page, lambda: any(t.startswith(f"{WP}: ") for t in titles(page)), "skill maps")
     shot(page, tmp_path, "offline")
     assert page.external_requests == []
+
+
+def test_ten_concurrent_sessions_each_see_their_own_selection(app, browser, tmp_path) -> None:
+    """Ten sessions open at once, each on its own view and run: every page shows its own view
+    and address, no view shows an error, and the server logs no traceback and no dropped
+    message ("error handling message") meanwhile. Speed is measured by
+    benchmarks/bench_workbench_load.py, not here: the timeouts are only generous bounds."""
+    plan = [("overview", WP), ("fisher", WP), ("attention", WP), ("skill", WP),
+            ("budget", FULL), ("curves", FULL), ("scorecard", WP), ("skill", FULL),
+            ("curves", WP), ("overview", FULL)]
+    log_start = len(app["log"].read_text())
+    contexts = [browser.new_context(viewport={"width": 1300, "height": 1000}) for _ in plan]
+    try:
+        pages = [c.new_page() for c in contexts]
+        for pg, (view, run) in zip(pages, plan):  # start every load before waiting for any
+            pg.goto(f"{app['base']}/workbench?{urlencode({'view': view, 'run': run})}",
+                    wait_until="commit")
+        for i, (pg, (view, run)) in enumerate(zip(pages, plan)):
+            pg.wait_for_selector(f".wb-view-{view}", state="visible", timeout=240_000)
+            wait_until(pg, lambda pg=pg, view=view, run=run: query(pg).get("view") == view
+                       and query(pg).get("run") == run, f"session {i}'s address", timeout=240)
+            wait_until(pg, lambda pg=pg, view=view: bool(text_of(pg, f".wb-{view}-caption"))
+                       or view == "overview", f"session {i}'s {view} caption", timeout=240)
+            assert not pg.locator(f".wb-{view}-message").is_visible(), text_of(
+                pg, f".wb-{view}-message")
+        for i, (pg, (view, run)) in enumerate(zip(pages, plan)):  # nobody moved another
+            assert (query(pg)["view"], query(pg)["run"]) == (view, run), i
+        shot(pages[1], tmp_path, "fisher-among-ten")
+    finally:
+        for c in contexts:
+            c.close()
+    log = app["log"].read_text()[log_start:]
+    assert "Traceback" not in log and "error handling message" not in log, log[-3000:]

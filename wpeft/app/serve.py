@@ -15,8 +15,10 @@ Panel's own options (OAuth providers, ``--num-procs``, ``--prefix``...).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import json
+import logging
 import os
 import secrets
 import sys
@@ -31,6 +33,8 @@ from typing import Any
 __all__ = ["LoginLimiter", "add_arguments", "main"]
 
 DEFAULT_PORT = 5006
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -267,6 +271,32 @@ def _auth_provider(users: str, limiter: LoginLimiter) -> Any:
     return RateLimitedAuthProvider()
 
 
+def closed_tab_exception(context: dict[str, Any]) -> bool:
+    """True when an asyncio error ``context`` is only a write to a browser tab that has just
+    closed (tornado's ``WebSocketClosedError`` / ``StreamClosedError`` from a message Bokeh was
+    still sending): routine when a user closes a tab, not a server fault."""
+    from tornado.iostream import StreamClosedError
+    from tornado.websocket import WebSocketClosedError
+
+    return isinstance(context.get("exception"), (WebSocketClosedError, StreamClosedError))
+
+
+def _quiet_closed_tabs(loop: asyncio.AbstractEventLoop) -> None:
+    """Log a write to a closed tab as one debug line instead of an asyncio traceback; every
+    other loop error goes to the previous (default) handler."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if closed_tab_exception(context):
+            log.debug("a browser tab closed while the server wrote to it")
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 def main(args: argparse.Namespace) -> int:
     """Serve the workbench until interrupted. Returns an exit code (2: bad arguments)."""
     from wpeft.app.catalog import RunsDirError, catalog_for, check_runs_dir
@@ -337,6 +367,9 @@ def main(args: argparse.Namespace) -> int:
     if args.port:
         print(f"wpeft serve: the workbench of {root.name!r} is at "
               f"http://{args.address}:{args.port}/workbench", flush=True)
+    loop = asyncio.new_event_loop()  # the loop pn.serve runs on (tornado's IOLoop.current())
+    asyncio.set_event_loop(loop)
+    _quiet_closed_tabs(loop)
     pn.serve(
         {"workbench": app},
         port=args.port,
