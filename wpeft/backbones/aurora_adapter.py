@@ -29,7 +29,7 @@ from aurora import normalisation as aurora_norm
 from aurora.model.swin3d import Swin3DTransformerBlock, WindowAttention
 from torch import nn
 
-from wpeft.backbones.configs import BackboneConfig, get_config
+from wpeft.backbones.configs import BackboneConfig, PrithviConfig, get_config
 from wpeft.errors import CheckpointError
 
 __all__ = [
@@ -405,9 +405,18 @@ def build_backbone(
     norm_std: Mapping[str, float] | None = None,
     seed: int = 0,
 ) -> WpeftAurora:
-    """Build a backbone from a config (random init with ``seed``), optionally loading weights."""
+    """Build a backbone from a config (random init with ``seed``), optionally loading weights.
+
+    A Prithvi-WxC config (``prithvi-tiny``, ``prithvi-2.3b``) is built by
+    :func:`wpeft.backbones.prithvi_adapter.build_prithvi` (the optional ``prithvi`` extra)."""
     if isinstance(config, str):
         config = get_config(config)
+    if isinstance(config, PrithviConfig):
+        from wpeft.backbones.prithvi_adapter import build_prithvi
+
+        return build_prithvi(  # type: ignore[return-value]
+            config, checkpoint=checkpoint, norm_mean=norm_mean, norm_std=norm_std, seed=seed
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WpeftAurora(config, norm_mean=norm_mean, norm_std=norm_std)
