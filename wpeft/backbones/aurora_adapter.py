@@ -74,6 +74,17 @@ class BlockInfo:
     def name(self) -> str:
         return f"{self.stage}{self.layer}.{self.depth}"
 
+    def linear(self, sublayer: str) -> nn.Module:
+        """The block's ``qkv`` / ``proj`` (window attention) or ``fc1`` / ``fc2`` (MLP) linear."""
+        if sublayer in ("qkv", "proj"):
+            return getattr(self.attention, sublayer)
+        return getattr(self.block.mlp, sublayer)
+
+    @property
+    def mlp(self) -> nn.Module:
+        """The block's MLP (input: the normalised tokens ``(..., D_b)``)."""
+        return self.block.mlp
+
 
 def norm_key(name: str, level: float | None = None) -> str:
     """Aurora's statistics key of a variable: ``"2t"``, or ``"z_500"`` for a pressure level."""

@@ -116,6 +116,11 @@ class PrithviBlockInfo:
             module = module[step] if isinstance(step, int) else getattr(module, step)
         return module
 
+    @property
+    def mlp(self) -> nn.Module:
+        """The block's MLP (``ff[1]``; input: the normalised tokens ``(..., D)``)."""
+        return self.block.ff[1]
+
 
 class _Group(nn.Module):
     """A parameter group: Prithvi's own submodules (and mask token) registered under a name."""
