@@ -314,3 +314,21 @@ def test_cli_backbone_info(capsys: pytest.CaptureFixture[str], tiny: WpeftPrithv
     assert "(PrithviWxC.model.PrithviWxC, fingerprint" in out
     assert f"parameters: {tiny.num_parameters()['total']:,}" in out
     assert f"kernels E: ({D}, {V}, {T}, {P}, {P})" in out
+
+
+def test_to_and_eval_reach_prithvis_own_buffers_and_modules() -> None:
+    """Prithvi's scalers are buffers of the unforked model, not of a group: ``.to()`` moves them
+    too (a GPU run needs this), and ``eval()`` reaches its dropout."""
+    model = build_prithvi("prithvi-tiny").to(torch.float64).eval()
+    net = model.prithvi
+    assert net.input_scalers_mu.dtype == torch.float64 and net.output_scalers.dtype == torch.float64
+    assert not net.parameter_dropout.training
+    batch = sample(model.config)
+    batch = dataclasses.replace(
+        batch,
+        surf_vars={k: v.double() for k, v in batch.surf_vars.items()},
+        atmos_vars={k: v.double() for k, v in batch.atmos_vars.items()},
+        static_vars={k: v.double() for k, v in batch.static_vars.items()},
+    )
+    with torch.no_grad():
+        assert model(batch).surf_vars["2t"].dtype == torch.float64
