@@ -53,13 +53,14 @@ __all__ = [
 
 INSTALL_HINT = 'pip install -e ".[prithvi]"'
 
-#: LoRA-style sublayer names (:data:`wpeft.methods.lora.SUBLAYERS`) -> path in a Prithvi
-#: ``Transformer`` block.
-_SUBLAYER_PATHS = {
-    "qkv": ("attention", 1, "qkv_layer"),
-    "proj": ("attention", 1, "w_layer"),
-    "fc1": ("ff", 1, "net", 0),
-    "fc2": ("ff", 1, "net", 3),
+#: LoRA-style sublayer names (:data:`wpeft.methods.lora.SUBLAYERS`) -> that linear of a Prithvi
+#: ``Transformer`` block (``attention = (LayerNorm, MultiheadAttention)``, ``ff = (LayerNorm,
+#: Mlp)``, ``Mlp.net = (Linear, GELU, Dropout, Linear, Dropout)``).
+_SUBLAYERS: dict[str, Callable[[Any], nn.Module]] = {
+    "qkv": lambda block: block.attention[1].qkv_layer,
+    "proj": lambda block: block.attention[1].w_layer,
+    "fc1": lambda block: block.ff[1].net[0],
+    "fc2": lambda block: block.ff[1].net[3],
 }
 
 
@@ -111,10 +112,7 @@ class PrithviBlockInfo:
 
     def linear(self, sublayer: str) -> nn.Module:
         """The block's ``qkv`` / ``proj`` (attention) or ``fc1`` / ``fc2`` (MLP) linear."""
-        module: Any = self.block
-        for step in _SUBLAYER_PATHS[sublayer]:
-            module = module[step] if isinstance(step, int) else getattr(module, step)
-        return module
+        return _SUBLAYERS[sublayer](self.block)
 
     @property
     def mlp(self) -> nn.Module:
@@ -355,12 +353,11 @@ class WpeftPrithvi(nn.Module):
         """Prithvi's transformer blocks in execution order (encoder, then decoder); within a
         stage local and global attention alternate, starting and ending with local."""
         out: list[PrithviBlockInfo] = []
-        for stage, shifted in (
-            ("encoder", self.config.encoder_shifting),
-            ("decoder", self.config.decoder_shifting),
+        for stage, stack, shifted in (
+            ("encoder", self._net.encoder, self.config.encoder_shifting),
+            ("decoder", self._net.decoder, self.config.decoder_shifting),
         ):
-            lgl = getattr(self._net, stage).lgl_block
-            for j, block in enumerate(lgl.transformers):
+            for j, block in enumerate(stack.lgl_block.transformers):
                 out.append(
                     PrithviBlockInfo(
                         index=len(out),
