@@ -82,7 +82,7 @@ def test_parameter_groups_partition_the_model(tiny: WpeftAurora) -> None:
 
 
 def test_named_configs() -> None:
-    assert set(CONFIGS) == {"tiny", "small", "1.3b"}
+    assert set(CONFIGS) == {"tiny", "small", "1.3b", "prithvi-tiny", "prithvi-2.3b"}
     with pytest.raises(ConfigError, match="Unknown backbone 'huge'"):
         get_config("huge")
     # "1.3b" and "small" are exactly the library's Aurora and AuroraSmall architectures.

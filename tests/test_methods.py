@@ -12,6 +12,8 @@ outside ``wpeft.methods`` probes a method instead of asking it, and ``wpeft meth
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +23,9 @@ import torch
 
 from test_backbone import random_batch
 from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone
+from wpeft.backbones.configs import BackboneConfig, get_config
 from wpeft.cli import main
+from wpeft.data.batch import random_batch as make_random_batch
 from wpeft.errors import CheckpointError, ConfigError
 from wpeft.methods import METHODS, PEFTMethod, create_method
 from wpeft.methods.adapter_file import load_adapter, save_adapter
@@ -35,6 +39,31 @@ VARIANTS = sorted(METHODS) + ["sfas+lean", "sfas+lean+r2", "weatherpeft+lean", "
                               "child_tuning_d+lean"]
 
 
+#: Backbones every variant runs on; Prithvi-WxC needs the optional ``prithvi`` extra.
+BACKBONES = [
+    "tiny",
+    pytest.param(
+        "prithvi-tiny",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("PrithviWxC") is None,
+            reason='prithviwxc is not installed (pip install -e ".[prithvi]")',
+        ),
+    ),
+]
+
+
+@functools.cache
+def batch_of(backbone: str):
+    """One random sample on ``backbone``'s grid, levels and variables."""
+    cfg = get_config(backbone)
+    if isinstance(cfg, BackboneConfig):
+        return random_batch(cfg, B=1)
+    return make_random_batch(
+        cfg.surf_vars, cfg.static_vars, cfg.atmos_vars, batch_size=1, grid=cfg.grid,
+        levels=cfg.levels,
+    )
+
+
 def make(spec: str) -> PEFTMethod:
     """``"sfas+lean+r2"`` -> ``create_method("sfas", lean=True, refresh_every=2)``."""
     name, *flags = spec.split("+")
@@ -46,9 +75,9 @@ def make(spec: str) -> PEFTMethod:
     return create_method(name, **kwargs)
 
 
-def pretrained_like(seed: int = 0) -> WpeftAurora:
+def pretrained_like(seed: int = 0, backbone: str = "tiny") -> WpeftAurora:
     """A tiny backbone whose blocks are not identity (random init zeroes the res-post-norms)."""
-    model = build_backbone("tiny", seed=seed)
+    model = build_backbone(backbone, seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -75,9 +104,9 @@ def train(method: PEFTMethod, model: WpeftAurora, batch, steps: int = STEPS) -> 
         opt.step()
 
 
-def trained_adapter(name: str, batch, path: Path, steps: int) -> Path:
+def trained_adapter(name: str, batch, path: Path, steps: int, backbone: str = "tiny") -> Path:
     """Train method ``name`` for ``steps`` on :func:`pretrained_like` and save its adapter."""
-    model = pretrained_like()
+    model = pretrained_like(backbone=backbone)
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     method = create_method(name)
     method.apply(model)
@@ -90,9 +119,11 @@ def batch():
     return random_batch(build_backbone("tiny").config, B=1)
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("name", VARIANTS)
-def test_frozen_stays_frozen_and_counts_hold(name: str, batch) -> None:
-    model = pretrained_like()
+def test_frozen_stays_frozen_and_counts_hold(name: str, backbone: str) -> None:
+    batch = batch_of(backbone)
+    model = pretrained_like(backbone=backbone)
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     pristine = {pname: p for params in model.named_parameter_groups().values() for pname, p in params}
     method = make(name)
@@ -115,9 +146,11 @@ def test_frozen_stays_frozen_and_counts_hold(name: str, batch) -> None:
     assert changed["total"] > 0, f"{name} changed nothing in {STEPS} steps"
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("name", VARIANTS)
-def test_adapter_round_trip_reproduces_outputs(name: str, batch, tmp_path) -> None:
-    model = pretrained_like()
+def test_adapter_round_trip_reproduces_outputs(name: str, backbone: str, tmp_path) -> None:
+    batch = batch_of(backbone)
+    model = pretrained_like(backbone=backbone)
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     method = make(name)
     method.apply(model)
@@ -127,7 +160,7 @@ def test_adapter_round_trip_reproduces_outputs(name: str, batch, tmp_path) -> No
         expected = model(batch)
     path = save_adapter(method, reference, tmp_path / name.replace("+", "-"), task="test")
 
-    fresh = pretrained_like()
+    fresh = pretrained_like(backbone=backbone)
     loaded = load_adapter(path, fresh)
     assert loaded.name == name.split("+")[0]
     fresh.eval()
@@ -139,12 +172,13 @@ def test_adapter_round_trip_reproduces_outputs(name: str, batch, tmp_path) -> No
         assert torch.equal(got.atmos_vars[k], expected.atmos_vars[k]), k
 
 
-def test_adapter_refuses_the_wrong_backbone(batch, tmp_path) -> None:
-    path = trained_adapter("bitfit", batch, tmp_path / "a", steps=1)
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_adapter_refuses_the_wrong_backbone(backbone: str, tmp_path) -> None:
+    path = trained_adapter("bitfit", batch_of(backbone), tmp_path / "a", 1, backbone)
     with pytest.raises(CheckpointError, match="expects pristine backbone weights"):
-        load_adapter(path, pretrained_like(seed=1))
+        load_adapter(path, pretrained_like(seed=1, backbone=backbone))
     with pytest.raises(CheckpointError, match="Adapter metadata .* does not exist"):
-        load_adapter(tmp_path / "missing", pretrained_like())
+        load_adapter(tmp_path / "missing", pretrained_like(backbone=backbone))
 
 
 def test_registry_errors() -> None:

@@ -30,6 +30,7 @@ def _print_skill(card: dict) -> None:
 
 def cmd_backbone_info(args: argparse.Namespace) -> int:
     from wpeft.backbones.aurora_adapter import build_backbone
+    from wpeft.backbones.configs import PrithviConfig
     from wpeft.backbones.pretrain import load_pretrained, pretrained_card
 
     if args.name == "tiny" or args.weights:
@@ -39,15 +40,24 @@ def cmd_backbone_info(args: argparse.Namespace) -> int:
         model, card = build_backbone(args.name), None
     counts = model.num_parameters()
     cfg = model.config
-    print(f"backbone {cfg.name!r} (aurora.Aurora, fingerprint {cfg.fingerprint()})")
+    prithvi = isinstance(cfg, PrithviConfig)
+    kind = "PrithviWxC.model.PrithviWxC" if prithvi else "aurora.Aurora"
+    print(f"backbone {cfg.name!r} ({kind}, fingerprint {cfg.fingerprint()})")
     print(
         f"  parameters: {counts['total']:,} (encoder {counts['encoder']:,}, "
         f"backbone {counts['backbone']:,}, decoder {counts['decoder']:,})"
     )
-    print(
-        f"  embed_dim {cfg.embed_dim}, patch {cfg.patch_size}, window {cfg.window_size}, "
-        f"{len(model.blocks)} Swin3D blocks, widths {sorted({b.dim for b in model.blocks})}"
-    )
+    if prithvi:
+        print(
+            f"  embed_dim {cfg.embed_dim}, patch {cfg.patch_size}, mask unit "
+            f"{cfg.mask_unit_size}, grid {cfg.grid}, {len(model.blocks)} transformer blocks "
+            "(local / global attention)"
+        )
+    else:
+        print(
+            f"  embed_dim {cfg.embed_dim}, patch {cfg.patch_size}, window {cfg.window_size}, "
+            f"{len(model.blocks)} Swin3D blocks, widths {sorted({b.dim for b in model.blocks})}"
+        )
     print(f"  kernels E: {tuple(model.embedding_kernels().shape)} over {cfg.variables}")
     if card is None:
         print("  weights: random init (load a local Aurora checkpoint with --checkpoint in training)")
@@ -439,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("backbone", help="inspect backbones")
     bsub = b.add_subparsers(dest="backbone_command", required=True)
     bi = bsub.add_parser("info", help="parameter count and held-out skill of a backbone")
-    bi.add_argument("--name", default="tiny", help="tiny (pretrained, shipped), small or 1.3b")
+    bi.add_argument("--name", default="tiny", help="tiny (pretrained, shipped), small, 1.3b, prithvi-tiny or prithvi-2.3b")
     bi.add_argument("--weights", default=None, help="directory with <name>.json + weights")
     bi.set_defaults(func=cmd_backbone_info)
 

@@ -29,7 +29,7 @@ from aurora import normalisation as aurora_norm
 from aurora.model.swin3d import Swin3DTransformerBlock, WindowAttention
 from torch import nn
 
-from wpeft.backbones.configs import BackboneConfig, get_config
+from wpeft.backbones.configs import BackboneConfig, PrithviConfig, get_config
 from wpeft.errors import CheckpointError
 
 __all__ = [
@@ -73,6 +73,17 @@ class BlockInfo:
     @property
     def name(self) -> str:
         return f"{self.stage}{self.layer}.{self.depth}"
+
+    def linear(self, sublayer: str) -> nn.Module:
+        """The block's ``qkv`` / ``proj`` (window attention) or ``fc1`` / ``fc2`` (MLP) linear."""
+        if sublayer in ("qkv", "proj"):
+            return getattr(self.attention, sublayer)
+        return getattr(self.block.mlp, sublayer)
+
+    @property
+    def mlp(self) -> nn.Module:
+        """The block's MLP (input: the normalised tokens ``(..., D_b)``)."""
+        return self.block.mlp
 
 
 def norm_key(name: str, level: float | None = None) -> str:
@@ -405,9 +416,18 @@ def build_backbone(
     norm_std: Mapping[str, float] | None = None,
     seed: int = 0,
 ) -> WpeftAurora:
-    """Build a backbone from a config (random init with ``seed``), optionally loading weights."""
+    """Build a backbone from a config (random init with ``seed``), optionally loading weights.
+
+    A Prithvi-WxC config (``prithvi-tiny``, ``prithvi-2.3b``) is built by
+    :func:`wpeft.backbones.prithvi_adapter.build_prithvi` (the optional ``prithvi`` extra)."""
     if isinstance(config, str):
         config = get_config(config)
+    if isinstance(config, PrithviConfig):
+        from wpeft.backbones.prithvi_adapter import build_prithvi
+
+        return build_prithvi(  # type: ignore[return-value]
+            config, checkpoint=checkpoint, norm_mean=norm_mean, norm_std=norm_std, seed=seed
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WpeftAurora(config, norm_mean=norm_mean, norm_std=norm_std)

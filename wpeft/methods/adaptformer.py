@@ -88,7 +88,7 @@ class AdaptFormer(PEFTMethod):
         for info in model.blocks:
             adapter = BottleneckAdapter(info.dim, self.config.bottleneck, self.config.scale)
             self.added[info.name.replace(".", "_")] = adapter.to(device)
-            self._handles.append(info.block.mlp.register_forward_hook(_parallel_hook(adapter)))
+            self._handles.append(info.mlp.register_forward_hook(_parallel_hook(adapter)))
 
 
 def _parallel_hook(adapter: BottleneckAdapter):

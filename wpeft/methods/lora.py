@@ -45,9 +45,9 @@ SUBLAYERS = ("qkv", "proj", "fc1", "fc2")
 
 
 def _sublayer(info: BlockInfo, sublayer: str) -> nn.Module:
-    if sublayer in ("qkv", "proj"):
-        return getattr(info.attention, sublayer)
-    return getattr(info.block.mlp, sublayer)
+    """The block's linear ``sublayer``, as the backbone's block declares it (Aurora's Swin3D
+    blocks and Prithvi-WxC's transformers name their linears differently)."""
+    return info.linear(sublayer)
 
 
 def block_linears(

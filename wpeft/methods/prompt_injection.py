@@ -1,4 +1,5 @@
-"""Prepending prompt tokens to every window of Aurora's Swin3D window attention (no fork).
+"""Prepending prompt tokens to every window of Aurora's Swin3D window attention (no fork), and
+to every sequence of Prithvi-WxC's local (per mask unit) and global attention.
 
 Used by TADP (prompts generated from the embedding kernels) and VPT-deep (learned prompts).
 Two hooks on each chosen ``WindowAttention`` module do it:
@@ -7,6 +8,10 @@ Two hooks on each chosen ``WindowAttention`` module do it:
   prepending the block's P prompt tokens, and pads a shifted-window mask ``(nW, N_w, N_w)`` with
   zeros to ``(nW, P + N_w, P + N_w)`` (prompts attend and are attended everywhere);
 * a forward hook drops the P prompt outputs, so the block sees exactly ``N_w`` tokens again.
+
+Prithvi-WxC's ``MultiheadAttention`` takes one ``(x, mask)`` tuple, x ``[batch, units, tokens,
+D]`` (local) or ``[batch, tokens, units, D]`` (global): the prompts are prepended along the
+sequence axis (-2) of every row, and the mask (which Prithvi does not use) is passed on.
 
 The attention itself stays Aurora's (fused ``scaled_dot_product_attention``); prompts never
 enter the MLP.
@@ -59,7 +64,12 @@ class PromptInjector:
 
     def _pre_hook(self, info: BlockInfo) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            x = args[0] if args else kwargs.pop("x")
+            # Prithvi-WxC's attention takes one (x, mask) tuple and ignores the mask
+            packed = bool(args) and isinstance(args[0], tuple)
+            if packed:
+                x, packed_mask = args[0]
+            else:
+                x = args[0] if args else kwargs.pop("x")
             prompt = self.prompts(info).to(dtype=x.dtype, device=x.device)  # (P, D_b)
             n_prompt = prompt.shape[0]
             if prompt.shape[1] != x.shape[-1]:
@@ -67,7 +77,10 @@ class PromptInjector:
                     f"Block {info.name} has width {x.shape[-1]}, its prompts {prompt.shape[1]}."
                 )
             self._lengths[info.index] = n_prompt
-            x = torch.cat([prompt.unsqueeze(0).expand(x.shape[0], -1, -1), x], dim=1)
+            # (..., N, D_b) -> (..., P + N, D_b): every sequence (window, mask unit) gets them
+            x = torch.cat([prompt.expand(*x.shape[:-2], -1, -1), x], dim=-2)
+            if packed:
+                return ((x, packed_mask), *args[1:]), kwargs
             mask = kwargs.get("mask")
             if mask is not None:
                 # (nW, N, N) -> (nW, P + N, P + N): zeros for prompt rows and columns
@@ -78,6 +91,6 @@ class PromptInjector:
 
     def _post_hook(self, info: BlockInfo) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output[:, self._lengths[info.index] :]
+            return output[..., self._lengths[info.index] :, :]
 
         return hook

@@ -1,0 +1,512 @@
+"""wpeft's adapter around the real ``PrithviWxC.model.PrithviWxC`` (no fork, no copy).
+
+The optional ``prithvi`` extra (``pip install -e ".[prithvi]"``) provides the package; it is
+imported only when a Prithvi backbone is built, so the Aurora path never needs it.
+
+:class:`WpeftPrithvi` exposes what PEFT methods need, with the same names as
+:class:`~wpeft.backbones.aurora_adapter.WpeftAurora`:
+
+* ``embedding_kernels()``: ``patch_embedding.proj.weight`` ``(D, T·V, P, P)`` (Prithvi stacks
+  the input ``(B, T, V, H, W)`` time-major) reshaped to the paper's ``(D, V, T, P, P)``, V in
+  :attr:`~wpeft.backbones.configs.PrithviConfig.variables` order; recomputed from the live weights;
+* ``blocks``: the transformer blocks of Prithvi's encoder and decoder in execution order
+  (local attention within a mask unit, global attention across mask units, alternating), each
+  with the ``MultiheadAttention`` module prompts go into;
+* ``parameter_groups()``: by module -- ``encoder`` (patch embeddings, time embeddings, mask
+  token), ``backbone`` (Prithvi's encoder and decoder transformers), ``decoder`` (``unembed``);
+* ``forward(batch)``: an ``aurora.Batch`` in, the next step as an ``aurora.Batch`` out (physical
+  units), as tasks call the Aurora backbone;
+* checkpoints from a local file (safetensors or ``torch.load(weights_only=True)``), in
+  Prithvi's own key names, never from a hub.
+
+The three groups are this module's children; the unforked ``PrithviWxC`` (:attr:`prithvi`) holds
+the same submodules and runs the forward (``masked_inference`` without a mask: every mask unit,
+in grid order, deterministic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from aurora import Batch
+from aurora import normalisation as aurora_norm
+from torch import nn
+
+from wpeft.backbones.aurora_adapter import check_weights_file, nonfinite_tensors, norm_key
+from wpeft.backbones.configs import PrithviConfig, get_config
+from wpeft.errors import CheckpointError, ConfigError, DataError
+
+__all__ = [
+    "INSTALL_HINT",
+    "PrithviBlockInfo",
+    "WpeftPrithvi",
+    "build_prithvi",
+    "load_prithvi_weights",
+]
+
+INSTALL_HINT = 'pip install -e ".[prithvi]"'
+
+#: LoRA-style sublayer names (:data:`wpeft.methods.lora.SUBLAYERS`) -> that linear of a Prithvi
+#: ``Transformer`` block (``attention = (LayerNorm, MultiheadAttention)``, ``ff = (LayerNorm,
+#: Mlp)``, ``Mlp.net = (Linear, GELU, Dropout, Linear, Dropout)``).
+_SUBLAYERS: dict[str, Callable[[Any], nn.Module]] = {
+    "qkv": lambda block: block.attention[1].qkv_layer,
+    "proj": lambda block: block.attention[1].w_layer,
+    "fc1": lambda block: block.ff[1].net[0],
+    "fc2": lambda block: block.ff[1].net[3],
+}
+
+
+def _prithvi_module() -> Any:
+    """``PrithviWxC.model``, or ConfigError naming the install command."""
+    try:
+        import PrithviWxC.model as prithvi_model
+    except ImportError as e:
+        raise ConfigError(
+            f"Prithvi-WxC backbones need the prithviwxc package ({e}); install it with "
+            f"{INSTALL_HINT}."
+        ) from None
+    return prithvi_model
+
+
+@dataclass(frozen=True)
+class PrithviBlockInfo:
+    """One transformer block of Prithvi-WxC, in execution order.
+
+    Attributes:
+        index: Position in execution order (0 = first encoder block).
+        stage: ``"encoder"`` or ``"decoder"`` (Prithvi's two transformer stacks).
+        layer: Always 0 (one stack per stage).
+        depth: Block index within the stage.
+        dim: Token width D.
+        num_heads: Attention heads.
+        shifted: Whether the stage shifts mask units (Swin-style) after its global blocks.
+        local: True: attention within each mask unit (over its tokens); False: global attention
+            across mask units (one sequence per token position).
+        block: The ``Transformer`` module.
+        attention: Its ``MultiheadAttention``, called with one ``(x, mask)`` tuple, x of shape
+            ``[batch, units, tokens, D]`` (local) or ``[batch, tokens, units, D]`` (global).
+    """
+
+    index: int
+    stage: str
+    layer: int
+    depth: int
+    dim: int
+    num_heads: int
+    shifted: bool
+    local: bool
+    block: nn.Module
+    attention: nn.Module
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}{self.layer}.{self.depth}"
+
+    def linear(self, sublayer: str) -> nn.Module:
+        """The block's ``qkv`` / ``proj`` (attention) or ``fc1`` / ``fc2`` (MLP) linear."""
+        return _SUBLAYERS[sublayer](self.block)
+
+    @property
+    def mlp(self) -> nn.Module:
+        """The block's MLP (``ff[1]``; input: the normalised tokens ``(..., D)``)."""
+        return self.block.ff[1]
+
+
+class _Group(nn.Module):
+    """A parameter group: Prithvi's own submodules (and mask token) registered under a name."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], **params: nn.Parameter) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+        for name, p in params.items():
+            self.register_parameter(name, p)
+
+
+def _default_stats(config: PrithviConfig) -> tuple[dict[str, float], dict[str, float]]:
+    """Aurora's ERA5 statistics for the config's variables where Aurora has them, else 0 / 1."""
+    keys = [norm_key(v) for v in config.surf_vars + config.static_vars]
+    keys += [norm_key(v, lv) for v in config.atmos_vars for lv in config.levels]
+    mean = {k: float(aurora_norm.locations.get(k, 0.0)) for k in keys}
+    std = {k: float(aurora_norm.scales.get(k, 1.0)) for k in keys}
+    return mean, std
+
+
+class WpeftPrithvi(nn.Module):
+    """Prithvi-WxC with the interface wpeft's methods and tasks use.
+
+    Args:
+        config: Architecture.
+        norm_mean / norm_std: Statistics keyed like Aurora's (``"2t"``, ``"z_500"``, static
+            ``"lsm"``); missing keys take Aurora's ERA5 statistics (else 0 / 1). They become
+            Prithvi's input scalers; the output scalers are the input std (one-step increments
+            are predicted in units of the variable's std).
+
+    Attributes:
+        applied_method: Name of the wpeft method applied (see ``WpeftAurora.applied_method``).
+        own_stats: Always True: every key the model normalises is in ``norm_mean``.
+    """
+
+    applied_method: str | None = None
+    own_stats: bool = True
+
+    def __init__(
+        self,
+        config: PrithviConfig,
+        norm_mean: Mapping[str, float] | None = None,
+        norm_std: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        prithvi_model = _prithvi_module()
+        self.config = config
+        self.patch_size = config.patch_size
+        mean, std = _default_stats(config)
+        self.norm_mean = mean | dict(norm_mean or {})
+        self.norm_std = std | dict(norm_std or {})
+        net = prithvi_model.PrithviWxC(**config.prithvi_kwargs(), **self._scalers())
+        # Not a child: its parameters are registered once, by group, below.
+        object.__setattr__(self, "_net", net)
+        self.encoder = _Group(
+            {
+                "patch_embedding": net.patch_embedding,
+                "patch_embedding_static": net.patch_embedding_static,
+                "input_time_embedding": net.input_time_embedding,
+                "lead_time_embedding": net.lead_time_embedding,
+            },
+            mask_token=net.mask_token,
+        )
+        self.backbone = _Group({"encoder": net.encoder, "decoder": net.decoder})
+        self.decoder = _Group({"unembed": net.unembed})
+        self._masked_inference: Callable[..., torch.Tensor] = prithvi_model.masked_inference
+
+    def _scalers(self) -> dict[str, torch.Tensor]:
+        """Prithvi's scaler tensors from ``norm_mean`` / ``norm_std``."""
+        c = self.config
+        keys = [norm_key(v) for v in c.surf_vars]
+        keys += [norm_key(v, lv) for v in c.atmos_vars for lv in c.levels]
+        mu = torch.tensor([self.norm_mean[k] for k in keys])
+        sigma = torch.tensor([self.norm_std[k] for k in keys])
+        # Fourier encoding: 3 unused leading entries, then the time channels (unscaled), statics
+        n_free = 3 + len(c.static_channels) - 2 - len(c.static_vars)
+        s_mu = torch.tensor([0.0] * n_free + [self.norm_mean[k] for k in c.static_vars])
+        s_sigma = torch.tensor([1.0] * n_free + [self.norm_std[k] for k in c.static_vars])
+        return {
+            "input_scalers_mu": mu,
+            "input_scalers_sigma": sigma,
+            "static_input_scalers_mu": s_mu,
+            "static_input_scalers_sigma": s_sigma,
+            "output_scalers": sigma.clone(),
+        }
+
+    @property
+    def prithvi(self) -> nn.Module:
+        """The unforked ``PrithviWxC`` model (the same submodules as the groups)."""
+        return self._net
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        """``.to()`` / ``.float()`` also move Prithvi's own buffers (its scalers)."""
+        super()._apply(fn, recurse)
+        for name, buf in self._net._buffers.items():
+            if buf is not None:
+                self._net._buffers[name] = fn(buf)
+        return self
+
+    def train(self, mode: bool = True) -> WpeftPrithvi:
+        super().train(mode)
+        self._net.train(mode)
+        return self
+
+    # --- the forward tasks call --------------------------------------------------------------
+
+    def forward(self, batch: Batch) -> Batch:
+        """The state one ``timestep_hours`` after the last input step, in physical units:
+        surface ``(B, 1, H, W)``, atmospheric ``(B, 1, C, H, W)``."""
+        c = self.config
+        if c.residual == "climate":
+            raise ConfigError(
+                f"Backbone {c.name!r} predicts increments over a climatology "
+                "(residual='climate'), which wpeft's tasks do not provide yet; use a config with "
+                "residual='temporal'."
+            )
+        x, static = self._inputs(batch)
+        B, T = x.shape[:2]
+        hours = float(c.timestep_hours)
+        out = self._masked_inference(
+            self._net,
+            {
+                "x": x,
+                "y": x[:, -1],  # only its shape is checked
+                "static": static,
+                "input_time": x.new_full((B,), -hours * (T - 1)),
+                "lead_time": x.new_full((B,), hours),
+            },
+        )
+        return self._outputs(batch, out)
+
+    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prithvi's ``x`` ``(B, T, V, H, W)`` and ``static`` ``(B, 2 + C_s, H, W)``."""
+        c = self.config
+        levels = tuple(int(lv) for lv in batch.metadata.atmos_levels)
+        if levels != tuple(c.levels):
+            raise DataError(
+                f"Batch levels {levels} differ from backbone {c.name!r}'s {tuple(c.levels)}; "
+                "Prithvi-WxC embeds a fixed set of channels: feed exactly these levels."
+            )
+        missing = [v for v in c.surf_vars if v not in batch.surf_vars]
+        missing += [v for v in c.atmos_vars if v not in batch.atmos_vars]
+        if missing:
+            raise DataError(f"Batch lacks variable(s) {missing} that backbone {c.name!r} embeds.")
+        first = batch.surf_vars[c.surf_vars[0]]
+        B, T, H, W = first.shape
+        if (H, W) != tuple(c.grid) or T != c.max_history_size:
+            raise DataError(
+                f"Batch has {T} step(s) on a {H} x {W} grid; backbone {c.name!r} takes "
+                f"{c.max_history_size} steps on its fixed {c.grid[0]} x {c.grid[1]} grid."
+            )
+        channels = [batch.surf_vars[v] for v in c.surf_vars]
+        channels += [batch.atmos_vars[v][:, :, i] for v in c.atmos_vars for i in range(len(levels))]
+        x = torch.stack(channels, dim=2)
+        return x, self._static(batch, B, first)
+
+    def _static(self, batch: Batch, B: int, like: torch.Tensor) -> torch.Tensor:
+        """Latitude/longitude (radians), sin/cos of day of year and hour of the last input
+        time, then the static variables (a variable the batch lacks: its mean, i.e. zero after
+        normalisation)."""
+        c = self.config
+        H, W = c.grid
+        meta = batch.metadata
+        lat = torch.deg2rad(meta.lat.to(like)).view(H, 1).expand(H, W)
+        lon = torch.deg2rad(meta.lon.to(like)).view(1, W).expand(H, W)
+        per_sample = []
+        for t in meta.time:
+            doy = 2 * math.pi * (t.timetuple().tm_yday - 1) / 366.0
+            hod = 2 * math.pi * (t.hour + t.minute / 60.0) / 24.0
+            angles = (math.sin(doy), math.cos(doy), math.sin(hod), math.cos(hod))
+            per_sample.append(torch.stack([like.new_full((H, W), a) for a in angles]))
+        fields = [
+            batch.static_vars[v].to(like) if v in batch.static_vars
+            else like.new_full((H, W), self.norm_mean[norm_key(v)])
+            for v in c.static_vars
+        ]
+        shared = torch.stack([lat, lon, *fields]) if fields else torch.stack([lat, lon])
+        times = torch.stack(per_sample) if len(per_sample) == B else per_sample[0].expand(B, -1, -1, -1)
+        return torch.cat([shared[:2].expand(B, -1, -1, -1), times, shared[2:].expand(B, -1, -1, -1)], dim=1)
+
+    def _outputs(self, batch: Batch, out: torch.Tensor) -> Batch:
+        c = self.config
+        n_s, n_l = len(c.surf_vars), len(c.levels)
+        surf = {v: out[:, i : i + 1] for i, v in enumerate(c.surf_vars)}
+        atmos = {
+            v: out[:, n_s + j * n_l : n_s + (j + 1) * n_l].unsqueeze(1)
+            for j, v in enumerate(c.atmos_vars)
+        }
+        meta = batch.metadata
+        metadata = dataclasses.replace(
+            meta,
+            time=tuple(t + timedelta(hours=c.timestep_hours) for t in meta.time),
+            rollout_step=meta.rollout_step + 1,
+        )
+        return Batch(surf_vars=surf, static_vars=batch.static_vars, atmos_vars=atmos, metadata=metadata)
+
+    # --- what PEFT methods need -------------------------------------------------------------
+
+    def embedding_variables(self) -> tuple[tuple[str, str], ...]:
+        """The dynamic channels the patch embedding holds kernels for, as ``(embedding, name)``
+        pairs (``"surface"`` / ``"atmos"``, ``"z_500"``), in channel order."""
+        c = self.config
+        surf = [("surface", v) for v in c.surf_vars]
+        return tuple(surf + [("atmos", v) for v in c.variables[len(c.surf_vars) :]])
+
+    def embedding_kernels(
+        self, variables: Sequence[str] | Sequence[tuple[str, str]] | None = None
+    ) -> torch.Tensor:
+        """Kernels E ``(D, V, T, P, P)`` from ``patch_embedding.proj.weight`` ``(D, T·V, P, P)``.
+
+        ``variables``: channel names (``"2t"``, ``"z_500"``) or :meth:`embedding_variables`
+        pairs, selecting and ordering V; None: every channel. Differentiable, live weights.
+        """
+        c = self.config
+        weight = self._net.patch_embedding.proj.weight
+        D, _, P, _ = weight.shape
+        E = weight.view(D, c.max_history_size, len(c.variables), P, P).transpose(1, 2)
+        if variables is None:
+            return E
+        names = [v[1] if isinstance(v, tuple) else v for v in variables]
+        unknown = [n for n in names if n not in c.variables]
+        if unknown:
+            raise ConfigError(
+                f"Backbone {c.name!r} has no embedding kernel for {unknown}; its channels: "
+                f"{list(c.variables)}."
+            )
+        return E[:, [c.variables.index(n) for n in names]]
+
+    @property
+    def blocks(self) -> list[PrithviBlockInfo]:
+        """Prithvi's transformer blocks in execution order (encoder, then decoder); within a
+        stage local and global attention alternate, starting and ending with local."""
+        out: list[PrithviBlockInfo] = []
+        for stage, stack, shifted in (
+            ("encoder", self._net.encoder, self.config.encoder_shifting),
+            ("decoder", self._net.decoder, self.config.decoder_shifting),
+        ):
+            for j, block in enumerate(stack.lgl_block.transformers):
+                out.append(
+                    PrithviBlockInfo(
+                        index=len(out),
+                        stage=stage,
+                        layer=0,
+                        depth=j,
+                        dim=block.features,
+                        num_heads=block.n_heads,
+                        shifted=shifted,
+                        local=j % 2 == 0,
+                        block=block,
+                        attention=block.attention[1],
+                    )
+                )
+        return out
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters of the ``encoder``, ``backbone`` and ``decoder`` groups (by module)."""
+        return {
+            "encoder": list(self.encoder.parameters()),
+            "backbone": list(self.backbone.parameters()),
+            "decoder": list(self.decoder.parameters()),
+        }
+
+    def named_parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Like :meth:`parameter_groups`, with names as in ``state_dict()``."""
+        groups = {"encoder": self.encoder, "backbone": self.backbone, "decoder": self.decoder}
+        return {g: [(f"{g}.{n}", p) for n, p in m.named_parameters()] for g, m in groups.items()}
+
+    def num_parameters(self) -> dict[str, int]:
+        """Scalar count per group and in total."""
+        counts = {g: sum(p.numel() for p in ps) for g, ps in self.parameter_groups().items()}
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or a ``torch.save`` file (``model_state`` / ``state_dict``
+    unwrapped), without unpickling arbitrary code."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model_state", "state_dict"):
+        if isinstance(state, dict) and key in state:
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"Checkpoint {str(path)!r} holds a {type(state).__name__}, not tensors.")
+    return state
+
+
+def load_prithvi_weights(model: WpeftPrithvi, path: str | Path) -> None:
+    """Load a local Prithvi-WxC checkpoint (Prithvi's key names) into ``model`` strictly.
+
+    A missing or corrupt file, a checkpoint of another architecture or other variables (the
+    channel count differs), or one holding NaN/inf raises :class:`CheckpointError` naming the
+    file and the fix; the model is left untouched then. The checkpoint's scalers replace
+    ``norm_mean`` / ``norm_std``.
+    """
+    path = check_weights_file(path)
+    try:
+        state = _read_state(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors and torch raise many types for corrupt files
+        raise CheckpointError(
+            f"Could not read checkpoint {str(path)!r} ({type(e).__name__}: {e}); the file is "
+            "corrupt or not a checkpoint."
+        ) from e
+    net = model.prithvi
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        details = []
+        if mismatched:
+            k = mismatched[0]
+            details.append(
+                f"{len(mismatched)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs "
+                f"model {tuple(own[k].shape)}"
+            )
+        if missing:
+            details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} does not match Prithvi config {model.config.name!r} "
+            f"({len(model.config.variables)} channels x {model.config.max_history_size} steps): "
+            + "; ".join(details)
+            + ". Choose the config (variables, levels, grid) the checkpoint was trained with."
+        )
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} holds non-finite values (NaN/inf) in {len(bad)} tensor(s), "
+            f"e.g. {', '.join(bad[:3])}; use an earlier checkpoint or re-create it."
+        )
+    net.load_state_dict(state, strict=True)
+    _stats_from_scalers(model)
+
+
+def _stats_from_scalers(model: WpeftPrithvi) -> None:
+    """``norm_mean`` / ``norm_std`` from the (loaded) input scalers."""
+    c, net = model.config, model.prithvi
+    keys = [norm_key(v) for v in c.surf_vars] + [
+        norm_key(v, lv) for v in c.atmos_vars for lv in c.levels
+    ]
+    mu, sigma = net.input_scalers_mu.flatten().tolist(), net.input_scalers_sigma.flatten().tolist()
+    model.norm_mean.update(zip(keys, mu))
+    model.norm_std.update(zip(keys, sigma))
+
+
+def build_prithvi(
+    config: PrithviConfig | str = "prithvi-tiny",
+    *,
+    variables: Sequence[str] | None = None,
+    checkpoint: str | Path | None = None,
+    norm_mean: Mapping[str, float] | None = None,
+    norm_std: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> WpeftPrithvi:
+    """Build a Prithvi-WxC backbone (random init with ``seed``), optionally loading weights.
+
+    Args:
+        config: A :class:`PrithviConfig` or its name.
+        variables: The dynamic channels the caller expects (``config.variables`` order); refused
+            unless they are exactly the config's (Prithvi embeds a fixed channel set).
+        checkpoint: A local checkpoint in Prithvi's key names (:func:`load_prithvi_weights`).
+    """
+    if isinstance(config, str):
+        config = get_config(config)  # type: ignore[assignment]
+    if not isinstance(config, PrithviConfig):
+        raise ConfigError(
+            f"Backbone {config.name!r} is an Aurora config; build it with "
+            "wpeft.backbones.aurora_adapter.build_backbone."
+        )
+    if variables is not None and tuple(variables) != config.variables:
+        extra = sorted(set(variables) - set(config.variables))
+        lacking = sorted(set(config.variables) - set(variables))
+        raise ConfigError(
+            f"Backbone {config.name!r} embeds channels {list(config.variables)}; the variables "
+            f"given differ (not embedded: {extra}, not given: {lacking}, or another order). "
+            "Use a config built for these variables."
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WpeftPrithvi(config, norm_mean=norm_mean, norm_std=norm_std)
+    if checkpoint is not None:
+        load_prithvi_weights(model, checkpoint)
+    return model
