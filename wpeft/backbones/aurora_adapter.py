@@ -41,6 +41,7 @@ __all__ = [
     "load_weights",
     "nonfinite_tensors",
     "norm_key",
+    "state_mismatches",
 ]
 
 
@@ -288,6 +289,29 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def state_mismatches(
+    own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """How a checkpoint's ``state`` differs from a model's own state dict, one phrase per kind
+    (shape mismatches, missing keys, unexpected keys; each with a first example); empty when
+    they match."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    details = []
+    if mismatched:
+        k = mismatched[0]
+        details.append(
+            f"{len(mismatched)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs "
+            f"model {tuple(own[k].shape)}"
+        )
+    if missing:
+        details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+    return details
+
+
 def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names (sorted) of the floating-point tensors in ``state`` holding NaN or inf."""
     return sorted(
@@ -378,21 +402,8 @@ def load_weights(model: WpeftAurora, path: str | Path) -> None:
             "corrupt or not a checkpoint; re-download or re-create it."
         ) from e
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or mismatched:
-        details = []
-        if mismatched:
-            k = mismatched[0]
-            details.append(
-                f"{len(mismatched)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs "
-                f"model {tuple(own[k].shape)}"
-            )
-        if missing:
-            details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+    details = state_mismatches(own, state)
+    if details:
         raise CheckpointError(
             f"Checkpoint {str(path)!r} does not match backbone config {model.config.name!r}: "
             + "; ".join(details)

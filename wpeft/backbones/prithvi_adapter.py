@@ -39,7 +39,12 @@ from aurora import Batch
 from aurora import normalisation as aurora_norm
 from torch import nn
 
-from wpeft.backbones.aurora_adapter import check_weights_file, nonfinite_tensors, norm_key
+from wpeft.backbones.aurora_adapter import (
+    check_weights_file,
+    nonfinite_tensors,
+    norm_key,
+    state_mismatches,
+)
 from wpeft.backbones.configs import PrithviConfig, get_config
 from wpeft.errors import CheckpointError, ConfigError, DataError
 
@@ -430,21 +435,8 @@ def load_prithvi_weights(model: WpeftPrithvi, path: str | Path) -> None:
         ) from e
     net = model.prithvi
     own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or mismatched:
-        details = []
-        if mismatched:
-            k = mismatched[0]
-            details.append(
-                f"{len(mismatched)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs "
-                f"model {tuple(own[k].shape)}"
-            )
-        if missing:
-            details.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+    details = state_mismatches(own, state)
+    if details:
         raise CheckpointError(
             f"Checkpoint {str(path)!r} does not match Prithvi config {model.config.name!r} "
             f"({len(model.config.variables)} channels x {model.config.max_history_size} steps): "
