@@ -58,6 +58,7 @@ import param
 
 from wpeft.app.catalog import Catalog, RunEntry, RunNameError, catalog_for, split_variable
 from wpeft.errors import DataError, WpeftError
+from wpeft.runs.layout import METRICS
 
 __all__ = ["VIEWS", "Selection", "Workbench", "build_workbench", "runs_dir_from_argv"]
 
@@ -974,7 +975,7 @@ class CurvesView(View):
         if frame.empty:
             names = ", ".join(e.name for e in entries)
             raise DataError(
-                f"{names}: no training or validation lines in metrics.jsonl yet; train with "
+                f"{names}: no training or validation lines in {METRICS} yet; train with "
                 "--log-every N (training loss) and --eval-every N (validation scores)."
             )
         pairs = dict.fromkeys(zip(frame["split"], frame["column"]))
