@@ -14,15 +14,45 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from wpeft.errors import ConfigError
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated at run time
+    from typing_extensions import Self
 
 __all__ = ["CONFIGS", "BackboneConfig", "PrithviConfig", "get_config"]
 
 
+class _ConfigRecord:
+    """What a backbone config (a frozen dataclass) writes into run and adapter files: its fields
+    as a dict, back from one (lists become tuples; an unknown field is refused), and a short
+    hash of the architecture."""
+
+    #: Names the config kind in errors ("backbone", "Prithvi").
+    config_kind: ClassVar[str] = "backbone"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"Unknown {cls.config_kind} config field(s) {unknown}; known: {sorted(known)}."
+            )
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the architecture (used to match adapters to backbones)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
-class BackboneConfig:
+class BackboneConfig(_ConfigRecord):
     """Keyword arguments of ``aurora.Aurora`` that define an architecture.
 
     Attributes:
@@ -102,22 +132,6 @@ class BackboneConfig:
             **self.extra,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BackboneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"Unknown backbone config field(s) {unknown}; known: {sorted(known)}.")
-        tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**tuples)
-
-    def fingerprint(self) -> str:
-        """Short stable hash of the architecture (used to match adapters to backbones)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 #: MERRA-2 variables and model levels of the released Prithvi-WxC (``PrithviWxC`` small.yaml).
@@ -135,7 +149,7 @@ PRITHVI_POSITION_CHANNELS = ("lat", "lon", "sin_doy", "cos_doy", "sin_hod", "cos
 
 
 @dataclass(frozen=True)
-class PrithviConfig:
+class PrithviConfig(_ConfigRecord):
     """Arguments of ``PrithviWxC.model.PrithviWxC`` that define an architecture, with the
     variables in channel order (wpeft's Prithvi adapter: :mod:`wpeft.backbones.prithvi_adapter`).
 
@@ -158,6 +172,8 @@ class PrithviConfig:
             climatology; the released model) or ``"none"``.
         encoder_shifting / decoder_shifting: Swin shifting of the mask units.
     """
+
+    config_kind: ClassVar[str] = "Prithvi"
 
     name: str
     family: str = "prithvi-wxc"
@@ -245,21 +261,6 @@ class PrithviConfig:
             "decoder_shifting": self.decoder_shifting,
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PrithviConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"Unknown Prithvi config field(s) {unknown}; known: {sorted(known)}.")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-    def fingerprint(self) -> str:
-        """Short stable hash of the architecture (used to match adapters to backbones)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 CONFIGS: dict[str, BackboneConfig | PrithviConfig] = {
