@@ -1,8 +1,8 @@
 """The Prithvi-WxC adapter: kernels E, blocks, parameter groups, the Batch forward, checkpoints,
 a task on it, and the bad inputs (grids, variables, adapters of the other backbone).
 
-``prithvi-tiny`` by hand: D = 192, 6 heads, T = 2, P = 2, 19 channels (4 surface + 5 x 3
-levels), grid 32 x 64 in mask units of 8 x 16 -> 4 x 4 = 16 units of 4 x 8 = 32 tokens.
+``prithvi-tiny`` by hand: D = 192, 6 heads, T = 2, P = 4, 19 channels (4 surface + 5 x 3
+levels), grid 32 x 64 in mask units of 8 x 16 -> 4 x 4 = 16 units of 2 x 4 = 8 tokens.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from wpeft.methods import create_method
 from wpeft.methods.adapter_file import load_adapter
 from wpeft.tasks.downscaling import Downscaling
 
-D, T, P, V = 192, 2, 2, 19
-UNITS, TOKENS = 16, 32
+D, T, P, V = 192, 2, 4, 19
+UNITS, TOKENS = 16, 8
 
 
 @pytest.fixture(scope="module")

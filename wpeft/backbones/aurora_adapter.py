@@ -30,6 +30,7 @@ from aurora.model.swin3d import Swin3DTransformerBlock, WindowAttention
 from torch import nn
 
 from wpeft.backbones.configs import BackboneConfig, PrithviConfig, get_config
+from wpeft.backbones.groups import GroupedBackbone
 from wpeft.errors import CheckpointError
 
 __all__ = [
@@ -100,7 +101,7 @@ def _aurora_loc_scale(model: Aurora, name: str, level: int | None) -> tuple[floa
     return aurora_norm.locations[key], aurora_norm.scales[key]
 
 
-class WpeftAurora(Aurora):
+class WpeftAurora(GroupedBackbone, Aurora):
     """``aurora.Aurora`` normalising with the statistics of the data it was trained on.
 
     Args:
@@ -258,26 +259,9 @@ class WpeftAurora(Aurora):
                     )
         return out
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters of the ``encoder``, ``backbone`` and ``decoder`` modules (by module)."""
-        return {
-            "encoder": list(self.encoder.parameters()),
-            "backbone": list(self.backbone.parameters()),
-            "decoder": list(self.decoder.parameters()),
-        }
-
-    def named_parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Like :meth:`parameter_groups`, with names as in ``state_dict()``."""
-        return {
-            g: [(f"{g}.{n}", p) for n, p in getattr(self, g).named_parameters()]
-            for g in ("encoder", "backbone", "decoder")
-        }
-
-    def num_parameters(self) -> dict[str, int]:
-        """Scalar count per group and in total."""
-        counts = {g: sum(p.numel() for p in ps) for g, ps in self.parameter_groups().items()}
-        counts["total"] = sum(counts.values())
-        return counts
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """The tensors of a weights file of this backbone, as :func:`load_weights` reads them."""
+        return self.state_dict()
 
 
 def file_sha256(path: str | Path) -> str:

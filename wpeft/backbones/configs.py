@@ -21,7 +21,7 @@ from wpeft.errors import ConfigError
 if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are not evaluated at run time
     from typing_extensions import Self
 
-__all__ = ["CONFIGS", "BackboneConfig", "PrithviConfig", "get_config"]
+__all__ = ["CONFIGS", "BackboneConfig", "PrithviConfig", "config_from_dict", "get_config"]
 
 
 class _ConfigRecord:
@@ -31,6 +31,8 @@ class _ConfigRecord:
 
     #: Names the config kind in errors ("backbone", "Prithvi").
     config_kind: ClassVar[str] = "backbone"
+    #: The model the config builds, as written for people ("Aurora", "Prithvi-WxC").
+    model_name: ClassVar[str] = "Aurora"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -174,6 +176,7 @@ class PrithviConfig(_ConfigRecord):
     """
 
     config_kind: ClassVar[str] = "Prithvi"
+    model_name: ClassVar[str] = "Prithvi-WxC"
 
     name: str
     family: str = "prithvi-wxc"
@@ -293,8 +296,9 @@ CONFIGS: dict[str, BackboneConfig | PrithviConfig] = {
 }
 
 # Prithvi-WxC (the optional ``prithvi`` extra). A few million parameters on the embedded
-# world's 32 x 64 grid: 2 x 2 patches, 8 x 16 mask units (4 x 4 units of 4 x 8 tokens).
-CONFIGS["prithvi-tiny"] = PrithviConfig(name="prithvi-tiny")
+# world's 32 x 64 grid: 4 x 4 patches (the 8 x 16 token grid of Aurora ``tiny``), 8 x 16 mask
+# units (4 x 4 units of 2 x 4 tokens).
+CONFIGS["prithvi-tiny"] = PrithviConfig(name="prithvi-tiny", patch_size=4)
 # Architecture of the released Prithvi-WxC 2.3B (prithvi.wxc.2300m.v1) on MERRA-2's 360 x 576 grid.
 CONFIGS["prithvi-2.3b"] = PrithviConfig(
     name="prithvi-2.3b",
@@ -325,3 +329,10 @@ def get_config(name: str) -> BackboneConfig | PrithviConfig:
         raise ConfigError(
             f"Unknown backbone {name!r}; choose one of {sorted(CONFIGS)}."
         ) from None
+
+
+def config_from_dict(d: dict[str, Any]) -> BackboneConfig | PrithviConfig:
+    """A config back from its :meth:`to_dict` (a Prithvi config records ``family``)."""
+    if d.get("family") == "prithvi-wxc":
+        return PrithviConfig.from_dict(d)
+    return BackboneConfig.from_dict(d)

@@ -1,6 +1,7 @@
 """The shipped pretrained backbone: its JSON card and its sha256-checked weights.
 
-The ``tiny`` Aurora ships with the package as safetensors plus a JSON card (backbone config,
+The ``tiny`` Aurora and the ``prithvi-tiny`` Prithvi-WxC ship with the package, each as
+safetensors plus a JSON card (backbone config,
 world config and seed, normalisation statistics, sha256 of the weights, held-out skill), written
 by :func:`wpeft.training.pretrain.pretrain` (``wpeft pretrain``). This module only reads them:
 loading a backbone needs nothing from the training code.
@@ -12,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone, file_sha256, load_weights
-from wpeft.backbones.configs import BackboneConfig
+from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone, file_sha256
+from wpeft.backbones.configs import config_from_dict
 from wpeft.errors import CheckpointError
 from wpeft.paths import package_data_dir
 
@@ -48,10 +49,10 @@ def load_pretrained(name: str = "tiny", directory: str | Path | None = None) -> 
             f"{card['sha256'][:12]}...: the file is corrupt or was replaced. Re-create it."
         )
     model = build_backbone(
-        BackboneConfig.from_dict(card["backbone"]),
+        config_from_dict(card["backbone"]),
+        checkpoint=weights,
         norm_mean=card["norm_mean"],
         norm_std=card["norm_std"],
     )
-    load_weights(model, weights)
     model.eval()
     return model

@@ -46,6 +46,7 @@ from wpeft.backbones.aurora_adapter import (
     state_mismatches,
 )
 from wpeft.backbones.configs import PrithviConfig, get_config
+from wpeft.backbones.groups import GroupedBackbone
 from wpeft.errors import CheckpointError, ConfigError, DataError
 
 __all__ = [
@@ -145,7 +146,7 @@ def _default_stats(config: PrithviConfig) -> tuple[dict[str, float], dict[str, f
     return mean, std
 
 
-class WpeftPrithvi(nn.Module):
+class WpeftPrithvi(GroupedBackbone, nn.Module):
     """Prithvi-WxC with the interface wpeft's methods and tasks use.
 
     Args:
@@ -353,6 +354,11 @@ class WpeftPrithvi(nn.Module):
             )
         return E[:, [c.variables.index(n) for n in names]]
 
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """The tensors of a weights file of this backbone: the unforked model's state in
+        Prithvi's own key names, scalers included (what :func:`load_prithvi_weights` reads)."""
+        return self._net.state_dict()
+
     @property
     def blocks(self) -> list[PrithviBlockInfo]:
         """Prithvi's transformer blocks in execution order (encoder, then decoder); within a
@@ -378,25 +384,6 @@ class WpeftPrithvi(nn.Module):
                     )
                 )
         return out
-
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters of the ``encoder``, ``backbone`` and ``decoder`` groups (by module)."""
-        return {
-            "encoder": list(self.encoder.parameters()),
-            "backbone": list(self.backbone.parameters()),
-            "decoder": list(self.decoder.parameters()),
-        }
-
-    def named_parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Like :meth:`parameter_groups`, with names as in ``state_dict()``."""
-        groups = {"encoder": self.encoder, "backbone": self.backbone, "decoder": self.decoder}
-        return {g: [(f"{g}.{n}", p) for n, p in m.named_parameters()] for g, m in groups.items()}
-
-    def num_parameters(self) -> dict[str, int]:
-        """Scalar count per group and in total."""
-        counts = {g: sum(p.numel() for p in ps) for g, ps in self.parameter_groups().items()}
-        counts["total"] = sum(counts.values())
-        return counts
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Pretraining the ``tiny`` Aurora on 6-hour forecasting of the embedded world.
+"""Pretraining a small backbone (``tiny`` Aurora, ``prithvi-tiny``) on 6-hour forecasting of the
+embedded world.
 
 This is what makes the default backbone a *foundation* model worth fine-tuning: it learns the
 world's dynamics (one 6-hour step from two history steps) on the first part of the trajectory and
@@ -27,7 +28,7 @@ from aurora import Batch
 from tqdm.auto import tqdm
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone, file_sha256, norm_key
-from wpeft.backbones.configs import BackboneConfig, get_config
+from wpeft.backbones.configs import BackboneConfig, PrithviConfig, get_config
 from wpeft.data.batch import Fields, check_grid
 from wpeft.data.world import WorldConfig, open_world
 from wpeft.errors import CheckpointError, ConfigError
@@ -76,7 +77,7 @@ class PretrainConfig:
 # --- data ------------------------------------------------------------------------------------
 
 
-def world_fields(config: BackboneConfig, world: WorldConfig, progress: bool = True) -> Fields:
+def world_fields(config: BackboneConfig | PrithviConfig, world: WorldConfig, progress: bool = True) -> Fields:
     """The embedded world's fine-grid truth as :class:`Fields` for a backbone config."""
     ds = open_world(world, progress=progress)
     fields = Fields.from_dataset(
@@ -284,7 +285,7 @@ def pretrain(
     skill = forecast_skill(model, fields, hold_idx)
     weights = out / f"{bcfg.name}.safetensors"
     tmp = weights.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in model.weights_state().items()}, str(tmp))
     os.replace(tmp, weights)
     card = {
         "backbone": bcfg.to_dict(),
@@ -297,8 +298,8 @@ def pretrain(
         "norm_std": stats.std,
         "heldout_skill": skill,
         "heldout_samples": len(hold_idx),
-        "description": "Aurora (tiny config) pretrained on 6-hour forecasting of wpeft's "
-        "synthetic shallow-water world (not Earth).",
+        "description": f"{bcfg.model_name} ({bcfg.name} config) pretrained on "
+        "6-hour forecasting of wpeft's synthetic shallow-water world (not Earth).",
     }
     (out / f"{bcfg.name}.json").write_text(json.dumps(card, indent=2))
     return card
