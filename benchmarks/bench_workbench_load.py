@@ -46,11 +46,8 @@ from urllib.parse import urlparse
 
 import psutil
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
+from wpeft.app.browsing import CHROMIUM, CHROMIUM_ARGS, wait_for_server
+
 WORLD = {"nlat": 16, "nlon": 32, "days": 12, "spinup_days": 1, "ensemble_inits": 8,
          "ensemble_members": 3}
 TEMPLATES = ("weatherpeft", "full")
@@ -202,19 +199,7 @@ class Server:
         return self.ps.memory_info().rss / 1e6
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.base}/workbench", timeout=30) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"server did not answer in {timeout} s")
+        wait_for_server(f"{self.base}/workbench", self.proc, self.log, timeout)
 
     def errors(self) -> dict[str, int]:
         text = self.log.read_text(errors="replace")

@@ -20,19 +20,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlparse
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]
+from wpeft.app.browsing import CHROMIUM, CHROMIUM_ARGS, wait_for_server
+
 WORLD = {"nlat": 16, "nlon": 32, "days": 12, "spinup_days": 1, "ensemble_inits": 8,
          "ensemble_members": 3}
 SECRET = "TOP-SECRET-MARKER"
@@ -84,18 +79,7 @@ class Server:
         )
 
     def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n"
-                                   f"{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.base}/workbench", timeout=30) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.5)
-        raise RuntimeError(f"the server did not answer in {timeout} s:\n{self.log.read_text()}")
+        wait_for_server(f"{self.base}/workbench", self.proc, self.log, timeout)
 
     def stop(self) -> None:
         self.proc.terminate()
