@@ -25,6 +25,10 @@ Fisher-selection methods (``method.selection``) run under FSDP2 with their state
 the parameters (one global top-k over the shards); their checkpoints and records gather the full
 masks on every rank (1 byte per backbone entry each, outside the training step).
 
+Prithvi-WxC backbones (``prithvi-tiny``, ``prithvi-2.3b``) are planned the same way: its
+transformer blocks are the FSDP2 units and the checkpointed units, the grid must divide into
+its mask units, and its channels (levels) are fixed by its config.
+
 What the plan adds up comes from :mod:`wpeft.distributed.inventory` (parameters, gradients,
 optimiser and method state, counted on the meta device) and
 :mod:`wpeft.distributed.activations` (saved activations, counted from the architecture and
