@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from wpeft.backbones.aurora_adapter import build_backbone
+from wpeft.backbones.configs import get_config
 from wpeft.data.batch import random_batch
 from wpeft.distributed.activations import (
     estimate_activations,
@@ -323,3 +325,138 @@ def test_bench_gpu_smoke_on_cpu(tmp_path):
     assert text.count("| tiny |") == 2 and "| ok |" in text
     rows = json.loads(out.with_suffix(".json").read_text())
     assert all(r["status"] == "ok" and r["flops"] > 0 and r["planned_bytes"] > 0 for r in rows)
+
+
+# --- Prithvi-WxC -------------------------------------------------------------------------
+
+needs_prithvi = pytest.mark.skipif(
+    importlib.util.find_spec("PrithviWxC") is None,
+    reason='prithviwxc is not installed (pip install -e ".[prithvi]")',
+)
+
+
+def _prithvi_measure(method: str, batch: int, bf16: bool) -> int:
+    """Exact saved bytes of one prithvi-tiny forward (bf16: CPU autocast over all of it)."""
+    torch.manual_seed(0)
+    model = build_backbone("prithvi-tiny")
+    m = create_method(method)
+    m.apply(model)
+    cfg = model.config
+    b = random_batch(
+        cfg.surf_vars, cfg.static_vars, cfg.atmos_vars, batch_size=batch, grid=cfg.grid,
+        levels=cfg.levels,
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = measure_saved_bytes(
+            model, b, regions=model_regions(model, m.added), exclude=list(m.parameters())
+        )
+    return out["total"]
+
+
+@needs_prithvi
+def test_prithvi_inventory_matches_the_real_model():
+    for name in ("full", "lora", "weatherpeft"):
+        inv = inventory("prithvi-tiny", name)
+        model = build_backbone("prithvi-tiny")
+        method = create_method(name)
+        method.apply(model)
+        params = list(method.parameters())
+        assert inv.total == sum(p.numel() for p in params)
+        assert inv.with_grad == sum(p.numel() for p in params if p.requires_grad)
+        assert inv.trainable == method.trainable()["total"]
+        assert inv.root_params + sum(b.params for b in inv.blocks) == inv.total
+        assert len(inv.blocks) == 8 and inv.merges == ()  # 2 x 2 + 1 and 2 x 1 + 1
+    lora = inventory("prithvi-tiny", "lora")
+    assert all(b.qkv.adapter and not b.qkv.own and not b.modulation1 for b in lora.blocks)
+    assert not lora.encoder_trainable and not lora.decoder_trainable
+
+
+@needs_prithvi
+def test_prithvi_2p3b_costs_nothing():
+    """The released architecture is counted on the meta device: 30 blocks of 12 D^2 + 9 D."""
+    d = 2560
+    inv = inventory("prithvi-2.3b", "full")
+    with torch.device("meta"):
+        model = build_backbone("prithvi-2.3b")
+    assert inv.total == model.num_parameters()["total"]
+    assert len(inv.blocks) == 30 and {b.params for b in inv.blocks} == {12 * d * d + 9 * d}
+    wp = inventory("prithvi-2.3b", "weatherpeft")
+    assert wp.prompts == 30 and wp.kernel_shape == (d, 160, 2, 2, 2)
+    assert wp.masked == model.num_parameters()["backbone"]  # dense state over the blocks
+
+
+def test_prithvi_geometry_local_and_global():
+    """prithvi-2.3b at 360 x 576, patches 2 x 2: 180 x 288 tokens in 12 x 18 mask units of
+    15 x 16 tokens; local attention: 216 sequences of 240 tokens, global: 240 of 216."""
+    cfg = get_config("prithvi-2.3b")
+    local, across = stage_geometry(cfg, (360, 576))
+    assert local.res == across.res == (1, 180, 288) and local.tokens == 180 * 288
+    assert (local.windows, local.window_tokens) == (12 * 18, 15 * 16)
+    assert (across.windows, across.window_tokens) == (15 * 16, 12 * 18)
+    assert not local.shift and not across.shift and local.padded == local.res
+
+
+@needs_prithvi
+def test_prithvi_activations_by_hand():
+    """prithvi-tiny, full, fp32, one sample: D = 192, 6 heads, MLP 4 D, N = 8 x 16 = 128 tokens
+    (16 units of 8), no prompts, so every block attends over N tokens whatever its pattern."""
+    inv = inventory("prithvi-tiny", "full")
+    d, h, n = 192, 6, 128
+    attention = n * (5 * 4 * d + 4 * h)  # q, k, v, output, qkv input (fp32); log-sum-exp
+    per_token = 2 * (4 * d + 8) + 4 * 4 * d + 4 * d + 4 * 4 * d  # 2 LN, GELU in, fc1/fc2 in
+    act = estimate_activations(inv, (32, 64), 1, 13, precision="fp32")
+    assert act.blocks == 8 * (attention + n * per_token) and act.merges == 0
+    # the unit-grid gather and unembed save a token grid each; the embeddings their inputs
+    # (2 steps x 19 channels + 7 static) and the token / mask-token gathers theirs
+    assert act.decoder == 2 * 4 * n * d
+    assert act.encoder == 4 * (32 * 64 * (2 * 19 + 7) + 2 * n * d)
+    assert act.block_inputs == 8 * 4 * n * d and act.weight_copies == 0
+    # WeatherPEFT's 30 prompts join every sequence: 16 units x (8 + 30), 8 positions x (16 + 30)
+    wp = estimate_activations(inventory("prithvi-tiny", "weatherpeft"), (32, 64), 1, 13, "fp32")
+    local, across = 16 * (8 + 30) * (5 * 4 * d + 4 * h), 8 * (16 + 30) * (5 * 4 * d + 4 * h)
+    assert wp.blocks == 5 * local + 3 * across + 8 * n * per_token
+    assert wp.method > 0 and wp.encoder == 0
+
+
+@needs_prithvi
+@pytest.mark.parametrize("method", ["full", "lora", "weatherpeft"])
+def test_prithvi_estimate_matches_measured_saved_bytes(method):
+    """As for Aurora: fp32 exact up to 2 % (LoRA: the first block's LayerNorm input is not
+    saved when nothing before it trains, 0.8 %); bf16 on the CPU below the CUDA policy."""
+    inv = inventory("prithvi-tiny", method)
+    measured = _prithvi_measure(method, 2, bf16=False)
+    assert measured == pytest.approx(
+        estimate_activations(inv, (32, 64), 2, 13, precision="fp32").full, rel=0.02
+    )
+    measured_bf16 = _prithvi_measure(method, 2, bf16=True)
+    estimate_bf16 = estimate_activations(inv, (32, 64), 2, 13, precision="bf16").full
+    assert 0.6 < measured_bf16 / estimate_bf16 < 1.05
+
+
+@needs_prithvi
+def test_prithvi_2p3b_plan_needs_checkpointing_and_sharding(capsys):
+    """weatherpeft on Prithvi-WxC 2.3B at 360 x 576: one 80 GB GPU holds neither the full
+    activations nor, with checkpointing, the dense MaskedAdamW state on top; two GPUs under
+    FSDP2 with checkpointing do."""
+    argv = ["--backbone", "prithvi-2.3b", "--method", "weatherpeft", "--grid", "360x576"]
+    assert main(_args(*argv, "--gpus", "1", "--gpu-memory", "80")) == 1
+    out = capsys.readouterr().out
+    assert "14 (fixed) levels" in out and "12x18 mask units of 15x16" in out
+    assert "Choice: none fits." in out and "With 2 GPUs, fsdp+ckpt fits" in out
+    one = plan(PlanRequest("prithvi-2.3b", "weatherpeft", 1, 1, (360, 576)))
+    assert one.strategy("none+ckpt").activations < one.strategy("none").activations / 5
+    two = plan(PlanRequest("prithvi-2.3b", "weatherpeft", 2, 1, (360, 576)))
+    assert two.choice == "fsdp+ckpt"
+    assert main(_args("--backbone", "prithvi-2.3b", "--method", "lora", "--json")) in (0, 1)
+    assert json.loads(capsys.readouterr().out)["request"]["grid"] == [360, 576]  # its own grid
+
+
+def test_prithvi_grid_must_divide_into_mask_units():
+    with pytest.raises(ConfigError, match=r"mask unit 30x32 .*e\.g\. 360x576"):
+        request(backbone="prithvi-2.3b", grid=(361, 576))
+    with pytest.raises(ConfigError, match="mask unit 30x32"):
+        request(backbone="prithvi-2.3b", grid=(360, 580))
+    with pytest.raises(ConfigError, match="mask unit 8x16"):
+        request(backbone="prithvi-tiny", grid=(36, 64))
+    with pytest.raises(ConfigError, match=r"Unknown backbone 'prithvi'.*'prithvi-2\.3b'"):
+        request(backbone="prithvi")

@@ -374,7 +374,8 @@ def _add_task_and_backbone_arguments(
                         "(nested mappings and lists allowed, e.g. world: {nlat: 16})")
     p.add_argument("--backbone", default=backbone_default,
                    help="architecture: tiny (default; weights ship with wpeft), small or 1.3b "
-                        "(give --checkpoint)")
+                        "(give --checkpoint); Prithvi-WxC prithvi-tiny (weights ship with "
+                        "wpeft) or prithvi-2.3b (give --checkpoint)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="local weights of the --backbone architecture (safetensors or Aurora "
                         ".ckpt, downloaded once from the Aurora model card); Aurora's own "

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from aurora import Batch
@@ -48,6 +48,9 @@ from wpeft.backbones.aurora_adapter import (
 from wpeft.backbones.configs import PrithviConfig, get_config
 from wpeft.backbones.groups import GroupedBackbone
 from wpeft.errors import CheckpointError, ConfigError, DataError
+
+if TYPE_CHECKING:  # xarray is imported when a climatology is set, not with the model
+    from wpeft.data.climatology import Climatology
 
 __all__ = [
     "INSTALL_HINT",
@@ -236,12 +239,7 @@ class WpeftPrithvi(GroupedBackbone, nn.Module):
         """The state one ``timestep_hours`` after the last input step, in physical units:
         surface ``(B, 1, H, W)``, atmospheric ``(B, 1, C, H, W)``."""
         c = self.config
-        if c.residual == "climate":
-            raise ConfigError(
-                f"Backbone {c.name!r} predicts increments over a climatology "
-                "(residual='climate'), which wpeft's tasks do not provide yet; use a config with "
-                "residual='temporal'."
-            )
+        climate = self._climate_input(batch) if c.residual == "climate" else {}
         x, static = self._inputs(batch)
         B, T = x.shape[:2]
         hours = float(c.timestep_hours)
@@ -253,6 +251,7 @@ class WpeftPrithvi(GroupedBackbone, nn.Module):
                 "static": static,
                 "input_time": x.new_full((B,), -hours * (T - 1)),
                 "lead_time": x.new_full((B,), hours),
+                **climate,  # residual="climate": the climatology at each target time
             },
         )
         return self._outputs(batch, out)
@@ -384,6 +383,56 @@ class WpeftPrithvi(GroupedBackbone, nn.Module):
                     )
                 )
         return out
+
+    # --- the climatology of residual="climate" (the released 2.3B) ---------------------------
+
+    #: What a ``residual="climate"`` model predicts increments over (:meth:`set_climatology`).
+    climatology: Climatology | None = None
+
+    def set_climatology(self, source: Climatology | str | Path | None) -> None:
+        """The climatology the forward adds the prediction to (and embeds with the statics):
+        a :class:`~wpeft.data.climatology.Climatology` of this config's channels and grid, or a
+        directory of ``climate_surface_doyDOY_hourHH.nc`` / ``climate_vertical_...`` files
+        (Prithvi-WxC's MERRA-2 layout); None removes it."""
+        from wpeft.data.climatology import Climatology
+
+        c = self.config
+        if c.residual != "climate":
+            raise ConfigError(
+                f"Backbone {c.name!r} has residual={c.residual!r} and reads no climatology; "
+                "only a residual='climate' config (prithvi-2.3b) takes one."
+            )
+        if source is not None and not isinstance(source, Climatology):
+            source = Climatology.for_config(c, source)
+        if source is not None:
+            have = (source.surf_vars, source.atmos_vars, tuple(map(float, source.levels)), source.grid)
+            want = (c.surf_vars, c.atmos_vars, tuple(map(float, c.levels)), tuple(c.grid))
+            if have != want:
+                raise ConfigError(
+                    f"Climatology of {list(source.variables)} on {source.grid} does not match "
+                    f"backbone {c.name!r} ({list(c.variables)} on {tuple(c.grid)}); build it with "
+                    "Climatology.for_config(model.config, DIR)."
+                )
+        self.climatology = source
+
+    def _climate_input(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``{"climate": (B, V, H, W)}``: the climatology at each sample's target time (its last
+        input time + ``timestep_hours``), in physical units, like the batch's fields."""
+        c = self.config
+        if self.climatology is None:
+            raise ConfigError(
+                f"Backbone {c.name!r} predicts increments over a climatology "
+                "(residual='climate') and has none: call model.set_climatology(DIR) with the "
+                "directory of its climate_surface_doyDOY_hourHH.nc and climate_vertical_"
+                "doyDOY_hourHH.nc files, or use a config with residual='temporal'."
+            )
+        like = batch.surf_vars.get(c.surf_vars[0])  # None: _inputs names the missing variable
+        B = like.shape[0] if like is not None else len(batch.metadata.time)
+        times = [t + timedelta(hours=c.timestep_hours) for t in batch.metadata.time]
+        if len(times) != B:  # one time for the whole batch
+            times = times[:1] * B
+        climate = self.climatology.stack(times)
+        return {"climate": climate.to(like) if like is not None else climate}
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

@@ -41,6 +41,12 @@ per sample as bytes(B=2) - bytes(B=1); CPU, torch 2.14, fp32; tiny and small bac
   asserts 0.6-1.05). The CUDA-policy constants are the counting above;
   ``benchmarks/gpu/check_plan.py`` (run by ``benchmarks/gpu/run_device.sh``) prints
   measured / estimated on a GPU to confirm them.
+
+Prithvi-WxC (:func:`prithvi_activations`): the same block counting over mask units. Measured /
+estimated whole forward on ``prithvi-tiny`` (32 x 64, batch 2, CPU fp32): full 1.0001,
+weatherpeft 1.0000, tadp 0.998, lora 0.992 (the first block's LayerNorm input is not saved when
+nothing before it trains; not modelled); blocks exact for full and weatherpeft. CPU bf16 (autocast
+over the whole forward): 0.95-0.98. Not yet checked on a GPU.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from wpeft.backbones.configs import BackboneConfig
+from wpeft.backbones.configs import BackboneConfig, PrithviConfig
 from wpeft.distributed.inventory import BlockGrad, ModelInventory
 
 if TYPE_CHECKING:  # the model code is imported when a plan is made, not by `wpeft --help`
@@ -67,6 +73,8 @@ __all__ = [
     "estimate_activations",
     "measure_saved_bytes",
     "model_regions",
+    "prithvi_activations",
+    "prithvi_geometry",
     "stage_geometry",
 ]
 
@@ -109,8 +117,14 @@ class StageGeometry:
         return math.prod(p // w for p, w in zip(self.padded, self.window))
 
 
-def stage_geometry(config: BackboneConfig, grid: tuple[int, int]) -> list[StageGeometry]:
-    """Per encoder stage (the decoder mirrors them): tokens, windows and padding for ``grid``."""
+def stage_geometry(
+    config: BackboneConfig | PrithviConfig, grid: tuple[int, int]
+) -> list[StageGeometry]:
+    """Per encoder stage (the decoder mirrors them): tokens, windows and padding for ``grid``.
+
+    Prithvi-WxC: its two attention patterns, local then global (:func:`prithvi_geometry`)."""
+    if isinstance(config, PrithviConfig):
+        return prithvi_geometry(config, grid)
     h, w = grid
     p = config.patch_size
     res = (config.latent_levels, h // p, w // p)  # Aurora drops one extra latitude (721 -> 720)
@@ -148,8 +162,10 @@ def _block_bytes(
     mlp_ratio: float,
     a: int,
     f: int,
+    modulated: bool = True,
 ) -> int:
-    """Saved bytes of one Swin block for one sample (see the module docstring)."""
+    """Saved bytes of one Swin block for one sample (see the module docstring); without
+    ``modulated`` (Prithvi-WxC's plain LayerNorms) no per-sample time-modulation vectors."""
     d, hidden = dim, int(dim * mlp_ratio)
     window_tokens = geo.windows * (geo.window_tokens + prompts)
     per_window_token = 4 * a * d + 4 * heads  # q, k, v, attention output; log-sum-exp
@@ -177,7 +193,7 @@ def _block_bytes(
     if g.fc2.own:
         per_token += a * hidden
     out += geo.tokens * per_token
-    return int(BLOCK_SCALE * out) + 16 * d  # + the per-sample time-modulation vectors
+    return int(BLOCK_SCALE * out) + (16 * d if modulated else 0)  # time-modulation vectors
 
 
 def _merge_bytes(
@@ -312,8 +328,13 @@ def estimate_activations(
     levels: int,
     precision: str = "bf16",
 ) -> ActivationEstimate:
-    """Saved-activation bytes (CUDA autocast policy for ``bf16``) of one forward."""
+    """Saved-activation bytes (CUDA autocast policy for ``bf16``) of one forward.
+
+    Prithvi-WxC: :func:`prithvi_activations` (``levels`` is its config's, fixed by its weights).
+    """
     config = inv.config
+    if isinstance(config, PrithviConfig):
+        return prithvi_activations(inv, grid, batch, precision)
     a = 2 if precision == "bf16" else 4
     f = 4  # LayerNorm and the residual stream are fp32 under CUDA autocast
     stages = stage_geometry(config, grid)
@@ -422,10 +443,12 @@ def model_regions(model: WpeftAurora, added: nn.Module | None = None) -> dict[st
     """The regions of :func:`measure_saved_bytes` that match :class:`ActivationEstimate`."""
     from wpeft.methods.tadp import TADPGenerator
 
+    # Prithvi-WxC's groups are containers its forward never calls: their modules are the regions
+    prithvi = isinstance(model.config, PrithviConfig)
     regions: dict[str, Any] = {
         "blocks": [b.block for b in model.blocks],
-        "encoder": model.encoder,
-        "decoder": model.decoder,
+        "encoder": list(model.encoder.children()) if prithvi else model.encoder,
+        "decoder": list(model.decoder.children()) if prithvi else model.decoder,
         "merges": [
             m
             for m in model.backbone.modules()
@@ -437,3 +460,97 @@ def model_regions(model: WpeftAurora, added: nn.Module | None = None) -> dict[st
         if gens:
             regions["method"] = gens
     return regions
+
+
+# --- Prithvi-WxC ----------------------------------------------------------------------------
+
+
+def prithvi_geometry(config: PrithviConfig, grid: tuple[int, int]) -> list[StageGeometry]:
+    """Prithvi-WxC's attention patterns on its token grid ``(1, H/P, W/P)``: ``[local, global]``.
+
+    Local attention runs within each mask unit (window: the unit's ``mu_h/P x mu_w/P`` tokens,
+    one window per unit); global attention runs across the units, one sequence per token
+    position in a unit (window: the ``H/mu_h x W/mu_w`` units, dilated; one per position). No
+    padding (the grid divides into mask units) and no shifted-window mask (Prithvi's shifting
+    rolls the tokens and its attention takes no mask).
+    """
+    h, w = grid
+    p = config.patch_size
+    mh, mw = config.mask_unit_size
+    res = (1, h // p, w // p)
+    local = (1, mh // p, mw // p)
+    units = (1, h // mh, w // mw)
+    return [
+        StageGeometry(res=res, window=local, shift=False, padded=res),
+        StageGeometry(res=res, window=units, shift=False, padded=res),
+    ]
+
+
+def _prithvi_block_order(config: PrithviConfig) -> list[tuple[int, int, int, bool]]:
+    """``(pattern, width, heads, shifted?)`` per transformer block in execution order: pattern 0
+    local, 1 global (alternating from local, ``2 n + 1`` blocks per stack)."""
+    d, heads = config.embed_dim, config.n_heads
+    out = []
+    for n in (config.n_blocks_encoder, config.n_blocks_decoder):
+        out += [(j % 2, d, heads, False) for j in range(2 * n + 1)]
+    return out
+
+
+def prithvi_activations(
+    inv: ModelInventory, grid: tuple[int, int], batch: int, precision: str = "bf16"
+) -> ActivationEstimate:
+    """Saved-activation bytes of one Prithvi-WxC forward (CUDA autocast policy for ``bf16``,
+    autocast over the transformer blocks; embedding, gathers and unembedding in fp32).
+
+    Blocks: the Swin-block counting of the module docstring with the window of
+    :func:`prithvi_geometry` (local: units x (tokens + P); global: tokens x (units + P)), no
+    shifted-window mask, no modulation. Outside the blocks, per sample and token N of width D:
+    the gather that rebuilds the unit grid before the decoder stack saves its input (4 N D);
+    ``unembed`` its input when it trains (4 N D); when the encoder trains, the two patch
+    embeddings their inputs (4 H W (T V + static channels [+ V climatology])) and the token and
+    mask-token gathers theirs (2 x 4 N D). Under ``+ckpt`` (per transformer block) every block
+    keeps its fp32 input; nothing outside the blocks is recomputed.
+    """
+    config = inv.config
+    assert isinstance(config, PrithviConfig)
+    a = 2 if precision == "bf16" else 4
+    f = 4
+    stages = prithvi_geometry(config, grid)
+    order = _prithvi_block_order(config)
+    per_block = [
+        _block_bytes(
+            stages[pattern], dim, heads, False, g, inv.prompts, config.mlp_multiplier, a, f,
+            modulated=False,
+        )
+        for (pattern, dim, heads, _), g in zip(order, inv.blocks, strict=True)
+    ]
+    tokens, d = stages[0].tokens, config.embed_dim
+    pixels = grid[0] * grid[1]
+    n_vars = len(config.variables)
+    climate = n_vars if config.residual == "climate" else 0
+    static = len(config.static_channels) - 2 + climate  # lat / lon go to the Fourier encoding
+    decoder = batch * 4 * tokens * d * (1 + int(inv.decoder_trainable))
+    encoder = 0
+    if inv.encoder_trainable:
+        encoder = batch * 4 * (pixels * (config.max_history_size * n_vars + static) + 2 * tokens * d)
+    generator_bytes = [
+        _generator_bytes(g, inv.kernel_shape, precision, inv.encoder_trainable)
+        for g in inv.generators
+    ]
+    copies = 2 * inv.autocast_weight_numel if precision == "bf16" else 0
+    block_copies = 2 * max(b.weight_numel_2d for b in inv.blocks) if precision == "bf16" else 0
+    channels_in = config.max_history_size * n_vars + len(config.static_channels) + climate
+    return ActivationEstimate(
+        blocks=batch * sum(per_block),
+        largest_block=batch * max(per_block),
+        merges=0,
+        encoder=encoder,
+        decoder=decoder,
+        method=sum(generator_bytes),
+        largest_generator=max(generator_bytes, default=0),
+        weight_copies=copies,
+        largest_block_weights=block_copies,
+        block_inputs=batch * 4 * tokens * d * len(order),
+        checkpoint_roots=encoder + decoder,  # not recomputed: kept whole under checkpointing
+        batch_io=batch * 4 * pixels * (2 * channels_in + 2 * n_vars),
+    )

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from wpeft.backbones.configs import BackboneConfig, get_config
+from wpeft.backbones.configs import BackboneConfig, PrithviConfig, get_config
 
 if TYPE_CHECKING:
     from wpeft.methods.base import PEFTMethod
@@ -139,7 +139,7 @@ class ModelInventory:
             selected values (None: ``with_grad``).
     """
 
-    config: BackboneConfig
+    config: BackboneConfig | PrithviConfig
     method: str
     total: int
     with_grad: int
@@ -216,7 +216,7 @@ def _optimizer_bytes(method: PEFTMethod, opt: torch.optim.Optimizer) -> tuple[in
 
 
 def inventory(
-    backbone: str | BackboneConfig,
+    backbone: str | BackboneConfig | PrithviConfig,
     method: str,
     *,
     budget: float | None = None,
@@ -243,30 +243,10 @@ def inventory(
     params = list(m.parameters())
     opt_bytes, opt_transient, masked = _optimizer_bytes(m, opt)
 
-    blocks = []
-    in_blocks: set[int] = set()
-    for info in model.blocks:
-        block_params = list(info.block.parameters())
-        in_blocks.update(id(p) for p in block_params)
-        blocks.append(
-            BlockGrad(
-                qkv=_linear_grad(info.attention.qkv),
-                proj=_linear_grad(info.attention.proj),
-                fc1=_linear_grad(info.block.mlp.fc1),
-                fc2=_linear_grad(info.block.mlp.fc2),
-                modulation1=_any_grad(info.block.norm1),
-                modulation2=_any_grad(info.block.norm2),
-                params=sum(p.numel() for p in block_params),
-                weight_numel_2d=sum(p.numel() for p in block_params if p.dim() >= 2),
-            )
-        )
-    merges = []
-    for layer in model.backbone.encoder_layers:
-        if layer.downsample is not None:
-            merges.append((_any_grad(layer.downsample.reduction),))
-    for layer in model.backbone.decoder_layers:
-        if layer.upsample is not None:
-            merges.append((_any_grad(layer.upsample.lin1), _any_grad(layer.upsample.lin2)))
+    if isinstance(config, PrithviConfig):
+        blocks, merges, in_blocks = _prithvi_structure(model)
+    else:
+        blocks, merges, in_blocks = _aurora_structure(model)
     autocast_numel = sum(p.numel() for p in model.backbone.parameters() if p.dim() >= 2)
     autocast_numel += sum(p.numel() for p in m.added.parameters() if p.dim() >= 2)
 
@@ -303,3 +283,60 @@ def inventory(
         budget=budget_info,
         gradient_numel=gradient_numel,
     )
+
+
+def _aurora_structure(
+    model: nn.Module,
+) -> tuple[list[BlockGrad], list[tuple[bool, ...]], set[int]]:
+    """Aurora's Swin blocks, patch merging / splitting, and the ids of the blocks' parameters."""
+    blocks = []
+    in_blocks: set[int] = set()
+    for info in model.blocks:
+        block_params = list(info.block.parameters())
+        in_blocks.update(id(p) for p in block_params)
+        blocks.append(
+            BlockGrad(
+                qkv=_linear_grad(info.attention.qkv),
+                proj=_linear_grad(info.attention.proj),
+                fc1=_linear_grad(info.block.mlp.fc1),
+                fc2=_linear_grad(info.block.mlp.fc2),
+                modulation1=_any_grad(info.block.norm1),
+                modulation2=_any_grad(info.block.norm2),
+                params=sum(p.numel() for p in block_params),
+                weight_numel_2d=sum(p.numel() for p in block_params if p.dim() >= 2),
+            )
+        )
+    merges = []
+    for layer in model.backbone.encoder_layers:
+        if layer.downsample is not None:
+            merges.append((_any_grad(layer.downsample.reduction),))
+    for layer in model.backbone.decoder_layers:
+        if layer.upsample is not None:
+            merges.append((_any_grad(layer.upsample.lin1), _any_grad(layer.upsample.lin2)))
+    return blocks, merges, in_blocks
+
+
+def _prithvi_structure(
+    model: nn.Module,
+) -> tuple[list[BlockGrad], list[tuple[bool, ...]], set[int]]:
+    """Prithvi-WxC's transformer blocks (encoder, then decoder; no merging) and the ids of their
+    parameters. Its LayerNorms are plain (no time modulation): they save their input whether or
+    not their affine parameters train, so ``modulation1`` / ``modulation2`` are False."""
+    blocks = []
+    in_blocks: set[int] = set()
+    for info in model.blocks:
+        block_params = list(info.block.parameters())
+        in_blocks.update(id(p) for p in block_params)
+        blocks.append(
+            BlockGrad(
+                qkv=_linear_grad(info.linear("qkv")),
+                proj=_linear_grad(info.linear("proj")),
+                fc1=_linear_grad(info.linear("fc1")),
+                fc2=_linear_grad(info.linear("fc2")),
+                modulation1=False,
+                modulation2=False,
+                params=sum(p.numel() for p in block_params),
+                weight_numel_2d=sum(p.numel() for p in block_params if p.dim() >= 2),
+            )
+        )
+    return blocks, [], in_blocks

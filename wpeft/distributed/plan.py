@@ -25,6 +25,10 @@ Fisher-selection methods (``method.selection``) run under FSDP2 with their state
 the parameters (one global top-k over the shards); their checkpoints and records gather the full
 masks on every rank (1 byte per backbone entry each, outside the training step).
 
+Prithvi-WxC backbones (``prithvi-tiny``, ``prithvi-2.3b``) are planned the same way: its
+transformer blocks are the FSDP2 units and the checkpointed units, the grid must divide into
+its mask units, and its channels (levels) are fixed by its config.
+
 What the plan adds up comes from :mod:`wpeft.distributed.inventory` (parameters, gradients,
 optimiser and method state, counted on the meta device) and
 :mod:`wpeft.distributed.activations` (saved activations, counted from the architecture and
@@ -41,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from wpeft.backbones.configs import CONFIGS, BackboneConfig, get_config
+from wpeft.backbones.configs import CONFIGS, BackboneConfig, PrithviConfig, get_config
 from wpeft.distributed.activations import (
     ActivationEstimate,
     StageGeometry,
@@ -95,10 +99,21 @@ def parse_grid(text: str | tuple[int, int] | list[int]) -> tuple[int, int]:
     return h, w
 
 
-def _check_grid(grid: tuple[int, int], config: BackboneConfig) -> None:
-    """Aurora's rule: W a multiple of the patch size, H too or one latitude more (721 -> 720)."""
+def _check_grid(grid: tuple[int, int], config: BackboneConfig | PrithviConfig) -> None:
+    """Aurora's rule: W a multiple of the patch size, H too or one latitude more (721 -> 720).
+    Prithvi-WxC's: H and W multiples of its mask unit (which the patch size divides)."""
     h, w = grid
     p = config.patch_size
+    if isinstance(config, PrithviConfig):
+        mh, mw = config.mask_unit_size
+        if h % mh or w % mw:
+            raise ConfigError(
+                f"Grid {h}x{w} does not fit backbone {config.name!r} with mask unit {mh}x{mw} "
+                f"(patch size {p}): the height must be a multiple of {mh} and the width of {mw}; "
+                f"e.g. {max(mh, h - h % mh)}x{max(mw, w - w % mw)}, or the model's own grid "
+                f"{config.grid[0]}x{config.grid[1]}."
+            )
+        return
     if w % p or h % p > 1:
         raise ConfigError(
             f"Grid {h}x{w} does not fit backbone {config.name!r} with patch size {p}: the width "
@@ -114,18 +129,21 @@ class PlanRequest:
     """What to plan.
 
     Attributes:
-        backbone: Backbone config name (``tiny``, ``small``, ``1.3b``).
+        backbone: Backbone config name (``tiny``, ``small``, ``1.3b``, ``prithvi-tiny``,
+            ``prithvi-2.3b``).
         method: Registered fine-tuning method (``wpeft methods``).
         gpus: GPUs that train data-parallel (>= 1).
         batch: Per-GPU micro-batch (samples per forward on one GPU; global = batch x gpus).
         grid: ``(H, W)`` of the fields, e.g. ``(721, 1440)`` at 0.25°; W a multiple of the
-            patch size, H too or one more.
+            patch size, H too or one more (Aurora); both multiples of the mask unit
+            (Prithvi-WxC, e.g. ``(360, 576)`` for ``prithvi-2.3b``).
         precision: ``bf16`` (Aurora's autocast of the backbone, fp32 weights) or ``fp32``.
         budget: Target budget fraction for the method's size knob (as ``wpeft train
             --budget``); None keeps the method's default size.
         activation_checkpointing: True / False to force it on / off; None lets the plan choose.
         gpu_memory_gib: Memory of one GPU (80 for A100/H100 80 GB, 141 for H200).
-        levels: Pressure levels of the atmospheric variables (13 for WeatherBench2 ERA5).
+        levels: Pressure levels of the atmospheric variables (13 for WeatherBench2 ERA5);
+            Prithvi-WxC's are its config's (fixed by its weights), this is not used.
         method_options: Further config fields of the method.
     """
 
@@ -427,7 +445,7 @@ def _advice(
     act1, _ = _estimates(inv, req, batch=1, checkpointing=True)
     out.append(
         f"One sample needs {_gib(act1.checkpointed)} of activations even with checkpointing: "
-        "a coarser grid, fewer pressure levels or a GPU with more memory."
+        + _shrink_hint(inv.config)
     )
     return out + _notes(inv)
 
@@ -446,13 +464,11 @@ def format_plan(p: MemoryPlan) -> str:
         f"Memory plan: backbone {inv.config.name}, method {inv.method}"
         + (f" (budget {req.budget:g})" if req.budget is not None else "")
         + f", {req.gpus} GPU(s) x {req.gpu_memory_gib:g} GiB, per-GPU batch {req.batch} "
-        f"(global {req.batch * req.gpus}), grid {h}x{w}, {req.levels} levels, {req.precision}",
+        f"(global {req.batch * req.gpus}), grid {h}x{w}, {_levels(req, inv.config)} levels, "
+        f"{req.precision}",
         f"Parameters: {inv.total:,} total, {inv.with_grad:,} with gradients, {inv.trainable:,} "
         f"trainable ({inv.optimizer})" + (f", prompts {inv.prompts}/window" if inv.prompts else ""),
-        "Tokens per stage (levels x lat x lon, window): "
-        + ", ".join(
-            f"{'x'.join(map(str, s.res))} ({'x'.join(map(str, s.window))})" for s in p.stages
-        ),
+        _tokens_line(p),
         "",
     ]
     cols = p.strategies
@@ -500,7 +516,11 @@ def format_plan(p: MemoryPlan) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``wpeft plan``."""
-    parser.add_argument("--backbone", default="1.3b", help="backbone config (tiny/small/1.3b)")
+    parser.add_argument(
+        "--backbone",
+        default="1.3b",
+        help="backbone config: Aurora tiny/small/1.3b or Prithvi-WxC prithvi-tiny/prithvi-2.3b",
+    )
     parser.add_argument("--method", default="weatherpeft", help="fine-tuning method")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs training data-parallel")
     parser.add_argument(
@@ -510,9 +530,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="per-GPU micro-batch (global batch = batch x gpus)",
     )
     parser.add_argument(
-        "--grid", default="721x1440", help="HxW of the fields, e.g. 721x1440 (0.25°) or 128x256"
+        "--grid",
+        default=None,
+        help="HxW of the fields, e.g. 721x1440 (0.25°) or 128x256; default 721x1440 for Aurora, "
+        "the model's own grid for Prithvi-WxC (360x576 for prithvi-2.3b, multiples of its mask "
+        "unit)",
     )
-    parser.add_argument("--levels", type=int, default=13, help="pressure levels (default 13)")
+    parser.add_argument(
+        "--levels",
+        type=int,
+        default=13,
+        help="pressure levels (default 13; Prithvi-WxC's are fixed by its config)",
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--budget", type=float, default=None, help="budget fraction, e.g. 0.003")
     parser.add_argument(
@@ -535,7 +564,7 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
         method=args.method,
         gpus=args.gpus,
         batch=args.batch,
-        grid=parse_grid(args.grid),
+        grid=parse_grid(args.grid if args.grid is not None else _default_grid(args.backbone)),
         precision=args.precision,
         budget=args.budget,
         activation_checkpointing=ckpt,
@@ -552,6 +581,48 @@ def main(args: argparse.Namespace) -> int:
     p = plan(request_from_args(args))
     print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
     return 0 if p.fits else 1
+
+
+# --- Prithvi-WxC ----------------------------------------------------------------------------
+
+
+def _default_grid(backbone: str) -> tuple[int, int]:
+    """``--grid`` left out: Aurora's 0.25° grid, or a Prithvi-WxC model's own grid."""
+    config = CONFIGS.get(backbone)
+    return tuple(config.grid) if isinstance(config, PrithviConfig) else (721, 1440)  # type: ignore[return-value]
+
+
+def _levels(req: PlanRequest, config: BackboneConfig | PrithviConfig) -> str:
+    if isinstance(config, PrithviConfig):
+        return f"{len(config.levels)} (fixed)"
+    return str(req.levels)
+
+
+def _tokens_line(p: MemoryPlan) -> str:
+    """Aurora: tokens and window per Swin stage. Prithvi-WxC: its token grid in mask units."""
+    config = p.inventory.config
+    if not isinstance(config, PrithviConfig):
+        return "Tokens per stage (levels x lat x lon, window): " + ", ".join(
+            f"{'x'.join(map(str, s.res))} ({'x'.join(map(str, s.window))})" for s in p.stages
+        )
+    local, units = p.stages[0], p.stages[1]
+    prompts = f" + {p.inventory.prompts} prompts" if p.inventory.prompts else ""
+    return (
+        f"Tokens: {local.res[1]}x{local.res[2]} patches of {config.patch_size}x"
+        f"{config.patch_size} in {units.window[1]}x{units.window[2]} mask units of "
+        f"{local.window[1]}x{local.window[2]}; local attention over {local.window_tokens} "
+        f"tokens{prompts} per unit, global over {units.window_tokens} units{prompts} per "
+        f"position; {len(p.inventory.blocks)} transformer blocks of width {config.embed_dim}"
+    )
+
+
+def _shrink_hint(config: BackboneConfig | PrithviConfig) -> str:
+    if isinstance(config, PrithviConfig):
+        return (
+            "more GPUs or a GPU with more memory (Prithvi-WxC's channels are fixed by its "
+            "weights; a coarser grid needs a config built on it)."
+        )
+    return "a coarser grid, fewer pressure levels or a GPU with more memory."
 
 
 if __name__ == "__main__":
