@@ -262,3 +262,34 @@ def test_recomputed_attention_is_prithvis_own(tiny: WpeftPrithvi) -> None:
         assert attn.shape == (shape[1], heads, shape[2], shape[2])
         torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]))
         torch.testing.assert_close(out.view(shape), own, atol=1e-5, rtol=1e-4)
+
+
+def test_aurora_capture_is_tadps_and_its_spread_sums_to_one() -> None:
+    """On Aurora the backbone-driven capture gives tadp.record_prompt_attention's numbers bit for
+    bit (records of format 2 keep format 1's values), and prompt_to_patch of a coarser stage
+    (2 x 2 patches per token) still sums to 1 over the patch grid."""
+    from test_methods import batch_of, pretrained_like
+
+    from wpeft.methods import create_method
+    from wpeft.methods.tadp import record_prompt_attention
+    from wpeft.runs.attention_records import capture_prompt_attention, expand_to_patch_grid
+
+    model = pretrained_like()
+    method = create_method("tadp", num_prompts=4)
+    method.apply(model)
+    model.eval()
+    batch, blocks, gens = batch_of("tiny"), [0, 3], method.prompt_generators
+    with torch.no_grad(), record_prompt_attention(model, gens, blocks, max_windows=1 << 30) as old:
+        model(batch)
+    with torch.no_grad(), capture_prompt_attention(model, gens, blocks) as new:
+        model(batch)
+    for i in blocks:
+        assert torch.equal(old[i]["patch_to_prompt"], new[i]["patch_to_prompt"])
+        assert torch.equal(old[i]["external"], new[i]["external"])
+    res = new[3]["resolution"]
+    assert res == (4, 4, 8)  # stage 1: half the 8 x 16 patch grid
+    positions = model.sequence_positions(model.blocks[3], res)
+    spread, _ = prompt_spread(new[3]["prompt_to_all"].double().mean(1), positions, res)
+    grid, stride = expand_to_patch_grid(spread, 8, 16)
+    assert stride == 2
+    torch.testing.assert_close((grid / stride**2).sum((-2, -1)), torch.ones(4, dtype=torch.float64))
