@@ -223,7 +223,7 @@ def plot_prompt_spread(
     ax = map_axes(fig, (1, 1, 1), earth=earth)
     mesh = draw_field(ax, field, earth=earth, cmap=SEQUENTIAL,
                       norm=sequential_norm(field.values, vmin=0.0))
-    ax.set_title(f"where prompt {prompt} looks (patches; {kept:.0%} on prompts), {where}",
-                 fontsize="medium")
+    ax.set_title(f"where prompt {prompt} looks over the patches ({kept:.0%} of its attention "
+                 f"on prompts)\n{where}", fontsize="medium")
     fig.colorbar(mesh, ax=ax, label="share of the prompt's attention", shrink=0.85)
     return fig
