@@ -242,6 +242,7 @@ def test_workbench_lists_the_prithvi_run_and_draws_its_records(prithvi_run: Path
     var_var = att.var_var.object
     assert "encoder0.1 (global" in var_var.opts.get().kwargs["title"]
     assert var_var.kdims[0].label == "key channel"
+    assert att.var_patch.object.kdims[1].label == "channel"
     assert "prompt 2" in att.prompt_map.object.opts.get().kwargs["title"]
 
 

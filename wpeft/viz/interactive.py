@@ -318,7 +318,7 @@ def hv_patch_attention(
         pos, var = np.meshgrid(np.arange(flat.shape[1]), names)
         vdim = hv.Dimension("attention", label=ATTENTION_LABEL, range=_limits(flat, 0.0))
         kdims = [hv.Dimension("position", label=f"patch position (t, ph, pw; {nt}×{nph}×{npw})"),
-                 hv.Dimension("variable")]
+                 hv.Dimension("variable", label=variable_axis(attention))]
         return hv.HeatMap((pos.ravel(), var.ravel(), flat.ravel()), kdims=kdims, vdims=[vdim]).opts(
             cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True,
             title=f"external attention over patch positions, {where}",
