@@ -103,7 +103,10 @@ class FakeSelection:
         k = int(schedule[min(schedule)][0].sum() + schedule[min(schedule)][1].sum() + schedule[min(schedule)][2].sum())
         self.selection = EntrySelection(list(zip(shapes, self.params)), k)
         assert self.selection.total == total
-        self.model = SimpleNamespace(blocks=[SimpleNamespace(name="encoder0.0")])
+        # a backbone says which block and tensor kind each parameter is (parameter_blocks)
+        owner = {n.removeprefix("model.backbone."): classify(n) for n in list(shapes)[:2]}
+        self.model = SimpleNamespace(blocks=[SimpleNamespace(name="encoder0.0")],
+                                     parameter_blocks=lambda: owner)
         self.schedule = schedule
 
     def after_backward(self, step: int, total_steps: int) -> None:

@@ -229,6 +229,7 @@ class RunEntry:
         finished: ``summary.json`` exists.
         has_fisher / has_attention: Fisher-mask / prompt-attention records exist.
         has_fields: ``fields.nc`` (test predictions) exists.
+        backbone: The backbone architecture from ``config.json`` (``tiny``, ``prithvi-tiny``).
     """
 
     name: str
@@ -242,13 +243,14 @@ class RunEntry:
     has_fisher: bool
     has_attention: bool
     has_fields: bool
+    backbone: str = "tiny"
 
     @property
     def label(self) -> str:
-        """``name (method, budget)`` for select boxes."""
+        """``name (method, budget, backbone)`` for select boxes."""
         budget = "default size" if self.budget is None else f"{100 * self.budget:g}%"
         state = "" if self.finished else ", training"
-        return f"{self.name} ({self.method}, {budget}{state})"
+        return f"{self.name} ({self.method}, {budget}, {self.backbone}{state})"
 
 
 class Catalog:
@@ -330,6 +332,7 @@ class Catalog:
             has_fisher=layout.has_records("fisher"),
             has_attention=layout.has_records("attention"),
             has_fields=layout.has_fields,
+            backbone=ident.backbone,
         )
 
     def _walk(self) -> list[RunEntry]:

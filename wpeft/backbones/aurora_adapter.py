@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,6 +263,65 @@ class WpeftAurora(GroupedBackbone, Aurora):
         """The tensors of a weights file of this backbone, as :func:`load_weights` reads them."""
         return self.state_dict()
 
+    # --- what run records need (Fisher-mask and prompt-attention records) --------------------
+
+    #: What one row V of :meth:`embedding_kernels` is: one kernel per variable (an atmospheric
+    #: variable's kernel serves all its pressure levels).
+    embedding_unit: str = "variable"
+
+    def parameter_blocks(self) -> dict[str, tuple[str, str]]:
+        """``(block name, tensor kind)`` of every parameter of a block, keyed by its name in
+        ``self.backbone.named_parameters()``; kinds: ``qkv``, ``proj``, ``fc1``, ``fc2``,
+        ``norm1`` / ``norm2`` (the adaptive layer norms), ``other``. Parameters outside the
+        blocks (patch merging, lead-time MLP) are absent."""
+        return block_tensor_kinds(
+            self.backbone, self.blocks, lambda info: (info.block.norm1, info.block.norm2)
+        )
+
+    def block_resolution(self, info: BlockInfo, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+        """Token resolution ``(C, H_b, W_b)`` (latent levels, lat, lon) of a block's input, from
+        the arguments of its forward ``(x, c, res, rollout_step)`` (a forward pre-hook's)."""
+        res = args[2] if len(args) > 2 else kwargs["res"]
+        return tuple(int(r) for r in res)  # type: ignore[return-value]
+
+    def sequence_positions(self, info: BlockInfo, res: tuple[int, int, int]) -> torch.Tensor:
+        """Where each token of the block's attention sequences (windows) comes from: int64
+        ``(n_windows, N_w)`` flat index ``c·H_b·W_b + h·W_b + w`` into the ``res`` tokens of one
+        sample, -1 for padding (:func:`wpeft.runs.attention_records.window_positions`)."""
+        from wpeft.runs.attention_records import window_positions
+
+        return window_positions(res, info.block.window_size, info.block.shift_size)
+
+    def attention_weights(self, info: BlockInfo, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Softmax attention ``(rows, heads, L, L)`` of the block's ``WindowAttention`` for the
+        arguments of one call (a forward pre-hook's: windows ``(B·nW, L, D_b)``, the shifted-window
+        mask ``(nW, L, L)`` in ``mask``), recomputed from its q/k projections (no dropout)."""
+        module = info.attention
+        x = args[0] if args else kwargs["x"]
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        qkv = module.qkv(x).reshape(x.shape[0], x.shape[1], 3, module.num_heads, -1)
+        q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (rows, heads, L, L)
+        if mask is not None:  # (nW, L, L); windows are ordered batch-major
+            idx = torch.arange(x.shape[0], device=mask.device) % mask.shape[0]
+            scores = scores + mask[idx][:, None]
+        return scores.softmax(dim=-1)
+
+    def latent_level_kinds(self, n: int) -> list[str]:
+        """What each of the ``n`` token levels of a block holds: Aurora's surface level, then
+        the latent atmospheric levels of its Perceiver aggregation."""
+        return ["surface"] + ["atmos"] * (n - 1)
+
+    def attention_scope(self, info: BlockInfo) -> str:
+        """What one attention sequence of the block is: a (shifted) 3-D window of tokens."""
+        return "shifted window" if info.shifted else "window"
+
+    def record_blocks(self) -> list[int]:
+        """Blocks whose prompt attention a run records by default: the first, a middle and the
+        last."""
+        n = len(self.blocks)
+        return sorted({0, n // 2, n - 1}) if n else []
+
 
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file (streamed)."""
@@ -429,3 +488,23 @@ def build_backbone(
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
+
+
+def block_tensor_kinds(
+    root: nn.Module,
+    infos: Sequence[BlockInfo],
+    norms: Callable[[BlockInfo], tuple[nn.Module, nn.Module]],
+) -> dict[str, tuple[str, str]]:
+    """``(block name, tensor kind)`` of the block parameters among ``root.named_parameters()``,
+    found by module identity: each block's ``linear(kind)`` for ``qkv`` / ``proj`` / ``fc1`` /
+    ``fc2``, ``norms(info)`` for ``norm1`` / ``norm2``, ``other`` for the rest of the block."""
+    owner: dict[int, tuple[str, str]] = {}
+    for info in infos:
+        for p in info.block.parameters():
+            owner[id(p)] = (info.name, "other")
+        kinds = [(kind, info.linear(kind)) for kind in ("qkv", "proj", "fc1", "fc2")]
+        kinds += list(zip(("norm1", "norm2"), norms(info)))
+        for kind, module in kinds:
+            for p in module.parameters():
+                owner[id(p)] = (info.name, kind)
+    return {name: owner[id(p)] for name, p in root.named_parameters() if id(p) in owner}

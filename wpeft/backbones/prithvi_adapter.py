@@ -434,6 +434,101 @@ class WpeftPrithvi(GroupedBackbone, nn.Module):
         climate = self.climatology.stack(times)
         return {"climate": climate.to(like) if like is not None else climate}
 
+    # --- what run records need (Fisher-mask and prompt-attention records) --------------------
+
+    #: What one row V of :meth:`embedding_kernels` is: one kernel per channel, i.e. a surface
+    #: variable or one atmospheric variable at one level (``"z_500"``), not Aurora's per-variable
+    #: kernels.
+    embedding_unit: str = "channel"
+
+    def parameter_blocks(self) -> dict[str, tuple[str, str]]:
+        """``(block name, tensor kind)`` of every parameter of a block, keyed by its name in
+        ``self.backbone.named_parameters()`` (``encoder.lgl_block.transformers.3.ff.0.weight``
+        -> ``("encoder0.3", "norm2")``); kinds: ``qkv``, ``proj``, ``fc1``, ``fc2``, ``norm1``
+        (the attention's LayerNorm), ``norm2`` (the MLP's), ``other``."""
+        from wpeft.backbones.aurora_adapter import block_tensor_kinds
+
+        return block_tensor_kinds(
+            self.backbone, self.blocks, lambda info: (info.block.attention[0], info.block.ff[0])
+        )
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Patches ``(H_p, W_p)`` of the model grid (one token per patch)."""
+        c = self.config
+        return c.grid[0] // c.patch_size, c.grid[1] // c.patch_size
+
+    def block_resolution(
+        self, info: PrithviBlockInfo, args: tuple, kwargs: dict
+    ) -> tuple[int, int, int]:
+        """Token resolution ``(1, H_p, W_p)`` of every block: one token per patch, no levels
+        (the hook arguments are not needed; same signature as Aurora's)."""
+        return (1, *self.patch_grid)
+
+    def block_shifted(self, info: PrithviBlockInfo) -> bool:
+        """Whether the block sees the mask units shifted by half a unit: with stage shifting,
+        Prithvi's shifter toggles after every global block, so blocks ``4j + 2`` and ``4j + 3``
+        of a stage run shifted."""
+        return info.shifted and (info.depth // 2) % 2 == 1
+
+    def sequence_positions(
+        self, info: PrithviBlockInfo, res: tuple[int, int, int] | None = None
+    ) -> torch.Tensor:
+        """Where each token of the block's attention sequences comes from, for one sample.
+
+        Returns:
+            int64 ``(units, tokens)`` for a local block (row u: the tokens of mask unit u,
+            units and tokens both row-major) or ``(tokens, units)`` for a global block (row t:
+            token position t of every unit): flat index ``h·W_p + w`` into the ``(H_p, W_p)``
+            patch grid, as Prithvi's ``to_patching`` orders them, after the half-unit roll of a
+            shifted block (:meth:`block_shifted`).
+        """
+        c = self.config
+        Hp, Wp = self.patch_grid
+        Lh, Lw = c.mask_unit_size[0] // c.patch_size, c.mask_unit_size[1] // c.patch_size
+        flat = torch.arange(Hp * Wp, dtype=torch.int64).view(Hp, Wp)
+        if self.block_shifted(info):  # the token at p holds the patch at p - shift
+            flat = torch.roll(flat, shifts=(Lh // 2, Lw // 2), dims=(0, 1))
+        units = flat.view(Hp // Lh, Lh, Wp // Lw, Lw).permute(0, 2, 1, 3).reshape(-1, Lh * Lw)
+        return units if info.local else units.T.contiguous()
+
+    def attention_weights(
+        self, info: PrithviBlockInfo, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
+        """Softmax attention ``(rows, heads, L, L)`` of the block's ``MultiheadAttention`` for
+        the arguments of one call (a forward pre-hook's: one ``(x, mask)`` tuple, x
+        ``[batch, units, L, D]`` (local) or ``[batch, tokens, L, D]`` (global); rows are the
+        flattened leading dims), recomputed from its q/k projection as Prithvi splits it; the
+        mask is ignored, as Prithvi's attention ignores it."""
+        module = info.attention
+        x = args[0][0] if args else kwargs["d"][0]
+        S, C = x.shape[-2:]
+        heads = module.n_heads
+        rows = x.reshape(-1, S, C)
+        q, k, _ = (
+            module.qkv_layer(rows)
+            .view(rows.shape[0], S, heads, 3 * (C // heads))
+            .transpose(1, 2)
+            .chunk(3, dim=3)
+        )
+        return (q @ k.transpose(-1, -2) * (C // heads) ** -0.5).softmax(dim=-1)
+
+    def latent_level_kinds(self, n: int) -> list[str]:
+        """What each token level holds: Prithvi has one, every channel embedded together."""
+        return ["all channels"] * n
+
+    def attention_scope(self, info: PrithviBlockInfo) -> str:
+        """What one attention sequence of the block is: the tokens of one mask unit (local) or
+        one token position across all units (global); ``shifted`` when the units are rolled."""
+        scope = "local (within a mask unit)" if info.local else "global (across mask units)"
+        return scope + (", shifted" if self.block_shifted(info) else "")
+
+    def record_blocks(self) -> list[int]:
+        """Blocks whose prompt attention a run records by default: the first (local) and
+        second (global) block, a middle one, and the last global and last local block."""
+        n = len(self.blocks)
+        return sorted({i for i in (0, 1, n // 2, n - 2, n - 1) if 0 <= i < n})
+
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file or a ``torch.save`` file (``model_state`` / ``state_dict``

@@ -2,8 +2,10 @@
 
 At the end of training (and optionally every ``every`` steps), :class:`AttentionRecorder` runs
 the model in eval mode on the first sample of one evaluation batch through
-:func:`wpeft.methods.tadp.record_prompt_attention` and stores, for the chosen blocks (default:
-the first, a middle and the last), in ``<run>/records/attention/``:
+:func:`capture_prompt_attention` (which asks the backbone: ``attention_weights``,
+``block_resolution``, ``sequence_positions``) and stores, for the chosen blocks (default: the
+backbone's ``record_blocks()``: Aurora's first, a middle and the last; Prithvi-WxC's first
+local and global, a middle, last global and last local), in ``<run>/records/attention/``:
 
 * ``external_var_var`` ``(step, block, variable_q, variable_k)``: the generator's external
   attention A ``(V·S, V·S)`` over the kernel tokens (token ``v·S + s``, s = (t, ph, pw) of the
@@ -26,20 +28,41 @@ the first, a middle and the last), in ``<run>/records/attention/``:
   patches one token of the block spans). Values are in [0, 1].
 * ``prompt_map`` ``(step, block, prompt, latitude, longitude)``: the same averaged over the
   ``latent_level`` axis (level 0 is Aurora's surface token level, 1.. the latent atmospheric
-  levels of the Perceiver aggregation).
+  levels of the Perceiver aggregation; ``latent_level_kind`` says so).
+* ``prompt_to_patch`` ``(step, block, prompt, latitude, longitude)`` (format 2): where prompt p
+  looks: its softmax attention as a query over the patch tokens of each sequence (prompt keys
+  left out, the rest renormalised; mean over heads, sum over levels), put at the tokens' places,
+  divided by the number of sequences and by the patches a coarser token spans: **sums to 1 over
+  latitude x longitude** (:func:`prompt_spread`). ``prompt_self_attention`` ``(step, block,
+  prompt)``: the mass left out, on the prompt keys.
+
+Prithvi-WxC (format 2): one token per patch and no levels (``latent_level`` of size 1, "all
+channels"); a local block's sequences are the 2-D mask units (the unit's patches, row-major), a
+global block's are the token positions across all units; ``sequence_positions`` inverts
+Prithvi's ``to_patching`` and the half-unit roll of shifted blocks, so every block maps onto
+the ``(H/P, W/P)`` patch grid (``block_stride`` 1); ``block_scope`` says which kind of sequence
+a block attends over. Its kernels E hold one row per *channel* (a surface variable or one
+atmospheric variable at one level), not per variable: ``variable_axis`` is ``"channel"``,
+labelled ``"geopotential 500 hPa"``, and the figures say "channel".
+
+Format versions (:data:`FORMAT_VERSION`, attribute ``format_version``): records without it
+(1) are Aurora records without ``prompt_to_patch``, ``prompt_self_attention``, ``block_scope``
+and the ``backbone`` / ``variable_axis`` attributes; the readers and figures accept both and
+read a missing ``variable_axis`` as ``"variable"``.
 
 The variables are the rows of E the generators read: the backbone's, then the task's new ones
 (precipitation's ``tp_<lead>h``, post-processing's ``<var>_logscale``). They are labelled with
 WeatherBench2 names (``geopotential_at_surface`` for the static z, ``geopotential`` for the
-atmospheric z; ``"<name> (<kind>)"`` for a task's pseudo-variable), with ``aurora_name`` and
-``kind`` as extra coordinates.
+atmospheric z; ``"<name> (<kind>)"`` for a task's pseudo-variable; ``"<name> <level> hPa"``
+for a Prithvi-WxC channel), with ``aurora_name`` and ``kind`` as extra coordinates.
 ``step`` is the number of optimiser steps completed before the recording.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +73,6 @@ from aurora.model.swin3d import pad_3d, window_partition_3d
 from aurora.model.util import maybe_adjust_windows
 
 from wpeft.errors import ConfigError, DataError
-from wpeft.runs.fisher_records import default_blocks
 from wpeft.runs.store import RecordStore
 
 if TYPE_CHECKING:
@@ -58,17 +80,32 @@ if TYPE_CHECKING:
     from wpeft.methods.tadp import TADPGenerators
 
 __all__ = [
+    "FORMAT_VERSION",
     "AttentionRecorder",
+    "capture_prompt_attention",
     "expand_to_patch_grid",
+    "prompt_spread",
     "record_attention",
+    "record_format",
     "reduce_external",
     "scatter_windows",
     "variable_labels",
     "window_positions",
 ]
 
-#: Window count large enough to keep every window of one sample.
-_ALL_WINDOWS = 1 << 30
+#: Version of the record layout: 1 (no ``format_version`` attribute): Aurora only, without
+#: ``prompt_to_patch`` / ``prompt_self_attention`` / ``block_scope``; 2: any backbone, with them
+#: and the ``backbone`` / ``variable_axis`` attributes. Readers accept both
+#: (:func:`record_format`).
+FORMAT_VERSION = 2
+
+#: What the ``variable`` axis holds, by the backbone's ``embedding_unit``.
+VARIABLE_AXES = {
+    "variable": "one patch-embedding kernel per variable (an atmospheric variable's kernel "
+    "serves all its pressure levels)",
+    "channel": "one patch-embedding kernel per input channel: a surface variable, or one "
+    "atmospheric variable at one pressure level (Prithvi-WxC embeds channels, not variables)",
+}
 
 
 def window_positions(
@@ -163,7 +200,8 @@ def variable_labels(
     ``(embedding, name)`` pairs (the generators' :attr:`~wpeft.methods.tadp.TADPGenerators.
     variables`: the backbone's, then a task's new ones), or ``model.config.variables`` order
     (surface, static, atmospheric). A task's pseudo-variable without a WB2 name is labelled
-    ``"<name> (<kind>)"``."""
+    ``"<name> (<kind>)"``; an atmospheric channel at one level (Prithvi-WxC's ``"z_500"``)
+    ``"geopotential 500 hPa"``."""
     from wpeft.data.batch import wb2_name
 
     cfg = model.config
@@ -176,10 +214,109 @@ def variable_labels(
         try:
             names.append(wb2_name(v, kind))
         except DataError:
-            names.append(f"{v} ({kind})")
+            names.append(_channel_label(v, kind))
         aurora.append(v)
         kinds.append(kind)
     return names, aurora, kinds
+
+
+def prompt_spread(
+    attention: torch.Tensor, positions: torch.Tensor, res: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the prompt tokens look, on the grid.
+
+    Args:
+        attention: ``(rows, P, P + N)`` softmax attention of the P prompt tokens (queries) over
+            the keys of each sequence: the prompts, then the N sequence tokens.
+        positions: ``(rows, N)`` flat token index into ``res`` (-1: padding), as the backbone's
+            ``sequence_positions`` gives it.
+        res: Token resolution ``(C, H, W)``.
+
+    Returns:
+        ``(P, H, W)``: the attention over the sequence's tokens renormalised over its valid
+        tokens, summed over levels, divided by the number of rows (each token lies in one
+        sequence, so it sums to 1 over H x W); and ``(P,)``: the mass on prompt keys, mean over
+        rows.
+    """
+    n_prompt = attention.shape[1]
+    kept = attention[..., :n_prompt].sum(dim=-1).mean(dim=0)
+    tokens = attention[..., n_prompt:] * (positions >= 0)[:, None, :].to(attention)
+    tokens = tokens / tokens.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(tokens.dtype).tiny)
+    grid = scatter_windows(tokens.transpose(1, 2) / tokens.shape[0], positions, res)
+    return grid.sum(dim=1), kept
+
+
+def record_format(attention: xr.Dataset) -> int:
+    """The layout version of attention records (1: written before versions, Aurora only)."""
+    return int(attention.attrs.get("format_version", 1))
+
+
+@contextmanager
+def capture_prompt_attention(
+    model: Any, generators: TADPGenerators, blocks: Sequence[int]
+) -> Iterator[dict[int, dict[str, Any]]]:
+    """Record the prompt attention of ``blocks`` at every forward within the context (model in
+    eval mode, prompts installed); per block index:
+
+    * ``"external"``: the generator's external attention ``(V·S, V·S)``;
+    * ``"patch_to_prompt"``: ``(rows, heads, N, P)`` attention of each sequence token to each
+      prompt; ``"prompt_to_all"``: ``(rows, heads, P, P + N)`` attention of each prompt over
+      the prompts and the sequence's tokens (rows: windows of Aurora, mask units or token
+      positions of Prithvi-WxC; the backbone's ``attention_weights``);
+    * ``"resolution"``: the block's token resolution ``(C, H_b, W_b)`` (``block_resolution``).
+    """
+    if model.training:
+        raise RuntimeError("capture_prompt_attention needs model.eval(): it is an analysis path.")
+    infos = model.blocks
+    records: dict[int, dict[str, Any]] = {i: {} for i in blocks}
+
+    def block_hook(info: Any) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            records[info.index]["resolution"] = model.block_resolution(info, args, kwargs)
+
+        return hook
+
+    def attention_hook(info: Any) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            gen = generators[info.index]
+            n = gen.to_prompts.out_features
+            with torch.no_grad():
+                _, external = gen(generators.kernels(model), return_attention=True)
+                attn = model.attention_weights(info, args, kwargs)  # prompts prepended
+            records[info.index].update(
+                external=external.detach().cpu(),
+                patch_to_prompt=attn[:, :, n:, :n].detach().cpu(),
+                prompt_to_all=attn[:, :, :n, :].detach().cpu(),
+            )
+
+        return hook
+
+    handles = []
+    for i in blocks:
+        info = infos[i]
+        handles.append(info.block.register_forward_pre_hook(block_hook(info), with_kwargs=True))
+        handles.append(
+            info.attention.register_forward_pre_hook(attention_hook(info), with_kwargs=True)
+        )
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _channel_label(name: str, kind: str) -> str:
+    """Label of a kernel row without a WB2 name: an atmospheric channel ``"z_500"`` (Prithvi-WxC
+    embeds each level) as ``"geopotential 500 hPa"``, else ``"<name> (<kind>)"``."""
+    from wpeft.data.batch import wb2_name
+
+    base, _, level = name.rpartition("_")
+    if kind == "atmos" and level.isdigit():
+        try:
+            return f"{wb2_name(base, 'atmos')} {level} hPa"
+        except DataError:
+            pass
+    return f"{name} ({kind})"
 
 
 def _patch_centres(values: torch.Tensor, n: int, patch: int) -> np.ndarray:
@@ -202,41 +339,23 @@ def record_attention(
         batch: A :class:`~wpeft.tasks.base.TaskBatch` (only its first sample is used).
         predict: ``batch -> prediction`` running the model forward (``task.predict`` bound to
             the model).
-        blocks: Block indices; default :func:`default_blocks`.
+        blocks: Block indices; default the backbone's ``record_blocks()``.
 
     Returns:
         The Dataset described in the module docstring.
     """
-    from wpeft.methods.tadp import record_prompt_attention
-
     infos = model.blocks
-    chosen = list(blocks) if blocks is not None else default_blocks(len(infos))
+    chosen = list(blocks) if blocks is not None else model.record_blocks()
     bad = [b for b in chosen if not 0 <= b < len(infos)]
     if bad:
         raise ConfigError(f"Blocks {bad} do not exist; the backbone has {len(infos)} blocks.")
     batch = _first_sample(batch, next(model.parameters()).device)
-    resolutions: dict[int, tuple[int, int, int]] = {}
-
-    def res_hook(index: int) -> Callable:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            res = args[2] if len(args) > 2 else kwargs["res"]  # forward(x, c, res, rollout_step)
-            resolutions[index] = tuple(int(r) for r in res)
-
-        return hook
-
-    handles = [
-        infos[i].block.register_forward_pre_hook(res_hook(i), with_kwargs=True) for i in chosen
-    ]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), record_prompt_attention(
-            model, generators, blocks=chosen, max_windows=_ALL_WINDOWS
-        ) as records:
+        with torch.no_grad(), capture_prompt_attention(model, generators, chosen) as records:
             predict(batch)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
 
     kernels = generators.kernels(model)  # E over the generators' variables (a task's included)
@@ -244,23 +363,26 @@ def record_attention(
     P = model.config.patch_size
     lat, lon = batch.inputs.metadata.lat, batch.inputs.metadata.lon
     H0, W0 = lat.shape[-1] // P, lon.shape[-1] // P
-    C = model.config.latent_levels
     n_prompt = generators[chosen[0]].to_prompts.out_features
 
-    var_var, var_patch, maps, strides = [], [], [], []
+    var_var, var_patch, maps, strides, to_patch, to_self = [], [], [], [], [], []
     for i in chosen:
         rec = records[i]
         vv, vp = reduce_external(rec["external"], V, (T, Ph, Pw))
         var_var.append(vv.numpy())
         var_patch.append(vp.numpy())
-        res = resolutions[i]
-        blk = infos[i].block
-        positions = window_positions(res, blk.window_size, blk.shift_size)
-        a = rec["patch_to_prompt"].double().mean(dim=1)  # (nW, N_w, P): mean over heads
+        res = rec["resolution"]
+        positions = model.sequence_positions(infos[i], res)
+        a = rec["patch_to_prompt"].double().mean(dim=1)  # (rows, N, P): mean over heads
         grid = scatter_windows(a, positions, res)  # (P, C, H_b, W_b)
         grid, stride = expand_to_patch_grid(grid, H0, W0)
         maps.append(grid.numpy())
         strides.append(stride)
+        spread, kept = prompt_spread(rec["prompt_to_all"].double().mean(dim=1), positions, res)
+        spread, _ = expand_to_patch_grid(spread, H0, W0)
+        to_patch.append((spread / stride**2).numpy())
+        to_self.append(kept.numpy())
+    C = maps[0].shape[1]
 
     names, aurora, kinds = variable_labels(model, generators.variables)
     maps_arr = np.stack(maps).astype(np.float32)  # (block, prompt, level, lat, lon)
@@ -287,7 +409,24 @@ def record_attention(
             "prompt_map_by_level": (
                 ("block", "prompt", "latent_level", "latitude", "longitude"), maps_arr,
                 {"units": "1", "long_name": "patch-to-prompt attention per latent level",
-                 "description": "as prompt_map, per latent level (0: surface)"},
+                 "description": "as prompt_map, per latent level (latent_level_kind says what "
+                 "a level holds)"},
+            ),
+            "prompt_to_patch": (
+                ("block", "prompt", "latitude", "longitude"),
+                np.stack(to_patch).astype(np.float32),
+                {"units": "1", "long_name": "prompt-to-patch attention",
+                 "description": "softmax attention of the prompt token (query) over the patch "
+                 "tokens (keys) of each attention sequence, renormalised over those tokens, put "
+                 "at their places on the grid and divided by the number of sequences (and by "
+                 "the patches a coarser token spans), mean over heads and levels: sums to 1 "
+                 "over latitude x longitude"},
+            ),
+            "prompt_self_attention": (
+                ("block", "prompt"), np.stack(to_self).astype(np.float32),
+                {"units": "1", "long_name": "prompt-to-prompt attention",
+                 "description": "attention mass the prompt token gives to the prompt tokens "
+                 "(left out of prompt_to_patch), mean over heads and sequences"},
             ),
         },
         coords={
@@ -295,6 +434,8 @@ def record_attention(
             "block_index": ("block", np.array(chosen)),
             "block_stride": ("block", np.array(strides), {"units": "1",
                              "long_name": "patches per token along latitude and longitude"}),
+            "block_scope": ("block", [model.attention_scope(infos[i]) for i in chosen],
+                            {"long_name": "what one attention sequence of the block is"}),
             "variable": names,
             "variable_q": names,
             "variable_k": names,
@@ -305,7 +446,7 @@ def record_attention(
             "pw": np.arange(Pw),
             "prompt": np.arange(n_prompt),
             "latent_level": np.arange(C),
-            "latent_level_kind": ("latent_level", ["surface"] + ["atmos"] * (C - 1)),
+            "latent_level_kind": ("latent_level", model.latent_level_kinds(C)),
             "latitude": ("latitude", _patch_centres(lat, H0, P),
                          {"units": "degrees_north", "long_name": "latitude of patch centres"}),
             "longitude": ("longitude", _patch_centres(lon, W0, P),
@@ -313,6 +454,10 @@ def record_attention(
         },
         attrs={
             "title": "TADP prompt-attention records",
+            "format_version": FORMAT_VERSION,
+            "backbone": str(model.config.name),
+            "variable_axis": model.embedding_unit,
+            "variable_axis_description": VARIABLE_AXES[model.embedding_unit],
             "static_variables": "",
             "step_description": "optimiser steps completed before the recording",
             "sample_time": str(np.asarray(batch.times)[0]),
@@ -351,7 +496,8 @@ class AttentionRecorder:
         task: The task (its first ``split`` batch is the evaluation sample).
         run_dir: The run directory (records go to ``<run>/records/attention``).
         every: Also record every ``every`` completed steps (0: only at the end).
-        blocks: Block indices; default the first, a middle and the last.
+        blocks: Block indices; default the backbone's ``record_blocks()`` (Aurora: the first,
+            a middle and the last; Prithvi-WxC: local and global blocks of both stages).
         split: Split the evaluation sample comes from.
         start_step: Step training starts from (> 0 when resuming); 0 clears old records.
     """

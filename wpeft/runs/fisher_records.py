@@ -4,12 +4,15 @@ For SFAS / WeatherPEFT (a fresh top-k mask every refresh) and the static Fisher 
 Child-Tuning_D), :class:`FisherRecorder` records at steps 0, ``every``, ``2·every``, ... and the
 last step, per backbone block and tensor kind, into ``<run>/records/fisher/``.
 
-Groups. Every backbone parameter ``model.backbone.<name>`` belongs to one (block, tensor) group
-(:func:`classify`): ``block`` is the Swin3D block (``encoder0.1`` = encoder stage 0, block 1, as
-:attr:`wpeft.backbones.aurora_adapter.BlockInfo.name`) or ``other`` for parameters outside blocks
-(patch merging / splitting, the lead-time MLP); ``tensor`` is ``qkv``, ``proj``, ``fc1``, ``fc2``
-(weights and biases together), ``norm1``, ``norm2`` (the adaptive layer norms' modulation) or
-``other``.
+Groups. Every backbone parameter ``model.backbone.<name>`` belongs to one (block, tensor) group,
+as the backbone says (``model.parameter_blocks()``, :func:`block_groups`): ``block`` is the
+block's name (Aurora's Swin3D block ``encoder0.1`` = encoder stage 0, block 1; Prithvi-WxC's
+transformer ``encoder0.3`` = encoder block 3; as ``model.blocks[i].name``, records in execution
+order) or ``other`` for parameters outside blocks (Aurora's patch merging / splitting, the
+lead-time MLP); ``tensor`` is ``qkv``, ``proj``, ``fc1``, ``fc2`` (weights and biases
+together), ``norm1``, ``norm2`` (Aurora: the adaptive layer norms' modulation; Prithvi: the
+attention's and the MLP's LayerNorm) or ``other``. The layout is unchanged from Aurora-only
+records (Aurora's groups are those :func:`classify` gives from parameter names).
 
 Variables of the record (dims ``(step, block, tensor)``, NaN where a block has no such tensor):
 
@@ -81,6 +84,7 @@ __all__ = [
     "TENSOR_KINDS",
     "FisherRecorder",
     "bin_edges",
+    "block_groups",
     "classify",
     "default_blocks",
     "jaccard",
@@ -116,6 +120,21 @@ def classify(name: str) -> tuple[str, str]:
         if rest == prefix or rest.startswith(prefix + "."):
             return f"{stage}{layer}.{depth}", kind
     return f"{stage}{layer}.{depth}", "other"
+
+
+#: Prefix of the eligible parameter names of a selection (``model.backbone.<name>``).
+BACKBONE_PREFIX = "model.backbone."
+
+
+def block_groups(names: Sequence[str], model: Any | None) -> list[tuple[str, str]]:
+    """(block, tensor kind) of each parameter name ``model.backbone.<name>``, as the backbone
+    says (``model.parameter_blocks()``: Aurora's Swin3D blocks, Prithvi-WxC's transformers);
+    ``("other", "other")`` outside the blocks. Without a model: :func:`classify` (Aurora's
+    parameter names)."""
+    if model is None:
+        return [classify(n) for n in names]
+    owner = model.parameter_blocks()
+    return [owner.get(n.removeprefix(BACKBONE_PREFIX), ("other", "other")) for n in names]
 
 
 def jaccard(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
@@ -244,7 +263,7 @@ class FisherRecorder:
 
         model = method.model
         block_names = [b.name for b in model.blocks] if model is not None else []
-        groups = [classify(n) for n in self.names]
+        groups = block_groups(self.names, model)
         used = {b for b, _ in groups}
         self.blocks = [b for b in block_names if b in used] + sorted(used - set(block_names))
         self.group_index = np.array(
@@ -489,7 +508,9 @@ class FisherRecorder:
             coords["row"], coords["col"] = np.arange(n), np.arange(n)
         ds = xr.Dataset({k: xr.Variable(*v) for k, v in data.items()}, coords=coords)
         ds["block"].attrs.update(
-            long_name="backbone block", description="Swin3D block (stage, index) or 'other'"
+            long_name="backbone block",
+            description="backbone block (stage and layer, index in the stage; execution order) "
+            "or 'other'",
         )
         ds["tensor"].attrs.update(long_name="tensor kind")
         ds.attrs.update(

@@ -300,6 +300,8 @@ class RunIdentity:
         task_options: The task's further config fields.
         problems: What is wrong with ``config.json`` (a value of the wrong type is read as its
             default), one line each.
+        backbone: The backbone architecture (``tiny``, ``prithvi-tiny``...; ``tiny`` for a
+            config that names none).
     """
 
     task: str
@@ -309,6 +311,7 @@ class RunIdentity:
     steps: int | None
     task_options: dict[str, Any]
     problems: tuple[str, ...] = ()
+    backbone: str = "tiny"
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> RunIdentity:
@@ -335,12 +338,13 @@ class RunIdentity:
             steps=None if "steps" in wrong else steps,
             task_options={} if "task_options" in wrong else options or {},
             problems=tuple(problems),
+            backbone=str(cfg.get("backbone") or "tiny"),
         )
 
     @classmethod
     def unreadable(cls, problem: str) -> RunIdentity:
         """The identity of a run whose ``config.json`` cannot be read (``problem`` says why)."""
-        return cls(UNKNOWN, UNKNOWN, None, 0, None, {}, (problem,))
+        return cls(UNKNOWN, UNKNOWN, None, 0, None, {}, (problem,), backbone=UNKNOWN)
 
 
 #: The three sizes every run reports (:func:`run_sizes`): ``summary.json`` key -> what it is.

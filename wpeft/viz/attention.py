@@ -11,7 +11,10 @@ Input: ``attention``, an :class:`xarray.Dataset` with
 
 ``variable*`` coordinates are strings (WB2 names such as ``"2m_temperature"``, or labels such as
 ``"z (static)"``). Records from :mod:`wpeft.runs` carry a leading ``step`` dim; every view takes
-``step=`` (default: the last record).
+``step=`` (default: the last record). Records of a backbone that embeds channels rather than
+variables (Prithvi-WxC: ``variable_axis="channel"``, labels such as ``"geopotential 500 hPa"``)
+are labelled "channel" (:func:`variable_axis`); records with ``prompt_to_patch`` (format 2) also
+draw where a prompt token looks (:func:`plot_prompt_spread`).
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ __all__ = [
     "ATTENTION_LABEL",
     "plot_patch_attention",
     "plot_prompt_map",
+    "plot_prompt_spread",
     "plot_variable_attention",
     "select_block",
+    "variable_axis",
 ]
 
 ATTENTION_LABEL = "attention weight"
@@ -62,9 +67,16 @@ def select_block(
     return da
 
 
+def variable_axis(attention: xr.Dataset) -> str:
+    """What a row of the kernels is: ``"variable"`` (Aurora; records without the attribute) or
+    ``"channel"`` (a variable at one level: Prithvi-WxC)."""
+    return str(attention.attrs.get("variable_axis", "variable"))
+
+
 def _where(block: Any, da: xr.DataArray) -> str:
     has_step = "step" in da.coords and da["step"].ndim == 0
-    return f"block {block}" + (f", step {int(da['step'])}" if has_step else "")
+    scope = f" ({da['block_scope'].item()})" if "block_scope" in da.coords else ""
+    return f"block {block}{scope}" + (f", step {int(da['step'])}" if has_step else "")
 
 
 def plot_variable_attention(
@@ -87,9 +99,10 @@ def plot_variable_attention(
     im = ax.imshow(values, cmap=SEQUENTIAL, norm=norm, interpolation="nearest", aspect="auto")
     ax.set_xticks(np.arange(len(k)), k, rotation=45, ha="right")
     ax.set_yticks(np.arange(len(q)), q)
-    ax.set_xlabel("key variable")
-    ax.set_ylabel("query variable")
-    ax.set_title(f"external attention between variables, {where}", fontsize="medium")
+    axis = variable_axis(attention)
+    ax.set_xlabel(f"key {axis}")
+    ax.set_ylabel(f"query {axis}")
+    ax.set_title(f"external attention between {axis}s, {where}", fontsize="medium")
     if annotate if annotate is not None else n <= 10:
         mid = (norm.vmin + norm.vmax) / 2
         for (i, j), v in np.ndenumerate(values):
@@ -132,7 +145,7 @@ def plot_patch_attention(
         ax.set_xticks([t * per_t + (per_t - 1) / 2 for t in range(nt)],
                       [f"t={t}" for t in range(nt)])
         ax.set_xlabel(f"patch position (t, then {nph}×{npw} row-major ph, pw)")
-        ax.set_ylabel("variable")
+        ax.set_ylabel(variable_axis(attention))
         ax.set_title(f"external attention over patch positions, {where}", fontsize="medium")
         fig.colorbar(im, ax=ax, label=ATTENTION_LABEL)
         return fig
@@ -184,4 +197,33 @@ def plot_prompt_map(
                       norm=sequential_norm(field.values, vmin=0.0))
     ax.set_title(f"attention paid to prompt {prompt}, {where}", fontsize="medium")
     fig.colorbar(mesh, ax=ax, label=ATTENTION_LABEL, shrink=0.85)
+    return fig
+
+
+def plot_prompt_spread(
+    attention: xr.Dataset, block: Any, prompt: Any, *, earth: bool = False, step: int | None = None
+) -> Figure:
+    """Where one prompt token looks in one block: its attention over the patch tokens of each
+    attention sequence (``prompt_to_patch``; sums to 1 over the grid), with the share it keeps
+    on the prompt tokens in the title. Records of format 1 (before ``prompt_to_patch``) raise
+    :class:`DataError`."""
+    if "prompt_to_patch" not in attention.data_vars:
+        raise DataError(
+            "These attention records predate prompt_to_patch (format 1); record the run again "
+            "to draw where the prompts look (plot_prompt_map draws what they have)."
+        )
+    da = select_block(attention, "prompt_to_patch", block, step)
+    where = _where(block, da)
+    prompts = list(da["prompt"].values)
+    if prompt not in prompts:
+        raise DataError(f"Unknown prompt {prompt!r}; the records have {prompts}.")
+    field = da.sel(prompt=prompt)
+    kept = float(select_block(attention, "prompt_self_attention", block, step).sel(prompt=prompt))
+    fig = new_figure((7.5, 4.0))
+    ax = map_axes(fig, (1, 1, 1), earth=earth)
+    mesh = draw_field(ax, field, earth=earth, cmap=SEQUENTIAL,
+                      norm=sequential_norm(field.values, vmin=0.0))
+    ax.set_title(f"where prompt {prompt} looks over the patches ({kept:.0%} of its attention "
+                 f"on prompts)\n{where}", fontsize="medium")
+    fig.colorbar(mesh, ax=ax, label="share of the prompt's attention", shrink=0.85)
     return fig

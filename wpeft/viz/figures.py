@@ -24,7 +24,12 @@ from wpeft.runs import open as open_run
 from wpeft.runs import table as runs_table
 from wpeft.runs.curves import curves_table, task_headline
 from wpeft.runs.scorecard import scorecard
-from wpeft.viz.attention import plot_patch_attention, plot_prompt_map, plot_variable_attention
+from wpeft.viz.attention import (
+    plot_patch_attention,
+    plot_prompt_map,
+    plot_prompt_spread,
+    plot_variable_attention,
+)
 from wpeft.viz.curves import plot_learning_curves
 from wpeft.viz.fisher import plot_mask_heatmap, plot_mask_image, plot_overlap_curves
 from wpeft.viz.scorecard import plot_scorecard
@@ -81,6 +86,9 @@ def write_figure_set(
                 save(plot_patch_attention(attention, block), f"{tag}-patches")
                 prompt = attention["prompt"].values[0]
                 save(plot_prompt_map(attention, block, prompt, earth=_earth(run)), f"{tag}-prompt{prompt}")
+                if "prompt_to_patch" in attention:  # records of format 2
+                    fig = plot_prompt_spread(attention, block, prompt, earth=_earth(run))
+                    save(fig, f"{tag}-prompt{prompt}-looks")
         if run.fields is not None:
             skill = skill_fields(run, metrics=("rmse",))
             for var in task_headline(run.task):

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from wpeft.viz.attention import ATTENTION_LABEL, _where, select_block
+from wpeft.viz.attention import ATTENTION_LABEL, _where, select_block, variable_axis
 from wpeft.viz.fisher import (
     _UNIT_RANGE,
     MASK_VARIABLES,
@@ -288,8 +288,9 @@ def hv_variable_attention(attention: xr.Dataset, block: Any, *, step: int | None
     where = _where(block, da)
     df = da.to_dataframe(name="attention").reset_index()[["variable_k", "variable_q", "attention"]]
     vdim = hv.Dimension("attention", label=ATTENTION_LABEL, range=_limits(df["attention"], 0.0))
-    kdims = [hv.Dimension("variable_k", label="key variable"),
-             hv.Dimension("variable_q", label="query variable")]
+    axis = variable_axis(attention)
+    kdims = [hv.Dimension("variable_k", label=f"key {axis}"),
+             hv.Dimension("variable_q", label=f"query {axis}")]
     return hv.HeatMap(df, kdims=kdims, vdims=[vdim]).opts(
         cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True, xrotation=45,
         title=f"external attention, {where}", **_sized(460),
@@ -317,7 +318,7 @@ def hv_patch_attention(
         pos, var = np.meshgrid(np.arange(flat.shape[1]), names)
         vdim = hv.Dimension("attention", label=ATTENTION_LABEL, range=_limits(flat, 0.0))
         kdims = [hv.Dimension("position", label=f"patch position (t, ph, pw; {nt}×{nph}×{npw})"),
-                 hv.Dimension("variable")]
+                 hv.Dimension("variable", label=variable_axis(attention))]
         return hv.HeatMap((pos.ravel(), var.ravel(), flat.ravel()), kdims=kdims, vdims=[vdim]).opts(
             cmap=SEQUENTIAL, colorbar=True, tools=["hover"], invert_yaxis=True,
             title=f"external attention over patch positions, {where}",
