@@ -17,21 +17,25 @@ onto Aurora's by an affine change in two of Aurora's documented hooks, so that A
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from aurora import Aurora, Batch
 from aurora import normalisation as aurora_norm
 from aurora.model.swin3d import Swin3DTransformerBlock, WindowAttention
+from aurora.model.util import init_weights
 from torch import nn
 
 from wpeft.backbones.configs import BackboneConfig, PrithviConfig, get_config
 from wpeft.backbones.groups import GroupedBackbone
-from wpeft.errors import CheckpointError
+from wpeft.errors import CheckpointError, ConfigError
 
 __all__ = [
     "BlockInfo",
@@ -321,6 +325,85 @@ class WpeftAurora(GroupedBackbone, Aurora):
         last."""
         n = len(self.blocks)
         return sorted({0, n // 2, n - 1}) if n else []
+
+    # --- what tasks need ----------------------------------------------------------------------
+
+    def fixed_grid(self) -> tuple[int, int] | None:
+        """The one grid (lat, lon) the backbone reads, or None: Aurora reads any grid (a
+        multiple of the patch size), any levels and a task's real-store variables."""
+        return None
+
+    def add_task_variable(
+        self,
+        name: str,
+        kind: Literal["surface", "atmos"],
+        *,
+        embed_init: Literal["zeros", "aurora"] = "aurora",
+        head_init: Literal["zeros", "aurora"] = "aurora",
+    ) -> tuple[nn.Parameter, nn.Module]:
+        """Give the backbone a new variable ``name``: a patch-embedding kernel and a decoder head.
+
+        ``kind``: ``"surface"`` or ``"atmos"``. ``"aurora"`` initialises like Aurora does for its
+        own variables (kernels: Kaiming uniform with ``a = sqrt(5)``; heads: truncated normal std
+        0.02, zero bias); ``"zeros"`` gives a kernel that leaves the pretrained tokens unchanged,
+        or a head whose first output is exactly zero.
+
+        Returns:
+            The new kernel ``(D, 1, T, P, P)`` (in ``surf_token_embeds`` / ``atmos_token_embeds``)
+            and ``LinearPatchReconstruction`` head (in ``surf_heads`` / ``atmos_heads``).
+        """
+        if self.encoder.level_condition:
+            raise ConfigError("Adding variables to a level-conditioned Aurora is not supported.")
+        embed = self.encoder.surf_token_embeds if kind == "surface" else self.encoder.atmos_token_embeds
+        heads = self.decoder.surf_heads if kind == "surface" else self.decoder.atmos_heads
+        if name in embed.weights or name in heads:
+            raise ConfigError(
+                f"The backbone already has a {kind} variable {name!r}: call the task's setup() "
+                "once, on a fresh backbone."
+            )
+        template = next(iter(embed.weights.values()))
+        kernel = nn.Parameter(torch.zeros_like(template))
+        if embed_init == "aurora":
+            nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))
+        new_head = copy.deepcopy(next(iter(heads.values())))
+        with torch.no_grad():
+            if head_init == "aurora":
+                new_head.apply(init_weights)
+            else:
+                for p in new_head.parameters():
+                    p.zero_()
+        new_head.requires_grad_(True)
+        embed.weights[name] = kernel
+        heads[name] = new_head
+        return kernel, new_head
+
+    def task_variables(self) -> tuple[tuple[str, str], ...]:
+        """The variables a task added (:meth:`add_task_variable`), as ``(kind, name)`` pairs in
+        :meth:`embedding_variables` order."""
+        return self.embedding_variables()[len(self.config.variables) :]
+
+    def normalisation_stats(self, name: str, level: int | None = None) -> tuple[float, float] | None:
+        """Mean and std the backbone normalises a variable with (its own statistics; without
+        them, a released checkpoint's, Aurora's ERA5 tables), or None if it has none."""
+        key = norm_key(name, level)
+        if key in self.norm_mean:
+            return float(self.norm_mean[key]), float(self.norm_std[key])
+        if not self.own_stats:
+            if level is None and name in self.surf_stats:
+                loc, scale = self.surf_stats[name]
+                return float(loc), float(scale)
+            if key in aurora_norm.locations:
+                return float(aurora_norm.locations[key]), float(aurora_norm.scales[key])
+        return None
+
+    def register_norm(self, key: str, mean: float, std: float) -> None:
+        """Normalise ``key`` (``"tp_12h"``, ``"t_logscale_850"``) with ``mean`` / ``std``;
+        Aurora's own tables get the identity for a key they lack, so ours is the only one applied
+        (on a released checkpoint only registered keys are remapped, see :meth:`_remap`)."""
+        self.norm_mean[key] = float(mean)
+        self.norm_std[key] = float(std)
+        aurora_norm.locations.setdefault(key, 0.0)
+        aurora_norm.scales.setdefault(key, 1.0)
 
 
 def file_sha256(path: str | Path) -> str:

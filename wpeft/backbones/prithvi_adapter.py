@@ -32,11 +32,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.nn.functional as F
 from aurora import Batch
 from aurora import normalisation as aurora_norm
+from aurora.model.util import init_weights
 from torch import nn
 
 from wpeft.backbones.aurora_adapter import (
@@ -195,6 +197,7 @@ class WpeftPrithvi(GroupedBackbone, nn.Module):
         self.backbone = _Group({"encoder": net.encoder, "decoder": net.decoder})
         self.decoder = _Group({"unembed": net.unembed})
         self._masked_inference: Callable[..., torch.Tensor] = prithvi_model.masked_inference
+        self._init_task_variables()
 
     def _scalers(self) -> dict[str, torch.Tensor]:
         """Prithvi's scaler tensors from ``norm_mean`` / ``norm_std``."""
@@ -243,7 +246,8 @@ class WpeftPrithvi(GroupedBackbone, nn.Module):
         x, static = self._inputs(batch)
         B, T = x.shape[:2]
         hours = float(c.timestep_hours)
-        out = self._masked_inference(
+        out = self._infer_with_task_variables(
+            batch,
             self._net,
             {
                 "x": x,
@@ -313,6 +317,7 @@ class WpeftPrithvi(GroupedBackbone, nn.Module):
             v: out[:, n_s + j * n_l : n_s + (j + 1) * n_l].unsqueeze(1)
             for j, v in enumerate(c.atmos_vars)
         }
+        surf, atmos = self._task_outputs(out[:, len(c.variables) :], surf, atmos)
         meta = batch.metadata
         metadata = dataclasses.replace(
             meta,
@@ -325,18 +330,22 @@ class WpeftPrithvi(GroupedBackbone, nn.Module):
 
     def embedding_variables(self) -> tuple[tuple[str, str], ...]:
         """The dynamic channels the patch embedding holds kernels for, as ``(embedding, name)``
-        pairs (``"surface"`` / ``"atmos"``, ``"z_500"``), in channel order."""
+        pairs (``"surface"`` / ``"atmos"``, ``"z_500"``), in channel order; then the channels of
+        the variables a task added (:meth:`add_task_variable`: ``"tp_12h"``, ``"t_logscale_850"``),
+        surface first, each in the order added."""
         c = self.config
         surf = [("surface", v) for v in c.surf_vars]
-        return tuple(surf + [("atmos", v) for v in c.variables[len(c.surf_vars) :]])
+        own = surf + [("atmos", v) for v in c.variables[len(c.surf_vars) :]]
+        return tuple(own + [(kind, key) for kind, _, key in self._task_channels()])
 
     def embedding_kernels(
         self, variables: Sequence[str] | Sequence[tuple[str, str]] | None = None
     ) -> torch.Tensor:
         """Kernels E ``(D, V, T, P, P)`` from ``patch_embedding.proj.weight`` ``(D, T·V, P, P)``.
 
-        ``variables``: channel names (``"2t"``, ``"z_500"``) or :meth:`embedding_variables`
-        pairs, selecting and ordering V; None: every channel. Differentiable, live weights.
+        ``variables``: channel names (``"2t"``, ``"z_500"``, a task's ``"tp_12h"``) or
+        :meth:`embedding_variables` pairs, selecting and ordering V; None: every channel of the
+        backbone's own (without a task's). Differentiable, live weights.
         """
         c = self.config
         weight = self._net.patch_embedding.proj.weight
@@ -345,13 +354,16 @@ class WpeftPrithvi(GroupedBackbone, nn.Module):
         if variables is None:
             return E
         names = [v[1] if isinstance(v, tuple) else v for v in variables]
-        unknown = [n for n in names if n not in c.variables]
+        known = [n for _, n in self.embedding_variables()]
+        unknown = [n for n in names if n not in known]
         if unknown:
             raise ConfigError(
                 f"Backbone {c.name!r} has no embedding kernel for {unknown}; its channels: "
-                f"{list(c.variables)}."
+                f"{known}."
             )
-        return E[:, [c.variables.index(n) for n in names]]
+        if len(known) > len(c.variables):
+            E = torch.cat([E, self._task_kernels()], dim=1)
+        return E[:, [known.index(n) for n in names]]
 
     def weights_state(self) -> dict[str, torch.Tensor]:
         """The tensors of a weights file of this backbone: the unforked model's state in
@@ -528,6 +540,219 @@ class WpeftPrithvi(GroupedBackbone, nn.Module):
         second (global) block, a middle one, and the last global and last local block."""
         n = len(self.blocks)
         return sorted({i for i in (0, 1, n // 2, n - 2, n - 1) if 0 <= i < n})
+
+    # --- variables a task adds (``tp_12h``, ``2t_logscale``...) -----------------------------
+    #
+    # Prithvi embeds a fixed channel set (one conv over T·V channels, one ``unembed`` to V·P²).
+    # A task's variable gets its own kernel (added to ``patch_embedding``'s tokens by a forward
+    # hook) and head (on the tokens ``decoder`` returns, captured by a forward hook), held here in
+    # the ``encoder`` / ``decoder`` groups; the unforked model runs unchanged between the hooks.
+
+    def fixed_grid(self) -> tuple[int, int] | None:
+        """The one grid (lat, lon) Prithvi-WxC reads (``config.grid``); it also embeds fixed
+        levels and channels, so the tasks' real-store paths refuse it."""
+        return (int(self.config.grid[0]), int(self.config.grid[1]))
+
+    def _init_task_variables(self) -> None:
+        """Empty containers for task variables (no state keys until a task adds one) and the
+        two hooks that feed them through the unforked model (installed once)."""
+        embeds = {"surface": nn.ParameterDict(), "atmos": nn.ParameterDict()}
+        heads = {"surface": nn.ModuleDict(), "atmos": nn.ModuleDict()}
+        self.encoder.add_module("task_surf_embeds", embeds["surface"])
+        self.encoder.add_module("task_atmos_embeds", embeds["atmos"])
+        self.decoder.add_module("task_surf_heads", heads["surface"])
+        self.decoder.add_module("task_atmos_heads", heads["atmos"])
+        self._task_embeds: dict[str, nn.ParameterDict] = embeds
+        self._task_heads: dict[str, nn.ModuleDict] = heads
+        #: Normalised task inputs ``(B, n·T, H, W)`` and the decoded tokens ``(B, G, L, D)``,
+        #: set only within :meth:`_infer_with_task_variables`.
+        self._task_x: torch.Tensor | None = None
+        self._task_tokens: torch.Tensor | None = None
+        self._net.patch_embedding.register_forward_hook(self._embed_task_inputs)
+        self._net.decoder.register_forward_hook(self._capture_decoded)
+
+    def add_task_variable(
+        self,
+        name: str,
+        kind: Literal["surface", "atmos"],
+        *,
+        embed_init: Literal["zeros", "aurora"] = "aurora",
+        head_init: Literal["zeros", "aurora"] = "aurora",
+    ) -> tuple[nn.Parameter, nn.Module]:
+        """Give the backbone a new input/output variable ``name`` of C channels (surface: 1;
+        atmospheric: one per level of ``config.levels``).
+
+        ``"aurora"``: kernel Kaiming uniform (``a = sqrt(5)``), head truncated normal std 0.02
+        and zero bias, as Aurora initialises a variable; ``"zeros"``: the pretrained tokens (and
+        so every other output) are unchanged, and the variable's output is its residual alone.
+        Its statistics default to mean 0, std 1 until :meth:`register_norm`.
+
+        Returns:
+            The kernel ``(D, C, T, P, P)`` (convolved with stride P over the normalised input
+            ``(B, C·T, H, W)`` and added to the patch embedding) and the head
+            ``nn.Linear(D, C·P²)`` (on the decoded tokens, un-patched as ``unembed``'s output).
+        """
+        c = self.config
+        if kind not in ("surface", "atmos"):
+            raise ConfigError(f"kind={kind!r} must be 'surface' or 'atmos'.")
+        taken = {*c.surf_vars, *c.atmos_vars, *self._task_embeds["surface"], *self._task_embeds["atmos"]}
+        if name in taken:
+            raise ConfigError(
+                f"The backbone already has a variable {name!r}: call the task's setup() once, on "
+                "a fresh backbone."
+            )
+        ref = self._net.patch_embedding.proj.weight
+        C = 1 if kind == "surface" else len(c.levels)
+        P = c.patch_size
+        kernel = nn.Parameter(
+            torch.zeros(c.embed_dim, C, c.max_history_size, P, P, dtype=ref.dtype, device=ref.device)
+        )
+        if embed_init == "aurora":
+            nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))
+        head = nn.Linear(c.embed_dim, C * P * P, dtype=ref.dtype, device=ref.device)
+        with torch.no_grad():
+            if head_init == "aurora":
+                head.apply(init_weights)
+            else:
+                for p in head.parameters():
+                    p.zero_()
+        self._task_embeds[kind][name] = kernel
+        self._task_heads[kind][name] = head
+        for key in self._task_keys(kind, name):
+            self.norm_mean.setdefault(key, 0.0)
+            self.norm_std.setdefault(key, 1.0)
+        return kernel, head
+
+    def task_variables(self) -> tuple[tuple[str, str], ...]:
+        """The variables a task added, as ``(kind, name)`` pairs (one per variable, surface
+        first, each in the order added)."""
+        return tuple((kind, name) for kind in ("surface", "atmos") for name in self._task_embeds[kind])
+
+    def normalisation_stats(self, name: str, level: int | None = None) -> tuple[float, float] | None:
+        """Mean and std the backbone normalises a variable with (its input scalers, or a task
+        variable's registered statistics), or None if it has none."""
+        key = norm_key(name, level)
+        if key in self.norm_mean:
+            return float(self.norm_mean[key]), float(self.norm_std[key])
+        return None
+
+    def register_norm(self, key: str, mean: float, std: float) -> None:
+        """Normalise a task variable's channel ``key`` (``"tp_12h"``, ``"t_logscale_850"``) with
+        ``mean`` / ``std``. The backbone's own channels keep the scalers of its weights."""
+        if key in self._scaler_keys():
+            raise ConfigError(
+                f"{key!r} is a channel of backbone {self.config.name!r}, normalised by the input "
+                "scalers its weights carry; register statistics for a task's variables only."
+            )
+        self.norm_mean[key] = float(mean)
+        self.norm_std[key] = float(std)
+
+    def _scaler_keys(self) -> list[str]:
+        """Statistics keys of the backbone's own channels (its input scalers)."""
+        c = self.config
+        keys = [norm_key(v) for v in c.surf_vars + c.static_vars]
+        return keys + [norm_key(v, lv) for v in c.atmos_vars for lv in c.levels]
+
+    def _task_keys(self, kind: str, name: str) -> list[str]:
+        """A task variable's channel names (its statistics keys): ``["tp_12h"]`` or
+        ``["t_logscale_850", ...]`` per level."""
+        if kind == "surface":
+            return [norm_key(name)]
+        return [norm_key(name, lv) for lv in self.config.levels]
+
+    def _task_channels(self) -> list[tuple[str, str, str]]:
+        """``(kind, variable, channel)`` of every task channel, in channel order."""
+        return [
+            (kind, name, key)
+            for kind, name in self.task_variables()
+            for key in self._task_keys(kind, name)
+        ]
+
+    def _task_kernels(self) -> torch.Tensor:
+        """The task variables' kernels ``(D, n, T, P, P)``, n channels in channel order."""
+        kernels = [*self._task_embeds["surface"].values(), *self._task_embeds["atmos"].values()]
+        return torch.cat(kernels, dim=1)
+
+    def _task_inputs(self, batch: Batch) -> torch.Tensor | None:
+        """The task channels of ``batch`` ``(B, n, T, H, W)``, physical units; None without
+        task variables."""
+        surf, atmos = list(self._task_embeds["surface"]), list(self._task_embeds["atmos"])
+        if not surf and not atmos:
+            return None
+        missing = [v for v in surf if v not in batch.surf_vars]
+        missing += [v for v in atmos if v not in batch.atmos_vars]
+        if missing:
+            raise DataError(
+                f"Batch lacks variable(s) {missing} that a task added to backbone "
+                f"{self.config.name!r}; feed the batches of the task whose setup() added them."
+            )
+        channels = [batch.surf_vars[v] for v in surf]
+        channels += [batch.atmos_vars[v][:, :, i] for v in atmos for i in range(len(self.config.levels))]
+        return torch.stack(channels, dim=1)
+
+    def _infer_with_task_variables(
+        self, batch: Batch, net: nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """``masked_inference(net, inputs)`` ``(B, V, H, W)``, then the task channels
+        ``(B, n, H, W)`` concatenated on the channel axis (physical units, the config's
+        residual: ``"temporal"``: last input + std · head output; otherwise mean + std · head)."""
+        raw = self._task_inputs(batch)
+        if raw is None:
+            return self._masked_inference(net, inputs)
+        keys = [key for _, _, key in self._task_channels()]
+        mean = raw.new_tensor([self.norm_mean[k] for k in keys]).view(1, -1, 1, 1)
+        std = raw.new_tensor([self.norm_std[k] for k in keys]).view(1, -1, 1, 1)
+        try:
+            self._task_x = ((raw - mean.unsqueeze(2)) / std.unsqueeze(2)).flatten(1, 2)
+            out = self._masked_inference(net, inputs)
+            tokens = self._task_tokens
+        finally:
+            self._task_x = self._task_tokens = None
+        assert tokens is not None, "Prithvi's decoder did not run"
+        y = self._task_head_outputs(tokens)
+        base = raw[:, :, -1] if self.config.residual == "temporal" else mean
+        return torch.cat([out, base + std * y], dim=1)
+
+    def _embed_task_inputs(
+        self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Hook on ``patch_embedding``: its tokens ``(B, D, H/P, W/P)`` plus the task
+        kernels' convolution (stride P, no bias) of the task inputs."""
+        if self._task_x is None:
+            return None
+        weight = self._task_kernels().flatten(1, 2)  # (D, n·T, P, P), like the inputs
+        return output + F.conv2d(self._task_x, weight, stride=self.config.patch_size)
+
+    def _capture_decoded(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        """Hook on ``decoder``: keep its tokens ``(B, G, L, D)`` for the task heads."""
+        if self._task_x is not None:
+            self._task_tokens = output
+
+    def _task_head_outputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Task heads on decoded tokens ``(B, G, L, D)`` -> ``(B, n, H, W)`` in std units,
+        un-patched as Prithvi un-patches ``unembed`` (``from_patching``, ``pixel_shuffle``)."""
+        heads = [*self._task_heads["surface"].values(), *self._task_heads["atmos"].values()]
+        y = torch.cat([h(tokens) for h in heads], dim=-1)  # (B, G, L, n·P²)
+        return F.pixel_shuffle(self._net.from_patching(y), self.config.patch_size)
+
+    def _task_outputs(
+        self,
+        extra: torch.Tensor,
+        surf: dict[str, torch.Tensor],
+        atmos: dict[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``surf`` / ``atmos`` with the task variables of ``extra`` ``(B, n, H, W)`` added:
+        surface ``(B, 1, H, W)``, atmospheric ``(B, 1, C, H, W)``."""
+        surf, atmos = dict(surf), dict(atmos)
+        i = 0
+        for kind, name in self.task_variables():
+            n = len(self._task_keys(kind, name))
+            if kind == "surface":
+                surf[name] = extra[:, i : i + 1]
+            else:
+                atmos[name] = extra[:, i : i + n].unsqueeze(1)
+            i += n
+        return surf, atmos
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ decoder head (:func:`add_variable`), grouped in a :class:`TaskHead`, and normali
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -22,8 +21,6 @@ import pandas as pd
 import torch
 import xarray as xr
 from aurora import Batch, Metadata
-from aurora import normalisation as aurora_norm
-from aurora.model.util import init_weights
 from torch import nn
 
 from wpeft.backbones.aurora_adapter import WpeftAurora, norm_key
@@ -55,7 +52,9 @@ __all__ = [
     "index_batches",
     "level_key",
     "make_batch",
+    "missing_inputs",
     "per_level_scores",
+    "refuse_fixed_grid",
     "register_norm",
     "require_stats",
     "split_by_time",
@@ -269,16 +268,7 @@ def backbone_stats(
     A backbone trained by wpeft carries its own ``norm_mean``/``norm_std``; a backbone without
     them (a released Aurora checkpoint) uses Aurora's ERA5 statistics.
     """
-    key = norm_key(name, level)
-    if key in model.norm_mean:
-        return float(model.norm_mean[key]), float(model.norm_std[key])
-    if not model.own_stats:
-        if level is None and name in model.surf_stats:
-            loc, scale = model.surf_stats[name]
-            return float(loc), float(scale)
-        if key in aurora_norm.locations:
-            return float(aurora_norm.locations[key]), float(aurora_norm.scales[key])
-    return None
+    return model.normalisation_stats(name, level)
 
 
 def require_stats(model: WpeftAurora, name: str, level: int | None = None) -> tuple[float, float]:
@@ -296,16 +286,11 @@ def register_norm(model: WpeftAurora, key: str, mean: float, std: float) -> None
     """Make ``model`` normalise ``key`` (``"tp_12h"``, ``"t_logscale_850"``) with ``mean``/``std``.
 
     Aurora's own tables get the identity for keys they lack (as :class:`WpeftAurora` does), so
-    ours is the only normalisation applied.
+    ours is the only normalisation applied (``model.register_norm``).
     """
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
         raise DataError(f"Statistics for {key!r} must be finite with std > 0; got {mean}, {std}.")
-    # On a released checkpoint (Aurora's own tables) only registered keys are remapped
-    # (WpeftAurora._remap leaves every other key to Aurora's normalisation).
-    model.norm_mean[key] = float(mean)
-    model.norm_std[key] = float(std)
-    aurora_norm.locations.setdefault(key, 0.0)
-    aurora_norm.scales.setdefault(key, 1.0)
+    model.register_norm(key, float(mean), float(std))
 
 
 def backbone_inputs(model: WpeftAurora) -> dict[str, tuple[str, ...]]:
@@ -317,6 +302,31 @@ def backbone_inputs(model: WpeftAurora) -> dict[str, tuple[str, ...]]:
         "atmos": tuple(wb2_name(v, "atmos") for v in c.atmos_vars),
         "static": tuple(wb2_name(v, "static") for v in c.static_vars),
     }
+
+
+def missing_inputs(
+    model: WpeftAurora, surf: Sequence[str], atmos: Sequence[str]
+) -> list[str]:
+    """Those of the surface and atmospheric variables ``surf`` / ``atmos`` (Aurora short names)
+    that the backbone does not read: neither its own (``config``) nor a task's
+    (``model.task_variables()``)."""
+    c = model.config
+    added = model.task_variables()
+    reads_surf = {*c.surf_vars, *(n for kind, n in added if kind == "surface")}
+    reads_atmos = {*c.atmos_vars, *(n for kind, n in added if kind == "atmos")}
+    return [v for v in surf if v not in reads_surf] + [v for v in atmos if v not in reads_atmos]
+
+
+def refuse_fixed_grid(model: WpeftAurora, task: str) -> None:
+    """:class:`ConfigError` when a task's real-store path meets a backbone that embeds a fixed
+    grid, levels and channels (``model.fixed_grid()`` not None: Prithvi-WxC)."""
+    grid = model.fixed_grid()
+    if grid is not None:
+        raise ConfigError(
+            f"{task} on a real store (data=...) needs a backbone that reads any grid and levels; "
+            f"backbone {model.config.name!r} embeds a fixed {grid[0]} x {grid[1]} grid, levels "
+            "and channels. Use an Aurora backbone (e.g. 'tiny') or the synthetic world (no data)."
+        )
 
 
 class ConstantInputs:
@@ -418,38 +428,17 @@ def add_variable(
     embed_init: Literal["zeros", "aurora"] = "aurora",
     head_init: Literal["zeros", "aurora"] = "aurora",
 ) -> None:
-    """Give ``model`` a new variable ``name``: an embedding kernel and a decoder head.
+    """Give ``model`` a new variable ``name``: an embedding kernel and a decoder head
+    (:meth:`~wpeft.backbones.aurora_adapter.WpeftAurora.add_task_variable`), referenced from
+    ``head``.
 
     ``"aurora"`` initialises like Aurora does for its own variables (kernels: Kaiming uniform with
     ``a = sqrt(5)``; heads: truncated normal std 0.02, zero bias); ``"zeros"`` gives a kernel that
     leaves the pretrained tokens unchanged, or a head whose first output is exactly zero.
-    The new objects are inserted into the model and referenced from ``head``.
     """
-    if model.encoder.level_condition:
-        raise ConfigError("Adding variables to a level-conditioned Aurora is not supported.")
-    embed = (
-        model.encoder.surf_token_embeds if kind == "surface" else model.encoder.atmos_token_embeds
+    kernel, new_head = model.add_task_variable(
+        name, kind, embed_init=embed_init, head_init=head_init
     )
-    heads = model.decoder.surf_heads if kind == "surface" else model.decoder.atmos_heads
-    if name in embed.weights or name in heads:
-        raise ConfigError(
-            f"The backbone already has a {kind} variable {name!r}: call the task's setup() once, "
-            "on a fresh backbone."
-        )
-    template = next(iter(embed.weights.values()))
-    kernel = nn.Parameter(torch.zeros_like(template))
-    if embed_init == "aurora":
-        nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))
-    new_head = copy.deepcopy(next(iter(heads.values())))
-    with torch.no_grad():
-        if head_init == "aurora":
-            new_head.apply(init_weights)
-        else:
-            for p in new_head.parameters():
-                p.zero_()
-    new_head.requires_grad_(True)
-    embed.weights[name] = kernel
-    heads[name] = new_head
     if kind == "surface":
         head.surf_embeds[name] = kernel
         head.surf_heads[name] = new_head
@@ -460,23 +449,31 @@ def add_variable(
 
 def copy_task_variables(source: WpeftAurora, target: WpeftAurora) -> TaskHead:
     """Give ``target`` (a fresh backbone of the same config) the variables a task added to
-    ``source`` (:meth:`~wpeft.backbones.aurora_adapter.WpeftAurora.embedding_variables` beyond
-    the backbone's own), in the same order, with zero kernels and heads: the shapes a method
-    sees after ``task.setup``, without reading the task's data (budget probes).
+    ``source`` (:meth:`~wpeft.backbones.aurora_adapter.WpeftAurora.task_variables`: those of
+    :meth:`~wpeft.backbones.aurora_adapter.WpeftAurora.embedding_variables` beyond the backbone's
+    own, one per variable on either backbone), in the same order, with zero kernels and heads:
+    the shapes a method sees after ``task.setup``, without reading the task's data (budget probes).
 
     Returns:
         The new variables as a :class:`TaskHead` (the probe's ``head`` group).
     """
     head = TaskHead()
-    own = len(source.config.variables)
-    for kind, name in source.embedding_variables()[own:]:
+    for kind, name in source.task_variables():
         add_variable(target, head, name, kind, embed_init="zeros", head_init="zeros")  # type: ignore[arg-type]
     return head
 
 
 def check_patch_grid(model: WpeftAurora, height: int, width: int) -> None:
-    """The grid fits the backbone: multiples of the patch size and at least 3 patches each way
-    (the Swin U-Net halves the patch grid twice)."""
+    """The grid fits the backbone: its fixed grid if it has one (``model.fixed_grid()``), else
+    multiples of the patch size and at least 3 patches each way (the Swin U-Net halves the
+    patch grid twice)."""
+    fixed = model.fixed_grid()
+    if fixed is not None and (height, width) != fixed:
+        raise DataError(
+            f"Grid {height} x {width} differs from the {fixed[0]} x {fixed[1]} grid backbone "
+            f"{model.config.name!r} reads; feed that grid (e.g. precipitation: "
+            f"crop_size=({fixed[0]}, {fixed[1]}) on the world)."
+        )
     patch = model.patch_size
     check_grid(height, width, patch)
     if height // patch < 3 or width // patch < 3:

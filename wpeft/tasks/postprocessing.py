@@ -107,7 +107,9 @@ from wpeft.tasks.common import (
     coerce_world,
     index_batches,
     make_batch,
+    missing_inputs,
     per_level_scores,
+    refuse_fixed_grid,
     register_norm,
     require_stats,
     split_by_time,
@@ -466,13 +468,13 @@ class Postprocessing(Task):
             A :class:`TaskHead` with one kernel and head per ensemble input (the world: 9).
         """
         if self.config.data is not None:
+            refuse_fixed_grid(model, "Post-processing")
             reads = (backbone_inputs(model), _backbone_levels(model))
             if self._reads != reads:
                 self._reads, self._data = reads, None
         data = self.data
         check_patch_grid(model, *data.truth.grid)
-        missing = [v for v in data.mean.surf if v not in model.encoder.surf_token_embeds.weights]
-        missing += [v for v in data.mean.atmos if v not in model.encoder.atmos_token_embeds.weights]
+        missing = missing_inputs(model, data.mean.surf, data.mean.atmos)
         if missing:
             raise ConfigError(
                 f"The backbone has no embedding for {missing}; it cannot read the ensemble."

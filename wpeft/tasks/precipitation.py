@@ -123,6 +123,8 @@ from wpeft.tasks.common import (
     coerce_world,
     index_batches,
     make_batch,
+    missing_inputs,
+    refuse_fixed_grid,
     register_norm,
     split_samples,
     time_step,
@@ -457,13 +459,14 @@ class Precipitation(Task):
         Returns:
             A :class:`TaskHead` with ``len(leads_hours)`` kernels and heads.
         """
+        if self.config.data is not None:
+            refuse_fixed_grid(model, "Precipitation")
         if self._data is None and self.config.data is not None:
             self._data = self._load_data(model)
         data = self.data
         check_patch_grid(model, *data.fields.grid)
         if self.config.data is None:
-            missing = [v for v in SURF_VARS if v not in model.encoder.surf_token_embeds.weights]
-            missing += [v for v in ATMOS_VARS if v not in model.encoder.atmos_token_embeds.weights]
+            missing = missing_inputs(model, SURF_VARS, ATMOS_VARS)
             if missing:
                 raise ConfigError(f"The backbone has no embedding for {missing}.")
         head = TaskHead()
