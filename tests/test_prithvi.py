@@ -332,3 +332,63 @@ def test_to_and_eval_reach_prithvis_own_buffers_and_modules() -> None:
     )
     with torch.no_grad():
         assert model(batch).surf_vars["2t"].dtype == torch.float64
+
+
+def _loss(model: WpeftPrithvi, batch) -> torch.Tensor:
+    pred = model(batch)
+    return sum(v.pow(2).mean() for v in pred.surf_vars.values()) + sum(
+        v.pow(2).mean() for v in pred.atmos_vars.values()
+    )
+
+
+def test_activation_checkpointing_recomputes_blocks_to_the_same_gradients() -> None:
+    """What the training loop calls on CUDA: per-block checkpointing saves fewer tensors and
+    leaves the forward and every gradient bitwise unchanged (float32, CPU)."""
+    batch = batch_of("prithvi-tiny")
+
+    def run(checkpointed: bool) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        model = pretrained_like(backbone="prithvi-tiny")
+        if checkpointed:
+            model.configure_activation_checkpointing()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+        ):
+            loss = _loss(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()], sum(saved)
+
+    loss0, grads0, bytes0 = run(False)
+    loss1, grads1, bytes1 = run(True)
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    assert bytes1 < 0.5 * bytes0  # the blocks' insides are recomputed, not kept
+
+
+def test_autocast_backbone_runs_the_blocks_in_bf16_only() -> None:
+    """``autocast_backbone`` (set by the training loop on CUDA): attention and MLP run in
+    bfloat16, the patch embedding and ``unembed`` in float32; the forecast stays close."""
+    model = pretrained_like(backbone="prithvi-tiny").eval()
+    batch = batch_of("prithvi-tiny")
+    dtypes: dict[str, torch.dtype] = {}
+    block = model.blocks[0].block
+    hooks = [
+        block.attention[1].register_forward_hook(lambda m, a, o: dtypes.__setitem__("attn", o.dtype)),
+        block.ff[1].register_forward_hook(lambda m, a, o: dtypes.__setitem__("mlp", o.dtype)),
+        model.prithvi.patch_embedding.register_forward_hook(
+            lambda m, a, o: dtypes.__setitem__("embed", o.dtype)),
+        model.prithvi.unembed.register_forward_hook(lambda m, a, o: dtypes.__setitem__("unembed", o.dtype)),
+    ]
+    with torch.no_grad():
+        ref = model(batch)
+        assert set(dtypes.values()) == {torch.float32}
+        model.autocast_backbone = True
+        low = model(batch)
+    for h in hooks:
+        h.remove()
+    assert dtypes == {"attn": torch.bfloat16, "mlp": torch.bfloat16, "embed": torch.float32,
+                      "unembed": torch.float32}
+    for k, v in ref.surf_vars.items():
+        assert low.surf_vars[k].dtype == torch.float32
+        scale = (v - batch.surf_vars[k][:, -1:]).abs().max()
+        assert (low.surf_vars[k] - v).abs().max() <= 0.05 * scale, k

@@ -26,6 +26,7 @@ in grid order, deterministic).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +41,7 @@ from aurora import Batch
 from aurora import normalisation as aurora_norm
 from aurora.model.util import init_weights
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from wpeft.backbones.aurora_adapter import (
     check_weights_file,
@@ -198,6 +200,35 @@ class WpeftPrithvi(GroupedBackbone, nn.Module):
         self.decoder = _Group({"unembed": net.unembed})
         self._masked_inference: Callable[..., torch.Tensor] = prithvi_model.masked_inference
         self._init_task_variables()
+        self._checkpointed = False
+        for stack in (net.encoder, net.decoder):  # how Prithvi calls each transformer block
+            stack.lgl_block.evaluator = [self._run_block] * len(stack.lgl_block.transformers)
+
+    # --- on a GPU: bf16 blocks and activation checkpointing, as Aurora fine-tunes ------------
+
+    #: Run the transformer blocks under bf16 autocast (the training loop sets it on CUDA, as for
+    #: Aurora's ``autocast_backbone``); embeddings and ``unembed`` stay in float32.
+    autocast_backbone: bool = False
+
+    def configure_activation_checkpointing(self) -> None:
+        """Recompute every transformer block in backward, keeping only its input (Prithvi's own
+        per-block ``torch.utils.checkpoint``, non-reentrant), as Aurora's method of the same
+        name does for its Swin blocks."""
+        self._checkpointed = True
+
+    def _run_block(self, block: nn.Module, data: tuple[torch.Tensor, Any]) -> torch.Tensor:
+        """One transformer block on ``(x, mask)``: Prithvi's block evaluator, plus autocast and
+        checkpointing when asked."""
+        x = data[0]
+        context = (
+            torch.autocast(x.device.type, dtype=torch.bfloat16)
+            if self.autocast_backbone
+            else contextlib.nullcontext()
+        )
+        with context:
+            if self._checkpointed and torch.is_grad_enabled():
+                return checkpoint(block, data, use_reentrant=False)
+            return block(data)
 
     def _scalers(self) -> dict[str, torch.Tensor]:
         """Prithvi's scaler tensors from ``norm_mean`` / ``norm_std``."""
