@@ -127,7 +127,7 @@ def test_prithvi_pretrains_ships_and_reloads_equal(tmp_path, monkeypatch) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny"])
+@pytest.mark.parametrize("name", ["tiny", "prithvi-tiny"])
 def test_shipped_backbone_beats_persistence(name: str) -> None:
     """Each shipped backbone is a real pretraining: on held-out world data its 6-hour forecast
     RMSE is below 0.6 x persistence's on average, and below persistence everywhere."""
