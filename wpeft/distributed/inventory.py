@@ -285,27 +285,34 @@ def inventory(
     )
 
 
+def _block_grad(info: Any, modulation1: bool, modulation2: bool) -> BlockGrad:
+    """What trains in one transformer block (its linears asked through ``info.linear``)."""
+    block_params = list(info.block.parameters())
+    return BlockGrad(
+        qkv=_linear_grad(info.linear("qkv")),
+        proj=_linear_grad(info.linear("proj")),
+        fc1=_linear_grad(info.linear("fc1")),
+        fc2=_linear_grad(info.linear("fc2")),
+        modulation1=modulation1,
+        modulation2=modulation2,
+        params=sum(p.numel() for p in block_params),
+        weight_numel_2d=sum(p.numel() for p in block_params if p.dim() >= 2),
+    )
+
+
+def _block_ids(model: nn.Module) -> set[int]:
+    """The ids of every transformer block's parameters."""
+    return {id(p) for info in model.blocks for p in info.block.parameters()}
+
+
 def _aurora_structure(
     model: nn.Module,
 ) -> tuple[list[BlockGrad], list[tuple[bool, ...]], set[int]]:
     """Aurora's Swin blocks, patch merging / splitting, and the ids of the blocks' parameters."""
-    blocks = []
-    in_blocks: set[int] = set()
-    for info in model.blocks:
-        block_params = list(info.block.parameters())
-        in_blocks.update(id(p) for p in block_params)
-        blocks.append(
-            BlockGrad(
-                qkv=_linear_grad(info.attention.qkv),
-                proj=_linear_grad(info.attention.proj),
-                fc1=_linear_grad(info.block.mlp.fc1),
-                fc2=_linear_grad(info.block.mlp.fc2),
-                modulation1=_any_grad(info.block.norm1),
-                modulation2=_any_grad(info.block.norm2),
-                params=sum(p.numel() for p in block_params),
-                weight_numel_2d=sum(p.numel() for p in block_params if p.dim() >= 2),
-            )
-        )
+    blocks = [
+        _block_grad(info, _any_grad(info.block.norm1), _any_grad(info.block.norm2))
+        for info in model.blocks
+    ]
     merges = []
     for layer in model.backbone.encoder_layers:
         if layer.downsample is not None:
@@ -313,7 +320,7 @@ def _aurora_structure(
     for layer in model.backbone.decoder_layers:
         if layer.upsample is not None:
             merges.append((_any_grad(layer.upsample.lin1), _any_grad(layer.upsample.lin2)))
-    return blocks, merges, in_blocks
+    return blocks, merges, _block_ids(model)
 
 
 def _prithvi_structure(
@@ -322,21 +329,4 @@ def _prithvi_structure(
     """Prithvi-WxC's transformer blocks (encoder, then decoder; no merging) and the ids of their
     parameters. Its LayerNorms are plain (no time modulation): they save their input whether or
     not their affine parameters train, so ``modulation1`` / ``modulation2`` are False."""
-    blocks = []
-    in_blocks: set[int] = set()
-    for info in model.blocks:
-        block_params = list(info.block.parameters())
-        in_blocks.update(id(p) for p in block_params)
-        blocks.append(
-            BlockGrad(
-                qkv=_linear_grad(info.linear("qkv")),
-                proj=_linear_grad(info.linear("proj")),
-                fc1=_linear_grad(info.linear("fc1")),
-                fc2=_linear_grad(info.linear("fc2")),
-                modulation1=False,
-                modulation2=False,
-                params=sum(p.numel() for p in block_params),
-                weight_numel_2d=sum(p.numel() for p in block_params if p.dim() >= 2),
-            )
-        )
-    return blocks, [], in_blocks
+    return [_block_grad(info, False, False) for info in model.blocks], [], _block_ids(model)
