@@ -29,8 +29,13 @@ from typing import Literal
 import torch
 from aurora import Aurora, Batch
 from aurora import normalisation as aurora_norm
-from aurora.model.swin3d import Swin3DTransformerBlock, WindowAttention
-from aurora.model.util import init_weights
+from aurora.model.swin3d import (
+    Swin3DTransformerBlock,
+    WindowAttention,
+    pad_3d,
+    window_partition_3d,
+)
+from aurora.model.util import init_weights, maybe_adjust_windows
 from torch import nn
 
 from wpeft.backbones.configs import BackboneConfig, PrithviConfig, get_config
@@ -47,6 +52,7 @@ __all__ = [
     "nonfinite_tensors",
     "norm_key",
     "state_mismatches",
+    "window_positions",
 ]
 
 
@@ -291,9 +297,7 @@ class WpeftAurora(GroupedBackbone, Aurora):
     def sequence_positions(self, info: BlockInfo, res: tuple[int, int, int]) -> torch.Tensor:
         """Where each token of the block's attention sequences (windows) comes from: int64
         ``(n_windows, N_w)`` flat index ``c·H_b·W_b + h·W_b + w`` into the ``res`` tokens of one
-        sample, -1 for padding (:func:`wpeft.runs.attention_records.window_positions`)."""
-        from wpeft.runs.attention_records import window_positions
-
+        sample, -1 for padding (:func:`window_positions`)."""
         return window_positions(res, info.block.window_size, info.block.shift_size)
 
     def attention_weights(self, info: BlockInfo, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -404,6 +408,30 @@ class WpeftAurora(GroupedBackbone, Aurora):
         self.norm_std[key] = float(std)
         aurora_norm.locations.setdefault(key, 0.0)
         aurora_norm.scales.setdefault(key, 1.0)
+
+
+def window_positions(
+    res: tuple[int, int, int], window_size: Sequence[int], shift_size: Sequence[int]
+) -> torch.Tensor:
+    """Where each window token of a Swin3D block comes from.
+
+    Args:
+        res: Token resolution ``(C, H, W)`` of the block's input (levels, lat, lon).
+        window_size / shift_size: The block's configured window and shift
+            (``block.window_size``, ``block.shift_size``); adjusted as Aurora does.
+
+    Returns:
+        int64 ``(n_windows, N_w)``: flat index ``c·H·W + h·W + w`` into the unshifted
+        ``(C, H, W)`` tokens of one sample, in Aurora's window order, or -1 for padding.
+    """
+    ws, ss = maybe_adjust_windows(tuple(window_size), tuple(shift_size), tuple(res))
+    C, H, W = res
+    idx = torch.arange(C * H * W, dtype=torch.float64).view(1, C, H, W, 1)
+    if any(s > 0 for s in ss):
+        idx = torch.roll(idx, shifts=(-ss[0], -ss[1], -ss[2]), dims=(1, 2, 3))
+    idx = pad_3d(idx, ((-C) % ws[0], (-H) % ws[1], (-W) % ws[2]), value=-1.0)
+    windows = window_partition_3d(idx, ws)  # (nW, Wc, Wh, Ww, 1)
+    return windows.reshape(windows.shape[0], -1).round().long()
 
 
 def file_sha256(path: str | Path) -> str:

@@ -69,9 +69,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import xarray as xr
-from aurora.model.swin3d import pad_3d, window_partition_3d
-from aurora.model.util import maybe_adjust_windows
 
+from wpeft.backbones.aurora_adapter import window_positions
 from wpeft.errors import ConfigError, DataError
 from wpeft.runs.store import RecordStore
 
@@ -106,30 +105,6 @@ VARIABLE_AXES = {
     "channel": "one patch-embedding kernel per input channel: a surface variable, or one "
     "atmospheric variable at one pressure level (Prithvi-WxC embeds channels, not variables)",
 }
-
-
-def window_positions(
-    res: tuple[int, int, int], window_size: Sequence[int], shift_size: Sequence[int]
-) -> torch.Tensor:
-    """Where each window token of a Swin3D block comes from.
-
-    Args:
-        res: Token resolution ``(C, H, W)`` of the block's input (levels, lat, lon).
-        window_size / shift_size: The block's configured window and shift
-            (``block.window_size``, ``block.shift_size``); adjusted as Aurora does.
-
-    Returns:
-        int64 ``(n_windows, N_w)``: flat index ``c·H·W + h·W + w`` into the unshifted
-        ``(C, H, W)`` tokens of one sample, in Aurora's window order, or -1 for padding.
-    """
-    ws, ss = maybe_adjust_windows(tuple(window_size), tuple(shift_size), tuple(res))
-    C, H, W = res
-    idx = torch.arange(C * H * W, dtype=torch.float64).view(1, C, H, W, 1)
-    if any(s > 0 for s in ss):
-        idx = torch.roll(idx, shifts=(-ss[0], -ss[1], -ss[2]), dims=(1, 2, 3))
-    idx = pad_3d(idx, ((-C) % ws[0], (-H) % ws[1], (-W) % ws[2]), value=-1.0)
-    windows = window_partition_3d(idx, ws)  # (nW, Wc, Wh, Ww, 1)
-    return windows.reshape(windows.shape[0], -1).round().long()
 
 
 def scatter_windows(
