@@ -314,6 +314,9 @@ def test_cli_backbone_info(capsys: pytest.CaptureFixture[str], tiny: WpeftPrithv
     assert "(PrithviWxC.model.PrithviWxC, fingerprint" in out
     assert f"parameters: {tiny.num_parameters()['total']:,}" in out
     assert f"kernels E: ({D}, {V}, {T}, {P}, {P})" in out
+    # The shipped pretrained weights, with their held-out skill (not a random init).
+    assert "weights: prithvi-tiny.safetensors sha256" in out
+    assert "mean RMSE ratio model / persistence" in out
 
 
 def test_to_and_eval_reach_prithvis_own_buffers_and_modules() -> None:

@@ -31,9 +31,9 @@ def _print_skill(card: dict) -> None:
 def cmd_backbone_info(args: argparse.Namespace) -> int:
     from wpeft.backbones.aurora_adapter import build_backbone
     from wpeft.backbones.configs import PrithviConfig
-    from wpeft.backbones.pretrain import load_pretrained, pretrained_card
+    from wpeft.backbones.pretrain import load_pretrained, pretrained_card, shipped_backbones
 
-    if args.name == "tiny" or args.weights:
+    if args.name in shipped_backbones() or args.weights:
         model = load_pretrained(args.name, args.weights)
         card = pretrained_card(args.name, args.weights)
     else:
@@ -60,7 +60,7 @@ def cmd_backbone_info(args: argparse.Namespace) -> int:
         )
     print(f"  kernels E: {tuple(model.embedding_kernels().shape)} over {cfg.variables}")
     if card is None:
-        print("  weights: random init (load a local Aurora checkpoint with --checkpoint in training)")
+        print("  weights: random init (load a local checkpoint with --checkpoint in training)")
     else:
         print(f"  weights: {card['weights']} sha256 {card['sha256'][:16]}... (world {card['world_hash']})")
         _print_skill(card)
@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("backbone", help="inspect backbones")
     bsub = b.add_subparsers(dest="backbone_command", required=True)
     bi = bsub.add_parser("info", help="parameter count and held-out skill of a backbone")
-    bi.add_argument("--name", default="tiny", help="tiny (pretrained, shipped), small, 1.3b, prithvi-tiny or prithvi-2.3b")
+    bi.add_argument("--name", default="tiny", help="tiny or prithvi-tiny (pretrained, shipped), small, 1.3b or prithvi-2.3b")
     bi.add_argument("--weights", default=None, help="directory with <name>.json + weights")
     bi.set_defaults(func=cmd_backbone_info)
 

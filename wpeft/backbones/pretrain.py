@@ -18,7 +18,12 @@ from wpeft.backbones.configs import config_from_dict
 from wpeft.errors import CheckpointError
 from wpeft.paths import package_data_dir
 
-__all__ = ["load_pretrained", "pretrained_card"]
+__all__ = ["load_pretrained", "pretrained_card", "shipped_backbones"]
+
+
+def shipped_backbones() -> tuple[str, ...]:
+    """Names of the pretrained backbones shipped in the package (``tiny``, ``prithvi-tiny``)."""
+    return tuple(sorted(p.stem for p in package_data_dir().glob("*.json")))
 
 
 def pretrained_card(name: str = "tiny", directory: str | Path | None = None) -> dict[str, Any]:
