@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from wpeft.backbones.aurora_adapter import (
+    BlockInfo,
     check_weights_file,
     nonfinite_tensors,
     norm_key,
@@ -90,38 +91,24 @@ def _prithvi_module() -> Any:
 
 
 @dataclass(frozen=True)
-class PrithviBlockInfo:
-    """One transformer block of Prithvi-WxC, in execution order.
+class PrithviBlockInfo(BlockInfo):
+    """One transformer block of Prithvi-WxC, in execution order: :class:`BlockInfo`'s fields,
+    read for Prithvi, plus ``local``.
 
     Attributes:
-        index: Position in execution order (0 = first encoder block).
         stage: ``"encoder"`` or ``"decoder"`` (Prithvi's two transformer stacks).
         layer: Always 0 (one stack per stage).
         depth: Block index within the stage.
         dim: Token width D.
-        num_heads: Attention heads.
         shifted: Whether the stage shifts mask units (Swin-style) after its global blocks.
-        local: True: attention within each mask unit (over its tokens); False: global attention
-            across mask units (one sequence per token position).
         block: The ``Transformer`` module.
         attention: Its ``MultiheadAttention``, called with one ``(x, mask)`` tuple, x of shape
             ``[batch, units, tokens, D]`` (local) or ``[batch, tokens, units, D]`` (global).
+        local: True: attention within each mask unit (over its tokens); False: global attention
+            across mask units (one sequence per token position).
     """
 
-    index: int
-    stage: str
-    layer: int
-    depth: int
-    dim: int
-    num_heads: int
-    shifted: bool
     local: bool
-    block: nn.Module
-    attention: nn.Module
-
-    @property
-    def name(self) -> str:
-        return f"{self.stage}{self.layer}.{self.depth}"
 
     def linear(self, sublayer: str) -> nn.Module:
         """The block's ``qkv`` / ``proj`` (attention) or ``fc1`` / ``fc2`` (MLP) linear."""
