@@ -19,7 +19,7 @@ draw where a prompt token looks (:func:`plot_prompt_spread`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -185,19 +185,10 @@ def plot_prompt_map(
     ``earth=True`` draws a PlateCarree map with local coastlines (see :mod:`wpeft.viz.maps`);
     ``earth=False`` plain axes for the synthetic world.
     """
-    da = select_block(attention, "prompt_map", block, step)
-    where = _where(block, da)
-    prompts = list(da["prompt"].values)
-    if prompt not in prompts:
-        raise DataError(f"Unknown prompt {prompt!r}; the records have {prompts}.")
-    field = da.sel(prompt=prompt)
-    fig = new_figure((7.5, 4.0))
-    ax = map_axes(fig, (1, 1, 1), earth=earth)
-    mesh = draw_field(ax, field, earth=earth, cmap=SEQUENTIAL,
-                      norm=sequential_norm(field.values, vmin=0.0))
-    ax.set_title(f"attention paid to prompt {prompt}, {where}", fontsize="medium")
-    fig.colorbar(mesh, ax=ax, label=ATTENTION_LABEL, shrink=0.85)
-    return fig
+    return _prompt_field_figure(
+        attention, "prompt_map", block, prompt, step, earth=earth, label=ATTENTION_LABEL,
+        title=lambda where: f"attention paid to prompt {prompt}, {where}",
+    )
 
 
 def plot_prompt_spread(
@@ -212,18 +203,42 @@ def plot_prompt_spread(
             "These attention records predate prompt_to_patch (format 1); record the run again "
             "to draw where the prompts look (plot_prompt_map draws what they have)."
         )
-    da = select_block(attention, "prompt_to_patch", block, step)
+
+    def title(where: str) -> str:
+        self_share = select_block(attention, "prompt_self_attention", block, step)
+        kept = float(self_share.sel(prompt=prompt))
+        return (f"where prompt {prompt} looks over the patches ({kept:.0%} of its attention "
+                f"on prompts)\n{where}")
+
+    return _prompt_field_figure(
+        attention, "prompt_to_patch", block, prompt, step, earth=earth,
+        label="share of the prompt's attention", title=title,
+    )
+
+
+def _prompt_field_figure(
+    attention: xr.Dataset,
+    var: str,
+    block: Any,
+    prompt: Any,
+    step: int | None,
+    *,
+    earth: bool,
+    label: str,
+    title: Callable[[str], str],
+) -> Figure:
+    """One prompt's ``(lat, lon)`` field of record variable ``var`` in one block, on map axes
+    (sequential colours from 0), titled ``title(where)``."""
+    da = select_block(attention, var, block, step)
     where = _where(block, da)
     prompts = list(da["prompt"].values)
     if prompt not in prompts:
         raise DataError(f"Unknown prompt {prompt!r}; the records have {prompts}.")
     field = da.sel(prompt=prompt)
-    kept = float(select_block(attention, "prompt_self_attention", block, step).sel(prompt=prompt))
     fig = new_figure((7.5, 4.0))
     ax = map_axes(fig, (1, 1, 1), earth=earth)
     mesh = draw_field(ax, field, earth=earth, cmap=SEQUENTIAL,
                       norm=sequential_norm(field.values, vmin=0.0))
-    ax.set_title(f"where prompt {prompt} looks over the patches ({kept:.0%} of its attention "
-                 f"on prompts)\n{where}", fontsize="medium")
-    fig.colorbar(mesh, ax=ax, label="share of the prompt's attention", shrink=0.85)
+    ax.set_title(title(where), fontsize="medium")
+    fig.colorbar(mesh, ax=ax, label=label, shrink=0.85)
     return fig
