@@ -50,7 +50,9 @@ def method_spec(spec: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def measure(spec: str, backbone: str, batch_size: int, steps: int, device: str) -> dict:
+def measure(
+    spec: str, backbone: str, batch_size: int, steps: int, device: str, horizon: int
+) -> dict:
     import torch
 
     from wpeft.backbones.aurora_adapter import build_backbone
@@ -92,10 +94,10 @@ def measure(spec: str, backbone: str, batch_size: int, steps: int, device: str) 
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        method.before_backward(step, steps)
+        method.before_backward(step, horizon)
         loss_fn().backward()
         t1 = time.perf_counter()
-        method.after_backward(step, steps)
+        method.after_backward(step, horizon)
         if device == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -130,7 +132,20 @@ def measure(spec: str, backbone: str, batch_size: int, steps: int, device: str) 
         "adapter_bytes": adapter_bytes,
         "trainable": method.trainable()["total"],
         "budget_fraction": method.budget_fraction(),
+        # refreshes proven equal to the dense top-k (lean) out of all refreshes
+        "exact": f"{sel.exact_refreshes}/{-(-steps // refresh_every)}" if lean and sel.stream
+        else "-",
     }
+
+
+def median_row(rounds: list[dict]) -> dict:
+    """One method's rounds as one row: the median of each timing and peak, the rest from the
+    first round (sizes do not vary)."""
+    row = dict(rounds[0])
+    for key in ("step_s", "hook_s", "peak_bytes"):
+        row[key] = statistics.median(r[key] for r in rounds)
+    row["rounds"] = len(rounds)
+    return row
 
 
 def table(rows: list[dict], header: str) -> str:
@@ -141,8 +156,8 @@ def table(rows: list[dict], header: str) -> str:
         "",
         "| method | budget % | step (ms) | step / full | step / lora | refresh (ms) "
         "| refresh / step | peak (MB) | peak / full | peak / lora | optim. + sel. state (MB) "
-        "| state / full | adapter (MB) | adapter / full |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| state / full | adapter (MB) | adapter / full | exact refreshes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         r["state_bytes"] = r["optimizer_state_bytes"] + r.get("selection_state_bytes", 0)
@@ -160,7 +175,8 @@ def table(rows: list[dict], header: str) -> str:
             f"| {ratio(r['peak_bytes'], lora, 'peak_bytes')} "
             f"| {r['state_bytes'] / 2**20:.2f} "
             f"| {ratio(r['state_bytes'], full, 'state_bytes')} "
-            f"| {r['adapter_bytes'] / 2**20:.3f} | {ratio(r['adapter_bytes'], full, 'adapter_bytes')} |"
+            f"| {r['adapter_bytes'] / 2**20:.3f} | {ratio(r['adapter_bytes'], full, 'adapter_bytes')} "
+            f"| {r.get('exact', '-')} |"
         )
     return "\n".join(lines)
 
@@ -170,32 +186,44 @@ def main() -> None:
     p.add_argument("--backbone", default="tiny")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--horizon", type=int, default=1000,
+                   help="annealing horizon t_s the steps belong to (SFAS's noise factor "
+                        "γ(1 − n_s/t_s)): the timed steps are the first of a run this long")
     p.add_argument("--device", default="cuda" if "--cuda" in sys.argv else "cpu")
     p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds over the methods, round-robin; each timing is the median of "
+                        "its rounds (steps on a shared CPU vary by ±30 %% between runs)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.backbone, args.batch, args.steps, args.device)))
+        print(json.dumps(
+            measure(args.one, args.backbone, args.batch, args.steps, args.device, args.horizon)
+        ))
         return
 
     from wpeft.methods import METHODS
 
     names = args.methods or sorted(METHODS)
-    rows = []
-    for name in names:
-        out = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--backbone", args.backbone,
-             "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device],
-            capture_output=True, text=True, check=True,
-        )
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"measured {name}", file=sys.stderr)
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(args.repeat):  # round-robin: a slow spell of the machine hits every method
+        for name in names:
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", name, "--backbone", args.backbone,
+                 "--batch", str(args.batch), "--steps", str(args.steps), "--device",
+                 args.device, "--horizon", str(args.horizon)],
+                capture_output=True, text=True, check=True,
+            )
+            rounds[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"measured {name} (round {r + 1} of {args.repeat})", file=sys.stderr)
+    rows = [median_row(rs) for rs in rounds.values()]
     import torch
 
     header = (
         f"Backbone `{args.backbone}`, batch {args.batch} x 32 x 64 grid (2 history steps, 3 levels), "
-        f"{args.steps} steps (median of the last {args.steps - 2}), device {args.device} "
+        f"the first {args.steps} steps of a {args.horizon}-step run (median of the last "
+        f"{args.steps - 2}; median of {args.repeat} round-robin rounds), device {args.device} "
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads). Peak = max RSS of the method's own process."
     )

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from test_backbone import random_batch
+
 from wpeft.backbones.aurora_adapter import WpeftAurora, build_backbone
 from wpeft.errors import ConfigError
 from wpeft.methods.fisher import (
@@ -26,12 +26,12 @@ from wpeft.methods.fisher import (
     anneal_factor,
     broadcast_mask,
     count_at_least,
-    noise_generator,
     normalise_by_global_max_,
     perturb_,
     search_threshold,
     topk_masks,
 )
+from wpeft.methods.noise import TensorNoise, exceedance_fraction
 from wpeft.methods.sfas import (
     SFAS,
     ChildTuningD,
@@ -227,12 +227,17 @@ def test_multiplicative_ranks_noise_scaled_fisher() -> None:
     def mask(step: int, total: int) -> list[torch.Tensor]:
         scores = [x.square() for x in grads]
         normalise_by_global_max_(scores)
-        perturb_(scores, step=step, total_steps=total, gamma=0.2, kind="multiplicative", seed=5)
+        perturb_(
+            scores, step=step, total_steps=total, gamma=0.2, kind="multiplicative", seed=5,
+            k=20,
+        )
         return topk_masks(scores, 20)
 
     fhat = [x.square() for x in grads]
     normalise_by_global_max_(fhat)
-    u = [torch.rand(f.shape, generator=noise_generator(5, 3, i, "cpu")) for i, f in enumerate(fhat)]
+    c = exceedance_fraction(20, 94)
+    u = [TensorNoise.draw(5, 3, i, f.numel(), c).span(0, f.numel()).view(f.shape)
+         for i, f in enumerate(fhat)]
     expected = brute_topk([f * ui for f, ui in zip(fhat, u)], 20)
     assert flat_set(mask(3, 10)) == expected
     assert flat_set(mask(3, 1000)) == expected  # another annealing factor: same ranking
@@ -674,6 +679,7 @@ def test_data_parallel_ranks_draw_the_same_mask() -> None:
 # --- FSDP2 shards: one global top-k over the ranks' shards --------------------------------------
 
 SHARD_SHAPES = [(5, 7), (1, 4), (3,), (0,), (4, 2, 2), (7,)]  # uneven, a 1-row and an empty tensor
+K = 5  # entries the noise is drawn for (exceedance fraction 2k/N = 0.13)
 
 
 def _chunk_spans(world: int, rank: int) -> list[Span]:
@@ -706,7 +712,8 @@ def _shard_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         top = normalise_by_global_max_(mine, coll)
         out["max"] = (float(top), full, coll.gather_full(mine, spans))
         mine = [torch.zeros(sp.numel) for sp in spans]
-        perturb_(mine, step=1, total_steps=5, gamma=0.2, kind="additive", seed=3, spans=spans)
+        perturb_(mine, step=1, total_steps=5, gamma=0.2, kind="additive", seed=3, k=K,
+                 spans=spans)
         out["noise"] = coll.gather_full(mine, spans)
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -731,7 +738,7 @@ def test_sharded_topk_noise_and_max_equal_the_unsharded_ones() -> None:
         for n, f in zip(normalised, full):
             torch.testing.assert_close(n, f / top)
         reference = [torch.zeros(s) for s in SHARD_SHAPES]
-        perturb_(reference, step=1, total_steps=5, gamma=0.2, kind="additive", seed=3)
+        perturb_(reference, step=1, total_steps=5, gamma=0.2, kind="additive", seed=3, k=K)
         assert all(torch.equal(a, b) for a, b in zip(r["noise"], reference))
     # the 1-row tensor lives on rank 0 only, the others are split
     assert _chunk_spans(2, 1)[1].numel == 0 and _chunk_spans(2, 0)[0].numel == 21

@@ -20,8 +20,9 @@ Why it is written the way it is (the released research code's pitfalls, each avo
   exactly k entries are selected.
 * **Data parallelism.** Every rank must select the same mask, or replicas silently diverge. With
   gradients all-reduced (as DDP does) the importance is identical on every rank, and the noise
-  U is drawn from a generator seeded by ``(seed, step, tensor index)`` (:func:`noise_seed`),
-  never from the global RNG, so every rank draws the same U. :func:`broadcast_mask` is the
+  U is a function of ``(seed, step, tensor index, entry)`` alone
+  (:class:`~wpeft.methods.noise.TensorNoise`), never of the global RNG, so every rank draws the
+  same U. :func:`broadcast_mask` is the
   belt-and-braces alternative (rank ``src``'s mask wins). Under FSDP2 each rank holds only
   shards of the tensors: the same functions take a sharded
   :class:`~wpeft.methods.shards.Collective`, sum their counts (and take the max) over the ranks
@@ -48,6 +49,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from wpeft.methods.noise import TensorNoise, exceedance_fraction
 from wpeft.methods.shards import LOCAL, Collective, Span, local_tensor
 
 __all__ = [
@@ -57,16 +59,14 @@ __all__ = [
     "ImportanceKind",
     "MaskedAdamW",
     "NoiseKind",
-    "add_importance_",
     "adamw_entries_",
+    "add_importance_",
     "all_reduce_mean_",
     "anneal_factor",
     "broadcast_mask",
     "capped_topk_masks",
     "count_at_least",
     "distributed_ready",
-    "noise_generator",
-    "noise_seed",
     "normalise_by_global_max_",
     "perturb_",
     "search_threshold",
@@ -81,7 +81,6 @@ NoiseKind = Literal["additive", "multiplicative", "none"]
 DEFAULT_CHUNK_NUMEL = 1 << 24
 
 _INT32_LIMIT = 1 << 31  # exclusive upper bound of a non-negative int32 bit pattern
-_MASK64 = (1 << 64) - 1
 
 
 # --- bucketed flat storage ----------------------------------------------------------------------
@@ -267,34 +266,6 @@ def normalise_by_global_max_(
 # --- annealed noise -----------------------------------------------------------------------------
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def noise_seed(seed: int, step: int, index: int) -> int:
-    """A well-mixed 63-bit seed for the noise of tensor ``index`` at ``step``.
-
-    Depends only on its arguments, never on the global RNG, so every data-parallel rank that
-    uses the same ``seed`` draws the same noise.
-    """
-    h = _splitmix64(seed & _MASK64)
-    h = _splitmix64(h ^ (step & _MASK64))
-    h = _splitmix64(h ^ (index & _MASK64))
-    return h & ((1 << 63) - 1)
-
-
-def noise_generator(
-    seed: int, step: int, index: int, device: torch.device | str
-) -> torch.Generator:
-    """A generator on ``device`` seeded with :func:`noise_seed` (same U on same device type)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(noise_seed(seed, step, index))
-    return g
-
-
 def anneal_factor(step: int, total_steps: int, gamma: float) -> float:
     """γ·(1 − n_s/t_s), clamped to [0, γ], with n_s = ``step`` + 1.
 
@@ -315,6 +286,7 @@ def perturb_(
     gamma: float,
     kind: NoiseKind,
     seed: int,
+    k: int,
     spans: Sequence[Span] | None = None,
 ) -> float:
     """Add the annealed random term to normalised scores in place, per tensor.
@@ -327,14 +299,14 @@ def perturb_(
       degenerate selection).
     * ``"none"``: F̃ = F̂.
 
-    U ~ Uniform(0, 1) is drawn per entry, tensor ``i`` from :func:`noise_generator` ``(seed,
-    step, i)``, so the noise does not depend on bucketing or on the global RNG. A shard (FSDP2)
-    draws the full tensor's U and keeps its span, so every entry gets the same U as in an
-    unsharded run (each rank draws all of U, one tensor at a time: compute as one process,
-    a temporary of the largest tensor).
+    U ~ Uniform[0, 1) per entry is :class:`~wpeft.methods.noise.TensorNoise` of ``(seed, step,
+    i)`` for tensor ``i``, at exceedance fraction c = min(1, 2k/N): it does not depend on
+    bucketing, sharding, the device or the global RNG. A shard (FSDP2) computes the draws of
+    its span only, the numbers an unsharded run gives those entries.
 
     Args:
         views: Per-tensor score views (float32), in a fixed order.
+        k: Entries the top-k will select (sets c; the streamed selection uses the same).
         spans: Where each view sits in its full tensor (None: the views are whole tensors).
 
     Returns:
@@ -345,16 +317,14 @@ def perturb_(
         return factor
     if kind not in ("additive", "multiplicative"):
         raise ValueError(f"noise must be 'additive', 'multiplicative' or 'none', got {kind!r}.")
+    full = [s.full_numel for s in spans] if spans is not None else [v.numel() for v in views]
+    fraction = exceedance_fraction(k, sum(full))
     for i, v in enumerate(views):
         if v.numel() == 0:
             continue
-        gen = noise_generator(seed, step, i, v.device)
-        span = spans[i] if spans is not None else None
-        if span is None or span.whole:
-            u = torch.rand(v.shape, generator=gen, device=v.device, dtype=torch.float32)
-        else:
-            full = torch.rand(span.full_numel, generator=gen, device=v.device, dtype=torch.float32)
-            u = span.narrow(full).view(v.shape)
+        start = spans[i].start if spans is not None else 0
+        noise = TensorNoise.draw(seed, step, i, full[i], fraction, v.device)
+        u = noise.span(start, v.numel()).view(v.shape)
         if kind == "additive":
             v.add_(u, alpha=factor)
         else:

@@ -412,7 +412,7 @@ class LeanSelection(EntrySelection):
         if state.get("stream") is not None:
             self.load_stream_state(state["stream"])
 
-    _STREAM_CARRY = ("_tau_score", "_tau_importance", "_tau_factor")
+    _STREAM_CARRY = ("_tau_score", "_tau_importance", "_tau_factor", "_m_prev")
 
     def stream_state(self) -> dict[str, float] | None:
         """What the streaming top-k carries from one refresh to the next (its threshold τ), so
@@ -424,7 +424,7 @@ class LeanSelection(EntrySelection):
     def load_stream_state(self, state: dict[str, float]) -> None:
         if self.stream is not None:
             for name in self._STREAM_CARRY:
-                setattr(self.stream, name, float(state[name]))
+                setattr(self.stream, name, float(state.get(name, 0.0)))
 
 
 def clip_grad_norm_(

@@ -919,6 +919,7 @@ class SFAS(_SelectionMethod):
                 gamma=cfg.gamma,
                 kind=cfg.noise,
                 seed=cfg.seed,
+                k=sel.k,
                 spans=sel.spans,
             )
             sel.select(scores, step=step, broadcast=cfg.broadcast_masks, started=started)

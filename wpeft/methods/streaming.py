@@ -6,78 +6,94 @@ max M, the perturbed score F̃ = perturb(F / M) and one exact top-k over everyth
 tensor's gradient is scored as soon as backward produces it (e.g. from a
 ``register_post_accumulate_grad_hook``), a few candidates are kept as
 ``(position, F, U, g)`` and the caller frees the gradient at once. The selection is the same
-function of the gradients as the dense path's (same importance helper, same noise draws, same
-float32 arithmetic), made on the candidates only.
+function of the gradients as the dense path's (same importance helper, same draws U of
+:class:`~wpeft.methods.noise.TensorNoise`, same float32 arithmetic), made on the candidates only.
 
-Why it is right. M is not known until the last tensor, so :meth:`StreamingTopK.add` ranks a
-tensor's entries by a *key* computed with the running max M_run (max over the tensors added so
-far, M_run <= M): key = perturb(F / M_run). For every noise kind the key is an upper bound of the
-true score perturb(F / M) (F/M_run >= F/M; additive adds the same a·U >= 0; multiplicative
-multiplies by the same U >= 0; float32 rounding is monotone, so the bound holds bit for bit). A
-dropped entry's true score is therefore at most the largest key dropped (``bound``).
-:meth:`StreamingTopK.finish` recomputes the true scores of the candidates exactly as the dense
-path does (divide by M clamped as :func:`~wpeft.methods.fisher.normalise_by_global_max_` does,
-then the same ``add_``/``mul_`` with the same U: bitwise the dense numbers), takes their exact
-top-k with :func:`~wpeft.methods.fisher.topk_masks` (ties in tensor order, then flat index, as
-the dense path), and calls the result ``exact`` when the k-th selected score is strictly above
-every bound: then no dropped entry can be in the dense top-k, so the two selections are equal.
-Otherwise (rare with the defaults) the selection is still exactly k entries, the best among the
-candidates.
+What makes it cheap. Each tensor's draws U are defined so that the *large* ones, the set Z of
+entries with U >= 1 − c (about 2k entries over all tensors), are drawn without touching the
+others, and every other draw is at most ``ceiling`` = fl32(1 − c). An entry outside Z with
+importance F therefore scores at most F/M + a·ceiling (additive, a = γ(1 − n_s/t_s)), F/M·ceiling
+(multiplicative) or F/M (none). With a threshold τ carried over from the last refresh, the
+entries outside Z that can still reach τ are those with F >= F_thr, where F_thr is τ solved for F
+(with the estimate M_est of M below, and a slack: entries within a factor ``_SLACK`` of F_thr
+pass too, as gradients change between refreshes). Per tensor, :meth:`StreamingTopK.add` costs:
 
-What is kept, per tensor t of n_t entries (N in all, budget B = Σ cap_t with
-cap_t = min(n_t, ceil(oversample·k·n_t/N) + 64)):
+* Σg² (the records' gradient norm, as the dense path takes it) and the min and max of g per
+  block of 256 entries (``amin``/``amax``): the tensor's largest importance (F is monotone in
+  |g|), which raises the running max M_run, and which blocks hold an entry reaching F_thr;
+* only in those blocks (few: Fisher information is heavy-tailed), a comparison |g| >= √F_thr
+  (or F_thr for |g|); a tensor without such a block costs nothing more over its entries;
+* gathering g at the candidates (Z, the entries found above, the caller's ``keep``) and their
+  U from :meth:`TensorNoise.at`.
 
-* the entries with key >= τ, but at least the best cap_t (the tensor's share of the budget; more
-  than the proportional share ceil(k·n_t/N), so the candidates always number >= k) and at most the
-  best min(n_t, B) by key; key ties are taken in flat-index order, as the dense top-k takes them;
-* plus the caller's ``keep`` entries (e.g. the current mask), never dropped.
+Tensors of at most ``small_numel`` entries (norms, biases: most tensors of a backbone, a small
+share of its entries) are copied aside instead and, at :meth:`finish` (or when a million
+entries wait), scored in one batch by the same rule (importance against F_thr, Z and ``keep``
+always); their draws are read by position and per-tensor key at once.
 
-Improvements over keeping between ceil(k·n_t/N) and cap_t per tensor: every tensor keeps at
-least its cap_t (the budget is held anyway, and a lower per-tensor bound makes ``exact`` far more
-frequent when τ is off), and the cap is *global*. A tensor may contribute up to B
-candidates (the top-k often sits in a few tensors), and whenever the pool of candidates (``keep``
-entries aside) exceeds B it is pruned back to the best B by keys recomputed with the current
-running max (tighter bounds than the keys at add time). To keep that cheap the pool is pruned
-only when it exceeds 2B (so each prune drops at least B candidates), and once more, to B, in
-:meth:`StreamingTopK.finish`, where the recomputed keys are the true scores. So at most
-2B + |keep| candidates are held between calls (plus min(n_t, B) inside one ``add``) and B + |keep|
-reach the final top-k; B is about oversample·k + 64·T.
+Why it is right. Every entry of Z and every ``keep`` entry becomes a candidate, so the
+candidates always number >= k (Σ|Z| is checked at :meth:`begin`; in the astronomically rare
+refresh where it is below k every entry becomes a candidate). An entry dropped by the
+threshold has F < F_thr (or, in a tensor with no block reaching F_thr, at most the tensor's
+largest F), so its true score is at most ``perturb(F / M)`` of that F with U at the ceiling;
+:meth:`finish` turns the largest such F into a bound with the final M. Candidates past the pool budget are pruned by their exact keys (their true scores
+once M is known; upper bounds of them before, since M_run <= M), and the best key pruned is a
+bound too. :meth:`finish` recomputes the true scores of the candidates exactly as the dense
+path does, takes their exact top-k (ties in tensor order, then flat index, as the dense
+path's :func:`~wpeft.methods.fisher.topk_masks`) and calls the result ``exact`` when the k-th
+selected score is strictly above every bound: then no dropped entry can be in the dense top-k,
+so the two selections are equal. Otherwise (rare) it is still exactly k entries, the best among
+the candidates.
 
-The threshold τ carries over between refreshes: after a refresh it is the true score at rank
-r = ceil((oversample + 1/2) · k) of the candidates (halved when the refresh was not exact), so
-that a tensor's entries above τ usually outnumber its cap_t: it then keeps exactly those, found
-by the comparison with τ alone (the top-m would select the same set; no top-m is run). At the
-next :meth:`StreamingTopK.begin`, for additive noise, it is lowered by the drop of the factor
-a = γ(1 − n_s/t_s) since then (every additive score loses at most that much) but not below the
-rank-r value of F/M among the candidates (every additive score is at least F/M; this keeps τ
-useful at the last steps, where a reaches 0). It is 0 at the first refresh. Within a refresh,
-after a prune, entries whose key is below the smallest key the prune kept (rescaled by the
-running max then over the running max now) are not kept either: for noise "none" or
-multiplicative they could not survive the next prune anyway; for additive it is a heuristic
-(the bound still records whatever is dropped, so ``exact`` stays a proof). This makes the first
-refresh cost about what later ones cost.
+The threshold. After a refresh τ is the true score at rank min(B, candidates) (B the pool budget
+below), or, for additive noise, the rank-B value of a·U over Z if that is larger (a prune may
+have dropped entries of Z, and every score in Z is at least a·U): below the k-th (the +64 in B keeps small selections clear of the rank noise between
+steps) and, at real sizes, inside the band of Z's scores (|Z| ≈ 2k > B ≈ 1.5k); halved when the
+refresh was not exact. At the next :meth:`begin`, for additive noise, it follows the fall of the
+factor a since then: a score F/M + a·U falls by at most the drop of a and to at least its
+a_new/a_old share, so τ becomes the larger of the two (and not below the rank-B value of F/M
+among the candidates, as every additive score is at least F/M). It is 0 at the
+first refresh (every entry a candidate). M_est = max(M_run, M_prev / 2) with M_prev the last
+refresh's M: the first tensors of a backward pass then do not pass wholesale for want of a
+running max, and the bound stays a bound whatever M turns out to be. After a prune the
+threshold also rises to the smallest key the prune kept (rescaled to the running max): an
+entry below it could not survive the next prune.
 
-Costs per tensor: the key (F turned into the key in place) and U, two float32 temporaries of the
-tensor, plus bool masks; a top-(m+1) of the key, two comparison passes, and Σg² accumulated in
-float64 by chunks. F, U and g of the kept entries are gathered (F recomputed from g there, the
-same bits). Nothing of size N is ever allocated.
+Pool. At most 3B + |keep| candidates are held between calls (B = min(N, ceil(oversample·k) +
+64), the budget), pruned to the best B (``keep`` entries aside) whenever the pool passes 3B;
+:meth:`finish` selects from what is held (one selection, no sort of the pool). Nothing of size
+N is allocated: per tensor the block extremes (n/128 numbers), the compared blocks and the
+gathered candidates; a whole tensor becomes candidates only at the first refresh (τ = 0) or
+with NaN/inf gradients, then chunk by chunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from wpeft.errors import ConfigError
-from wpeft.methods.fisher import add_importance_, anneal_factor, noise_generator, topk_masks
+from wpeft.methods.fisher import add_importance_, anneal_factor
+from wpeft.methods.noise import (
+    EXCEEDANCE_PER_SELECTED,
+    TensorNoise,
+    exceedance_fraction,
+    hash_uniform,
+)
 
 __all__ = ["StreamedSelection", "StreamingTopK"]
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
+_MAX_OVERSAMPLE = EXCEEDANCE_PER_SELECTED - 0.5
+_SLACK = 1.0
+_CHUNK = 1 << 20  # entries per part when a whole tensor becomes candidates
+_BLOCK = 256  # entries per block of the blockwise max |g|
 
 
 @dataclass
@@ -87,8 +103,9 @@ class StreamedSelection:
     Attributes:
         indices: Per tensor, ``(k_t,)`` int64 strictly increasing flat indices; Σ k_t == k.
         values: Per tensor, ``(k_t,)`` float32: the gradient g at those indices.
-        square_sums: ``(T,)`` float64: Σ g² over all entries of each tensor (NaN/inf gradients
-            give NaN/inf here: the records show them).
+        square_sums: ``(T,)`` float64: Σ g² over all entries of each tensor, the float32 norm
+            squared as the dense records take it (NaN/inf gradients give NaN/inf here: the
+            records show them).
         max_importance: M, the global max of the importance F this step.
         candidates: Entries kept as candidates over all tensors for the final top-k (``keep``
             entries included; at most the budget B plus the ``keep`` entries).
@@ -141,7 +158,7 @@ class _Pool:
 def _top_m(
     key: torch.Tensor, m: int, order: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, float]:
-    """The m largest of a 1-D ``key`` and the largest left out.
+    """The m largest of a 1-D ``key`` and the largest left out (no sort: one selection).
 
     Ties at the cut are taken in index order, or in increasing ``order`` ((n,) int64, distinct)
     when given.
@@ -154,25 +171,53 @@ def _top_m(
         return torch.ones(n, dtype=torch.bool, device=key.device), -math.inf
     if m == 0:
         return torch.zeros(n, dtype=torch.bool, device=key.device), float(key.max())
-    vals = torch.topk(key, m + 1, sorted=True).values
-    cut, left_out = vals[m - 1], float(vals[m])
+    cut = torch.kthvalue(key, n - m + 1).values  # the m-th largest
     mask = key > cut
+    ties = torch.nonzero(key == cut).squeeze(1)
     need = m - int(torch.count_nonzero(mask))
-    if need:
-        ties = torch.nonzero(key == cut).squeeze(1)
-        if order is not None and ties.numel() > need:
+    if ties.numel() > need:  # the (m+1)-th largest is a tie at the cut
+        left_out = float(cut)
+        if order is not None:
             ties = ties[torch.argsort(order[ties])]
-        mask[ties[:need]] = True
+    else:
+        left_out = float(key.masked_fill(mask, -math.inf).masked_fill_(key == cut, -math.inf).max())
+    mask[ties[:need]] = True
     return mask, left_out
 
 
-def _square_sum(g: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
-    """Σ g² of a 1-D ``g`` in float64 (0-d), in chunks (no float64 copy of a large tensor)."""
-    total = torch.zeros((), dtype=torch.float64, device=g.device)
-    for start in range(0, g.numel(), chunk):
-        part = g[start : start + chunk].to(torch.float64)
-        total += torch.dot(part, part)
-    return total
+def _block_ends(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of a 1-D ``g`` per block of ``_BLOCK`` entries (the last may be shorter):
+    two ``(ceil(n / _BLOCK),)`` tensors."""
+    full = g.numel() // _BLOCK * _BLOCK
+    blocks = g[:full].view(-1, _BLOCK)
+    lo, hi = blocks.amin(1), blocks.amax(1)  # 4x faster than aminmax(dim=1) on a CPU
+    if full < g.numel():
+        t_lo, t_hi = torch.aminmax(g[full:])
+        lo, hi = torch.cat([lo, t_lo.reshape(1)]), torch.cat([hi, t_hi.reshape(1)])
+    return lo, hi
+
+
+def _member(x: torch.Tensor, sorted_set: torch.Tensor) -> torch.Tensor:
+    """(len(x),) bool: which entries of ``x`` lie in the strictly increasing ``sorted_set``."""
+    if sorted_set.numel() == 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    idx = torch.searchsorted(sorted_set, x).clamp_(max=sorted_set.numel() - 1)
+    return sorted_set[idx] == x
+
+
+def _kth_largest(x: torch.Tensor, r: int, sample: int = 1 << 16) -> float:
+    """The r-th largest entry of a 1-D ``x`` (1 <= r <= x.numel()), estimated from every s-th
+    entry when ``x`` holds more than ``sample`` (s = len(x) // sample; deterministic)."""
+    stride = max(1, x.numel() // sample)
+    y = x[::stride]
+    rank = min(y.numel(), max(1, round(r / stride)))
+    return float(torch.kthvalue(y, y.numel() - rank + 1).values)
+
+
+def _square_sum(g: torch.Tensor) -> torch.Tensor:
+    """Σ g² of a 1-D ``g`` as the dense path's records take it: the float32 L2 norm, squared in
+    float64 (0-d)."""
+    return torch.linalg.vector_norm(g.float()).double().square()
 
 
 class StreamingTopK:
@@ -188,9 +233,15 @@ class StreamingTopK:
         importance: ``"fisher"`` (g²) or ``"abs_grad"`` (|g|).
         noise: ``"additive"``, ``"multiplicative"`` or ``"none"`` (as :func:`perturb_`).
         gamma: Noise scale γ (>= 0).
-        seed: Noise seed (as :func:`noise_generator`).
-        oversample: Candidate budget over k (>= 1): B = Σ min(n_t, ceil(oversample·k·n_t/N) + 64).
+        seed: Noise seed (as :class:`~wpeft.methods.noise.TensorNoise`).
+        oversample: Candidate budget over k, in [1, 1.5]: B = min(N, ceil(oversample·k) + 64);
+            τ sits at rank B, inside the ~2k large draws.
+        small_numel: Tensors of at most this many entries (norms, biases) are scored together in
+            batches (fewer small operations). 0: none.
     """
+
+    #: The pool (``keep`` entries aside) is cut back to the best B when it passes this many B.
+    prune_at: ClassVar[int] = 3
 
     def __init__(
         self,
@@ -201,7 +252,8 @@ class StreamingTopK:
         noise: str = "additive",
         gamma: float = 0.2,
         seed: int = 0,
-        oversample: float = 2.0,
+        oversample: float = 1.5,
+        small_numel: int = 1 << 14,
     ) -> None:
         self.shapes = [torch.Size(s) for s in shapes]
         self.numels = [s.numel() for s in self.shapes]
@@ -219,47 +271,62 @@ class StreamingTopK:
             )
         if not gamma >= 0:
             raise ConfigError(f"gamma must be >= 0, got {gamma!r}.")
-        if not oversample >= 1:
+        if not 1 <= oversample <= _MAX_OVERSAMPLE:
             raise ConfigError(
-                f"oversample must be >= 1 (candidates per selected entry), got {oversample!r}."
+                f"oversample must be in [1, {_MAX_OVERSAMPLE}] (candidates per selected entry; "
+                f"the threshold's rank must stay inside the ~2k large draws), got {oversample!r}."
             )
         self.k, self.importance, self.noise = k, importance, noise
         self.gamma, self.seed, self.oversample = gamma, seed, oversample
+        self.small_numel = small_numel
         self.total = total
-        self.caps = [min(n, math.ceil(oversample * k * n / total) + 64) for n in self.numels]
-        #: Candidates held at most (``keep`` entries aside): Σ cap_t.
-        self.budget = sum(self.caps)
+        #: Exceedance fraction c of the draws (:func:`~wpeft.methods.noise.exceedance_fraction`).
+        self.fraction = exceedance_fraction(k, total)
+        #: Candidates held at most after a prune (``keep`` entries aside).
+        self.budget = min(total, math.ceil(oversample * k) + 64)
         self.offsets = [0]
         for n in self.numels[:-1]:
             self.offsets.append(self.offsets[-1] + n)
-        # τ's ingredients from the last refresh: a score, the same rank of F/M, the noise factor.
+        # Carried from the last refresh: a score, the same rank of F/M, the noise factor, M.
         self._tau_score, self._tau_importance, self._tau_factor = 0.0, 0.0, 0.0
-        #: The threshold τ of this refresh (before the cut of the pool, see :meth:`add`).
+        self._m_prev = 0.0
+        #: The threshold τ of this refresh (before the rise after a prune, see :meth:`add`).
         self.tau = 0.0
         self._step: int | None = None
 
     # --- one refresh ----------------------------------------------------------------------------
 
     def begin(self, step: int, total_steps: int) -> None:
-        """Start a refresh at 0-based optimiser ``step`` (discards one left unfinished)."""
+        """Start a refresh at 0-based optimiser ``step`` (discards one left unfinished): sets τ
+        and draws every tensor's large draws Z."""
         self.factor = anneal_factor(step, total_steps, self.gamma)
         self._draws = self.noise == "multiplicative" or (
             self.noise == "additive" and self.factor != 0.0
         )
         tau = self._tau_score
-        if self.noise == "additive":  # every score loses at most the drop of the factor, and
-            # is at least F/M
-            shifted = self._tau_score - max(0.0, self._tau_factor - self.factor)
-            tau = max(shifted, self._tau_importance)
+        if self.noise == "additive" and self.factor < self._tau_factor:
+            # a score F/M + a·U falls by at most the drop of a, to at least its a_new/a_old
+            # share (F/M >= 0), and stays at least F/M
+            drop = self._tau_factor - self.factor
+            tau = max(tau - drop, tau * self.factor / self._tau_factor, self._tau_importance)
         self.tau = max(0.0, tau)
         self._step = step
+        self._noise = [
+            TensorNoise.draw(self.seed, step, i, n, self.fraction)
+            for i, n in enumerate(self.numels)
+        ]
+        # Z guarantees >= k candidates; if it is short (never at real sizes), take every entry
+        self._everything = sum(z.positions.numel() for z in self._noise) < self.k
         self._added = [False] * len(self.shapes)
         self._sq: list[torch.Tensor | None] = [None] * len(self.shapes)
         self._m_run: torch.Tensor | None = None
         self._parts: list[_Pool] = []
         self._loose = 0  # candidates that may be pruned (not forced)
-        self._bound = -math.inf
+        self._bound = -math.inf  # the best key pruned
+        self._dropped = -math.inf  # the largest importance F of a dropped entry (a bound)
         self._cut: tuple[float, float] | None = None  # (min key kept, running max) of last prune
+        self._small: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+        self._small_entries = 0
 
     def _importance(self, g: torch.Tensor) -> torch.Tensor:
         """F of ``g`` ((n,) any float dtype) as the dense accumulator makes it: (n,) float32,
@@ -282,6 +349,36 @@ class StreamingTopK:
                 s.mul_(U)
         return s
 
+    def _ceiling_term(self, x: float, ceiling: float) -> float:
+        """The largest score of an entry outside Z with F/M = ``x`` (real arithmetic)."""
+        if not self._draws:
+            return x
+        return x + self.factor * ceiling if self.noise == "additive" else x * ceiling
+
+    def _threshold(self, ceiling: float) -> float:
+        """F_thr: an entry outside Z with importance below it cannot reach τ (given M >= M_est),
+        times ``_SLACK`` (gradients change between refreshes: entries within that factor of
+        reaching the last refresh's τ stay candidates)."""
+        assert self._m_run is not None
+        m_run = max(float(self._m_run), _FLOAT32_TINY)
+        m_est = max(m_run, 0.5 * self._m_prev)
+        tau = self.tau
+        if self._cut is not None:  # below the pool's cut, rescaled to this running max
+            tau = max(tau, self._cut[0] * self._cut[1] / m_run)
+        if not self._draws:
+            reach = tau
+        elif self.noise == "additive":
+            reach = tau - self.factor * ceiling
+        else:
+            reach = tau / ceiling if ceiling > 0 else 0.0
+        return _SLACK * reach * m_est
+
+    def _cutoff(self, threshold: float) -> float:
+        """|g| below which an entry's importance is below ``threshold`` (> 0), a little low: the
+        margin covers the rounding of g² and of the cutoff in g's dtype."""
+        t = math.sqrt(threshold) if self.importance == "fisher" else threshold
+        return t * (1 - 2.0**-6)
+
     def add(self, index: int, grad: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Score tensor ``index``'s gradient and keep its candidates (see the module docstring).
 
@@ -289,8 +386,8 @@ class StreamingTopK:
             index: Position of the tensor in ``shapes``.
             grad: Its gradient, shaped like the tensor (any float dtype). Not referenced after
                 the call: the caller may free it.
-            keep: ``(m,)`` int64 flat indices that must stay candidates (e.g. the current mask),
-                or None.
+            keep: ``(m,)`` int64 strictly increasing flat indices that must stay candidates
+                (e.g. the current mask), or None.
         """
         if self._step is None:
             raise RuntimeError(f"add({index}) before begin(): call begin(step, total_steps) first.")
@@ -314,59 +411,158 @@ class StreamingTopK:
                     f"keep of tensor {index} must be (m,) int64 flat indices, got "
                     f"{tuple(keep.shape)} {keep.dtype}."
                 )
-            if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= n):
+            if keep.numel() and (int(keep[0]) < 0 or int(keep[-1]) >= n):
                 raise ValueError(
                     f"keep of tensor {index} holds indices outside [0, {n}): "
-                    f"[{int(keep.min())}, {int(keep.max())}]."
+                    f"[{int(keep[0])}, {int(keep[-1])}]."
                 )
+            if not bool((keep[1:] > keep[:-1]).all()):
+                raise ValueError(
+                    f"keep of tensor {index} must be strictly increasing (as "
+                    "StreamedSelection.indices are): sort it and drop repeats."
+                )
+            keep = keep.to(g.device) if keep.numel() else None
         self._added[index] = True
         self._sq[index] = _square_sum(g)
         if n == 0:
             return
-        key = self._importance(g)  # F now, the key below (in place: one (n,) float32 buffer)
-        top = key.max()
+        if n <= self.small_numel:  # scored with the other small tensors at once
+            self._small.append((index, g.to(torch.float32, copy=True), keep))
+            self._small_entries += n
+            if self._small_entries >= _CHUNK:
+                self._flush_small()
+            return
+        noise = self._noise_on(index, g.device)
+        everything, top = self._everything, None
+        if not everything:
+            lo, hi = _block_ends(g)  # F is monotone in |g|: a block's max F is at an end
+            if bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all()):
+                size = torch.maximum(hi, -lo)  # (blocks,) max |g| per block
+                top = self._importance(size.max().reshape(1))[0]
+                self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
+                threshold = self._threshold(noise.ceiling)
+                everything = not threshold > 0  # nothing can be dropped
+            else:
+                everything = True  # NaN/inf: every entry, F mapped as the dense path maps it
+        if everything:  # chunk by chunk, pruning as the pool fills
+            for start in range(0, n, _CHUNK):
+                where = torch.arange(start, min(n, start + _CHUNK), device=g.device)
+                U = noise.span(start, where.numel()) if self._draws else None
+                self._append(index, g, where, U, None, keep)
+            return
+        # Z outside keep (with its draws), then keep, then the entries outside both that reach
+        # the threshold, found in the blocks whose largest |g| reaches it
+        z, U = noise.positions, noise.values
+        if keep is not None:
+            loose = ~_member(z, keep)
+            z, U = z[loose], U[loose]
+            self._append(index, g, keep, noise.at(keep) if self._draws else None, True, None)
+        self._append(index, g, z, U if self._draws else None, False, None)
+        cut = self._cutoff(threshold)
+        blocks = torch.nonzero(size >= cut).squeeze(1)
+        self._dropped = max(self._dropped, threshold if blocks.numel() else float(top))
+        rows = g[: n // _BLOCK * _BLOCK].view(-1, _BLOCK)
+        for first in range(0, blocks.numel(), _CHUNK // _BLOCK):  # bounded temporaries
+            part = blocks[first : first + _CHUNK // _BLOCK]
+            inner = part[part < rows.shape[0]]  # whole blocks; the short last one apart
+            hit = torch.nonzero(rows[inner].abs() >= cut)
+            where = inner[hit[:, 0]] * _BLOCK + hit[:, 1]
+            if inner.numel() < part.numel():
+                tail = rows.numel() + torch.nonzero(g[rows.numel() :].abs() >= cut).squeeze(1)
+                where = torch.cat([where, tail])
+            where = where[~_member(where, noise.positions)]
+            if keep is not None:
+                where = where[~_member(where, keep)]
+            U = noise.at(where) if self._draws else None
+            self._append(index, g, where, U, False, None)
+
+    def _flush_small(self) -> None:
+        """Score the buffered small tensors in one batch: importance of every entry (float32
+        copies: the same bits as from their own dtype), candidates by the same threshold as
+        :meth:`add` (Z and ``keep`` always), their draws read by position and key at once."""
+        if not self._small:
+            return
+        device = self._small[0][1].device
+        index = torch.tensor([i for i, _, _ in self._small], dtype=torch.int64, device=device)
+        sizes = torch.tensor([g.numel() for _, g, _ in self._small], device=device)
+        g = torch.cat([g for _, g, _ in self._small])
+        start = torch.cumsum(sizes, 0) - sizes  # each tensor's first entry in g
+        local = torch.arange(g.numel(), device=device) - start.repeat_interleave(sizes)
+        offsets = torch.tensor(self.offsets, dtype=torch.int64, device=device)[index]
+        pos = local + offsets.repeat_interleave(sizes)
+        key = torch.tensor([self._noise[i].key for i, _, _ in self._small], device=device)
+        key = key.repeat_interleave(sizes)
+        z_pos = torch.cat([self._noise[i].positions.to(device) + self.offsets[i]
+                           for i, _, _ in self._small])
+        z_val = torch.cat([self._noise[i].values.to(device) for i, _, _ in self._small])
+        order = torch.argsort(z_pos)
+        z_pos, z_val = z_pos[order], z_val[order]
+        kept = [k + self.offsets[i] for i, _, k in self._small if k is not None]
+        keep = torch.sort(torch.cat(kept)).values if kept else z_pos[:0]
+        self._small, self._small_entries = [], 0
+        F = self._importance(g)
+        top = F.max()
         self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
+        in_z, forced = _member(pos, z_pos), _member(pos, keep)
+        ceiling = self._noise[0].ceiling  # one fraction c: one ceiling for every tensor
+        threshold = self._threshold(ceiling)
+        if threshold > 0:
+            take = (F >= threshold) | in_z | forced
+            if not bool(take.all()):
+                self._dropped = max(self._dropped, threshold)
+                pos, local, key, g, F = pos[take], local[take], key[take], g[take], F[take]
+                in_z, forced = in_z[take], forced[take]
         U = None
-        if self._draws:  # drawn exactly as perturb_ draws tensor `index`'s noise
-            gen = noise_generator(self.seed, self._step, index, g.device)
-            U = torch.rand(self.shapes[index], generator=gen, device=g.device, dtype=torch.float32)
-            U = U.reshape(-1)
-        self._score(key, self._m_run, U, inplace=True)
-        tau = self.tau
-        if self._cut is not None:  # below the pool's cut, rescaled to this running max
-            tau = max(tau, self._cut[0] * self._cut[1] / max(float(self._m_run), _FLOAT32_TINY))
-        above = key >= tau
-        passing = int(torch.count_nonzero(above))
-        if min(self.caps[index], n) <= passing <= min(n, self.budget) and passing < n:
-            # the top-m below would keep exactly the entries >= τ: take them by the comparison
-            # already made (no top-m), the bound is the largest key below τ
-            chosen = above
-            left_out = float(key.masked_fill_(above, -math.inf).max())
-        else:
-            m = min(max(passing, self.caps[index]), min(n, self.budget))
-            chosen, left_out = _top_m(key, m)
-        self._bound = max(self._bound, left_out)
-        del key, above
-        if keep is not None and keep.numel():
-            keep = keep.to(g.device)
-            chosen[keep] = True
-            where = torch.nonzero(chosen).squeeze(1)
-            forced = torch.isin(where, keep)
-        else:
-            where = torch.nonzero(chosen).squeeze(1)
-            forced = torch.zeros(where.shape, dtype=torch.bool, device=g.device)
+        if self._draws:  # the hashed draws, then Z's where it lies
+            U = hash_uniform(local, key).mul_(ceiling)
+            if z_pos.numel():
+                at = torch.searchsorted(z_pos, pos[in_z])
+                U[in_z] = z_val[at]
+        self._parts.append(_Pool(pos, F, U, g, forced))
+        self._loose += pos.numel() - int(torch.count_nonzero(forced))
+        if self._loose > self.prune_at * self.budget:
+            self._prune()
+
+    def _append(
+        self,
+        index: int,
+        g: torch.Tensor,
+        where: torch.Tensor,
+        U: torch.Tensor | None,
+        forced: bool | None,
+        keep: torch.Tensor | None,
+    ) -> None:
+        """Add the distinct entries ``where`` ((c,) int64) of tensor ``index`` (flat gradient
+        ``g``) to the pool with their draws ``U``, all ``forced`` or none (None: those in
+        ``keep``)."""
+        if where.numel() == 0:
+            return
         gw = g[where]
-        part = _Pool(
-            where + self.offsets[index],
-            self._importance(gw),  # elementwise: the same bits as the full tensor's F
-            None if U is None else U[where],
-            gw.to(torch.float32),
-            forced,
-        )
+        F = self._importance(gw)  # elementwise: the same bits as the full tensor's F
+        top = F.max()
+        self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
+        if forced is None:
+            flags = (
+                torch.zeros(where.shape, dtype=torch.bool, device=g.device) if keep is None
+                else _member(where, keep)
+            )
+        else:
+            flags = torch.full(where.shape, forced, dtype=torch.bool, device=g.device)
+        part = _Pool(where + self.offsets[index], F, U, gw.to(torch.float32), flags)
         self._parts.append(part)
         self._loose += len(part) - int(torch.count_nonzero(part.forced))
-        if self._loose > 2 * self.budget:  # amortised: each prune drops >= budget candidates
+        if self._loose > self.prune_at * self.budget:  # amortised: a prune drops >= 2B candidates
             self._prune()
+
+    def _noise_on(self, index: int, device: torch.device) -> TensorNoise:
+        """Tensor ``index``'s draws with Z moved to ``device`` (kept there for this refresh)."""
+        noise = self._noise[index]
+        if noise.positions.device != device:
+            noise = dataclasses.replace(
+                noise, positions=noise.positions.to(device), values=noise.values.to(device)
+            )
+            self._noise[index] = noise
+        return noise
 
     def _prune(self) -> None:
         """Cut the pool to the best ``budget`` non-forced candidates by keys recomputed with the
@@ -394,27 +590,34 @@ class StreamingTopK:
                 f"finish() at step {self._step} with tensors {missing[:10]} not added "
                 f"({len(missing)} missing); add every tensor once before finish()."
             )
+        self._flush_small()
         assert self._m_run is not None  # k >= 1 implies a non-empty tensor
-        if self._loose > self.budget:
-            self._prune()
-        pool = _Pool.cat(self._parts)
-        pool = pool.take(torch.argsort(pool.pos))  # (tensor, flat index) order: dense tie order
+        pool = _Pool.cat(self._parts)  # at most 3B + |keep|: one selection over it
         score = self._score(pool.F, self._m_run, pool.U)
-        chosen = topk_masks([score], self.k)[0]
-        chosen_scores = score[chosen]
-        kth = float(chosen_scores.min())
-        exact = kth > self._bound
+        chosen, _ = _top_m(score, self.k, pool.pos)  # ties in (tensor, index) order, as dense
+        kth = float(score[chosen].min())
+        m = max(float(self._m_run), _FLOAT32_TINY)
+        bound = self._bound
+        if self._dropped > -math.inf:  # a dropped entry scores at most this (float32 margin)
+            ceiling = max(z.ceiling for z in self._noise)
+            bound = max(bound, self._ceiling_term(self._dropped / m, ceiling) * (1 + 1e-5))
+        exact = kth > bound
         # τ for the next refresh: a score a little below this refresh's k-th.
-        rank = min(len(pool), math.ceil((self.oversample + 0.5) * self.k))
-        tau = float(torch.topk(score, rank, sorted=True).values[-1])
-        importance = float(torch.topk(pool.F, rank, sorted=True).values[-1]) / max(
-            float(self._m_run), _FLOAT32_TINY
-        )
+        rank = min(len(pool), self.budget)
+        tau = _kth_largest(score, rank)
+        if self.noise == "additive" and self._draws:  # the pool may have lost Z entries to a
+            # prune; every score in Z is at least a·U, so its rank-B a·U bounds τ from below too
+            u = torch.cat([z.values for z in self._noise])
+            if u.numel() >= rank:
+                tau = max(tau, self.factor * _kth_largest(u, rank, sample=u.numel()))
+        importance = _kth_largest(pool.F, rank) / m
         self._tau_score = tau if exact else 0.5 * min(tau, kth)
         self._tau_importance = importance if exact else 0.5 * importance
         self._tau_factor = self.factor
+        self._m_prev = float(self._m_run)
         pos = pool.pos[chosen]
-        values = pool.g[chosen]
+        order = torch.argsort(pos)
+        pos, values = pos[order], pool.g[chosen][order]
         offsets = torch.tensor(self.offsets, dtype=torch.int64, device=pos.device)
         tensor_of = torch.searchsorted(offsets, pos, right=True) - 1
         counts = torch.bincount(tensor_of, minlength=len(self.shapes)).tolist()
@@ -434,4 +637,5 @@ class StreamingTopK:
         )
         self._step = None
         self._parts = []
+        self._noise = []
         return result

@@ -1,0 +1,73 @@
+"""SFAS's draws U (``wpeft.methods.noise``): uniform, independent of how they are read."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wpeft.methods.noise import TensorNoise, exceedance_fraction, hash_uniform, noise_seed
+
+
+def test_draws_are_uniform_with_the_large_ones_in_z() -> None:
+    """U over 2M entries: mean 1/2, variance 1/12, flat 20-bin histogram; exactly the entries of
+    Z lie at or above 1 − c and about c·n of them; the rest stay at or below the ceiling."""
+    n, c = 2_000_000, 0.004
+    noise = TensorNoise.draw(seed=1, step=2, index=3, numel=n, fraction=c)
+    u = noise.span(0, n)
+    assert u.dtype == torch.float32 and u.shape == (n,)
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.double().mean()) - 0.5) < 2e-3
+    assert abs(float(u.double().var()) * 12 - 1.0) < 5e-3
+    counts = torch.histc(u, bins=20, min=0.0, max=1.0)
+    expected = n / 20
+    assert float((counts - expected).abs().max()) < 5 * math.sqrt(expected)
+    z = noise.positions
+    assert bool((z[1:] > z[:-1]).all()) and int(z[0]) >= 0 and int(z[-1]) < n
+    assert abs(z.numel() - c * n) < 5 * math.sqrt(c * n)  # Binomial(n, c)
+    outside = torch.ones(n, dtype=torch.bool)
+    outside[z] = False
+    assert float(u[outside].max()) <= noise.ceiling == float(torch.tensor(1 - c))
+    assert float(u[z].min()) >= noise.ceiling
+    assert torch.equal(u[z], noise.values)
+
+
+def test_any_entry_reads_the_same_number() -> None:
+    """``at`` (candidates, any order, repeats) and ``span`` (shards, chunks) give the full
+    tensor's numbers; the same arguments draw the same Z, another step or tensor other ones."""
+    n, c = 300_001, 0.01
+    noise = TensorNoise.draw(7, 0, 5, n, c)
+    full = noise.span(0, n)
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.cat([torch.randint(n, (5000,), generator=gen), noise.positions[:50], torch.tensor([0, n - 1])])
+    assert torch.equal(noise.at(pos), full[pos])
+    for start, length in [(0, 1), (12_345, 99_999), (n - 7, 7), (5, 0)]:
+        assert torch.equal(noise.span(start, length), full[start : start + length])
+    again = TensorNoise.draw(7, 0, 5, n, c)
+    assert torch.equal(again.positions, noise.positions) and torch.equal(again.values, noise.values)
+    for other in (TensorNoise.draw(7, 1, 5, n, c), TensorNoise.draw(7, 0, 6, n, c)):
+        assert not torch.equal(other.span(0, 1000), full[:1000])
+
+
+def test_hash_is_24_bit_and_keyed() -> None:
+    pos = torch.arange(100_000)
+    h = hash_uniform(pos, noise_seed(0, 0, 0))
+    scaled = h.double() * 2**24
+    assert torch.equal(scaled, scaled.round()) and float(h.min()) >= 0 and float(h.max()) < 1
+    assert not torch.equal(h, hash_uniform(pos, noise_seed(0, 0, 1)))
+    assert torch.unique(h).numel() > 99_000  # no short cycles
+
+
+def test_full_fraction_empty_tensor_and_bad_input() -> None:
+    every = TensorNoise.draw(0, 0, 0, 1000, 1.0)
+    assert torch.equal(every.positions, torch.arange(1000)) and every.ceiling == 0.0
+    assert torch.equal(every.span(0, 1000), every.values)
+    empty = TensorNoise.draw(0, 0, 0, 0, 0.5)
+    assert empty.positions.numel() == 0 and empty.span(0, 0).numel() == 0
+    assert exceedance_fraction(3, 600) == pytest.approx(0.01)
+    assert exceedance_fraction(400, 600) == 1.0
+    with pytest.raises(ValueError, match=r"k=0 must lie in \[1, total=600\]"):
+        exceedance_fraction(0, 600)
+    with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\]"):
+        TensorNoise.draw(0, 0, 0, 10, 0.0)

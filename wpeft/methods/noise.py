@@ -1,0 +1,176 @@
+"""SFAS's random term U: one Uniform[0, 1) draw per entry, readable at any entries alone.
+
+The paper's additive score F̂ + a·U (METHOD.md §3) reaches the global top-k mostly through large
+draws: Fisher information of a backbone is so heavy-tailed that early in training nearly every
+selected entry is one whose U is close to 1. A selection that drew U for every entry with a
+sequential generator (``torch.rand``) would spend most of its time drawing numbers that can
+never matter. So the draws of a tensor are defined in two parts, at exceedance fraction c:
+
+* **Large draws.** The set Z of entries with U >= 1 − c is a Bernoulli(c) process over the flat
+  index (independent geometric gaps), drawn with its values U = (1 − c) + c·V, V ~ U[0, 1), from
+  a CPU generator seeded by :func:`noise_seed` ``(seed, step, index)``:
+  about c·n numbers, found without touching the other n entries.
+* **Every other entry** j: U_j = fl32(1 − c) · h(j), with h a counter-based hash (SplitMix64's
+  finaliser of the same seed and j) to 24-bit uniforms in [0, 1). Any entry's draw is computed
+  from its position alone: a candidate, a shard, a chunk.
+
+So every U_j is Uniform[0, 1) (a c : 1 − c mixture of the two ranges) and the U_j are independent,
+as with ``torch.rand``, but (i) the entries whose draw can lift them into the top-k are known
+up front and (ii) every draw outside Z is at most :attr:`TensorNoise.ceiling`, a bound that lets
+a selection skip entries without drawing them. The numbers do not depend on the device (Z comes
+from the CPU generator; the hash is integer arithmetic), on sharding or on bucketing.
+
+SFAS uses c = :func:`exceedance_fraction` ``(k, N)`` = min(1, 2k/N): Z holds about twice the
+entries selected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "EXCEEDANCE_PER_SELECTED",
+    "TensorNoise",
+    "exceedance_fraction",
+    "hash_uniform",
+    "noise_seed",
+]
+
+#: |Z| over k: the large draws number about this many times the entries selected.
+EXCEEDANCE_PER_SELECTED = 2
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # SplitMix64's constants as signed int64
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
+_CHUNK = 1 << 20
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def noise_seed(seed: int, step: int, index: int) -> int:
+    """A well-mixed 63-bit key for the draws of tensor ``index`` at ``step``.
+
+    Depends only on its arguments, never on the global RNG, so every data-parallel rank that
+    uses the same ``seed`` draws the same noise.
+    """
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (step & _MASK64))
+    h = _splitmix64(h ^ (index & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def exceedance_fraction(k: int, total: int) -> float:
+    """c = min(1, 2k/N) for a top-k of ``k`` out of ``total`` entries (both >= 1)."""
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} must lie in [1, total={total}].")
+    return min(1.0, EXCEEDANCE_PER_SELECTED * k / total)
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 ``z`` (torch's ``>>`` is arithmetic)."""
+    return z.bitwise_right_shift(bits).bitwise_and_((1 << (64 - bits)) - 1)
+
+
+def hash_uniform(positions: torch.Tensor, key: int) -> torch.Tensor:
+    """h(j): 24-bit uniforms in [0, 1) from int64 ``positions`` ``(p,)`` and a 63-bit ``key``.
+
+    SplitMix64's output function of ``key + (j + 1)·golden``, top 24 bits; int64 products wrap
+    as unsigned ones do, on CPU and CUDA alike. Returns ``(p,)`` float32.
+    """
+    z = (positions + 1).mul_(_GOLDEN).add_(key)
+    z.bitwise_xor_(_shift_right(z, 30)).mul_(_MIX1)
+    z.bitwise_xor_(_shift_right(z, 27)).mul_(_MIX2)
+    z.bitwise_xor_(_shift_right(z, 31))
+    return _shift_right(z, 40).to(torch.float32).mul_(2.0**-24)
+
+
+@dataclass(frozen=True)
+class TensorNoise:
+    """The draws U of one tensor at one step (see the module docstring).
+
+    Attributes:
+        key: The 63-bit seed of the tensor's draws (``noise_seed(seed, step, index)``).
+        numel: Entries n of the full tensor.
+        fraction: Exceedance fraction c in (0, 1].
+        positions: ``(m,)`` int64, strictly increasing: Z, the entries with a large draw.
+        values: ``(m,)`` float32: U at ``positions``, in [ceiling, 1).
+        ceiling: fl32(1 − c): every draw outside Z is at most this (0 when c = 1).
+    """
+
+    key: int
+    numel: int
+    fraction: float
+    positions: torch.Tensor
+    values: torch.Tensor
+    ceiling: float
+
+    @classmethod
+    def draw(
+        cls,
+        seed: int,
+        step: int,
+        index: int,
+        numel: int,
+        fraction: float,
+        device: torch.device | str = "cpu",
+    ) -> TensorNoise:
+        """Draw Z and its values for tensor ``index`` (``numel`` entries) at ``step``."""
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}.")
+        key = noise_seed(seed, step, index)
+        gen = torch.Generator().manual_seed(key)
+        if fraction >= 1.0 or numel == 0:
+            positions = torch.arange(numel, dtype=torch.int64)
+        else:  # geometric gaps (trials to the first success, >= 1) until past the end
+            parts, last = [], -1
+            expected = numel * fraction
+            while last < numel - 1:
+                size = math.ceil(expected + 4.0 * math.sqrt(expected) + 16)
+                gaps = torch.empty(size, dtype=torch.float64).geometric_(fraction, generator=gen)
+                pos = gaps.cumsum_(0).add_(last).to(torch.int64)
+                parts.append(pos)
+                last = int(pos[-1])
+                expected = max(0.0, (numel - 1 - last) * fraction)
+            positions = torch.cat(parts)
+            positions = positions[: int(torch.searchsorted(positions, numel))]
+        v = torch.rand(positions.numel(), generator=gen, dtype=torch.float64)
+        values = v.mul_(fraction).add_(1.0 - fraction).to(torch.float32).clamp_(max=_BELOW_ONE)
+        ceiling = float(torch.tensor(1.0 - fraction, dtype=torch.float32))
+        return cls(key, numel, fraction, positions.to(device), values.to(device), ceiling)
+
+    def _hashed(self, positions: torch.Tensor) -> torch.Tensor:
+        return hash_uniform(positions, self.key).mul_(self.ceiling)
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """U at flat ``positions`` ``(p,)`` int64 in [0, numel), any order -> ``(p,)`` float32."""
+        positions = positions.to(self.positions.device)
+        out = self._hashed(positions)
+        m = self.positions.numel()
+        if m and positions.numel():
+            idx = torch.searchsorted(self.positions, positions).clamp_(max=m - 1)
+            hit = self.positions[idx] == positions
+            out[hit] = self.values[idx[hit]]
+        return out
+
+    def span(self, start: int, length: int) -> torch.Tensor:
+        """U over flat entries ``[start, start + length)`` -> ``(length,)`` float32."""
+        device = self.positions.device
+        out = torch.empty(length, dtype=torch.float32, device=device)
+        for lo in range(0, length, _CHUNK):
+            hi = min(length, lo + _CHUNK)
+            pos = torch.arange(start + lo, start + hi, dtype=torch.int64, device=device)
+            out[lo:hi] = self._hashed(pos)
+        a = int(torch.searchsorted(self.positions, start))
+        b = int(torch.searchsorted(self.positions, start + length))
+        out[self.positions[a:b] - start] = self.values[a:b]
+        return out
