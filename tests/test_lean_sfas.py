@@ -264,3 +264,17 @@ def test_the_planner_models_the_lean_state_as_measured(batch) -> None:
     assert inv.method_state_bytes == method.state_bytes()
     eligible = [p.numel() for p in method.selection.params]
     assert inv.gradient_numel == inv.with_grad - sum(eligible) + max(eligible) + method.selection.k
+    # the streamed top-k's candidate pool, at its bound, is backward's transient too
+    stream = method.selection.stream
+    assert inv.selection_transient_bytes == stream.pool_bytes() > 0
+    assert stream.pool_bytes() == 2 * 21 * min(
+        stream.total, (stream.hold_at + 1) * stream.budget + stream.k + (1 << 20)
+    )
+    from wpeft.distributed.plan import PlanRequest, plan
+
+    planned = plan(PlanRequest(backbone="tiny", method="weatherpeft", gpus=1, batch=1,
+                               grid=(32, 64), method_options={"lean": True}))
+    assert planned.strategy("none").transient == (
+        planned.activations.backward_transient + stream.pool_bytes()
+    )
+    assert inventory("tiny", "weatherpeft").selection_transient_bytes == 0  # dense: none

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from wpeft.methods.noise import TensorNoise, exceedance_fraction, hash_uniform, noise_seed
+from wpeft.methods.noise import (
+    TensorNoise,
+    draws_at,
+    exceedance_fraction,
+    hash_uniform,
+    noise_seed,
+)
 
 
 def test_draws_are_uniform_with_the_large_ones_in_z() -> None:
@@ -48,6 +54,27 @@ def test_any_entry_reads_the_same_number() -> None:
     assert torch.equal(again.positions, noise.positions) and torch.equal(again.values, noise.values)
     for other in (TensorNoise.draw(7, 1, 5, n, c), TensorNoise.draw(7, 0, 6, n, c)):
         assert not torch.equal(other.span(0, 1000), full[:1000])
+
+
+def test_draws_of_many_tensors_read_at_once() -> None:
+    """``draws_at`` over several tensors (entries interleaved, Z hits and misses, an empty
+    tensor) gives each tensor's own numbers; a per-position key equals the scalar key."""
+    sizes, c = [1000, 0, 37, 5000], 0.05
+    noises = [TensorNoise.draw(3, 4, i, n, c) for i, n in enumerate(sizes)]
+    gen = torch.Generator().manual_seed(1)
+    which = torch.tensor([0, 2, 3] * 200)[torch.randperm(600, generator=gen)]
+    pos = torch.stack([
+        torch.randint(sizes[int(t)], (), generator=gen) for t in which
+    ])
+    pos[:3] = torch.stack([noises[int(t)].positions[0] for t in which[:3]])  # in Z
+    got = draws_at(noises, pos, which)
+    want = torch.stack([noises[int(t)].at(p.reshape(1))[0] for t, p in zip(which, pos)])
+    assert torch.equal(got, want)
+    assert torch.equal(draws_at(noises[3:], pos[which == 3]), noises[3].at(pos[which == 3]))
+    key = torch.full((50,), noise_seed(3, 4, 0))
+    assert torch.equal(hash_uniform(torch.arange(50), key), hash_uniform(torch.arange(50), int(key[0])))
+    with pytest.raises(ValueError, match="positions \\(5,\\) and which \\(4,\\) must match"):
+        draws_at(noises, torch.zeros(5, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
 
 
 def test_hash_is_24_bit_and_keyed() -> None:

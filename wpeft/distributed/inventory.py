@@ -137,6 +137,9 @@ class ModelInventory:
             lean SFAS (gradients consumed by hooks during backward) the dense gradients outside
             the backbone, the largest backbone tensor's (scored one at a time) and the k
             selected values (None: ``with_grad``).
+        selection_transient_bytes: Bytes alive during backward for the selection itself: the
+            candidate pool of lean SFAS's streamed top-k at its largest
+            (:meth:`~wpeft.methods.streaming.StreamingTopK.pool_bytes`), 0 otherwise.
     """
 
     config: BackboneConfig | PrithviConfig
@@ -161,6 +164,7 @@ class ModelInventory:
     kernel_shape: tuple[int, ...] = ()
     budget: dict[str, Any] | None = None
     gradient_numel: int | None = None
+    selection_transient_bytes: int = 0
 
     @property
     def largest_block(self) -> int:
@@ -226,6 +230,7 @@ def inventory(
     from wpeft.backbones.aurora_adapter import build_backbone
     from wpeft.methods import create_method
     from wpeft.methods.budget import match_budget
+    from wpeft.methods.lean import LeanSelection
 
     config = get_config(backbone) if isinstance(backbone, str) else backbone
     options = dict(method_options or {})
@@ -252,11 +257,14 @@ def inventory(
 
     generators = m.prompt_generators
     gradient_numel = None
+    selection_transient = 0
     selection = m.selection
     if selection is not None and selection.lean:
         eligible = [p.numel() for p in selection.params]
         with_grad = sum(p.numel() for p in params if p.requires_grad)
         gradient_numel = with_grad - sum(eligible) + max(eligible) + selection.k
+        if isinstance(selection, LeanSelection) and selection.stream is not None:
+            selection_transient = selection.stream.pool_bytes()
     return ModelInventory(
         config=config,
         method=method,
@@ -282,6 +290,7 @@ def inventory(
         ),
         budget=budget_info,
         gradient_numel=gradient_numel,
+        selection_transient_bytes=selection_transient,
     )
 
 

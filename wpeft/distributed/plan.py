@@ -206,7 +206,8 @@ class StrategyEstimate:
             fsdp's gathered units are in ``weights``).
         activations: Saved activations at the end of the forward (peak under checkpointing).
         buffers: FSDP2's unsharded gradients of one block (DDP's buckets hold the gradients).
-        transient: Backward's activation gradients of one block.
+        transient: Backward's activation gradients of one block, plus the selection's own
+            temporaries during backward (lean SFAS's candidate pool).
         step_peak: Resident state plus the optimiser's temporaries during ``step()``.
         note: What the table leaves out for this strategy, if anything.
     """
@@ -302,7 +303,7 @@ def _strategy(
     inv: ModelInventory, act: ActivationEstimate, gpus: int, fsdp: bool, ckpt: bool
 ) -> StrategyEstimate:
     activations = (act.checkpointed if ckpt else act.full) + act.batch_io
-    transient = act.backward_transient
+    transient = act.backward_transient + inv.selection_transient_bytes
     if not fsdp:
         weights = 4 * inv.total
         gradients = 4 * (inv.with_grad if inv.gradient_numel is None else inv.gradient_numel)

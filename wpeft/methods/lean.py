@@ -117,6 +117,7 @@ class LeanSelection(EntrySelection):
             raise ConfigError("A refreshing lean selection needs a stream, a fixed one none.")
         self._indices: list[torch.Tensor] | None = None
         self._union_bits: list[torch.Tensor] | None = None
+        self._union_count = 0
         self._mask_cache: list[torch.Tensor] | None = None
         self._union_cache: list[torch.Tensor] | None = None
         super().__init__(named_params, k, chunk_numel)
@@ -186,6 +187,11 @@ class LeanSelection(EntrySelection):
         return [int(i.numel()) for i in self._indices]
 
     def union_size(self) -> int:
+        """Entries in the union of every mask so far (counted as bits are set)."""
+        return self._union_count
+
+    def _count_union(self) -> int:
+        """The union's size by a popcount of its bits (after a checkpoint installs them)."""
         if self._union_bits is None:
             return 0
         return int(sum(int(_POPCOUNT[b.long().cpu()].sum()) for b in self._union_bits))
@@ -204,6 +210,7 @@ class LeanSelection(EntrySelection):
                 for s in self.shapes
             ]
         new = sum(set_bits_(b, i) for b, i in zip(self._union_bits, indices))
+        self._union_count += new
         self._indices = indices
         self._mask_cache = self._union_cache = None
         self.refreshes += 1
@@ -400,6 +407,7 @@ class LeanSelection(EntrySelection):
             pack_bits(u.reshape(-1).nonzero().squeeze(1), u.numel())
             for u in self.full_layout.split(union)
         ]
+        self._union_count = self._count_union()
         self._mask_cache = self._union_cache = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -412,7 +420,7 @@ class LeanSelection(EntrySelection):
         if state.get("stream") is not None:
             self.load_stream_state(state["stream"])
 
-    _STREAM_CARRY = ("_tau_score", "_tau_importance", "_tau_factor", "_m_prev")
+    _STREAM_CARRY = ("_tau_score", "_tau_importance", "_tau_factor", "_m_floor")
 
     def stream_state(self) -> dict[str, float] | None:
         """What the streaming top-k carries from one refresh to the next (its threshold τ), so

@@ -27,6 +27,7 @@ entries selected.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ import torch
 __all__ = [
     "EXCEEDANCE_PER_SELECTED",
     "TensorNoise",
+    "draws_at",
     "exceedance_fraction",
     "hash_uniform",
     "noise_seed",
@@ -81,8 +83,9 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
     return z.bitwise_right_shift(bits).bitwise_and_((1 << (64 - bits)) - 1)
 
 
-def hash_uniform(positions: torch.Tensor, key: int) -> torch.Tensor:
-    """h(j): 24-bit uniforms in [0, 1) from int64 ``positions`` ``(p,)`` and a 63-bit ``key``.
+def hash_uniform(positions: torch.Tensor, key: int | torch.Tensor) -> torch.Tensor:
+    """h(j): 24-bit uniforms in [0, 1) from int64 ``positions`` ``(p,)`` and a 63-bit ``key``
+    (one for all, or ``(p,)`` int64, one per position).
 
     SplitMix64's output function of ``key + (j + 1)·golden``, top 24 bits; int64 products wrap
     as unsigned ones do, on CPU and CUDA alike. Returns ``(p,)`` float32.
@@ -148,19 +151,14 @@ class TensorNoise:
         ceiling = float(torch.tensor(1.0 - fraction, dtype=torch.float32))
         return cls(key, numel, fraction, positions.to(device), values.to(device), ceiling)
 
-    def _hashed(self, positions: torch.Tensor) -> torch.Tensor:
+    def outside_z(self, positions: torch.Tensor) -> torch.Tensor:
+        """U at flat ``positions`` ``(p,)`` int64 known to lie outside Z (the hashed draws
+        alone, no lookup in Z) -> ``(p,)`` float32."""
         return hash_uniform(positions, self.key).mul_(self.ceiling)
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
         """U at flat ``positions`` ``(p,)`` int64 in [0, numel), any order -> ``(p,)`` float32."""
-        positions = positions.to(self.positions.device)
-        out = self._hashed(positions)
-        m = self.positions.numel()
-        if m and positions.numel():
-            idx = torch.searchsorted(self.positions, positions).clamp_(max=m - 1)
-            hit = self.positions[idx] == positions
-            out[hit] = self.values[idx[hit]]
-        return out
+        return draws_at([self], positions)
 
     def span(self, start: int, length: int) -> torch.Tensor:
         """U over flat entries ``[start, start + length)`` -> ``(length,)`` float32."""
@@ -169,8 +167,49 @@ class TensorNoise:
         for lo in range(0, length, _CHUNK):
             hi = min(length, lo + _CHUNK)
             pos = torch.arange(start + lo, start + hi, dtype=torch.int64, device=device)
-            out[lo:hi] = self._hashed(pos)
+            out[lo:hi] = self.outside_z(pos)
         a = int(torch.searchsorted(self.positions, start))
         b = int(torch.searchsorted(self.positions, start + length))
         out[self.positions[a:b] - start] = self.values[a:b]
         return out
+
+
+def draws_at(
+    noises: Sequence[TensorNoise], positions: torch.Tensor, which: torch.Tensor | None = None
+) -> torch.Tensor:
+    """U of several tensors in one pass: entry j is flat index ``positions[j]`` of tensor
+    ``noises[which[j]]`` (``(p,)`` int64 both, any order; ``which`` None: all of ``noises[0]``)
+    -> ``(p,)`` float32.
+
+    The hashed draws of every position at once (each with its tensor's key), then Z's values
+    where a position lies in its tensor's Z: the numbers :meth:`TensorNoise.at` gives tensor by
+    tensor.
+    """
+    device = noises[0].positions.device
+    positions = positions.to(device)
+    if len(noises) == 1 and which is None:  # one tensor: its key and Z as they are
+        n = noises[0]
+        out = hash_uniform(positions, n.key).mul_(n.ceiling)
+        z_pos, z_val, where = n.positions, n.values, positions
+    else:
+        which = (
+            torch.zeros_like(positions) if which is None
+            else which.to(device=device, dtype=torch.int64)
+        )
+        if positions.shape != which.shape:
+            raise ValueError(
+                f"positions {tuple(positions.shape)} and which {tuple(which.shape)} must match."
+            )
+        key = torch.tensor([n.key for n in noises], dtype=torch.int64, device=device)[which]
+        ceiling = torch.tensor([n.ceiling for n in noises], dtype=torch.float32, device=device)
+        out = hash_uniform(positions, key).mul_(ceiling[which])
+        # Z of every tensor on one axis (tensor i shifted by the entries of those before it)
+        shift = torch.tensor([0] + [n.numel for n in noises[:-1]], device=device).cumsum_(0)
+        z_pos = torch.cat([n.positions + shift[i] for i, n in enumerate(noises)])
+        z_val = torch.cat([n.values for n in noises])
+        where = positions + shift[which]
+    if z_pos.numel() and positions.numel():
+        idx = torch.searchsorted(z_pos, where).clamp_(max=z_pos.numel() - 1)
+        hit = z_pos[idx] == where
+        out[hit] = z_val[idx[hit]]
+    return out

@@ -36,9 +36,11 @@ candidates always number >= k (Σ|Z| is checked at :meth:`begin`; in the astrono
 refresh where it is below k every entry becomes a candidate). An entry dropped by the
 threshold has F < F_thr (or, in a tensor with no block reaching F_thr, at most the tensor's
 largest F), so its true score is at most ``perturb(F / M)`` of that F with U at the ceiling;
-:meth:`finish` turns the largest such F into a bound with the final M. Candidates past the pool budget are pruned by their exact keys (their true scores
-once M is known; upper bounds of them before, since M_run <= M), and the best key pruned is a
-bound too. :meth:`finish` recomputes the true scores of the candidates exactly as the dense
+:meth:`finish` turns the largest such F into a bound with the final M. Candidates past the
+pool's limit are pruned: first those beaten by k others at any M (no bound needed), then, if
+the pool is still large, by their keys at the running max; a key prune leaves a bound on what
+it cut as a function of the final M (the upper envelope of their scores, one line each in
+1/M). :meth:`finish` recomputes the true scores of the candidates exactly as the dense
 path does, takes their exact top-k (ties in tensor order, then flat index, as the dense
 path's :func:`~wpeft.methods.fisher.topk_masks`) and calls the result ``exact`` when the k-th
 selected score is strictly above every bound: then no dropped entry can be in the dense top-k,
@@ -47,25 +49,32 @@ the candidates.
 
 The threshold. After a refresh τ is the true score at rank min(B, candidates) (B the pool budget
 below), or, for additive noise, the rank-B value of a·U over Z if that is larger (a prune may
-have dropped entries of Z, and every score in Z is at least a·U): below the k-th (the +64 in B keeps small selections clear of the rank noise between
-steps) and, at real sizes, inside the band of Z's scores (|Z| ≈ 2k > B ≈ 1.5k); halved when the
-refresh was not exact. At the next :meth:`begin`, for additive noise, it follows the fall of the
+have dropped entries of Z, and every score in Z is at least a·U): below the k-th (the +64 in B
+keeps small selections clear of the rank noise between steps) and, at real sizes, inside the
+band of Z's scores (|Z| ≈ 2k > B ≈ 1.5k); halved when the refresh was not exact because of the
+threshold's drops. At the next :meth:`begin`, for additive noise, it follows the fall of the
 factor a since then: a score F/M + a·U falls by at most the drop of a and to at least its
 a_new/a_old share, so τ becomes the larger of the two (and not below the rank-B value of F/M
-among the candidates, as every additive score is at least F/M). It is 0 at the
-first refresh (every entry a candidate). M_est = max(M_run, M_prev / 2) with M_prev the last
-refresh's M: the first tensors of a backward pass then do not pass wholesale for want of a
-running max, and the bound stays a bound whatever M turns out to be. After a prune the
-threshold also rises to the smallest key the prune kept (rescaled to the running max): an
-entry below it could not survive the next prune.
+among the candidates, as every additive score is at least F/M). It is 0 at the first refresh
+(every entry a candidate). M_est = max(M_run, M_floor / 2) with M_floor a floor of the recent
+refreshes' M (the last M, or 1.5x the previous floor if that is lower): the first tensors of a
+backward pass then do not pass wholesale for want of a running max. The bound stays a bound
+whatever M turns out to be, but it is only tight (the refresh proven exact) when M >= M_est: the
+max of a gradient is spiky (10-50x up and down between steps while a prompt trains), and a floor
+follows its low level where the last M did not. After a key prune the threshold also rises to
+the importance an entry outside Z needs to reach the smallest key kept: an entry below it could
+not survive the next prune. The prunes rely on M >= M_est (their keys and bounds are taken
+there); a refresh whose final M is below the M_est a prune used is not called exact.
 
-Pool. At most 3B + |keep| candidates are held between calls (B = min(N, ceil(oversample·k) +
-64), the budget), pruned to the best B (``keep`` entries aside) whenever the pool passes 3B;
-:meth:`finish` selects from what is held (one selection, no sort of the pool). Nothing of size
-N is allocated: per tensor the block extremes (n/128 numbers), the compared blocks and the
-gathered candidates; a whole tensor becomes candidates only at the first refresh (τ = 0) or
-with NaN/inf gradients, then chunk by chunk.
-"""
+Pool. Candidates are held between calls up to a limit; B = min(N, ceil(oversample·k) + 64) is
+the budget. When the pool (``keep`` entries aside) passes 3B it is pruned: first safely
+(:meth:`StreamingTopK._prune_safely`, with additive noise: only entries that cannot be in the
+top-k at any final M go), then, if more than 4B remain, by keys to the best B. After a safe
+prune the next runs when the pool has grown by B more, so at most about 5B + |keep| candidates
+are held. :meth:`finish` selects from what is held (one selection, no sort of the pool). Nothing
+of size N is allocated: per tensor the block extremes (n/128 numbers), the compared blocks and
+the gathered candidates; a whole tensor becomes candidates only at the first refresh (τ = 0) or
+with NaN/inf gradients, then chunk by chunk. """
 
 from __future__ import annotations
 
@@ -82,8 +91,8 @@ from wpeft.methods.fisher import add_importance_, anneal_factor
 from wpeft.methods.noise import (
     EXCEEDANCE_PER_SELECTED,
     TensorNoise,
+    draws_at,
     exceedance_fraction,
-    hash_uniform,
 )
 
 __all__ = ["StreamedSelection", "StreamingTopK"]
@@ -91,9 +100,10 @@ __all__ = ["StreamedSelection", "StreamingTopK"]
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 _MAX_OVERSAMPLE = EXCEEDANCE_PER_SELECTED - 0.5
-_SLACK = 1.0
+_SLACK = 0.5
 _CHUNK = 1 << 20  # entries per part when a whole tensor becomes candidates
 _BLOCK = 256  # entries per block of the blockwise max |g|
+_GRID = 12  # points 1/M_est, 1/(2 M_est), ... of a key prune's bound (and 1/M = 0)
 
 
 @dataclass
@@ -142,7 +152,9 @@ class _Pool:
             torch.cat([p.forced for p in parts]),
         )
 
-    def take(self, where: torch.Tensor) -> _Pool:
+    def take(self, where: torch.Tensor | slice) -> _Pool:
+        if isinstance(where, torch.Tensor) and where.dtype == torch.bool:
+            where = torch.nonzero(where).squeeze(1)  # once, not once per field
         return _Pool(
             self.pos[where],
             self.F[where],
@@ -240,8 +252,12 @@ class StreamingTopK:
             batches (fewer small operations). 0: none.
     """
 
-    #: The pool (``keep`` entries aside) is cut back to the best B when it passes this many B.
+    #: A prune runs when the pool (``keep`` entries aside) passes this many B (or, after a
+    #: prune that left more than that, its size then plus B).
     prune_at: ClassVar[int] = 3
+    #: A safe prune (:meth:`_prune_safely`) that leaves more than this many B is followed by the
+    #: key prune to the best B: the pool stays O(k) however M moves.
+    hold_at: ClassVar[int] = 4
 
     def __init__(
         self,
@@ -289,10 +305,21 @@ class StreamingTopK:
             self.offsets.append(self.offsets[-1] + n)
         # Carried from the last refresh: a score, the same rank of F/M, the noise factor, M.
         self._tau_score, self._tau_importance, self._tau_factor = 0.0, 0.0, 0.0
-        self._m_prev = 0.0
+        self._m_floor = 0.0
         #: The threshold τ of this refresh (before the rise after a prune, see :meth:`add`).
         self.tau = 0.0
         self._step: int | None = None
+
+    def pool_entries(self) -> int:
+        """The most candidates held at once during a refresh: a loose part at its limit
+        (``hold_at`` + 1)·B, every ``keep`` entry (k) and one part being added (``_CHUNK``).
+        A prune briefly holds a second copy of them; :meth:`pool_bytes` counts both."""
+        return min(self.total, (self.hold_at + 1) * self.budget + self.k + _CHUNK)
+
+    def pool_bytes(self) -> int:
+        """Bytes of the candidate pool at its largest, twice (a prune concatenates it): per
+        candidate an int64 position, float32 F, U and g and a bool flag."""
+        return 2 * (8 + 4 + 4 + 4 + 1) * self.pool_entries()
 
     # --- one refresh ----------------------------------------------------------------------------
 
@@ -322,9 +349,11 @@ class StreamingTopK:
         self._m_run: torch.Tensor | None = None
         self._parts: list[_Pool] = []
         self._loose = 0  # candidates that may be pruned (not forced)
-        self._bound = -math.inf  # the best key pruned
+        self._limit = self.prune_at * self.budget  # a prune runs when _loose passes it
+        self._envelopes: list[tuple[torch.Tensor, torch.Tensor]] = []  # of the key prunes
+        self._m_assumed = 0.0  # the largest M_est a prune relied on (M >= it)
         self._dropped = -math.inf  # the largest importance F of a dropped entry (a bound)
-        self._cut: tuple[float, float] | None = None  # (min key kept, running max) of last prune
+        self._cut_importance = 0.0  # F below which an entry outside Z misses the last key prune
         self._small: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
         self._small_entries = 0
 
@@ -359,19 +388,28 @@ class StreamingTopK:
         """F_thr: an entry outside Z with importance below it cannot reach τ (given M >= M_est),
         times ``_SLACK`` (gradients change between refreshes: entries within that factor of
         reaching the last refresh's τ stay candidates)."""
-        assert self._m_run is not None
-        m_run = max(float(self._m_run), _FLOAT32_TINY)
-        m_est = max(m_run, 0.5 * self._m_prev)
-        tau = self.tau
-        if self._cut is not None:  # below the pool's cut, rescaled to this running max
-            tau = max(tau, self._cut[0] * self._cut[1] / m_run)
+        m_est = float(self._m_estimate(assume=False))
+        return max(_SLACK * self._importance_at(self.tau, ceiling) * m_est, self._cut_importance)
+
+    def _importance_at(self, score: float, ceiling: float) -> float:
+        """F/M an entry outside Z needs to score ``score`` (U at the ``ceiling``)."""
         if not self._draws:
-            reach = tau
-        elif self.noise == "additive":
-            reach = tau - self.factor * ceiling
-        else:
-            reach = tau / ceiling if ceiling > 0 else 0.0
-        return _SLACK * reach * m_est
+            return score
+        if self.noise == "additive":
+            return score - self.factor * ceiling
+        return score / ceiling if ceiling > 0 else 0.0
+
+    def _m_estimate(self, assume: bool = True) -> torch.Tensor:
+        """M_est = max(M_run, M_floor / 2) as a float32 0-d tensor. With ``assume``, a prune is
+        about to rely on M >= M_est: :meth:`finish` calls the refresh exact only if it holds."""
+        assert self._m_run is not None
+        m_est = torch.maximum(
+            self._m_run.clamp_min(_FLOAT32_TINY),
+            torch.tensor(0.5 * self._m_floor, dtype=torch.float32, device=self._m_run.device),
+        )
+        if assume:
+            self._m_assumed = max(self._m_assumed, float(m_est))
+        return m_est
 
     def _cutoff(self, threshold: float) -> float:
         """|g| below which an entry's importance is below ``threshold`` (> 0), a little low: the
@@ -411,12 +449,14 @@ class StreamingTopK:
                     f"keep of tensor {index} must be (m,) int64 flat indices, got "
                     f"{tuple(keep.shape)} {keep.dtype}."
                 )
-            if keep.numel() and (int(keep[0]) < 0 or int(keep[-1]) >= n):
-                raise ValueError(
-                    f"keep of tensor {index} holds indices outside [0, {n}): "
-                    f"[{int(keep[0])}, {int(keep[-1])}]."
-                )
-            if not bool((keep[1:] > keep[:-1]).all()):
+            if keep.numel() and bool(  # one host sync on the good path
+                torch.stack([keep[0] < 0, keep[-1] >= n, (keep[1:] <= keep[:-1]).any()]).any()
+            ):
+                if int(keep[0]) < 0 or int(keep[-1]) >= n:
+                    raise ValueError(
+                        f"keep of tensor {index} holds indices outside [0, {n}): "
+                        f"[{int(keep[0])}, {int(keep[-1])}]."
+                    )
                 raise ValueError(
                     f"keep of tensor {index} must be strictly increasing (as "
                     "StreamedSelection.indices are): sort it and drop repeats."
@@ -436,9 +476,10 @@ class StreamingTopK:
         everything, top = self._everything, None
         if not everything:
             lo, hi = _block_ends(g)  # F is monotone in |g|: a block's max F is at an end
-            if bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all()):
-                size = torch.maximum(hi, -lo)  # (blocks,) max |g| per block
-                top = self._importance(size.max().reshape(1))[0]
+            size = torch.maximum(hi, -lo)  # (blocks,) max |g| per block
+            largest = size.max()
+            if math.isfinite(float(largest)):  # NaN and inf reach the max
+                top = self._importance(largest.reshape(1))[0]
                 self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
                 threshold = self._threshold(noise.ceiling)
                 everything = not threshold > 0  # nothing can be dropped
@@ -448,80 +489,109 @@ class StreamingTopK:
             for start in range(0, n, _CHUNK):
                 where = torch.arange(start, min(n, start + _CHUNK), device=g.device)
                 U = noise.span(start, where.numel()) if self._draws else None
-                self._append(index, g, where, U, None, keep)
+                forced = (
+                    _member(where, keep) if keep is not None
+                    else torch.zeros(where.shape, dtype=torch.bool, device=g.device)
+                )
+                self._append(index, g, where, U, forced)
             return
-        # Z outside keep (with its draws), then keep, then the entries outside both that reach
-        # the threshold, found in the blocks whose largest |g| reaches it
-        z, U = noise.positions, noise.values
-        if keep is not None:
-            loose = ~_member(z, keep)
-            z, U = z[loose], U[loose]
-            self._append(index, g, keep, noise.at(keep) if self._draws else None, True, None)
-        self._append(index, g, z, U if self._draws else None, False, None)
+        # keep, then Z outside keep (with its draws), then the entries outside both that reach
+        # the threshold, found in the blocks whose largest |g| reaches it: one part
+        z, z_draws = noise.positions, noise.values
+        first = z[:0] if keep is None else keep
+        in_z = hit = None
+        if keep is not None and z.numel():  # keep's entries in Z: one search, used both ways
+            in_z = torch.searchsorted(z, keep).clamp_(max=z.numel() - 1)
+            hit = z[in_z] == keep
+            loose = torch.ones(z.shape, dtype=torch.bool, device=z.device)
+            loose[in_z[hit]] = False
+            z, z_draws = z[loose], z_draws[loose]
+        found = self._passers(g, size, threshold, keep, noise)
+        passers = z[:0] if found is None else found
+        where = torch.cat([first, z, passers])
+        U = None
+        if self._draws:  # keep and the passers hashed at once (the passers lie outside Z)
+            hashed = noise.outside_z(torch.cat([first, passers]))
+            head = hashed[: first.numel()]
+            if hit is not None and in_z is not None:
+                head[hit] = noise.values[in_z[hit]]
+            U = torch.cat([head, z_draws, hashed[first.numel() :]])
+        forced = torch.zeros(where.shape, dtype=torch.bool, device=g.device)
+        forced[: first.numel()] = True
+        # what was dropped scores at most F_thr, or the tensor's top if no block reached it
+        self._dropped = max(self._dropped, float(top) if found is None else threshold)
+        self._append(index, g, where, U, forced)
+
+    def _passers(
+        self,
+        g: torch.Tensor,
+        size: torch.Tensor,
+        threshold: float,
+        keep: torch.Tensor | None,
+        noise: TensorNoise,
+    ) -> torch.Tensor | None:
+        """Flat indices of the entries of ``g`` outside Z and ``keep`` whose importance reaches
+        ``threshold``, found in the blocks whose largest |g| (``size``) reaches it; None when no
+        block does (every entry outside Z and keep is then dropped)."""
+        n = g.numel()
         cut = self._cutoff(threshold)
         blocks = torch.nonzero(size >= cut).squeeze(1)
-        self._dropped = max(self._dropped, threshold if blocks.numel() else float(top))
+        if blocks.numel() == 0:
+            return None
         rows = g[: n // _BLOCK * _BLOCK].view(-1, _BLOCK)
-        for first in range(0, blocks.numel(), _CHUNK // _BLOCK):  # bounded temporaries
-            part = blocks[first : first + _CHUNK // _BLOCK]
+        found = []
+        for first in range(0, blocks.numel(), max(1, _CHUNK // _BLOCK)):  # bounded temporaries
+            part = blocks[first : first + max(1, _CHUNK // _BLOCK)]
             inner = part[part < rows.shape[0]]  # whole blocks; the short last one apart
             hit = torch.nonzero(rows[inner].abs() >= cut)
-            where = inner[hit[:, 0]] * _BLOCK + hit[:, 1]
+            found.append(inner[hit[:, 0]] * _BLOCK + hit[:, 1])
             if inner.numel() < part.numel():
-                tail = rows.numel() + torch.nonzero(g[rows.numel() :].abs() >= cut).squeeze(1)
-                where = torch.cat([where, tail])
-            where = where[~_member(where, noise.positions)]
-            if keep is not None:
-                where = where[~_member(where, keep)]
-            U = noise.at(where) if self._draws else None
-            self._append(index, g, where, U, False, None)
+                found.append(
+                    rows.numel() + torch.nonzero(g[rows.numel() :].abs() >= cut).squeeze(1)
+                )
+        where = torch.cat(found)
+        where = where[~_member(where, noise.positions)]
+        if keep is not None:
+            where = where[~_member(where, keep)]
+        return where
 
     def _flush_small(self) -> None:
         """Score the buffered small tensors in one batch: importance of every entry (float32
-        copies: the same bits as from their own dtype), candidates by the same threshold as
-        :meth:`add` (Z and ``keep`` always), their draws read by position and key at once."""
+        copies: the same bits as from their own dtype), candidates by the same rule as
+        :meth:`add` (Z and ``keep`` always, the rest if their importance reaches the
+        threshold), their draws read for all tensors at once (:func:`draws_at`)."""
         if not self._small:
             return
         device = self._small[0][1].device
-        index = torch.tensor([i for i, _, _ in self._small], dtype=torch.int64, device=device)
+        noises = [self._noise_on(i, device) for i, _, _ in self._small]
         sizes = torch.tensor([g.numel() for _, g, _ in self._small], device=device)
+        which = torch.arange(len(self._small), device=device).repeat_interleave(sizes)
+        start = torch.cumsum(sizes, 0) - sizes  # each tensor's first entry in the batch
+        total = int(sizes.sum())
+        local = torch.arange(total, device=device) - start[which]  # index in its own tensor
+        in_z = torch.zeros(total, dtype=torch.bool, device=device)  # Z and keep, as masks
+        in_z[torch.cat([n.positions + start[t] for t, n in enumerate(noises)])] = True
+        forced = torch.zeros(total, dtype=torch.bool, device=device)
+        kept = [k + start[t] for t, (_, _, k) in enumerate(self._small) if k is not None]
+        if kept:
+            forced[torch.cat(kept)] = True
+        offsets = torch.tensor(self.offsets, dtype=torch.int64, device=device)
+        pos = local + offsets[torch.tensor([i for i, _, _ in self._small], device=device)][which]
         g = torch.cat([g for _, g, _ in self._small])
-        start = torch.cumsum(sizes, 0) - sizes  # each tensor's first entry in g
-        local = torch.arange(g.numel(), device=device) - start.repeat_interleave(sizes)
-        offsets = torch.tensor(self.offsets, dtype=torch.int64, device=device)[index]
-        pos = local + offsets.repeat_interleave(sizes)
-        key = torch.tensor([self._noise[i].key for i, _, _ in self._small], device=device)
-        key = key.repeat_interleave(sizes)
-        z_pos = torch.cat([self._noise[i].positions.to(device) + self.offsets[i]
-                           for i, _, _ in self._small])
-        z_val = torch.cat([self._noise[i].values.to(device) for i, _, _ in self._small])
-        order = torch.argsort(z_pos)
-        z_pos, z_val = z_pos[order], z_val[order]
-        kept = [k + self.offsets[i] for i, _, k in self._small if k is not None]
-        keep = torch.sort(torch.cat(kept)).values if kept else z_pos[:0]
         self._small, self._small_entries = [], 0
         F = self._importance(g)
         top = F.max()
         self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
-        in_z, forced = _member(pos, z_pos), _member(pos, keep)
-        ceiling = self._noise[0].ceiling  # one fraction c: one ceiling for every tensor
-        threshold = self._threshold(ceiling)
+        threshold = self._threshold(noises[0].ceiling)  # one fraction c: one ceiling for all
         if threshold > 0:
-            take = (F >= threshold) | in_z | forced
+            take = (F >= threshold).logical_or_(in_z).logical_or_(forced)
             if not bool(take.all()):
                 self._dropped = max(self._dropped, threshold)
-                pos, local, key, g, F = pos[take], local[take], key[take], g[take], F[take]
-                in_z, forced = in_z[take], forced[take]
-        U = None
-        if self._draws:  # the hashed draws, then Z's where it lies
-            U = hash_uniform(local, key).mul_(ceiling)
-            if z_pos.numel():
-                at = torch.searchsorted(z_pos, pos[in_z])
-                U[in_z] = z_val[at]
-        self._parts.append(_Pool(pos, F, U, g, forced))
-        self._loose += pos.numel() - int(torch.count_nonzero(forced))
-        if self._loose > self.prune_at * self.budget:
-            self._prune()
+                pos, local, which, g, F, forced = (
+                    x[take] for x in (pos, local, which, g, F, forced)
+                )
+        U = draws_at(noises, local, which) if self._draws else None
+        self._add_part(_Pool(pos, F, U, g, forced))
 
     def _append(
         self,
@@ -529,30 +599,29 @@ class StreamingTopK:
         g: torch.Tensor,
         where: torch.Tensor,
         U: torch.Tensor | None,
-        forced: bool | None,
-        keep: torch.Tensor | None,
+        forced: torch.Tensor,
     ) -> None:
         """Add the distinct entries ``where`` ((c,) int64) of tensor ``index`` (flat gradient
-        ``g``) to the pool with their draws ``U``, all ``forced`` or none (None: those in
-        ``keep``)."""
+        ``g``) to the pool with their draws ``U`` and ``forced`` flags ((c,) bool: a ``keep``
+        entry, never pruned)."""
         if where.numel() == 0:
             return
         gw = g[where]
         F = self._importance(gw)  # elementwise: the same bits as the full tensor's F
         top = F.max()
         self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
-        if forced is None:
-            flags = (
-                torch.zeros(where.shape, dtype=torch.bool, device=g.device) if keep is None
-                else _member(where, keep)
-            )
-        else:
-            flags = torch.full(where.shape, forced, dtype=torch.bool, device=g.device)
-        part = _Pool(where + self.offsets[index], F, U, gw.to(torch.float32), flags)
-        self._parts.append(part)
-        self._loose += len(part) - int(torch.count_nonzero(part.forced))
-        if self._loose > self.prune_at * self.budget:  # amortised: a prune drops >= 2B candidates
-            self._prune()
+        self._add_part(_Pool(where + self.offsets[index], F, U, gw.to(torch.float32), forced))
+
+    def _add_part(self, part: _Pool) -> None:
+        """Hold ``part``'s candidates, ``_CHUNK`` at a time, pruning whenever the pool's loose
+        part passes its limit (amortised: a prune drops >= B candidates), so the pool never
+        holds more than :meth:`pool_entries`."""
+        for lo in range(0, len(part), _CHUNK):
+            piece = part if len(part) <= _CHUNK else part.take(slice(lo, lo + _CHUNK))
+            self._parts.append(piece)
+            self._loose += len(piece) - int(torch.count_nonzero(piece.forced))
+            if self._loose > self._limit:
+                self._prune()
 
     def _noise_on(self, index: int, device: torch.device) -> TensorNoise:
         """Tensor ``index``'s draws with Z moved to ``device`` (kept there for this refresh)."""
@@ -565,20 +634,109 @@ class StreamingTopK:
         return noise
 
     def _prune(self) -> None:
-        """Cut the pool to the best ``budget`` non-forced candidates by keys recomputed with the
-        current running max (ties at the cut in (tensor, index) order); the best key cut
-        becomes a bound. Once every tensor is added, these keys are the true scores."""
+        """Cut the pool back (see :meth:`_prune_safely` first): to the best ``budget``
+        non-forced candidates by keys at M_est (additive noise) or the running max (their order
+        is the same at any M), ties at the cut in (tensor, index) order. What was cut leaves a
+        bound that :meth:`finish` evaluates at the final M (:meth:`_envelope`)."""
+        if self._prune_safely():
+            self._limit = max(self.prune_at * self.budget, self._loose + self.budget)
+            return
+        self._limit = self.prune_at * self.budget
         pool = _Pool.cat(self._parts)
+        self._parts = []  # the parts' memory goes back before the keys are made
         assert self._m_run is not None
+        # keys at M_est where their order depends on M (additive), else at M_run (same order)
+        additive = self.noise == "additive" and self._draws
+        m_est = self._m_estimate() if additive else self._m_run.clamp_min(_FLOAT32_TINY)
         loose = torch.nonzero(~pool.forced).squeeze(1)
-        key = self._score(pool.F[loose], self._m_run, None if pool.U is None else pool.U[loose])
-        kept, left_out = _top_m(key, self.budget, pool.pos[loose])
-        self._bound = max(self._bound, left_out)
-        self._cut = (float(key[kept].min()), max(float(self._m_run), _FLOAT32_TINY))
+        key = self._score(pool.F[loose], m_est, None if pool.U is None else pool.U[loose])
+        kept, _ = _top_m(key, self.budget, pool.pos[loose])
+        cut = loose[~kept]
+        self._envelopes.append(
+            self._envelope(pool.F[cut], None if pool.U is None else pool.U[cut], float(m_est))
+        )
+        # an entry outside Z whose key cannot reach the smallest kept one would be cut next time
+        ceiling = self._noise[0].ceiling  # one fraction c: one ceiling for every tensor
+        low = self._importance_at(float(key[kept].min()), ceiling) * float(m_est)
+        self._cut_importance = max(self._cut_importance, low)
         survive = pool.forced.clone()
         survive[loose[kept]] = True
         self._parts = [pool.take(survive)]
         self._loose = self.budget
+
+    def _envelope(
+        self, F: torch.Tensor, U: torch.Tensor | None, m_est: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A bound on the best score among cut candidates (importance ``F``, draws ``U``,
+        (c,)) whatever the final M >= ``m_est``.
+
+        As a function of x = 1/M, every score is linear (F·x + a·U, F·x·U or F·x), so their max
+        is convex in x and lies below its chords: it is evaluated at x_j = 2^-j / M_est
+        (j < ``_GRID``) and at x = 0, and :meth:`_bound_at` interpolates. (Keys at one M
+        alone overrate every entry when M ends far above it, as when the gradient's max
+        arrives late in the backward pass.)
+
+        Returns:
+            ``(G,)`` float64 grid x (decreasing, last 0) and ``(G,)`` the max score there.
+        """
+        x = torch.tensor(
+            [2.0**-j for j in range(_GRID)] + [0.0], dtype=torch.float64, device=F.device
+        ) / m_est
+        if F.numel() == 0:
+            return x, torch.full_like(x, -math.inf)
+        f = F.double()
+        u = U.double() if U is not None and self._draws else None
+        top = []
+        for xj in x.tolist():  # one (c,) float64 vector at a time: no (c, G) temporary
+            s = f * xj
+            if u is not None:
+                s = s.add_(u, alpha=self.factor) if self.noise == "additive" else s.mul_(u)
+            top.append(float(s.max()))
+        return x, torch.tensor(top, dtype=torch.float64, device=F.device)
+
+    @staticmethod
+    def _bound_at(x: float, grid: torch.Tensor, top: torch.Tensor) -> float:
+        """The chord bound of :meth:`_envelope`'s ``(grid, top)`` at x = 1/M."""
+        xs, ys = grid.tolist(), top.tolist()
+        if x >= xs[0]:
+            return ys[0]
+        j = next(i for i in range(1, len(xs)) if xs[i] <= x)
+        w = (x - xs[j]) / (xs[j - 1] - xs[j])
+        return ys[j] + w * (ys[j - 1] - ys[j])
+
+    def _prune_safely(self) -> bool:
+        """Drop the candidates that cannot be in the top-k whatever the final M turns out to be,
+        and say whether that was enough (the pool's loose part now at most ``hold_at``·B).
+
+        With additive noise the order of the scores F/M + a·U depends on M, which is known only
+        once every tensor is in: keys at the running max M_run <= M overrate the entries with a
+        large F, and cutting by them can drop an entry of the final top-k (the gradient's max
+        moves by 10-50x between steps while a prompt trains). Every score is at least a·U and at
+        most F/M_run + a·U, so an entry whose upper end is below the k-th largest lower end in
+        the pool is beaten by k candidates at any M (those k have upper ends >= their lower ends
+        and are never dropped here). No bound is needed for it: it is outside the dense top-k
+        as long as those k stay, and a later key prune that drops one of them records a bound
+        above it. Without noise or with multiplicative noise the order (F, or F·U) does not
+        depend on M: the key prune is already safe. The upper ends are taken at M_run first,
+        and at M_est (relying on M >= M_est) only if that leaves more than ``hold_at``·B.
+        """
+        if not (self.noise == "additive" and self._draws):
+            return False
+        pool = _Pool.cat(self._parts)
+        self._parts = [pool]  # the parts' memory goes back before the scores are made
+        assert self._m_run is not None and pool.U is not None
+        if len(pool) <= self.k:
+            return False
+        lower = pool.U * self.factor  # a·U: the bits of 0/M + a·U in _score
+        floor = torch.kthvalue(lower, len(pool) - self.k + 1).values  # the k-th largest
+        for assume in (False, True):  # at M_run (no assumption), then at M_est if need be
+            m_low = self._m_estimate() if assume else self._m_run
+            survive = pool.forced | (self._score(pool.F, m_low, pool.U) >= floor)
+            self._loose = int(torch.count_nonzero(survive & ~pool.forced))
+            if self._loose <= self.hold_at * self.budget or assume:
+                break
+        self._parts = [pool.take(survive)]
+        return self._loose <= self.hold_at * self.budget
 
     def finish(self) -> StreamedSelection:
         """The exact-k selection of this refresh (every tensor added once since :meth:`begin`)."""
@@ -592,16 +750,19 @@ class StreamingTopK:
             )
         self._flush_small()
         assert self._m_run is not None  # k >= 1 implies a non-empty tensor
-        pool = _Pool.cat(self._parts)  # at most 3B + |keep|: one selection over it
+        pool = _Pool.cat(self._parts)  # at most ~5B + |keep|: one selection over it
         score = self._score(pool.F, self._m_run, pool.U)
         chosen, _ = _top_m(score, self.k, pool.pos)  # ties in (tensor, index) order, as dense
         kth = float(score[chosen].min())
         m = max(float(self._m_run), _FLOAT32_TINY)
-        bound = self._bound
-        if self._dropped > -math.inf:  # a dropped entry scores at most this (float32 margin)
+        dropped = -math.inf  # a dropped entry scores at most this (float32 margin)
+        if self._dropped > -math.inf:
             ceiling = max(z.ceiling for z in self._noise)
-            bound = max(bound, self._ceiling_term(self._dropped / m, ceiling) * (1 + 1e-5))
-        exact = kth > bound
+            dropped = self._ceiling_term(self._dropped / m, ceiling) * (1 + 1e-5)
+        cut = max(
+            (self._bound_at(1.0 / m, *e) * (1 + 1e-5) for e in self._envelopes), default=-math.inf
+        )
+        exact = kth > max(cut, dropped) and m >= self._m_assumed
         # τ for the next refresh: a score a little below this refresh's k-th.
         rank = min(len(pool), self.budget)
         tau = _kth_largest(score, rank)
@@ -611,10 +772,14 @@ class StreamingTopK:
             if u.numel() >= rank:
                 tau = max(tau, self.factor * _kth_largest(u, rank, sample=u.numel()))
         importance = _kth_largest(pool.F, rank) / m
-        self._tau_score = tau if exact else 0.5 * min(tau, kth)
-        self._tau_importance = importance if exact else 0.5 * importance
+        # halved when the threshold dropped too much (not when a key prune did: a lower τ
+        # would only fill the pool faster)
+        lower = kth <= dropped
+        self._tau_score = 0.5 * min(tau, kth) if lower else tau
+        self._tau_importance = 0.5 * importance if lower else importance
         self._tau_factor = self.factor
-        self._m_prev = float(self._m_run)
+        m_now = float(self._m_run)
+        self._m_floor = m_now if not self._m_floor > 0 else min(m_now, 1.5 * self._m_floor)
         pos = pool.pos[chosen]
         order = torch.argsort(pos)
         pos, values = pos[order], pool.g[chosen][order]
