@@ -144,6 +144,8 @@ class _Pool:
 
     @staticmethod
     def cat(parts: Sequence[_Pool]) -> _Pool:
+        if len(parts) == 1:  # one part: itself, not a copy (no field is changed in place)
+            return parts[0]
         return _Pool(
             torch.cat([p.pos for p in parts]),
             torch.cat([p.F for p in parts]),
