@@ -678,6 +678,56 @@ _VAL = [{"step": 2, "split": "val", "loss": 0.9, "rmse/2m_temperature": 3.0},
         {"step": 2, "split": "val", "loss": 0.8, "rmse/2m_temperature": 2.0}]  # logged twice
 
 
+def test_metrics_log_reads_only_what_was_appended(tmp_path: Path, monkeypatch) -> None:
+    """A live run's metrics.jsonl is parsed line by line once: a read after an append parses
+    the new lines only; a cut-off last line is parsed again until it is whole; a file replaced
+    (as a resumed run does) or shortened is read afresh, with the right line numbers."""
+    import os
+
+    from wpeft.app import catalog as catalog_module
+    from wpeft.app.catalog import MetricsLog, read_metrics_lines
+
+    parsed: list[bytes | str] = []
+    loads = json.loads
+
+    def counting(text):  # type: ignore[no-untyped-def]
+        parsed.append(text)
+        return loads(text)
+
+    monkeypatch.setattr(catalog_module.json, "loads", counting)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n\n{"step": 2}\n')
+    log = MetricsLog()
+    assert log.read(path) == ([{"step": 1}, {"step": 2}], [])
+    assert len(parsed) == 2
+    with path.open("a") as f:
+        f.write('not json\n{"step": 4}\n{"step": 5, "spl')
+    parsed.clear()
+    lines, problems = log.read(path)
+    assert lines == [{"step": 1}, {"step": 2}, {"step": 4}] and len(parsed) == 3  # new ones only
+    assert problems == ["metrics.jsonl line 4 is not a JSON object; skipped",
+                        "metrics.jsonl line 6 (the last) is cut off; skipped, the curves end "
+                        "at the line before it"]
+    assert (lines, problems) == read_metrics_lines(path)  # as a whole read gives
+    with path.open("a") as f:
+        f.write('it": "val"}\n')
+    parsed.clear()
+    lines, problems = log.read(path)
+    assert lines[-1] == {"step": 5, "split": "val"}
+    assert problems == ["metrics.jsonl line 4 is not a JSON object; skipped"]
+    assert len(parsed) == 1
+    # replaced by a shorter file (a resumed run rewrites it atomically): read afresh
+    new = tmp_path / "new.jsonl"
+    new.write_text('{"step": 9}\n')
+    os.replace(new, path)
+    assert log.read(path) == ([{"step": 9}], [])
+    # shortened in place, then grown past the old end with other bytes: read afresh
+    path.write_text('{"step": 1}\n')
+    assert log.read(path) == ([{"step": 1}], [])
+    path.write_text('{"step": 7}\n{"step": 8}\n')
+    assert log.read(path) == ([{"step": 7}, {"step": 8}], [])
+
+
 def test_catalog_curves_long_table_and_bad_lines(catalog: Catalog, runs_root: Path) -> None:
     wp = runs_root / "downscaling/weatherpeft-4pct"
     _write_metrics(wp, [_TRAIN[0], _VAL[0]], tail="not json\n")
@@ -783,6 +833,12 @@ def test_scorecard_view_cells_by_hand(workbench_factory, runs_root) -> None:
     assert cells.loc["downscaling/full", "oriented_difference"] == 0.0
     assert cells.loc["downscaling/full", "bin"] == 6  # the white middle bin
     assert "blue = better than the reference" in view.caption.object
+    # a colour bar with a tick at each bin edge, between the colours it separates
+    bar = heat.opts.get().kwargs["colorbar_opts"]
+    assert heat.opts.get().kwargs["colorbar"] is True
+    assert bar["ticker"].ticks == [i + 0.5 for i in range(len(edges))]
+    assert list(bar["major_label_overrides"].values()) == [f"{e:+g}" for e in edges]
+    assert "negative / blue = better" in heat.opts.get().kwargs["clabel"]
     # the other run as reference: the sign flips, the card follows the URL value
     wb.sel.reference = "downscaling/weatherpeft-4pct"
     cells = view.plot.object.get(0).dframe().set_index("run")
@@ -820,6 +876,24 @@ def test_runs_choice_unknown_names_and_budget_restriction(workbench_factory, run
     assert wb.sel.runs == "" and not wb.run_message.visible
     labels = {el.label for el in wb.views["budget"].plot.object if isinstance(el, hv.Scatter)}
     assert labels == {"lora", "full", "weatherpeft"}
+
+
+def test_run_names_with_commas_round_trip_through_the_runs_choice(
+        workbench_factory, runs_root) -> None:
+    from wpeft.app.workbench import join_names, split_names
+
+    make_run(runs_root, "downscaling/lora,r=8", "lora", budget=0.01, seed=2, records=False)
+    make_run(runs_root, "downscaling/100%", "full", budget=None, seed=3, records=False)
+    wb = workbench_factory()
+    chosen = ["downscaling/lora,r=8", "downscaling/100%", "downscaling/full"]
+    wb.runs_select.value = chosen
+    assert wb.sel.runs == "downscaling/lora%2Cr=8,downscaling/100%25,downscaling/full"
+    assert [e.name for e in wb.chosen_runs()] == chosen
+    other = workbench_factory()  # a session opened from that URL value
+    other.sel.runs = wb.sel.runs
+    assert other.runs_select.value == chosen and not other.run_message.visible
+    assert split_names(join_names(["a,b", "%2C", " c "])) == ["a,b", "%2C", "c"]
+    assert split_names("a, b,a,,") == ["a", "b"]
 
 
 def test_downloads_give_png_csv_and_netcdf(workbench_factory, runs_root, tmp_path) -> None:
@@ -949,6 +1023,46 @@ def test_fisher_images_are_the_viz_figures_rendered_once_for_all_sessions(
     assert view.curves.alt_text == "mask overlap over training (qkv tensors)"
     assert view.curves.object == overlap_curves_png(ds, None, "qkv")
     assert catalog.images.misses == 4
+
+
+def test_fisher_images_follow_the_page_theme(workbench_factory, catalog) -> None:
+    """A dark page gets the images drawn dark (light text on a transparent background), cached
+    apart from the light ones; the colour map of the mask is the same in both."""
+    import matplotlib.image
+
+    from wpeft.errors import DataError as VizError
+    from wpeft.viz.fisher import mask_image_png, overlap_curves_png
+
+    light = workbench_factory()
+    light.sel.view = "fisher"
+    dark = workbench_factory()
+    dark.template("dark")
+    dark.sel.view = "fisher"
+    ds = catalog.fisher("downscaling/weatherpeft-4pct")
+    matrix = dark.sel.matrix
+    shown = dark.views["fisher"].image.object
+    assert shown == mask_image_png(ds, matrix, 30, theme="dark")
+    assert shown != light.views["fisher"].image.object
+    assert dark.views["fisher"].curves.object == overlap_curves_png(ds, None, None, theme="dark")
+    assert catalog.images.misses == 4  # two images per theme
+
+    def rgba(png: bytes):
+        return matplotlib.image.imread(io.BytesIO(png))
+
+    on_light, on_dark = rgba(light.views["fisher"].image.object), rgba(shown)
+    assert on_light.shape == on_dark.shape and on_light.shape[2] == 4
+    assert on_light[0, 0].tolist() == [1.0, 1.0, 1.0, 1.0]  # white corner
+    assert on_dark[0, 0, 3] == 0.0  # transparent corner: the page shows through
+    # text: dark pixels on the light image, light ones on the dark image
+    text_light = (on_light[..., :3].max(-1) < 0.2) & (on_light[..., 3] > 0.9)
+    text_dark = (on_dark[..., :3].min(-1) > 0.8) & (on_dark[..., 3] > 0.9)
+    assert text_light.sum() > 50 and text_dark.sum() > 50
+    # the mask itself (the image's opaque centre) is drawn with the same colours
+    h, w = on_light.shape[:2]
+    centre = (slice(h // 3, 2 * h // 3), slice(w // 3, w // 2))
+    np.testing.assert_array_equal(on_light[centre], on_dark[centre])
+    with pytest.raises(VizError, match=r"Unknown theme 'purple': use one of \['dark', 'light'\]"):
+        mask_image_png(ds, matrix, 30, theme="purple")
 
 
 def test_record_images_follow_new_records(workbench_factory, catalog, runs_root) -> None:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
@@ -628,7 +628,7 @@ class Catalog:
         path = self._file(entry.path, RunLayout(entry.path).metrics)
         if path is None:
             return _curves_frame([]), []
-        lines, problems = read_metrics_lines(path)
+        lines, problems = METRICS_LOG.read(path)
         by_key: dict[tuple[str, int], dict[str, Any]] = {}
         for line in lines:
             split, step = line.get("split"), line.get("step")
@@ -714,26 +714,86 @@ def read_metrics_lines(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The JSON objects of a ``metrics.jsonl`` and one problem per line that is not one,
     naming the file and the line number (blank lines are skipped silently). A last line
     without its newline that does not parse is reported too: the run was cut off there, or it
-    is being written right now (the next read has it)."""
-    name = path.name
-    raw = path.read_bytes()
-    lines, problems = [], []
-    chunks = raw.split(b"\n")
-    for number, chunk in enumerate(chunks, 1):
-        if not chunk.strip():
-            continue
-        try:
-            value = json.loads(chunk.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            value = None
-        if isinstance(value, dict):
-            lines.append(value)
-        elif number == len(chunks):
-            problems.append(f"{name} line {number} (the last) is cut off; skipped, the curves "
-                            "end at the line before it")
-        else:
-            problems.append(f"{name} line {number} is not a JSON object; skipped")
-    return lines, problems
+    is being written right now (the next read has it). Reads the whole file (see
+    :class:`MetricsLog` for a log that a training run keeps appending to)."""
+    return MetricsLog().read(path)
+
+
+@dataclass
+class _LogState:
+    ident: tuple[int, int]  # (st_dev, st_ino): a rewritten file is another file
+    offset: int = 0  # bytes read: the end of the last complete line
+    tail: bytes = b""  # up to _TAIL bytes before offset, to tell an append from a rewrite
+    count: int = 0  # complete lines read (blank ones included: line numbers)
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+_TAIL = 256
+
+
+class MetricsLog:
+    """``metrics.jsonl`` files read incrementally: a file that grew since the last read (same
+    file, the bytes before the last read's end unchanged) is read from where that read ended,
+    so a live run's curves cost its new lines, not its whole log. A last line without its
+    newline is parsed (or named as cut off) on every read but never kept: the next read
+    takes it whole. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, _LogState] = {}
+        self._lock = threading.Lock()
+
+    def read(self, path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+        """All lines of ``path`` (as :func:`read_metrics_lines`), reading only what is new."""
+        with self._lock, open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            state = self._states.get(str(path))
+            if state is not None and not self._appended(f, st, state):
+                state = None
+            if state is None:
+                state = self._states[str(path)] = _LogState((st.st_dev, st.st_ino))
+            f.seek(state.offset)
+            new = f.read()
+            end = new.rfind(b"\n") + 1  # complete lines up to here
+            self._parse(new[:end], state.count, path.name, state.lines, state.problems, None)
+            state.count += new[:end].count(b"\n")
+            state.tail = (state.tail + new[:end])[-_TAIL:]
+            state.offset += end
+            lines, problems = list(state.lines), list(state.problems)
+            self._parse(new[end:], state.count, path.name, lines, problems, state.count + 1)
+            return lines, problems
+
+    @staticmethod
+    def _appended(f: Any, st: os.stat_result, state: _LogState) -> bool:
+        if (st.st_dev, st.st_ino) != state.ident or st.st_size < state.offset:
+            return False
+        f.seek(state.offset - len(state.tail))
+        return f.read(len(state.tail)) == state.tail
+
+    @staticmethod
+    def _parse(data: bytes, before: int, name: str, lines: list[dict[str, Any]],
+               problems: list[str], last: int | None) -> None:
+        """Parse ``data`` (lines ``before + 1``, ...) into ``lines`` and ``problems``; ``last``:
+        the number of a line without its newline (reported as cut off if it does not parse)."""
+        chunks = data.split(b"\n")[:-1] if last is None else [data]
+        for number, chunk in enumerate(chunks, before + 1):
+            if not chunk.strip():
+                continue
+            try:
+                value = json.loads(chunk.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                value = None
+            if isinstance(value, dict):
+                lines.append(value)
+            elif number == last:
+                problems.append(f"{name} line {number} (the last) is cut off; skipped, the "
+                                "curves end at the line before it")
+            else:
+                problems.append(f"{name} line {number} is not a JSON object; skipped")
+
+
+#: The metrics logs of every catalog of this process.
+METRICS_LOG = MetricsLog()
 
 
 @dataclass(frozen=True)

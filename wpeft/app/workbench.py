@@ -51,6 +51,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pandas as pd
 import panel as pn
@@ -355,9 +356,17 @@ def _file_stem(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text).strip("._") or "wpeft"
 
 
-def _split_names(value: Any) -> list[str]:
-    """``"a, b,a"`` -> ``["a", "b"]``: the run names of ``Selection.runs``."""
-    return list(dict.fromkeys(n.strip() for n in _text(value).split(",") if n.strip()))
+def join_names(names: Sequence[str]) -> str:
+    """Run names as one ``Selection.runs`` value: comma-separated, a ``,`` (and ``%``) inside a
+    name percent-escaped, so any run name round-trips through :func:`split_names`."""
+    return ",".join(n.replace("%", "%25").replace(",", "%2C") for n in names)
+
+
+def split_names(value: Any) -> list[str]:
+    """``"a, b,a"`` -> ``["a", "b"]``: the run names of ``Selection.runs`` (see
+    :func:`join_names`), repeats dropped."""
+    names = (unquote(n.strip()) for n in _text(value).split(",") if n.strip())
+    return list(dict.fromkeys(names))
 
 
 
@@ -607,8 +616,10 @@ class FisherView(View):
         entry, ds = self._data  # type: ignore[misc]
         if "mask_image" in ds and self.sel.matrix:
             matrix, step = _text(self.sel.matrix), int(self.sel.step)
-            png = self.cat.record_png(entry.name, "fisher", ("mask_image", matrix, step),
-                                      lambda records: mask_image_png(records, matrix, step))
+            theme = self.wb.theme
+            png = self.cat.record_png(
+                entry.name, "fisher", ("mask_image", matrix, step, theme),
+                lambda records: mask_image_png(records, matrix, step, theme=theme))
             self.image.param.update(object=png, alt_text=mask_image_title(matrix, step),
                                     visible=True)
         else:
@@ -621,9 +632,10 @@ class FisherView(View):
         entry, _ = self._data  # type: ignore[misc]
         blocks = tuple(b for b in _text(self.sel.blocks).split(",") if b)
         tensor = _text(self.sel.tensor) or None
-        png = self.cat.record_png(entry.name, "fisher", ("overlap", blocks, tensor),
+        theme = self.wb.theme
+        png = self.cat.record_png(entry.name, "fisher", ("overlap", blocks, tensor, theme),
                                   lambda records: overlap_curves_png(records, blocks or None,
-                                                                     tensor))
+                                                                     tensor, theme=theme))
         self.curves.param.update(object=png, alt_text=overlap_curves_title(tensor))
 
     def _figure(self) -> Any:
@@ -1144,6 +1156,7 @@ class Workbench:
 
     def __init__(self, catalog: Catalog, *, poll_ms: int = 2000, sync_url: bool = True) -> None:
         self.cat = catalog
+        self.theme = "light"  # the page's, set by template()
         self.sel = Selection()
         self.run_select = pn.widgets.Select(label="Run (A)", options={_NO_RUN: ""},
                                             css_classes=["wb-run"], sizing_mode="stretch_width")
@@ -1157,7 +1170,7 @@ class Workbench:
         self.runs_select = pn.widgets.MultiChoice(
             label="Compare runs (curves, scorecard, budget)", options={}, value=[],
             css_classes=["wb-runs"], sizing_mode="stretch_width")
-        _bind(self.runs_select, self.sel, "runs", lambda v: ",".join(v))
+        _bind(self.runs_select, self.sel, "runs", join_names)
         # each view's widgets and panes are made when it is first opened (or looked up)
         self.views = LazyViews(self)
         # A button bar and one slot rather than pn.Tabs: only the visible view is in the page
@@ -1235,14 +1248,14 @@ class Workbench:
 
     def _sync_runs_select(self) -> None:
         options = {e.label: e.name for e in self.cat.runs()}
-        chosen = [n for n in _split_names(self.sel.runs) if n in options.values()]
+        chosen = [n for n in split_names(self.sel.runs) if n in options.values()]
         _set(self.runs_select, options=options, value=chosen)
 
     def chosen_runs(self) -> list[RunEntry]:
         """The runs of ``Selection.runs`` that resolve, in order (refused names are named in
         the sidebar, :meth:`_show_run_state`); empty when none is chosen."""
         out = []
-        for name in _split_names(self.sel.runs):
+        for name in split_names(self.sel.runs):
             try:
                 out.append(self.cat.resolve(name))
             except RunNameError:
@@ -1263,7 +1276,7 @@ class Workbench:
     def _show_run_state(self) -> None:
         """A sidebar message when a run name from the URL is refused."""
         problems = []
-        chosen = [("Compare runs", n) for n in _split_names(self.sel.runs)]
+        chosen = [("Compare runs", n) for n in split_names(self.sel.runs)]
         for label, value in (("Run", self.sel.run), ("Run B", self.sel.run_b), *chosen):
             if not _text(value):
                 continue
@@ -1328,10 +1341,10 @@ class Workbench:
     def watched(self) -> tuple[list[str], list[str]]:
         """The runs this session watches: runs A and B and the compared runs, and (second) the
         runs whose ``metrics.jsonl`` counts: the curves' runs while the Curves view is shown."""
-        names = [_text(self.sel.run), _text(self.sel.run_b), *_split_names(self.sel.runs)]
+        names = [_text(self.sel.run), _text(self.sel.run_b), *split_names(self.sel.runs)]
         curves = []
         if self._view_key() == "curves":
-            curves = _split_names(self.sel.runs) or [_text(self.sel.run)]
+            curves = split_names(self.sel.runs) or [_text(self.sel.run)]
         return names, curves
 
     def _poll_signature(self) -> tuple[Any, ...]:
@@ -1358,6 +1371,7 @@ class Workbench:
         sidebar = [self.run_select, self.run_b_select, self.runs_select, self.run_message,
                    self.status]
         theme = page_theme() if theme is None else _pick(theme, THEMES, "light")
+        self.theme = theme  # the pre-rendered images (Fisher view) are drawn in it too
         return pn.template.BootstrapTemplate(
             title=f"wpeft workbench · {self.cat.root.name}", sidebar=sidebar, main=[self.main],
             sidebar_width=330, header_background="#0072B2",

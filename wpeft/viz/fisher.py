@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from wpeft.errors import DataError
-from wpeft.viz.style import MASK, OKABE_ITO, SEQUENTIAL, new_figure, sequential_norm
+from wpeft.viz.style import MASK, OKABE_ITO, SEQUENTIAL, new_figure, sequential_norm, themed
 
 __all__ = [
     "MASK_VARIABLES",
@@ -301,9 +301,11 @@ def figure_png(fig: Figure, *, dpi: int = PNG_DPI) -> bytes:
 
 
 def mask_image_png(fisher: xr.Dataset, matrix: str, step: int | None = None, *,
-                   dpi: int = PNG_DPI) -> bytes:
-    """:func:`plot_mask_image` as PNG bytes (see :func:`figure_png`)."""
-    return figure_png(plot_mask_image(fisher, matrix, step), dpi=dpi)
+                   dpi: int = PNG_DPI, theme: str = "light") -> bytes:
+    """:func:`plot_mask_image` as PNG bytes (see :func:`figure_png`) for a page ``theme``
+    (:func:`~wpeft.viz.style.themed`)."""
+    with themed(theme):
+        return figure_png(plot_mask_image(fisher, matrix, step), dpi=dpi)
 
 
 def mask_image_title(matrix: str, step: int) -> str:
@@ -317,6 +319,9 @@ def overlap_curves_title(tensor: str | None = None) -> str:
 
 
 def overlap_curves_png(fisher: xr.Dataset, blocks: Sequence[str] | None = None,
-                       tensor: str | None = None, *, dpi: int = PNG_DPI) -> bytes:
-    """:func:`plot_overlap_curves` as PNG bytes (see :func:`figure_png`)."""
-    return figure_png(plot_overlap_curves(fisher, blocks, tensor), dpi=dpi)
+                       tensor: str | None = None, *, dpi: int = PNG_DPI,
+                       theme: str = "light") -> bytes:
+    """:func:`plot_overlap_curves` as PNG bytes (see :func:`figure_png`) for a page ``theme``
+    (:func:`~wpeft.viz.style.themed`)."""
+    with themed(theme):
+        return figure_png(plot_overlap_curves(fisher, blocks, tensor), dpi=dpi)

@@ -521,6 +521,21 @@ def scorecard_colors(n: int) -> list[str]:
     return [to_hex(cmap((i + 0.5) / n)) for i in range(n)]
 
 
+def scorecard_colorbar(edges: np.ndarray) -> dict[str, Any]:
+    """Bokeh colour-bar options of :func:`hv_scorecard`: the colour is the bin index, so a
+    tick sits between bins i − 1 and i (at i − 0.5) labelled with the bin edge ``edges[i − 1]``
+    (%)."""
+    from bokeh.models import FixedTicker
+
+    ticks = [i + 0.5 for i in range(len(edges))]
+    labels = {tick: f"{e:+g}" for tick, e in zip(ticks, edges)}
+    return {"ticker": FixedTicker(ticks=ticks), "major_label_overrides": labels}
+
+
+#: The colour bar's title of :func:`hv_scorecard` (the sign convention, as the static figure's).
+SCORECARD_CLABEL = "difference to the reference (%), negative / blue = better"
+
+
 def hv_scorecard(card: xr.Dataset, *, title: str = "") -> Any:
     """hv.HeatMap of a scorecard (:func:`wpeft.runs.scorecard.scorecard`): x the runs (the
     reference first), y the scores (the card's order from the top; scores outnumber runs, so
@@ -569,6 +584,8 @@ def hv_scorecard(card: xr.Dataset, *, title: str = "") -> Any:
     heat = hv.HeatMap(cells, kdims=["run", "score"], vdims=vdims)
     labels = hv.Labels(cells, kdims=["run", "score"], vdims=["label"])
     heat = heat.opts(cmap=scorecard_colors(len(edges) + 1), clim=(-0.5, len(edges) + 0.5),
-                     colorbar=False, tools=["hover"], invert_yaxis=True, xrotation=15,
-                     title=title, **_sized(140 + 26 * len(scores)))
+                     colorbar=True, colorbar_opts=scorecard_colorbar(edges),
+                     clabel=SCORECARD_CLABEL, tools=["hover"],
+                     invert_yaxis=True, xrotation=15, title=title,
+                     **_sized(140 + 26 * len(scores)))
     return heat * labels.opts(text_font_size="9pt", text_color="black", backend="bokeh")

@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib.style
 import numpy as np
 import xarray as xr
 from matplotlib.colors import Normalize, TwoSlopeNorm
@@ -40,6 +42,7 @@ __all__ = [
     "sequential_norm",
     "strip_metric",
     "symmetric_limits",
+    "themed",
     "units_of",
 ]
 
@@ -221,6 +224,24 @@ def new_figure(size: tuple[float, float], **kwargs: Any) -> Figure:
     constrained layout."""
     kwargs.setdefault("layout", "constrained")
     return Figure(figsize=size, **kwargs)
+
+
+#: Page themes of pre-rendered figures (a page's ``theme``): matplotlib styles on top of the
+#: defaults. Dark: light text, axes and lines on a transparent background (the page shows
+#: through). Colour maps are the same in both.
+THEME_STYLES: dict[str, list[Any]] = {
+    "light": [],
+    "dark": ["dark_background", {"savefig.transparent": True, "figure.facecolor": "none"}],
+}
+
+
+@contextlib.contextmanager
+def themed(theme: str) -> Iterator[None]:
+    """Draw and save figures inside for a page theme (a key of :data:`THEME_STYLES`)."""
+    if theme not in THEME_STYLES:
+        raise DataError(f"Unknown theme {theme!r}: use one of {sorted(THEME_STYLES)}.")
+    with matplotlib.style.context(THEME_STYLES[theme]):
+        yield
 
 
 _FORMATS = {".png", ".pdf", ".svg"}
