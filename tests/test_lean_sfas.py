@@ -82,6 +82,34 @@ def test_lean_follows_the_dense_reference_bitwise_while_its_top_k_is_proven_exac
     assert sel.union_size() == sum(int(u.sum()) for u in union)
 
 
+def test_gradient_square_sums_are_taken_on_recorded_steps_only(batch, tmp_path) -> None:
+    """Σg² of every gradient (a pass over it) is what the Fisher records need, on recorded
+    steps: a lean refresh takes it then (equal to the dense records' numbers) and skips it on
+    the other steps, and again on every step once the recorder is removed."""
+    from wpeft.runs.fisher_records import FisherRecorder
+
+    model = pretrained_like()
+    method = create_method("sfas", keep_ratio=0.003, lean=True, seed=3)
+    method.apply(model)
+    opt = method.optimizer(lr=1e-2, weight_decay=0.1)
+    sel = method.selection
+    recorder = FisherRecorder(method, tmp_path / "run", every=2).install()
+    total, taken = 5, []
+    for step in range(total):
+        step_once(method, model, batch, opt, step, total)
+        taken.append(bool(torch.isfinite(sel.last.square_sums).all()))
+        if step == 2:  # the records' totals: Σg² of each gradient, > its share in the mask
+            inside = sel.grad_square_sums(sel.masks)
+            assert bool((sel.last.square_sums >= inside).all())
+            assert bool((sel.last.square_sums > 0).any())
+    assert taken == [True, False, True, False, True]  # steps 0, 2 and the last
+    assert bool(torch.isnan(sel.last.square_sums).any()) is False
+    recorder.remove()
+    assert sel.square_sums_due is None
+    step_once(method, model, batch, opt, 6, 8)  # due for a recorder, which is gone
+    assert bool(torch.isnan(sel.last.square_sums).all())
+
+
 def test_no_backbone_gradient_outlives_its_hook_and_state_is_k_sized(batch) -> None:
     model = pretrained_like()
     method = create_method("weatherpeft", keep_ratio=0.003, lean=True)

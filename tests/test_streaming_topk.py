@@ -199,6 +199,88 @@ def test_exact_when_the_max_spikes_late(spike: float) -> None:
         keep = sel.indices
 
 
+def _count_passers(topk: StreamingTopK) -> list[tuple[int, int]]:
+    """Wrap ``topk._passers`` to record, per call, the entries reaching F_thr (taken with U at
+    the ceiling) and the passers it returns; returns the list it appends to."""
+    counts: list[tuple[int, int]] = []
+    passers, cutoff = topk._passers, topk._cutoff
+
+    def counting(g, size, threshold, keep, noise):  # type: ignore[no-untyped-def]
+        found = passers(g, size, threshold, keep, noise)
+        reached = int((g.abs() >= cutoff(threshold)).sum())
+        counts.append((reached, 0 if found is None else found[0].numel()))
+        return found
+
+    topk._passers = counting  # type: ignore[method-assign]
+    return counts
+
+
+def test_entries_outside_z_are_held_to_their_own_draw() -> None:
+    """Additive noise with heavy-tailed gradients: τ sits just above a·ceiling, so F_thr (taken
+    with U at the ceiling) is low. Held to its own draw U, an entry outside Z needs
+    F >= max(F_thr, s·M_est·(τ − a·U)): fewer candidates, every refresh still proven equal to
+    the dense one."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [torch.Size((64, 512)), torch.Size((256, 128))]
+    k = sum(s.numel() for s in shapes) // 100
+    topk = StreamingTopK(shapes, k, noise="additive", seed=4, small_numel=0)
+    counts = _count_passers(topk)
+    keep = None
+    for step in range(6):
+        grads = [
+            torch.randn(s, generator=gen) * torch.exp(2 * torch.randn(s, generator=gen))
+            for s in shapes
+        ]
+        counts.clear()
+        sel = stream(topk, grads, step, 100, keep=keep)
+        assert sum(i.numel() for i in sel.indices) == k
+        ref, _ = dense_reference(
+            grads, k, importance="fisher", noise="additive", step=step, total_steps=100, seed=4
+        )
+        assert sel.exact and all(
+            torch.equal(a, b) for a, b in zip(as_masks(sel, shapes), ref)
+        ), step
+        if step >= 1:  # τ carried over: the rule at work
+            reached, held = (sum(c) for c in zip(*counts))
+            assert 0 < held < reached / 2, (step, counts)
+        keep = sel.indices
+
+
+@pytest.mark.parametrize("fall", [1.0, 0.3, 0.1, 0.03, 0.01])
+def test_what_the_threshold_and_the_draws_drop_scores_below_the_bound(fall: float) -> None:
+    """Every entry that is not a candidate (dropped by F_thr or by its own draw: no prune
+    here) scores at most ``dropped_bound`` at the final max, also when the max falls 10-100x
+    below the M_est the rule was applied with (there the U = 0 end of the per-draw rule,
+    s·M_est·τ / M, is what bounds an entry with a small draw and a large F)."""
+    from wpeft.methods.noise import TensorNoise
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 200_000, 1000
+    topk = StreamingTopK([torch.Size((n,))], k, noise="additive", seed=2, small_numel=0)
+    g = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen))
+    stream(topk, [g], 0, 100)
+    held: list[torch.Tensor] = []
+    add_part = topk._add_part
+
+    def recording(part):  # type: ignore[no-untyped-def]
+        held.append(part.pos.clone())
+        add_part(part)
+
+    topk._add_part = recording  # type: ignore[method-assign]
+    g = (torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen))) * fall
+    topk.begin(1, 100)
+    topk.add(0, g.clone())
+    F = g.square()
+    M = float(F.max())
+    U = TensorNoise.draw(2, 1, 0, n, topk.fraction).span(0, n)
+    score = F / M + topk.factor * U
+    out = torch.ones(n, dtype=torch.bool)
+    out[torch.cat(held)] = False
+    assert 0 < int(out.sum()) < n - 2 * k
+    assert float(score[out].max()) <= topk.dropped_bound(M)
+    topk.finish()
+
+
 @pytest.mark.parametrize("noise", ["additive", "multiplicative", "none"])
 def test_cut_envelope_bounds_every_cut_score(noise: str) -> None:
     """The bound a key prune leaves is at least the best score of what it cut, at any final

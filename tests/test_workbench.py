@@ -706,8 +706,8 @@ def test_metrics_log_reads_only_what_was_appended(tmp_path: Path, monkeypatch) -
     lines, problems = log.read(path)
     assert lines == [{"step": 1}, {"step": 2}, {"step": 4}] and len(parsed) == 3  # new ones only
     assert problems == ["metrics.jsonl line 4 is not a JSON object; skipped",
-                        "metrics.jsonl line 6 (the last) is cut off; skipped, the curves end "
-                        "at the line before it"]
+                        ("metrics.jsonl line 6 (the last) is cut off; skipped, the curves end "
+                         "at the line before it")]
     assert (lines, problems) == read_metrics_lines(path)  # as a whole read gives
     with path.open("a") as f:
         f.write('it": "val"}\n')

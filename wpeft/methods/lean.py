@@ -14,7 +14,7 @@ with ``lean=True``. Per step it costs (N eligible entries, k selected):
 
   - At a *refresh* step (every ``refresh_every`` steps) the hook feeds the gradient to
     :class:`~wpeft.methods.streaming.StreamingTopK`, which keeps a few candidates per tensor
-    (with the current mask) and, after backward, takes the global top-k of the perturbed,
+    and, after backward, takes the global top-k of the perturbed,
     max-normalised importance over them: always exactly k entries, and provably the dense
     path's top-k whenever the bound check holds (counted in ``describe()['selection']``).
   - Between refreshes the mask is fixed: the hook gathers the gradient at the selected entries
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -136,6 +136,9 @@ class LeanSelection(EntrySelection):
         self._started = self._scoring = 0.0
         #: Seconds the last refresh spent selecting: scoring in the hooks plus the final top-k.
         self.refresh_seconds = 0.0
+        #: ``(step, total_steps) -> bool``: whether a step's gradients' Σg² are wanted (the
+        #: Fisher records set it; a refresh then takes one more pass over each gradient).
+        self.square_sums_due: Callable[[int, int], bool] | None = None
         weight_index = {id(p): i for i, p in enumerate(self.params)}
         self._linear_index = {n: weight_index[id(m.weight)] for n, m in linears.items()}
         self.sampled = SampledLinearGrads(linears, self._sink) if linears else None
@@ -256,7 +259,9 @@ class LeanSelection(EntrySelection):
         self._scoring = 0.0
         if self._refresh:
             assert self.stream is not None
-            self.stream.begin(step, total_steps)
+            due = self.square_sums_due
+            self.stream.begin(step, total_steps,
+                              square_sums=due is not None and due(step, total_steps))
         if self.sampled is not None:
             assert self._indices is not None or self._refresh
             self.sampled.set_indices(
@@ -283,9 +288,8 @@ class LeanSelection(EntrySelection):
                         f"Lean SFAS got a second gradient for {self.names[i]!r} in refresh step "
                         f"{self._step}: it takes one backward per step (no gradient accumulation)."
                     )
-                keep = None if self._indices is None else self._indices[i]
                 t0 = time.perf_counter()
-                self.stream.add(i, g.detach(), keep)
+                self.stream.add(i, g.detach())
                 self._scoring += time.perf_counter() - t0
             else:
                 assert self._indices is not None

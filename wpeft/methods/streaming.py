@@ -23,6 +23,10 @@ pass too, as gradients change between refreshes). Per tensor, :meth:`StreamingTo
   |g|), which raises the running max M_run, and which blocks hold an entry reaching F_thr;
 * only in those blocks (few: Fisher information is heavy-tailed), a comparison |g| >= √F_thr
   (or F_thr for |g|); a tensor without such a block costs nothing more over its entries;
+* with additive noise, each entry found is then held to its own draw U (hashed by position):
+  it needs F >= max(F_thr, s·M_est·(τ − a·U)) with a smaller slack s = ``_DRAW_SLACK``. When
+  the noise dominates the scores (early in the annealing τ sits just above a·ceiling and F_thr
+  is tiny) this keeps a few in a hundred of them;
 * gathering g at the candidates (Z, the entries found above, the caller's ``keep``) and their
   U from :meth:`TensorNoise.at`.
 
@@ -36,7 +40,9 @@ candidates always number >= k (Σ|Z| is checked at :meth:`begin`; in the astrono
 refresh where it is below k every entry becomes a candidate). An entry dropped by the
 threshold has F < F_thr (or, in a tensor with no block reaching F_thr, at most the tensor's
 largest F), so its true score is at most ``perturb(F / M)`` of that F with U at the ceiling;
-:meth:`finish` turns the largest such F into a bound with the final M. Candidates past the
+:meth:`finish` turns the largest such F into a bound with the final M. An entry dropped for its
+own draw has F below max(F_thr, s·M_est·(τ − a·U)), so its score F/M + a·U is below the larger
+of that bound's values at U = 0 and U = ceiling at the final M: both are bounded. Candidates past the
 pool's limit are pruned: first those beaten by k others at any M (no bound needed), then, if
 the pool is still large, by their keys at the running max; a key prune leaves a bound on what
 it cut as a function of the final M (the upper envelope of their scores, one line each in
@@ -101,6 +107,10 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 _MAX_OVERSAMPLE = EXCEEDANCE_PER_SELECTED - 0.5
 _SLACK = 0.5
+#: The slack of the per-draw rule (:meth:`StreamingTopK._passers`): an entry outside Z needs
+#: F >= max(F_thr, _DRAW_SLACK·M_est·(τ − a·U)). Its U = 0 end bounds what it drops by
+#: _DRAW_SLACK·M_est·τ / M: below the k-th score (≈ τ) unless M falls ~16x below M_est.
+_DRAW_SLACK = 1 / 16
 _CHUNK = 1 << 20  # entries per part when a whole tensor becomes candidates
 _BLOCK = 256  # entries per block of the blockwise max |g|
 _GRID = 12  # points 1/M_est, 1/(2 M_est), ... of a key prune's bound (and 1/M = 0)
@@ -113,7 +123,8 @@ class StreamedSelection:
     Attributes:
         indices: Per tensor, ``(k_t,)`` int64 strictly increasing flat indices; Σ k_t == k.
         values: Per tensor, ``(k_t,)`` float32: the gradient g at those indices.
-        square_sums: ``(T,)`` float64: Σ g² over all entries of each tensor, the float32 norm
+        square_sums: ``(T,)`` float64: Σ g² over all entries of each tensor (NaN unless
+            asked for at :meth:`StreamingTopK.begin`), the float32 norm
             squared as the dense records take it (NaN/inf gradients give NaN/inf here: the
             records show them).
         max_importance: M, the global max of the importance F this step.
@@ -325,9 +336,10 @@ class StreamingTopK:
 
     # --- one refresh ----------------------------------------------------------------------------
 
-    def begin(self, step: int, total_steps: int) -> None:
+    def begin(self, step: int, total_steps: int, *, square_sums: bool = True) -> None:
         """Start a refresh at 0-based optimiser ``step`` (discards one left unfinished): sets τ
-        and draws every tensor's large draws Z."""
+        and draws every tensor's large draws Z. ``square_sums``: take each gradient's Σg² (a
+        pass over it; the records read them) or leave them NaN."""
         self.factor = anneal_factor(step, total_steps, self.gamma)
         self._draws = self.noise == "multiplicative" or (
             self.noise == "additive" and self.factor != 0.0
@@ -348,6 +360,7 @@ class StreamingTopK:
         self._everything = sum(z.positions.numel() for z in self._noise) < self.k
         self._added = [False] * len(self.shapes)
         self._sq: list[torch.Tensor | None] = [None] * len(self.shapes)
+        self._want_sq = square_sums
         self._m_run: torch.Tensor | None = None
         self._parts: list[_Pool] = []
         self._loose = 0  # candidates that may be pruned (not forced)
@@ -355,6 +368,9 @@ class StreamingTopK:
         self._envelopes: list[tuple[torch.Tensor, torch.Tensor]] = []  # of the key prunes
         self._m_assumed = 0.0  # the largest M_est a prune relied on (M >= it)
         self._dropped = -math.inf  # the largest importance F of a dropped entry (a bound)
+        # additive noise: F of an entry dropped by its own draw U is below (1 − t)·this + t·F_thr
+        # at t = U / ceiling (this: F_thr at U = 0); see _passers
+        self._dropped_at_zero = -math.inf
         self._cut_importance = 0.0  # F below which an entry outside Z misses the last key prune
         self._small: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
         self._small_entries = 0
@@ -390,8 +406,15 @@ class StreamingTopK:
         """F_thr: an entry outside Z with importance below it cannot reach τ (given M >= M_est),
         times ``_SLACK`` (gradients change between refreshes: entries within that factor of
         reaching the last refresh's τ stay candidates)."""
-        m_est = float(self._m_estimate(assume=False))
-        return max(_SLACK * self._importance_at(self.tau, ceiling) * m_est, self._cut_importance)
+        return max(
+            _SLACK * self._importance_at(self.tau, ceiling) * self._m_est, self._cut_importance
+        )
+
+    @property
+    def _m_est(self) -> float:
+        """M_est as a Python float (see :meth:`_m_estimate`; no assumption recorded)."""
+        assert self._m_run is not None
+        return max(float(self._m_run), _FLOAT32_TINY, 0.5 * self._m_floor)
 
     def _importance_at(self, score: float, ceiling: float) -> float:
         """F/M an entry outside Z needs to score ``score`` (U at the ``ceiling``)."""
@@ -465,7 +488,8 @@ class StreamingTopK:
                 )
             keep = keep.to(g.device) if keep.numel() else None
         self._added[index] = True
-        self._sq[index] = _square_sum(g)
+        if self._want_sq:
+            self._sq[index] = _square_sum(g)
         if n == 0:
             return
         if n <= self.small_numel:  # scored with the other small tensors at once
@@ -509,15 +533,16 @@ class StreamingTopK:
             loose[in_z[hit]] = False
             z, z_draws = z[loose], z_draws[loose]
         found = self._passers(g, size, threshold, keep, noise)
-        passers = z[:0] if found is None else found
+        passers, passer_draws = (z[:0], None) if found is None else found
         where = torch.cat([first, z, passers])
         U = None
-        if self._draws:  # keep and the passers hashed at once (the passers lie outside Z)
-            hashed = noise.outside_z(torch.cat([first, passers]))
-            head = hashed[: first.numel()]
+        if self._draws:
+            head = noise.outside_z(first)
             if hit is not None and in_z is not None:
                 head[hit] = noise.values[in_z[hit]]
-            U = torch.cat([head, z_draws, hashed[first.numel() :]])
+            assert passer_draws is not None or found is None
+            tail = z_draws[:0] if passer_draws is None else passer_draws
+            U = torch.cat([head, z_draws, tail])
         forced = torch.zeros(where.shape, dtype=torch.bool, device=g.device)
         forced[: first.numel()] = True
         # what was dropped scores at most F_thr, or the tensor's top if no block reached it
@@ -531,10 +556,18 @@ class StreamingTopK:
         threshold: float,
         keep: torch.Tensor | None,
         noise: TensorNoise,
-    ) -> torch.Tensor | None:
-        """Flat indices of the entries of ``g`` outside Z and ``keep`` whose importance reaches
-        ``threshold``, found in the blocks whose largest |g| (``size``) reaches it; None when no
-        block does (every entry outside Z and keep is then dropped)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The entries of ``g`` outside Z and ``keep`` that can reach τ: ``(p,)`` int64 flat
+        indices and their draws U (``(p,)`` float32, None without draws); None when no block
+        of ``g`` reaches ``threshold`` (every entry outside Z and keep is then dropped).
+
+        Found in the blocks whose largest |g| (``size``) reaches ``threshold`` (F_thr, taken
+        with U at the ceiling). With additive noise each of them is then held to its own draw:
+        it needs F >= max(F_thr, F_U), F_U = ``_DRAW_SLACK``·M_est·(τ − a·U), far above F_thr
+        for most of them as U lies far below the ceiling. What this drops scores F/M + a·U
+        below a convex function of U, so below the larger of its ends: max(F_thr, F_0)/M at
+        U = 0 (F_0 = ``_DRAW_SLACK``·M_est·τ) and F_thr/M + a·ceiling; :meth:`finish` bounds
+        both."""
         n = g.numel()
         cut = self._cutoff(threshold)
         blocks = torch.nonzero(size >= cut).squeeze(1)
@@ -552,10 +585,21 @@ class StreamingTopK:
                     rows.numel() + torch.nonzero(g[rows.numel() :].abs() >= cut).squeeze(1)
                 )
         where = torch.cat(found)
-        where = where[~_member(where, noise.positions)]
+        U = None
+        if self._draws:  # hashed as if outside Z (an entry of Z among them goes below)
+            U = noise.outside_z(where)
+            if self.noise == "additive":
+                m_est = self._m_est
+                need = (self.tau - self.factor * U).mul_(_DRAW_SLACK * m_est)
+                passes = self._importance(g[where]) >= need.clamp_min_(threshold)
+                where, U = where[passes], U[passes]
+                self._dropped_at_zero = max(
+                    self._dropped_at_zero, _DRAW_SLACK * m_est * self.tau, threshold
+                )
+        outside = ~_member(where, noise.positions)
         if keep is not None:
-            where = where[~_member(where, keep)]
-        return where
+            outside &= ~_member(where, keep)
+        return where[outside], None if U is None else U[outside]
 
     def _flush_small(self) -> None:
         """Score the buffered small tensors in one batch: importance of every entry (float32
@@ -740,6 +784,18 @@ class StreamingTopK:
         self._parts = [pool.take(survive)]
         return self._loose <= self.hold_at * self.budget
 
+    def dropped_bound(self, m: float) -> float:
+        """The best score at the final max ``m`` of an entry dropped in this refresh by the
+        threshold or by its own draw (:meth:`_passers`), with a float32 margin; -inf if none
+        was. (What the prunes cut is bounded apart.)"""
+        dropped = -math.inf
+        if self._dropped > -math.inf:  # F < F_thr, U at most the ceiling
+            ceiling = max(z.ceiling for z in self._noise)
+            dropped = self._ceiling_term(self._dropped / m, ceiling) * (1 + 1e-5)
+        if self._dropped_at_zero > -math.inf:  # the U = 0 end of the per-draw rule
+            dropped = max(dropped, self._dropped_at_zero / m * (1 + 1e-5))
+        return dropped
+
     def finish(self) -> StreamedSelection:
         """The exact-k selection of this refresh (every tensor added once since :meth:`begin`)."""
         if self._step is None:
@@ -757,10 +813,7 @@ class StreamingTopK:
         chosen, _ = _top_m(score, self.k, pool.pos)  # ties in (tensor, index) order, as dense
         kth = float(score[chosen].min())
         m = max(float(self._m_run), _FLOAT32_TINY)
-        dropped = -math.inf  # a dropped entry scores at most this (float32 margin)
-        if self._dropped > -math.inf:
-            ceiling = max(z.ceiling for z in self._noise)
-            dropped = self._ceiling_term(self._dropped / m, ceiling) * (1 + 1e-5)
+        dropped = self.dropped_bound(m)
         cut = max(
             (self._bound_at(1.0 / m, *e) * (1 + 1e-5) for e in self._envelopes), default=-math.inf
         )
@@ -793,7 +846,11 @@ class StreamingTopK:
             indices.append(pos[start : start + c] - self.offsets[i])
             vals.append(values[start : start + c])
             start += c
-        square_sums = torch.stack([s for s in self._sq if s is not None])  # type: ignore[misc]
+        square_sums = (
+            torch.stack([s for s in self._sq if s is not None])  # type: ignore[misc]
+            if self._want_sq
+            else torch.full((len(self.shapes),), math.nan, dtype=torch.float64)
+        )
         result = StreamedSelection(
             indices=indices,
             values=vals,

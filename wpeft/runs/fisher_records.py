@@ -73,6 +73,7 @@ import torch
 import xarray as xr
 
 from wpeft.errors import ConfigError
+from wpeft.methods.lean import LeanSelection
 from wpeft.runs.layout import FISHER_MASKS
 from wpeft.runs.store import RecordStore
 
@@ -345,6 +346,8 @@ class FisherRecorder:
         self._replaced = self.method.__dict__.get("after_backward")  # an earlier instance wrapper
 
         lean = self.selection.lean
+        if isinstance(self.selection, LeanSelection):  # its hooks take Σg² on recorded steps
+            self.selection.square_sums_due = self.due
 
         def after_backward(step: int, total_steps: int) -> None:
             due = self.due(step, total_steps)
@@ -363,6 +366,8 @@ class FisherRecorder:
         """Undo :meth:`install` (only if our wrapper is still the outermost one)."""
         if self._wrapper is None or self.method.__dict__.get("after_backward") is not self._wrapper:
             return
+        if isinstance(self.selection, LeanSelection):
+            self.selection.square_sums_due = None
         if self._replaced is None:
             del self.method.after_backward  # the class's after_backward is visible again
         else:
