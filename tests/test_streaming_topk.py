@@ -18,6 +18,7 @@ from wpeft.methods.fisher import (
     perturb_,
     topk_masks,
 )
+from wpeft.methods.noise import TensorNoise
 from wpeft.methods.streaming import StreamedSelection, StreamingTopK
 
 SHAPES = [torch.Size(s) for s in [(40, 50), (300,), (17, 23), (64, 64), (5,), (900,), (3, 7, 11)]]
@@ -246,14 +247,37 @@ def test_entries_outside_z_are_held_to_their_own_draw() -> None:
         keep = sel.indices
 
 
+@pytest.mark.parametrize("noise", ["additive", "multiplicative"])
+def test_first_refresh_starts_from_the_large_draws(noise: str) -> None:
+    """Nothing is carried into the first refresh. With additive noise every score in Z is at
+    least a·U, so τ starts at the rank-B a·U over Z and a few candidates beyond Z are kept (not
+    every entry: the pool stays within a few |Z|); the selection equals the dense one. Multiplicative
+    noise has no such floor (F may be 0): every entry is a candidate, pruned as the pool fills."""
+    gen = torch.Generator().manual_seed(8)
+    shapes = [torch.Size((300, 400)), torch.Size((500, 240))]
+    k = 600
+    grads = [torch.randn(s, generator=gen) * torch.exp(torch.randn(s, generator=gen))
+             for s in shapes]
+    topk = _Watched(shapes, k, noise=noise, seed=5, small_numel=0)
+    sel = stream(topk, grads, 0, 100)
+    ref, _ = dense_reference(grads, k, importance="fisher", noise=noise, step=0, total_steps=100,
+                             seed=5)
+    assert sel.exact and all(torch.equal(a, b) for a, b in zip(as_masks(sel, shapes), ref))
+    z = sum(n.positions.numel() for n in
+            [TensorNoise.draw(5, 0, i, s.numel(), topk.fraction) for i, s in enumerate(shapes)])
+    if noise == "additive":
+        n = sum(s.numel() for s in shapes)
+        assert topk.tau > 0 and z < topk.most < n / 20  # Z and a few thousand more
+    else:
+        assert topk.most > topk.prune_at * topk.budget  # the whole of a tensor, then a prune
+
+
 @pytest.mark.parametrize("fall", [1.0, 0.3, 0.1, 0.03, 0.01])
 def test_what_the_threshold_and_the_draws_drop_scores_below_the_bound(fall: float) -> None:
     """Every entry that is not a candidate (dropped by F_thr or by its own draw: no prune
     here) scores at most ``dropped_bound`` at the final max, also when the max falls 10-100x
     below the M_est the rule was applied with (there the U = 0 end of the per-draw rule,
     s·M_est·τ / M, is what bounds an entry with a small draw and a large F)."""
-    from wpeft.methods.noise import TensorNoise
-
     gen = torch.Generator().manual_seed(3)
     n, k = 200_000, 1000
     topk = StreamingTopK([torch.Size((n,))], k, noise="additive", seed=2, small_numel=0)

@@ -148,8 +148,13 @@ class CompactAdamW(torch.optim.Optimizer):
                 elif p.grad is not None:
                     dense.append((p, group))
         same = self._validate(compact)
+        groups: dict[int, tuple[dict[str, Any], list[tuple[torch.Tensor, CompactGrad]]]] = {}
         for (p, cg, group), unchanged in zip(compact, same, strict=True):
-            self._compact_update(p, cg, self.state[p], group, unchanged)
+            self._align_state(p, cg, self.state[p], unchanged)
+            if cg.indices.numel():
+                groups.setdefault(id(group), (group, []))[1].append((p, cg))
+        for group, entries in groups.values():
+            self._compact_update(entries, group)
         for p, group in dense:
             if p.grad.is_sparse:
                 raise RuntimeError("CompactAdamW does not support sparse (torch.sparse) gradients.")
@@ -224,16 +229,11 @@ class CompactAdamW(torch.optim.Optimizer):
         return [bool(row[3]) for row in checked]
 
     @staticmethod
-    def _compact_update(
-        p: torch.Tensor,
-        cg: CompactGrad,
-        state: dict[str, Any],
-        group: dict[str, Any],
-        unchanged: bool,
+    def _align_state(
+        p: torch.Tensor, cg: CompactGrad, state: dict[str, Any], unchanged: bool
     ) -> None:
-        """AdamW on the entries ``cg.indices`` of ``p`` (gather, update in float32, scatter back)."""
-        lr, (beta1, beta2) = group["lr"], group["betas"]
-        eps, wd = group["eps"], group["weight_decay"]
+        """Make ``p``'s compact state cover ``cg.indices`` (zeros for a new entry; see
+        :func:`remap_entries`)."""
         lp = local_tensor(p)
         if not lp.is_contiguous():
             raise ValueError(
@@ -252,17 +252,29 @@ class CompactAdamW(torch.optim.Optimizer):
                 state["indices"], idx, state["exp_avg"], state["exp_avg_sq"], state["age"]
             )
             state.update(indices=idx.clone(), exp_avg=m, exp_avg_sq=v, age=age)
-        if idx.numel() == 0:
-            return
-        g = cg.values.to(torch.float32)
-        count = state["age"].add_(1)  # in place: the new ages
-        m = state["exp_avg"].lerp_(g, 1 - beta1)
-        v = state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
-        flat_p = lp.view(-1)
-        x = flat_p.index_select(0, idx).to(torch.float32)
+    def _compact_update(
+        self, entries: list[tuple[torch.Tensor, CompactGrad]], group: dict[str, Any]
+    ) -> None:
+        """AdamW on the entries ``cg.indices`` of each ``p`` of one parameter group (gather,
+        update in float32, scatter back), each term one foreach op over all of them."""
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        states = [self.state[p] for p, _ in entries]
+        g = [cg.values.to(torch.float32) for _, cg in entries]
+        count = [st["age"] for st in states]
+        torch._foreach_add_(count, 1)  # in place: the new ages
+        m = [st["exp_avg"] for st in states]
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        v = [st["exp_avg_sq"] for st in states]
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+
+        flat = [local_tensor(p).view(-1) for p, _ in entries]
+        x = [f.index_select(0, cg.indices).to(torch.float32) for f, (_, cg) in zip(flat, entries)]
         adamw_entries_(x, m, v, count, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
-        flat_p.index_copy_(0, idx, x.to(lp.dtype))
+        for f, (_, cg), xi in zip(flat, entries, x):
+            f.index_copy_(0, cg.indices, xi.to(f.dtype))
 
     # --- state ----------------------------------------------------------------------------------
 

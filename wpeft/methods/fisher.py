@@ -813,15 +813,16 @@ class MaskedAdamW(torch.optim.Optimizer):
         flat_v.index_copy_(0, idx, v)
 
         x = flat_p.index_select(0, idx)
-        adamw_entries_(x, m, v, count, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
+        adamw_entries_([x], [m], [v], [count], lr=lr, betas=(beta1, beta2), eps=eps,
+                       weight_decay=wd)
         flat_p.index_copy_(0, idx, x)
 
 
 def adamw_entries_(
-    x: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    steps: torch.Tensor,
+    x: Sequence[torch.Tensor],
+    exp_avg: Sequence[torch.Tensor],
+    exp_avg_sq: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
     *,
     lr: float,
     betas: tuple[float, float],
@@ -831,18 +832,31 @@ def adamw_entries_(
     """AdamW's parameter update of gathered entries, in place, with per-entry bias correction:
     x ← x(1 − lr·wd) − lr · (m / (1 − β1^t)) / (√(v / (1 − β2^t)) + eps).
 
+    Each argument lists one tensor per parameter (several parameters' entries at once: one
+    ``torch._foreach_*`` op per term, the same arithmetic as tensor by tensor).
+
     Args:
-        x: ``(n,)`` the entries' values (float32).
-        exp_avg, exp_avg_sq: ``(n,)`` their moments, already updated with this step's gradient.
-        steps: ``(n,)`` integer Adam step count t of each entry, this step included.
+        x: ``(n_i,)`` the entries' values (float32).
+        exp_avg, exp_avg_sq: ``(n_i,)`` their moments, already updated with this step's gradient.
+        steps: ``(n_i,)`` integer Adam step count t of each entry, this step included.
     """
+    if not x:
+        return
     beta1, beta2 = betas
-    c = steps.to(torch.float32)
-    bias_correction1 = 1 - torch.pow(beta1, c)
-    bias_correction2_sqrt = (1 - torch.pow(beta2, c)).sqrt_()
-    x.mul_(1 - lr * weight_decay)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    x.addcdiv_(exp_avg / bias_correction1, denom, value=-lr)
+    c = [t.to(torch.float32) for t in steps]
+    bias_correction1 = torch._foreach_pow(beta1, c)  # 1 − β1^t, as 1 + (−β1^t)
+    torch._foreach_neg_(bias_correction1)
+    torch._foreach_add_(bias_correction1, 1.0)
+    bias_correction2_sqrt = torch._foreach_pow(beta2, c)
+    torch._foreach_neg_(bias_correction2_sqrt)
+    torch._foreach_add_(bias_correction2_sqrt, 1.0)
+    torch._foreach_sqrt_(bias_correction2_sqrt)
+    torch._foreach_mul_(list(x), 1 - lr * weight_decay)
+    denom = torch._foreach_sqrt(list(exp_avg_sq))
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    step = torch._foreach_div(list(exp_avg), bias_correction1)
+    torch._foreach_addcdiv_(list(x), step, denom, value=-lr)
 
 
 def _has_entry_steps(state: dict[str, Any]) -> bool:

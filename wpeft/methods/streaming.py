@@ -61,7 +61,8 @@ band of Z's scores (|Z| ≈ 2k > B ≈ 1.5k); halved when the refresh was not ex
 threshold's drops. At the next :meth:`begin`, for additive noise, it follows the fall of the
 factor a since then: a score F/M + a·U falls by at most the drop of a and to at least its
 a_new/a_old share, so τ becomes the larger of the two (and not below the rank-B value of F/M
-among the candidates, as every additive score is at least F/M). It is 0 at the first refresh
+among the candidates, as every additive score is at least F/M). At the first refresh it is
+the rank-B value of a·U over Z with additive noise (nothing else is known yet), and 0 otherwise
 (every entry a candidate). M_est = max(M_run, M_floor / 2) with M_floor a floor of the recent
 refreshes' M (the last M, or 1.5x the previous floor if that is lower): the first tensors of a
 backward pass then do not pass wholesale for want of a running max. The bound stays a bound
@@ -358,6 +359,12 @@ class StreamingTopK:
         ]
         # Z guarantees >= k candidates; if it is short (never at real sizes), take every entry
         self._everything = sum(z.positions.numel() for z in self._noise) < self.k
+        if self._tau_score == 0.0 and self.noise == "additive" and self._draws:
+            # nothing carried (the first refresh): every score in Z is at least a·U, so the
+            # rank-B a·U over Z is a τ already (without it every entry would be a candidate)
+            u = torch.cat([z.values for z in self._noise])
+            if u.numel() >= self.budget:
+                self.tau = self.factor * _kth_largest(u, self.budget, sample=u.numel())
         self._added = [False] * len(self.shapes)
         self._sq: list[torch.Tensor | None] = [None] * len(self.shapes)
         self._want_sq = square_sums
