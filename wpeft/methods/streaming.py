@@ -419,7 +419,7 @@ class StreamingTopK:
 
     @property
     def _m_est(self) -> float:
-        """M_est as a Python float (see :meth:`_m_estimate`; no assumption recorded)."""
+        """M_est = max(M_run, M_floor / 2) as a Python float (no assumption recorded)."""
         assert self._m_run is not None
         return max(float(self._m_run), _FLOAT32_TINY, 0.5 * self._m_floor)
 
@@ -431,16 +431,12 @@ class StreamingTopK:
             return score - self.factor * ceiling
         return score / ceiling if ceiling > 0 else 0.0
 
-    def _m_estimate(self, assume: bool = True) -> torch.Tensor:
-        """M_est = max(M_run, M_floor / 2) as a float32 0-d tensor. With ``assume``, a prune is
-        about to rely on M >= M_est: :meth:`finish` calls the refresh exact only if it holds."""
+    def _m_assume(self) -> torch.Tensor:
+        """M_est (:attr:`_m_est`) as a float32 0-d tensor, for a prune about to rely on
+        M >= M_est: :meth:`finish` calls the refresh exact only if it holds."""
         assert self._m_run is not None
-        m_est = torch.maximum(
-            self._m_run.clamp_min(_FLOAT32_TINY),
-            torch.tensor(0.5 * self._m_floor, dtype=torch.float32, device=self._m_run.device),
-        )
-        if assume:
-            self._m_assumed = max(self._m_assumed, float(m_est))
+        m_est = torch.tensor(self._m_est, dtype=torch.float32, device=self._m_run.device)
+        self._m_assumed = max(self._m_assumed, float(m_est))
         return m_est
 
     def _cutoff(self, threshold: float) -> float:
@@ -544,12 +540,13 @@ class StreamingTopK:
         where = torch.cat([first, z, passers])
         U = None
         if self._draws:
-            head = noise.outside_z(first)
-            if hit is not None and in_z is not None:
-                head[hit] = noise.values[in_z[hit]]
-            assert passer_draws is not None or found is None
-            tail = z_draws[:0] if passer_draws is None else passer_draws
-            U = torch.cat([head, z_draws, tail])
+            parts = [z_draws] if passer_draws is None else [z_draws, passer_draws]
+            if keep is not None:
+                head = noise.outside_z(keep)
+                if hit is not None and in_z is not None:
+                    head[hit] = noise.values[in_z[hit]]
+                parts.insert(0, head)
+            U = torch.cat(parts)
         forced = torch.zeros(where.shape, dtype=torch.bool, device=g.device)
         forced[: first.numel()] = True
         # what was dropped scores at most F_thr, or the tensor's top if no block reached it
@@ -700,7 +697,7 @@ class StreamingTopK:
         assert self._m_run is not None
         # keys at M_est where their order depends on M (additive), else at M_run (same order)
         additive = self.noise == "additive" and self._draws
-        m_est = self._m_estimate() if additive else self._m_run.clamp_min(_FLOAT32_TINY)
+        m_est = self._m_assume() if additive else self._m_run.clamp_min(_FLOAT32_TINY)
         loose = torch.nonzero(~pool.forced).squeeze(1)
         key = self._score(pool.F[loose], m_est, None if pool.U is None else pool.U[loose])
         kept, _ = _top_m(key, self.budget, pool.pos[loose])
@@ -783,7 +780,7 @@ class StreamingTopK:
         lower = pool.U * self.factor  # a·U: the bits of 0/M + a·U in _score
         floor = torch.kthvalue(lower, len(pool) - self.k + 1).values  # the k-th largest
         for assume in (False, True):  # at M_run (no assumption), then at M_est if need be
-            m_low = self._m_estimate() if assume else self._m_run
+            m_low = self._m_assume() if assume else self._m_run
             survive = pool.forced | (self._score(pool.F, m_low, pool.U) >= floor)
             self._loose = int(torch.count_nonzero(survive & ~pool.forced))
             if self._loose <= self.hold_at * self.budget or assume:
