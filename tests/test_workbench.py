@@ -1030,7 +1030,6 @@ def test_fisher_images_follow_the_page_theme(workbench_factory, catalog) -> None
     apart from the light ones; the colour map of the mask is the same in both."""
     import matplotlib.image
 
-    from wpeft.errors import DataError as VizError
     from wpeft.viz.fisher import mask_image_png, overlap_curves_png
 
     light = workbench_factory()
@@ -1061,7 +1060,7 @@ def test_fisher_images_follow_the_page_theme(workbench_factory, catalog) -> None
     h, w = on_light.shape[:2]
     centre = (slice(h // 3, 2 * h // 3), slice(w // 3, w // 2))
     np.testing.assert_array_equal(on_light[centre], on_dark[centre])
-    with pytest.raises(VizError, match=r"Unknown theme 'purple': use one of \['dark', 'light'\]"):
+    with pytest.raises(DataError, match=r"Unknown theme 'purple': use one of \['dark', 'light'\]"):
         mask_image_png(ds, matrix, 30, theme="purple")
 
 
