@@ -456,8 +456,8 @@ def workbench_factory(catalog: Catalog):
     pytest.importorskip("panel")
     from wpeft.app.workbench import Workbench
 
-    def make() -> Workbench:
-        return Workbench(catalog, poll_ms=0, sync_url=False)
+    def make(theme: str | None = None) -> Workbench:
+        return Workbench(catalog, poll_ms=0, sync_url=False, theme=theme)
 
     return make
 
@@ -1034,8 +1034,7 @@ def test_fisher_images_follow_the_page_theme(workbench_factory, catalog) -> None
 
     light = workbench_factory()
     light.sel.view = "fisher"
-    dark = workbench_factory()
-    dark.template("dark")
+    dark = workbench_factory("dark")
     dark.sel.view = "fisher"
     ds = catalog.fisher("downscaling/weatherpeft-4pct")
     matrix = dark.sel.matrix
@@ -1088,3 +1087,41 @@ def test_overview_table_pages_and_fixed_widths(workbench_factory, runs_root) -> 
     df = pd.DataFrame({"run": ["a", "a" * 50], "x": [1.5, 2.25], "long_column_title": [1, 2]})
     # 8 px a character + 24, clamped to [60, 320]: 50 chars -> 320, "2.25" -> 60, 17 -> 160
     assert column_widths(df) == {"run": 320, "x": 60, "long_column_title": 160}
+
+
+def test_metrics_log_lets_go_of_the_least_recently_read_files(tmp_path: Path) -> None:
+    """Over its line budget the log drops the parsed lines of the files read longest ago (the
+    file just read stays, however long); a dropped file is read afresh, with the same result;
+    reads of two files run side by side (one lock per file)."""
+    import threading
+
+    from wpeft.app.catalog import MetricsLog
+
+    paths = []
+    for i, n in enumerate([3, 4, 5]):
+        path = tmp_path / f"m{i}.jsonl"
+        path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(n)))
+        paths.append(path)
+    log = MetricsLog(max_lines=9)
+    first = log.read(paths[0])
+    log.read(paths[1])
+    assert len(log) == 2 and log.kept_lines() == 7
+    log.read(paths[2])  # 12 > 9: m0, read longest ago, goes
+    assert len(log) == 2 and log.kept_lines() == 9
+    assert log.read(paths[0]) == first  # read afresh; m1 goes (12 > 9)
+    assert log.kept_lines() == 8  # m2 and m0
+    log.read(paths[2])  # m2 becomes the most recent, so reading m1 drops m0, not m2
+    log.read(paths[1])
+    assert log.kept_lines() == 9 and sorted(log._states) == sorted(str(p) for p in paths[1:])
+    big = MetricsLog(max_lines=1)
+    assert big.read(paths[2])[0] == [{"step": s} for s in range(5)] and big.kept_lines() == 5
+    with pytest.raises(ValueError, match="max_lines 0 must be >= 1"):
+        MetricsLog(max_lines=0)
+
+    # one file's lock held: another file still reads
+    log._locks[str(paths[0])] = held = threading.Lock()
+    held.acquire()
+    done = threading.Event()
+    threading.Thread(target=lambda: (log.read(paths[1]), done.set()), daemon=True).start()
+    assert done.wait(10)
+    held.release()

@@ -224,25 +224,35 @@ def test_page_theme_from_the_url(args, expected) -> None:
     assert page_theme(args) == expected
 
 
-def test_theme_picks_the_template_and_plot_theme(workbench) -> None:
+def test_theme_picks_the_template_and_plot_theme(tmp_path: Path) -> None:
+    pytest.importorskip("panel")
     from panel.theme import DarkTheme, DefaultTheme
 
-    dark = workbench.template("dark")
-    assert dark.theme is DarkTheme
-    assert dark._design.theme.bokeh_theme is not None  # plots drawn dark too
-    light = workbench.template("light")
-    assert light.theme is DefaultTheme
-    assert workbench.template("purple").theme is DefaultTheme  # unknown: the default
-    assert workbench.template().theme is DefaultTheme  # no session: no URL parameter
+    from wpeft.app.catalog import catalog_for
+    from wpeft.app.workbench import Workbench
+
+    (tmp_path / "runs").mkdir()
+    catalog = catalog_for(tmp_path / "runs")
+
+    def page(theme: str | None) -> Workbench:
+        return Workbench(catalog, poll_ms=0, sync_url=False, theme=theme)
+
+    dark = page("dark")
+    assert dark.theme == "dark" and dark.template().theme is DarkTheme
+    assert dark.template()._design.theme.bokeh_theme is not None  # plots drawn dark too
+    assert page("light").template().theme is DefaultTheme
+    assert page("purple").theme == "light"  # unknown: the default
+    assert page(None).theme == "light"  # no session: no URL parameter
     # the header button leads to the other theme, keeping the rest of the URL
-    (button,) = dark.header.objects
+    (button,) = dark.template().header.objects
     assert button.label == "light theme"
-    assert workbench.template("light").header.objects[0].label == "dark theme"
+    assert page("light").template().header.objects[0].label == "dark theme"
 
 
 def test_colour_maps_do_not_depend_on_the_theme(workbench) -> None:
     a, _, _ = make_skill()
-    workbench.template("dark")
+    workbench.theme = "dark"
+    workbench.template()
     assert interactive.hv_skill_map(a).opts.get().kwargs["cmap"] == "viridis"
 
 

@@ -737,21 +737,46 @@ class MetricsLog:
     file, the bytes before the last read's end unchanged) is read from where that read ended,
     so a live run's curves cost its new lines, not its whole log. A last line without its
     newline is parsed (or named as cut off) on every read but never kept: the next read
-    takes it whole. Thread-safe."""
+    takes it whole.
 
-    def __init__(self) -> None:
-        self._states: dict[str, _LogState] = {}
-        self._lock = threading.Lock()
+    Thread-safe, one lock per file (reads of different files run side by side). Memory is
+    bounded: the parsed lines of the least recently read files are let go once all files
+    together hold more than ``max_lines`` (the next read of such a file starts afresh).
+
+    Args:
+        max_lines: Parsed lines kept over all files, >= 1 (the file just read is always kept).
+    """
+
+    def __init__(self, max_lines: int = 2_000_000) -> None:
+        if max_lines < 1:
+            raise ValueError(f"MetricsLog max_lines {max_lines!r} must be >= 1.")
+        self.max_lines = max_lines
+        self._states: OrderedDict[str, _LogState] = OrderedDict()  # least recently read first
+        self._locks: dict[str, threading.Lock] = {}  # one per file ever read (kept: small)
+        self._lock = threading.Lock()  # guards the two dicts above, never held while reading
+
+    def __len__(self) -> int:
+        """Files whose parsed lines are kept."""
+        return len(self._states)
+
+    def kept_lines(self) -> int:
+        """Parsed lines kept over all files."""
+        with self._lock:
+            return sum(len(s.lines) for s in self._states.values())
 
     def read(self, path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         """All lines of ``path`` (as :func:`read_metrics_lines`), reading only what is new."""
-        with self._lock, open(path, "rb") as f:
+        key = str(path)
+        with self._lock:
+            file_lock = self._locks.setdefault(key, threading.Lock())
+        with file_lock, open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            state = self._states.get(str(path))
+            with self._lock:
+                state = self._states.get(key)
             if state is not None and not self._appended(f, st, state):
                 state = None
             if state is None:
-                state = self._states[str(path)] = _LogState((st.st_dev, st.st_ino))
+                state = _LogState((st.st_dev, st.st_ino))
             f.seek(state.offset)
             new = f.read()
             end = new.rfind(b"\n") + 1  # complete lines up to here
@@ -761,7 +786,19 @@ class MetricsLog:
             state.offset += end
             lines, problems = list(state.lines), list(state.problems)
             self._parse(new[end:], state.count, path.name, lines, problems, state.count + 1)
+            self._keep(key, state)
             return lines, problems
+
+    def _keep(self, key: str, state: _LogState) -> None:
+        """Hold ``state`` as the most recently read, letting go of the least recently read
+        files' lines while the total is over ``max_lines``."""
+        with self._lock:
+            self._states[key] = state
+            self._states.move_to_end(key)
+            total = sum(len(s.lines) for s in self._states.values())
+            while total > self.max_lines and len(self._states) > 1:
+                _, dropped = self._states.popitem(last=False)
+                total -= len(dropped.lines)
 
     @staticmethod
     def _appended(f: Any, st: os.stat_result, state: _LogState) -> bool:

@@ -1152,11 +1152,15 @@ class Workbench:
         catalog: The shared catalog of RUNS_DIR.
         poll_ms: Interval of the shared change check (0: not watched; call :meth:`poll`).
         sync_url: Mirror the selection in the URL (needs a server session).
+        theme: The page's theme, "light" or "dark" (an unknown one: light); None: the
+            session's ``theme`` URL parameter (:func:`page_theme`). The template and the
+            pre-rendered images (Fisher view) are drawn in it.
     """
 
-    def __init__(self, catalog: Catalog, *, poll_ms: int = 2000, sync_url: bool = True) -> None:
+    def __init__(self, catalog: Catalog, *, poll_ms: int = 2000, sync_url: bool = True,
+                 theme: str | None = None) -> None:
         self.cat = catalog
-        self.theme = "light"  # the page's, set by template()
+        self.theme = page_theme() if theme is None else _pick(theme, THEMES, "light")
         self.sel = Selection()
         self.run_select = pn.widgets.Select(label="Run (A)", options={_NO_RUN: ""},
                                             css_classes=["wb-run"], sizing_mode="stretch_width")
@@ -1364,14 +1368,12 @@ class Workbench:
 
     # --- page ---------------------------------------------------------------------------------
 
-    def template(self, theme: str | None = None) -> pn.template.BaseTemplate:
-        """The page; ``theme`` "light" or "dark" (None: the ``theme`` URL parameter, see
-        :func:`page_theme`). Plots follow the template's bokeh theme; colour maps stay those of
-        :mod:`wpeft.viz.style`."""
+    def template(self) -> pn.template.BaseTemplate:
+        """The page in the session's :attr:`theme`. Plots follow the template's bokeh theme;
+        colour maps stay those of :mod:`wpeft.viz.style`."""
         sidebar = [self.run_select, self.run_b_select, self.runs_select, self.run_message,
                    self.status]
-        theme = page_theme() if theme is None else _pick(theme, THEMES, "light")
-        self.theme = theme  # the pre-rendered images (Fisher view) are drawn in it too
+        theme = self.theme
         return pn.template.BootstrapTemplate(
             title=f"wpeft workbench · {self.cat.root.name}", sidebar=sidebar, main=[self.main],
             sidebar_width=330, header_background="#0072B2",
