@@ -12,8 +12,9 @@ A method may carry settings after ``+``: ``sfas+lean`` is SFAS with ``lean=True`
 is then a step between refreshes); ``child_tuning_d+lean`` also sets ``dense_update=False``.
 
 Refresh time: the dense selection's ``after_backward`` (importance, noise, exact top-k); the lean
-one's scoring inside the gradient hooks during backward plus its ``after_backward``
-(``LeanSelection.refresh_seconds``), over refresh steps only.
+one's draws of the large noise values Z at ``before_backward``, its scoring inside the gradient
+hooks during backward and its ``after_backward`` (``LeanSelection.refresh_seconds``), over
+refresh steps only.
 
     python benchmarks/bench_methods.py --backbone tiny --batch 2 --steps 12 --out benchmarks/results/methods-cpu-tiny.md
 """

@@ -134,7 +134,8 @@ class LeanSelection(EntrySelection):
         self._total_steps = 1
         self._refresh = False
         self._started = self._scoring = 0.0
-        #: Seconds the last refresh spent selecting: scoring in the hooks plus the final top-k.
+        #: Seconds the last refresh spent selecting: the draws of Z at ``begin_step``, scoring in
+        #: the hooks and the final top-k.
         self.refresh_seconds = 0.0
         #: ``(step, total_steps) -> bool``: whether a step's gradients' Σg² are wanted (the
         #: Fisher records set it; a refresh then takes one more pass over each gradient).
@@ -260,8 +261,10 @@ class LeanSelection(EntrySelection):
         if self._refresh:
             assert self.stream is not None
             due = self.square_sums_due
+            t0 = time.perf_counter()
             self.stream.begin(step, total_steps,
                               square_sums=due is not None and due(step, total_steps))
+            self._scoring = time.perf_counter() - t0  # drawing Z is part of the refresh
         if self.sampled is not None:
             assert self._indices is not None or self._refresh
             self.sampled.set_indices(

@@ -62,7 +62,8 @@ threshold's drops. At the next :meth:`begin`, for additive noise, it follows the
 factor a since then: a score F/M + a·U falls by at most the drop of a and to at least its
 a_new/a_old share, so τ becomes the larger of the two (and not below the rank-B value of F/M
 among the candidates, as every additive score is at least F/M). At the first refresh it is
-the rank-B value of a·U over Z with additive noise (nothing else is known yet), and 0 otherwise
+the rank-B value of a·U over Z with additive noise (nothing else is known yet; the ranks
+of Z are read from a sample of 65,536 of its draws), and 0 otherwise
 (every entry a candidate). M_est = max(M_run, M_floor / 2) with M_floor a floor of the recent
 refreshes' M (the last M, or 1.5x the previous floor if that is lower): the first tensors of a
 backward pass then do not pass wholesale for want of a running max. The bound stays a bound
@@ -184,31 +185,25 @@ class _Pool:
 def _top_m(
     key: torch.Tensor, m: int, order: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, float]:
-    """The m largest of a 1-D ``key`` and the largest left out (no sort: one selection).
+    """The m largest of a 1-D ``key`` (1 <= m; no sort: one selection).
 
     Ties at the cut are taken in index order, or in increasing ``order`` ((n,) int64, distinct)
     when given.
 
     Returns:
-        A ``(n,)`` bool mask with exactly m True, and the max key not selected (-inf if none).
+        A ``(n,)`` bool mask with exactly min(m, n) True, and the smallest key selected.
     """
     n = key.numel()
     if m >= n:
-        return torch.ones(n, dtype=torch.bool, device=key.device), -math.inf
-    if m == 0:
-        return torch.zeros(n, dtype=torch.bool, device=key.device), float(key.max())
+        return torch.ones(n, dtype=torch.bool, device=key.device), float(key.min())
     cut = torch.kthvalue(key, n - m + 1).values  # the m-th largest
     mask = key > cut
     ties = torch.nonzero(key == cut).squeeze(1)
     need = m - int(torch.count_nonzero(mask))
-    if ties.numel() > need:  # the (m+1)-th largest is a tie at the cut
-        left_out = float(cut)
-        if order is not None:
-            ties = ties[torch.argsort(order[ties])]
-    else:
-        left_out = float(key.masked_fill(mask, -math.inf).masked_fill_(key == cut, -math.inf).max())
+    if ties.numel() > need and order is not None:  # the (m+1)-th largest is a tie at the cut
+        ties = ties[torch.argsort(order[ties])]
     mask[ties[:need]] = True
-    return mask, left_out
+    return mask, float(cut)
 
 
 def _block_ends(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +359,7 @@ class StreamingTopK:
             # rank-B a·U over Z is a τ already (without it every entry would be a candidate)
             u = torch.cat([z.values for z in self._noise])
             if u.numel() >= self.budget:
-                self.tau = self.factor * _kth_largest(u, self.budget, sample=u.numel())
+                self.tau = self.factor * _kth_largest(u, self.budget)
         self._added = [False] * len(self.shapes)
         self._sq: list[torch.Tensor | None] = [None] * len(self.shapes)
         self._want_sq = square_sums
@@ -814,8 +809,8 @@ class StreamingTopK:
         assert self._m_run is not None  # k >= 1 implies a non-empty tensor
         pool = _Pool.cat(self._parts)  # at most ~5B + |keep|: one selection over it
         score = self._score(pool.F, self._m_run, pool.U)
-        chosen, _ = _top_m(score, self.k, pool.pos)  # ties in (tensor, index) order, as dense
-        kth = float(score[chosen].min())
+        # ties in (tensor, index) order, as dense; kth: the k-th largest score
+        chosen, kth = _top_m(score, self.k, pool.pos)
         m = max(float(self._m_run), _FLOAT32_TINY)
         dropped = self.dropped_bound(m)
         cut = max(
@@ -829,7 +824,7 @@ class StreamingTopK:
             # prune; every score in Z is at least a·U, so its rank-B a·U bounds τ from below too
             u = torch.cat([z.values for z in self._noise])
             if u.numel() >= rank:
-                tau = max(tau, self.factor * _kth_largest(u, rank, sample=u.numel()))
+                tau = max(tau, self.factor * _kth_largest(u, rank))
         importance = _kth_largest(pool.F, rank) / m
         # halved when the threshold dropped too much (not when a key prune did: a lower τ
         # would only fill the pool faster)
