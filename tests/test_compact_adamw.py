@@ -384,3 +384,62 @@ def test_bfloat16_parameter_float32_moments_and_exact_round_trip() -> None:
     opt.step()
     other.step()
     assert torch.equal(p, q)
+
+
+def test_indices_changed_in_place_are_checked_again() -> None:
+    """The same index tensor passed again skips the checks; changed in place since, it is checked
+    (and refused) again before anything moves."""
+    (p,) = _params([(10,)])
+    idx = torch.tensor([1, 4, 7])
+    opt = CompactAdamW([p], lr=LR, grad_of=lambda q: CompactGrad(idx, torch.ones(3)))
+    opt.step()
+    opt.step()
+    before = p.detach().clone()
+    idx[2] = 2  # in place: no longer increasing
+    with pytest.raises(ValueError, match="not strictly increasing"):
+        opt.step()
+    assert torch.equal(p, before)
+    assert torch.equal(opt.state[p]["age"], torch.full((3,), 2, dtype=torch.int32))
+
+
+def test_state_is_one_flat_tensor_per_term_and_is_rebuilt_when_replaced() -> None:
+    """After a step every parameter's moments and ages are slices of one flat tensor per term
+    (each term of the update is one op); a changed selection or a loaded state dict replaces
+    the slices, and the next step makes them slices of new flat tensors, with the same updates
+    as MaskedAdamW while the selection holds."""
+    shapes = [(7, 5), (40,), (3, 4, 6)]
+    ours, ref = _params(shapes), _params(shapes)
+    idx = [_random_indices(p.numel(), k, i) for i, (p, k) in enumerate(zip(ours, (9, 13, 20)))]
+    grads: dict[torch.Tensor, CompactGrad] = {}
+    opt = CompactAdamW(ours, lr=LR, weight_decay=WD, grad_of=lambda p: grads.get(p))
+    masks = {r: _mask(r.shape, i) for r, i in zip(ref, idx)}
+    ref_opt = MaskedAdamW(ref, lr=LR, weight_decay=WD, mask_of=masks.get)
+
+    def step(n: int) -> None:
+        gs = _grads(ours, n)
+        grads.clear()
+        grads.update({p: _compact(g, i) for p, g, i in zip(ours, gs, idx)})
+        for r, g in zip(ref, gs):
+            r.grad = g.clone()
+        opt.step()
+        ref_opt.step()
+
+    def one_flat() -> bool:
+        return all(
+            len({opt.state[p][key].untyped_storage().data_ptr() for p in ours}) == 1
+            for key in ("exp_avg", "exp_avg_sq", "age")
+        )
+
+    step(0)
+    assert one_flat()
+    flat = opt._flat[next(iter(opt._flat))].exp_avg
+    assert flat.numel() == 9 + 13 + 20
+    sd = io.BytesIO()
+    torch.save(opt.state_dict(), sd)
+    sd.seek(0)
+    opt.load_state_dict(torch.load(sd))
+    assert not one_flat()  # loaded: separate tensors
+    step(1)
+    assert one_flat() and opt._flat[next(iter(opt._flat))].exp_avg is not flat
+    for p, r in zip(ours, ref):
+        assert torch.equal(p, r)

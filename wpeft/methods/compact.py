@@ -59,6 +59,17 @@ class CompactGrad:
     values: torch.Tensor  # (k_p,) float32, dL/dp at those indices
 
 
+@dataclass
+class _FlatState:
+    """One parameter group's compact moments and ages, flat; ``views``: per parameter the
+    slices its state holds (``exp_avg``, ``exp_avg_sq``, ``age``)."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    age: torch.Tensor
+    views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 def remap_entries(
     old: torch.Tensor, new: torch.Tensor, *values: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
@@ -129,6 +140,11 @@ class CompactAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         #: ``param -> CompactGrad or None``; may be set after construction.
         self.grad_of = grad_of
+        # per parameter, what _validate last passed: (indices given, its version, the state's
+        # indices, their version); the same again skips the checks (between refreshes)
+        self._checked: dict[int, tuple[torch.Tensor, int, torch.Tensor, int]] = {}
+        # per (group, device): the flat moments and ages whose slices are the states' tensors
+        self._flat: dict[tuple[int, torch.device], _FlatState] = {}
 
     # --- stepping -------------------------------------------------------------------------------
 
@@ -148,13 +164,18 @@ class CompactAdamW(torch.optim.Optimizer):
                 elif p.grad is not None:
                     dense.append((p, group))
         same = self._validate(compact)
-        groups: dict[int, tuple[dict[str, Any], list[tuple[torch.Tensor, CompactGrad]]]] = {}
+        groups: dict[tuple[int, torch.device],
+                      tuple[dict[str, Any], list[tuple[torch.Tensor, CompactGrad]]]] = {}
         for (p, cg, group), unchanged in zip(compact, same, strict=True):
             self._align_state(p, cg, self.state[p], unchanged)
+            self._remember_checked(p, cg)
             if cg.indices.numel():
-                groups.setdefault(id(group), (group, []))[1].append((p, cg))
-        for group, entries in groups.values():
-            self._compact_update(entries, group)
+                key = (id(group), cg.indices.device)
+                groups.setdefault(key, (group, []))[1].append((p, cg))
+        for key, (group, entries) in groups.items():
+            self._compact_update(key, entries, group)
+        for key in [k for k in self._flat if k not in groups]:  # groups gone or idle
+            del self._flat[key]
         for p, group in dense:
             if p.grad.is_sparse:
                 raise RuntimeError("CompactAdamW does not support sparse (torch.sparse) gradients.")
@@ -175,6 +196,7 @@ class CompactAdamW(torch.optim.Optimizer):
         """Check every compact gradient; return, per entry of ``compact``, whether its indices
         equal the stored ones (no remap needed). One host synchronisation for all of them."""
         flags: list[torch.Tensor] = []  # per parameter: (4,) bool [sorted, >= 0, < numel, same]
+        known: list[bool] = []  # passed before, unchanged since: no checks
         for p, cg, _ in compact:
             lp, idx, val = local_tensor(p), cg.indices, cg.values
             where = f"CompactAdamW: parameter {tuple(lp.shape)}"
@@ -202,22 +224,34 @@ class CompactAdamW(torch.optim.Optimizer):
                     "to compact updates is not supported. Return a CompactGrad for it from the "
                     "first step on, or None every step."
                 )
+            old = state.get("indices")
+            last = self._checked.get(id(p))
+            if (last is not None and old is not None and last[0] is idx
+                    and last[1] == idx._version and last[2] is old and last[3] == old._version):
+                known.append(True)  # the very indices checked last step, equal to the state's
+                continue
+            known.append(False)
             if idx.numel() == 0:
                 ok = torch.ones(3, dtype=torch.bool, device=lp.device)
             else:
                 ok = torch.stack([(idx[1:] > idx[:-1]).all(), idx[0] >= 0, idx[-1] < lp.numel()])
-            old = state.get("indices")
             if old is not None and old.shape == idx.shape:
                 same = (old == idx).all().reshape(1)
             else:
                 same = torch.zeros(1, dtype=torch.bool, device=lp.device)
             flags.append(torch.cat([ok, same]))
-        if not flags:
-            return []
-        device = flags[0].device
-        checked = torch.stack([f.to(device) for f in flags]).tolist()  # the one synchronisation
+        checked: list[list[bool]] = []
+        if flags:
+            device = flags[0].device
+            checked = torch.stack([f.to(device) for f in flags]).tolist()  # the one sync
         problems = ("are not strictly increasing", "has a negative index", "has an index >= numel")
-        for (p, cg, _), row in zip(compact, checked, strict=True):
+        rows = iter(checked)
+        same_flags = []
+        for (p, cg, _), skip in zip(compact, known, strict=True):
+            if skip:
+                same_flags.append(True)
+                continue
+            row = next(rows)
             for good, problem in zip(row[:3], problems):
                 if not good:
                     n = local_tensor(p).numel()
@@ -226,7 +260,14 @@ class CompactAdamW(torch.optim.Optimizer):
                         f"indices {problem} (need sorted unique flat indices in [0, {n})); got "
                         f"min {int(cg.indices.min())}, max {int(cg.indices.max())}."
                     )
-        return [bool(row[3]) for row in checked]
+            same_flags.append(bool(row[3]))
+        return same_flags
+
+    def _remember_checked(self, p: torch.Tensor, cg: CompactGrad) -> None:
+        """After ``p``'s state was aligned with ``cg.indices``: the same indices next step (same
+        tensor, unmodified, the state's indices unmodified) need no checks."""
+        idx, old = cg.indices, self.state[p]["indices"]
+        self._checked[id(p)] = (idx, idx._version, old, old._version)
 
     @staticmethod
     def _align_state(
@@ -254,27 +295,50 @@ class CompactAdamW(torch.optim.Optimizer):
             state.update(indices=idx.clone(), exp_avg=m, exp_avg_sq=v, age=age)
 
     def _compact_update(
-        self, entries: list[tuple[torch.Tensor, CompactGrad]], group: dict[str, Any]
+        self,
+        key: tuple[int, torch.device],
+        entries: list[tuple[torch.Tensor, CompactGrad]],
+        group: dict[str, Any],
     ) -> None:
-        """AdamW on the entries ``cg.indices`` of each ``p`` of one parameter group (gather,
-        update in float32, scatter back), each term one foreach op over all of them."""
+        """AdamW on the entries ``cg.indices`` of each ``p`` of one parameter group on one
+        device (gather, update in float32, scatter back): each term one op over the flat
+        (Σk_p,) state of all of them (:meth:`_flat_state`)."""
         lr, (beta1, beta2) = group["lr"], group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
-        states = [self.state[p] for p, _ in entries]
-        g = [cg.values.to(torch.float32) for _, cg in entries]
-        count = [st["age"] for st in states]
-        torch._foreach_add_(count, 1)  # in place: the new ages
-        m = [st["exp_avg"] for st in states]
-        torch._foreach_lerp_(m, g, 1 - beta1)
-        v = [st["exp_avg_sq"] for st in states]
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-
+        m, v, age = self._flat_state(key, [self.state[p] for p, _ in entries])
+        g = torch.cat([cg.values.to(torch.float32) for _, cg in entries])
+        age.add_(1)  # in place: the new ages
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         flat = [local_tensor(p).view(-1) for p, _ in entries]
-        x = [f.index_select(0, cg.indices).to(torch.float32) for f, (_, cg) in zip(flat, entries)]
-        adamw_entries_(x, m, v, count, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=wd)
-        for f, (_, cg), xi in zip(flat, entries, x):
+        x = torch.cat([f.index_select(0, cg.indices).to(torch.float32)
+                       for f, (_, cg) in zip(flat, entries)])
+        adamw_entries_([x], [m], [v], [age], lr=lr, betas=(beta1, beta2), eps=eps,
+                       weight_decay=wd)
+        sizes = [cg.indices.numel() for _, cg in entries]
+        for f, (_, cg), xi in zip(flat, entries, x.split(sizes)):
             f.index_copy_(0, cg.indices, xi.to(f.dtype))
+
+    def _flat_state(
+        self, key: tuple[int, torch.device], states: list[dict[str, Any]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The moments and ages of ``states`` as three flat ``(Σk_p,)`` tensors, each state's
+        ``exp_avg`` / ``exp_avg_sq`` / ``age`` a slice of them. Made again (one copy) when a
+        state's tensors were replaced since (a changed selection, a loaded state dict);
+        between refreshes the same flat tensors serve every step."""
+        now = [(st["exp_avg"], st["exp_avg_sq"], st["age"]) for st in states]
+        flat = self._flat.get(key)
+        if flat is None or len(flat.views) != len(now) or not all(
+            a is b for old, new in zip(flat.views, now) for a, b in zip(old, new)
+        ):
+            sizes = [t[0].numel() for t in now]
+            m, v, age = (torch.cat([t[j] for t in now]) for j in range(3))
+            for st, mi, vi, ai in zip(states, m.split(sizes), v.split(sizes), age.split(sizes)):
+                st.update(exp_avg=mi, exp_avg_sq=vi, age=ai)
+            flat = self._flat[key] = _FlatState(
+                m, v, age, [(st["exp_avg"], st["exp_avg_sq"], st["age"]) for st in states]
+            )
+        return flat.exp_avg, flat.exp_avg_sq, flat.age
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -302,6 +366,8 @@ class CompactAdamW(torch.optim.Optimizer):
         compact = {pid: st for pid, st in state_dict["state"].items() if "indices" in st}
         rest = {pid: st for pid, st in state_dict["state"].items() if pid not in compact}
         super().load_state_dict({**state_dict, "state": rest})
+        self._flat.clear()  # new param groups, new state tensors: both caches start afresh
+        self._checked.clear()
         for pid, p in zip(saved_ids, params):
             saved = compact.get(pid)
             if saved is None:
