@@ -295,8 +295,8 @@ def test_the_planner_models_the_lean_state_as_measured(batch) -> None:
     # the streamed top-k's candidate pool, at its bound, is backward's transient too
     stream = method.selection.stream
     assert inv.selection_transient_bytes == stream.pool_bytes() > 0
-    assert stream.pool_bytes() == 2 * 21 * min(
-        stream.total, (stream.hold_at + 1) * stream.budget + stream.k + (1 << 20)
+    assert stream.pool_bytes() == 2 * 20 * min(
+        stream.total, (stream.hold_at + 1) * stream.budget + (1 << 20)
     )
     from wpeft.distributed.plan import PlanRequest, plan
 

@@ -54,11 +54,10 @@ def stream(
     step: int,
     total_steps: int,
     order: list[int] | None = None,
-    keep: list[torch.Tensor] | None = None,
 ) -> StreamedSelection:
     topk.begin(step, total_steps)
     for i in order if order is not None else reversed(range(len(grads))):
-        topk.add(i, grads[i].clone(), None if keep is None else keep[i])
+        topk.add(i, grads[i].clone())
     return topk.finish()
 
 
@@ -113,8 +112,8 @@ def jaccard(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 @pytest.mark.parametrize("importance", ["fisher", "abs_grad"])
 @pytest.mark.parametrize("noise", ["additive", "multiplicative", "none"])
 def test_matches_dense_topk_over_refreshes(noise: str, importance: str, drifting: bool) -> None:
-    """20 refreshes of fresh heavy-tailed gradients, tensors added in a random order with the
-    previous mask as ``keep``: exactly k always, equal to the dense mask whenever ``exact``.
+    """20 refreshes of fresh heavy-tailed gradients, tensors added in a random order: exactly
+    k always, equal to the dense mask whenever ``exact``.
     With per-tensor scales that drift (as in training) the carried threshold holds and nearly
     every refresh is exact; with scales redrawn over four decades every refresh (a worst case)
     it is often not, and the selection must still be exactly k and correct when exact."""
@@ -123,13 +122,13 @@ def test_matches_dense_topk_over_refreshes(noise: str, importance: str, drifting
     total = sum(s.numel() for s in SHAPES)
     k = max(1, round(0.003 * total))
     topk = StreamingTopK(SHAPES, k, importance=importance, noise=noise, seed=7, small_numel=0)
-    refreshes, exact, overlaps, keep = 20, 0, [], None
+    refreshes, exact, overlaps = 20, 0, []
     for step in range(refreshes):
         grads = heavy_tailed(SHAPES, gen, scales if drifting else None)
         order = torch.randperm(len(SHAPES), generator=gen).tolist()
-        sel = stream(topk, grads, step, refreshes, order, keep)
+        sel = stream(topk, grads, step, refreshes, order)
         check_well_formed(sel, grads, k)
-        assert sel.candidates <= (topk.hold_at + 1) * topk.budget + k  # keep: the previous k
+        assert sel.candidates <= (topk.hold_at + 1) * topk.budget
         ref, top = dense_reference(
             grads, k, importance=importance, noise=noise, step=step, total_steps=refreshes, seed=7
         )
@@ -140,7 +139,6 @@ def test_matches_dense_topk_over_refreshes(noise: str, importance: str, drifting
             assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"step {step}"
         else:
             overlaps.append(jaccard(got, ref))
-        keep = sel.indices
     share = exact / refreshes
     mean_overlap = sum(overlaps) / len(overlaps) if overlaps else 1.0
     print(
@@ -162,11 +160,10 @@ def test_max_arriving_last_is_bounded_at_the_final_max() -> None:
     k = 50
     topk = StreamingTopK(shapes, k, noise="none", oversample=1.0, small_numel=0)
     assert topk.budget == 50 + 64  # min(N, ceil(oversample·k) + 64)
-    keep = [torch.tensor([3, 999]), torch.tensor([0])]
-    sel = stream(topk, grads, 0, 10, order=[0, 1], keep=keep)
+    sel = stream(topk, grads, 0, 10, order=[0, 1])
     check_well_formed(sel, grads, k)
     assert sel.exact
-    assert sel.candidates <= (topk.hold_at + 1) * topk.budget + 3
+    assert sel.candidates <= (topk.hold_at + 1) * topk.budget
     assert 17 in sel.indices[1].tolist()
     ref, _ = dense_reference(grads, k, importance="fisher", noise="none", step=0, total_steps=10)
     assert all(torch.equal(a, b) for a, b in zip(as_masks(sel, shapes), ref))
@@ -182,14 +179,14 @@ def test_exact_when_the_max_spikes_late(spike: float) -> None:
     scales = [10 ** (2 * torch.rand((), generator=gen).item() - 1) for _ in SHAPES]
     k = round(0.01 * sum(s.numel() for s in SHAPES))
     topk = StreamingTopK(SHAPES, k, noise="additive", seed=3, small_numel=0)
-    refreshes, late, keep = 20, 3, None
+    refreshes, late = 20, 3
     for step in range(refreshes):
         grads = heavy_tailed(SHAPES, gen, scales)
         if step % 2:
             grads[late] = grads[late] * spike
         order = torch.randperm(len(SHAPES), generator=gen).tolist()
         order = [i for i in order if i != late] + [late]
-        sel = stream(topk, grads, step, refreshes, order, keep)
+        sel = stream(topk, grads, step, refreshes, order)
         check_well_formed(sel, grads, k)
         ref, _ = dense_reference(
             grads, k, importance="fisher", noise="additive", step=step, total_steps=refreshes,
@@ -197,7 +194,6 @@ def test_exact_when_the_max_spikes_late(spike: float) -> None:
         )
         assert sel.exact, f"step {step}"
         assert all(torch.equal(a, b) for a, b in zip(as_masks(sel, SHAPES), ref)), f"step {step}"
-        keep = sel.indices
 
 
 def _count_passers(topk: StreamingTopK) -> list[tuple[int, int]]:
@@ -206,8 +202,8 @@ def _count_passers(topk: StreamingTopK) -> list[tuple[int, int]]:
     counts: list[tuple[int, int]] = []
     passers, cutoff = topk._passers, topk._cutoff
 
-    def counting(g, size, threshold, keep, noise):  # type: ignore[no-untyped-def]
-        found = passers(g, size, threshold, keep, noise)
+    def counting(g, size, threshold, noise):  # type: ignore[no-untyped-def]
+        found = passers(g, size, threshold, noise)
         reached = int((g.abs() >= cutoff(threshold)).sum())
         counts.append((reached, 0 if found is None else found[0].numel()))
         return found
@@ -226,14 +222,13 @@ def test_entries_outside_z_are_held_to_their_own_draw() -> None:
     k = sum(s.numel() for s in shapes) // 100
     topk = StreamingTopK(shapes, k, noise="additive", seed=4, small_numel=0)
     counts = _count_passers(topk)
-    keep = None
     for step in range(6):
         grads = [
             torch.randn(s, generator=gen) * torch.exp(2 * torch.randn(s, generator=gen))
             for s in shapes
         ]
         counts.clear()
-        sel = stream(topk, grads, step, 100, keep=keep)
+        sel = stream(topk, grads, step, 100)
         assert sum(i.numel() for i in sel.indices) == k
         ref, _ = dense_reference(
             grads, k, importance="fisher", noise="additive", step=step, total_steps=100, seed=4
@@ -244,7 +239,6 @@ def test_entries_outside_z_are_held_to_their_own_draw() -> None:
         if step >= 1:  # τ carried over: the rule at work
             reached, held = (sum(c) for c in zip(*counts))
             assert 0 < held < reached / 2, (step, counts)
-        keep = sel.indices
 
 
 @pytest.mark.parametrize("noise", ["additive", "multiplicative"])
@@ -344,54 +338,22 @@ class _Watched(StreamingTopK):
 @pytest.mark.parametrize("noise", ["additive", "none"])
 def test_pool_never_holds_more_than_planned(monkeypatch: pytest.MonkeyPatch, noise: str) -> None:
     """With parts of at most 100 candidates, over a first refresh (every entry a candidate) and
-    later ones with the previous mask kept, the pool never holds more than ``pool_entries``
-    ((hold_at + 1)·B + k + one part); ``pool_bytes`` is that at 21 bytes each, twice."""
+    later ones, the pool never holds more than ``pool_entries`` ((hold_at + 1)·B + one part);
+    ``pool_bytes`` is that at 20 bytes each, twice."""
     import wpeft.methods.streaming as streaming
 
     monkeypatch.setattr(streaming, "_CHUNK", 100)
     gen = torch.Generator().manual_seed(4)
     k = 40
     topk = _Watched(SHAPES, k, noise=noise, oversample=1.0, small_numel=0)
-    assert topk.pool_entries() == (topk.hold_at + 1) * topk.budget + k + 100
-    assert topk.pool_bytes() == 2 * 21 * topk.pool_entries()
-    keep = None
+    assert topk.pool_entries() == (topk.hold_at + 1) * topk.budget + 100
+    assert topk.pool_bytes() == 2 * 20 * topk.pool_entries()
     for step in range(6):
         grads = heavy_tailed(SHAPES, gen)
-        sel = stream(topk, grads, step, 6, keep=keep)
+        sel = stream(topk, grads, step, 6)
         check_well_formed(sel, grads, k)
-        keep = sel.indices
     assert 0 < topk.most <= topk.pool_entries()
     assert topk.most > topk.prune_at * topk.budget  # the bound is reached for, not idle
-
-
-def test_keep_entries_survive_as_candidates() -> None:
-    """Additive noise with the max arriving last: tensor 0's true top entries (high U, small F)
-    rank low by their add-time key (F/M_run dominates) and are dropped, unless passed as
-    ``keep``; with keep = the dense mask the selection is the dense one."""
-    gen = torch.Generator().manual_seed(3)
-    shapes = [torch.Size((2000,)), torch.Size((10,))]
-    grads = [torch.randn(2000, generator=gen), torch.randn(10, generator=gen)]
-    grads[1][4] = 1e4
-    k, step, total = 5, 0, 10
-    ref, _ = dense_reference(
-        grads, k, importance="fisher", noise="additive", step=step, total_steps=total
-    )
-    ref_idx = [m.reshape(-1).nonzero().squeeze(1) for m in ref]
-    assert ref_idx[0].numel() == 4 and ref_idx[1].tolist() == [4]
-
-    plain = stream(
-        StreamingTopK(shapes, k, oversample=1.0, small_numel=0), grads, step, total, order=[0, 1]
-    )
-    check_well_formed(plain, grads, k)
-    assert not plain.exact
-    assert not torch.equal(plain.indices[0], ref_idx[0])  # dropped at add time
-
-    keep = [ref_idx[0], torch.empty(0, dtype=torch.int64)]
-    kept = stream(
-        StreamingTopK(shapes, k, oversample=1.0, small_numel=0), grads, step, total, [0, 1], keep
-    )
-    check_well_formed(kept, grads, k)
-    assert torch.equal(kept.indices[0], ref_idx[0]) and kept.indices[1].tolist() == [4]
 
 
 @pytest.mark.parametrize("small", [0, 20, 1 << 14], ids=["streamed", "mixed", "batched"])
@@ -466,14 +428,6 @@ def test_failure_modes() -> None:
         topk.add(-1, torch.ones(6))
     with pytest.raises(ValueError, match=r"tensor 1 has shape \(2, 3\), expected \(6,\)"):
         topk.add(1, torch.ones(2, 3))
-    for outside in ([6], [-1, 2]):
-        with pytest.raises(ValueError, match="keep of tensor 1 holds indices outside"):
-            topk.add(1, torch.ones(6), keep=torch.tensor(outside))
-    for unsorted in ([3, 3], [4, 2]):
-        with pytest.raises(ValueError, match="keep of tensor 1 must be strictly increasing"):
-            topk.add(1, torch.ones(6), keep=torch.tensor(unsorted))
-    with pytest.raises(ValueError, match="keep of tensor 1 must be"):
-        topk.add(1, torch.ones(6), keep=torch.tensor([1.0]))
     topk.add(1, torch.ones(6))
     with pytest.raises(RuntimeError, match="Tensor 1 was already added"):
         topk.add(1, torch.ones(6))
@@ -519,18 +473,17 @@ def test_bfloat16_gradients_and_empty_tensor() -> None:
 def test_small_tensors_batched_with_large_ones_streamed(noise: str) -> None:
     """Tensors of at most ``small_numel`` entries are buffered and scored together (every entry
     a candidate, their draws read by position and key at once), the others streamed: over 10
-    refreshes with the previous mask as ``keep`` the selection equals the dense one whenever
-    exact, and is exact nearly always."""
+    refreshes the selection equals the dense one whenever exact, and is exact nearly always."""
     gen = torch.Generator().manual_seed(11)
     scales = [10 ** (4 * torch.rand((), generator=gen).item() - 2) for _ in SHAPES]
     total = sum(s.numel() for s in SHAPES)
     k = 30
     topk = StreamingTopK(SHAPES, k, noise=noise, seed=3, small_numel=400)
     assert sum(s.numel() <= 400 for s in SHAPES) == 4  # (300,), (17, 23), (5,), (3, 7, 11)
-    keep, exact = None, 0
+    exact = 0
     for step in range(10):
         grads = heavy_tailed(SHAPES, gen, scales)
-        sel = stream(topk, grads, step, 10, torch.randperm(len(SHAPES), generator=gen).tolist(), keep)
+        sel = stream(topk, grads, step, 10, torch.randperm(len(SHAPES), generator=gen).tolist())
         check_well_formed(sel, grads, k)
         ref, top = dense_reference(grads, k, importance="fisher", noise=noise, step=step,
                                    total_steps=10, seed=3)
@@ -538,5 +491,4 @@ def test_small_tensors_batched_with_large_ones_streamed(noise: str) -> None:
         if sel.exact:
             exact += 1
             assert all(torch.equal(a, b) for a, b in zip(as_masks(sel, SHAPES), ref))
-        keep = sel.indices
     assert exact >= 8

@@ -27,16 +27,14 @@ pass too, as gradients change between refreshes). Per tensor, :meth:`StreamingTo
   it needs F >= max(F_thr, s·M_est·(τ − a·U)) with a smaller slack s = ``_DRAW_SLACK``. When
   the noise dominates the scores (early in the annealing τ sits just above a·ceiling and F_thr
   is tiny) this keeps a few in a hundred of them;
-* gathering g at the candidates (Z, the entries found above, the caller's ``keep``) and their
-  U from :meth:`TensorNoise.at`.
+* gathering g at the candidates (Z and the entries found above) and their U.
 
 Tensors of at most ``small_numel`` entries (norms, biases: most tensors of a backbone, a small
 share of its entries) are copied aside instead and, at :meth:`finish` (or when a million
-entries wait), scored in one batch by the same rule (importance against F_thr, Z and ``keep``
-always); their draws are read by position and per-tensor key at once.
+entries wait), scored in one batch by the same rule (importance against F_thr, Z always);
+their draws are read by position and per-tensor key at once.
 
-Why it is right. Every entry of Z and every ``keep`` entry becomes a candidate, so the
-candidates always number >= k (Σ|Z| is checked at :meth:`begin`; in the astronomically rare
+Why it is right. Every entry of Z becomes a candidate, so the candidates always number >= k (Σ|Z| is checked at :meth:`begin`; in the astronomically rare
 refresh where it is below k every entry becomes a candidate). An entry dropped by the
 threshold has F < F_thr (or, in a tensor with no block reaching F_thr, at most the tensor's
 largest F), so its true score is at most ``perturb(F / M)`` of that F with U at the ceiling;
@@ -75,11 +73,11 @@ not survive the next prune. The prunes rely on M >= M_est (their keys and bounds
 there); a refresh whose final M is below the M_est a prune used is not called exact.
 
 Pool. Candidates are held between calls up to a limit; B = min(N, ceil(oversample·k) + 64) is
-the budget. When the pool (``keep`` entries aside) passes 3B it is pruned: first safely
+the budget. When the pool passes 3B it is pruned: first safely
 (:meth:`StreamingTopK._prune_safely`, with additive noise: only entries that cannot be in the
 top-k at any final M go), then, if more than 4B remain, by keys to the best B. After a safe
-prune the next runs when the pool has grown by B more, so at most about 5B + |keep| candidates
-are held. :meth:`finish` selects from what is held (one selection, no sort of the pool). Nothing
+prune the next runs when the pool has grown by B more, so at most about 5B candidates are
+held. :meth:`finish` selects from what is held (one selection, no sort of the pool). Nothing
 of size N is allocated: per tensor the block extremes (n/128 numbers), the compared blocks and
 the gathered candidates; a whole tensor becomes candidates only at the first refresh (τ = 0) or
 with NaN/inf gradients, then chunk by chunk. """
@@ -130,8 +128,7 @@ class StreamedSelection:
             squared as the dense records take it (NaN/inf gradients give NaN/inf here: the
             records show them).
         max_importance: M, the global max of the importance F this step.
-        candidates: Entries kept as candidates over all tensors for the final top-k (``keep``
-            entries included; at most the budget B plus the ``keep`` entries).
+        candidates: Entries kept as candidates over all tensors for the final top-k.
         exact: True when proven equal to the dense top-k (k-th selected score > every bound).
     """
 
@@ -146,14 +143,12 @@ class StreamedSelection:
 @dataclass
 class _Pool:
     """Candidates, concatenated: ``pos`` (c,) int64 global position (offset of the tensor + flat
-    index), ``F``/``U``/``g`` (c,) float32 (``U`` None without noise draws), ``forced`` (c,) bool
-    (a ``keep`` entry, never pruned)."""
+    index), ``F``/``U``/``g`` (c,) float32 (``U`` None without noise draws)."""
 
     pos: torch.Tensor
     F: torch.Tensor
     U: torch.Tensor | None
     g: torch.Tensor
-    forced: torch.Tensor
 
     @staticmethod
     def cat(parts: Sequence[_Pool]) -> _Pool:
@@ -164,7 +159,6 @@ class _Pool:
             torch.cat([p.F for p in parts]),
             None if parts[0].U is None else torch.cat([p.U for p in parts]),  # type: ignore[misc]
             torch.cat([p.g for p in parts]),
-            torch.cat([p.forced for p in parts]),
         )
 
     def take(self, where: torch.Tensor | slice) -> _Pool:
@@ -175,7 +169,6 @@ class _Pool:
             self.F[where],
             None if self.U is None else self.U[where],
             self.g[where],
-            self.forced[where],
         )
 
     def __len__(self) -> int:
@@ -261,7 +254,7 @@ class StreamingTopK:
             batches (fewer small operations). 0: none.
     """
 
-    #: A prune runs when the pool (``keep`` entries aside) passes this many B (or, after a
+    #: A prune runs when the pool passes this many B (or, after a
     #: prune that left more than that, its size then plus B).
     prune_at: ClassVar[int] = 3
     #: A safe prune (:meth:`_prune_safely`) that leaves more than this many B is followed by the
@@ -307,7 +300,7 @@ class StreamingTopK:
         self.total = total
         #: Exceedance fraction c of the draws (:func:`~wpeft.methods.noise.exceedance_fraction`).
         self.fraction = exceedance_fraction(k, total)
-        #: Candidates held at most after a prune (``keep`` entries aside).
+        #: Candidates held at most after a prune.
         self.budget = min(total, math.ceil(oversample * k) + 64)
         self.offsets = [0]
         for n in self.numels[:-1]:
@@ -320,15 +313,15 @@ class StreamingTopK:
         self._step: int | None = None
 
     def pool_entries(self) -> int:
-        """The most candidates held at once during a refresh: a loose part at its limit
-        (``hold_at`` + 1)·B, every ``keep`` entry (k) and one part being added (``_CHUNK``).
-        A prune briefly holds a second copy of them; :meth:`pool_bytes` counts both."""
-        return min(self.total, (self.hold_at + 1) * self.budget + self.k + _CHUNK)
+        """The most candidates held at once during a refresh: the pool at its limit
+        (``hold_at`` + 1)·B and one part being added (``_CHUNK``). A prune briefly holds a
+        second copy of them; :meth:`pool_bytes` counts both."""
+        return min(self.total, (self.hold_at + 1) * self.budget + _CHUNK)
 
     def pool_bytes(self) -> int:
         """Bytes of the candidate pool at its largest, twice (a prune concatenates it): per
-        candidate an int64 position, float32 F, U and g and a bool flag."""
-        return 2 * (8 + 4 + 4 + 4 + 1) * self.pool_entries()
+        candidate an int64 position and float32 F, U and g."""
+        return 2 * (8 + 4 + 4 + 4) * self.pool_entries()
 
     # --- one refresh ----------------------------------------------------------------------------
 
@@ -365,7 +358,7 @@ class StreamingTopK:
         self._want_sq = square_sums
         self._m_run: torch.Tensor | None = None
         self._parts: list[_Pool] = []
-        self._loose = 0  # candidates that may be pruned (not forced)
+        self._loose = 0  # candidates held
         self._limit = self.prune_at * self.budget  # a prune runs when _loose passes it
         self._envelopes: list[tuple[torch.Tensor, torch.Tensor]] = []  # of the key prunes
         self._m_assumed = 0.0  # the largest M_est a prune relied on (M >= it)
@@ -440,15 +433,13 @@ class StreamingTopK:
         t = math.sqrt(threshold) if self.importance == "fisher" else threshold
         return t * (1 - 2.0**-6)
 
-    def add(self, index: int, grad: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+    def add(self, index: int, grad: torch.Tensor) -> None:
         """Score tensor ``index``'s gradient and keep its candidates (see the module docstring).
 
         Args:
             index: Position of the tensor in ``shapes``.
             grad: Its gradient, shaped like the tensor (any float dtype). Not referenced after
                 the call: the caller may free it.
-            keep: ``(m,)`` int64 strictly increasing flat indices that must stay candidates
-                (e.g. the current mask), or None.
         """
         if self._step is None:
             raise RuntimeError(f"add({index}) before begin(): call begin(step, total_steps) first.")
@@ -466,32 +457,13 @@ class StreamingTopK:
             )
         n = self.numels[index]
         g = grad.detach().reshape(-1)
-        if keep is not None:
-            if keep.dim() != 1 or keep.dtype != torch.int64:
-                raise ValueError(
-                    f"keep of tensor {index} must be (m,) int64 flat indices, got "
-                    f"{tuple(keep.shape)} {keep.dtype}."
-                )
-            if keep.numel() and bool(  # one host sync on the good path
-                torch.stack([keep[0] < 0, keep[-1] >= n, (keep[1:] <= keep[:-1]).any()]).any()
-            ):
-                if int(keep[0]) < 0 or int(keep[-1]) >= n:
-                    raise ValueError(
-                        f"keep of tensor {index} holds indices outside [0, {n}): "
-                        f"[{int(keep[0])}, {int(keep[-1])}]."
-                    )
-                raise ValueError(
-                    f"keep of tensor {index} must be strictly increasing (as "
-                    "StreamedSelection.indices are): sort it and drop repeats."
-                )
-            keep = keep.to(g.device) if keep.numel() else None
         self._added[index] = True
         if self._want_sq:
             self._sq[index] = _square_sum(g)
         if n == 0:
             return
         if n <= self.small_numel:  # scored with the other small tensors at once
-            self._small.append((index, g.to(torch.float32, copy=True), keep))
+            self._small.append((index, g.to(torch.float32, copy=True)))
             self._small_entries += n
             if self._small_entries >= _CHUNK:
                 self._flush_small()
@@ -513,52 +485,31 @@ class StreamingTopK:
             for start in range(0, n, _CHUNK):
                 where = torch.arange(start, min(n, start + _CHUNK), device=g.device)
                 U = noise.span(start, where.numel()) if self._draws else None
-                forced = (
-                    _member(where, keep) if keep is not None
-                    else torch.zeros(where.shape, dtype=torch.bool, device=g.device)
-                )
-                self._append(index, g, where, U, forced)
+                self._append(index, g, where, U)
             return
-        # keep, then Z outside keep (with its draws), then the entries outside both that reach
-        # the threshold, found in the blocks whose largest |g| reaches it: one part
-        z, z_draws = noise.positions, noise.values
-        first = z[:0] if keep is None else keep
-        in_z = hit = None
-        if keep is not None and z.numel():  # keep's entries in Z: one search, used both ways
-            in_z = torch.searchsorted(z, keep).clamp_(max=z.numel() - 1)
-            hit = z[in_z] == keep
-            loose = torch.ones(z.shape, dtype=torch.bool, device=z.device)
-            loose[in_z[hit]] = False
-            z, z_draws = z[loose], z_draws[loose]
-        found = self._passers(g, size, threshold, keep, noise)
-        passers, passer_draws = (z[:0], None) if found is None else found
-        where = torch.cat([first, z, passers])
-        U = None
-        if self._draws:
-            parts = [z_draws] if passer_draws is None else [z_draws, passer_draws]
-            if keep is not None:
-                head = noise.outside_z(keep)
-                if hit is not None and in_z is not None:
-                    head[hit] = noise.values[in_z[hit]]
-                parts.insert(0, head)
-            U = torch.cat(parts)
-        forced = torch.zeros(where.shape, dtype=torch.bool, device=g.device)
-        forced[: first.numel()] = True
+        # Z (with its draws), then the entries outside it that reach the threshold, found in
+        # the blocks whose largest |g| reaches it: one part
+        found = self._passers(g, size, threshold, noise)
+        where = noise.positions
+        U = noise.values if self._draws else None
+        if found is not None:
+            where = torch.cat([where, found[0]])
+            if U is not None and found[1] is not None:
+                U = torch.cat([U, found[1]])
         # what was dropped scores at most F_thr, or the tensor's top if no block reached it
         self._dropped = max(self._dropped, float(top) if found is None else threshold)
-        self._append(index, g, where, U, forced)
+        self._append(index, g, where, U)
 
     def _passers(
         self,
         g: torch.Tensor,
         size: torch.Tensor,
         threshold: float,
-        keep: torch.Tensor | None,
         noise: TensorNoise,
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The entries of ``g`` outside Z and ``keep`` that can reach τ: ``(p,)`` int64 flat
+        """The entries of ``g`` outside Z that can reach τ: ``(p,)`` int64 flat
         indices and their draws U (``(p,)`` float32, None without draws); None when no block
-        of ``g`` reaches ``threshold`` (every entry outside Z and keep is then dropped).
+        of ``g`` reaches ``threshold`` (every entry outside Z is then dropped).
 
         Found in the blocks whose largest |g| (``size``) reaches ``threshold`` (F_thr, taken
         with U at the ceiling). With additive noise each of them is then held to its own draw:
@@ -596,47 +547,38 @@ class StreamingTopK:
                     self._dropped_at_zero, _DRAW_SLACK * m_est * self.tau, threshold
                 )
         outside = ~_member(where, noise.positions)
-        if keep is not None:
-            outside &= ~_member(where, keep)
         return where[outside], None if U is None else U[outside]
 
     def _flush_small(self) -> None:
         """Score the buffered small tensors in one batch: importance of every entry (float32
         copies: the same bits as from their own dtype), candidates by the same rule as
-        :meth:`add` (Z and ``keep`` always, the rest if their importance reaches the
-        threshold), their draws read for all tensors at once (:func:`draws_at`)."""
+        :meth:`add` (Z always, the rest if their importance reaches the threshold), their draws read for all tensors at once (:func:`draws_at`)."""
         if not self._small:
             return
         device = self._small[0][1].device
-        noises = [self._noise_on(i, device) for i, _, _ in self._small]
-        sizes = torch.tensor([g.numel() for _, g, _ in self._small], device=device)
+        noises = [self._noise_on(i, device) for i, _ in self._small]
+        sizes = torch.tensor([g.numel() for _, g in self._small], device=device)
         which = torch.arange(len(self._small), device=device).repeat_interleave(sizes)
         start = torch.cumsum(sizes, 0) - sizes  # each tensor's first entry in the batch
         total = int(sizes.sum())
         local = torch.arange(total, device=device) - start[which]  # index in its own tensor
-        in_z = torch.zeros(total, dtype=torch.bool, device=device)  # Z and keep, as masks
+        in_z = torch.zeros(total, dtype=torch.bool, device=device)  # Z, as a mask
         in_z[torch.cat([n.positions + start[t] for t, n in enumerate(noises)])] = True
-        forced = torch.zeros(total, dtype=torch.bool, device=device)
-        kept = [k + start[t] for t, (_, _, k) in enumerate(self._small) if k is not None]
-        if kept:
-            forced[torch.cat(kept)] = True
         offsets = torch.tensor(self.offsets, dtype=torch.int64, device=device)
-        pos = local + offsets[torch.tensor([i for i, _, _ in self._small], device=device)][which]
-        g = torch.cat([g for _, g, _ in self._small])
+        pos = local + offsets[torch.tensor([i for i, _ in self._small], device=device)][which]
+        g = torch.cat([g for _, g in self._small])
         self._small, self._small_entries = [], 0
         F = self._importance(g)
         top = F.max()
         self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
         threshold = self._threshold(noises[0].ceiling)  # one fraction c: one ceiling for all
         if threshold > 0:
-            take = (F >= threshold).logical_or_(in_z).logical_or_(forced)
+            take = (F >= threshold).logical_or_(in_z)
             if not bool(take.all()):
                 self._dropped = max(self._dropped, threshold)
-                pos, local, which, g, F, forced = (
-                    x[take] for x in (pos, local, which, g, F, forced)
-                )
+                pos, local, which, g, F = (x[take] for x in (pos, local, which, g, F))
         U = draws_at(noises, local, which) if self._draws else None
-        self._add_part(_Pool(pos, F, U, g, forced))
+        self._add_part(_Pool(pos, F, U, g))
 
     def _append(
         self,
@@ -644,27 +586,25 @@ class StreamingTopK:
         g: torch.Tensor,
         where: torch.Tensor,
         U: torch.Tensor | None,
-        forced: torch.Tensor,
     ) -> None:
         """Add the distinct entries ``where`` ((c,) int64) of tensor ``index`` (flat gradient
-        ``g``) to the pool with their draws ``U`` and ``forced`` flags ((c,) bool: a ``keep``
-        entry, never pruned)."""
+        ``g``) to the pool with their draws ``U``."""
         if where.numel() == 0:
             return
         gw = g[where]
         F = self._importance(gw)  # elementwise: the same bits as the full tensor's F
         top = F.max()
         self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
-        self._add_part(_Pool(where + self.offsets[index], F, U, gw.to(torch.float32), forced))
+        self._add_part(_Pool(where + self.offsets[index], F, U, gw.to(torch.float32)))
 
     def _add_part(self, part: _Pool) -> None:
-        """Hold ``part``'s candidates, ``_CHUNK`` at a time, pruning whenever the pool's loose
-        part passes its limit (amortised: a prune drops >= B candidates), so the pool never
+        """Hold ``part``'s candidates, ``_CHUNK`` at a time, pruning whenever the pool passes its
+        limit (amortised: a prune drops >= B candidates), so the pool never
         holds more than :meth:`pool_entries`."""
         for lo in range(0, len(part), _CHUNK):
             piece = part if len(part) <= _CHUNK else part.take(slice(lo, lo + _CHUNK))
             self._parts.append(piece)
-            self._loose += len(piece) - int(torch.count_nonzero(piece.forced))
+            self._loose += len(piece)
             if self._loose > self._limit:
                 self._prune()
 
@@ -680,7 +620,7 @@ class StreamingTopK:
 
     def _prune(self) -> None:
         """Cut the pool back (see :meth:`_prune_safely` first): to the best ``budget``
-        non-forced candidates by keys at M_est (additive noise) or the running max (their order
+        candidates by keys at M_est (additive noise) or the running max (their order
         is the same at any M), ties at the cut in (tensor, index) order. What was cut leaves a
         bound that :meth:`finish` evaluates at the final M (:meth:`_envelope`)."""
         if self._prune_safely():
@@ -693,20 +633,17 @@ class StreamingTopK:
         # keys at M_est where their order depends on M (additive), else at M_run (same order)
         additive = self.noise == "additive" and self._draws
         m_est = self._m_assume() if additive else self._m_run.clamp_min(_FLOAT32_TINY)
-        loose = torch.nonzero(~pool.forced).squeeze(1)
-        key = self._score(pool.F[loose], m_est, None if pool.U is None else pool.U[loose])
-        kept, _ = _top_m(key, self.budget, pool.pos[loose])
-        cut = loose[~kept]
+        key = self._score(pool.F, m_est, pool.U)
+        kept, smallest = _top_m(key, self.budget, pool.pos)
+        cut = torch.nonzero(~kept).squeeze(1)
         self._envelopes.append(
             self._envelope(pool.F[cut], None if pool.U is None else pool.U[cut], float(m_est))
         )
         # an entry outside Z whose key cannot reach the smallest kept one would be cut next time
         ceiling = self._noise[0].ceiling  # one fraction c: one ceiling for every tensor
-        low = self._importance_at(float(key[kept].min()), ceiling) * float(m_est)
+        low = self._importance_at(smallest, ceiling) * float(m_est)
         self._cut_importance = max(self._cut_importance, low)
-        survive = pool.forced.clone()
-        survive[loose[kept]] = True
-        self._parts = [pool.take(survive)]
+        self._parts = [pool.take(kept)]
         self._loose = self.budget
 
     def _envelope(
@@ -776,8 +713,8 @@ class StreamingTopK:
         floor = torch.kthvalue(lower, len(pool) - self.k + 1).values  # the k-th largest
         for assume in (False, True):  # at M_run (no assumption), then at M_est if need be
             m_low = self._m_assume() if assume else self._m_run
-            survive = pool.forced | (self._score(pool.F, m_low, pool.U) >= floor)
-            self._loose = int(torch.count_nonzero(survive & ~pool.forced))
+            survive = self._score(pool.F, m_low, pool.U) >= floor
+            self._loose = int(torch.count_nonzero(survive))
             if self._loose <= self.hold_at * self.budget or assume:
                 break
         self._parts = [pool.take(survive)]
@@ -807,7 +744,7 @@ class StreamingTopK:
             )
         self._flush_small()
         assert self._m_run is not None  # k >= 1 implies a non-empty tensor
-        pool = _Pool.cat(self._parts)  # at most ~5B + |keep|: one selection over it
+        pool = _Pool.cat(self._parts)  # at most ~5B: one selection over it
         score = self._score(pool.F, self._m_run, pool.U)
         # ties in (tensor, index) order, as dense; kth: the k-th largest score
         chosen, kth = _top_m(score, self.k, pool.pos)
