@@ -164,7 +164,8 @@ def _free_port() -> int:
 
 
 class Server:
-    """``python -m wpeft.app.serve ROOT`` with its CPU and RSS sampled every 0.5 s."""
+    """``python -m wpeft.app.serve ROOT`` with its CPU and RSS (its forked processes included)
+    sampled every 0.5 s."""
 
     def __init__(self, root: Path, log: Path, extra: list[str]) -> None:
         self.port = _free_port()
@@ -184,19 +185,39 @@ class Server:
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
 
+    def _processes(self) -> list[psutil.Process]:
+        """The server and the processes it forked (``--num-procs``)."""
+        return [self.ps, *self.ps.children(recursive=True)]
+
+    def _rss(self) -> int:
+        total = 0
+        for p in self._processes():
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
             try:
-                self.rss_peak = max(self.rss_peak, self.ps.memory_info().rss)
+                self.rss_peak = max(self.rss_peak, self._rss())
             except psutil.Error:
                 return
 
     def cpu_seconds(self) -> float:
-        t = self.ps.cpu_times()
-        return t.user + t.system
+        """CPU seconds of the server and of the processes it forked, so far."""
+        total = 0.0
+        for p in self._processes():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
 
     def rss_mb(self) -> float:
-        return self.ps.memory_info().rss / 1e6
+        return self._rss() / 1e6
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         wait_for_server(f"{self.base}/workbench", self.proc, self.log, timeout)

@@ -256,3 +256,58 @@ def test_a_write_to_a_closed_tab_is_not_logged_as_a_traceback() -> None:
         assert passed_on == [other]
     finally:
         loop.close()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_num_procs_forks_servers_that_serve_and_exit_with_their_parent(catalog) -> None:
+    """``--num-procs 2``: two forked processes share the port and serve the page; terminating
+    the server leaves none of them behind. A negative count is refused before anything
+    starts."""
+    pytest.importorskip("panel")
+    from test_workbench_browser import _free_port
+
+    bad = subprocess.run([sys.executable, "-m", "wpeft.app.serve", str(catalog.root),
+                          "--num-procs", "-1"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert bad.returncode == 2 and "--num-procs -1 must be >= 0" in bad.stderr
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wpeft.app.serve", str(catalog.root), "--port", str(port),
+         "--num-procs", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        pages = []
+        while len(pages) < 3:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/workbench",
+                                            timeout=60) as r:
+                    pages.append(r.read().decode())
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"no server: {proc.stdout.read()}") from None
+                time.sleep(0.3)
+        assert all("wpeft workbench" in page for page in pages)
+        children = _children(proc.pid)
+        assert len(children) == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(c) for c in children)
+    assert "Traceback" not in proc.stdout.read()
