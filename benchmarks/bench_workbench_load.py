@@ -186,7 +186,7 @@ class Server:
         self._sampler.start()
 
     def _processes(self) -> list[psutil.Process]:
-        """The server and the processes it forked (``--num-procs``)."""
+        """The server and any processes it forked."""
         return [self.ps, *self.ps.children(recursive=True)]
 
     def _rss(self) -> int:
