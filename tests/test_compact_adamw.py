@@ -89,26 +89,40 @@ def test_remap_entries_rejects_misaligned_values() -> None:
 # --- agreement with MaskedAdamW -----------------------------------------------------------------
 
 
+class _FixedPair:
+    """CompactAdamW and the reference MaskedAdamW on equal parameters (shapes (7, 5), (40,),
+    (3, 4, 6)) with one fixed selection of 9, 13 and 20 entries."""
+
+    def __init__(self) -> None:
+        shapes = [(7, 5), (40,), (3, 4, 6)]
+        self.ours, self.ref = _params(shapes), _params(shapes)
+        self.idx = [_random_indices(p.numel(), k, i)
+                    for i, (p, k) in enumerate(zip(self.ours, (9, 13, 20)))]
+        self.grads: dict[torch.Tensor, CompactGrad] = {}
+        self.opt = CompactAdamW(self.ours, lr=LR, weight_decay=WD, grad_of=self.grads.get)
+        masks = {r: _mask(r.shape, i) for r, i in zip(self.ref, self.idx)}
+        self.ref_opt = MaskedAdamW(self.ref, lr=LR, weight_decay=WD, mask_of=masks.get)
+
+    def step(self, n: int) -> None:
+        """Both optimisers one step on the same gradients (step ``n``'s)."""
+        gs = _grads(self.ours, n)
+        self.grads.clear()
+        self.grads.update({p: _compact(g, i) for p, g, i in zip(self.ours, gs, self.idx)})
+        for r, g in zip(self.ref, gs):
+            r.grad = g.clone()
+        self.opt.step()
+        self.ref_opt.step()
+
+
 def test_fixed_selection_matches_masked_adamw_bitwise() -> None:
     """Same indices every step: bitwise equal to MaskedAdamW's sparse path. Both run the same
     float32 element-wise ops in the same order on same-length gathered tensors, so torch.equal
     (not just allclose) holds on CPU."""
-    shapes = [(7, 5), (40,), (3, 4, 6)]
-    ours, ref = _params(shapes), _params(shapes)
+    pair = _FixedPair()
+    ours, ref, idx, opt = pair.ours, pair.ref, pair.idx, pair.opt
     start = [p.detach().clone() for p in ours]
-    idx = [_random_indices(p.numel(), k, i) for i, (p, k) in enumerate(zip(ours, (9, 13, 20)))]
-    grads: dict[torch.Tensor, CompactGrad] = {}
-    opt = CompactAdamW(ours, lr=LR, weight_decay=WD, grad_of=lambda p: grads.get(p))
-    masks = {r: _mask(r.shape, i) for r, i in zip(ref, idx)}
-    ref_opt = MaskedAdamW(ref, lr=LR, weight_decay=WD, mask_of=masks.get)
     for step in range(6):
-        gs = _grads(ours, step)
-        grads.clear()
-        grads.update({p: _compact(g, i) for p, g, i in zip(ours, gs, idx)})
-        for r, g in zip(ref, gs):
-            r.grad = g.clone()
-        opt.step()
-        ref_opt.step()
+        pair.step(step)
     for p, r, p0, i in zip(ours, ref, start, idx):
         assert torch.equal(p, r)
         outside = ~_mask(p.shape, i)
@@ -407,22 +421,8 @@ def test_state_is_one_flat_tensor_per_term_and_is_rebuilt_when_replaced() -> Non
     (each term of the update is one op); a changed selection or a loaded state dict replaces
     the slices, and the next step makes them slices of new flat tensors, with the same updates
     as MaskedAdamW while the selection holds."""
-    shapes = [(7, 5), (40,), (3, 4, 6)]
-    ours, ref = _params(shapes), _params(shapes)
-    idx = [_random_indices(p.numel(), k, i) for i, (p, k) in enumerate(zip(ours, (9, 13, 20)))]
-    grads: dict[torch.Tensor, CompactGrad] = {}
-    opt = CompactAdamW(ours, lr=LR, weight_decay=WD, grad_of=lambda p: grads.get(p))
-    masks = {r: _mask(r.shape, i) for r, i in zip(ref, idx)}
-    ref_opt = MaskedAdamW(ref, lr=LR, weight_decay=WD, mask_of=masks.get)
-
-    def step(n: int) -> None:
-        gs = _grads(ours, n)
-        grads.clear()
-        grads.update({p: _compact(g, i) for p, g, i in zip(ours, gs, idx)})
-        for r, g in zip(ref, gs):
-            r.grad = g.clone()
-        opt.step()
-        ref_opt.step()
+    pair = _FixedPair()
+    ours, ref, opt, step = pair.ours, pair.ref, pair.opt, pair.step
 
     def one_flat() -> bool:
         return all(
