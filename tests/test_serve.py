@@ -256,4 +256,3 @@ def test_a_write_to_a_closed_tab_is_not_logged_as_a_traceback() -> None:
         assert passed_on == [other]
     finally:
         loop.close()
-
