@@ -347,12 +347,13 @@ class StreamingTopK:
         ]
         # Z guarantees >= k candidates; if it is short (never at real sizes), take every entry
         self._everything = sum(z.positions.numel() for z in self._noise) < self.k
+        self._draw_ranks: dict[int, float | None] = {}  # see _draw_at_rank
         if self._tau_score == 0.0 and self.noise == "additive" and self._draws:
             # nothing carried (the first refresh): every score in Z is at least a·U, so the
             # rank-B a·U over Z is a τ already (without it every entry would be a candidate)
-            u = torch.cat([z.values for z in self._noise])
-            if u.numel() >= self.budget:
-                self.tau = self.factor * _kth_largest(u, self.budget)
+            u_b = self._draw_at_rank(self.budget)
+            if u_b is not None:
+                self.tau = self.factor * u_b
         self._added = [False] * len(self.shapes)
         self._sq: list[torch.Tensor | None] = [None] * len(self.shapes)
         self._want_sq = square_sums
@@ -369,6 +370,15 @@ class StreamingTopK:
         self._cut_importance = 0.0  # F below which an entry outside Z misses the last key prune
         self._small: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
         self._small_entries = 0
+
+    def _draw_at_rank(self, rank: int) -> float | None:
+        """The rank-th largest draw U over this refresh's Z (read from a sample, as
+        :func:`_kth_largest`), None when Z holds fewer; made once per refresh and rank (the
+        first refresh asks at :meth:`begin` and at :meth:`finish`)."""
+        if rank not in self._draw_ranks:
+            u = torch.cat([z.values for z in self._noise])
+            self._draw_ranks[rank] = _kth_largest(u, rank) if u.numel() >= rank else None
+        return self._draw_ranks[rank]
 
     def _importance(self, g: torch.Tensor) -> torch.Tensor:
         """F of ``g`` ((n,) any float dtype) as the dense accumulator makes it: (n,) float32,
@@ -759,9 +769,9 @@ class StreamingTopK:
         tau = _kth_largest(score, rank)
         if self.noise == "additive" and self._draws:  # the pool may have lost Z entries to a
             # prune; every score in Z is at least a·U, so its rank-B a·U bounds τ from below too
-            u = torch.cat([z.values for z in self._noise])
-            if u.numel() >= rank:
-                tau = max(tau, self.factor * _kth_largest(u, rank))
+            u_r = self._draw_at_rank(rank)
+            if u_r is not None:
+                tau = max(tau, self.factor * u_r)
         importance = _kth_largest(pool.F, rank) / m
         # halved when the threshold dropped too much (not when a key prune did: a lower τ
         # would only fill the pool faster)
