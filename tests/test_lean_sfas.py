@@ -9,6 +9,7 @@ it bitwise.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -108,6 +109,31 @@ def test_gradient_square_sums_are_taken_on_recorded_steps_only(batch, tmp_path) 
     assert sel.square_sums_due is None
     step_once(method, model, batch, opt, 6, 8)  # due for a recorder, which is gone
     assert bool(torch.isnan(sel.last.square_sums).all())
+
+
+def test_refresh_time_counts_the_draws_made_at_begin(batch, monkeypatch) -> None:
+    """``refresh_seconds`` covers the whole refresh: the draws of Z at ``begin_step`` (here
+    made to take 0.2 s) as well as the scoring in the hooks and the final top-k; a step between
+    refreshes leaves it as it was."""
+    model = pretrained_like()
+    method = create_method("sfas", keep_ratio=0.003, lean=True, refresh_every=2)
+    method.apply(model)
+    opt = method.optimizer(lr=1e-2, weight_decay=0.1)
+    sel = method.selection
+    begin = sel.stream.begin
+
+    def slow_begin(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.2)
+        begin(*args, **kwargs)
+
+    monkeypatch.setattr(sel.stream, "begin", slow_begin)
+    t0 = time.perf_counter()
+    step_once(method, model, batch, opt, 0, 4)
+    whole = time.perf_counter() - t0
+    assert 0.2 <= sel.refresh_seconds <= whole
+    last = sel.refresh_seconds
+    step_once(method, model, batch, opt, 1, 4)  # no refresh
+    assert sel.refresh_seconds == last
 
 
 def test_no_backbone_gradient_outlives_its_hook_and_state_is_k_sized(batch) -> None:
