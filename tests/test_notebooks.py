@@ -135,6 +135,9 @@ def execute(ws: Workspace, stem: str):
         kernel_name="python3",
         timeout=CELL_TIMEOUT,
         resources={"metadata": {"path": str(ws.notebooks)}},
+        # The kernel flushes stdout on a timer: on a loaded machine one print can arrive as
+        # several stream outputs, which would split the lines the tests look for.
+        coalesce_streams=True,
     )
     client.execute()
     return nb
