@@ -87,7 +87,9 @@ VIEWS = {
     # every part: the heatmap, and the mask image as a bokeh figure (up to e6cb152) or an image
     "Fisher masks": f"{_has_figure('wb-fisher-heatmap')} && ({_has_figure('wb-mask-image')} "
                     f"|| {_has_image('wb-mask-image')})",
-    "Prompt attention": _has_figure("wb-prompt-map"),
+    # the map, and the variable kernel as a bokeh figure (up to 8639b58) or an image
+    "Prompt attention": f"{_has_figure('wb-prompt-map')} && ({_has_figure('wb-var-var')} "
+                        f"|| {_has_image('wb-var-var')})",
     "Skill maps": f"{_shown('.wb-skill-caption')} && {_FIGURES}.length > 0",
     "Budget vs skill": _has_figure("wb-budget-plot"),
     "Overview": f"{_DEEP}('.tabulator-row').length > 0",

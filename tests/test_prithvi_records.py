@@ -239,10 +239,14 @@ def test_workbench_lists_the_prithvi_run_and_draws_its_records(prithvi_run: Path
                                        "decoder0.2"]
     att.block.value = "encoder0.1"
     att.prompt.value = 2
-    var_var = att.var_var.object
-    assert "encoder0.1 (global" in var_var.opts.get().kwargs["title"]
-    assert var_var.kdims[0].label == "key channel"
-    assert att.var_patch.object.kdims[1].label == "channel"
+    assert "encoder0.1 (global" in att.var_var.alt_text  # pre-rendered, titled as the figure
+    assert att.var_patch.alt_text.startswith("external attention over patch positions")
+    from wpeft.viz.attention import plot_variable_attention
+    from wpeft.viz.style import figure_png
+
+    # the figure whose channel labels the test above checks
+    records = catalog.attention(entry.name)
+    assert att.var_var.object == figure_png(plot_variable_attention(records, "encoder0.1"))
     assert "prompt 2" in att.prompt_map.object.opts.get().kwargs["title"]
 
 

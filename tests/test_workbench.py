@@ -498,7 +498,8 @@ def test_workbench_views_follow_the_selection(workbench_factory) -> None:
     assert list(att.block.options) == ["encoder0.0", "decoder2.1"]
     att.block.value = "decoder2.1"
     att.prompt.value = 2
-    assert "block decoder2.1" in att.var_var.object.opts.get().kwargs["title"]
+    assert "block decoder2.1" in att.var_var.alt_text  # a pre-rendered image
+    assert att.var_patch.alt_text.startswith("external attention over patch positions")
     assert "prompt 2" in att.prompt_map.object.opts.get().kwargs["title"]
 
     wb.sel.view = "skill"
@@ -989,12 +990,12 @@ def test_a_url_view_builds_that_view_only(catalog) -> None:
 def test_fisher_images_are_the_viz_figures_rendered_once_for_all_sessions(
         workbench_factory, catalog) -> None:
     from wpeft.viz.fisher import (
-        figure_png,
         mask_image_png,
         overlap_curves_png,
         plot_mask_image,
         plot_overlap_curves,
     )
+    from wpeft.viz.style import figure_png
 
     one = workbench_factory()
     one.sel.view = "fisher"
@@ -1023,6 +1024,43 @@ def test_fisher_images_are_the_viz_figures_rendered_once_for_all_sessions(
     assert view.curves.alt_text == "mask overlap over training (qkv tensors)"
     assert view.curves.object == overlap_curves_png(ds, None, "qkv")
     assert catalog.images.misses == 4
+
+
+def test_attention_kernels_are_the_viz_figures_rendered_once_for_all_sessions(
+        workbench_factory, catalog) -> None:
+    from wpeft.viz.attention import plot_patch_attention, plot_variable_attention
+    from wpeft.viz.style import figure_png, themed_png
+
+    one = workbench_factory()
+    one.sel.view = "attention"
+    view = one.views["attention"]
+    ds = catalog.attention("downscaling/weatherpeft-4pct")
+    block = one.sel.block
+    assert block == "encoder0.0"
+    # the bytes shown are those of the wpeft.viz matplotlib figures, titled as they are
+    assert view.var_var.object == figure_png(plot_variable_attention(ds, block))
+    assert view.var_patch.object == figure_png(plot_patch_attention(ds, block))
+    assert view.var_var.alt_text == plot_variable_attention(ds, block).axes[0].get_title()
+    assert view.var_patch.alt_text == plot_patch_attention(ds, block).axes[0].get_title()
+    assert catalog.images.misses == 2
+
+    two = workbench_factory("dark")  # another session, dark: its own two images
+    two.sel.view = "attention"
+    dark = two.views["attention"]
+    assert dark.var_var.object == themed_png(lambda: plot_variable_attention(ds, block),
+                                             theme="dark")
+    assert dark.var_var.object != view.var_var.object and catalog.images.misses == 4
+    three = workbench_factory()  # a third, light again: nothing rendered
+    three.sel.view = "attention"
+    assert three.views["attention"].var_var.object is view.var_var.object
+    assert catalog.images.misses == 4
+
+    view.prompt.value = 2  # another prompt token: the kernels stay, the map follows
+    assert catalog.images.misses == 4 and "prompt 2" in view.prompt_map.object.opts.get().kwargs[
+        "title"]
+    view.block.value = "decoder2.1"  # another block: two new images
+    assert catalog.images.misses == 6
+    assert view.var_patch.object == figure_png(plot_patch_attention(ds, "decoder2.1"))
 
 
 def test_fisher_images_follow_the_page_theme(workbench_factory, catalog) -> None:

@@ -664,8 +664,11 @@ class AttentionView(View):
         _bind(self.block, self.sel, "block")
         _bind(self.prompt, self.sel, "prompt")
         _bind(self.att_step, self.sel, "att_step")
-        self.var_var = _plot_pane("wb-var-var")
-        self.var_patch = _plot_pane("wb-var-patch")
+        # the two kernels pre-rendered (cached for all sessions, as the Fisher view's images):
+        # a bokeh heatmap costs the server ~0.1 s of models per session and the browser more;
+        # the prompt map, which follows the prompt token, stays interactive
+        self.var_var = pn.pane.PNG(None, css_classes=["wb-plot", "wb-var-var"])
+        self.var_patch = pn.pane.PNG(None, css_classes=["wb-plot", "wb-var-patch"])
         self.prompt_map = _plot_pane("wb-prompt-map")
         self.content.objects = [
             pn.Row(self.block, self.att_step, self.prompt),
@@ -715,14 +718,29 @@ class AttentionView(View):
         self._draw(prompt_only=names == {"prompt"})
 
     def _draw(self, prompt_only: bool) -> None:
-        from wpeft.viz.interactive import hv_patch_attention, hv_prompt_map, hv_variable_attention
+        from wpeft.viz.attention import (
+            patch_attention_title,
+            plot_patch_attention,
+            plot_variable_attention,
+            variable_attention_title,
+        )
+        from wpeft.viz.interactive import hv_prompt_map
+        from wpeft.viz.style import themed_png
 
         entry, ds = self._data  # type: ignore[misc]
         block = self.sel.block
         step = _as_int(self.sel.att_step) if self.att_step.visible else None
         if not prompt_only:
-            self.var_var.object = hv_variable_attention(ds, block, step=step)
-            self.var_patch.object = hv_patch_attention(ds, block, step=step)
+            theme = self.wb.theme
+            for pane, plot, title, what in (
+                (self.var_var, plot_variable_attention, variable_attention_title, "var_var"),
+                (self.var_patch, plot_patch_attention, patch_attention_title, "var_patch"),
+            ):
+                png = self.cat.record_png(
+                    entry.name, "attention", (what, block, step, theme),
+                    lambda records, plot=plot: themed_png(
+                        lambda: plot(records, block, step=step), theme=theme))
+                pane.param.update(object=png, alt_text=title(ds, block, step=step))
         self.prompt_map.object = hv_prompt_map(ds, block, self.sel.prompt, earth=entry.earth,
                                                step=step)
         when = f" · record step **{step}**" if step is not None else ""

@@ -32,11 +32,13 @@ from wpeft.viz.style import SEQUENTIAL, new_figure, sequential_norm
 
 __all__ = [
     "ATTENTION_LABEL",
+    "patch_attention_title",
     "plot_patch_attention",
     "plot_prompt_map",
     "plot_prompt_spread",
     "plot_variable_attention",
     "select_block",
+    "variable_attention_title",
     "variable_axis",
 ]
 
@@ -79,6 +81,19 @@ def _where(block: Any, da: xr.DataArray) -> str:
     return f"block {block}{scope}" + (f", step {int(da['step'])}" if has_step else "")
 
 
+def variable_attention_title(attention: xr.Dataset, block: Any, *, step: int | None = None) -> str:
+    """The title of :func:`plot_variable_attention` (also the alt text of its image)."""
+    da = select_block(attention, "external_var_var", block, step)
+    return f"external attention between {variable_axis(attention)}s, {_where(block, da)}"
+
+
+def patch_attention_title(attention: xr.Dataset, block: Any, *, step: int | None = None) -> str:
+    """The title of :func:`plot_patch_attention` with ``variable=None`` (also the alt text of
+    its image)."""
+    da = select_block(attention, "external_var_patch", block, step)
+    return f"external attention over patch positions, {_where(block, da)}"
+
+
 def plot_variable_attention(
     attention: xr.Dataset, block: Any, *, step: int | None = None, annotate: bool | None = None
 ) -> Figure:
@@ -87,7 +102,6 @@ def plot_variable_attention(
     ``annotate`` writes the weights in the cells (default: when there are at most 10 variables).
     """
     da = select_block(attention, "external_var_var", block, step)
-    where = _where(block, da)
     da = da.transpose("variable_q", "variable_k")
     q = [str(v) for v in da["variable_q"].values]
     k = [str(v) for v in da["variable_k"].values]
@@ -102,7 +116,7 @@ def plot_variable_attention(
     axis = variable_axis(attention)
     ax.set_xlabel(f"key {axis}")
     ax.set_ylabel(f"query {axis}")
-    ax.set_title(f"external attention between {axis}s, {where}", fontsize="medium")
+    ax.set_title(variable_attention_title(attention, block, step=step), fontsize="medium")
     if annotate if annotate is not None else n <= 10:
         mid = (norm.vmin + norm.vmax) / 2
         for (i, j), v in np.ndenumerate(values):
@@ -146,7 +160,7 @@ def plot_patch_attention(
                       [f"t={t}" for t in range(nt)])
         ax.set_xlabel(f"patch position (t, then {nph}×{npw} row-major ph, pw)")
         ax.set_ylabel(variable_axis(attention))
-        ax.set_title(f"external attention over patch positions, {where}", fontsize="medium")
+        ax.set_title(patch_attention_title(attention, block, step=step), fontsize="medium")
         fig.colorbar(im, ax=ax, label=ATTENTION_LABEL)
         return fig
 

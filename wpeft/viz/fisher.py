@@ -19,7 +19,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from wpeft.errors import DataError
-from wpeft.viz.style import MASK, OKABE_ITO, SEQUENTIAL, new_figure, sequential_norm, themed
+from wpeft.viz.style import (
+    MASK,
+    OKABE_ITO,
+    PNG_DPI,
+    SEQUENTIAL,
+    new_figure,
+    sequential_norm,
+    themed_png,
+)
 
 __all__ = [
     "MASK_VARIABLES",
@@ -286,26 +294,11 @@ def plot_overlap_curves(
     return fig
 
 
-#: Resolution of the pre-rendered images of :func:`figure_png` (the workbench's mask image).
-PNG_DPI = 80
-
-
-def figure_png(fig: Figure, *, dpi: int = PNG_DPI) -> bytes:
-    """``fig`` as PNG bytes (``dpi`` dots per inch, no timestamp: the same figure gives the same
-    bytes), for apps that show a pre-rendered image instead of an interactive plot."""
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
-    return buf.getvalue()
-
-
 def mask_image_png(fisher: xr.Dataset, matrix: str, step: int | None = None, *,
                    dpi: int = PNG_DPI, theme: str = "light") -> bytes:
-    """:func:`plot_mask_image` as PNG bytes (see :func:`figure_png`) for a page ``theme``
-    (:func:`~wpeft.viz.style.themed`)."""
-    with themed(theme):
-        return figure_png(plot_mask_image(fisher, matrix, step), dpi=dpi)
+    """:func:`plot_mask_image` as PNG bytes for a page ``theme``
+    (:func:`~wpeft.viz.style.themed_png`)."""
+    return themed_png(lambda: plot_mask_image(fisher, matrix, step), theme=theme, dpi=dpi)
 
 
 def mask_image_title(matrix: str, step: int) -> str:
@@ -321,7 +314,6 @@ def overlap_curves_title(tensor: str | None = None) -> str:
 def overlap_curves_png(fisher: xr.Dataset, blocks: Sequence[str] | None = None,
                        tensor: str | None = None, *, dpi: int = PNG_DPI,
                        theme: str = "light") -> bytes:
-    """:func:`plot_overlap_curves` as PNG bytes (see :func:`figure_png`) for a page ``theme``
-    (:func:`~wpeft.viz.style.themed`)."""
-    with themed(theme):
-        return figure_png(plot_overlap_curves(fisher, blocks, tensor), dpi=dpi)
+    """:func:`plot_overlap_curves` as PNG bytes for a page ``theme``
+    (:func:`~wpeft.viz.style.themed_png`)."""
+    return themed_png(lambda: plot_overlap_curves(fisher, blocks, tensor), theme=theme, dpi=dpi)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,12 @@ __all__ = [
     "MASK",
     "METHOD_COLORS",
     "OKABE_ITO",
+    "PNG_DPI",
     "SEQUENTIAL",
     "colorbar_label",
     "describe",
     "diverging_norm",
+    "figure_png",
     "long_name",
     "method_style",
     "new_figure",
@@ -43,6 +45,7 @@ __all__ = [
     "strip_metric",
     "symmetric_limits",
     "themed",
+    "themed_png",
     "units_of",
 ]
 
@@ -242,6 +245,27 @@ def themed(theme: str) -> Iterator[None]:
         raise DataError(f"Unknown theme {theme!r}: use one of {sorted(THEME_STYLES)}.")
     with matplotlib.style.context(THEME_STYLES[theme]):
         yield
+
+
+#: Resolution of the pre-rendered images of :func:`figure_png` (the workbench's images).
+PNG_DPI = 80
+
+
+def figure_png(fig: Figure, *, dpi: int = PNG_DPI) -> bytes:
+    """``fig`` as PNG bytes (``dpi`` dots per inch, no timestamp: the same figure gives the same
+    bytes), for apps that show a pre-rendered image instead of an interactive plot."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def themed_png(draw: Callable[[], Figure], *, theme: str = "light", dpi: int = PNG_DPI) -> bytes:
+    """The figure ``draw()`` makes, drawn and saved in a page ``theme`` (:func:`themed`), as PNG
+    bytes (:func:`figure_png`)."""
+    with themed(theme):
+        return figure_png(draw(), dpi=dpi)
 
 
 _FORMATS = {".png", ".pdf", ".svg"}
