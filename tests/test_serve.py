@@ -256,3 +256,116 @@ def test_a_write_to_a_closed_tab_is_not_logged_as_a_traceback() -> None:
         assert passed_on == [other]
     finally:
         loop.close()
+
+
+def _stylesheets_of_a_websocket_session(base: str) -> list[str]:
+    """The stylesheet URLs of every model of a session that the server builds from its websocket
+    alone (a new session id, no ``GET`` of the page before it): what a forked server process
+    does when a page's websocket reaches it rather than the process that served the page."""
+    import panel.models
+    import panel.models.tabulator  # noqa: F401  (Panel's model types, to read the document)
+    from bokeh.client import pull_session
+    from bokeh.models import ImportedStyleSheet
+    from bokeh.models.ui import UIElement
+    from bokeh.util.token import generate_session_id
+
+    with pull_session(session_id=generate_session_id(), url=f"{base}/workbench") as session:
+        models = list(session.document.models)
+    urls = []
+    for model in models:
+        if isinstance(model, UIElement):
+            for sheet in model.stylesheets:
+                if isinstance(sheet, ImportedStyleSheet):
+                    urls.append(sheet.url)
+                elif isinstance(sheet, str) and not sheet.lstrip().startswith((":", "@", ".")):
+                    urls.append(sheet)  # a URL given as a string (CSS text starts otherwise)
+    return urls
+
+
+def _wait_for_page(base: str, proc: subprocess.Popen, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/workbench", timeout=60) as r:
+                return r.read().decode()
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no server: {proc.stdout.read()}") from None
+            time.sleep(0.3)
+
+
+def test_a_session_built_from_its_websocket_serves_panels_css_itself(catalog) -> None:
+    """Panel names its CSS by a CDN address until its page handler says otherwise; a session
+    built from the websocket alone (another server process than the page's) must still point
+    every stylesheet at this server, and each must load from it."""
+    pytest.importorskip("panel")
+    from test_workbench_browser import _free_port
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wpeft.app.serve", str(catalog.root), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_page(base, proc)
+        urls = _stylesheets_of_a_websocket_session(base)
+        assert len(urls) > 10  # Panel's own: bootstrap, buttons, markdown, tabulator, ...
+        remote = [u for u in urls if "://" in u and not u.startswith(base)]
+        assert remote == []
+        for url in sorted(set(urls)):
+            with urllib.request.urlopen(urllib.parse.urljoin(f"{base}/workbench", url),
+                                        timeout=60) as r:
+                assert r.status == 200 and r.read(), url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert "Traceback" not in proc.stdout.read()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_num_procs_forks_servers_that_serve_and_exit_with_their_parent(catalog) -> None:
+    """``--num-procs 2``: two forked processes share the port and serve the page and sessions
+    built from their websocket alone, with Panel's CSS from the server itself; terminating the
+    server leaves none of them behind. A negative count is refused before anything starts."""
+    pytest.importorskip("panel")
+    from test_workbench_browser import _free_port
+
+    bad = subprocess.run([sys.executable, "-m", "wpeft.app.serve", str(catalog.root),
+                          "--num-procs", "-1"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert bad.returncode == 2 and "--num-procs -1 must be >= 0" in bad.stderr
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wpeft.app.serve", str(catalog.root), "--port", str(port),
+         "--num-procs", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    children: list[int] = []
+    try:
+        pages = [_wait_for_page(base, proc) for _ in range(3)]
+        assert all("wpeft workbench" in page for page in pages)
+        children = _children(proc.pid)
+        assert len(children) == 2
+        for _ in range(4):  # sessions land on either process
+            urls = _stylesheets_of_a_websocket_session(base)
+            assert urls and not [u for u in urls if "://" in u and not u.startswith(base)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    deadline = time.monotonic() + 10
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(c) for c in children)
+    assert "Traceback" not in proc.stdout.read()

@@ -7,9 +7,17 @@ authentication needs one, and warns when the server is reachable from other host
 login. Every session gets its own widgets (:func:`wpeft.app.workbench.build_workbench` runs per
 session); the data are shared through the process-wide cache of :mod:`wpeft.app.catalog`.
 
+``--num-procs N`` forks N server processes that share the port (Bokeh's own option): a session
+stays on the process its websocket reached, so N cores build and update pages side by side
+(the server is one Python thread per process; ten sessions switching views at once keep one
+busy). Each process has its own caches and login counts; a forked process exits when the
+process that started it does. A page's websocket may reach another process than the one that
+served the page: that process builds the session again from its token (the first build is
+dropped unused), with Panel's CSS still served locally (``build_workbench`` sees to it).
+
 ``python -m wpeft.app.serve RUNS_DIR --port 5006`` runs the same :func:`main` as
 ``wpeft serve``. ``panel serve apps/workbench.py --args RUNS_DIR`` serves the same page with
-Panel's own options (OAuth providers, ``--prefix``...).
+Panel's own options (OAuth providers, ``--num-procs``, ``--prefix``...).
 """
 
 from __future__ import annotations
@@ -82,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and the longest wait after them (default 60)")
     parser.add_argument("--show", action=argparse.BooleanOptionalAction, default=False,
                         help="open the page in a browser on start (default: --no-show)")
+    parser.add_argument("--num-procs", type=int, default=1,
+                        help="server processes sharing the port (default 1; 0: one per CPU "
+                             "core). Each keeps its own sessions, caches and login counts")
 
 
 def _is_loopback(address: str) -> bool:
@@ -297,6 +308,19 @@ def _quiet_closed_tabs(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(handler)
 
 
+def _exit_with_parent(interval: float = 0.5) -> None:
+    """In a forked server process: exit as soon as the process that forked it is gone (a
+    terminated ``wpeft serve --num-procs N`` leaves no server behind)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="wpeft-serve-parent-watch", daemon=True).start()
+
+
 def main(args: argparse.Namespace) -> int:
     """Serve the workbench until interrupted. Returns an exit code (2: bad arguments)."""
     from wpeft.app.catalog import RunsDirError, catalog_for, check_runs_dir
@@ -319,6 +343,10 @@ def main(args: argparse.Namespace) -> int:
             return 2
     if args.poll_seconds < 0.2:
         print("wpeft serve: --poll-seconds must be at least 0.2.", file=sys.stderr)
+        return 2
+    if args.num_procs < 0:
+        print(f"wpeft serve: --num-procs {args.num_procs} must be >= 0 (0: one process per "
+              "CPU core).", file=sys.stderr)
         return 2
     try:
         limiter = LoginLimiter(args.login_attempts, args.login_window)
@@ -350,8 +378,13 @@ def main(args: argparse.Namespace) -> int:
     catalog_for(root).table()  # and read the runs table once for everyone
 
     poll_ms = int(1000 * args.poll_seconds)
+    quieted: list[asyncio.AbstractEventLoop] = []
 
     def app() -> object:  # a plain function: Panel calls it once per session
+        loop = asyncio.get_event_loop()  # the serving process's (after a fork, its own)
+        if loop not in quieted:
+            _quiet_closed_tabs(loop)
+            quieted.append(loop)
         return build_workbench(root, poll_ms=poll_ms)
 
     auth: dict[str, Any] = {
@@ -367,15 +400,17 @@ def main(args: argparse.Namespace) -> int:
     if args.port:
         print(f"wpeft serve: the workbench of {root.name!r} is at "
               f"http://{args.address}:{args.port}/workbench", flush=True)
-    loop = asyncio.new_event_loop()  # the loop pn.serve runs on (tornado's IOLoop.current())
-    asyncio.set_event_loop(loop)
-    _quiet_closed_tabs(loop)
+    if args.num_procs == 1:
+        asyncio.set_event_loop(asyncio.new_event_loop())  # tornado's IOLoop.current()
+    else:  # each forked process makes its own loop, and must not outlive this one
+        os.register_at_fork(after_in_child=_exit_with_parent)
     pn.serve(
         {"workbench": app},
         port=args.port,
         address=args.address,
         websocket_origin=_origins(args, args.port),
         show=args.show,
+        num_procs=args.num_procs,
         title="wpeft workbench",
         verbose=True,
         **{k: v for k, v in auth.items() if v},

@@ -1436,7 +1436,27 @@ def build_workbench(
         RunsDirError: ``runs_dir`` is missing or not a directory.
     """
     pn.extension("tabulator", notifications=False)
-    return Workbench(catalog_for(runs_dir), poll_ms=poll_ms, sync_url=sync_url).template()
+    page = Workbench(catalog_for(runs_dir), poll_ms=poll_ms, sync_url=sync_url).template()
+    _serve_panel_css_locally()
+    return page
+
+
+def _serve_panel_css_locally() -> None:
+    """Point the session's Panel stylesheets at the server's own ``static/`` (as Panel's page
+    handler does), also for a session built from its websocket.
+
+    Panel's components name their CSS by a CDN address until the document's ``dist_url`` says
+    otherwise, and only the handler of ``GET /workbench`` sets it. A session whose websocket
+    reaches a server process that did not serve its page (``wpeft serve --num-procs N``: the
+    forked processes share the port) is built from its token alone and would fetch Panel's CSS
+    from the CDN, which an offline team cannot reach. Called after the page is made: creating
+    ``pn.state.location`` rewrites a ``dist_url`` set before it.
+    """
+    from panel.io.resources import LOCAL_DIST
+
+    doc = pn.state.curdoc
+    if doc is not None and doc.session_context is not None:
+        doc.template_variables.setdefault("dist_url", LOCAL_DIST)
 
 
 def _watch_runs(wb: Workbench, doc: Any, interval: float) -> None:
