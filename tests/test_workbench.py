@@ -1127,6 +1127,48 @@ def test_overview_table_pages_and_fixed_widths(workbench_factory, runs_root) -> 
     assert column_widths(df) == {"run": 320, "x": 60, "long_column_title": 160}
 
 
+def test_overview_shows_the_headline_scores_and_the_columns_asked_for(
+        workbench_factory, runs_root) -> None:
+    """By default the runs table shows the scores of the tasks' headline variables (downscaling:
+    T2m, U10, V10, Z500, T850), not every score; the column chooser (mirrored in the URL's
+    ``columns``) adds others; the download keeps every score."""
+    from wpeft.app.workbench import headline_scores
+
+    path = runs_root / "downscaling/weatherpeft-4pct" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["scores"].update({"rmse/temperature_500": 3.5, "rmse_bilinear/geopotential_250": 9.0})
+    path.write_text(json.dumps(summary))
+    wb = workbench_factory()
+    overview = wb.views["overview"]
+    scores = ["rmse/2m_temperature", "rmse/temperature_850", "rmse/temperature_500",
+              "rmse_bilinear/geopotential_250"]
+    assert sorted(overview.columns.options) == sorted(scores)
+    assert overview.columns.value == ["rmse/2m_temperature", "rmse/temperature_850"]
+    shown = list(overview.table.value.columns)
+    assert "rmse/temperature_500" not in shown and "rmse_bilinear/geopotential_250" not in shown
+    assert shown[-2:] == ["rmse/2m_temperature", "rmse/temperature_850"]
+    assert set(overview.table.widths) == set(shown)
+    assert set(scores) <= set(overview.frame().columns)  # the download: every score
+
+    overview.columns.value = ["rmse/temperature_500", "rmse/2m_temperature"]  # the user
+    assert wb.sel.columns == "rmse/temperature_500,rmse/2m_temperature"
+    table = overview.table.value.set_index("run")
+    assert table.loc["downscaling/weatherpeft-4pct", "rmse/temperature_500"] == 3.5
+    assert "rmse/temperature_850" not in table.columns
+    assert pd.isna(table.loc["downscaling/full", "rmse/temperature_500"])  # not scored there
+
+    other = workbench_factory()  # e.g. from a shared URL; an unknown name is left out
+    other.sel.columns = "rmse_bilinear/geopotential_250,nope/x"
+    assert other.views["overview"].columns.value == ["rmse_bilinear/geopotential_250"]
+    other.sel.columns = "nope/x"  # nothing known: the default again
+    assert other.views["overview"].columns.value == ["rmse/2m_temperature",
+                                                     "rmse/temperature_850"]
+    # by hand: headline variables per task (level-wise names match their base or level)
+    assert headline_scores(scores, ["downscaling"]) == scores[:2]
+    assert headline_scores(scores, ["precipitation"]) == []
+    assert headline_scores(scores, ["unknown-task"]) == scores
+
+
 def test_metrics_log_lets_go_of_the_least_recently_read_files(tmp_path: Path) -> None:
     """Over its line budget the log drops the parsed lines of the files read longest ago (the
     file just read stays, however long); a dropped file is read afresh, with the same result;

@@ -48,7 +48,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -90,6 +90,8 @@ _SIZE_COLUMNS = {
     "adapter_bytes": ("adapter_MB", 1e-6),
     "adapter_fraction": ("adapter_%", 100.0),
 }
+#: The sizes' columns as the runs table shows them (not scores).
+_SHOWN_SIZES = ("budget_%", *(column for column, _ in _SIZE_COLUMNS.values()))
 #: Choices of the budget-vs-skill x axis: label -> ``run_sizes`` key.
 _SIZE_CHOICES = {
     "per-step k": "budget_fraction",
@@ -208,6 +210,9 @@ class Selection(param.Parameterized):
     logy = param.Parameter(default=False, doc="Curves: logarithmic y axis.")
     smoothing = param.Parameter(default=0.0, doc="Curves: EMA weight in [0, 0.99] (0: raw).")
     reference = param.Parameter(default="", doc="Scorecard reference run ('' = the default).")
+    columns = param.Parameter(default="", doc="Overview: comma-separated score columns shown "
+                                              "('' = the scores of each task's headline "
+                                              "variables).")
 
 
 #: Parameters mirrored in the URL (query name = parameter name).
@@ -412,18 +417,38 @@ def column_widths(df: pd.DataFrame, *, char_px: int = 8, pad_px: int = 24,
     return out
 
 
+def headline_scores(scores: Sequence[str], tasks: Iterable[str]) -> list[str]:
+    """The score columns (``metric/variable``) whose variable is a headline variable of one of
+    the ``tasks`` (:func:`wpeft.runs.curves.task_headline`), in the given order; all of them
+    when no task is known."""
+    from wpeft.runs.curves import is_headline, task_headline
+
+    headlines = [h for h in map(task_headline, tasks) if h]
+    if not headlines:
+        return list(scores)
+    return [c for c in scores if any(is_headline(c.partition("/")[2], h) for h in headlines)]
+
+
 class OverviewView(View):
     key = "overview"
+    watches = ("columns",)
 
     def __init__(self, wb: Workbench) -> None:
         super().__init__(wb)
+        # A column is three bokeh models in every session's page (its definition, formatter and
+        # editor): the headline scores by default keep a first page light; every score is in
+        # the download
+        self.columns = pn.widgets.MultiChoice(
+            label="Score columns (default: the tasks' headline variables; all in the download)",
+            options=[], value=[], css_classes=["wb-columns"], sizing_mode="stretch_width")
+        _bind(self.columns, self.sel, "columns", join_names)
         self.table = pn.widgets.Tabulator(
             pd.DataFrame(), disabled=True, selectable=1, show_index=False, frozen_columns=["run"],
             sizing_mode="stretch_width", height=420, layout="fit_data_table",
             pagination="local", page_size=OVERVIEW_PAGE_SIZE, css_classes=["wb-runs-table"],
         )
         self.table.param.watch(self._row_selected, "selection")
-        self.content.objects = [self.table]
+        self.content.objects = [self.columns, self.table]
         self.content.append(self.downloads(None, self.frame, lambda: f"runs-{self.cat.root.name}"))
 
     def frame(self):
@@ -449,9 +474,14 @@ class OverviewView(View):
         return df[first + [c for c in df.columns if c not in first]]
 
     def draw(self) -> None:
-        df = self.frame()
-        if df.empty:
+        full = self.frame()
+        if full.empty:
             raise RunNameError("No run is selected.", "", "empty")  # shown as "no runs yet"
+        scores = [c for c in full.columns if c not in _RUN_COLUMNS and c not in _SHOWN_SIZES]
+        asked = [c for c in split_names(self.sel.columns) if c in scores]
+        chosen = asked or headline_scores(scores, full["task"].dropna().unique()) or scores
+        _set(self.columns, options=scores, value=chosen)
+        df = full[[c for c in full.columns if c not in scores or c in chosen]]
         if not df.equals(self.table.value):
             # column widths given, so the browser does not measure every cell to fit them
             self.table.param.update(value=df, widths=column_widths(df))
