@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from wpeft.cli import main
+from wpeft.data.headline import GLOBAL_HEADLINE
 from wpeft.errors import ConfigError, DataError
 from wpeft.runs.curves import curves_table, headline_val_score
-from wpeft.tasks.common import GLOBAL_HEADLINE
 from wpeft.training import compare as compare_module
 from wpeft.training.compare import (
     LR_SELECTION,

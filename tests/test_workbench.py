@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -1167,6 +1169,27 @@ def test_overview_shows_the_headline_scores_and_the_columns_asked_for(
     assert headline_scores(scores, ["downscaling"]) == scores[:2]
     assert headline_scores(scores, ["precipitation"]) == []
     assert headline_scores(scores, ["unknown-task"]) == scores
+
+
+def test_the_built_in_tasks_take_their_headline_from_the_torch_free_table(runs_root) -> None:
+    """The dashboard reads BUILTIN_HEADLINES without importing the tasks: it must be what the
+    registered tasks use, and a workbench that draws its runs table must not load torch (some
+    700 MB more in every server process)."""
+    from wpeft.data.headline import BUILTIN_HEADLINES
+    from wpeft.tasks import TASKS
+    from wpeft.tasks.precipitation import TARGET
+
+    assert {name: cls.headline for name, cls in TASKS.items()} == BUILTIN_HEADLINES
+    assert all(v.startswith(f"{TARGET}_") for v in BUILTIN_HEADLINES["precipitation"])
+    code = ("import sys\n"
+            "from wpeft.app.catalog import catalog_for\n"
+            "from wpeft.app.workbench import Workbench\n"
+            f"wb = Workbench(catalog_for({str(runs_root)!r}), poll_ms=0, sync_url=False)\n"
+            "assert wb.views['overview'].columns.value, 'no score columns drawn'\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_metrics_log_lets_go_of_the_least_recently_read_files(tmp_path: Path) -> None:

@@ -419,11 +419,13 @@ def column_widths(df: pd.DataFrame, *, char_px: int = 8, pad_px: int = 24,
 
 def headline_scores(scores: Sequence[str], tasks: Iterable[str]) -> list[str]:
     """The score columns (``metric/variable``) whose variable is a headline variable of one of
-    the ``tasks`` (:func:`wpeft.runs.curves.task_headline`), in the given order; all of them
-    when no task is known."""
-    from wpeft.runs.curves import is_headline, task_headline
+    the built-in ``tasks`` (:data:`wpeft.data.headline.BUILTIN_HEADLINES`: read without importing
+    the tasks, which would load torch into the server), in the given order; all of them when no
+    such task is among them."""
+    from wpeft.data.headline import BUILTIN_HEADLINES
+    from wpeft.runs.curves import is_headline
 
-    headlines = [h for h in map(task_headline, tasks) if h]
+    headlines = [BUILTIN_HEADLINES[t] for t in tasks if t in BUILTIN_HEADLINES]
     if not headlines:
         return list(scores)
     return [c for c in scores if any(is_headline(c.partition("/")[2], h) for h in headlines)]

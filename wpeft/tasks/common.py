@@ -33,7 +33,6 @@ from wpeft.tasks.base import Split, TaskConfig
 
 __all__ = [
     "ATMOS_VARS",
-    "GLOBAL_HEADLINE",
     "SIX_HOURS",
     "SPLITS",
     "STATIC_VARS",
@@ -71,14 +70,6 @@ ATMOS_VARS: tuple[str, ...] = ("z", "u", "v", "t", "q")
 STATIC_VARS: tuple[str, ...] = ("lsm", "z", "slt")
 #: The world's output interval and the downscaling lag.
 SIX_HOURS = np.timedelta64(6, "h")
-#: The paper's headline variables for global tasks (T2m, U10, V10, T850, Z500), WB2 names.
-GLOBAL_HEADLINE: tuple[str, ...] = (
-    "2m_temperature",
-    "10m_u_component_of_wind",
-    "10m_v_component_of_wind",
-    "temperature_850",
-    "geopotential_500",
-)
 
 
 # --------------------------------------------------------------------------------------------

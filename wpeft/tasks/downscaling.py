@@ -86,6 +86,7 @@ from torch import nn
 from wpeft.backbones.aurora_adapter import WpeftAurora, norm_key
 from wpeft.data.batch import Fields, wb2_name
 from wpeft.data.era5 import check_finite
+from wpeft.data.headline import BUILTIN_HEADLINES
 from wpeft.data.regrid import bilinear_plan, cell_area_weights, upsample_bilinear
 from wpeft.data.schema import VARIABLES
 from wpeft.data.source import DataSource, open_source, open_store
@@ -95,7 +96,6 @@ from wpeft.metrics import rmse
 from wpeft.tasks.base import Split, Task, TaskBatch, TaskConfig, register_task
 from wpeft.tasks.common import (
     ATMOS_VARS,
-    GLOBAL_HEADLINE,
     SIX_HOURS,
     SPLITS,
     STATIC_VARS,
@@ -274,7 +274,7 @@ class Downscaling(Task):
 
     name: ClassVar[str] = "downscaling"
     Config: ClassVar[type[TaskConfig]] = DownscalingConfig
-    headline: ClassVar[tuple[str, ...]] = GLOBAL_HEADLINE
+    headline: ClassVar[tuple[str, ...]] = BUILTIN_HEADLINES["downscaling"]
     num_prompts: ClassVar[int] = 30  # TADP prompt tokens (the paper's P for this task)
     config: DownscalingConfig
 

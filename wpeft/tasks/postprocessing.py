@@ -83,6 +83,7 @@ from torch import nn
 from wpeft.backbones.aurora_adapter import WpeftAurora, norm_key
 from wpeft.data.batch import Fields, load_t, wb2_name
 from wpeft.data.era5 import check_finite
+from wpeft.data.headline import BUILTIN_HEADLINES
 from wpeft.data.schema import VARIABLES
 from wpeft.data.source import DataSource, open_source, open_store, select_region
 from wpeft.data.stats import compute_stats
@@ -92,7 +93,6 @@ from wpeft.metrics import crps_gaussian, rmse
 from wpeft.tasks.base import Split, Task, TaskBatch, TaskConfig, register_task
 from wpeft.tasks.common import (
     ATMOS_VARS,
-    GLOBAL_HEADLINE,
     SPLITS,
     STATIC_VARS,
     SURF_VARS,
@@ -258,7 +258,7 @@ class Postprocessing(Task):
 
     name: ClassVar[str] = "postprocessing"
     Config: ClassVar[type[TaskConfig]] = PostprocessingConfig
-    headline: ClassVar[tuple[str, ...]] = GLOBAL_HEADLINE
+    headline: ClassVar[tuple[str, ...]] = BUILTIN_HEADLINES["postprocessing"]
     num_prompts: ClassVar[int] = 5  # TADP prompt tokens (the paper's P for this task)
     config: PostprocessingConfig
 

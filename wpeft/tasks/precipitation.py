@@ -100,6 +100,7 @@ from torch import nn
 from wpeft.backbones.aurora_adapter import WpeftAurora, norm_key
 from wpeft.data.batch import Fields, LazyVariable
 from wpeft.data.era5 import check_finite
+from wpeft.data.headline import BUILTIN_HEADLINES
 from wpeft.data.schema import regular_step, spec
 from wpeft.data.source import DataSource, open_source, open_store
 from wpeft.data.stats import compute_stats
@@ -292,7 +293,7 @@ class Precipitation(Task):
 
     name: ClassVar[str] = "precipitation"
     Config: ClassVar[type[TaskConfig]] = PrecipitationConfig
-    headline: ClassVar[tuple[str, ...]] = tuple(f"{TARGET}_{h}h" for h in (12, 24, 36))
+    headline: ClassVar[tuple[str, ...]] = BUILTIN_HEADLINES["precipitation"]
     num_prompts: ClassVar[int] = 20  # TADP prompt tokens (the paper's P for this task)
     config: PrecipitationConfig
 
