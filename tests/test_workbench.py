@@ -1171,6 +1171,35 @@ def test_overview_shows_the_headline_scores_and_the_columns_asked_for(
     assert headline_scores(scores, ["unknown-task"]) == scores
 
 
+def test_warm_up_reads_what_a_new_session_opens_once_for_all(catalog, runs_root,
+                                                              caplog) -> None:
+    """``wpeft serve`` warms the catalog at start: the runs table and the default run's Fisher
+    and attention records are then read from the cache by every session; a record that cannot
+    be read does not stop the server, its view reports it."""
+    from wpeft.app.workbench import Workbench
+
+    name = "downscaling/weatherpeft-4pct"
+    assert catalog.default_run() == name  # the first run with Fisher records
+    catalog.warm_up()
+    misses, hits = catalog.cache.misses, catalog.cache.hits
+    assert misses >= 3  # the table and both kinds of records were read
+    assert catalog.fisher(name) is not None and catalog.attention(name) is not None
+    assert catalog.cache.misses == misses and catalog.cache.hits == hits + 2
+    wb = Workbench(catalog, poll_ms=0, sync_url=False)
+    assert wb.sel.run == name
+
+    index = runs_root / name / "records" / "attention" / "index.json"
+    index.write_text("{not json")
+    catalog.cache.clear()
+    with caplog.at_level("INFO", logger="wpeft.app.catalog"):
+        catalog.warm_up()  # no exception
+    assert "warm-up" in caplog.text and "attention" in caplog.text
+    assert catalog.fisher(name) is not None and catalog.cache.hits >= 1
+    wb = Workbench(catalog, poll_ms=0, sync_url=False)
+    wb.sel.view = "attention"
+    assert wb.views["attention"].message.visible  # the view names the problem
+
+
 def test_the_built_in_tasks_take_their_headline_from_the_torch_free_table(runs_root) -> None:
     """The dashboard reads BUILTIN_HEADLINES without importing the tasks: it must be what the
     registered tasks use, and a workbench that draws its runs table must not load torch (some

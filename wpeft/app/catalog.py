@@ -352,6 +352,27 @@ class Catalog:
     def names(self) -> list[str]:
         return [e.name for e in self.runs()]
 
+    def default_run(self) -> str:
+        """The run a new session opens: the first run with Fisher records, else the first run
+        ('' when there is none)."""
+        runs = self.runs()
+        best = next((e for e in runs if e.has_fisher), runs[0] if runs else None)
+        return best.name if best else ""
+
+    def warm_up(self) -> None:
+        """Read once, for every session to come, what a new session shows first: the runs
+        table and the default run's Fisher and attention records (a record that cannot be
+        read is left for its view to report)."""
+        self.table()
+        name = self.default_run()
+        if not name:
+            return
+        for read in (self.fisher, self.attention):
+            try:
+                read(name)
+            except WpeftError as e:
+                log.info("warm-up: %s", e)
+
     def resolve(self, name: Any) -> RunEntry:
         """The run called ``name``.
 

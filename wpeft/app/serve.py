@@ -375,7 +375,9 @@ def main(args: argparse.Namespace) -> int:
     from wpeft.viz.interactive import _hv
 
     _hv()  # import HoloViews and its bokeh backend now, not in the first visitor's session
-    catalog_for(root).table()  # and read the runs table once for everyone
+    # read the runs table and the default run's records once for everyone (before a fork,
+    # so every server process starts with them)
+    catalog_for(root).warm_up()
 
     poll_ms = int(1000 * args.poll_seconds)
     quieted: list[asyncio.AbstractEventLoop] = []

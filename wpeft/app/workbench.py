@@ -1245,7 +1245,7 @@ class Workbench:
             pn.state.onload(lambda: location.update_query(**self.url_query()))
         self._refresh_run_options()
         if not _text(self.sel.run):
-            default = self.default_run()
+            default = self.cat.default_run()
             if default:
                 self.sel.run = default
         self._show_run_state()
@@ -1266,12 +1266,6 @@ class Workbench:
         return out
 
     # --- runs ---------------------------------------------------------------------------------
-
-    def default_run(self) -> str:
-        """The first run with Fisher records, else the first run ('' when there is none)."""
-        runs = self.cat.runs()
-        best = next((e for e in runs if e.has_fisher), runs[0] if runs else None)
-        return best.name if best else ""
 
     def default_task(self) -> str:
         try:
