@@ -200,6 +200,49 @@ def test_changing_selection_reentry_starts_fresh() -> None:
     assert torch.equal(p.detach()[never], x0[never])
 
 
+def test_many_parameters_changing_at_once_follow_the_policy_each() -> None:
+    """A refresh moves every parameter's selection in one step (carried over together):
+    per entry the float64 compact-policy reference, whatever the others do. One parameter swaps
+    entries at an equal count (only the values tell it changed), one empties and comes back,
+    one keeps its selection, one grows."""
+    shapes = [(10,), (4, 5), (7,), (3, 3)]
+    sel = [
+        [[1, 4, 8], [1, 4, 8], [1, 5, 8], [1, 5, 8], [0, 4, 9]],
+        [[0, 19], [], [], [3, 19], [0, 3, 19]],
+        [[2, 6], [2, 6], [2, 6], [2, 6], [2, 6]],
+        [[4], [0, 4], [0, 4, 8], [0, 1, 4, 8], [4]],
+    ]
+    params = _params(shapes, seed=4)
+    x0 = [p.detach().clone().reshape(-1) for p in params]
+    gen = torch.Generator().manual_seed(9)
+    gs = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(5)]
+    current: dict[torch.Tensor, CompactGrad] = {}
+    opt = CompactAdamW(params, lr=LR, weight_decay=WD, grad_of=current.get)
+    for step in range(5):
+        current.clear()
+        current.update({
+            p: _compact(gs[step][i], torch.tensor(sel[i][step], dtype=torch.int64))
+            for i, p in enumerate(params)
+        })
+        opt.step()
+    for i, p in enumerate(params):
+        flat, state = p.detach().reshape(-1), opt.state[p]
+        assert state["indices"].tolist() == sel[i][-1]
+        for e in range(flat.numel()):
+            per_step = [float(gs[t][i].reshape(-1)[e]) if e in sel[i][t] else None
+                        for t in range(5)]
+            if all(g is None for g in per_step):
+                assert torch.equal(flat[e], x0[i][e])  # never selected: never moved
+                continue
+            x, m, v, age = _adam_reference(float(x0[i][e]), per_step)
+            assert float(flat[e]) == pytest.approx(x, rel=1e-6, abs=1e-7), (i, e)
+            if e in sel[i][-1]:
+                slot = sel[i][-1].index(e)
+                assert float(state["exp_avg"][slot]) == pytest.approx(m, rel=1e-6, abs=1e-12)
+                assert float(state["exp_avg_sq"][slot]) == pytest.approx(v, rel=1e-5, abs=1e-12)
+                assert int(state["age"][slot]) == age
+
+
 def test_dense_grad_of_compact_parameter_is_ignored() -> None:
     (p,), (q,) = _params([(6,)]), _params([(6,)])
     idx = torch.tensor([1, 4])

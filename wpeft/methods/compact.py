@@ -166,8 +166,14 @@ class CompactAdamW(torch.optim.Optimizer):
         same = self._validate(compact)
         groups: dict[tuple[int, torch.device],
                       tuple[dict[str, Any], list[tuple[torch.Tensor, CompactGrad]]]] = {}
+        moved: list[tuple[torch.Tensor, CompactGrad]] = []  # a state to carry to new indices
         for (p, cg, group), unchanged in zip(compact, same, strict=True):
-            self._align_state(p, cg, self.state[p], unchanged)
+            if self.state[p] and not unchanged:
+                moved.append((p, cg))
+            else:
+                self._align_state(p, cg, self.state[p], unchanged)
+        self._carry_states(moved)
+        for (p, cg, group) in compact:
             self._remember_checked(p, cg)
             if cg.indices.numel():
                 key = (id(group), cg.indices.device)
@@ -195,7 +201,7 @@ class CompactAdamW(torch.optim.Optimizer):
     ) -> list[bool]:
         """Check every compact gradient; return, per entry of ``compact``, whether its indices
         equal the stored ones (no remap needed). One host synchronisation for all of them."""
-        flags: list[torch.Tensor] = []  # per parameter: (4,) bool [sorted, >= 0, < numel, same]
+        unchecked: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # numel, new, old
         known: list[bool] = []  # passed before, unchanged since: no checks
         for p, cg, _ in compact:
             lp, idx, val = local_tensor(p), cg.indices, cg.values
@@ -231,19 +237,8 @@ class CompactAdamW(torch.optim.Optimizer):
                 known.append(True)  # the very indices checked last step, equal to the state's
                 continue
             known.append(False)
-            if idx.numel() == 0:
-                ok = torch.ones(3, dtype=torch.bool, device=lp.device)
-            else:
-                ok = torch.stack([(idx[1:] > idx[:-1]).all(), idx[0] >= 0, idx[-1] < lp.numel()])
-            if old is not None and old.shape == idx.shape:
-                same = (old == idx).all().reshape(1)
-            else:
-                same = torch.zeros(1, dtype=torch.bool, device=lp.device)
-            flags.append(torch.cat([ok, same]))
-        checked: list[list[bool]] = []
-        if flags:
-            device = flags[0].device
-            checked = torch.stack([f.to(device) for f in flags]).tolist()  # the one sync
+            unchecked.append((lp.numel(), idx, old))
+        checked = self._flags(unchecked)  # the one sync
         problems = ("are not strictly increasing", "has a negative index", "has an index >= numel")
         rows = iter(checked)
         same_flags = []
@@ -263,6 +258,43 @@ class CompactAdamW(torch.optim.Optimizer):
             same_flags.append(bool(row[3]))
         return same_flags
 
+    @staticmethod
+    def _flags(
+        unchecked: list[tuple[int, torch.Tensor, torch.Tensor | None]],
+    ) -> list[list[bool]]:
+        """Per ``(numel, indices, stored indices or None)``: [strictly increasing, all >= 0,
+        all < numel, equal to the stored ones], for all of them in a few operations over their
+        concatenation (a refresh changes every parameter's indices at once) and one host
+        synchronisation (on the first one's device: indices elsewhere are copied there)."""
+        if not unchecked:
+            return []
+        device = unchecked[0][1].device
+        n = len(unchecked)
+        sizes = torch.tensor([idx.numel() for _, idx, _ in unchecked], device=device)
+        owner = torch.arange(n, device=device).repeat_interleave(sizes)  # parameter of each entry
+        idx = torch.cat([i.to(device) for _, i, _ in unchecked])
+        numel = torch.tensor([m for m, _, _ in unchecked], dtype=torch.int64, device=device)
+        # entries breaking each rule, counted per parameter
+        falls = (idx[1:] <= idx[:-1]).logical_and_(owner[1:] == owner[:-1])
+        bad = [
+            owner[1:][falls],
+            owner[idx < 0],
+            owner[idx >= numel[owner]],
+        ]
+        pairs = [j for j, (_, i, old) in enumerate(unchecked)
+                 if old is not None and old.shape == i.shape]
+        same = torch.zeros(n, dtype=torch.bool, device=device)
+        if pairs:
+            new = torch.cat([unchecked[j][1].to(device) for j in pairs])
+            old = torch.cat([unchecked[j][2].to(device) for j in pairs])  # type: ignore[union-attr]
+            at = torch.tensor(pairs, device=device)
+            differ = torch.bincount(
+                at.repeat_interleave(sizes[at])[new != old], minlength=n
+            )
+            same[at] = differ[at] == 0
+        counts = torch.stack([torch.bincount(b, minlength=n) == 0 for b in bad] + [same], 1)
+        return counts.tolist()
+
     def _remember_checked(self, p: torch.Tensor, cg: CompactGrad) -> None:
         """After ``p``'s state was aligned with ``cg.indices``: the same indices next step (same
         tensor, unmodified, the state's indices unmodified) need no checks."""
@@ -275,12 +307,8 @@ class CompactAdamW(torch.optim.Optimizer):
     ) -> None:
         """Make ``p``'s compact state cover ``cg.indices`` (zeros for a new entry; see
         :func:`remap_entries`)."""
+        CompactAdamW._check_contiguous([p])
         lp = local_tensor(p)
-        if not lp.is_contiguous():
-            raise ValueError(
-                f"CompactAdamW: parameter {tuple(lp.shape)} is not contiguous; compact updates "
-                "scatter into p.view(-1). Make it contiguous (p.data = p.data.contiguous())."
-            )
         idx = cg.indices
         if not state:
             k = idx.numel()
@@ -293,6 +321,47 @@ class CompactAdamW(torch.optim.Optimizer):
                 state["indices"], idx, state["exp_avg"], state["exp_avg_sq"], state["age"]
             )
             state.update(indices=idx.clone(), exp_avg=m, exp_avg_sq=v, age=age)
+
+    def _carry_states(self, moved: list[tuple[torch.Tensor, CompactGrad]]) -> None:
+        """Carry each ``p``'s compact state to its new ``cg.indices`` as :func:`remap_entries`
+        does, for all of them at once: the parameters' index sets laid end to end (each shifted
+        by the entries of those before it) are one sorted set, so one search aligns them all.
+        Per device (a parameter's state lives with it)."""
+        by_device: dict[torch.device, list[tuple[torch.Tensor, CompactGrad]]] = {}
+        for p, cg in moved:
+            by_device.setdefault(cg.indices.device, []).append((p, cg))
+        for device, items in by_device.items():
+            self._check_contiguous([p for p, _ in items])
+            states = [self.state[p] for p, _ in items]
+            shift = torch.tensor(
+                [0] + [local_tensor(p).numel() for p, _ in items[:-1]], device=device
+            ).cumsum_(0)
+            old_sizes = torch.tensor([st["indices"].numel() for st in states], device=device)
+            new_sizes = [cg.indices.numel() for _, cg in items]
+            old = torch.cat([st["indices"] for st in states]).add_(
+                shift.repeat_interleave(old_sizes)
+            )
+            new = torch.cat([cg.indices for _, cg in items])
+            carried = remap_entries(
+                old,
+                new + shift.repeat_interleave(torch.tensor(new_sizes, device=device)),
+                *(torch.cat([st[key] for st in states]) for key in ("exp_avg", "exp_avg_sq", "age")),
+            )
+            # the states hold slices of these: their own copies of the indices, not the caller's
+            parts = zip(new.split(new_sizes), *(t.split(new_sizes) for t in carried), strict=True)
+            for st, (i, m, v, age) in zip(states, parts, strict=True):
+                st.update(indices=i, exp_avg=m, exp_avg_sq=v, age=age)
+
+    @staticmethod
+    def _check_contiguous(params: list[torch.Tensor]) -> None:
+        for p in params:
+            lp = local_tensor(p)
+            if not lp.is_contiguous():
+                raise ValueError(
+                    f"CompactAdamW: parameter {tuple(lp.shape)} is not contiguous; compact "
+                    "updates scatter into p.view(-1). Make it contiguous "
+                    "(p.data = p.data.contiguous())."
+                )
 
     def _compact_update(
         self,
