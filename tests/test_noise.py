@@ -20,7 +20,7 @@ def test_draws_are_uniform_with_the_large_ones_in_z() -> None:
     """U over 2M entries: mean 1/2, variance 1/12, flat 20-bin histogram; exactly the entries of
     Z lie at or above 1 − c and about c·n of them; the rest stay at or below the ceiling."""
     n, c = 2_000_000, 0.004
-    noise = TensorNoise.draw(seed=1, step=2, index=3, numel=n, fraction=c)
+    noise = TensorNoise.draw_all(seed=1, step=2, numels=[n], fraction=c)[0]
     u = noise.span(0, n)
     assert u.dtype == torch.float32 and u.shape == (n,)
     assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
@@ -43,16 +43,16 @@ def test_any_entry_reads_the_same_number() -> None:
     """``at`` (candidates, any order, repeats) and ``span`` (shards, chunks) give the full
     tensor's numbers; the same arguments draw the same Z, another step or tensor other ones."""
     n, c = 300_001, 0.01
-    noise = TensorNoise.draw(7, 0, 5, n, c)
+    noise = TensorNoise.draw_all(7, 0, [n], c)[0]
     full = noise.span(0, n)
     gen = torch.Generator().manual_seed(0)
     pos = torch.cat([torch.randint(n, (5000,), generator=gen), noise.positions[:50], torch.tensor([0, n - 1])])
     assert torch.equal(noise.at(pos), full[pos])
     for start, length in [(0, 1), (12_345, 99_999), (n - 7, 7), (5, 0)]:
         assert torch.equal(noise.span(start, length), full[start : start + length])
-    again = TensorNoise.draw(7, 0, 5, n, c)
+    again = TensorNoise.draw_all(7, 0, [n], c)[0]
     assert torch.equal(again.positions, noise.positions) and torch.equal(again.values, noise.values)
-    for other in (TensorNoise.draw(7, 1, 5, n, c), TensorNoise.draw(7, 0, 6, n, c)):
+    for other in (TensorNoise.draw_all(7, 1, [n], c)[0], TensorNoise.draw_all(7, 0, [n, n], c)[1]):
         assert not torch.equal(other.span(0, 1000), full[:1000])
 
 
@@ -60,7 +60,7 @@ def test_draws_of_many_tensors_read_at_once() -> None:
     """``draws_at`` over several tensors (entries interleaved, Z hits and misses, an empty
     tensor) gives each tensor's own numbers; a per-position key equals the scalar key."""
     sizes, c = [1000, 0, 37, 5000], 0.05
-    noises = [TensorNoise.draw(3, 4, i, n, c) for i, n in enumerate(sizes)]
+    noises = TensorNoise.draw_all(3, 4, sizes, c)
     gen = torch.Generator().manual_seed(1)
     which = torch.tensor([0, 2, 3] * 200)[torch.randperm(600, generator=gen)]
     pos = torch.stack([
@@ -77,6 +77,27 @@ def test_draws_of_many_tensors_read_at_once() -> None:
         draws_at(noises, torch.zeros(5, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
 
 
+def test_tensors_drawn_together_are_independent_bernoulli_processes() -> None:
+    """Z of many tensors drawn at once: each tensor's part lies in its own range, sorted, about
+    c·n strong and stepping with the tensor's own key (its hashed draws); the tensors laid end
+    to end give the Z of one tensor as long as them all (one process, cut at the bounds)."""
+    sizes, c = [50_000, 1, 0, 120_000, 7, 80_000], 0.01
+    noises = TensorNoise.draw_all(11, 3, sizes, c)
+    assert [z.numel for z in noises] == sizes
+    for i, (z, n) in enumerate(zip(noises, sizes, strict=True)):
+        assert z.key == noise_seed(11, 3, i)
+        assert z.positions.numel() == z.values.numel()
+        if z.positions.numel():
+            assert bool((z.positions[1:] > z.positions[:-1]).all())
+            assert int(z.positions[0]) >= 0 and int(z.positions[-1]) < n
+        if n >= 50_000:
+            assert abs(z.positions.numel() - c * n) < 5 * math.sqrt(c * n)
+    (whole,) = TensorNoise.draw_all(11, 3, [sum(sizes)], c)
+    shift = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+    assert torch.equal(torch.cat([z.positions + s for z, s in zip(noises, shift)]), whole.positions)
+    assert torch.equal(torch.cat([z.values for z in noises]), whole.values)
+
+
 def test_hash_is_24_bit_and_keyed() -> None:
     pos = torch.arange(100_000)
     h = hash_uniform(pos, noise_seed(0, 0, 0))
@@ -87,14 +108,16 @@ def test_hash_is_24_bit_and_keyed() -> None:
 
 
 def test_full_fraction_empty_tensor_and_bad_input() -> None:
-    every = TensorNoise.draw(0, 0, 0, 1000, 1.0)
+    every = TensorNoise.draw_all(0, 0, [1000], 1.0)[0]
     assert torch.equal(every.positions, torch.arange(1000)) and every.ceiling == 0.0
     assert torch.equal(every.span(0, 1000), every.values)
-    empty = TensorNoise.draw(0, 0, 0, 0, 0.5)
+    empty = TensorNoise.draw_all(0, 0, [0], 0.5)[0]
     assert empty.positions.numel() == 0 and empty.span(0, 0).numel() == 0
     assert exceedance_fraction(3, 600) == pytest.approx(0.01)
     assert exceedance_fraction(400, 600) == 1.0
     with pytest.raises(ValueError, match=r"k=0 must lie in \[1, total=600\]"):
         exceedance_fraction(0, 600)
     with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\]"):
-        TensorNoise.draw(0, 0, 0, 10, 0.0)
+        TensorNoise.draw_all(0, 0, [10], 0.0)
+    with pytest.raises(ValueError, match=r"numels must be >= 0"):
+        TensorNoise.draw_all(0, 0, [10, -1], 0.5)

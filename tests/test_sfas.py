@@ -236,8 +236,8 @@ def test_multiplicative_ranks_noise_scaled_fisher() -> None:
     fhat = [x.square() for x in grads]
     normalise_by_global_max_(fhat)
     c = exceedance_fraction(20, 94)
-    u = [TensorNoise.draw(5, 3, i, f.numel(), c).span(0, f.numel()).view(f.shape)
-         for i, f in enumerate(fhat)]
+    u = [noise.span(0, f.numel()).view(f.shape) for f, noise in
+         zip(fhat, TensorNoise.draw_all(5, 3, [f.numel() for f in fhat], c), strict=True)]
     expected = brute_topk([f * ui for f, ui in zip(fhat, u)], 20)
     assert flat_set(mask(3, 10)) == expected
     assert flat_set(mask(3, 1000)) == expected  # another annealing factor: same ranking

@@ -299,9 +299,9 @@ def perturb_(
       degenerate selection).
     * ``"none"``: F̃ = F̂.
 
-    U ~ Uniform[0, 1) per entry is :class:`~wpeft.methods.noise.TensorNoise` of ``(seed, step,
-    i)`` for tensor ``i``, at exceedance fraction c = min(1, 2k/N): it does not depend on
-    bucketing, sharding, the device or the global RNG. A shard (FSDP2) computes the draws of
+    U ~ Uniform[0, 1) per entry is tensor ``i``'s :class:`~wpeft.methods.noise.TensorNoise` of
+    ``draw_all(seed, step, numels)``, at exceedance fraction c = min(1, 2k/N): it does not
+    depend on bucketing, sharding, the device or the global RNG. A shard (FSDP2) computes the draws of
     its span only, the numbers an unsharded run gives those entries.
 
     Args:
@@ -319,11 +319,13 @@ def perturb_(
         raise ValueError(f"noise must be 'additive', 'multiplicative' or 'none', got {kind!r}.")
     full = [s.full_numel for s in spans] if spans is not None else [v.numel() for v in views]
     fraction = exceedance_fraction(k, sum(full))
-    for i, v in enumerate(views):
+    device = views[0].device if views else "cpu"
+    for i, (v, noise) in enumerate(
+        zip(views, TensorNoise.draw_all(seed, step, full, fraction, device), strict=True)
+    ):
         if v.numel() == 0:
             continue
         start = spans[i].start if spans is not None else 0
-        noise = TensorNoise.draw(seed, step, i, full[i], fraction, v.device)
         u = noise.span(start, v.numel()).view(v.shape)
         if kind == "additive":
             v.add_(u, alpha=factor)

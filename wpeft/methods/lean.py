@@ -116,12 +116,20 @@ class LeanSelection(EntrySelection):
         if (refresh_every is None) != (stream is None):
             raise ConfigError("A refreshing lean selection needs a stream, a fixed one none.")
         self._indices: list[torch.Tensor] | None = None
+        #: The union of every mask, bit-packed: one buffer, tensor i's bits from byte
+        #: ``_union_starts[i] // 8`` on (``_union_bits[i]`` is that view).
+        self._union_flat: torch.Tensor | None = None
         self._union_bits: list[torch.Tensor] | None = None
         self._union_count = 0
         self._mask_cache: list[torch.Tensor] | None = None
         self._union_cache: list[torch.Tensor] | None = None
         super().__init__(named_params, k, chunk_numel)
         self.shapes = [p.shape for p in self.params]
+        self._union_bytes = [(s.numel() + 7) // 8 for s in self.shapes]
+        #: Bit position of each tensor's first entry in the union buffer (a multiple of 8).
+        self._union_starts = torch.tensor(
+            [0, *self._union_bytes[:-1]], dtype=torch.int64, device=self.device
+        ).cumsum_(0).mul_(8)
         self.refresh_every = refresh_every
         self.stream = stream
         self._passive = False
@@ -196,9 +204,14 @@ class LeanSelection(EntrySelection):
 
     def _count_union(self) -> int:
         """The union's size by a popcount of its bits (after a checkpoint installs them)."""
-        if self._union_bits is None:
+        if self._union_flat is None:
             return 0
-        return int(sum(int(_POPCOUNT[b.long().cpu()].sum()) for b in self._union_bits))
+        return int(_POPCOUNT[self._union_flat.long().cpu()].sum())
+
+    def _set_union(self, flat: torch.Tensor) -> None:
+        """Hold ``flat`` ((Σ ceil(n_i / 8),) uint8) as the union, with its per-tensor views."""
+        self._union_flat = flat
+        self._union_bits = list(flat.split(self._union_bytes))
 
     def state_bytes(self) -> int:
         """Bytes of the selection's own state: the k int64 indices of the mask (counted before
@@ -208,12 +221,15 @@ class LeanSelection(EntrySelection):
     def set_indices(self, indices: list[torch.Tensor], step: int, seconds: float = 0.0) -> None:
         """Install a new mask (per tensor sorted int64 flat indices), grow the union, log, and run
         the callbacks."""
-        if self._union_bits is None:
-            self._union_bits = [
-                torch.zeros((s.numel() + 7) // 8, dtype=torch.uint8, device=self.device)
-                for s in self.shapes
-            ]
-        new = sum(set_bits_(b, i) for b, i in zip(self._union_bits, indices))
+        if self._union_flat is None:
+            self._set_union(
+                torch.zeros(sum(self._union_bytes), dtype=torch.uint8, device=self.device)
+            )
+        assert self._union_flat is not None
+        counts = torch.tensor([i.numel() for i in indices], device=self.device)
+        # every tensor's indices as bits of the one buffer: one update for all of them
+        at = torch.cat(indices).add_(self._union_starts.repeat_interleave(counts))
+        new = set_bits_(self._union_flat, at)
         self._union_count += new
         self._indices = indices
         self._mask_cache = self._union_cache = None
@@ -410,10 +426,10 @@ class LeanSelection(EntrySelection):
         self._indices = [
             m.reshape(-1).nonzero().squeeze(1) for m in self.full_layout.split(masks)
         ]
-        self._union_bits = [
+        self._set_union(torch.cat([
             pack_bits(u.reshape(-1).nonzero().squeeze(1), u.numel())
             for u in self.full_layout.split(union)
-        ]
+        ]))
         self._union_count = self._count_union()
         self._mask_cache = self._union_cache = None
 

@@ -7,9 +7,10 @@ sequential generator (``torch.rand``) would spend most of its time drawing numbe
 never matter. So the draws of a tensor are defined in two parts, at exceedance fraction c:
 
 * **Large draws.** The set Z of entries with U >= 1 − c is a Bernoulli(c) process over the flat
-  index (independent geometric gaps), drawn with its values U = (1 − c) + c·V, V ~ U[0, 1), from
-  a CPU generator seeded by :func:`noise_seed` ``(seed, step, index)``:
-  about c·n numbers, found without touching the other n entries.
+  index (independent geometric gaps), drawn with its values U = (1 − c) + c·V, V ~ U[0, 1), for
+  every tensor of a step at once (:meth:`TensorNoise.draw_all`: one process over the tensors
+  laid end to end, from a CPU generator seeded by :func:`noise_seed` ``(seed, step, -1)``):
+  about c·n numbers per tensor, found without touching the other n entries.
 * **Every other entry** j: U_j = fl32(1 − c) · h(j), with h a counter-based hash (SplitMix64's
   finaliser of the same seed and j) to 24-bit uniforms in [0, 1). Any entry's draw is computed
   from its position alone: a candidate, a shard, a chunk.
@@ -26,6 +27,7 @@ entries selected.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,38 +120,58 @@ class TensorNoise:
     ceiling: float
 
     @classmethod
-    def draw(
+    def draw_all(
         cls,
         seed: int,
         step: int,
-        index: int,
-        numel: int,
+        numels: Sequence[int],
         fraction: float,
         device: torch.device | str = "cpu",
-    ) -> TensorNoise:
-        """Draw Z and its values for tensor ``index`` (``numel`` entries) at ``step``."""
+    ) -> list[TensorNoise]:
+        """Draw Z and its values for every tensor at ``step`` at once: tensor ``i`` has
+        ``numels[i]`` entries and hashes its other draws with ``noise_seed(seed, step, i)``.
+
+        Z is one Bernoulli(c) process over the tensors' entries laid end to end (geometric gaps
+        from one CPU generator seeded by ``noise_seed(seed, step, -1)``), cut at the tensors'
+        bounds: each tensor's part is a Bernoulli(c) process of its own, independent of the
+        others', and the whole costs a few operations however many tensors there are.
+        """
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}.")
-        key = noise_seed(seed, step, index)
-        gen = torch.Generator().manual_seed(key)
-        if fraction >= 1.0 or numel == 0:
-            positions = torch.arange(numel, dtype=torch.int64)
+        sizes = [int(n) for n in numels]
+        if any(n < 0 for n in sizes):
+            raise ValueError(f"numels must be >= 0, got {sizes}.")
+        total = sum(sizes)
+        gen = torch.Generator().manual_seed(noise_seed(seed, step, -1))
+        if fraction >= 1.0 or total == 0:
+            positions = torch.arange(total, dtype=torch.int64)
         else:  # geometric gaps (trials to the first success, >= 1) until past the end
             parts, last = [], -1
-            expected = numel * fraction
-            while last < numel - 1:
+            expected = total * fraction
+            while last < total - 1:
                 size = math.ceil(expected + 4.0 * math.sqrt(expected) + 16)
                 gaps = torch.empty(size, dtype=torch.float64).geometric_(fraction, generator=gen)
                 pos = gaps.cumsum_(0).add_(last).to(torch.int64)
                 parts.append(pos)
                 last = int(pos[-1])
-                expected = max(0.0, (numel - 1 - last) * fraction)
-            positions = torch.cat(parts)
-            positions = positions[: int(torch.searchsorted(positions, numel))]
+                expected = max(0.0, (total - 1 - last) * fraction)
+            positions = parts[0] if len(parts) == 1 else torch.cat(parts)
+            positions = positions[: int(torch.searchsorted(positions, total))]
         v = torch.rand(positions.numel(), generator=gen, dtype=torch.float64)
         values = v.mul_(fraction).add_(1.0 - fraction).to(torch.float32).clamp_(max=_BELOW_ONE)
         ceiling = float(torch.tensor(1.0 - fraction, dtype=torch.float32))
-        return cls(key, numel, fraction, positions.to(device), values.to(device), ceiling)
+        # each tensor's part of Z, shifted to its own flat indices
+        starts = torch.tensor([0, *sizes], dtype=torch.int64).cumsum_(0)
+        cuts = torch.searchsorted(positions, starts).tolist()
+        counts = [b - a for a, b in itertools.pairwise(cuts)]
+        local = positions - starts[:-1].repeat_interleave(torch.tensor(counts, dtype=torch.int64))
+        local, values = local.to(device), values.to(device)
+        return [
+            cls(noise_seed(seed, step, i), n, fraction, pos, val, ceiling)
+            for i, (n, pos, val) in enumerate(
+                zip(sizes, local.split(counts), values.split(counts))
+            )
+        ]
 
     def outside_z(self, positions: torch.Tensor) -> torch.Tensor:
         """U at flat ``positions`` ``(p,)`` int64 known to lie outside Z (the hashed draws

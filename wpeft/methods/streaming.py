@@ -341,10 +341,7 @@ class StreamingTopK:
             tau = max(tau - drop, tau * self.factor / self._tau_factor, self._tau_importance)
         self.tau = max(0.0, tau)
         self._step = step
-        self._noise = [
-            TensorNoise.draw(self.seed, step, i, n, self.fraction)
-            for i, n in enumerate(self.numels)
-        ]
+        self._noise = TensorNoise.draw_all(self.seed, step, self.numels, self.fraction)
         # Z guarantees >= k candidates; if it is short (never at real sizes), take every entry
         self._everything = sum(z.positions.numel() for z in self._noise) < self.k
         self._draw_ranks: dict[int, float | None] = {}  # see _draw_at_rank
@@ -562,33 +559,49 @@ class StreamingTopK:
     def _flush_small(self) -> None:
         """Score the buffered small tensors in one batch: importance of every entry (float32
         copies: the same bits as from their own dtype), candidates by the same rule as
-        :meth:`add` (Z always, the rest if their importance reaches the threshold), their draws read for all tensors at once (:func:`draws_at`)."""
+        :meth:`add` (Z always, the rest if their importance reaches the threshold), their draws
+        read for all tensors at once (:func:`draws_at`). Only the candidates are mapped back to
+        their tensors and positions: the batch itself is read twice (F and the comparison)."""
         if not self._small:
             return
         device = self._small[0][1].device
         noises = [self._noise_on(i, device) for i, _ in self._small]
-        sizes = torch.tensor([g.numel() for _, g in self._small], device=device)
-        which = torch.arange(len(self._small), device=device).repeat_interleave(sizes)
-        start = torch.cumsum(sizes, 0) - sizes  # each tensor's first entry in the batch
-        total = int(sizes.sum())
-        local = torch.arange(total, device=device) - start[which]  # index in its own tensor
-        in_z = torch.zeros(total, dtype=torch.bool, device=device)  # Z, as a mask
-        in_z[torch.cat([n.positions + start[t] for t, n in enumerate(noises)])] = True
-        offsets = torch.tensor(self.offsets, dtype=torch.int64, device=device)
-        pos = local + offsets[torch.tensor([i for i, _ in self._small], device=device)][which]
+        sizes = [g.numel() for _, g in self._small]
         g = torch.cat([g for _, g in self._small])
+        tensors = [i for i, _ in self._small]
         self._small, self._small_entries = [], 0
+        start = torch.tensor([0, *sizes[:-1]], dtype=torch.int64, device=device).cumsum_(0)
         F = self._importance(g)
         top = F.max()
         self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
         threshold = self._threshold(noises[0].ceiling)  # one fraction c: one ceiling for all
+        in_z: torch.Tensor | None = None  # whether each candidate lies in Z
         if threshold > 0:
-            take = (F >= threshold).logical_or_(in_z)
-            if not bool(take.all()):
+            z_sizes = torch.tensor([n.positions.numel() for n in noises], device=device)
+            z_at = torch.cat([n.positions for n in noises]) + start.repeat_interleave(z_sizes)
+            in_z = torch.zeros(g.numel(), dtype=torch.bool, device=device)
+            in_z[z_at] = True
+            idx = torch.nonzero((F >= threshold).logical_or_(in_z)).squeeze(1)
+            if idx.numel() < g.numel():
                 self._dropped = max(self._dropped, threshold)
-                pos, local, which, g, F = (x[take] for x in (pos, local, which, g, F))
+            g, F, in_z = g[idx], F[idx], in_z[idx]
+        else:
+            idx = torch.arange(g.numel(), device=device)
+        which = torch.searchsorted(start, idx, right=True) - 1  # the batch's tensor of each
+        local = idx - start[which]  # index in its own tensor
+        offsets = torch.tensor([self.offsets[i] for i in tensors], dtype=torch.int64,
+                               device=device)
         U = draws_at(noises, local, which) if self._draws else None
-        self._add_part(_Pool(pos, F, U, g))
+        if in_z is not None and U is not None and self.noise == "additive":
+            # outside Z, each entry held to its own draw as in _passers (the same bound)
+            m_est = self._m_est
+            need = (self.tau - self.factor * U).mul_(_DRAW_SLACK * m_est).clamp_min_(threshold)
+            keep = torch.nonzero((F >= need).logical_or_(in_z)).squeeze(1)
+            self._dropped_at_zero = max(
+                self._dropped_at_zero, _DRAW_SLACK * m_est * self.tau, threshold
+            )
+            local, which, F, U, g = (x[keep] for x in (local, which, F, U, g))
+        self._add_part(_Pool(local + offsets[which], F, U, g))
 
     def _append(
         self,
@@ -787,11 +800,8 @@ class StreamingTopK:
         offsets = torch.tensor(self.offsets, dtype=torch.int64, device=pos.device)
         tensor_of = torch.searchsorted(offsets, pos, right=True) - 1
         counts = torch.bincount(tensor_of, minlength=len(self.shapes)).tolist()
-        indices, vals, start = [], [], 0
-        for i, c in enumerate(counts):
-            indices.append(pos[start : start + c] - self.offsets[i])
-            vals.append(values[start : start + c])
-            start += c
+        local = pos - offsets[tensor_of]  # flat index in its own tensor
+        indices, vals = list(local.split(counts)), list(values.split(counts))
         square_sums = (
             torch.stack([s for s in self._sq if s is not None])  # type: ignore[misc]
             if self._want_sq
