@@ -52,7 +52,8 @@ def method_spec(spec: str) -> tuple[str, dict]:
 
 
 def measure(
-    spec: str, backbone: str, batch_size: int, steps: int, device: str, horizon: int
+    spec: str, backbone: str, batch_size: int, steps: int, device: str, horizon: int,
+    grid: tuple[int, int] = (32, 64),
 ) -> dict:
     import torch
 
@@ -70,7 +71,7 @@ def measure(
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cfg = model.config
     batch = random_batch(
-        cfg.surf_vars, cfg.static_vars, cfg.atmos_vars, batch_size=batch_size
+        cfg.surf_vars, cfg.static_vars, cfg.atmos_vars, batch_size=batch_size, grid=grid
     ).to(device)
     name, kwargs = method_spec(spec)
     method = create_method(name, **kwargs)
@@ -187,6 +188,9 @@ def main() -> None:
     p.add_argument("--backbone", default="tiny")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--grid", type=int, nargs=2, default=[32, 64], metavar=("H", "W"),
+                   help="latitude x longitude points of the batch (the step grows with them, "
+                        "a mask refresh does not)")
     p.add_argument("--horizon", type=int, default=1000,
                    help="annealing horizon t_s the steps belong to (SFAS's noise factor "
                         "γ(1 − n_s/t_s)): the timed steps are the first of a run this long")
@@ -200,7 +204,8 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         print(json.dumps(
-            measure(args.one, args.backbone, args.batch, args.steps, args.device, args.horizon)
+            measure(args.one, args.backbone, args.batch, args.steps, args.device, args.horizon,
+                    tuple(args.grid))
         ))
         return
 
@@ -213,7 +218,7 @@ def main() -> None:
             out = subprocess.run(
                 [sys.executable, __file__, "--one", name, "--backbone", args.backbone,
                  "--batch", str(args.batch), "--steps", str(args.steps), "--device",
-                 args.device, "--horizon", str(args.horizon)],
+                 args.device, "--horizon", str(args.horizon), "--grid", *map(str, args.grid)],
                 capture_output=True, text=True, check=True,
             )
             rounds[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -222,7 +227,8 @@ def main() -> None:
     import torch
 
     header = (
-        f"Backbone `{args.backbone}`, batch {args.batch} x 32 x 64 grid (2 history steps, 3 levels), "
+        f"Backbone `{args.backbone}`, batch {args.batch} x {args.grid[0]} x {args.grid[1]} grid "
+        "(2 history steps, 3 levels), "
         f"the first {args.steps} steps of a {args.horizon}-step run (median of the last "
         f"{args.steps - 2}; median of {args.repeat} round-robin rounds), device {args.device} "
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}, "
