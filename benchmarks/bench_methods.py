@@ -14,7 +14,8 @@ is then a step between refreshes); ``child_tuning_d+lean`` also sets ``dense_upd
 Refresh time: the dense selection's ``after_backward`` (importance, noise, exact top-k); the lean
 one's draws of the large noise values Z at ``before_backward``, its scoring inside the gradient
 hooks during backward and its ``after_backward`` (``LeanSelection.refresh_seconds``), over
-refresh steps only.
+refresh steps only. The JSON rows also hold ``phases_s``: the median seconds of a step's
+forward, backward (the lean gradient hooks included), ``after_backward`` and optimiser step.
 
     python benchmarks/bench_methods.py --backbone tiny --batch 2 --steps 12 --out benchmarks/results/methods-cpu-tiny.md
 """
@@ -90,14 +91,18 @@ def measure(
     sel = method.selection
     lean = sel is not None and sel.lean
     refresh_every = getattr(method.config, "refresh_every", 1)
-    step_times, refresh_times = [], []
+    step_times, refresh_times, phases = [], [], []
     for step in range(steps):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         method.before_backward(step, horizon)
-        loss_fn().backward()
+        loss = loss_fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        tf = time.perf_counter()
+        loss.backward()
         t1 = time.perf_counter()
         method.after_backward(step, horizon)
         if device == "cuda":
@@ -106,7 +111,9 @@ def measure(
         opt.step()
         if device == "cuda":
             torch.cuda.synchronize()
-        step_times.append(time.perf_counter() - t0)
+        t3 = time.perf_counter()
+        step_times.append(t3 - t0)
+        phases.append((tf - t0, t1 - tf, t2 - t1, t3 - t2))
         if step >= 2 and step % refresh_every == 0:
             refresh_times.append(sel.refresh_seconds if lean else t2 - t1)
     warm = slice(2, None)  # first steps pay one-off allocation costs
@@ -128,6 +135,11 @@ def measure(
         "method": spec,
         "step_s": statistics.median(step_times[warm]),
         "hook_s": statistics.median(refresh_times) if refresh_times else 0.0,
+        # median seconds of each part of a step (the backward includes the lean hooks)
+        "phases_s": {
+            name: statistics.median(p[i] for p in phases[warm])
+            for i, name in enumerate(("forward", "backward", "after_backward", "optimizer"))
+        },
         "selection_state_bytes": method.state_bytes(),
         "peak_bytes": peak,
         "optimizer_state_bytes": state_bytes,
@@ -146,6 +158,9 @@ def median_row(rounds: list[dict]) -> dict:
     row = dict(rounds[0])
     for key in ("step_s", "hook_s", "peak_bytes"):
         row[key] = statistics.median(r[key] for r in rounds)
+    row["phases_s"] = {
+        name: statistics.median(r["phases_s"][name] for r in rounds) for name in row["phases_s"]
+    }
     row["rounds"] = len(rounds)
     return row
 
