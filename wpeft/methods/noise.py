@@ -227,7 +227,8 @@ def draws_at(
         out = hash_uniform(positions, key).mul_(ceiling[which])
         # Z of every tensor on one axis (tensor i shifted by the entries of those before it)
         shift = torch.tensor([0] + [n.numel for n in noises[:-1]], device=device).cumsum_(0)
-        z_pos = torch.cat([n.positions + shift[i] for i, n in enumerate(noises)])
+        z_sizes = torch.tensor([n.positions.numel() for n in noises], device=device)
+        z_pos = torch.cat([n.positions for n in noises]).add_(shift.repeat_interleave(z_sizes))
         z_val = torch.cat([n.values for n in noises])
         where = positions + shift[which]
     if z_pos.numel() and positions.numel():
