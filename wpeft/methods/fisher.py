@@ -301,8 +301,8 @@ def perturb_(
 
     U ~ Uniform[0, 1) per entry is tensor ``i``'s :class:`~wpeft.methods.noise.TensorNoise` of
     ``draw_all(seed, step, numels)``, at exceedance fraction c = min(1, 2k/N): it does not
-    depend on bucketing, sharding, the device or the global RNG. A shard (FSDP2) computes the draws of
-    its span only, the numbers an unsharded run gives those entries.
+    depend on bucketing, sharding, the device or the global RNG. A shard (FSDP2) computes the
+    draws of its span only, the numbers an unsharded run gives those entries.
 
     Args:
         views: Per-tensor score views (float32), in a fixed order.

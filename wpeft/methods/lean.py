@@ -204,9 +204,9 @@ class LeanSelection(EntrySelection):
 
     def _count_union(self) -> int:
         """The union's size by a popcount of its bits (after a checkpoint installs them)."""
-        if self._union_flat is None:
-            return 0
-        return int(_POPCOUNT[self._union_flat.long().cpu()].sum())
+        if self._union_bits is None:
+            return 0  # tensor by tensor: a byte becomes an int64 index here
+        return int(sum(int(_POPCOUNT[b.long().cpu()].sum()) for b in self._union_bits))
 
     def _set_union(self, flat: torch.Tensor) -> None:
         """Hold ``flat`` ((Σ ceil(n_i / 8),) uint8) as the union, with its per-tensor views."""
