@@ -41,6 +41,7 @@ __all__ = [
     "exceedance_fraction",
     "hash_uniform",
     "noise_seed",
+    "z_on_one_axis",
 ]
 
 #: |Z| over k: the large draws number about this many times the entries selected.
@@ -196,6 +197,17 @@ class TensorNoise:
         return out
 
 
+def z_on_one_axis(noises: Sequence[TensorNoise]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Z of several tensors laid end to end: ``(shift, positions)``, ``shift`` ``(T,)`` int64
+    the entries of the tensors before each, ``positions`` ``(Σ|Z|,)`` int64 each tensor's Z
+    shifted by its ``shift`` (strictly increasing), on the first tensor's device."""
+    device = noises[0].positions.device
+    shift = torch.tensor([0] + [n.numel for n in noises[:-1]], device=device).cumsum_(0)
+    sizes = torch.tensor([n.positions.numel() for n in noises], device=device)
+    positions = torch.cat([n.positions for n in noises]).add_(shift.repeat_interleave(sizes))
+    return shift, positions
+
+
 def draws_at(
     noises: Sequence[TensorNoise], positions: torch.Tensor, which: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -225,10 +237,7 @@ def draws_at(
         key = torch.tensor([n.key for n in noises], dtype=torch.int64, device=device)[which]
         ceiling = torch.tensor([n.ceiling for n in noises], dtype=torch.float32, device=device)
         out = hash_uniform(positions, key).mul_(ceiling[which])
-        # Z of every tensor on one axis (tensor i shifted by the entries of those before it)
-        shift = torch.tensor([0] + [n.numel for n in noises[:-1]], device=device).cumsum_(0)
-        z_sizes = torch.tensor([n.positions.numel() for n in noises], device=device)
-        z_pos = torch.cat([n.positions for n in noises]).add_(shift.repeat_interleave(z_sizes))
+        shift, z_pos = z_on_one_axis(noises)
         z_val = torch.cat([n.values for n in noises])
         where = positions + shift[which]
     if z_pos.numel() and positions.numel():

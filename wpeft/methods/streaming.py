@@ -99,6 +99,7 @@ from wpeft.methods.noise import (
     TensorNoise,
     draws_at,
     exceedance_fraction,
+    z_on_one_axis,
 )
 
 __all__ = ["StreamedSelection", "StreamingTopK"]
@@ -566,19 +567,16 @@ class StreamingTopK:
             return
         device = self._small[0][1].device
         noises = [self._noise_on(i, device) for i, _ in self._small]
-        sizes = [g.numel() for _, g in self._small]
-        g = torch.cat([g for _, g in self._small])
+        g = torch.cat([g for _, g in self._small])  # the tensors whole, end to end
         tensors = [i for i, _ in self._small]
         self._small, self._small_entries = [], 0
-        start = torch.tensor([0, *sizes[:-1]], dtype=torch.int64, device=device).cumsum_(0)
+        start, z_at = z_on_one_axis(noises)  # each tensor's first entry in g, Z's entries in g
         F = self._importance(g)
         top = F.max()
         self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
         threshold = self._threshold(noises[0].ceiling)  # one fraction c: one ceiling for all
         in_z: torch.Tensor | None = None  # whether each candidate lies in Z
         if threshold > 0:
-            z_sizes = torch.tensor([n.positions.numel() for n in noises], device=device)
-            z_at = torch.cat([n.positions for n in noises]) + start.repeat_interleave(z_sizes)
             in_z = torch.zeros(g.numel(), dtype=torch.bool, device=device)
             in_z[z_at] = True
             idx = torch.nonzero((F >= threshold).logical_or_(in_z)).squeeze(1)
