@@ -62,6 +62,7 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="tiny")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--grid", type=int, nargs=2, default=[32, 64], metavar=("H", "W"))
     p.add_argument("--method", default="sfas", choices=("sfas", "weatherpeft"))
     p.add_argument("--steps", type=int, default=20, help="timed refreshes (after 3 warm-up ones)")
     p.add_argument("--horizon", type=int, default=1000)
@@ -83,7 +84,8 @@ def main() -> None:
         for param in model.parameters():
             param.add_(0.02 * torch.randn_like(param))
     cfg = model.config
-    batch = random_batch(cfg.surf_vars, cfg.static_vars, cfg.atmos_vars, batch_size=args.batch)
+    batch = random_batch(cfg.surf_vars, cfg.static_vars, cfg.atmos_vars, batch_size=args.batch,
+                         grid=tuple(args.grid))
     method = create_method(args.method, lean=True)
     method.apply(model)
     opt = method.optimizer(lr=1e-4, weight_decay=0.01)
@@ -104,7 +106,8 @@ def main() -> None:
             refreshes.append(sel.refresh_seconds)
 
     n = args.steps
-    print(f"{args.method} lean on `{args.backbone}` (batch {args.batch}), {n} refreshes: "
+    print(f"{args.method} lean on `{args.backbone}` (batch {args.batch} x {args.grid[0]} x "
+          f"{args.grid[1]}), {n} refreshes: "
           f"median {1e3 * statistics.median(refreshes):.1f} ms, "
           f"min {1e3 * min(refreshes):.1f} ms; {sel.exact_refreshes} proven exact of "
           f"{sel.refreshes}; {len(sel.shapes)} tensors, "
