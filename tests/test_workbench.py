@@ -742,7 +742,8 @@ def test_catalog_curves_long_table_and_bad_lines(catalog: Catalog, runs_root: Pa
     train = frame[frame["split"] == "train"]
     assert train["step"].tolist() == [1, 2, 3] and train["value"].tolist() == [1.0, 0.5, 0.25]
     val = frame[frame["split"] == "val"].set_index("column")["value"]
-    assert val.to_dict() == {"loss": 0.8, "rmse/2m_temperature": 2.0}  # the last line of step 2
+    # the last line of step 2; its "loss" is the training loss, which the train line gives
+    assert val.to_dict() == {"rmse/2m_temperature": 2.0}
     problems = frame.attrs["problems"]
     assert len(problems) == 2
     assert "downscaling/weatherpeft-4pct: metrics.jsonl line 3 is not a JSON object" in problems[0]
@@ -756,6 +757,24 @@ def test_catalog_curves_long_table_and_bad_lines(catalog: Catalog, runs_root: Pa
     _write_metrics(wp, _TRAIN)
     assert len(catalog.curves(["downscaling/weatherpeft-4pct"])) == 3
     assert catalog.curves(["downscaling/weatherpeft-4pct"]).attrs["problems"] == []
+
+
+def test_the_loss_of_validation_lines_is_drawn_as_training_loss(
+    catalog: Catalog, runs_root: Path
+) -> None:
+    """A validation line's ``loss`` is the training loss of its step (the loop logs it there):
+    never a "validation loss"; a training point where no train line has that step."""
+    wp = runs_root / "downscaling/weatherpeft-4pct"
+    _write_metrics(wp, [_TRAIN[0],
+                        {"step": 1, "split": "val", "loss": 7.0, "rmse/2m_temperature": 3.0},
+                        {"step": 4, "split": "val", "loss": 0.2, "rmse/2m_temperature": 1.5}])
+    frame = catalog.curves(["downscaling/weatherpeft-4pct"])
+    assert not ((frame["split"] == "val") & (frame["column"] == "loss")).any()
+    train = frame[frame["split"] == "train"]
+    assert train["step"].tolist() == [1, 4]
+    assert train["value"].tolist() == [1.0, 0.2]  # step 1 from its train line, 4 from val's
+    val = frame[frame["split"] == "val"]
+    assert val["step"].tolist() == [1, 4] and val["value"].tolist() == [3.0, 1.5]
 
 
 def test_curves_view_smoothing_log_axis_and_warning(workbench_factory, runs_root) -> None:
@@ -772,8 +791,7 @@ def test_curves_view_smoothing_log_axis_and_warning(workbench_factory, runs_root
     assert view.content.visible  # drawn, with the warning above it
     assert view.message.visible
     assert "metrics.jsonl line 5 (the last) is cut off" in _plain(view.message.object)
-    assert list(view.curve.options.values()) == [
-        "train:loss", "val:loss", "val:rmse/2m_temperature"]
+    assert list(view.curve.options.values()) == ["train:loss", "val:rmse/2m_temperature"]
     overlay = view.plot.object
     assert isinstance(overlay, hv.Overlay) and len(overlay) == 1  # run A only by default
     assert overlay.get(0).dimension_values(1).tolist() == [1.0, 0.5, 0.25]

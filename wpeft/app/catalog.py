@@ -628,7 +628,9 @@ class Catalog:
         """The ``metrics.jsonl`` lines of runs ``names`` as one long table: columns ``run``,
         ``method``, ``split`` (``train`` / ``val``), ``step``, ``column`` (``loss``,
         ``rmse/2m_temperature``, ...) and ``value``, one row per finite number; a step logged
-        twice keeps its last line. Each run is read once per change of its ``metrics.jsonl``
+        twice keeps its last line. The ``loss`` of a validation line is the training loss of
+        its step (what the loop logs there): it is a ``train`` row, where no training line of
+        that step gives one. Each run is read once per change of its ``metrics.jsonl``
         (a training run appends: the next call rereads it). Lines that are not JSON are
         skipped and named in ``frame.attrs["problems"]`` (run, file, line number)."""
         entries = [self.resolve(n) for n in dict.fromkeys(map(str, names))]
@@ -655,12 +657,19 @@ class Catalog:
             split, step = line.get("split"), line.get("step")
             if split in ("train", "val") and _number(step):
                 by_key[(str(split), int(step))] = line
-        rows = [
-            (entry.name, entry.method, split, step, str(k), float(v))
-            for (split, step), line in sorted(by_key.items())
-            for k, v in line.items()
-            if k not in ("split", "step") and _number(v)
-        ]
+        rows = []
+        for (split, step), line in sorted(by_key.items()):
+            for k, v in line.items():
+                if k in ("split", "step") or not _number(v):
+                    continue
+                if split == "val" and k == "loss":
+                    # the loop logs the *training* loss of that step with its validation
+                    # scores (wpeft.runs.curves): a training point, unless a train line has it
+                    if ("train", step) not in by_key:
+                        rows.append((entry.name, entry.method, "train", step, "loss", float(v)))
+                    continue
+                rows.append((entry.name, entry.method, split, step, str(k), float(v)))
+        rows.sort(key=lambda r: (r[2], r[3]))  # by split, then step
         return _curves_frame(rows), problems
 
     def scorecard(self, names: Iterable[str], reference: str) -> xr.Dataset:
