@@ -136,10 +136,14 @@ def test_compare_applies_task_options_to_every_cell(tmp_path, world_yaml, capsys
     root, out = tmp_path / "root", tmp_path / "tables"
     argv = ["compare", "--root", str(root), "--methods", "bitfit", "full", "--budgets",
             "--steps", "2", "--batch-size", "2", "--quiet", "--data", str(world_yaml),
-            "--task-option", "surface_weight=0.25", "--task-option", "atmos_weight=0.5"]
+            "--task-option", "surface_weight=0.25", "--task-option", "atmos_weight=0.5",
+            "--log-every", "1"]
     assert main([*argv, "--tables", str(out)]) == 0
     cells = sorted(root.glob("downscaling/*/summary.json"))
     assert len(cells) == 2
+    for path in cells:  # --log-every reaches every run: its training-loss curve
+        lines = [json.loads(x) for x in (path.parent / "metrics.jsonl").read_text().splitlines()]
+        assert [(x["split"], x["step"]) for x in lines] == [("train", 1), ("train", 2)]
     for path in cells:
         task = json.loads(path.read_text())["task_config"]
         assert task["surface_weight"] == 0.25 and task["atmos_weight"] == 0.5
@@ -151,7 +155,7 @@ def test_compare_applies_task_options_to_every_cell(tmp_path, world_yaml, capsys
     # other settings over the same root: refused before anything runs or is written
     mtimes = [p.stat().st_mtime for p in cells]
     capsys.readouterr()
-    assert main([*argv[:-2], "--task-option", "atmos_weight=0.6"]) == 2
+    assert main([*argv[:-4], "--task-option", "atmos_weight=0.6", *argv[-2:]]) == 2
     err = capsys.readouterr().err
     assert "holds a finished run with other settings (task_options differ)" in err
     assert [p.stat().st_mtime for p in cells] == mtimes

@@ -194,6 +194,19 @@ def test_lr_search_settings_are_checked(tmp_path, capsys) -> None:
     assert "exclude each other" in capsys.readouterr().err
 
 
+def test_the_demo_runs_log_learning_curves() -> None:
+    """``wpeft demo``'s runs write training-loss and validation lines (the workbench's Curves
+    view has something to draw after the README's first command)."""
+    from wpeft.cli import demo_config
+
+    cfg = demo_config(200, 0.04)
+    assert (cfg.log_every, cfg.eval_every) == (5, 40)
+    assert {(c.log_every, c.eval_every) for c in cfg.cells()} == {(5, 40)}
+    assert {c.method for c in cfg.cells()} == {"weatherpeft", "full", "lora"}
+    short = demo_config(3, 0.04)  # a short demo still logs every step
+    assert (short.log_every, short.eval_every) == (1, 1)
+
+
 # --- the table and the figure -----------------------------------------------------------------
 
 

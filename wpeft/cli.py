@@ -8,9 +8,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wpeft.errors import ConfigError, WpeftError
 from wpeft.runs.layout import METRICS
+
+if TYPE_CHECKING:
+    from wpeft.training.compare import CompareConfig
 
 __all__ = ["main"]
 
@@ -296,6 +300,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         lr=args.lr,
         lrs=tuple(args.lrs) if args.lrs else None,
         eval_every=args.eval_every,
+        log_every=args.log_every,
         task_options={task: dict(settings) for task in args.tasks} if settings else {},
         backbone=args.backbone,
         checkpoint=args.checkpoint,
@@ -335,22 +340,33 @@ def cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_config(steps: int, budget: float) -> CompareConfig:
+    """The demo's matrix: WeatherPEFT, Full-Tuning and LoRA on downscaling, one seed, with
+    learning curves (the training loss every ~steps/40 steps, validation every ~steps/5: what
+    the workbench's Curves view draws)."""
+    from wpeft.training.compare import CompareConfig
+
+    return CompareConfig(
+        tasks=("downscaling",),
+        methods=("weatherpeft", "full", "lora"),
+        budgets=(budget,),
+        seeds=(0,),
+        steps=steps,
+        batch_size=4,
+        log_every=max(1, steps // 40),
+        eval_every=max(1, steps // 5),
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: fine-tune the pretrained tiny backbone on downscaling with WeatherPEFT,
     Full-Tuning and LoRA, and print the comparison."""
     from wpeft.runs.layout import FIELDS
-    from wpeft.training.compare import CompareConfig, collect, compare, tables
+    from wpeft.training.compare import collect, compare, tables
 
     print("wpeft demo: the pretrained tiny Aurora on the embedded synthetic world")
     cmd_backbone_info(argparse.Namespace(name="tiny", weights=None))
-    cfg = CompareConfig(
-        tasks=("downscaling",),
-        methods=("weatherpeft", "full", "lora"),
-        budgets=(args.budget,),
-        seeds=(0,),
-        steps=args.steps,
-        batch_size=4,
-    )
+    cfg = demo_config(args.steps, args.budget)
     print(f"\nFine-tuning on global downscaling (coarse 8 x 16 -> fine 32 x 64), {args.steps} steps each:")
     compare(cfg, args.out, progress=not args.quiet)
     results = collect(args.out)
@@ -532,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="evaluate the validation split every N steps in every run (learning "
                         f"curves in {METRICS}; 0: never)")
+    c.add_argument("--log-every", type=int, default=0, metavar="N",
+                   help=f"append every run's training loss every N steps to its {METRICS} "
+                        '(split "train"; 0: never)')
     _add_task_and_backbone_arguments(c, every=" of every task")
     c.add_argument("--tables", default=None,
                    help="write markdown/CSV/netCDF tables here (with the lr choice and the "

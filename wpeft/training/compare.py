@@ -69,7 +69,8 @@ class CompareConfig:
     bad setting is refused before any run starts.
 
     ``eval_every``: every run evaluates the validation split every that many steps (0: never),
-    appending to its ``metrics.jsonl``. ``lrs``: learning rates to choose from on the
+    appending to its ``metrics.jsonl``; ``log_every``: every run appends its training loss
+    every that many steps (0: never). Together they are the runs' learning curves. ``lrs``: learning rates to choose from on the
     validation split (see the module doc; exclusive with ``lr``; needs ``eval_every >= 1``;
     the loop evaluates every ``eval_every`` steps and at the last step).
     """
@@ -83,6 +84,7 @@ class CompareConfig:
     lr: float | None = None  # None: each method's default_lr (Full-Tuning 3e-4, others 1e-3)
     record_every: int = 10  # interval of the Fisher-mask records (selection methods), in steps
     eval_every: int = 0  # interval of the validation evaluations (metrics.jsonl), in steps
+    log_every: int = 0  # interval of the training-loss lines (metrics.jsonl), in steps
     lrs: Sequence[float] | None = None  # learning rates chosen from on the validation split
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     backbone: str = "tiny"
@@ -149,6 +151,7 @@ class CompareConfig:
                                     task=task, method=method, budget=budget, seed=seed,
                                     steps=self.steps, batch_size=self.batch_size, lr=lr,
                                     record_every=self.record_every, eval_every=self.eval_every,
+                                    log_every=self.log_every,
                                     task_options=dict(self.task_options.get(task, {})),
                                     backbone=self.backbone, checkpoint=self.checkpoint,
                                 )
