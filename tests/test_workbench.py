@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pandas as pd
@@ -930,6 +931,10 @@ def test_downloads_give_png_csv_and_netcdf(workbench_factory, runs_root, tmp_pat
     image = matplotlib.image.imread(tmp_path / "curves.png")
     assert image.ndim == 3 and image.shape[0] > 400  # 200 dpi
     assert view.download_figure.filename == "curves-downscaling_weatherpeft-4pct-train_loss.png"
+    svg = view.download_svg.callback().getvalue()
+    assert view.download_svg.filename == "curves-downscaling_weatherpeft-4pct-train_loss.svg"
+    root = ElementTree.fromstring(svg)
+    assert root.tag.endswith("svg") and b"<image" not in svg  # lines and text as vectors
     csv = view.download_data.callback().getvalue().decode()
     back = pd.read_csv(__import__("io").StringIO(csv))
     pd.testing.assert_frame_equal(back, wb.cat.curves(["downscaling/weatherpeft-4pct"]))
@@ -948,6 +953,8 @@ def test_downloads_give_png_csv_and_netcdf(workbench_factory, runs_root, tmp_pat
             assert not pd.read_csv(__import__("io").StringIO(data.decode())).empty, key
         if v.download_figure is not None:
             assert v.download_figure.callback().getvalue()[:4] == b"\x89PNG", key
+            assert ElementTree.fromstring(v.download_svg.callback().getvalue()).tag.endswith(
+                "svg"), key
     card = pd.read_csv(__import__("io").StringIO(
         wb.views["scorecard"].download_data.callback().getvalue().decode()))
     assert set(card["run"]) == {"downscaling/full", "downscaling/weatherpeft-4pct"}
@@ -958,6 +965,30 @@ def test_downloads_give_png_csv_and_netcdf(workbench_factory, runs_root, tmp_pat
     with pytest.raises(DataError):
         wb.views["fisher"].download_figure.callback()
     assert "shows nothing yet" in _plain(wb.views["fisher"].message.object)
+
+
+def test_svg_downloads_embed_only_large_meshes_as_images() -> None:
+    """A colour mesh of more than SVG_MESH_CELLS cells goes into the SVG as one image (a
+    global field as vector quads would be a million paths); a small one stays vectors."""
+    from matplotlib.figure import Figure
+
+    from wpeft.app.workbench import SVG_MESH_CELLS, file_bytes
+
+    def svg_of(n: int) -> bytes:
+        fig = Figure()
+        fig.add_subplot().pcolormesh(np.arange(n * n, dtype=float).reshape(n, n))
+        data, suffix = file_bytes(fig, "svg")
+        assert suffix == "svg"
+        return data
+
+    small, large = 20, int(SVG_MESH_CELLS**0.5) + 5
+    assert small * small <= SVG_MESH_CELLS < large * large
+    vector = svg_of(small)
+    assert b"<image" not in vector and vector.count(b"<path") >= small * small
+    raster = svg_of(large)
+    assert b"<image" in raster and raster.count(b"<path") < 100
+    with pytest.raises(ValueError, match="image must be 'png' or 'svg'"):
+        file_bytes(Figure(), "jpg")
 
 
 def test_poll_redraws_curves_while_a_run_trains(workbench_factory, runs_root) -> None:

@@ -606,8 +606,9 @@ def test_curves_update_while_a_run_trains(app, page, tmp_path) -> None:
     shot(page, tmp_path, "curves-live")
 
 
-def test_download_buttons_send_png_and_csv(app, page, tmp_path) -> None:
+def test_download_buttons_send_png_svg_and_csv(app, page, tmp_path) -> None:
     import io
+    from xml.etree import ElementTree
 
     import matplotlib.image
     import pandas as pd
@@ -620,6 +621,11 @@ def test_download_buttons_send_png_and_csv(app, page, tmp_path) -> None:
     info.value.save_as(png)
     assert png.suffix == ".png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(png).ndim == 3
+    with page.expect_download(timeout=60_000) as info:
+        page.locator(".wb-download-svg button").click()
+    svg = tmp_path / info.value.suggested_filename
+    info.value.save_as(svg)
+    assert svg.suffix == ".svg" and ElementTree.parse(svg).getroot().tag.endswith("svg")
     with page.expect_download(timeout=60_000) as info:
         page.locator(".wb-download-data button").click()
     csv = tmp_path / info.value.suggested_filename
@@ -636,7 +642,8 @@ def test_every_view_is_served_offline(app, page, tmp_path) -> None:
     wait_until(page, lambda: image(page, "wb-mask-image") is not None
                and figure(page, "wb-fisher-heatmap") is not None, "Fisher masks")
     for label, cls in [("Prompt attention", "wb-prompt-map"),
-                       ("Budget vs skill", "wb-budget-plot")]:
+                       ("Budget vs skill", "wb-budget-plot"), ("Curves", "wb-curves-plot"),
+                       ("Scorecard", "wb-scorecard-plot")]:
         page.locator(".wb-nav button", has_text=label).click()
         wait_until(page, lambda cls=cls: figure(page, cls) is not None, label)
     page.locator(".wb-nav button", has_text="Skill maps").click()

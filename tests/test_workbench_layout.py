@@ -200,6 +200,41 @@ def test_budget_plot_has_its_legend_outside_and_readable_log_ticks() -> None:
                                                               "Full-Tuning"]
 
 
+def test_curves_and_scorecard_fill_the_width_and_keep_the_legend_off_the_lines() -> None:
+    """The Curves overlay and the Scorecard heat map size as every other plot (responsive, a
+    fixed height); the curves' legend sits beside the frame, not over the lines."""
+    import pandas as pd
+    import xarray as xr
+
+    frame = pd.DataFrame(
+        [(run, method, "train", step, "loss", 1.0 / step)
+         for run, method in (("a", "weatherpeft"), ("b", "full")) for step in (1, 2, 3)],
+        columns=["run", "method", "split", "step", "column", "value"])
+    curves = interactive.hv_curves(frame, title="training loss")
+    scores = ["rmse/2m_temperature", "acc/2m_temperature"]
+    card = xr.Dataset(
+        {name: (("run", "score"), np.array(values, dtype=float))
+         for name, values in {"value": [[2.0, 0.8], [1.5, 0.9]],
+                              "oriented_difference": [[0.0, 0.0], [-25.0, -12.5]],
+                              "relative_difference": [[0.0, 0.0], [-25.0, 12.5]]}.items()}
+        | {"significant": (("run", "score"), np.array([[False, False], [True, False]]))},
+        coords={"run": ["full", "wp"], "score": scores})
+    heat = interactive.hv_scorecard(card, title="scorecard").get(0)
+    for name, element in (("curves", curves), ("scorecard", heat)):
+        opts = element.opts.get("plot", backend="bokeh").kwargs
+        assert opts["responsive"] is True and "width" not in opts, name
+        assert opts["height"] >= 200, name
+    assert heat.opts.get("plot", backend="bokeh").kwargs["height"] == (
+        interactive.SCORECARD_MIN_HEIGHT)  # two scores: the least height, the bar readable
+    assert curves.opts.get("plot", backend="bokeh").kwargs["legend_position"] == "right"
+    state = _render(curves)
+    assert state.sizing_mode in ("stretch_width", "scale_both")
+    assert state.legend[0] in state.right  # beside the frame
+    assert [item.label["value"] for item in state.legend[0].items] == ["a", "b"]
+    card_state = _render(interactive.hv_scorecard(card))
+    assert card_state.sizing_mode in ("stretch_width", "scale_both")
+
+
 # --------------------------------------------------------------------------- theme
 
 

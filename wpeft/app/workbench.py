@@ -300,30 +300,35 @@ class View:
     def downloads(self, figure_fn: Callable[[], Any] | None, data_fn: Callable[[], Any],
                   stem_fn: Callable[[], str], *, netcdf: bool = False) -> pn.Row:
         """The "download figure" / "download data" row, computed on click: ``figure_fn()`` is a
-        matplotlib figure of :mod:`wpeft.viz` (saved as a 200-dpi PNG; None: no figure button)
-        and ``data_fn()`` a DataFrame (CSV) or an xarray object (netCDF); files are named
-        ``stem_fn()`` plus the suffix (``netcdf``: the data button says netCDF, not CSV)."""
+        matplotlib figure of :mod:`wpeft.viz` (saved as a 200-dpi PNG or as SVG: two buttons;
+        None: no figure buttons) and ``data_fn()`` a DataFrame (CSV) or an xarray object
+        (netCDF); files are named ``stem_fn()`` plus the suffix (``netcdf``: the data button
+        says netCDF, not CSV)."""
         data_label, suffix = ("data (netCDF)", "nc") if netcdf else ("data (CSV)", "csv")
         self.download_data = pn.widgets.FileDownload(
             callback=lambda: self._download(self.download_data, data_fn, stem_fn),
             filename=f"{self.key}.{suffix}", label=f"Download {data_label}",
             color="light", css_classes=["wb-download-data"], width=210)
         buttons = [self.download_data]
-        self.download_figure = None
+        self.download_figure = self.download_svg = None
         if figure_fn is not None:
             self.download_figure = pn.widgets.FileDownload(
                 callback=lambda: self._download(self.download_figure, figure_fn, stem_fn),
                 filename=f"{self.key}.png", label="Download figure (PNG)", color="light",
                 css_classes=["wb-download-figure"], width=210)
-            buttons.insert(0, self.download_figure)
+            self.download_svg = pn.widgets.FileDownload(
+                callback=lambda: self._download(self.download_svg, figure_fn, stem_fn, "svg"),
+                filename=f"{self.key}.svg", label="SVG", color="light",
+                css_classes=["wb-download-svg"], width=70)
+            buttons[:0] = [self.download_figure, self.download_svg]
         return pn.Row(*buttons, css_classes=["wb-downloads"])
 
     def _download(self, button: pn.widgets.FileDownload, fn: Callable[[], Any],
-                  stem_fn: Callable[[], str]) -> io.BytesIO:
-        """Bytes of one download (the button's file name set to match); a failure is shown in
-        the view's message line and raised."""
+                  stem_fn: Callable[[], str], image: str = "png") -> io.BytesIO:
+        """Bytes of one download (the button's file name set to match; a figure as ``image``,
+        ``png`` or ``svg``); a failure is shown in the view's message line and raised."""
         try:
-            payload, suffix = file_bytes(fn())
+            payload, suffix = file_bytes(fn(), image)
         except Exception as exc:  # shown in the page, then raised for the log
             self.show_download_error(exc)
             raise
@@ -337,16 +342,29 @@ class View:
         self.message.visible = True
 
 
-def file_bytes(obj: Any) -> tuple[bytes, str]:
-    """What a download holds: a matplotlib figure as a 200-dpi PNG, a DataFrame as CSV (no
-    index), an xarray Dataset / DataArray as netCDF; returns ``(bytes, suffix)``."""
+#: Cells of a colour mesh above which an SVG download embeds it as an image (at 200 dpi):
+#: a global 0.25° field as vector quads would be a million SVG paths.
+SVG_MESH_CELLS = 20_000
+
+
+def file_bytes(obj: Any, image: str = "png") -> tuple[bytes, str]:
+    """What a download holds: a matplotlib figure as a 200-dpi PNG or as SVG (``image``;
+    text and lines as vectors, a colour mesh of more than :data:`SVG_MESH_CELLS` cells as an
+    embedded 200-dpi image), a DataFrame as CSV (no index), an xarray Dataset / DataArray as
+    netCDF; returns ``(bytes, suffix)``."""
     import xarray as xr
+    from matplotlib.collections import QuadMesh
     from matplotlib.figure import Figure
 
+    if image not in ("png", "svg"):
+        raise ValueError(f"image must be 'png' or 'svg', got {image!r}.")
     if isinstance(obj, Figure):
+        if image == "svg":
+            for mesh in obj.findobj(QuadMesh):
+                mesh.set_rasterized(mesh.get_array().size > SVG_MESH_CELLS)
         buf = io.BytesIO()
-        obj.savefig(buf, format="png", dpi=200, bbox_inches="tight")
-        return buf.getvalue(), "png"
+        obj.savefig(buf, format=image, dpi=200, bbox_inches="tight")
+        return buf.getvalue(), image
     if isinstance(obj, pd.DataFrame):
         return obj.to_csv(index=False).encode("utf-8"), "csv"
     if isinstance(obj, xr.DataArray):

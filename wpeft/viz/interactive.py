@@ -532,6 +532,10 @@ def scorecard_colorbar(edges: np.ndarray) -> dict[str, Any]:
     return {"ticker": FixedTicker(ticks=ticks), "major_label_overrides": labels}
 
 
+#: The least height (px) of :func:`hv_scorecard`: its colour bar's 13 bins stay readable on a
+#: card of one or two scores (a card grows by 26 px per score).
+SCORECARD_MIN_HEIGHT = 260
+
 #: The colour bar's title of :func:`hv_scorecard` (the sign convention, as the static figure's).
 SCORECARD_CLABEL = "difference to the reference (%), negative / blue = better"
 
@@ -587,5 +591,5 @@ def hv_scorecard(card: xr.Dataset, *, title: str = "") -> Any:
                      colorbar=True, colorbar_opts=scorecard_colorbar(edges),
                      clabel=SCORECARD_CLABEL, tools=["hover"],
                      invert_yaxis=True, xrotation=15, title=title,
-                     **_sized(140 + 26 * len(scores)))
+                     **_sized(max(SCORECARD_MIN_HEIGHT, 140 + 26 * len(scores))))
     return heat * labels.opts(text_font_size="9pt", text_color="black", backend="bokeh")
