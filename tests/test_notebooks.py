@@ -166,6 +166,17 @@ def images_in_cells(nb) -> int:
     )
 
 
+#: The mime type of a Panel object shown in a notebook (its Bokeh document).
+PANEL_MIME = "application/vnd.holoviews_exec.v0+json"
+
+
+def panel_outputs(nb) -> list[dict]:
+    """The results of the cells that ended in a Panel object (a workbench view; what
+    ``pn.extension()`` itself displays is not a result)."""
+    return [out for c in code_cells(nb) for out in c.get("outputs", [])
+            if out.get("output_type") == "execute_result" and PANEL_MIME in out.get("data", {})]
+
+
 def widget_outputs(nb) -> list[list[dict]]:
     """The outputs captured by each ipywidgets Output widget (one per ``interact``)."""
     state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
@@ -221,6 +232,14 @@ def test_01_quickstart(workspace: Workspace) -> None:
         "downscaling-budget-vs-skill.png",
     } <= written
     assert all(p.stat().st_size > 1000 for p in figures.glob("*.png"))
+    # the dashboard's Curves and Scorecard views, inline (workbench_view raises if a view
+    # shows an error instead of its plot)
+    assert len(panel_outputs(nb)) == 2
+    for name in SHARED_RUNS:  # what the Curves view drew: training and validation lines
+        lines = [json.loads(x) for x in
+                 (workspace.root / name / "metrics.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in lines if x["split"] == "val"] == [STEPS // 2, STEPS]
+        assert [x["step"] for x in lines if x["split"] == "train"] == list(range(1, STEPS + 1))
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from wpeft.app.catalog import (
     split_variable,
     validate_run_name,
 )
-from wpeft.errors import DataError
+from wpeft.errors import ConfigError, DataError
 from wpeft.runs.store import RecordStore
 
 SECRET = "TOP-SECRET-MARKER"
@@ -965,6 +965,40 @@ def test_downloads_give_png_csv_and_netcdf(workbench_factory, runs_root, tmp_pat
     with pytest.raises(DataError):
         wb.views["fisher"].download_figure.callback()
     assert "shows nothing yet" in _plain(wb.views["fisher"].message.object)
+
+
+def test_workbench_view_gives_a_notebook_the_dashboards_view(runs_root) -> None:
+    """``workbench_view`` is the dashboard's view for a notebook: the same plot (the curves of
+    the chosen runs, the scorecard against the reference), its widgets and downloads; an
+    unknown view or choice and the view's own error are raised, naming them."""
+    pytest.importorskip("panel")
+    import holoviews as hv
+    import panel as pn
+
+    from wpeft.app.workbench import workbench_view
+
+    wp, full = "downscaling/weatherpeft-4pct", "downscaling/full"
+    _write_metrics(runs_root / wp, _TRAIN)
+    _write_metrics(runs_root / full, [{"step": 1, "split": "train", "loss": 2.0}])
+    curves = workbench_view(runs_root, "curves", runs=[wp, full], smoothing=0.0)
+    assert isinstance(curves, pn.Column) and "wb-view-curves" in curves.css_classes
+    plots = [o.object for o in curves.select(pn.pane.HoloViews)]
+    assert len(plots) == 1 and isinstance(plots[0], hv.Overlay)
+    assert [c.label for c in plots[0]] == [wp, full]
+    assert plots[0].get(0).dimension_values(1).tolist() == [1.0, 0.5, 0.25]
+    assert curves.select(pn.widgets.FileDownload)  # figure (PNG, SVG) and data downloads
+    card = workbench_view(runs_root, "scorecard", runs=f"{wp},{full}", reference=full)
+    heat = next(o.object for o in card.select(pn.pane.HoloViews)).get(0)
+    assert isinstance(heat, hv.HeatMap)
+    assert set(heat.dimension_values("run")) == {wp, full}
+    with pytest.raises(ConfigError, match="Unknown workbench view 'curvez'.*'curves'"):
+        workbench_view(runs_root, "curvez")
+    with pytest.raises(ConfigError, match=r"Unknown workbench choice\(s\) \['rnus'\]"):
+        workbench_view(runs_root, "curves", rnus=[wp])
+    with pytest.raises(ConfigError, match=r"\['view'\]"):
+        workbench_view(runs_root, "curves", view="budget")
+    with pytest.raises(DataError, match="Workbench view 'fisher': .*no-such-run"):
+        workbench_view(runs_root, "fisher", run="downscaling/no-such-run")
 
 
 def test_svg_downloads_embed_only_large_meshes_as_images() -> None:

@@ -46,6 +46,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -58,10 +59,12 @@ import panel as pn
 import param
 
 from wpeft.app.catalog import Catalog, RunEntry, RunNameError, catalog_for, split_variable
-from wpeft.errors import DataError, WpeftError
+from wpeft.errors import ConfigError, DataError, WpeftError
 from wpeft.runs.layout import METRICS
 
-__all__ = ["VIEWS", "Selection", "Workbench", "build_workbench", "runs_dir_from_argv"]
+__all__ = [
+    "VIEWS", "Selection", "Workbench", "build_workbench", "runs_dir_from_argv", "workbench_view",
+]
 
 log = logging.getLogger(__name__)
 
@@ -1469,6 +1472,42 @@ def theme_switch(theme: str) -> pn.widgets.Button:
         "const url = new URL(window.location.href);"
         "url.searchParams.set('theme', theme); window.location.assign(url.href);"))
     return button
+
+
+def workbench_view(runs_dir: str | os.PathLike[str], view: str, /, *, theme: str = "light",
+                   **choices: Any) -> pn.Column:
+    """One view of the workbench for a notebook: the widgets, plots and download buttons the
+    dashboard shows for ``view`` (a key of :data:`VIEWS`) over ``runs_dir``, not watched
+    (build it again to see new lines).
+
+    Args:
+        runs_dir: The runs directory (RUNS_DIR of ``wpeft serve``).
+        view: ``"curves"``, ``"scorecard"``, ``"budget"``, ``"fisher"``, ...
+        theme: ``"light"`` or ``"dark"``.
+        choices: Parameters of :class:`Selection`, as the dashboard's URL holds them
+            (``run="downscaling/full"``, ``runs=[...]`` (a list or comma-separated names),
+            ``curve="val:rmse/2m_temperature"``, ``reference=...``).
+
+    Raises:
+        ConfigError: an unknown view or choice. The view's own error (an unknown run, nothing
+            to draw) as the dashboard would show it in its message line.
+    """
+    if view not in VIEWS:
+        raise ConfigError(f"Unknown workbench view {view!r}; choose one of {list(VIEWS)}.")
+    unknown = sorted(set(choices) - set(URL_PARAMETERS) | ({"view"} & set(choices)))
+    if unknown:
+        raise ConfigError(f"Unknown workbench choice(s) {unknown}; choose from "
+                          f"{[p for p in URL_PARAMETERS if p != 'view']}.")
+    if not isinstance(choices.get("runs", ""), str):
+        choices["runs"] = join_names([str(n) for n in choices["runs"]])
+    wb = Workbench(catalog_for(runs_dir), poll_ms=0, sync_url=False, theme=theme)
+    wb.sel.param.update(**choices)
+    wb.sel.view = view
+    shown = wb.views[view]
+    if shown.message.visible and not shown.content.visible:
+        text = re.sub(r"<[^>]+>", "", str(shown.message.object))
+        raise DataError(f"Workbench view {view!r}: {html.unescape(text).strip()}")
+    return shown.panel
 
 
 def build_workbench(
