@@ -105,3 +105,63 @@ def test_dark_theme_from_the_url_and_the_header_switch(earth_app, page, tmp_path
     (fig,) = [f for f in glyph_figures(page) if "wb-skill-maps" in f["cls"]]
     assert fig["fill"] in ("#ffffff", "white")
     assert figure(page, "wb-skill-maps") is not None
+
+
+# --------------------------------------------------------------------------- the ERA5 sample
+
+UK_RUN = "uk/weatherpeft-4pct"
+#: The README's ``uk.yaml`` ("Fine-tune on your own data"), its store path filled in.
+UK_TASK = {
+    "variables": ["2m_temperature"], "region": [50.25, 58.0, 350.0, 359.75],
+    "fill_missing": True, "train": ["2019-03-01", "2019-03-21"],
+    "val": ["2019-03-22", "2019-03-25"], "test": ["2019-03-26", "2019-03-31"],
+}
+
+
+@pytest.fixture(scope="module")
+def uk_app(tmp_path_factory) -> Iterator[str]:
+    """The README's path on the shared ERA5 sample: the GRIB file to a zarr store, a short
+    WeatherPEFT run with training and validation lines, the workbench over it."""
+    from test_era5 import _sample
+
+    grib = _sample("era5-2mt-2019-03-uk.grib")
+    pytest.importorskip("cfgrib", reason="GRIB needs cfgrib (pip install 'wpeft[grib]')")
+    from wpeft.data.era5 import open_era5, write_wb2_zarr
+    from wpeft.training.loop import TrainConfig, train
+
+    base = tmp_path_factory.mktemp("uk-workbench")
+    store = write_wb2_zarr(open_era5(grib, variables=["2m_temperature"]).load(),
+                           base / "era5-uk-t2m.zarr")
+    cfg = TrainConfig(task="downscaling", method="weatherpeft", budget=0.04, steps=4,
+                      batch_size=2, warmup_steps=1, checkpoint_every=0, device="cpu",
+                      log_every=1, eval_every=2,
+                      task_options={"data": {"path": str(store), **UK_TASK},
+                                    "coarse_factor": 4})
+    train(cfg, base / "runs" / UK_RUN, progress=False)
+    server = Server(base / "runs", base / "server.log")
+    try:
+        server.wait_ready()
+        yield server.base
+    finally:
+        server.stop()
+
+
+def test_the_era5_sample_gives_a_coastline_map_and_curves(uk_app, page, tmp_path) -> None:
+    """README, "Workbench": the UK 2 m temperature sample's skill map is a map of the UK with
+    its coastline, and Curves draws the run's validation RMSE (evaluated at steps 2 and 4)."""
+    goto(page, uk_app, view="skill", run=UK_RUN)
+    wait_until(page, lambda: any("wb-skill-maps" in f["cls"] for f in glyph_figures(page)),
+               "the skill map")
+    (fig,) = [f for f in glyph_figures(page) if "wb-skill-maps" in f["cls"]]
+    types = [g["type"] for g in fig["glyphs"]]
+    assert "Image" in types and "MultiLine" in types  # the field and the coastline over it
+    assert next(g for g in fig["glyphs"] if g["type"] == "MultiLine")["points"] > 20
+    assert -11 < fig["x"][0] < -9 and -1 < fig["x"][1] < 1  # 10° W to 0°, PlateCarree
+    shot(page, tmp_path, "era5-uk-skill-map")
+    goto(page, uk_app, view="curves", run=UK_RUN, curve="val:rmse/2m_temperature")
+    wait_until(page, lambda: wb.line_lengths(page, "wb-curves-plot") == [2],
+               "the validation RMSE at steps 2 and 4")
+    goto(page, uk_app, view="curves", run=UK_RUN)
+    wait_until(page, lambda: wb.line_lengths(page, "wb-curves-plot") == [4],
+               "the training loss at steps 1-4")
+    assert page.external_requests == []
