@@ -867,6 +867,18 @@ def test_domain_mean_losses_and_forecast_leads() -> None:
     w = np.cos(np.deg2rad([60.0, 0.0]))
     by_hand = (((pred - truth) ** 2) * (w / w.mean())[None, :, None]).mean(axis=(1, 2))
     np.testing.assert_allclose(mse.values, by_hand)
+    assert mse.dims == ("time",) and (mse["time"] == a["time"]).all()
+    # NaN entries are left out of a time's mean (xarray's weighted mean); an all-NaN time: NaN
+    holes = pred.copy()
+    holes[0] = np.nan
+    holes[1, 0, 0] = np.nan
+    gappy = domain_mean_losses(_fields(holes, truth, lat=(60.0, 0.0)), "rmse")["2m_temperature"]
+    assert np.isnan(gappy.values[0])
+    err2 = (holes[1] - truth[1]) ** 2
+    ww = np.broadcast_to((w / w.mean())[:, None], err2.shape)
+    ok = ~np.isnan(err2)
+    assert gappy.values[1] == pytest.approx((err2[ok] * ww[ok]).sum() / ww[ok].sum())
+    np.testing.assert_allclose(gappy.values[2:], by_hand[2:])
     assert float(np.sqrt(mse.mean())) == pytest.approx(
         float(rmse(a["2m_temperature"], a["2m_temperature_target"])))
     leads = np.array([6, 12], dtype="timedelta64[h]").astype("timedelta64[ns]")
