@@ -1001,6 +1001,23 @@ def test_workbench_view_gives_a_notebook_the_dashboards_view(runs_root) -> None:
         workbench_view(runs_root, "fisher", run="downscaling/no-such-run")
 
 
+def test_warm_up_computes_the_default_scorecard_once_for_every_session(
+    catalog: Catalog, workbench_factory
+) -> None:
+    """The server's warm-up reads what the Scorecard view shows without a choice (every
+    finished run of the default run's task against its Full-Tuning run): a session opening
+    the view reads nothing more."""
+    catalog.warm_up()
+    misses = catalog.cache.misses
+    wb = workbench_factory()
+    wb.sel.view = "scorecard"
+    view = wb.views["scorecard"]
+    assert view.plot.object is not None and view.reference.value == "downscaling/full"
+    assert catalog.cache.misses == misses
+    assert catalog.default_reference(["downscaling/weatherpeft-4pct"], "x") == (
+        "downscaling/weatherpeft-4pct")  # no Full-Tuning run among them: the first
+
+
 def test_svg_downloads_embed_only_large_meshes_as_images() -> None:
     """A colour mesh of more than SVG_MESH_CELLS cells goes into the SVG as one image (a
     global field as vector quads would be a million paths); a small one stays vectors."""

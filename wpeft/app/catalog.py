@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
@@ -361,17 +361,34 @@ class Catalog:
 
     def warm_up(self) -> None:
         """Read once, for every session to come, what a new session shows first: the runs
-        table and the default run's Fisher and attention records (a record that cannot be
-        read is left for its view to report)."""
+        table, the default run's Fisher and attention records and the scorecard of its task
+        (what the Scorecard view shows without a choice; something that cannot be read is
+        left for its view to report)."""
         self.table()
         name = self.default_run()
         if not name:
             return
-        for read in (self.fisher, self.attention):
+        rows = [e.name for e in self.task_runs(name)]
+        reads = [lambda: self.fisher(name), lambda: self.attention(name)]
+        if rows:
+            reads.append(lambda: self.scorecard(rows, self.default_reference(rows, name)))
+        for read in reads:
             try:
-                read(name)
+                read()
             except WpeftError as e:
                 log.info("warm-up: %s", e)
+
+    def task_runs(self, name: str) -> list[RunEntry]:
+        """Every finished run of the task of run ``name`` (the Scorecard's rows by default)."""
+        task = self.resolve(name).task
+        return [e for e in self.runs() if e.finished and e.task == task]
+
+    def default_reference(self, names: Sequence[str], run: str) -> str:
+        """The reference of a scorecard of runs ``names`` (not empty) when none is chosen: the
+        first Full-Tuning run among them, else ``run`` if it is one of them, else the first."""
+        by_name = {e.name: e for e in self.runs()}
+        full = next((n for n in names if n in by_name and by_name[n].method == "full"), None)
+        return full or (run if run in names else names[0])
 
     def resolve(self, name: Any) -> RunEntry:
         """The run called ``name``.

@@ -1129,8 +1129,7 @@ class ScorecardView(View):
         chosen = self.wb.chosen_runs()
         if chosen:
             return chosen
-        task = self.wb.run_a().task
-        return [e for e in self.cat.runs() if e.finished and e.task == task]
+        return self.cat.task_runs(self.wb.run_a().name)
 
     def draw(self) -> None:
         from wpeft.runs.scorecard import SCORECARD_BINS
@@ -1144,9 +1143,7 @@ class ScorecardView(View):
         a = _text(self.sel.run)
         finished = {e.name for e in self.cat.runs() if e.finished}
         options = names + ([a] if a in finished and a not in names else [])
-        default = next((e.name for e in entries if e.method == "full"), None)
-        reference = _pick(self.sel.reference, options, default or (a if a in options
-                                                                    else options[0]))
+        reference = _pick(self.sel.reference, options, self.cat.default_reference(options, a))
         _set(self.reference, options=options, value=reference)
         self.sel.reference = reference
         card = self.cat.scorecard(names, reference)
