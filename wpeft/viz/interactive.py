@@ -567,21 +567,22 @@ def hv_scorecard(card: xr.Dataset, *, title: str = "") -> Any:
     edges = np.array([-b for b in reversed(bins)] + bins)
     runs = [str(r) for r in card["run"].values]
     scores = [str(s) for s in card["score"].values]
-    rows = []
-    for i, run in enumerate(runs):
-        for j, score in enumerate(scores):
-            cell = card.isel(run=i, score=j)
-            diff = float(cell["oriented_difference"])
-            value = float(cell["value"])
-            sig = bool(cell["significant"])
-            index = float(np.searchsorted(edges, diff, side="right")) if np.isfinite(diff) \
-                else np.nan
-            text = "–" if not np.isfinite(value) else f"{value:.3g}"
-            rows.append((score, run, index, value, diff, float(cell["relative_difference"]),
-                         sig, text + (" •" if sig else "")))
-    columns = ["score", "run", "bin", "value", "oriented_difference", "relative_difference",
-               "significant", "label"]
-    cells = pd.DataFrame(rows, columns=columns)
+
+    def flat(name: str) -> np.ndarray:  # (run, score) in run-major order: one row per cell
+        return card[name].transpose("run", "score").values.reshape(-1)
+
+    value, diff = flat("value").astype(np.float64), flat("oriented_difference").astype(np.float64)
+    sig = flat("significant").astype(bool)
+    index = np.where(np.isfinite(diff),
+                     np.searchsorted(edges, np.nan_to_num(diff), side="right"), np.nan)
+    label = [("–" if not np.isfinite(v) else f"{v:.3g}") + (" •" if s else "")
+             for v, s in zip(value.tolist(), sig.tolist())]
+    cells = pd.DataFrame({
+        "score": np.tile(scores, len(runs)), "run": np.repeat(runs, len(scores)),
+        "bin": index, "value": value, "oriented_difference": diff,
+        "relative_difference": flat("relative_difference").astype(np.float64),
+        "significant": sig, "label": label,
+    })
     vdims = [hv.Dimension("bin", range=(-0.5, len(edges) + 0.5)), "value",
              hv.Dimension("oriented_difference", unit="%"),
              hv.Dimension("relative_difference", unit="%"), "significant", "label"]
