@@ -92,6 +92,8 @@ VIEWS = {
                         f"|| {_has_image('wb-var-var')})",
     "Skill maps": f"{_shown('.wb-skill-caption')} && {_FIGURES}.length > 0",
     "Budget vs skill": _has_figure("wb-budget-plot"),
+    "Curves": _has_figure("wb-curves-plot"),
+    "Scorecard": _has_figure("wb-scorecard-plot"),
     "Overview": f"{_DEEP}('.tabulator-row').length > 0",
 }
 FIRST_PAGE = VIEWS["Overview"]
@@ -107,10 +109,11 @@ def _train_templates(out: Path) -> None:
 
     common = {"task": "downscaling", "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 0,
               "task_options": {"world": WORLD}, "device": "cpu"}
+    curves = {"log_every": 1, "eval_every": 4}  # metrics.jsonl lines for the Curves view
     train(TrainConfig(method="weatherpeft", budget=0.04, steps=12, record_every=3,
-                      method_options={"num_prompts": 3}, **common), out / "weatherpeft",
-          progress=False)
-    train(TrainConfig(method="full", steps=4, **common), out / "full", progress=False)
+                      method_options={"num_prompts": 3}, **curves, **common),
+          out / "weatherpeft", progress=False)
+    train(TrainConfig(method="full", steps=4, **curves, **common), out / "full", progress=False)
 
 
 def _jitter(value: object, rng: random.Random) -> object:

@@ -37,7 +37,8 @@ from typing import Any
 from bench_workbench_load import Server, _pct, prepare_runs_dir
 
 #: Nav labels in the order the sessions switch (the overview is where a session starts).
-VIEWS = ("Fisher masks", "Prompt attention", "Skill maps", "Budget vs skill", "Overview")
+VIEWS = ("Fisher masks", "Prompt attention", "Skill maps", "Budget vs skill", "Curves",
+         "Scorecard", "Overview")
 RESULTS = Path(__file__).parent / "results" / "workbench-load-cpu.md"
 
 
