@@ -70,9 +70,10 @@ class CompareConfig:
 
     ``eval_every``: every run evaluates the validation split every that many steps (0: never),
     appending to its ``metrics.jsonl``; ``log_every``: every run appends its training loss
-    every that many steps (0: never). Together they are the runs' learning curves. ``lrs``: learning rates to choose from on the
-    validation split (see the module doc; exclusive with ``lr``; needs ``eval_every >= 1``;
-    the loop evaluates every ``eval_every`` steps and at the last step).
+    every that many steps (0: never). Together they are the runs' learning curves.
+    ``lrs``: learning rates to choose from on the validation split (see the module doc;
+    exclusive with ``lr``; needs ``eval_every >= 1``; the loop evaluates every ``eval_every``
+    steps and at the last step).
     """
 
     tasks: Sequence[str] = ("downscaling",)
