@@ -225,7 +225,10 @@ def test_curves_and_scorecard_fill_the_width_and_keep_the_legend_off_the_lines()
         assert opts["responsive"] is True and "width" not in opts, name
         assert opts["height"] >= 200, name
     assert heat.opts.get("plot", backend="bokeh").kwargs["height"] == (
-        interactive.SCORECARD_MIN_HEIGHT)  # two scores: the least height, the bar readable
+        interactive.SCORECARD_MIN_HEIGHT)  # two runs: the least height, the bar readable
+    # rows the runs (the reference on top), columns the scores: as the static figure
+    assert [d.name for d in heat.kdims] == ["score", "run"]
+    assert heat.opts.get("plot", backend="bokeh").kwargs["invert_yaxis"] is True
     assert curves.opts.get("plot", backend="bokeh").kwargs["legend_position"] == "right"
     state = _render(curves)
     assert state.sizing_mode in ("stretch_width", "scale_both")

@@ -533,7 +533,7 @@ def scorecard_colorbar(edges: np.ndarray) -> dict[str, Any]:
 
 
 #: The least height (px) of :func:`hv_scorecard`: its colour bar's 13 bins stay readable on a
-#: card of one or two scores (a card grows by 26 px per score).
+#: card of one or two runs (a card grows by 26 px per run).
 SCORECARD_MIN_HEIGHT = 260
 
 #: The colour bar's title of :func:`hv_scorecard` (the sign convention, as the static figure's).
@@ -541,9 +541,10 @@ SCORECARD_CLABEL = "difference to the reference (%), negative / blue = better"
 
 
 def hv_scorecard(card: xr.Dataset, *, title: str = "") -> Any:
-    """hv.HeatMap of a scorecard (:func:`wpeft.runs.scorecard.scorecard`): x the runs (the
-    reference first), y the scores (the card's order from the top; scores outnumber runs, so
-    the card grows downwards), colour the ``oriented_difference`` binned at ±``attrs["bins"]`` %
+    """hv.HeatMap of a scorecard (:func:`wpeft.runs.scorecard.scorecard`), laid out as the
+    static :func:`~wpeft.viz.scorecard.plot_scorecard`: rows the runs (the reference on top;
+    the card grows downwards with them), columns the scores in the card's order, colour the
+    ``oriented_difference`` binned at ±``attrs["bins"]`` %
     (13 colours of the diverging map for the default bins, blue = better than the reference),
     cell labels the absolute score, with a "•" where the difference is significant.
 
@@ -586,11 +587,11 @@ def hv_scorecard(card: xr.Dataset, *, title: str = "") -> Any:
     vdims = [hv.Dimension("bin", range=(-0.5, len(edges) + 0.5)), "value",
              hv.Dimension("oriented_difference", unit="%"),
              hv.Dimension("relative_difference", unit="%"), "significant", "label"]
-    heat = hv.HeatMap(cells, kdims=["run", "score"], vdims=vdims)
-    labels = hv.Labels(cells, kdims=["run", "score"], vdims=["label"])
+    heat = hv.HeatMap(cells, kdims=["score", "run"], vdims=vdims)
+    labels = hv.Labels(cells, kdims=["score", "run"], vdims=["label"])
     heat = heat.opts(cmap=scorecard_colors(len(edges) + 1), clim=(-0.5, len(edges) + 0.5),
                      colorbar=True, colorbar_opts=scorecard_colorbar(edges),
                      clabel=SCORECARD_CLABEL, tools=["hover"],
-                     invert_yaxis=True, xrotation=15, title=title,
-                     **_sized(max(SCORECARD_MIN_HEIGHT, 140 + 26 * len(scores))))
+                     invert_yaxis=True, xaxis="top", xrotation=30, title=title,
+                     **_sized(max(SCORECARD_MIN_HEIGHT, 160 + 26 * len(runs))))
     return heat * labels.opts(text_font_size="9pt", text_color="black", backend="bokeh")
