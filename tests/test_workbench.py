@@ -997,7 +997,7 @@ def test_workbench_view_gives_a_notebook_the_dashboards_view(runs_root) -> None:
         workbench_view(runs_root, "curves", rnus=[wp])
     with pytest.raises(ConfigError, match=r"\['view'\]"):
         workbench_view(runs_root, "curves", view="budget")
-    with pytest.raises(DataError, match="Workbench view 'fisher': .*no-such-run"):
+    with pytest.raises(RunNameError, match="no-such-run"):  # what the view's message says
         workbench_view(runs_root, "fisher", run="downscaling/no-such-run")
 
 

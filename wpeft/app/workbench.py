@@ -46,7 +46,6 @@ import io
 import json
 import logging
 import os
-import re
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -238,6 +237,8 @@ class View:
         self.cat = wb.cat
         self.stale = True
         self._drawing = False
+        #: What the last draw raised (shown in :attr:`message`), None when it drew.
+        self.error: BaseException | None = None
         self.message = _message_pane(f"wb-{self.key}-message")
         self.caption = pn.pane.Markdown("", css_classes=["wb-caption", f"wb-{self.key}-caption"],
                                         sizing_mode="stretch_width", margin=(0, 10))
@@ -262,9 +263,11 @@ class View:
     def _guarded(self, fn: Callable[[], None]) -> None:
         self._drawing = True
         self.message.visible = False
+        self.error = None
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 -- any failure becomes a message in the page
+            self.error = exc
             self.show_error(exc)
         else:
             self.content.visible = True
@@ -1486,8 +1489,8 @@ def workbench_view(runs_dir: str | os.PathLike[str], view: str, /, *, theme: str
             ``curve="val:rmse/2m_temperature"``, ``reference=...``).
 
     Raises:
-        ConfigError: an unknown view or choice. The view's own error (an unknown run, nothing
-            to draw) as the dashboard would show it in its message line.
+        ConfigError: an unknown view or choice. Whatever the view raised when it drew (an
+            unknown run, nothing to draw: what the dashboard shows in its message line).
     """
     if view not in VIEWS:
         raise ConfigError(f"Unknown workbench view {view!r}; choose one of {list(VIEWS)}.")
@@ -1501,9 +1504,8 @@ def workbench_view(runs_dir: str | os.PathLike[str], view: str, /, *, theme: str
     wb.sel.param.update(**choices)
     wb.sel.view = view
     shown = wb.views[view]
-    if shown.message.visible and not shown.content.visible:
-        text = re.sub(r"<[^>]+>", "", str(shown.message.object))
-        raise DataError(f"Workbench view {view!r}: {html.unescape(text).strip()}")
+    if shown.error is not None:
+        raise shown.error
     return shown.panel
 
 
