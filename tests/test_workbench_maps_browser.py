@@ -74,13 +74,21 @@ def glyph_figures(page) -> list[dict]:
     return page.evaluate(_GLYPHS_JS)
 
 
+def skill_map(page, what: str = "the skill map") -> dict:
+    """The skill map's figure (its glyphs, width, fill and x range), once the page shows it."""
+    wait_until(page, lambda: any("wb-skill-maps" in f["cls"] for f in glyph_figures(page)), what)
+    (fig,) = [f for f in glyph_figures(page) if "wb-skill-maps" in f["cls"]]
+    return fig
+
+
+def glyph_types(fig: dict) -> list[str]:
+    return [g["type"] for g in fig["glyphs"]]
+
+
 def test_real_data_skill_map_shows_the_coastline(earth_app, page, tmp_path) -> None:
     goto(page, earth_app, view="skill", run=RUN)
-    wait_until(page, lambda: any("wb-skill-maps" in f["cls"] for f in glyph_figures(page)),
-               "the skill map")
-    (fig,) = [f for f in glyph_figures(page) if "wb-skill-maps" in f["cls"]]
-    types = [g["type"] for g in fig["glyphs"]]
-    assert "Image" in types and "MultiLine" in types  # the raster and the coastline over it
+    fig = skill_map(page)
+    assert {"Image", "MultiLine"} <= set(glyph_types(fig))  # the raster, the coastline over it
     coast = next(g for g in fig["glyphs"] if g["type"] == "MultiLine")
     assert coast["points"] > 1000  # a global map: every continent's crude GSHHS outline
     assert -181 < fig["x"][0] < -170 and 170 < fig["x"][1] < 181  # PlateCarree, as the figures
@@ -92,17 +100,12 @@ def test_real_data_skill_map_shows_the_coastline(earth_app, page, tmp_path) -> N
 
 def test_dark_theme_from_the_url_and_the_header_switch(earth_app, page, tmp_path) -> None:
     goto(page, earth_app, view="skill", run=RUN, theme="dark")
-    wait_until(page, lambda: any("wb-skill-maps" in f["cls"] for f in glyph_figures(page)),
-               "the skill map")
-    (fig,) = [f for f in glyph_figures(page) if "wb-skill-maps" in f["cls"]]
-    assert fig["fill"] not in ("#ffffff", "white")  # the plot follows the page's dark theme
+    assert skill_map(page)["fill"] not in ("#ffffff", "white")  # it follows the dark page
     shot(page, tmp_path, "dark")
     page.locator(".wb-theme button").first.click()  # "light theme"
     wait_until(page, lambda: query(page).get("theme") == "light", "theme=light in the URL")
-    wait_until(page, lambda: any("wb-skill-maps" in f["cls"] for f in glyph_figures(page)),
-               "the skill map again")
+    fig = skill_map(page, "the skill map again")
     assert query(page)["view"] == "skill" and query(page)["run"] == RUN  # the rest is kept
-    (fig,) = [f for f in glyph_figures(page) if "wb-skill-maps" in f["cls"]]
     assert fig["fill"] in ("#ffffff", "white")
     assert figure(page, "wb-skill-maps") is not None
 
@@ -150,11 +153,8 @@ def test_the_era5_sample_gives_a_coastline_map_and_curves(uk_app, page, tmp_path
     """README, "Workbench": the UK 2 m temperature sample's skill map is a map of the UK with
     its coastline, and Curves draws the run's validation RMSE (evaluated at steps 2 and 4)."""
     goto(page, uk_app, view="skill", run=UK_RUN)
-    wait_until(page, lambda: any("wb-skill-maps" in f["cls"] for f in glyph_figures(page)),
-               "the skill map")
-    (fig,) = [f for f in glyph_figures(page) if "wb-skill-maps" in f["cls"]]
-    types = [g["type"] for g in fig["glyphs"]]
-    assert "Image" in types and "MultiLine" in types  # the field and the coastline over it
+    fig = skill_map(page)
+    assert {"Image", "MultiLine"} <= set(glyph_types(fig))  # the field, the coastline over it
     assert next(g for g in fig["glyphs"] if g["type"] == "MultiLine")["points"] > 20
     assert -11 < fig["x"][0] < -9 and -1 < fig["x"][1] < 1  # 10° W to 0°, PlateCarree
     shot(page, tmp_path, "era5-uk-skill-map")
