@@ -1494,10 +1494,10 @@ def workbench_view(runs_dir: str | os.PathLike[str], view: str, /, *, theme: str
     """
     if view not in VIEWS:
         raise ConfigError(f"Unknown workbench view {view!r}; choose one of {list(VIEWS)}.")
-    unknown = sorted(set(choices) - set(URL_PARAMETERS) | ({"view"} & set(choices)))
+    allowed = [p for p in URL_PARAMETERS if p != "view"]  # the view is the argument
+    unknown = sorted(set(choices) - set(allowed))
     if unknown:
-        raise ConfigError(f"Unknown workbench choice(s) {unknown}; choose from "
-                          f"{[p for p in URL_PARAMETERS if p != 'view']}.")
+        raise ConfigError(f"Unknown workbench choice(s) {unknown}; choose from {allowed}.")
     if not isinstance(choices.get("runs", ""), str):
         choices["runs"] = join_names([str(n) for n in choices["runs"]])
     wb = Workbench(catalog_for(runs_dir), poll_ms=0, sync_url=False, theme=theme)

@@ -193,8 +193,7 @@ def _weighted_domain_mean(loss: xr.DataArray, w: np.ndarray) -> xr.DataArray:
     valid = ~np.isnan(x)
     num = np.einsum("tyx,y->t", np.where(valid, x, 0.0), w)
     den = np.einsum("tyx,y->t", valid.astype(np.float64), w)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    mean = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
     return xr.DataArray(mean, dims=("time",), coords={"time": loss["time"]}, name=loss.name)
 
 
