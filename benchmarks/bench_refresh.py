@@ -4,9 +4,12 @@ Trains SFAS (or WeatherPEFT) with ``lean=True`` and a fresh mask every step on o
 as ``bench_methods.py`` does, and times the parts of :class:`~wpeft.methods.streaming.StreamingTopK`
 and :class:`~wpeft.methods.lean.LeanSelection` with a timer wrapped around each (the wrappers
 cost about a microsecond per call). Parts nest: ``add`` (one call per tensor, inside backward)
-includes ``_passers``, ``_append`` and ``_block_ends``; ``finish`` includes ``_flush_small`` (the
-batched small tensors), ``_top_m`` and ``_kth_largest``; ``begin`` includes ``draw_all`` (the large
-draws Z). ``set_indices`` (the union's update) runs after the refresh and is not part of its time.
+includes ``_block_ends`` and ``_found`` (the entries of a large tensor reaching the threshold);
+``_flush`` (when a million entries wait, and in ``finish``) scores what waits: ``_flush_small``
+(the small tensors), ``_flush_found`` (the large tensors' Z and found entries, with
+``_held_to_draws``); ``finish`` also includes ``_top_m`` and ``_kth_largest``; ``begin``
+includes ``draw_all`` (the large draws Z); ``_append`` takes whole tensors (when nothing can
+be dropped, or NaN/inf). ``set_indices`` (the union's update) runs after the refresh and is not part of its time.
 
     python benchmarks/bench_refresh.py --backbone tiny --batch 2
     python benchmarks/bench_refresh.py --backbone small --batch 1
@@ -23,7 +26,8 @@ from typing import Any
 
 PARTS = {
     "wpeft.methods.streaming:StreamingTopK": (
-        "begin", "add", "finish", "_passers", "_append", "_flush_small", "_prune",
+        "begin", "add", "finish", "_found", "_flush", "_flush_small", "_flush_found",
+        "_held_to_draws", "_append", "_prune",
     ),
     "wpeft.methods.streaming": ("_block_ends", "_top_m", "_kth_largest"),
     "wpeft.methods.noise:TensorNoise": ("draw_all",),

@@ -39,6 +39,31 @@ def test_draws_are_uniform_with_the_large_ones_in_z() -> None:
     assert torch.equal(u[z], noise.values)
 
 
+
+def test_gaps_of_z_are_geometric_and_its_values_uniform_whatever_the_gap() -> None:
+    """Z over 4M entries at c = 0.003 (about 12,000 points): the gaps between its points have
+    the geometric mean 1/c and tail P(gap > j) = (1 − c)^j; the values V = (U − (1 − c)) / c
+    are uniform on [0, 1) and uncorrelated with the gap that led to their point (both come
+    from one uniform per point), also within the short and the long gaps."""
+    n, c = 4_000_000, 0.003
+    z = TensorNoise.draw_all(5, 9, [n], c)[0]
+    gaps = torch.diff(z.positions).double()
+    m = gaps.numel()
+    assert m > 11_000
+    sd_mean = math.sqrt(1 - c) / c / math.sqrt(m)
+    assert abs(float(gaps.mean()) - 1 / c) < 5 * sd_mean
+    for j in (1, 100, 333, 1000):
+        p = (1 - c) ** j
+        assert abs(float((gaps > j).double().mean()) - p) < 5 * math.sqrt(p * (1 - p) / m) + 1e-3
+    v = (z.values.double() - (1 - c)) / c
+    assert float(v.min()) >= -1e-4 and float(v.max()) < 1 + 1e-4  # float32 rounding of U
+    assert abs(float(v.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / m)
+    after = v[1:]  # the value at the end of each gap
+    corr = float(torch.corrcoef(torch.stack([after, gaps]))[0, 1])
+    assert abs(corr) < 5 / math.sqrt(m)
+    for part in (after[gaps <= 1 / c], after[gaps > 1 / c]):
+        assert abs(float(part.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / part.numel())
+
 def test_any_entry_reads_the_same_number() -> None:
     """``at`` (candidates, any order, repeats) and ``span`` (shards, chunks) give the full
     tensor's numbers; the same arguments draw the same Z, another step or tensor other ones."""
@@ -66,7 +91,8 @@ def test_draws_of_many_tensors_read_at_once() -> None:
     pos = torch.stack([
         torch.randint(sizes[int(t)], (), generator=gen) for t in which
     ])
-    pos[:3] = torch.stack([noises[int(t)].positions[0] for t in which[:3]])  # in Z
+    which[:3] = torch.tensor([0, 3, 3])  # three entries in Z (tensor 2's may be empty)
+    pos[:3] = torch.stack([noises[0].positions[0], noises[3].positions[0], noises[3].positions[-1]])
     got = draws_at(noises, pos, which)
     want = torch.stack([noises[int(t)].at(p.reshape(1))[0] for t, p in zip(which, pos)])
     assert torch.equal(got, want)

@@ -200,18 +200,24 @@ def test_exact_when_the_max_spikes_late(spike: float) -> None:
 
 
 def _count_passers(topk: StreamingTopK) -> list[tuple[int, int]]:
-    """Wrap ``topk._passers`` to record, per call, the entries reaching F_thr (taken with U at
-    the ceiling) and the passers it returns; returns the list it appends to."""
+    """Wrap ``topk._found`` and ``topk._held_to_draws`` to record the entries reaching F_thr
+    (taken with U at the ceiling) and those of them held to their draws; returns the list of
+    (reached, 0) and (0, held) pairs it appends to."""
     counts: list[tuple[int, int]] = []
-    passers, cutoff = topk._passers, topk._cutoff
+    found, held = topk._found, topk._held_to_draws
 
-    def counting(g, size, threshold, noise):  # type: ignore[no-untyped-def]
-        found = passers(g, size, threshold, noise)
-        reached = int((g.abs() >= cutoff(threshold)).sum())
-        counts.append((reached, 0 if found is None else found[0].numel()))
-        return found
+    def finding(g, size, threshold):  # type: ignore[no-untyped-def]
+        where = found(g, size, threshold)
+        counts.append((0 if where is None else where.numel(), 0))
+        return where
 
-    topk._passers = counting  # type: ignore[method-assign]
+    def holding(F, U):  # type: ignore[no-untyped-def]
+        keep = held(F, U)
+        counts.append((0, keep.numel()))
+        return keep
+
+    topk._found = finding  # type: ignore[method-assign]
+    topk._held_to_draws = holding  # type: ignore[method-assign]
     return counts
 
 
@@ -295,14 +301,17 @@ def test_what_the_threshold_and_the_draws_drop_scores_below_the_bound(
     g = (torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen))) * fall
     topk.begin(1, 100)
     topk.add(0, g.clone())
-    topk._flush_small()  # a batched tensor is scored here (finish() would, then forget Z)
+    topk._flush()  # what waits is scored here (finish() would, then forget Z)
     F = g.square()
     M = float(F.max())
-    U = TensorNoise.draw_all(2, 1, [n], topk.fraction)[0].span(0, n)
+    noise = TensorNoise.draw_all(2, 1, [n], topk.fraction)[0]
+    U = noise.span(0, n)
     score = F / M + topk.factor * U
     out = torch.ones(n, dtype=torch.bool)
     out[torch.cat(held)] = False
-    assert 0 < int(out.sum()) < n - 2 * k
+    assert int(out.sum()) > 0 and not bool(out[noise.positions].any())  # Z all held, not all
+    if fall >= 0.1:  # the rule also held entries outside Z (below, only Z is held)
+        assert int((~out).sum()) > noise.positions.numel()
     assert float(score[out].max()) <= topk.dropped_bound(M)
     topk.finish()
 
@@ -348,7 +357,7 @@ def test_pool_never_holds_more_than_planned(monkeypatch: pytest.MonkeyPatch, noi
     """With parts of at most 100 candidates, over a first refresh (every entry a candidate) and
     later ones, the pool never holds more than ``pool_entries`` ((hold_at + 1)·B + one part);
     ``pool_bytes`` is that at 20 bytes each, twice."""
-    import wpeft.methods.streaming as streaming
+    from wpeft.methods import streaming
 
     monkeypatch.setattr(streaming, "_CHUNK", 100)
     gen = torch.Generator().manual_seed(4)
@@ -500,3 +509,32 @@ def test_small_tensors_batched_with_large_ones_streamed(noise: str) -> None:
             exact += 1
             assert all(torch.equal(a, b) for a, b in zip(as_masks(sel, SHAPES), ref))
     assert exact >= 8
+
+
+def test_z_short_of_k_makes_every_small_entry_a_candidate() -> None:
+    """In a refresh whose Z holds fewer than k entries (possible only at toy sizes) every entry
+    is a candidate, the batched small tensors' too, whatever τ was carried: still exactly k
+    entries, the dense ones."""
+    shapes = [torch.Size((60,)), torch.Size((40,))]
+    k, horizon = 10, 3000  # c = 0.2: |Z| ~ Binomial(100, 0.2) < 10 in about 1 refresh of 200
+    short = [
+        step for step in range(2, horizon)
+        if sum(z.positions.numel() for z in TensorNoise.draw_all(9, step, [60, 40], 0.2)) < k
+    ]
+    assert len(short) >= 3, "too few refreshes with Z short of k among the steps tried"
+    gen = torch.Generator().manual_seed(4)
+    for step in short[:3]:
+        topk = StreamingTopK(shapes, k, noise="additive", seed=9)  # both batched as small
+        for s in (step - 2, step - 1, step):  # two refreshes carry a τ into the short one
+            grads = [torch.randn(n, generator=gen) * torch.exp(2 * torch.randn(n, generator=gen))
+                     for n in shapes]
+            topk.begin(s, horizon)
+            for i in (1, 0):
+                topk.add(i, grads[i].clone())
+            assert topk._everything == (s == step)
+            sel = topk.finish()
+        assert topk.tau > 0
+        check_well_formed(sel, grads, k)
+        ref, _ = dense_reference(grads, k, importance="fisher", noise="additive", step=step,
+                                 total_steps=horizon, seed=9)
+        assert all(torch.equal(a, b) for a, b in zip(as_masks(sel, shapes), ref))

@@ -100,6 +100,36 @@ def hash_uniform(positions: torch.Tensor, key: int | torch.Tensor) -> torch.Tens
     return _shift_right(z, 40).to(torch.float32).mul_(2.0**-24)
 
 
+def _bernoulli_process(
+    total: int, fraction: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Bernoulli(c) process over ``total`` entries and one U[0, 1) per point, from one uniform
+    per point: ``(m,)`` int64 strictly increasing positions and ``(m,)`` float64 values.
+
+    With E ~ Exp(λ), λ = −ln(1 − c) (from the uniform), floor(E) + 1 is a geometric gap
+    (P(gap > j) = (1 − c)^j) and, by the exponential's lack of memory, the fraction f = E −
+    floor(E) is independent of it with CDF (1 − e^(−λf)) / (1 − e^(−λ)): that CDF at f is the
+    point's U[0, 1) value. Chunks of gaps are drawn until the walk passes the end.
+    """
+    rate = -math.log1p(-fraction)
+    scale = 1.0 / math.expm1(-rate)
+    positions, values, last = [], [], -1
+    expected = total * fraction
+    while last < total - 1:
+        size = math.ceil(expected + 4.0 * math.sqrt(expected) + 16)
+        e = torch.rand(size, generator=gen, dtype=torch.float64).neg_().log1p_().div_(-rate)
+        whole = e.floor()
+        values.append(e.sub_(whole).mul_(-rate).expm1_().mul_(scale))  # the CDF at f
+        pos = whole.add_(1.0).cumsum_(0).add_(last).to(torch.int64)
+        positions.append(pos)
+        last = int(pos[-1])
+        expected = max(0.0, (total - 1 - last) * fraction)
+    pos = positions[0] if len(positions) == 1 else torch.cat(positions)
+    m = int(torch.searchsorted(pos, total))
+    val = values[0] if len(values) == 1 else torch.cat(values)
+    return pos[:m], val[:m]
+
+
 @dataclass(frozen=True)
 class TensorNoise:
     """The draws U of one tensor at one step (see the module docstring).
@@ -137,6 +167,20 @@ class TensorNoise:
         bounds: each tensor's part is a Bernoulli(c) process of its own, independent of the
         others', and the whole costs a few operations however many tensors there are.
         """
+        return cls.draw_all_on_one_axis(seed, step, numels, fraction, device)[0]
+
+    @classmethod
+    def draw_all_on_one_axis(
+        cls,
+        seed: int,
+        step: int,
+        numels: Sequence[int],
+        fraction: float,
+        device: torch.device | str = "cpu",
+    ) -> tuple[list[TensorNoise], torch.Tensor]:
+        """:meth:`draw_all`, and Z of the tensors laid end to end: ``(Σ|Z|,)`` int64 strictly
+        increasing positions on ``device`` (:func:`z_on_one_axis` of the tensors, made as they
+        are drawn)."""
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}.")
         sizes = [int(n) for n in numels]
@@ -146,19 +190,9 @@ class TensorNoise:
         gen = torch.Generator().manual_seed(noise_seed(seed, step, -1))
         if fraction >= 1.0 or total == 0:
             positions = torch.arange(total, dtype=torch.int64)
-        else:  # geometric gaps (trials to the first success, >= 1) until past the end
-            parts, last = [], -1
-            expected = total * fraction
-            while last < total - 1:
-                size = math.ceil(expected + 4.0 * math.sqrt(expected) + 16)
-                gaps = torch.empty(size, dtype=torch.float64).geometric_(fraction, generator=gen)
-                pos = gaps.cumsum_(0).add_(last).to(torch.int64)
-                parts.append(pos)
-                last = int(pos[-1])
-                expected = max(0.0, (total - 1 - last) * fraction)
-            positions = parts[0] if len(parts) == 1 else torch.cat(parts)
-            positions = positions[: int(torch.searchsorted(positions, total))]
-        v = torch.rand(positions.numel(), generator=gen, dtype=torch.float64)
+            v = torch.rand(total, generator=gen, dtype=torch.float64)
+        else:
+            positions, v = _bernoulli_process(total, fraction, gen)
         values = v.mul_(fraction).add_(1.0 - fraction).to(torch.float32).clamp_(max=_BELOW_ONE)
         ceiling = float(torch.tensor(1.0 - fraction, dtype=torch.float32))
         # each tensor's part of Z, shifted to its own flat indices
@@ -167,12 +201,13 @@ class TensorNoise:
         counts = [b - a for a, b in itertools.pairwise(cuts)]
         local = positions - starts[:-1].repeat_interleave(torch.tensor(counts, dtype=torch.int64))
         local, values = local.to(device), values.to(device)
-        return [
+        noises = [
             cls(noise_seed(seed, step, i), n, fraction, pos, val, ceiling)
             for i, (n, pos, val) in enumerate(
                 zip(sizes, local.split(counts), values.split(counts))
             )
         ]
+        return noises, positions.to(device)
 
     def outside_z(self, positions: torch.Tensor) -> torch.Tensor:
         """U at flat ``positions`` ``(p,)`` int64 known to lie outside Z (the hashed draws

@@ -23,16 +23,19 @@ pass too, as gradients change between refreshes). Per tensor, :meth:`StreamingTo
   |g|), which raises the running max M_run, and which blocks hold an entry reaching F_thr;
 * only in those blocks (few: Fisher information is heavy-tailed), a comparison |g| >= √F_thr
   (or F_thr for |g|); a tensor without such a block costs nothing more over its entries;
-* with additive noise, each entry found is then held to its own draw U (hashed by position):
-  it needs F >= max(F_thr, s·M_est·(τ − a·U)) with a smaller slack s = ``_DRAW_SLACK``. When
-  the noise dominates the scores (early in the annealing τ sits just above a·ceiling and F_thr
-  is tiny) this keeps a few in a hundred of them;
-* gathering g at the candidates (Z and the entries found above) and their U.
+* gathering g at Z and at the entries found, which wait (with the small tensors below) to be
+  scored in one batch at :meth:`finish` or when a million entries wait: there, with additive
+  noise, each entry found is held to its own draw U (hashed by position and its tensor's key):
+  it needs F >= max(F_thr, s·M_est·(τ − a·U)) with a smaller slack s = ``_DRAW_SLACK`` (F_thr
+  and M_est as they stand then: at least what they were at :meth:`add`). When the noise
+  dominates the scores (early in the annealing τ sits just above a·ceiling and F_thr is tiny)
+  this keeps a few in a hundred of them. One batch costs the same few operations for 40 or 200
+  tensors; tensor by tensor they were most of a refresh's time.
 
 Tensors of at most ``small_numel`` entries (norms, biases: most tensors of a backbone, a small
-share of its entries) are copied aside instead and, at :meth:`finish` (or when a million
-entries wait), scored in one batch by the same rule (importance against F_thr, Z always);
-their draws are read by position and per-tensor key at once.
+share of its entries) are copied aside whole instead and scored in the same batches by the same
+rule (importance against F_thr, Z always); their draws are read by position and per-tensor key
+at once.
 
 Why it is right. Every entry of Z becomes a candidate, so the candidates always number >= k (Σ|Z| is checked at :meth:`begin`; in the astronomically rare
 refresh where it is below k every entry becomes a candidate). An entry dropped by the
@@ -99,6 +102,7 @@ from wpeft.methods.noise import (
     TensorNoise,
     draws_at,
     exceedance_fraction,
+    hash_uniform,
     z_on_one_axis,
 )
 
@@ -108,7 +112,7 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 _MAX_OVERSAMPLE = EXCEEDANCE_PER_SELECTED - 0.5
 _SLACK = 0.5
-#: The slack of the per-draw rule (:meth:`StreamingTopK._passers`): an entry outside Z needs
+#: The slack of the per-draw rule (:meth:`StreamingTopK._held_to_draws`): an entry outside Z needs
 #: F >= max(F_thr, _DRAW_SLACK·M_est·(τ − a·U)). Its U = 0 end bounds what it drops by
 #: _DRAW_SLACK·M_est·τ / M: below the k-th score (≈ τ) unless M falls ~16x below M_est.
 _DRAW_SLACK = 1 / 16
@@ -306,6 +310,7 @@ class StreamingTopK:
         self.offsets = [0]
         for n in self.numels[:-1]:
             self.offsets.append(self.offsets[-1] + n)
+        self._offsets = torch.tensor(self.offsets, dtype=torch.int64)
         # Carried from the last refresh: a score, the same rank of F/M, the noise factor, M.
         self._tau_score, self._tau_importance, self._tau_factor = 0.0, 0.0, 0.0
         self._m_floor = 0.0
@@ -342,7 +347,10 @@ class StreamingTopK:
             tau = max(tau - drop, tau * self.factor / self._tau_factor, self._tau_importance)
         self.tau = max(0.0, tau)
         self._step = step
-        self._noise = TensorNoise.draw_all(self.seed, step, self.numels, self.fraction)
+        self._noise, self._z_all = TensorNoise.draw_all_on_one_axis(
+            self.seed, step, self.numels, self.fraction
+        )
+        self._keys = torch.tensor([z.key for z in self._noise], dtype=torch.int64)
         # Z guarantees >= k candidates; if it is short (never at real sizes), take every entry
         self._everything = sum(z.positions.numel() for z in self._noise) < self.k
         self._draw_ranks: dict[int, float | None] = {}  # see _draw_at_rank
@@ -363,11 +371,15 @@ class StreamingTopK:
         self._m_assumed = 0.0  # the largest M_est a prune relied on (M >= it)
         self._dropped = -math.inf  # the largest importance F of a dropped entry (a bound)
         # additive noise: F of an entry dropped by its own draw U is below (1 − t)·this + t·F_thr
-        # at t = U / ceiling (this: F_thr at U = 0); see _passers
+        # at t = U / ceiling (this: F_thr at U = 0); see _held_to_draws
         self._dropped_at_zero = -math.inf
         self._cut_importance = 0.0  # F below which an entry outside Z misses the last key prune
-        self._small: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
-        self._small_entries = 0
+        self._small: list[tuple[int, torch.Tensor]] = []  # (index, g) whole, float32
+        # large tensors: (index, g at Z, the entries found or None, g at them or None)
+        self._waiting: list[
+            tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+        ] = []
+        self._waiting_entries = 0
 
     def _draw_at_rank(self, rank: int) -> float | None:
         """The rank-th largest draw U over this refresh's Z (read from a sample, as
@@ -472,9 +484,7 @@ class StreamingTopK:
             return
         if n <= self.small_numel:  # scored with the other small tensors at once
             self._small.append((index, g.to(torch.float32, copy=True)))
-            self._small_entries += n
-            if self._small_entries >= _CHUNK:
-                self._flush_small()
+            self._wait(n)
             return
         noise = self._noise_on(index, g.device)
         everything, top = self._everything, None
@@ -495,88 +505,169 @@ class StreamingTopK:
                 U = noise.span(start, where.numel()) if self._draws else None
                 self._append(index, g, where, U)
             return
-        # Z (with its draws), then the entries outside it that reach the threshold, found in
-        # the blocks whose largest |g| reaches it: one part
-        found = self._passers(g, size, threshold, noise)
-        where = noise.positions
-        U = noise.values if self._draws else None
-        if found is not None:
-            where = torch.cat([where, found[0]])
-            if U is not None and found[1] is not None:
-                U = torch.cat([U, found[1]])
+        # Z (every entry a candidate) and the entries outside it found in the blocks whose
+        # largest |g| reaches F_thr wait, with g read at them, to be held to their draws in one
+        # batch with the other waiting tensors' (_flush_found)
+        found = self._found(g, size, threshold)
         # what was dropped scores at most F_thr, or the tensor's top if no block reached it
         self._dropped = max(self._dropped, float(top) if found is None else threshold)
-        self._append(index, g, where, U)
+        g_found = None if found is None else g[found].to(torch.float32)
+        self._waiting.append((index, g[noise.positions].to(torch.float32), found, g_found))
+        self._wait(noise.positions.numel() + (0 if found is None else found.numel()))
 
-    def _passers(
-        self,
-        g: torch.Tensor,
-        size: torch.Tensor,
-        threshold: float,
-        noise: TensorNoise,
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The entries of ``g`` outside Z that can reach τ: ``(p,)`` int64 flat
-        indices and their draws U (``(p,)`` float32, None without draws); None when no block
-        of ``g`` reaches ``threshold`` (every entry outside Z is then dropped).
+    def _wait(self, entries: int) -> None:
+        """Count ``entries`` more waiting (small tensors, large tensors' Z and found entries);
+        score them all once a million wait."""
+        self._waiting_entries += entries
+        if self._waiting_entries >= _CHUNK:
+            self._flush()
 
-        Found in the blocks whose largest |g| (``size``) reaches ``threshold`` (F_thr, taken
-        with U at the ceiling). With additive noise each of them is then held to its own draw:
-        it needs F >= max(F_thr, F_U), F_U = ``_DRAW_SLACK``·M_est·(τ − a·U), far above F_thr
-        for most of them as U lies far below the ceiling. What this drops scores F/M + a·U
-        below a convex function of U, so below the larger of its ends: max(F_thr, F_0)/M at
-        U = 0 (F_0 = ``_DRAW_SLACK``·M_est·τ) and F_thr/M + a·ceiling; :meth:`finish` bounds
-        both."""
-        n = g.numel()
+    def _flush(self) -> None:
+        """Score everything waiting: the small tensors (:meth:`_flush_small`) and the large
+        tensors' Z and found entries (:meth:`_flush_found`)."""
+        self._flush_small()
+        self._flush_found()
+        self._waiting_entries = 0
+
+    def _found(self, g: torch.Tensor, size: torch.Tensor, threshold: float) -> torch.Tensor | None:
+        """The entries of ``g`` whose |g| reaches ``threshold`` (F_thr, taken with U at the
+        ceiling): ``(p,)`` int64 flat indices, increasing; None when no block of ``g`` reaches
+        it (every entry outside Z is then dropped). Searched only in the blocks whose largest
+        |g| (``size``) reaches it. Entries of Z among them are told apart at
+        :meth:`_flush_found`."""
         cut = self._cutoff(threshold)
-        blocks = torch.nonzero(size >= cut).squeeze(1)
-        if blocks.numel() == 0:
+        whole = g.numel() // _BLOCK  # whole blocks; a short last one is read apart
+        rows = g[: whole * _BLOCK].view(-1, _BLOCK)
+        blocks = torch.nonzero(size[:whole] >= cut).squeeze(1)
+        tail = whole < size.numel() and bool(size[whole] >= cut)
+        if blocks.numel() == 0 and not tail:
             return None
-        rows = g[: n // _BLOCK * _BLOCK].view(-1, _BLOCK)
         found = []
+        shift = _BLOCK.bit_length() - 1  # entry e of the gathered rows: row e >> shift
         for first in range(0, blocks.numel(), max(1, _CHUNK // _BLOCK)):  # bounded temporaries
             part = blocks[first : first + max(1, _CHUNK // _BLOCK)]
-            inner = part[part < rows.shape[0]]  # whole blocks; the short last one apart
-            hit = torch.nonzero(rows[inner].abs() >= cut)
-            found.append(inner[hit[:, 0]] * _BLOCK + hit[:, 1])
-            if inner.numel() < part.numel():
-                found.append(
-                    rows.numel() + torch.nonzero(g[rows.numel() :].abs() >= cut).squeeze(1)
-                )
-        where = torch.cat(found)
+            hit = torch.nonzero(rows[part].abs_().view(-1) >= cut).squeeze(1)
+            row = part[hit >> shift]
+            found.append(row.mul_(_BLOCK).add_(hit.bitwise_and_(_BLOCK - 1)))
+        if tail:
+            rest = torch.nonzero(g[whole * _BLOCK :].abs() >= cut).squeeze(1)
+            found.append(rest.add_(whole * _BLOCK))
+        return found[0] if len(found) == 1 else torch.cat(found)
+
+    def _flush_found(self) -> None:
+        """Score the waiting large tensors in one batch: every entry of their Z with its draw
+        (:meth:`_score_z`), and the entries found in their blocks (:meth:`_found`) held to
+        their own draws (:meth:`_score_found`)."""
+        if not self._waiting:
+            return
+        waiting, self._waiting = self._waiting, []
+        device = waiting[0][1].device
+        self._score_z([i for i, _, _, _ in waiting], torch.cat([gz for _, gz, _, _ in waiting]))
+        parts = [(i, f, gf) for i, _, f, gf in waiting if f is not None and gf is not None]
+        if parts:
+            tensor = torch.tensor([i for i, _, _ in parts], device=device).repeat_interleave(
+                torch.tensor([f.numel() for _, f, _ in parts], device=device)
+            )
+            local = torch.cat([f for _, f, _ in parts])
+            self._score_found(tensor, local, torch.cat([gf for _, _, gf in parts]))
+
+    def _score_z(self, tensors: Sequence[int], g: torch.Tensor) -> None:
+        """Every entry of the Z of ``tensors`` a candidate, with its draw; ``g`` ``(Σ|Z|,)``
+        float32: g at them, the tensors' Z end to end in that order."""
+        device = g.device
+        noises = [self._noise_on(i, device) for i in tensors]
+        sizes = torch.tensor([z.positions.numel() for z in noises], device=device)
+        offsets = self._offsets.to(device)[torch.tensor(tensors, device=device)]
+        at = torch.cat([z.positions for z in noises]).add_(offsets.repeat_interleave(sizes))
+        U = torch.cat([z.values for z in noises]) if self._draws else None
+        self._add_part(_Pool(at, self._importance(g), U, g))
+
+    def _score_found(self, tensor: torch.Tensor, local: torch.Tensor, g: torch.Tensor) -> None:
+        """Candidates from entries found outside Z by the threshold: ``tensor`` ``(p,)`` int64
+        the index of each one's tensor, ``local`` ``(p,)`` int64 its flat index there (changed
+        in place), ``g`` ``(p,)`` float32 its gradient.
+
+        Their draws are hashed as if outside Z, each with its tensor's key. With additive noise
+        each is then held to its own draw (:meth:`_held_to_draws`). An entry of Z among them is
+        dropped: it is a candidate as one of Z (:meth:`_score_z`)."""
+        device = g.device
+        if self._keys.device != device:  # moved once per refresh (the offsets once for all)
+            self._keys, self._z_all = self._keys.to(device), self._z_all.to(device)
+            self._offsets = self._offsets.to(device)
+        F = self._importance(g)
         U = None
-        if self._draws:  # hashed as if outside Z (an entry of Z among them goes below)
-            U = noise.outside_z(where)
+        if self._draws:
+            key = self._keys[tensor]
+            U = hash_uniform(local, key).mul_(self._noise[0].ceiling)  # one c: one ceiling
             if self.noise == "additive":
-                m_est = self._m_est
-                need = (self.tau - self.factor * U).mul_(_DRAW_SLACK * m_est)
-                passes = self._importance(g[where]) >= need.clamp_min_(threshold)
-                where, U = where[passes], U[passes]
-                self._dropped_at_zero = max(
-                    self._dropped_at_zero, _DRAW_SLACK * m_est * self.tau, threshold
-                )
-        outside = ~_member(where, noise.positions)
-        return where[outside], None if U is None else U[outside]
+                keep = self._held_to_draws(F, U)
+                tensor, local, F, U, g = (x[keep] for x in (tensor, local, F, U, g))
+        at = local.add_(self._offsets[tensor])
+        outside = torch.nonzero(~_member(at, self._z_all)).squeeze(1)
+        self._add_part(
+            _Pool(at[outside], F[outside], None if U is None else U[outside], g[outside])
+        )
+
+    def _held_to_draws(self, F: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+        """Additive noise: the entries (importance ``F``, draws ``U`` outside Z, both ``(p,)``)
+        with F >= max(F_thr, F_U), F_U = ``_DRAW_SLACK``·M_est·(τ − a·U) (F_thr and M_est as
+        they stand now: at least what :meth:`add` found them with), as ``(q,)`` int64 indices.
+
+        F_U lies far above F_thr for most of them as U lies far below the ceiling. What this
+        drops scores F/M + a·U below a convex function of U, so below the larger of its ends:
+        max(F_thr, F_0)/M at U = 0 (F_0 = ``_DRAW_SLACK``·M_est·τ) and F_thr/M + a·ceiling;
+        both are recorded for :meth:`dropped_bound`."""
+        threshold = self._threshold(self._noise[0].ceiling)
+        m_est = self._m_est
+        need = (self.tau - self.factor * U).mul_(_DRAW_SLACK * m_est)
+        keep = torch.nonzero(F >= need.clamp_min_(threshold)).squeeze(1)
+        self._dropped = max(self._dropped, threshold)
+        self._dropped_at_zero = max(
+            self._dropped_at_zero, _DRAW_SLACK * m_est * self.tau, threshold
+        )
+        return keep
 
     def _flush_small(self) -> None:
-        """Score the buffered small tensors in one batch: importance of every entry (float32
-        copies: the same bits as from their own dtype), candidates by the same rule as
-        :meth:`add` (Z always, the rest if their importance reaches the threshold), their draws
-        read for all tensors at once (:func:`draws_at`). Only the candidates are mapped back to
-        their tensors and positions: the batch itself is read twice (F and the comparison)."""
+        """Score the buffered small tensors (float32 copies, laid end to end) in one batch, as
+        :meth:`add` scores a large tensor: its blocks' largest |g| raise M_run and give F_thr,
+        Z is held whole (:meth:`_score_z`) and the entries found in the blocks reaching F_thr
+        (:meth:`_found`; a block may span two tensors) are mapped to their tensors and held to
+        their draws (:meth:`_score_found`). When nothing can be dropped (F_thr = 0, Z short of
+        k) or with NaN/inf, every entry's importance is taken as the dense path takes it and
+        the candidates are Z and the entries reaching F_thr, their draws read for all tensors
+        at once (:func:`draws_at`)."""
         if not self._small:
             return
         device = self._small[0][1].device
         noises = [self._noise_on(i, device) for i, _ in self._small]
         g = torch.cat([g for _, g in self._small])  # the tensors whole, end to end
         tensors = [i for i, _ in self._small]
-        self._small, self._small_entries = [], 0
+        self._small = []
         start, z_at = z_on_one_axis(noises)  # each tensor's first entry in g, Z's entries in g
+        if not self._everything:  # as a large tensor's blocks (a block may span two tensors)
+            lo, hi = _block_ends(g)
+            size = torch.maximum(hi, -lo)
+            largest = size.max()
+            if math.isfinite(float(largest)):
+                top = self._importance(largest.reshape(1))[0]
+                self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
+                threshold = self._threshold(noises[0].ceiling)  # one c: one ceiling for all
+                if threshold > 0:
+                    self._score_z(tensors, g[z_at])
+                    found = self._found(g, size, threshold)
+                    self._dropped = max(self._dropped, threshold)  # F < F_thr if not found
+                    if found is not None:
+                        j = torch.searchsorted(start, found, right=True) - 1
+                        tensor = torch.tensor(tensors, device=device)[j]
+                        self._score_found(tensor, found - start[j], g[found])
+                    return
+        # every entry (nothing can be dropped, Z short of k) or NaN/inf (F maps them)
         F = self._importance(g)
         top = F.max()
         self._m_run = top if self._m_run is None else torch.maximum(self._m_run, top)
         threshold = self._threshold(noises[0].ceiling)  # one fraction c: one ceiling for all
         in_z: torch.Tensor | None = None  # whether each candidate lies in Z
-        if threshold > 0:
+        if threshold > 0 and not self._everything:
             in_z = torch.zeros(g.numel(), dtype=torch.bool, device=device)
             in_z[z_at] = True
             idx = torch.nonzero((F >= threshold).logical_or_(in_z)).squeeze(1)
@@ -591,13 +682,10 @@ class StreamingTopK:
                                device=device)
         U = draws_at(noises, local, which) if self._draws else None
         if in_z is not None and U is not None and self.noise == "additive":
-            # outside Z, each entry held to its own draw as in _passers (the same bound)
-            m_est = self._m_est
-            need = (self.tau - self.factor * U).mul_(_DRAW_SLACK * m_est).clamp_min_(threshold)
-            keep = torch.nonzero((F >= need).logical_or_(in_z)).squeeze(1)
-            self._dropped_at_zero = max(
-                self._dropped_at_zero, _DRAW_SLACK * m_est * self.tau, threshold
-            )
+            # outside Z, each entry held to its own draw (the rule of the entries found)
+            out = torch.nonzero(~in_z).squeeze(1)
+            held = out[self._held_to_draws(F[out], U[out])]
+            keep = torch.cat([torch.nonzero(in_z).squeeze(1), held])
             local, which, F, U, g = (x[keep] for x in (local, which, F, U, g))
         self._add_part(_Pool(local + offsets[which], F, U, g))
 
@@ -743,7 +831,7 @@ class StreamingTopK:
 
     def dropped_bound(self, m: float) -> float:
         """The best score at the final max ``m`` of an entry dropped in this refresh by the
-        threshold or by its own draw (:meth:`_passers`), with a float32 margin; -inf if none
+        threshold or by its own draw (:meth:`_held_to_draws`), with a float32 margin; -inf if none
         was. (What the prunes cut is bounded apart.)"""
         dropped = -math.inf
         if self._dropped > -math.inf:  # F < F_thr, U at most the ceiling
@@ -763,7 +851,7 @@ class StreamingTopK:
                 f"finish() at step {self._step} with tensors {missing[:10]} not added "
                 f"({len(missing)} missing); add every tensor once before finish()."
             )
-        self._flush_small()
+        self._flush()
         assert self._m_run is not None  # k >= 1 implies a non-empty tensor
         pool = _Pool.cat(self._parts)  # at most ~5B: one selection over it
         score = self._score(pool.F, self._m_run, pool.U)
