@@ -38,6 +38,7 @@ __all__ = [
     "EXCEEDANCE_PER_SELECTED",
     "TensorNoise",
     "draws_at",
+    "draws_outside_z",
     "exceedance_fraction",
     "hash_uniform",
     "noise_seed",
@@ -98,6 +99,14 @@ def hash_uniform(positions: torch.Tensor, key: int | torch.Tensor) -> torch.Tens
     z.bitwise_xor_(_shift_right(z, 27)).mul_(_MIX2)
     z.bitwise_xor_(_shift_right(z, 31))
     return _shift_right(z, 40).to(torch.float32).mul_(2.0**-24)
+
+
+def draws_outside_z(
+    positions: torch.Tensor, key: int | torch.Tensor, ceiling: float | torch.Tensor
+) -> torch.Tensor:
+    """U at flat ``positions`` ``(p,)`` int64 known to lie outside Z: fl32(1 − c)·h(j), with one
+    ``key`` and ``ceiling`` for all or ``(p,)`` of each (one per position) -> ``(p,)`` float32."""
+    return hash_uniform(positions, key).mul_(ceiling)
 
 
 def _bernoulli_process(
@@ -212,7 +221,7 @@ class TensorNoise:
     def outside_z(self, positions: torch.Tensor) -> torch.Tensor:
         """U at flat ``positions`` ``(p,)`` int64 known to lie outside Z (the hashed draws
         alone, no lookup in Z) -> ``(p,)`` float32."""
-        return hash_uniform(positions, self.key).mul_(self.ceiling)
+        return draws_outside_z(positions, self.key, self.ceiling)
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
         """U at flat ``positions`` ``(p,)`` int64 in [0, numel), any order -> ``(p,)`` float32."""
@@ -258,7 +267,7 @@ def draws_at(
     positions = positions.to(device)
     if len(noises) == 1 and which is None:  # one tensor: its key and Z as they are
         n = noises[0]
-        out = hash_uniform(positions, n.key).mul_(n.ceiling)
+        out = draws_outside_z(positions, n.key, n.ceiling)
         z_pos, z_val, where = n.positions, n.values, positions
     else:
         which = (
@@ -271,7 +280,7 @@ def draws_at(
             )
         key = torch.tensor([n.key for n in noises], dtype=torch.int64, device=device)[which]
         ceiling = torch.tensor([n.ceiling for n in noises], dtype=torch.float32, device=device)
-        out = hash_uniform(positions, key).mul_(ceiling[which])
+        out = draws_outside_z(positions, key, ceiling[which])
         shift, z_pos = z_on_one_axis(noises)
         z_val = torch.cat([n.values for n in noises])
         where = positions + shift[which]

@@ -101,8 +101,8 @@ from wpeft.methods.noise import (
     EXCEEDANCE_PER_SELECTED,
     TensorNoise,
     draws_at,
+    draws_outside_z,
     exceedance_fraction,
-    hash_uniform,
     z_on_one_axis,
 )
 
@@ -597,8 +597,7 @@ class StreamingTopK:
         F = self._importance(g)
         U = None
         if self._draws:
-            key = self._keys[tensor]
-            U = hash_uniform(local, key).mul_(self._noise[0].ceiling)  # one c: one ceiling
+            U = draws_outside_z(local, self._keys[tensor], self._noise[0].ceiling)  # one c
             if self.noise == "additive":
                 keep = self._held_to_draws(F, U)
                 tensor, local, F, U, g = (x[keep] for x in (tensor, local, F, U, g))
